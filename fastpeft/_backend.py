@@ -1,0 +1,175 @@
+"""Backend availability probes and the one place that decides which backend runs an op.
+
+Backends:
+  * ``"torch"``  - pure PyTorch reference (``fastpeft.ops.*_ref``); runs everywhere; ground truth in tests.
+  * ``"triton"`` - hand-written Triton kernels in ``fastpeft.kernels``; CUDA tensors, or CPU tensors when
+    ``TRITON_INTERPRET=1`` (that is how CI runs the kernels without a GPU).
+  * ``"cuda"``   - the optional compiled extension ``fastpeft._C`` (cuBLASLt-anchored paths); CUDA tensors only.
+
+Selection (``select_backend``): an explicit ``backend=`` argument wins, then ``FASTPEFT_BACKEND``, then auto.
+Auto degrades silently (one DEBUG log line): cuda ext if loaded and it has the op, else triton, else torch, for CUDA
+tensors; torch for everything else.  An explicit backend that cannot run raises ``RuntimeError`` with the reason.
+
+Nothing here touches CUDA or imports triton at import time; every probe is lazy and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("fastpeft")
+
+BACKENDS = ("torch", "triton", "cuda")
+_VALID_CHOICES = ("auto",) + BACKENDS
+
+
+def _interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_probe() -> tuple[bool, str]:
+    try:
+        triton = importlib.import_module("triton")
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return False, f"triton is not importable ({type(e).__name__}: {e})"
+    try:
+        importlib.import_module("fastpeft.kernels")
+    except Exception as e:
+        return False, f"fastpeft.kernels failed to import ({type(e).__name__}: {e})"
+    return True, f"triton {getattr(triton, '__version__', '?')}"
+
+
+def triton_available() -> bool:
+    """True if triton and ``fastpeft.kernels`` import (does not say whether a GPU exists)."""
+    return _triton_probe()[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_ext_probe() -> tuple[bool, str]:
+    try:
+        mod = importlib.import_module("fastpeft._C")
+    except (ImportError, OSError) as e:
+        if torch.version.cuda is None:
+            return False, "torch is a CPU build, so fastpeft._C was not built"
+        logger.warning("fastpeft: the CUDA extension fastpeft._C did not load (%s); using Triton/torch", e)
+        return False, f"fastpeft._C did not load ({type(e).__name__}: {e})"
+    del mod
+    return True, "fastpeft._C loaded"
+
+
+def cuda_ext_available() -> bool:
+    """True if the compiled extension ``fastpeft._C`` loaded (its ops are then in ``torch.ops.fastpeft``)."""
+    return _cuda_ext_probe()[0]
+
+
+def _cuda_ext_has(op: str) -> bool:
+    if not cuda_ext_available():
+        return False
+    return hasattr(torch.ops.fastpeft, f"{op}_cuda")
+
+
+def _env_choice() -> str:
+    choice = os.environ.get("FASTPEFT_BACKEND", "auto").strip().lower() or "auto"
+    if choice not in _VALID_CHOICES:
+        raise ValueError(f"FASTPEFT_BACKEND={choice!r} is not one of {_VALID_CHOICES}")
+    return choice
+
+
+def _why_not(backend: str, op: str, device: torch.device) -> Optional[str]:
+    """None if `backend` can run `op` on tensors on `device`, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        ok, reason = _triton_probe()
+        if not ok:
+            return reason
+        if device.type == "cuda" or (device.type == "cpu" and _interpret_mode()):
+            return None
+        return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device {device}"
+    if backend == "cuda":
+        ok, reason = _cuda_ext_probe()
+        if not ok:
+            return reason
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got device {device}"
+        if not _cuda_ext_has(op):
+            return f"fastpeft._C has no kernel for op {op!r}"
+        return None
+    raise ValueError(f"backend must be one of {_VALID_CHOICES}, got {backend!r}")
+
+
+def _auto_choice(op: str, device: torch.device) -> str:
+    if device.type != "cuda":
+        return "torch"
+    # Per-shape dispatch between cuda and triton is refined by the measured table in fastpeft._dispatch
+    # when it exists; without measurements prefer the extension (cuBLAS-anchored), then triton.
+    for candidate in ("cuda", "triton"):
+        if _why_not(candidate, op, device) is None:
+            return candidate
+    return "torch"
+
+
+def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None) -> str:
+    """Return the backend that runs `op` for input tensor `x`.
+
+    Args:
+        op: op name, e.g. ``"lora"`` or ``"ia3"``.
+        x: the op's main input; its device decides what can run.
+        backend: ``None``/``"auto"`` or one of ``"torch"``, ``"triton"``, ``"cuda"``.  ``None`` defers to the
+            ``FASTPEFT_BACKEND`` environment variable (default ``auto``).
+    Raises:
+        ValueError: `backend` is not a known name.
+        RuntimeError: an explicitly requested backend cannot run here (the message says why).
+    """
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
+    choice = (backend or _env_choice()).lower()
+    if choice not in _VALID_CHOICES:
+        raise ValueError(f"backend must be one of {_VALID_CHOICES}, got {backend!r}")
+    if choice == "auto":
+        chosen = _auto_choice(op, x.device)
+        logger.debug("fastpeft: op %s on %s -> backend %s", op, x.device, chosen)
+        return chosen
+    reason = _why_not(choice, op, x.device)
+    if reason is not None:
+        raise RuntimeError(f"fastpeft backend {choice!r} is unavailable for op {op!r}: {reason}")
+    return choice
+
+
+def backend_info() -> dict:
+    """Versions and availability of every backend, with the reason when one is unavailable.
+
+    Safe to call without a GPU; does not initialise CUDA unless a CUDA device is already in use.
+    """
+    try:
+        triton_version = importlib.import_module("triton").__version__
+    except Exception:
+        triton_version = None
+    tri_ok, tri_reason = _triton_probe()
+    ext_ok, ext_reason = _cuda_ext_probe()
+    info = {
+        "fastpeft": importlib.import_module("fastpeft").__version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "triton_interpret": _interpret_mode(),
+        "backends": {
+            "torch": {"available": True, "reason": "always available (reference)"},
+            "triton": {"available": tri_ok, "reason": tri_reason},
+            "cuda": {"available": ext_ok, "reason": ext_reason},
+        },
+        "FASTPEFT_BACKEND": os.environ.get("FASTPEFT_BACKEND", "auto"),
+    }
+    try:
+        dispatch = importlib.import_module("fastpeft._dispatch")
+        info["dispatch"] = dispatch.describe()
+    except ImportError:
+        pass
+    return info

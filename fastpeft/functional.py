@@ -1,0 +1,244 @@
+"""Functional entry points of the weight-side methods: ``lora_linear``, ``adalora_linear``, ``ia3_linear``.
+
+The modules (``fastpeft.LoRALinear`` ...) and the model API's tuner layers call these.  Each validates its
+arguments (clear ``ValueError``/``TypeError`` naming the argument), flattens leading dimensions, applies autocast,
+picks the backend in one place (``fastpeft._backend.select_backend``) and calls the custom op, whose autograd
+formula is registered in ``fastpeft.ops``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import select_backend
+from .ops import ia3 as _ia3
+from .ops import lora as _lora
+
+__all__ = ["lora_linear", "adalora_linear", "ia3_linear", "draw_seed"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t, ndim: Optional[int] = None, optional: bool = False) -> None:
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_same_device(x: torch.Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def _check_float(name: str, v) -> float:
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(v.shape)}")
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
+
+
+def _check_dropout(p) -> float:
+    p = _check_float("dropout_p", p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    return p
+
+
+def draw_seed(generator: Optional[torch.Generator] = None) -> int:
+    """Draw a dropout seed in [0, 2**62) from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
+    return int(torch.randint(0, 2 ** 62, (), generator=generator, dtype=torch.int64))
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+    return seed
+
+
+def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Cast the base operands as autocast would cast an nn.Linear; the adapter keeps its own dtype."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    return x, weight, bias
+
+
+def _validate_base(x, weight, bias):
+    _check_tensor("x", x)
+    _check_tensor("weight", weight, 2)
+    _check_tensor("bias", bias, 1, optional=True)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least 1 dimension (..., in_features), got shape {tuple(x.shape)}")
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} input features but weight has shape {tuple(weight.shape)} "
+                         f"(out_features, in_features) = (., {k})")
+    if bias is not None and bias.shape[0] != n:
+        raise ValueError(f"bias has shape {tuple(bias.shape)} but weight has {n} output features")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"x has dtype {x.dtype} but weight has dtype {weight.dtype}; cast one of them "
+                         "(or run under torch.autocast)")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise ValueError(f"bias has dtype {bias.dtype} but weight has dtype {weight.dtype}")
+    return n, k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA / AdaLoRA
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _lora_impl(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
+    x, weight, bias = _autocast(x, weight, bias)
+    n, k = _validate_base(x, weight, bias)
+    _check_tensor("lora_A", lora_A, 2)
+    _check_tensor("lora_B", lora_B, 2)
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A must have at least one row (r >= 1), got shape {tuple(lora_A.shape)}")
+    if lora_A.shape[1] != k:
+        raise ValueError(f"lora_A must have shape (r, in_features) = (r, {k}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (n, r):
+        raise ValueError(f"lora_B must have shape (out_features, r) = ({n}, {r}), got {tuple(lora_B.shape)}")
+    if lora_B.dtype != lora_A.dtype:
+        raise ValueError(f"lora_A has dtype {lora_A.dtype} but lora_B has dtype {lora_B.dtype}")
+    if lora_E is not None:
+        _check_tensor("lora_E", lora_E)
+        if lora_E.numel() != r:
+            raise ValueError(f"lora_E must have r = {r} elements ((r, 1) or (r,)), got shape {tuple(lora_E.shape)}")
+        if lora_E.dtype != lora_A.dtype:
+            raise ValueError(f"lora_E has dtype {lora_E.dtype} but lora_A has dtype {lora_A.dtype}")
+    _check_same_device(x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, lora_E=lora_E)
+    scaling = _check_float("scaling", scaling)
+    dropout_p = _check_dropout(dropout_p)
+
+    chosen = select_backend("lora", x, backend)
+    lead = x.shape[:-1]
+    if dropout_p > 0.0 and seed is None and chosen == "torch":
+        # Unseeded dropout on the torch backend draws its mask exactly as HF PEFT does (F.dropout with the global
+        # RNG), so a fastpeft model reproduces a PEFT model's training step bit for bit.  Plain autograd ops.
+        adt = lora_A.dtype
+        base = F.linear(x, weight, bias)
+        s = F.dropout(x, dropout_p, training=True).to(adt) @ lora_A.t()
+        if lora_E is not None:
+            s = s * lora_E.reshape(1, r)
+        delta = (s @ lora_B.t()) * scaling
+        return (base + delta).to(x.dtype)
+    if dropout_p == 0.0:
+        seed = 0
+    elif seed is None:
+        seed = draw_seed()
+    else:
+        seed = _check_seed(seed)
+    x2 = x.reshape(-1, k).contiguous()
+    e = lora_E.reshape(r) if lora_E is not None else None
+    y, _ = _lora.lora_fwd(x2, weight, bias, lora_A, e, lora_B, scaling, dropout_p, seed, chosen)
+    return y.reshape(*lead, n)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                lora_B: torch.Tensor, scaling: float, dropout_p: float = 0.0, seed: Optional[int] = None, *,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """LoRA linear layer: ``y = x Wᵀ + b + scaling · (drop(x) Aᵀ) Bᵀ`` (dropout on the LoRA branch only).
+
+    Args:
+        x: (..., in_features), any float dtype; the leading dimensions are flattened (a non-contiguous x is copied).
+        weight: (out_features, in_features), the frozen base weight; same dtype as x (after autocast).
+        bias: (out_features,) or None; frozen unless it requires grad.
+        lora_A: (r, in_features), r >= 1.  lora_B: (out_features, r).  Same dtype as each other; may differ from x
+            (e.g. fp32 adapters on a bf16 base, HF PEFT's default) - the LoRA branch then runs in the adapter dtype.
+        scaling: the scale s (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA).
+        dropout_p: drop probability of the LoRA branch input, in [0, 1).  Pass 0 in eval mode.
+        seed: dropout seed.  With a seed the mask comes from the counter-based stream of
+            ``fastpeft.ops.dropout`` (identical on every backend; regenerated in backward, never stored).  Without one,
+            the torch backend draws the mask like ``F.dropout`` (matching HF PEFT under the same RNG state) and the
+            fused backends draw a seed from torch's default generator.
+        backend: None (``FASTPEFT_BACKEND``, default auto), ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+            Auto runs a fused backend on CUDA tensors when one is available and torch otherwise; an explicit backend
+            that cannot run raises ``RuntimeError`` saying why.
+    Returns:
+        (..., out_features) in x's dtype.
+    Gradients flow to x, lora_A, lora_B and bias (if it requires grad); never to weight.
+    """
+    return _lora_impl(x, weight, bias, lora_A, None, lora_B, scaling, dropout_p, seed, backend)
+
+
+def adalora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                   lora_E: torch.Tensor, lora_B: torch.Tensor, scaling: float, ranknum: float,
+                   dropout_p: float = 0.0, seed: Optional[int] = None, *, backend: Optional[str] = None
+                   ) -> torch.Tensor:
+    """AdaLoRA (SVD-form) linear: ``y = x Wᵀ + b + (drop(x) (A ⊙ E)ᵀ) Bᵀ · scaling / (ranknum + 1e-5)``.
+
+    Args:
+        x: (..., in_features).  weight: (out_features, in_features).  bias: (out_features,) or None.
+        lora_A: (r, in_features).  lora_E: (r, 1) or (r,), the singular values.  lora_B: (out_features, r).
+        scaling: ``lora_alpha`` (HF PEFT's AdaLoRA scaling).  ranknum: the initial rank (a float; PEFT keeps it at
+            ``init_r`` even when ranks are masked).
+        dropout_p, seed, backend: as in ``lora_linear``.
+    Returns:
+        (..., out_features) in x's dtype.  Gradients flow to x, lora_A, lora_E, lora_B (and bias if trainable).
+    """
+    ranknum = _check_float("ranknum", ranknum)
+    scale = _check_float("scaling", scaling) / (ranknum + 1e-5)
+    _check_tensor("lora_E", lora_E)
+    return _lora_impl(x, weight, bias, lora_A, lora_E, lora_B, scale, dropout_p, seed, backend)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# IA3
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
+               feedforward: bool = False, *, backend: Optional[str] = None) -> torch.Tensor:
+    """(IA)³ linear layer.
+
+    ``feedforward=False`` (attention modules): ``y = (x Wᵀ + b) ⊙ l``, l has out_features elements.
+    ``feedforward=True`` (feed-forward modules): ``y = (x ⊙ l) Wᵀ + b``, l has in_features elements.
+
+    Args:
+        x: (..., in_features).  weight: (out_features, in_features), frozen.  bias: (out_features,) or None.
+        ia3_l: the learned vector, any shape with the right number of elements (HF PEFT stores (out, 1) and (1, in)).
+        feedforward: which mode (see above).
+        backend: as in ``lora_linear``.
+    Returns:
+        (..., out_features) in x's dtype.  Gradients flow to x, ia3_l (and bias if trainable).
+    """
+    x, weight, bias = _autocast(x, weight, bias)
+    n, k = _validate_base(x, weight, bias)
+    _check_tensor("ia3_l", ia3_l)
+    if not isinstance(feedforward, bool):
+        raise TypeError(f"feedforward must be a bool, got {type(feedforward).__name__}")
+    want = k if feedforward else n
+    if ia3_l.numel() != want:
+        mode = "in_features (feedforward)" if feedforward else "out_features"
+        raise ValueError(f"ia3_l must have {mode} = {want} elements, got shape {tuple(ia3_l.shape)}")
+    _check_same_device(x, weight=weight, bias=bias, ia3_l=ia3_l)
+    chosen = select_backend("ia3", x, backend)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    y, _ = _ia3.ia3_fwd(x2, weight, bias, ia3_l.reshape(want), feedforward, chosen)
+    return y.reshape(*lead, n)

@@ -1,0 +1,187 @@
+"""LoRA (and AdaLoRA) linear: reference, backend dispatch, custom ops and autograd.
+
+The op, one name through every layer::
+
+    y = x Wᵀ + b + scaling · ((drop(x) Aᵀ) ⊙ e) Bᵀ          x: (M, K), W: (N, K), A: (r, K), B: (N, r), e: (r,)
+
+``e`` is AdaLoRA's singular-value vector ``lora_E`` (flattened); plain LoRA passes ``None`` (e = 1).
+W and b are frozen (no gradient is ever computed for them, except db when bias requires grad).
+
+Layers:
+  * ``lora_fwd_ref`` / ``lora_bwd_ref``  - pure torch; the CPU path and the ground truth.
+  * ``fastpeft.kernels.lora.lora_fwd_triton`` / ``lora_bwd_triton`` - Triton (same signature as the refs).
+  * ``fastpeft._cuda.lora_fwd_cuda`` / ``lora_bwd_cuda`` - the C++/CUDA extension (same signature).
+  * custom ops ``fastpeft::lora_fwd`` / ``fastpeft::lora_bwd`` (fake kernels registered, autograd registered on
+    ``lora_fwd``), so ``torch.compile`` traces through without graph breaks.
+  * ``fastpeft.functional.lora_linear`` - validation, reshaping, autocast, backend choice.
+
+Saved for backward: x, S = drop(x)Aᵀ (M×r, fp32) and the seed - never a dropped copy of x or a mask.
+
+Precision policy: the LoRA branch runs in the adapter dtype (``A.dtype``), as HF PEFT does (x is cast to the
+adapter dtype before A); S is returned in fp32; the output has x's dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .dropout import dropout_keep_mask, dropout_scale
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference (torch) implementation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    if p == 0.0:
+        return x
+    keep = dropout_keep_mask(seed, tuple(x.shape), p, x.device)
+    return torch.where(keep, x * dropout_scale(p), torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                 lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int,
+                 upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference forward.
+
+    Args:
+        x: (M, K).  weight: (N, K).  bias: (N,) or None.  lora_A: (r, K).  lora_E: (r,) or None.  lora_B: (N, r).
+        scaling: the LoRA scale s.  dropout_p: drop probability of the LoRA branch input.  seed: mask seed.
+        upcast: compute everything in fp64 (or fp32 for low-precision inputs when False) - the ground truth.
+    Returns:
+        y: (M, N) in x's dtype (fp64 when `upcast`), and S = drop(x) Aᵀ: (M, r) in fp32 (fp64 when `upcast`).
+    """
+    out_dtype = x.dtype
+    if upcast:
+        x, weight, lora_A, lora_B = (t.double() for t in (x, weight, lora_A, lora_B))
+        bias = bias.double() if bias is not None else None
+        lora_E = lora_E.double() if lora_E is not None else None
+        out_dtype = torch.float64
+    adt = lora_A.dtype
+    base = F.linear(x, weight, bias)
+    s = _dropped(x, dropout_p, seed).to(adt) @ lora_A.t()
+    se = s * lora_E.to(adt) if lora_E is not None else s
+    delta = (se @ lora_B.to(adt).t()) * scaling
+    y = (base.to(torch.promote_types(base.dtype, delta.dtype)) + delta).to(out_dtype)
+    s_out = s if upcast else s.float()
+    return y, s_out
+
+
+def lora_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                 lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, S: torch.Tensor, scaling: float,
+                 dropout_p: float, seed: int, needs_dx: bool, has_bias: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference backward.
+
+    Args:
+        dy: (M, N) gradient of y.  x, weight, lora_A, lora_E, lora_B, scaling, dropout_p, seed: as in the forward.
+        S: (M, r) fp32, saved by the forward.  needs_dx: compute dx.  has_bias: compute dbias.
+    Returns:
+        dx (M, K) in x's dtype (empty (0,) if not `needs_dx`), dA (r, K), dE (r,) (empty if lora_E is None),
+        dB (N, r) - in the adapter dtypes - and dbias (N,) in weight's dtype (empty if not `has_bias`).
+
+    Math (with Se = S ⊙ e, dSe = s · dy B, dS = dSe ⊙ e):
+        dB = s · dyᵀ Se        dE = Σ_m (dSe ⊙ S)        dA = dSᵀ drop(x)
+        dx = dy W + mask ⊙ (dS A) / (1 - p)
+    """
+    adt = lora_A.dtype
+    Sa = S.to(adt)
+    dy_a = dy.to(adt)
+    e = lora_E.to(adt) if lora_E is not None else None
+    se = Sa * e if e is not None else Sa
+    d_se = (dy_a @ lora_B.to(adt)) * scaling  # (M, r)
+    dB = (dy_a.t() @ se) * scaling
+    dS = d_se * e if e is not None else d_se
+    dE = (d_se * Sa).sum(0) if e is not None else dy.new_empty(0, dtype=adt)
+    xd = _dropped(x, dropout_p, seed).to(adt)
+    dA = dS.t() @ xd
+    if needs_dx:
+        lora_dx = dS @ lora_A  # (M, K) in adapter dtype
+        if dropout_p != 0.0:
+            keep = dropout_keep_mask(seed, tuple(x.shape), dropout_p, x.device)
+            lora_dx = torch.where(keep, lora_dx * dropout_scale(dropout_p), torch.zeros((), dtype=adt,
+                                                                                          device=x.device))
+        base_dx = dy @ weight.to(dy.dtype)
+        dx = (base_dx.to(torch.promote_types(base_dx.dtype, adt)) + lora_dx).to(x.dtype)
+    else:
+        dx = x.new_empty(0)
+    dbias = dy.sum(0).to(weight.dtype) if has_bias else dy.new_empty(0, dtype=weight.dtype)
+    return dx, dA.to(lora_A.dtype), dE.to(lora_E.dtype) if lora_E is not None else dE, dB.to(lora_B.dtype), dbias
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backend implementations: looked up lazily by name, so triton and the extension are imported only when used.
+# ---------------------------------------------------------------------------------------------------------------
+
+_IMPL_MODULES = {"triton": "fastpeft.kernels.lora", "cuda": "fastpeft._cuda"}
+
+
+def _impl(name: str, backend: str):
+    if backend == "torch":
+        return globals()[f"{name}_ref"]
+    mod = importlib.import_module(_IMPL_MODULES[backend])
+    return getattr(mod, f"{name}_{backend}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastpeft::lora_fwd", mutates_args=())
+def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+             lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Custom op: (y, S) = LoRA forward on `backend` (already resolved).  Shapes as in ``lora_fwd_ref``."""
+    y, s = _impl("lora_fwd", backend)(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed)
+    return y, s
+
+
+@lora_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
+    m = x.shape[0]
+    return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastpeft::lora_bwd", mutates_args=())
+def lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+             lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, S: torch.Tensor, scaling: float, dropout_p: float,
+             seed: int, needs_dx: bool, has_bias: bool, backend: str
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Custom op: (dx, dA, dE, dB, dbias) = LoRA backward on `backend`.  See ``lora_bwd_ref``."""
+    outs = _impl("lora_bwd", backend)(dy, x, weight, lora_A, lora_E, lora_B, S, scaling, dropout_p, seed,
+                                      needs_dx, has_bias)
+    return tuple(o.contiguous() for o in outs)
+
+
+@lora_bwd.register_fake
+def _(dy, x, weight, lora_A, lora_E, lora_B, S, scaling, dropout_p, seed, needs_dx, has_bias, backend):
+    dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
+    dE = lora_E.new_empty(lora_E.shape) if lora_E is not None else dy.new_empty(0, dtype=lora_A.dtype)
+    dbias = dy.new_empty(weight.shape[0], dtype=weight.dtype) if has_bias else dy.new_empty(0, dtype=weight.dtype)
+    return dx, lora_A.new_empty(lora_A.shape), dE, lora_B.new_empty(lora_B.shape), dbias
+
+
+def _lora_setup_context(ctx, inputs, output):
+    x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend = inputs
+    _, s = output
+    ctx.save_for_backward(x, weight, lora_A, lora_E, lora_B, s)
+    ctx.scaling, ctx.dropout_p, ctx.seed, ctx.backend = scaling, dropout_p, seed, backend
+    ctx.has_bias = bias is not None
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[2]
+
+
+def _lora_backward(ctx, dy, _ds):
+    x, weight, lora_A, lora_E, lora_B, s = ctx.saved_tensors
+    needs_dx = ctx.needs_input_grad[0]
+    dx, dA, dE, dB, dbias = lora_bwd(dy.contiguous(), x, weight, lora_A, lora_E, lora_B, s, ctx.scaling,
+                                     ctx.dropout_p, ctx.seed, needs_dx, ctx.bias_grad, ctx.backend)
+    return (dx if needs_dx else None, None, dbias if ctx.bias_grad else None, dA,
+            dE if lora_E is not None else None, dB, None, None, None, None)
+
+
+lora_fwd.register_autograd(_lora_backward, setup_context=_lora_setup_context)

@@ -1,0 +1,35 @@
+"""All test tolerances in one place (never inline magic numbers in tests).
+
+Elementwise / pure-torch comparisons use (atol, rtol) per dtype.  Matmul-bearing ops use FA's rule:
+err(impl, ref64) <= MATMUL_FACTOR * err(torch_same_dtype, ref64) + MATMUL_ATOL[dtype] (gradients: GRAD_FACTOR).
+"""
+
+import torch
+
+ELEMENTWISE = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-5, 1.3e-6),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1e-2, 1.6e-2),
+}
+MATMUL_ATOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+MATMUL_FACTOR = 2.0
+GRAD_FACTOR = 3.0
+# Parity with HF PEFT in fp32 (issue 2): relative error <= 1e-5.
+PEFT_PARITY_RTOL = 1e-5
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in fp64 (0 when both are empty or b is zero and a equals it)."""
+    a, b = a.double(), b.double()
+    if b.numel() == 0:
+        return 0.0
+    den = b.norm().item()
+    num = (a - b).norm().item()
+    return num / den if den > 0 else num
+
+
+def assert_close_rel(actual, expected, rtol, what=""):
+    err = rel_err(actual, expected)
+    assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e} (max abs diff " \
+                        f"{(actual.double() - expected.double()).abs().max().item() if actual.numel() else 0:.3e})"
