@@ -15,7 +15,6 @@ Nothing here touches CUDA or imports triton at import time; every probe is lazy 
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import os
@@ -33,8 +32,22 @@ def _interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+# Probe results, cached in a plain dict (not functools.lru_cache) so torch.compile can trace select_backend:
+# dynamo reads a populated dict as a constant, while it cannot trace through lru_cache wrappers.
+_PROBES: dict[str, tuple[bool, str]] = {}
+
+
+def _cached(name: str, fn) -> tuple[bool, str]:
+    if name not in _PROBES:
+        _PROBES[name] = fn()
+    return _PROBES[name]
+
+
 def _triton_probe() -> tuple[bool, str]:
+    return _cached("triton", _probe_triton)
+
+
+def _probe_triton() -> tuple[bool, str]:
     try:
         triton = importlib.import_module("triton")
     except Exception as e:  # ImportError, or a broken install raising something else
@@ -51,8 +64,11 @@ def triton_available() -> bool:
     return _triton_probe()[0]
 
 
-@functools.lru_cache(maxsize=None)
 def _cuda_ext_probe() -> tuple[bool, str]:
+    return _cached("cuda", _probe_cuda_ext)
+
+
+def _probe_cuda_ext() -> tuple[bool, str]:
     try:
         mod = importlib.import_module("fastpeft._C")
     except (ImportError, OSError) as e:
@@ -135,7 +151,8 @@ def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None) -> s
         raise ValueError(f"backend must be one of {_VALID_CHOICES}, got {backend!r}")
     if choice == "auto":
         chosen = _auto_choice(op, x.device)
-        logger.debug("fastpeft: op %s on %s -> backend %s", op, x.device, chosen)
+        if not torch.compiler.is_compiling():
+            logger.debug("fastpeft: op %s on %s -> backend %s", op, x.device, chosen)
         return chosen
     reason = _why_not(choice, op, x.device)
     if reason is not None:
