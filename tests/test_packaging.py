@@ -1,0 +1,60 @@
+"""Packaging: the Triton sources in kernels/ install as fastpeft.kernels (never as a top-level `kernels`, which would
+clash with the PyPI package of that name), in a regular (non-editable) wheel install as well as the editable one."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    env = dict(os.environ, FASTPEFT_BUILD_CUDA="0")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                           "-q", "-w", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wheels = list(out.glob("fastpeft-*.whl"))
+    assert len(wheels) == 1, f"expected one wheel, got {wheels}"
+    return wheels[0]
+
+
+def test_wheel_maps_kernels_into_fastpeft(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fastpeft/kernels/__init__.py" in names
+    assert "fastpeft/ops/lora.py" in names
+    assert not any(n.startswith("kernels/") for n in names), "a top-level kernels package must not be installed"
+    assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
+
+
+def test_non_editable_install_imports_kernels(wheel, tmp_path):
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                           str(wheel)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    code = ("import fastpeft, fastpeft.kernels, importlib.util; "
+            "print(fastpeft.__file__); print(fastpeft.kernels.__file__); "
+            "print(importlib.util.find_spec('kernels') is None or 'site-packages' in "
+            "importlib.util.find_spec('kernels').origin)")
+    env = dict(os.environ, PYTHONPATH=str(target))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fp_file, kernels_file, no_local_top_level = proc.stdout.split()
+    assert fp_file.startswith(str(target)), fp_file
+    assert kernels_file.startswith(str(target / "fastpeft" / "kernels")), kernels_file
+    assert no_local_top_level == "True"
+
+
+def test_editable_install_resolves_kernels_to_source_folder():
+    import fastpeft
+    import fastpeft.kernels
+
+    if Path(fastpeft.__file__).resolve().parent != (ROOT / "fastpeft").resolve():
+        pytest.skip("fastpeft is not the editable install of this checkout")
+    assert Path(fastpeft.kernels.__file__).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
