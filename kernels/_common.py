@@ -1,0 +1,453 @@
+"""Shared pieces of the fastpeft Triton kernels: the dropout mask, tile ordering, launch heuristics, autotune configs.
+
+Nothing here initialises CUDA at import.  Everything that asks the device something (SM count, capability) is
+cached and called only from launchers.
+
+Tuning status (read this before trusting any number): the autotune configurations below are chosen from the
+Hopper guidance in ``shared/reference/performance.md`` §1 and §3 and Triton's persistent-matmul tutorials.  They were
+NOT measured: no GPU was available in the task that wrote them (every kernel was verified on CPU under
+``TRITON_INTERPRET=1`` only).  Record the winning configuration beside its measurement when a GPU run picks one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ---------------------------------------------------------------------------------------------------------------
+# environment
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# In-kernel tensor descriptors (TMA on Hopper) exist in triton >= 3.4 (`tl.make_tensor_descriptor`); older
+# versions and other vendors take the pointer path.  Checked once, at import, without touching a device.
+HAS_TENSOR_DESCRIPTOR = hasattr(tl, "make_tensor_descriptor")
+
+
+def _tma_env() -> str:
+    """``FASTPEFT_TRITON_TMA``: ``auto`` (default: TMA on sm90+ when the layout allows), ``0`` (never), ``1``
+    (always when the layout allows, also in the interpreter - how the tests exercise the descriptor path)."""
+    v = os.environ.get("FASTPEFT_TRITON_TMA", "auto").strip().lower() or "auto"
+    if v not in ("auto", "0", "1"):
+        raise ValueError(f"FASTPEFT_TRITON_TMA must be auto, 0 or 1, got {v!r}")
+    return v
+
+
+@functools.lru_cache(maxsize=None)
+def _device_caps(index: int) -> tuple[int, int]:
+    """(SM count, compute-capability major) of CUDA device `index`."""
+    props = torch.cuda.get_device_properties(index)
+    return props.multi_processor_count, props.major
+
+
+def num_sms(device: torch.device) -> int:
+    """Programs a persistent grid launches: the SM count on CUDA, a small number in the interpreter (so the
+    persistent tile loop runs more than once per program in tests)."""
+    if device.type == "cuda":
+        return _device_caps(device.index if device.index is not None else torch.cuda.current_device())[0]
+    return 3
+
+
+_allocator_set = False
+
+
+def _ensure_allocator() -> None:
+    """In-kernel tensor descriptors need global scratch memory for the descriptors; Triton asks a user-set allocator
+    for it.  Set one that allocates through torch's caching allocator (once, only when a TMA kernel launches)."""
+    global _allocator_set
+    if _allocator_set:
+        return
+
+    def _alloc(size: int, alignment: int, stream):  # noqa: ARG001 (signature fixed by triton)
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+
+    triton.set_allocator(_alloc)
+    _allocator_set = True
+
+
+def _tma_2d_ok(t: torch.Tensor) -> bool:
+    """A 2-D operand TMA can read: unit stride on the last dim, 16-byte aligned base and row stride."""
+    es = t.element_size()
+    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0
+            and t.shape[1] * es >= 16)
+
+
+def use_tma(a: torch.Tensor, b_view_rowmajor: torch.Tensor | None) -> bool:
+    """Whether the GEMM kernel should read its A operand and (row-major view of) its B operand with tensor
+    descriptors.  `b_view_rowmajor` is None when B has no unit-stride dimension (then the pointer path runs)."""
+    mode = _tma_env()
+    if mode == "0" or not HAS_TENSOR_DESCRIPTOR or b_view_rowmajor is None:
+        return False
+    if not (_tma_2d_ok(a) and _tma_2d_ok(b_view_rowmajor)):
+        return False
+    if a.device.type == "cuda":
+        if mode == "auto" and _device_caps(a.device.index if a.device.index is not None
+                                           else torch.cuda.current_device())[1] < 9:
+            return False
+        _ensure_allocator()
+        return True
+    return mode == "1" and interpret_mode()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dtypes and precision
+# ---------------------------------------------------------------------------------------------------------------
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def base_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision of the base GEMM.  fp32 follows torch's own matmul setting (ieee unless the user
+    allowed tf32), so the Triton backend is as accurate as the torch backend it replaces; 16-bit ignores it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def lora_epilogue_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
+    """tl.dot precision of the rank-r term added in a GEMM epilogue.  With fp32 adapters on a 16-bit base the term
+    is added to an output rounded to 16 bits, so tf32's 2**-11 relative error is below that rounding; with an fp32
+    base the term keeps the base's precision."""
+    if adapter_dtype == torch.float32 and x_dtype != torch.float32:
+        return "tf32"
+    return base_precision(x_dtype) if adapter_dtype == torch.float32 else "tf32"
+
+
+def skinny_precision(adapter_dtype: torch.dtype) -> str:
+    """tl.dot precision of the rank-r kernels (S, dS/dB, dA).  They produce the adapter's gradients, so fp32
+    adapters get ieee fp32 (like torch's fp32 matmul); these kernels are memory-bound, so the cost is small."""
+    return "ieee" if adapter_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
+def pad_rank(r: int) -> int:
+    """tl.dot needs every dimension >= 16 and power-of-two blocks: pad r to max(16, next power of two)."""
+    return max(16, triton.next_power_of_2(int(r)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# device helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def dropout_keep(seed, offs_m, offs_k, K, p):
+    """Keep-mask of the shared dropout stream (``fastpeft.ops.dropout``) for the (BM, BK) block of element indices
+    i = m*K + k: Philox-4x32-10 on counter (i & 0xffffffff, i >> 32, 0, 0), keep = (c0 >> 8) * 2**-24 >= fp32(p)."""
+    i = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
+    c0 = (i & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (i >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, zero, zero)
+    u = (r0 >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24, exact
+    return u >= p
+
+
+@triton.jit
+def tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ("super-tile") order: GROUP_M row tiles walk the column tiles together so their A rows and B
+    columns are reused from L2."""
+    num_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_in_group
+    first_m = group_id * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((tile_id % num_in_group) % group_size)
+    pid_n = (tile_id % num_in_group) // group_size
+    return pid_m, pid_n
+
+
+def split_count(n_blocks_other: int, n_blocks_split: int, target_programs: int) -> int:
+    """How many chunks to split a reduction dimension into so that (other blocks) x (chunks) reaches about
+    `target_programs`, never more chunks than blocks."""
+    want = triton.cdiv(target_programs, max(1, n_blocks_other))
+    return max(1, min(n_blocks_split, want))
+
+
+def target_programs(device: torch.device) -> int:
+    """Programs the skinny kernels aim for: two waves of the SMs (the memory system needs several loads in
+    flight per SM), a handful in the interpreter."""
+    return 2 * num_sms(device) if device.type == "cuda" else 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# autotune configurations of the GEMM kernel (pointer and TMA paths share them)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cfg(bm, bn, bk, gm, stages, warps):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm},
+                         num_stages=stages, num_warps=warps)
+
+
+def gemm_configs() -> list:
+    """The GEMM kernel's configurations.  NOT measured (no GPU in the task that wrote them); why each is here:"""
+    if interpret_mode():
+        # Interpreter: one small tile, so tests exercise several tiles, K iterations and masked tails.
+        return [_cfg(16, 16, 16, 2, 1, 4)]
+    return [
+        # Hopper large-M: the 128x256x64 wgmma tile with 3 stages and 8 warps is what Triton's persistent
+        # TMA tutorials and performance.md §3 report near cuBLAS for K >= 2048.
+        _cfg(128, 256, 64, 8, 3, 8),
+        # Same depth, narrower N: more tiles (M=2048, N=4096 gives 512 instead of 256), better wave quantisation
+        # over 132 SMs; 4 stages fit in shared memory at this size.
+        _cfg(128, 128, 64, 8, 4, 8),
+        # 4 warps on 128x128: fewer registers per tile for the epilogue's rank-r dot and dropout Philox.
+        _cfg(128, 128, 64, 8, 4, 4),
+        # Mid M (hundreds of rows): 64-row tiles double the tile count.
+        _cfg(64, 128, 64, 8, 4, 4),
+        # Decode (M <= 16-64): the GEMM is a weight stream; narrow N tiles and deep K give >= 1 tile per SM at
+        # N=4096 and keep several weight loads in flight.
+        _cfg(16, 64, 128, 1, 4, 4),
+        _cfg(32, 32, 128, 1, 5, 4),
+    ]
+
+
+def prune_gemm_configs(configs, named_args, **kwargs):
+    """Drop configurations that cannot win for this M (so autotuning stays short) or whose pipelined stages do
+    not fit in ~200 KB of shared memory (fp32 operands double the bytes)."""
+    m = named_args["M"]
+    es = named_args["a_ptr"].element_size()
+    keep = []
+    for c in configs:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if m <= 64 and bm > 64:
+            continue
+        if m > 256 and bm < 64:
+            continue
+        if c.num_stages * (bm * bk + bk * bn) * es > 200 * 1024:
+            continue
+        keep.append(c)
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for M: powers of two, so a training run (fixed M) tunes once and decoding lengths share."""
+    return triton.next_power_of_2(max(1, int(m)))
+
+
+# Block sizes of the skinny (rank-r) kernels; chosen on the host, not autotuned, because their partial-sum
+# buffers are sized from them.  NOT measured.  64x128 tiles of a 16-bit operand are 16 KB per load; the kernels
+# are memory-bound, so the number of programs in flight (target_programs) matters more than the tile.
+def skinny_blocks(device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) of the skinny kernels."""
+    if device.type != "cuda":
+        return 16, 16, 4
+    return 64, 128, 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GEMM kernel every op uses:  C[M, N] = prologue(A)[M, K] @ B[K, N]  + epilogue
+# ---------------------------------------------------------------------------------------------------------------
+#
+#   prologue  (HAS_PRO):   A[:, k] <- (A[:, k] in pro's dtype * pro[k]) cast back to A's dtype    (IA3 input scale)
+#   epilogue, in order, on the fp32 accumulator:
+#     HAS_LORA:  += dropmask(m, n) * ((L[M, R] * lscale * rs[R]) @ Rm[R, N])     (LoRA expand term; dropout on the dX side)
+#     HAS_BIAS:  += bias[n]
+#     WRITE_Z:   Z <- acc  (IA3's saved z = x Wᵀ + b)
+#     HAS_DL:    part[pid_m, n] = Σ_m round(acc) * X2[m, n]                (IA3 input-mode dl, one row per M tile)
+#     HAS_COL:   acc <- round(acc) * col[n]                              (IA3 output scale, input-mode dx scale)
+#     STORE_C:   C <- acc
+#
+# The rank-r term sits after the K loop, so the main loop stays a plain pipelined GEMM (performance.md §1: putting
+# it before the loop doubled the time).  Persistent: NUM_SMS programs walk the tiles in grouped order.
+# USE_TMA reads A and B through tensor descriptors (TMA on Hopper); B_KCONTIG says which of B's dims is unit-stride
+# on that path (True: B is the transpose of a row-major (N, K) tensor, like W in the forward).
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    pro_ptr,
+    l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
+    seed, p, drop_scale,
+    bias_ptr, col_ptr,
+    z_ptr, stride_zm, stride_zn,
+    x2_ptr, stride_x2m, stride_x2n, part_ptr,
+    M_BUCKET,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_PRO: tl.constexpr, HAS_LORA: tl.constexpr, HAS_RS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WRITE_Z: tl.constexpr, HAS_DL: tl.constexpr, HAS_COL: tl.constexpr,
+    STORE_C: tl.constexpr,
+    PREC: tl.constexpr, LORA_PREC: tl.constexpr, USE_TMA: tl.constexpr, B_KCONTIG: tl.constexpr,
+):
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    c_dtype = c_ptr.dtype.element_ty
+
+    if USE_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        if B_KCONTIG:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[stride_bn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            b_desc = tl.make_tensor_descriptor(b_ptr, shape=[K, N], strides=[stride_bk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+
+    for tile_id in range(start, num_tiles, NUM_SMS):
+        pid_m, pid_n = tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if USE_TMA:
+            for ki in range(k_tiles):
+                off_k = ki * BLOCK_K
+                a = a_desc.load([pid_m * BLOCK_M, off_k])
+                if B_KCONTIG:
+                    b = b_desc.load([pid_n * BLOCK_N, off_k]).T
+                else:
+                    b = b_desc.load([off_k, pid_n * BLOCK_N])
+                if HAS_PRO:
+                    offs_k = off_k + tl.arange(0, BLOCK_K)
+                    pro = tl.load(pro_ptr + offs_k, mask=offs_k < K, other=0.0)
+                    a = (a.to(pro.dtype) * pro[None, :]).to(a.dtype)
+                acc = tl.dot(a, b, acc, input_precision=PREC)
+        else:
+            rm64 = offs_m.to(tl.int64)
+            rn64 = offs_n.to(tl.int64)
+            for ki in range(k_tiles):
+                offs_k = ki * BLOCK_K + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < K
+                rk64 = offs_k.to(tl.int64)
+                a = tl.load(a_ptr + rm64[:, None] * stride_am + rk64[None, :] * stride_ak,
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                b = tl.load(b_ptr + rk64[:, None] * stride_bk + rn64[None, :] * stride_bn,
+                            mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+                if HAS_PRO:
+                    pro = tl.load(pro_ptr + offs_k, mask=mask_k, other=0.0)
+                    a = (a.to(pro.dtype) * pro[None, :]).to(a.dtype)
+                acc = tl.dot(a, b, acc, input_precision=PREC)
+
+        # ---- epilogue ----
+        rm64 = offs_m.to(tl.int64)
+        rn64 = offs_n.to(tl.int64)
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        if HAS_LORA:
+            offs_r = tl.arange(0, R_PAD)
+            mask_r = offs_r < R
+            lt = tl.load(l_ptr + rm64[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32) * lscale
+            if HAS_RS:
+                rs = tl.load(rs_ptr + offs_r, mask=mask_r, other=0.0)
+                lt = lt * rs[None, :]
+            rt = tl.load(rm_ptr + offs_r[:, None] * stride_rr + rn64[None, :] * stride_rn,
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            lora = tl.dot(lt.to(rt.dtype), rt, input_precision=LORA_PREC)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, offs_m, offs_n, N, p)
+                lora = tl.where(keep, lora * drop_scale, 0.0)
+            acc += lora
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        if WRITE_Z:
+            tl.store(z_ptr + rm64[:, None] * stride_zm + rn64[None, :] * stride_zn,
+                     acc.to(z_ptr.dtype.element_ty), mask=mask_mn)
+        if HAS_DL:
+            x2 = tl.load(x2_ptr + rm64[:, None] * stride_x2m + rn64[None, :] * stride_x2n, mask=mask_mn, other=0.0)
+            g = acc.to(c_dtype).to(tl.float32)
+            dl_part = tl.sum(g * x2.to(tl.float32), axis=0)
+            tl.store(part_ptr + pid_m.to(tl.int64) * N + offs_n, dl_part, mask=mask_n)
+        if HAS_COL:
+            col = tl.load(col_ptr + offs_n, mask=mask_n, other=0.0)
+            acc = (acc.to(c_dtype) * col[None, :]).to(tl.float32)
+        if STORE_C:
+            tl.store(c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn, acc.to(c_dtype), mask=mask_mn)
+
+
+_gemm_autotuned = triton.autotune(
+    configs=gemm_configs(),
+    key=["M_BUCKET", "N", "K", "HAS_PRO", "HAS_LORA", "HAS_DROPOUT", "HAS_DL", "USE_TMA", "B_KCONTIG"],
+    prune_configs_by={"early_config_prune": prune_gemm_configs},
+    # The dl partial rows a config writes depend on its BLOCK_M: zero them before each benchmarked config.
+    reset_to_zero=["part_ptr"],
+)(_gemm_kernel)
+
+
+def _dummy(device: torch.device) -> torch.Tensor:
+    return torch.empty(1, device=device, dtype=torch.float32)
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: str,
+         pro: torch.Tensor | None = None,
+         lora: tuple | None = None,
+         bias: torch.Tensor | None = None, col: torch.Tensor | None = None,
+         z: torch.Tensor | None = None, dl_x: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Launch the GEMM kernel: ``out[M, N] = prologue(a)[M, K] @ b[K, N] + epilogue`` (see the comment above).
+
+    Args:
+        a: (M, K), any strides.  b: (K, N), any strides (e.g. ``W.t()``).  out: (M, N) or None (then nothing is
+            stored; used when only the dl reduction is wanted - pass `dl_x` and a dtype-carrying `z`-less call).
+        prec: tl.dot input precision of the main loop.
+        pro: (K,) prologue scale.
+        lora: ``(L (M, R), lscale, rs (R,) | None, Rm (R, N), lora_prec, dropout_p, seed, drop_scale)``: the
+            epilogue adds ``mask ⊙ ((L · lscale · rs) @ Rm)`` (mask only when dropout_p > 0).
+        bias, col: (N,).  z: (M, N) output of the unscaled accumulator (+ bias).
+        dl_x: (M, N) tensor whose product with the rounded accumulator is summed over M.
+    Returns:
+        The (cdiv(M, BLOCK_M), N) fp32 dl partial sums when `dl_x` is given (sum them over dim 0), else None.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    dev = a.device
+    d = _dummy(dev)
+    c = out if out is not None else torch.empty((1, 1), device=dev, dtype=a.dtype)
+    has_lora = lora is not None
+    if has_lora:
+        L, lscale, rs, Rm, lora_prec, p, seed, drop_scale = lora
+        r = L.shape[1]
+    else:
+        L, lscale, rs, Rm, lora_prec, p, seed, drop_scale, r = (d.view(1, 1), 1.0, None, d.view(1, 1), "ieee", 0.0,
+                                                                0, 1.0, 1)
+    # TMA view of B: row-major (N, K) when b is the transpose of such a tensor, row-major (K, N) otherwise.
+    if b.stride(0) == 1 and b.dim() == 2:
+        b_rowmajor, b_kcontig = b.t(), True
+    elif b.stride(1) == 1:
+        b_rowmajor, b_kcontig = b, False
+    else:
+        b_rowmajor, b_kcontig = None, False
+    tma = use_tma(a, b_rowmajor)
+    nsm = num_sms(dev)
+    part = None
+    if dl_x is not None:
+        # One partial row per M tile: BLOCK_M is only known once a config is picked, so size for the smallest
+        # BLOCK_M any config can have (16) and slice afterwards.
+        part = torch.zeros((triton.cdiv(m, 16), n), device=dev, dtype=torch.float32)
+
+    def grid(meta):
+        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return (max(1, min(nsm, tiles)),)
+
+    _gemm_autotuned[grid](
+        a, b, c, m, n, k,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        pro if pro is not None else d,
+        L, L.stride(0), L.stride(1), float(lscale), rs if rs is not None else d, Rm, Rm.stride(0), Rm.stride(1), r,
+        int(seed), float(p), float(drop_scale),
+        bias if bias is not None else d, col if col is not None else d,
+        z if z is not None else c, (z.stride(0) if z is not None else 0), (z.stride(1) if z is not None else 0),
+        dl_x if dl_x is not None else c, (dl_x.stride(0) if dl_x is not None else 0),
+        (dl_x.stride(1) if dl_x is not None else 0), part if part is not None else d,
+        m_bucket(m),
+        NUM_SMS=nsm, R_PAD=pad_rank(r),
+        HAS_PRO=pro is not None, HAS_LORA=has_lora, HAS_RS=rs is not None, HAS_DROPOUT=has_lora and p > 0.0,
+        HAS_BIAS=bias is not None, WRITE_Z=z is not None, HAS_DL=dl_x is not None, HAS_COL=col is not None,
+        STORE_C=out is not None,
+        PREC=prec, LORA_PREC=lora_prec, USE_TMA=tma, B_KCONTIG=b_kcontig,
+    )
+    return part

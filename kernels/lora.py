@@ -1,0 +1,299 @@
+"""Triton kernels of the LoRA / AdaLoRA linear op (``fastpeft::lora_fwd`` / ``fastpeft::lora_bwd``).
+
+    y = x Wᵀ + b + s · ((drop(x) Aᵀ) ⊙ e) Bᵀ        x: (M, K)  W: (N, K)  A: (r, K)  B: (N, r)  e: (r,) or none
+
+Kernels (the dropout mask is regenerated from (seed, m*K + k) wherever it is needed; never stored):
+  forward
+    ``_lora_shrink_kernel``  S = drop(x) Aᵀ (M, r) fp32, split over K into partial sums so that M = 2048 still
+                             fills the GPU (performance.md §1: one program per row block leaves SMs idle).
+    GEMM (``_common.gemm``)  y = x Wᵀ, then in its epilogue + (s · S ⊙ e) Bᵀ + b on the fp32 accumulator.
+  backward
+    ``_lora_dy_kernel``      one pass over dY: dSe = s · dY B (partial over N chunks), dB = s · dYᵀ (S ⊙ e)
+                             (partial over M blocks) and dbias = Σ_m dY.
+    ``_lora_da_kernel``      one pass over x: dA = dSᵀ drop(x) (partial over M chunks).
+    GEMM                     dX = dY W, then in its epilogue + mask ⊙ (dS A) / (1 - p).
+
+Partial sums go to small fp32 buffers (a few MB at M = 8192) summed by torch: deterministic, no atomics.
+
+Launchers ``lora_fwd_triton`` / ``lora_bwd_triton`` have exactly the signatures and return conventions of
+``fastpeft.ops.lora.lora_fwd_ref`` / ``lora_bwd_ref``.  Dtypes the kernels do not handle (fp64) and degenerate
+shapes (K = 0 or N = 0) go to the torch reference; M = 0 returns empty results without a launch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastpeft.ops.dropout import dropout_scale
+from fastpeft.ops.lora import lora_bwd_ref, lora_fwd_ref
+
+from ._common import (SUPPORTED_DTYPES, base_precision, dropout_keep, gemm, lora_epilogue_precision, pad_rank,
+                      skinny_blocks, skinny_precision, split_count, target_programs)
+
+__all__ = ["lora_fwd_triton", "lora_bwd_triton"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_shrink_kernel(x_ptr, a_ptr, part_ptr, M, K, R,
+                        stride_xm, stride_xk, stride_ar, stride_ak,
+                        kb_per_split, seed, p, drop_scale,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                        HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    """part[split, m, r] = Σ_{k in split} drop(x)[m, k] A[r, k]; grid (M blocks, K splits)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    rm64 = offs_m.to(tl.int64)
+    a_dtype = a_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    kb0 = pid_s * kb_per_split
+    kb1 = tl.minimum(kb0 + kb_per_split, tl.cdiv(K, BLOCK_K))
+    for kb in range(kb0, kb1):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        rk64 = offs_k.to(tl.int64)
+        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, offs_m, offs_k, K, p)
+            # x * fp32(1/(1-p)) rounded to x's dtype, as the reference computes drop(x) before the adapter cast
+            x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + rk64[:, None] * stride_ak,
+                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)
+        acc = tl.dot(x.to(a_dtype), at, acc, input_precision=PREC)
+    out = part_ptr + pid_s.to(tl.int64) * M * R + rm64[:, None] * R + offs_r[None, :]
+    tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbias_part_ptr,
+                    M, N, R, scaling,
+                    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+                    nb_per_split,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+                    HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+    """One pass over dY.  Program (m block i, N chunk j):
+         dse_part[j, m, r]  = s · Σ_{n in chunk j} dY[m, n] B[n, r]
+         db_part[i, n, r]   = s · Σ_{m in block i} dY[m, n] (S ⊙ e)[m, r]
+         dbias_part[i, n]   = Σ_{m in block i} dY[m, n]
+    The M extent of a program is one block, so every partial is written once (no read-modify-write)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    rm64 = offs_m.to(tl.int64)
+    b_dtype = b_ptr.dtype.element_ty
+    # Se = s · S ⊙ e for this row block, in the adapter dtype (the reference's dtype for the dB product)
+    se = tl.load(s_ptr + rm64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    if HAS_E:
+        e = tl.load(e_ptr + offs_r, mask=mask_r, other=0.0)
+        se = se * e[None, :]
+    se = (se * scaling).to(b_dtype)
+    acc_s = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    nb0 = pid_s * nb_per_split
+    nb1 = tl.minimum(nb0 + nb_per_split, tl.cdiv(N, BLOCK_N))
+    for nb in range(nb0, nb1):
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        rn64 = offs_n.to(tl.int64)
+        dy = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn64[None, :] * stride_dyn,
+                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        bt = tl.load(b_ptr + rn64[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                     mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        dya = dy.to(b_dtype)
+        acc_s = tl.dot(dya, bt, acc_s, input_precision=PREC)
+        db = tl.dot(tl.trans(dya), se, input_precision=PREC)
+        tl.store(db_part_ptr + pid_m.to(tl.int64) * N * R + rn64[:, None] * R + offs_r[None, :], db,
+                 mask=mask_n[:, None] & mask_r[None, :])
+        if HAS_BIAS:
+            tl.store(dbias_part_ptr + pid_m.to(tl.int64) * N + rn64, tl.sum(dy.to(tl.float32), axis=0),
+                     mask=mask_n)
+    tl.store(dse_part_ptr + pid_s.to(tl.int64) * M * R + rm64[:, None] * R + offs_r[None, :], acc_s * scaling,
+             mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _lora_da_kernel(x_ptr, ds_ptr, part_ptr, M, K, R,
+                    stride_xm, stride_xk, stride_dsm, stride_dsr,
+                    mb_per_split, seed, p, drop_scale,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, A_DTYPE: tl.constexpr):
+    """part[split, r, k] = Σ_{m in split} dS[m, r] drop(x)[m, k]; grid (K blocks, M splits)."""
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    mask_k = offs_k < K
+    mask_r = offs_r < R
+    rk64 = offs_k.to(tl.int64)
+    acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    mb0 = pid_s * mb_per_split
+    mb1 = tl.minimum(mb0 + mb_per_split, tl.cdiv(M, BLOCK_M))
+    for mb in range(mb0, mb1):
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        rm64 = offs_m.to(tl.int64)
+        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, offs_m, offs_k, K, p)
+            x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
+        ds = tl.load(ds_ptr + rm64[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        acc = tl.dot(tl.trans(ds.to(A_DTYPE)), x.to(A_DTYPE), acc, input_precision=PREC)
+    out = part_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None].to(tl.int64) * K + rk64[None, :]
+    tl.store(out, acc, mask=mask_r[:, None] & mask_k[None, :])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _reduce(part: torch.Tensor) -> torch.Tensor:
+    """Sum partial results over dim 0 (a view when there is one partial)."""
+    return part[0] if part.shape[0] == 1 else part.sum(0)
+
+
+def _supported(*tensors: Optional[torch.Tensor]) -> bool:
+    return all(t is None or t.dtype in SUPPORTED_DTYPES for t in tensors)
+
+
+def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """S = drop(x) Aᵀ: (M, r) fp32."""
+    m, k = x.shape
+    r = lora_A.shape[0]
+    bm, bk, warps = skinny_blocks(x.device)
+    m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
+    splits = split_count(m_blocks, k_blocks, target_programs(x.device))
+    kb_per = triton.cdiv(k_blocks, splits)
+    splits = triton.cdiv(k_blocks, kb_per)
+    part = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
+    _lora_shrink_kernel[(m_blocks, splits)](
+        x, lora_A, part, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+        kb_per, int(seed), float(dropout_p), dropout_scale(dropout_p) if dropout_p > 0 else 1.0,
+        BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=dropout_p > 0.0,
+        PREC=skinny_precision(lora_A.dtype), num_warps=warps)
+    return _reduce(part)
+
+
+def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                    lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton LoRA forward; the contract of ``fastpeft.ops.lora.lora_fwd_ref``.
+
+    Args:
+        x: (M, K), fp16/bf16/fp32 (any strides).  weight: (N, K), any strides (e.g. Conv1D's ``weight.t()``).
+        bias: (N,) or None.  lora_A: (r, K).  lora_E: (r,) or None.  lora_B: (N, r) - adapters may be fp32 on a
+        16-bit base.  scaling: s.  dropout_p: in [0, 1).  seed: mask seed (``fastpeft.ops.dropout`` stream).
+    Returns:
+        y: (M, N) in x's dtype; S = drop(x) Aᵀ: (M, r) fp32.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    r = lora_A.shape[0]
+    if not _supported(x, weight, bias, lora_A, lora_E, lora_B) or n == 0 or k == 0:
+        y, s = lora_fwd_ref(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed)
+        return y, s.float()
+    if m == 0:
+        return x.new_empty((0, n)), x.new_empty((0, r), dtype=torch.float32)
+    s = _shrink(x, lora_A, dropout_p, seed)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    gemm(x, weight.t(), y, prec=base_precision(x.dtype),
+         lora=(s, float(scaling), lora_E, lora_B.t(), lora_epilogue_precision(x.dtype, lora_A.dtype), 0.0, 0, 1.0),
+         bias=bias)
+    return y, s
+
+
+def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                    lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, S: torch.Tensor, scaling: float,
+                    dropout_p: float, seed: int, needs_dx: bool, has_bias: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton LoRA backward; the contract of ``fastpeft.ops.lora.lora_bwd_ref``.
+
+    Args:
+        dy: (M, N).  x: (M, K) as saved.  weight, lora_A, lora_E, lora_B, scaling, dropout_p, seed: as forward.
+        S: (M, r) fp32 from the forward.  needs_dx: compute dx.  has_bias: compute dbias.
+    Returns:
+        dx (M, K) x's dtype or empty (0,); dA (r, K); dE (r,) or empty (0,); dB (N, r); dbias (N,) or empty.
+    """
+    m, k = x.shape if x.dim() == 2 else (dy.shape[0], weight.shape[1])
+    n = weight.shape[0]
+    r = lora_A.shape[0]
+    adt = lora_A.dtype
+    if not _supported(dy, x, weight, lora_A, lora_E, lora_B) or n == 0 or k == 0:
+        return lora_bwd_ref(dy, x, weight, lora_A, lora_E, lora_B, S, scaling, dropout_p, seed, needs_dx, has_bias)
+    dev = dy.device
+    empty_de = dy.new_empty(0, dtype=adt)
+    empty_db = dy.new_empty(0, dtype=weight.dtype)
+    if m == 0:
+        return (x.new_empty((0, k)) if needs_dx else x.new_empty(0), torch.zeros_like(lora_A),
+                torch.zeros_like(lora_E) if lora_E is not None else empty_de, torch.zeros_like(lora_B),
+                torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
+    bm, bk, warps = skinny_blocks(dev)
+    bn = bk
+    r_pad = pad_rank(r)
+    tgt = target_programs(dev)
+
+    # one pass over dY: dSe (s · dY B), dB, dbias
+    m_blocks, n_blocks = triton.cdiv(m, bm), triton.cdiv(n, bn)
+    splits = split_count(m_blocks, n_blocks, tgt)
+    nb_per = triton.cdiv(n_blocks, splits)
+    splits = triton.cdiv(n_blocks, nb_per)
+    dse_part = torch.empty((splits, m, r), device=dev, dtype=torch.float32)
+    db_part = torch.empty((m_blocks, n, r), device=dev, dtype=torch.float32)
+    dbias_part = torch.empty((m_blocks, n) if has_bias else (1,), device=dev, dtype=torch.float32)
+    _lora_dy_kernel[(m_blocks, splits)](
+        dy, lora_B, S, lora_E if lora_E is not None else S, dse_part, db_part, dbias_part,
+        m, n, r, float(scaling),
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
+        nb_per, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, HAS_E=lora_E is not None, HAS_BIAS=has_bias,
+        PREC=skinny_precision(adt), num_warps=warps)
+    d_se = _reduce(dse_part)  # (M, r) fp32, includes s
+    dB = _reduce(db_part).to(lora_B.dtype)
+    dbias = _reduce(dbias_part).to(weight.dtype) if has_bias else empty_db
+    if lora_E is not None:
+        dS = d_se * lora_E.float()
+        dE = (d_se * S).sum(0).to(lora_E.dtype)
+    else:
+        dS, dE = d_se, empty_de
+
+    # one pass over x: dA = dSᵀ drop(x)
+    k_blocks = triton.cdiv(k, bk)
+    msplits = split_count(k_blocks, m_blocks, tgt)
+    mb_per = triton.cdiv(m_blocks, msplits)
+    msplits = triton.cdiv(m_blocks, mb_per)
+    da_part = torch.empty((msplits, r, k), device=dev, dtype=torch.float32)
+    drop_scale = dropout_scale(dropout_p) if dropout_p > 0 else 1.0
+    _lora_da_kernel[(k_blocks, msplits)](
+        x, dS, da_part, m, k, r, x.stride(0), x.stride(1), dS.stride(0), dS.stride(1),
+        mb_per, int(seed), float(dropout_p), drop_scale,
+        BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad, HAS_DROPOUT=dropout_p > 0.0, PREC=skinny_precision(adt),
+        A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
+    dA = _reduce(da_part).to(adt)
+
+    if needs_dx:
+        dx = torch.empty((m, k), device=dev, dtype=x.dtype)
+        gemm(dy, weight, dx, prec=base_precision(dy.dtype),
+             lora=(dS, 1.0, None, lora_A, lora_epilogue_precision(x.dtype, adt), float(dropout_p), int(seed),
+                   drop_scale))
+    else:
+        dx = x.new_empty(0)
+    return dx, dA, dE, dB, dbias
