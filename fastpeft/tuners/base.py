@@ -1,0 +1,859 @@
+"""The tuner machinery behind ``get_peft_model``: ``BaseTuner``, ``BaseTunerLayer``, ``ModulesToSaveWrapper``.
+
+Layout (HF PEFT's, so parameter names and saved keys are identical)::
+
+    PeftModel
+      .base_model  = <Tuner>(BaseTuner)         # one per PeftModel; registered in TUNER_CLASSES by peft_type
+          .model   = the user's model            # modified in place: targets swapped for tuner layers
+              ...q_proj = lora.Linear(BaseTunerLayer)
+                    .base_layer = the original nn.Linear / Conv1D (same object, frozen)
+                    .lora_A = ModuleDict{adapter_name: nn.Linear}   # per-adapter containers
+
+so a parameter is ``base_model.model.<path>.lora_A.<adapter>.weight`` and is saved as
+``base_model.model.<path>.lora_A.weight``.
+
+Extension points (the prompt methods in ``fastpeft.prompt`` use them; nothing here needs editing to add a method):
+
+* ``@register_tuner(peft_type)`` on a ``BaseTuner`` subclass puts it in ``TUNER_CLASSES``; ``PeftModel`` builds
+  ``TUNER_CLASSES[config.peft_type](model, config, adapter_name, autocast_adapter_dtype=...)`` and never looks at the
+  method otherwise.  Register the config class with ``fastpeft.config.register_config`` under the same peft_type.
+* ``BaseTuner.__init__`` calls ``self.inject_adapter(adapter_name, config, ...)``.  The default implementation does
+  PEFT's target matching and calls the per-method hooks ``_create_and_replace(config, adapter_name, target,
+  target_name, parent, current_key)`` and ``_is_supported_target(module)``; a method that does not swap modules
+  (prompt tuning, ...) overrides ``inject_adapter`` itself and must record the config in ``self.peft_config``.
+  ``_prepare_adapter_config(config)`` fills architecture defaults (``target_module_defaults`` table).
+* ``forward(*args, **kwargs)`` / ``generate(*args, **kwargs)`` receive exactly what the user passed to
+  ``PeftModel.forward`` / ``PeftModel.generate`` (input_ids, attention_mask, labels, inputs_embeds, ...); the defaults
+  call ``self.model``.  Prompt methods override them to prepend prompts; AdaLoRA adds its regulariser.
+* State dict contract, used by save/load:
+  ``get_adapter_state_dict(adapter_name) -> {saved_key: tensor}`` with keys exactly as in PEFT's
+  ``adapter_model.safetensors`` (adapter name stripped, ``base_model.model.`` prefix for injected tuners, bare
+  ``"prompt_embeddings"`` for prompt learning), and ``set_adapter_state_dict(adapter_name, sd)``, which checks every
+  key and shape (``check_adapter_state_dict``) before changing anything and raises ``ValueError`` listing the
+  problems.  The default implementations enumerate ``BaseTunerLayer.adapter_layer_names`` of every tuner layer, the
+  ``ModulesToSaveWrapper`` copies and the trainable biases (``bias="all"/"lora_only"``).
+* ``_mark_only_adapters_as_trainable()`` freezes every parameter except adapter ones (``prefix`` in the name) and
+  the biases selected by ``config.bias``; ``set_adapter`` then gives ``requires_grad`` to the active adapters only.
+* ``_remove_adapter(adapter_name, unwrap_empty=True)`` undoes an injection (used to roll back a failed load).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterable, Optional, Union
+
+import torch
+import torch.nn as nn
+
+from ..config import PeftConfig, PeftType, TaskType
+from ._utils import get_submodules, is_conv1d, is_linear_like
+
+__all__ = [
+    "BaseTuner", "BaseTunerLayer", "ModulesToSaveWrapper", "register_tuner", "TUNER_CLASSES",
+    "check_target_module_exists", "SEQ_CLS_HEAD_NAMES",
+]
+
+# peft_type value -> BaseTuner subclass.  Filled by @register_tuner.
+TUNER_CLASSES: dict[str, type] = {}
+
+SEQ_CLS_HEAD_NAMES = ["classifier", "score"]  # added to modules_to_save for SEQ_CLS (PEFT's order)
+
+
+def register_tuner(peft_type: Union[str, PeftType]):
+    """Class decorator registering a ``BaseTuner`` subclass for ``peft_type`` (see the module docstring)."""
+    key = peft_type.value if isinstance(peft_type, PeftType) else str(peft_type)
+
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, BaseTuner)):
+            raise TypeError(f"register_tuner expects a BaseTuner subclass, got {cls!r}")
+        cls.peft_type = key
+        TUNER_CLASSES[key] = cls
+        return cls
+
+    return deco
+
+
+def _active_list(names) -> list[str]:
+    return [names] if isinstance(names, str) else list(names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class BaseTunerLayer(nn.Module):
+    """A wrapper that holds the original layer as ``base_layer`` and per-adapter weights in name-keyed containers.
+
+    Subclasses set ``adapter_layer_names`` (attributes that are ``nn.ModuleDict``/``nn.ParameterDict`` of trainable
+    per-adapter weights, saved) and ``other_param_names`` (attributes that are plain per-adapter dicts or
+    ParameterDicts that are not saved, e.g. ``scaling``, ``r``, ``ranknum``), and implement ``_merge_one(name,
+    safe_merge)`` / ``_unmerge_one(name)`` and ``forward``.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ()
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._active_adapter: list[str] = []
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    # -- base layer passthroughs ---------------------------------------------------------------------------------
+    def get_base_layer(self) -> nn.Module:
+        return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base_layer.bias
+
+    # -- adapter state -------------------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> Union[str, list[str]]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    def adapter_names(self) -> list[str]:
+        names: list[str] = []
+        for attr in self.adapter_layer_names:
+            for k in getattr(self, attr).keys():
+                if k not in names:
+                    names.append(k)
+        return names
+
+    def _present_active(self) -> list[str]:
+        """Active adapters that this layer actually holds (another adapter may target other modules)."""
+        held = set(self.adapter_names())
+        return [a for a in self._active_adapter if a in held]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Enable (the active adapters become trainable) or disable (all adapter weights frozen) this layer."""
+        if enabled:
+            self.set_adapter(self._active_adapter)
+            self._disable_adapters = False
+        else:
+            for attr in self.adapter_layer_names:
+                for p in getattr(self, attr).parameters():
+                    p.requires_grad_(False)
+            self._disable_adapters = True
+
+    def set_adapter(self, adapter_names: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Make ``adapter_names`` active: they require grad (unless inference_mode), the other adapters do not."""
+        names = _active_list(adapter_names)
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            for key, item in container.items():
+                want = key in names and not inference_mode
+                if isinstance(item, nn.Parameter):
+                    item.requires_grad_(want)
+                else:
+                    item.requires_grad_(want)
+        self._active_adapter = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for attr in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, attr, None)
+            if container is not None and adapter_name in container:
+                del container[adapter_name]
+        if adapter_name in self._active_adapter:
+            rest = [a for a in self._active_adapter if a != adapter_name]
+            if not rest:
+                remaining = self.adapter_names()
+                rest = remaining[:1]
+            self._active_adapter = rest
+
+    # -- merging -------------------------------------------------------------------------------------------------
+    def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
+        names = self._present_active() if adapter_names is None else _active_list(adapter_names)
+        already = [a for a in names if a in self.merged_adapters]
+        if already:
+            raise ValueError(f"adapter(s) {already} are already merged into this layer; call unmerge() before merging "
+                             "again")
+        unknown = [a for a in names if a not in self.adapter_names()]
+        if unknown:
+            raise ValueError(f"adapter(s) {unknown} do not exist in this layer (it has {self.adapter_names()})")
+        return names
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the active (or the given) adapters' weight delta to the base weight, in place.
+
+        Raises ValueError if one of them is already merged.  ``safe_merge=True`` checks the merged weight for
+        NaN/inf before writing it (ValueError, weights untouched).
+        """
+        for name in self._adapters_to_merge(adapter_names):
+            self._merge_one(name, safe_merge)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo the merges, last merged first.  Does nothing (with a warning) when nothing is merged."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
+            return
+        while self.merged_adapters:
+            self._unmerge_one(self.merged_adapters.pop())
+
+    def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _unmerge_one(self, adapter_name: str) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def _write_base_weight(weight: nn.Parameter, new: torch.Tensor, safe_merge: bool, adapter_name: str) -> None:
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"NaNs or infs detected in the merged weights; adapter {adapter_name!r} seems to be "
+                             "broken (the weights were not modified)")
+        with torch.no_grad():
+            weight.data.copy_(new.to(weight.dtype))
+
+    def _cast_input_dtype(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return x if x.dtype == dtype else x.to(dtype)
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps a frozen ``original_module`` and a trainable deep copy per adapter in ``modules_to_save[adapter]``.
+
+    The forward runs the active adapter's copy (the original when adapters are disabled or the active adapter has no
+    copy).  Saved keys have the wrapper stripped: ``<path>.weight`` rather than ``<path>.modules_to_save.<a>.weight``.
+    """
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict({})
+        self._active_adapter: list[str] = [adapter_name]
+        self._disable_adapters = False
+        self.update(adapter_name)
+        self.original_module.requires_grad_(False)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active_adapter[0]
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def update(self, adapter_name: str) -> None:
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.modules_to_save[adapter_name].requires_grad_(True)
+
+    def _current(self) -> nn.Module:
+        names = [a for a in self._active_adapter if a in self.modules_to_save]
+        if self._disable_adapters or not names:
+            return self.original_module
+        if len(names) > 1:
+            raise ValueError(f"modules_to_save cannot be used with several active adapters at once, got {names}")
+        return self.modules_to_save[names[0]]
+
+    def forward(self, *args, **kwargs):
+        return self._current()(*args, **kwargs)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self.set_adapter(self._active_adapter)
+            self._disable_adapters = False
+        else:
+            self.modules_to_save.requires_grad_(False)
+            self._disable_adapters = True
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        names = _active_list(adapter_names)
+        present = [a for a in names if a in self.modules_to_save]
+        if len(present) > 1:
+            raise ValueError(f"modules_to_save cannot be used with several active adapters at once, got {present}")
+        for key, mod in self.modules_to_save.items():
+            mod.requires_grad_(key in present and not inference_mode)
+        self.original_module.requires_grad_(False)
+        self._active_adapter = names
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if adapter_name in self._active_adapter:
+            rest = [a for a in self._active_adapter if a != adapter_name] or list(self.modules_to_save.keys())[:1]
+            self._active_adapter = rest or self._active_adapter
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self._current(), name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# target matching (HF PEFT's rules, peft-semantics.md §2.3)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Excluded:
+    """Marker for a module that matched exclude_modules / modules_to_save (falsy)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+def check_target_module_exists(config: PeftConfig, key: str):
+    """Whether the module named ``key`` is targeted by ``config`` (True/a match, or a falsy value).
+
+    str target_modules: ``re.fullmatch``; list/set: exact name or ``"." + entry`` suffix.  exclude_modules: the same
+    rules.  Modules under a ``modules_to_save`` entry never match.  ``layers_to_transform`` keeps only matches whose
+    first numeric path segment (after ``layers_pattern`` when given) is one of the listed layer indices.
+    """
+    excl = getattr(config, "exclude_modules", None)
+    if excl:
+        if isinstance(excl, str):
+            if re.fullmatch(excl, key):
+                return _Excluded()
+        elif key in excl or any(key.endswith(f".{e}") for e in excl):
+            return _Excluded()
+    mts = getattr(config, "modules_to_save", None)
+    if mts and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in mts):
+        return _Excluded()
+    tm = getattr(config, "target_modules", None)
+    if tm is None:
+        return False
+    if isinstance(tm, str):
+        return re.fullmatch(tm, key)
+    if key in tm:
+        return True
+    found = any(key.endswith(f".{t}") for t in tm)
+    idx = getattr(config, "layers_to_transform", None)
+    using_idx = idx is not None and (len(idx) != 0 if isinstance(idx, list) else True)
+    if not (found and using_idx):
+        return found
+    pattern = getattr(config, "layers_pattern", None)
+    m = None
+    if not pattern:
+        # the FIRST numbered segment is the layer index (MoE names have more numbers further right)
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for p in ([pattern] if isinstance(pattern, str) else pattern):
+            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+            if m is not None:
+                break
+    if m is None:
+        return False
+    li = int(m.group("idx"))
+    return li == idx if isinstance(idx, int) else li in idx
+
+
+def _is_transformers_pretrained(model: nn.Module) -> bool:
+    import sys
+
+    mod = sys.modules.get("transformers.modeling_utils")
+    cls = getattr(mod, "PreTrainedModel", None) if mod is not None else None
+    return cls is not None and isinstance(model, cls)
+
+
+def _expand_all_linear(config: PeftConfig, model: nn.Module) -> None:
+    """``target_modules="all-linear"`` -> the set of every Linear/Conv1D name but the output layer (PEFT's rule)."""
+    names = set()
+    inside_tuner = set()
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            names.add(name)
+            for sub, _ in module.named_modules():
+                if sub:
+                    inside_tuner.add(f"{name}.{sub}")
+        elif is_linear_like(module):
+            names.add(name)
+    exclude = set(inside_tuner)
+    if _is_transformers_pretrained(model):
+        out = model.get_output_embeddings()
+        if out is not None:
+            exclude.update(n for n, m in model.named_modules() if m is out)
+        elif config.task_type == TaskType.SEQ_CLS:
+            for head in ("score", "classifier"):
+                h = getattr(model, head, None)
+                if h is not None:
+                    exclude.update(n for n, m in model.named_modules() if m is h)
+                    break
+    config.target_modules = names - exclude
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the tuner
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class BaseTuner(nn.Module):
+    """Owns the user model (``self.model``) and the adapters injected into it.  See the module docstring.
+
+    Class attributes for subclasses:
+        prefix: substring of every adapter parameter name (``"lora_"``, ``"ia3_"``); used to decide trainability.
+        layer_cls: the ``BaseTunerLayer`` subclass(es) this tuner injects.
+        target_module_defaults: ``{model_type: [module names]}`` used when ``config.target_modules`` is None.
+    """
+
+    prefix: str = ""
+    layer_cls: Union[type, tuple] = BaseTunerLayer
+    target_module_defaults: dict[str, list[str]] = {}
+    peft_type: Optional[str] = None
+
+    def __init__(self, model: nn.Module, peft_config: Union[PeftConfig, dict[str, PeftConfig]],
+                 adapter_name: str = "default", autocast_adapter_dtype: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapter: Union[str, list[str]] = adapter_name
+        self.targeted_module_names: list[str] = []
+        if isinstance(peft_config, dict):
+            if len(peft_config) != 1:
+                raise ValueError("BaseTuner takes one adapter config (add more with add_adapter)")
+            (adapter_name, peft_config), = peft_config.items()
+            self.active_adapter = adapter_name
+        self.inject_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    # -- attribute forwarding / forward -------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":  # not initialised yet; avoid infinite recursion
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        """Run the wrapped model with everything the caller passed (overridable, e.g. prompt methods)."""
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """Forward to the wrapped model's ``generate`` (HF models); overridable."""
+        gen = getattr(self.model, "generate", None)
+        if gen is None:
+            raise AttributeError(f"{type(self.model).__name__} has no generate() method")
+        return gen(*args, **kwargs)
+
+    # -- adapters ------------------------------------------------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return _active_list(self.active_adapter)
+
+    def tuner_layers(self) -> Iterable[tuple[str, BaseTunerLayer]]:
+        """(name relative to self.model, layer) for every tuner layer."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                yield name, module
+
+    def _wrappers(self) -> Iterable[tuple[str, ModulesToSaveWrapper]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield name, module
+
+    @staticmethod
+    def _check_adapter_name(adapter_name: str) -> None:
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        if "." in adapter_name:
+            raise ValueError(f"adapter_name must not contain '.', got {adapter_name!r}")
+
+    def _prepare_adapter_config(self, config: PeftConfig) -> PeftConfig:
+        """Fill ``target_modules`` from ``target_module_defaults`` when it is None (per model_type)."""
+        if hasattr(config, "target_modules") and config.target_modules is None:
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            default = self.target_module_defaults.get(model_type)
+            if default is None:
+                raise ValueError(f"target_modules is None and fastpeft has no default for model_type={model_type!r} "
+                                 f"(defaults exist for {sorted(self.target_module_defaults)}); please specify "
+                                 "target_modules")
+            config.target_modules = set(default)
+        return config
+
+    def _check_new_adapter_config(self, config: PeftConfig) -> None:
+        """Only one adapter may train biases (PEFT's rule)."""
+        if getattr(config, "bias", "none") != "none":
+            others = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+            if others:
+                raise ValueError(f"only one adapter can have bias != 'none'; adapter(s) {others} already do")
+
+    def _is_supported_target(self, module: nn.Module) -> bool:
+        """Whether ``module`` can be wrapped by this tuner (default: Linear, Conv1D or an existing tuner layer)."""
+        return is_linear_like(module) or isinstance(module, self.layer_cls)
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        raise NotImplementedError  # pragma: no cover - per method
+
+    def _find_targets(self, config: PeftConfig) -> list[str]:
+        """Names of the modules ``config`` targets, skipping modules inside tuner layers and wrappers."""
+        if isinstance(getattr(config, "target_modules", None), str) and config.target_modules.lower() == "all-linear":
+            _expand_all_linear(config, self.model)
+        skip: list[str] = []
+        found = []
+        for key, module in self.model.named_modules():
+            if not key or any(key.startswith(s) for s in skip):
+                continue
+            if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+                skip.append(key + ".")
+            if isinstance(module, ModulesToSaveWrapper):
+                continue
+            if check_target_module_exists(config, key):
+                found.append(key)
+        return found
+
+    def _no_match_message(self, config: PeftConfig) -> str:
+        linear = [n for n, m in self.model.named_modules() if is_linear_like(m) or isinstance(m, BaseTunerLayer)]
+        suffixes = sorted({n.split(".")[-1] for n in linear})
+        tm = config.target_modules
+        tm_show = sorted(tm) if isinstance(tm, (set, frozenset, list, tuple)) else tm
+        msg = f"target_modules={tm_show!r} matched no module of the model."
+        if suffixes:
+            msg += f" Linear-like modules it has (by last name component): {suffixes[:20]}; for example " \
+                   f"{linear[:5]}."
+        else:
+            some = [n for n, _ in self.model.named_modules() if n][:10]
+            msg += f" It has no Linear/Conv1D modules; some of its modules: {some}."
+        if getattr(config, "layers_to_transform", None) is not None:
+            msg += f" (layers_to_transform={config.layers_to_transform!r}, " \
+                   f"layers_pattern={getattr(config, 'layers_pattern', None)!r} also filter.)"
+        return msg
+
+    def inject_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
+        """Add adapter ``adapter_name`` described by ``config`` to the model.
+
+        Every check (name, config, matches, module types) runs before the model is touched; if creating a layer
+        fails half way, what was added is removed again.
+        """
+        self._check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or choose another "
+                             "name")
+        if self.peft_config:
+            first = next(iter(self.peft_config.values()))
+            if str(first.peft_type) != str(config.peft_type):
+                raise ValueError(f"cannot add a {config.peft_type} adapter to a {first.peft_type} model; all "
+                                 "adapters of a PeftModel must have the same peft_type")
+        config = self._prepare_adapter_config(config)
+        self._check_new_adapter_config(config)
+        targets = self._find_targets(config)
+        if not targets:
+            raise ValueError(self._no_match_message(config))
+        for key in targets:
+            module = self.model.get_submodule(key)
+            if not self._is_supported_target(module):
+                raise TypeError(f"target module {key!r} is a {type(module).__name__}, which "
+                                f"{type(self).__name__} does not support (supported: torch.nn.Linear and "
+                                "transformers' Conv1D)")
+        self._validate_targets(config, adapter_name, targets)
+        self.peft_config[adapter_name] = config
+        try:
+            for key in targets:
+                parent, target, target_name = get_submodules(self.model, key)
+                self._create_and_replace(config, adapter_name, target, target_name, parent, current_key=key)
+            for key in targets:
+                if key not in self.targeted_module_names:
+                    self.targeted_module_names.append(key)
+            self._set_modules_to_save(config, adapter_name)
+            if autocast_adapter_dtype:
+                self._cast_adapter_dtype(adapter_name)
+            self._finish_injection(adapter_name)
+        except BaseException:
+            self._remove_adapter(adapter_name, unwrap_empty=True)
+            raise
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        self._mark_only_adapters_as_trainable()
+
+    def _validate_targets(self, config, adapter_name, targets) -> None:
+        """Per-method checks of the matched modules that must run before anything is modified (hook)."""
+
+    def _finish_injection(self, adapter_name: str) -> None:
+        """Hook run after the layers of a new adapter exist (e.g. AdaLoRA builds its rank allocator)."""
+
+    def add_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
+        """Add another adapter (not activated; use ``set_adapter``)."""
+        self.inject_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def _set_modules_to_save(self, config: PeftConfig, adapter_name: str) -> None:
+        names = list(getattr(config, "modules_to_save", None) or [])
+        if not names:
+            return
+        skip: list[str] = []
+        keys = []
+        for key, module in self.model.named_modules():
+            if not key or any(key.startswith(s) for s in skip):
+                continue
+            if isinstance(module, (ModulesToSaveWrapper, BaseTunerLayer)):
+                skip.append(key + ".")
+            if any(key.endswith(t) for t in names):
+                keys.append(key)
+        for key in keys:
+            parent, target, target_name = get_submodules(self.model, key)
+            if isinstance(target, ModulesToSaveWrapper):
+                target.update(adapter_name)
+                target.set_adapter(target._active_adapter)
+            elif isinstance(target, BaseTunerLayer):
+                raise ValueError(f"module {key!r} is both targeted by the adapter and listed in modules_to_save")
+            else:
+                wrapper = ModulesToSaveWrapper(target, adapter_name)
+                wrapper._active_adapter = self.active_adapters
+                setattr(parent, target_name, wrapper)
+
+    def _cast_adapter_dtype(self, adapter_name: str) -> None:
+        """Upcast this adapter's fp16/bf16 weights to fp32 (HF PEFT's ``autocast_adapter_dtype=True`` default)."""
+        for _, layer in self.tuner_layers():
+            for attr in layer.adapter_layer_names:
+                container = getattr(layer, attr)
+                if adapter_name not in container:
+                    continue
+                item = container[adapter_name]
+                params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                for p in params:
+                    if p.dtype in (torch.float16, torch.bfloat16):
+                        p.data = p.data.float()
+
+    def _mark_only_adapters_as_trainable(self) -> None:
+        """Freeze everything but adapter weights and wrapper copies; then unfreeze biases per ``config.bias``."""
+        for n, p in self.model.named_parameters():
+            if self.prefix and self.prefix in n:
+                continue
+            if ".modules_to_save." in n or n.startswith("modules_to_save."):
+                continue
+            p.requires_grad_(False)
+        for name in self.active_adapters:
+            cfg = self.peft_config.get(name)
+            bias = getattr(cfg, "bias", "none")
+            if bias == "all":
+                for n, p in self.model.named_parameters():
+                    if (n == "bias" or n.endswith(".bias")) and ".original_module." not in n:
+                        p.requires_grad_(True)
+            elif bias.endswith("_only"):
+                for _, layer in self.tuner_layers():
+                    b = getattr(layer.base_layer, "bias", None)
+                    if b is not None:
+                        b.requires_grad_(True)
+
+    def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
+        """Activate one adapter or several (their outputs are summed), making only them trainable."""
+        names = _active_list(adapter_name)
+        unknown = [a for a in names if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"adapter(s) {unknown} not found; available: {sorted(self.peft_config)}")
+        for _, layer in self.tuner_layers():
+            if layer.merged:
+                warnings.warn("Adapter cannot be set when the model is merged. Unmerging the model first.",
+                              UserWarning, stacklevel=2)
+                layer.unmerge()
+            layer.set_adapter(names, inference_mode=inference_mode)
+        for _, w in self._wrappers():
+            w.set_adapter(names, inference_mode=inference_mode)
+        self.active_adapter = names[0] if len(names) == 1 else names
+
+    def enable_adapter_layers(self) -> None:
+        for _, layer in self.tuner_layers():
+            layer.enable_adapters(True)
+        for _, w in self._wrappers():
+            w.enable_adapters(True)
+
+    def disable_adapter_layers(self) -> None:
+        for name in self.active_adapters:
+            bias = getattr(self.peft_config.get(name), "bias", "none")
+            if bias != "none":
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not "
+                              "produce the same output as the base model would without adaption.", UserWarning,
+                              stacklevel=2)
+        for _, layer in self.tuner_layers():
+            layer.enable_adapters(False)
+        for _, w in self._wrappers():
+            w.enable_adapters(False)
+
+    @contextmanager
+    def _adapters_disabled(self):
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter everywhere.  Another adapter becomes active if the deleted one was."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; available: {sorted(self.peft_config)}")
+        self._remove_adapter(adapter_name, unwrap_empty=False)
+
+    def _remove_adapter(self, adapter_name: str, unwrap_empty: bool) -> None:
+        """Delete ``adapter_name`` from every layer; with ``unwrap_empty`` put the original module back where no adapter
+        is left (used to roll back a failed injection or load, restoring the model's exact module tree)."""
+        self.peft_config.pop(adapter_name, None)
+        for key, layer in list(self.tuner_layers()):
+            layer.delete_adapter(adapter_name)
+            if unwrap_empty and not layer.adapter_names():
+                parent, _, name = get_submodules(self.model, key)
+                setattr(parent, name, layer.base_layer)
+                if key in self.targeted_module_names:
+                    self.targeted_module_names.remove(key)
+        for key, w in list(self._wrappers()):
+            w.delete_adapter(adapter_name)
+            if unwrap_empty and len(w.modules_to_save) == 0:
+                parent, _, name = get_submodules(self.model, key)
+                setattr(parent, name, w.original_module)
+        remaining = [a for a in self.active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        if remaining:
+            self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
+            for _, layer in self.tuner_layers():
+                layer._active_adapter = [a for a in remaining] if not layer._disable_adapters else remaining
+            for _, w in self._wrappers():
+                w._active_adapter = list(remaining)
+
+    # -- merging -------------------------------------------------------------------------------------------------
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        """Merge the active (or given) adapters into the base weights of every tuner layer."""
+        for _, layer in self.tuner_layers():
+            names = adapter_names
+            if names is not None:
+                names = [a for a in _active_list(names) if a in layer.adapter_names()]
+            layer.merge(safe_merge=safe_merge, adapter_names=names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.tuner_layers():
+            if layer.merged:
+                layer.unmerge()
+
+    def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
+        for key, layer in list(self.tuner_layers()):
+            if merge:
+                if layer.merged:
+                    # already merged adapters stay merged; merge the remaining requested ones
+                    want = [a for a in (adapter_names or layer._present_active()) if a not in layer.merged_adapters]
+                    if want:
+                        layer.merge(safe_merge=safe_merge, adapter_names=want)
+                else:
+                    names = None if adapter_names is None else [a for a in adapter_names if a in layer.adapter_names()]
+                    layer.merge(safe_merge=safe_merge, adapter_names=names)
+            parent, _, name = get_submodules(self.model, key)
+            setattr(parent, name, layer.base_layer)
+        for key, w in list(self._wrappers()):
+            parent, _, name = get_submodules(self.model, key)
+            active = [a for a in w._active_adapter if a in w.modules_to_save]
+            setattr(parent, name, w.modules_to_save[active[0]] if active else w.original_module)
+        return self.model
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        """Merge the adapters into the base weights and return the plain model (the tuner layers are removed)."""
+        return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original model."""
+        return self._unload(merge=False)
+
+    # -- state dict contract -------------------------------------------------------------------------------------
+    def _adapter_key_map(self, adapter_name: str) -> dict[str, str]:
+        """{saved key (PEFT's file key): attribute path relative to this tuner} for one adapter."""
+        out: dict[str, str] = {}
+        for key, layer in self.tuner_layers():
+            for attr in layer.adapter_layer_names:
+                container = getattr(layer, attr)
+                if adapter_name not in container:
+                    continue
+                item = container[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    out[f"base_model.model.{key}.{attr}"] = f"model.{key}.{attr}.{adapter_name}"
+                else:
+                    for pn, _ in item.named_parameters():
+                        out[f"base_model.model.{key}.{attr}.{pn}"] = f"model.{key}.{attr}.{adapter_name}.{pn}"
+        for key, w in self._wrappers():
+            if adapter_name in w.modules_to_save:
+                for pn, _ in w.modules_to_save[adapter_name].named_parameters():
+                    out[f"base_model.model.{key}.{pn}"] = f"model.{key}.modules_to_save.{adapter_name}.{pn}"
+        bias = getattr(self.peft_config.get(adapter_name), "bias", "none")
+        if bias == "all":
+            for n, _ in self.model.named_parameters():
+                if (n == "bias" or n.endswith(".bias")) and ".modules_to_save." not in n \
+                        and ".original_module." not in n and not (self.prefix and self.prefix in n):
+                    out[f"base_model.model.{n}"] = f"model.{n}"
+        elif bias.endswith("_only"):
+            for key, layer in self.tuner_layers():
+                if getattr(layer.base_layer, "bias", None) is not None:
+                    out[f"base_model.model.{key}.base_layer.bias"] = f"model.{key}.base_layer.bias"
+        return out
+
+    def _expected_adapter_shapes(self, adapter_name: str) -> dict[str, tuple[int, ...]]:
+        """{saved key: shape} that ``set_adapter_state_dict`` accepts (AdaLoRA overrides: sliced ranks)."""
+        return {k: tuple(self.get_parameter(p).shape) for k, p in self._adapter_key_map(adapter_name).items()}
+
+    def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """The adapter's tensors keyed exactly as in PEFT's adapter_model.safetensors (live tensors, not copies)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; available: {sorted(self.peft_config)}")
+        return {k: self.get_parameter(p) for k, p in self._adapter_key_map(adapter_name).items()}
+
+    def check_adapter_state_dict(self, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """Raise ValueError listing every missing/unexpected key and shape mismatch; changes nothing."""
+        expected = self._expected_adapter_shapes(adapter_name)
+        problems = []
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        if missing:
+            problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)})")
+        if unexpected:
+            problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+                            f"({len(unexpected)})")
+        for k in sorted(set(expected) & set(state_dict)):
+            v = state_dict[k]
+            if not isinstance(v, torch.Tensor):
+                problems.append(f"{k}: not a tensor ({type(v).__name__})")
+            elif tuple(v.shape) != tuple(expected[k]):
+                problems.append(f"{k}: shape {tuple(v.shape)} in the checkpoint, {tuple(expected[k])} in the model")
+            elif not v.is_floating_point():
+                problems.append(f"{k}: dtype {v.dtype} is not floating point")
+        if problems:
+            raise ValueError(f"the state dict does not fit adapter {adapter_name!r} of this model: "
+                             + "; ".join(problems))
+
+    def set_adapter_state_dict(self, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load ``state_dict`` (PEFT file keys) into the adapter; validates everything first (ValueError)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; available: {sorted(self.peft_config)}")
+        self.check_adapter_state_dict(adapter_name, state_dict)
+        self._apply_adapter_state_dict(adapter_name, state_dict)
+
+    def _apply_adapter_state_dict(self, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+        keymap = self._adapter_key_map(adapter_name)
+        with torch.no_grad():
+            for k, path in keymap.items():
+                p = self.get_parameter(path)
+                p.copy_(state_dict[k].to(device=p.device, dtype=p.dtype))
+
+    # -- misc -----------------------------------------------------------------------------------------------------
+    def get_model_config(self):
+        cfg = getattr(self.model, "config", None)
+        return cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+
+    @staticmethod
+    def conv1d_fan_in_fan_out_warning(module: nn.Module, config) -> bool:
+        """PEFT sets fan_in_fan_out=True for Conv1D targets (with a warning) and False for nn.Linear."""
+        if is_conv1d(module):
+            if not getattr(config, "fan_in_fan_out", False):
+                warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting "
+                              "fan_in_fan_out to True.", UserWarning, stacklevel=3)
+                config.fan_in_fan_out = True
+            return True
+        if getattr(config, "fan_in_fan_out", False):
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting "
+                          "fan_in_fan_out to False.", UserWarning, stacklevel=3)
+            config.fan_in_fan_out = False
+        return False
