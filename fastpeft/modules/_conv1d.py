@@ -106,15 +106,20 @@ class AdapterBase(nn.Module):
     def _share_base(self, module) -> None:
         weight, bias, in_f, out_f, fifo = base_params(module, type(self).__name__)
         self.in_features, self.out_features, self.fan_in_fan_out = in_f, out_f, fifo
-        # The very same Parameter objects: no copy, and the wrapped layer's base is frozen (as HF PEFT does).
-        weight.requires_grad_(False)
+        # The very same Parameter objects: no copy.  They are frozen by _freeze_base() once the adapter has been
+        # built, so that a bad argument leaves the wrapped layer exactly as it was.
         self.weight = weight
         if bias is not None:
-            bias.requires_grad_(False)
             self.bias = bias
         else:
             self.register_parameter("bias", None)
         self._merged = False
+
+    def _freeze_base(self) -> None:
+        """Freeze the base weight and bias (HF PEFT freezes the wrapped layer too)."""
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
 
     def reset_base_parameters(self) -> None:
         """nn.Linear's init of the base weight/bias (kaiming-uniform(a=sqrt(5)), bias U(+-1/sqrt(in)))."""

@@ -78,6 +78,7 @@ class AdaLoRALinear(AdapterBase):
         w = self.weight
         self._init_adapter(r, lora_alpha, lora_dropout, init_lora_weights, backend, w.device, dtype or w.dtype)
         self.reset_lora_parameters()
+        self._freeze_base()
         return self
 
     from_module = from_linear

@@ -68,6 +68,7 @@ class IA3Linear(AdapterBase):
         w = self.weight
         self._init_adapter(feedforward, init_ia3_weights, backend, w.device, dtype or w.dtype)
         self.reset_ia3_parameters()
+        self._freeze_base()
         return self
 
     from_module = from_linear

@@ -87,6 +87,7 @@ class LoRALinear(AdapterBase):
         self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, w.device,
                            dtype or w.dtype)
         self.reset_lora_parameters()
+        self._freeze_base()
         return self
 
     from_module = from_linear
