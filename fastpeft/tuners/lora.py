@@ -1,0 +1,163 @@
+"""LoRA with HF PEFT's module layout (``lora_A``/``lora_B`` ModuleDicts of nn.Linear) and math.
+
+``y = base(x) + Σ_active scaling[a] · B_a(A_a(dropout_a(x)))``, scaling = alpha/r (alpha/√r with rsLoRA), summed
+over the active adapters, cast back to the base output's dtype.  With exactly one active adapter the layer calls
+``fastpeft.functional.lora_linear`` (the fused kernels on GPU; on CPU, unseeded dropout draws its mask exactly like
+``F.dropout``, so a fastpeft model reproduces PEFT's training step under the same RNG state).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .. import functional as FP
+from ..config import LoraConfig, PeftType
+from ._utils import in_out_features, is_conv1d, linear_weight_oi, pattern_key, transpose
+from .base import BaseTuner, BaseTunerLayer, register_tuner
+
+__all__ = ["LoraLayer", "Linear", "LoraModel", "LORA_TARGET_MODULE_DEFAULTS"]
+
+# model_type -> default target_modules (HF PEFT's table, peft/utils/constants.py)
+LORA_TARGET_MODULE_DEFAULTS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"], "t5": ["q", "v"],
+    "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"], "bloom": ["query_key_value"],
+}
+
+
+class LoraLayer(BaseTunerLayer):
+    """Per-adapter LoRA state of one wrapped layer (HF PEFT attribute names)."""
+
+    adapter_layer_names = ("lora_A", "lora_B")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict({})
+        self.lora_A = nn.ModuleDict({})
+        self.lora_B = nn.ModuleDict({})
+        self.in_features, self.out_features = in_out_features(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig) -> None:
+        """Create adapter ``adapter_name``: A (r, in), B (out, r), dropout, scaling; PEFT's init and RNG order."""
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive int, got {r!r}")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = lora_alpha
+        p = float(config.lora_dropout)
+        self.lora_dropout[adapter_name] = nn.Dropout(p=p) if p > 0.0 else nn.Identity()
+        # nn.Linear construction draws from the RNG exactly as PEFT's does (same modules, same order), so a model built
+        # under the same seed gets the same initial A (and B when init_lora_weights=False).
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
+        init = config.init_lora_weights
+        if init is not False:
+            with torch.no_grad():
+                if init is True:
+                    nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
+                else:  # "gaussian"
+                    nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
+                nn.init.zeros_(self.lora_B[adapter_name].weight)
+        w = self.base_layer.weight
+        dtype = w.dtype if w.is_floating_point() else None
+        self.lora_A[adapter_name].to(device=w.device, dtype=dtype)
+        self.lora_B[adapter_name].to(device=w.device, dtype=dtype)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``transpose(B @ A, fan_in_fan_out) * scaling`` in the base weight's layout (fp32 math for half on CPU)."""
+        A = self.lora_A[adapter_name].weight
+        B = self.lora_B[adapter_name].weight
+        out_dtype = B.dtype
+        if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
+            A, B = A.float(), B.float()
+        delta = transpose(B @ A, self.fan_in_fan_out) * self.scaling[adapter_name]
+        return delta.to(out_dtype)
+
+    def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+        w = self.base_layer.weight
+        delta = self.get_delta_weight(adapter_name)
+        if safe_merge:
+            self._write_base_weight(w, w.data + delta.to(w.dtype), True, adapter_name)
+        else:
+            w.data += delta.to(w.dtype)
+
+    def _unmerge_one(self, adapter_name: str) -> None:
+        w = self.base_layer.weight
+        w.data -= self.get_delta_weight(adapter_name).to(w.dtype)
+
+
+class Linear(LoraLayer):
+    """LoRA around an ``nn.Linear`` or transformers ``Conv1D`` (``fan_in_fan_out``), HF PEFT's ``lora.Linear``.
+
+    Input x: (..., in_features); output (..., out_features) in the base output's dtype.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int, lora_alpha: float,
+                 config: LoraConfig) -> None:
+        super().__init__(base_layer)
+        self._active_adapter = [adapter_name]
+        self.update_layer(adapter_name, r, lora_alpha, config)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self._disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = self._present_active()
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        if len(active) == 1 and not args and not kwargs:
+            a = active[0]
+            A = self.lora_A[a].weight
+            drop = self.lora_dropout[a]
+            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            base = self.base_layer
+            return FP.lora_linear(x, linear_weight_oi(base), base.bias, A, self.lora_B[a].weight,
+                                  self.scaling[a], p, None, backend=None)
+        # several adapters: PEFT's loop (outputs summed)
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        for a in active:
+            A = self.lora_A[a]
+            xa = self._cast_input_dtype(x, A.weight.dtype)
+            result = result + self.lora_B[a](A(self.lora_dropout[a](xa))) * self.scaling[a]
+        return result.to(out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names()}"
+
+
+@register_tuner(PeftType.LORA)
+class LoraModel(BaseTuner):
+    """LoRA tuner (HF PEFT's ``LoraModel``).  Usually built through ``fastpeft.get_peft_model``."""
+
+    prefix = "lora_"
+    layer_cls = LoraLayer
+    target_module_defaults = LORA_TARGET_MODULE_DEFAULTS
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        rk = pattern_key((config.rank_pattern or {}).keys(), current_key)
+        ak = pattern_key((config.alpha_pattern or {}).keys(), current_key)
+        r = config.rank_pattern[rk] if rk is not None else config.r
+        alpha = config.alpha_pattern[ak] if ak is not None else config.lora_alpha
+        if isinstance(target, LoraLayer):
+            target.update_layer(adapter_name, r, alpha, config)
+            return
+        self.conv1d_fan_in_fan_out_warning(target, config)
+        new = Linear(target, adapter_name, r, alpha, config)
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)
+        setattr(parent, target_name, new)
