@@ -25,3 +25,5 @@ __all__ = [
     "PromptEncoderReparameterizationType", "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit",
     "PromptEmbedding", "PromptEncoder", "PrefixEncoder",
 ]
+
+from . import tuners  # noqa: E402,F401  (registers the tuners with fastpeft.tuners.base.register_tuner)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tuners.base import BaseTunerLayer
+
 # model_type -> (default target_modules, code path)
 SUPPORTED_MODEL_TYPES = {
     "llama": ("self_attn", "llama"),
@@ -79,40 +81,43 @@ def _linear_no_bias(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y - bias if bias is not None else y
 
 
-class AdaptedAttention(nn.Module):
-    """Wraps one attention module (kept as ``.model``, as in PEFT's module tree) and adds the adaption prompt.
+class AdaptedAttention(BaseTunerLayer):
+    """Wraps one attention module (kept as ``.base_layer``) and adds the adaption prompt to its output.
 
-    Holds one ``adaption_prompt`` (1, A, hidden) and one ``adaption_gate`` (1,) per adapter name in ParameterDicts;
-    only the active adapter contributes (PEFT allows one adaption-prompt adapter active at a time).
+    Holds one ``adaption_prompt`` (1, A, hidden) and one ``adaption_gate`` (1,) per adapter name in ParameterDicts
+    (saved as PEFT's ``<path>.adaption_prompt`` / ``<path>.adaption_gate``); one adapter is active at a time (PEFT's
+    rule for this method).
 
     Args:
         attn: the attention module (LlamaAttention / MistralAttention / Qwen2Attention / GPT2Attention).
         kind: ``"llama"`` (q/k/v/o projections + rotary position embeddings) or ``"gpt2"`` (fused ``c_attn``).
     """
 
+    adapter_layer_names = ("adaption_prompt", "adaption_gate")
+
     def __init__(self, attn: nn.Module, kind: str) -> None:
-        super().__init__()
         if isinstance(attn, AdaptedAttention):
             raise TypeError("this attention module already carries an adaption prompt")
         if kind not in ("llama", "gpt2"):
             raise ValueError(f"kind must be 'llama' or 'gpt2', got {kind!r}")
-        self.model = attn
-        self.kind = kind
-        self.adaption_prompt = nn.ParameterDict()
-        self.adaption_gate = nn.ParameterDict()
-        self.active_adapter: Optional[str] = None
-        self.disabled = False
         if kind == "llama":
             for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 if not hasattr(attn, name):
                     raise TypeError(f"{type(attn).__name__} has no {name}; cannot add an adaption prompt to it")
+            if not hasattr(attn, "head_dim"):
+                raise TypeError(f"{type(attn).__name__} has no head_dim; cannot add an adaption prompt to it")
+        elif not hasattr(attn, "c_attn") or getattr(attn, "is_cross_attention", False):
+            raise TypeError(f"{type(attn).__name__} is not a GPT-2 self-attention module")
+        super().__init__(attn)
+        self.kind = kind
+        self.adaption_prompt = nn.ParameterDict()
+        self.adaption_gate = nn.ParameterDict()
+        if kind == "llama":
             self.head_dim = int(attn.head_dim)
             self.num_heads = _out_features(attn.q_proj) // self.head_dim
             self.num_kv_heads = _out_features(attn.k_proj) // self.head_dim
             self.hidden_size = _in_features(attn.q_proj)
         else:
-            if not hasattr(attn, "c_attn") or getattr(attn, "is_cross_attention", False):
-                raise TypeError(f"{type(attn).__name__} is not a GPT-2 self-attention module")
             self.head_dim = int(attn.head_dim)
             self.num_heads = int(attn.num_heads)
             self.num_kv_heads = self.num_heads
@@ -124,30 +129,30 @@ class AdaptedAttention(nn.Module):
 
         The dtype defaults to the attention weights' dtype (PEFT's choice, so the file matches).
         """
-        # (a Parameter kept as an attribute would be registered twice, so it is looked up here)
-        w = self.model.q_proj.weight if self.kind == "llama" else self.model.c_proj.weight
+        attn = self.base_layer
+        w = attn.q_proj.weight if self.kind == "llama" else attn.c_proj.weight
         dtype = dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
         self.adaption_prompt[name] = nn.Parameter(
             torch.empty(1, adapter_len, self.hidden_size, device=w.device, dtype=dtype).normal_())
         self.adaption_gate[name] = nn.Parameter(torch.zeros(1, device=w.device, dtype=dtype))
 
-    def delete_adapter(self, name: str) -> None:
-        del self.adaption_prompt[name]
-        del self.adaption_gate[name]
-        if self.active_adapter == name:
-            self.active_adapter = None
+    def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+        raise ValueError("an adaption prompt is an extra attention term and cannot be merged into the base weights; "
+                         "use unload() to remove it")
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        out = self.model(*args, **kwargs)
-        name = self.active_adapter
-        if self.disabled or name is None or name not in self.adaption_prompt:
+        out = self.base_layer(*args, **kwargs)
+        names = [] if self.disable_adapters else self._present_active()
+        if not names:
             return out
+        if len(names) > 1:
+            raise ValueError(f"only one adaption-prompt adapter can be active at a time, got {names}")
         if kwargs.get("output_attentions"):
             raise NotImplementedError("output_attentions is not supported with an adaption prompt")
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         attn_out, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
-        extra = self.adapter_output(hidden, name, kwargs.get("position_embeddings"))
+        extra = self.adapter_output(hidden, names[0], kwargs.get("position_embeddings"))
         attn_out = (attn_out + extra).to(attn_out.dtype)
         return (attn_out, *rest) if rest is not None else attn_out
 
@@ -161,7 +166,7 @@ class AdaptedAttention(nn.Module):
         Returns:
             (B, L, hidden).
         """
-        attn = self.model
+        attn = self.base_layer
         prompt = self.adaption_prompt[name]
         gate = self.adaption_gate[name]
         b, l, _ = hidden.shape
@@ -191,9 +196,9 @@ class AdaptedAttention(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "model":
+            if name == "base_layer":
                 raise
-            return getattr(self.model, name)
+            return getattr(self.base_layer, name)
 
 
 def _out_features(layer: nn.Module) -> int:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tuners.base import BaseTunerLayer
+
 # non_linearity name -> function.  "swish" and "silu" are the same function (x·sigmoid(x)).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "swish": F.silu,
@@ -70,28 +72,29 @@ def module_width(layer: nn.Module) -> int:
     raise TypeError(f"bottleneck adapters wrap nn.Linear or transformers Conv1D modules, got {type(layer).__name__}")
 
 
-class BottleneckLayer(nn.Module):
+class BottleneckLayer(BaseTunerLayer):
     """A sub-layer (kept as ``.base_layer``) followed by per-adapter bottleneck networks.
 
     ``adapter_down[name]`` is ``nn.Linear(d, m)``, ``adapter_up[name]`` is ``nn.Linear(m, d)`` (zero-init when
     ``init_weights``).  Active adapters are applied in order (each sees the previous one's output).
 
     Forward: x (..., in) -> base_layer(x) (..., d) -> adapters -> (..., d), in the base output's dtype; the adapter
-    runs in its own dtype (fp32 adapters on a bf16 model, as PEFT's default).
+    runs in its own dtype (fp32 adapters on a bf16 model, as PEFT's default for its adapters).
+    The adapter is not linear, so it cannot be merged into the base weight (``merge`` raises ValueError).
     """
 
+    adapter_layer_names = ("adapter_down", "adapter_up")
+    other_param_names = ("adapter_dropout", "non_linearity")
+
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
         if isinstance(base_layer, BottleneckLayer):
             raise TypeError("this module already is a BottleneckLayer")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.width = module_width(base_layer)
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
         self.adapter_dropout = nn.ModuleDict()
         self.non_linearity: dict[str, str] = {}
-        self.active_adapters: list[str] = []
-        self.disabled = False
 
     def add_adapter(self, name: str, reduction_factor: float, non_linearity: str, dropout: float = 0.0,
                     init_weights: bool = True, dtype: Optional[torch.dtype] = None) -> None:
@@ -100,9 +103,7 @@ class BottleneckLayer(nn.Module):
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATIONS)}, got {non_linearity!r}")
         m = max(1, int(self.width // reduction_factor))
         w = _weight_of(self.base_layer)
-        if dtype is None:
-            dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
-        fk = {"device": w.device, "dtype": dtype}
+        fk = {"device": w.device, "dtype": dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)}
         down = nn.Linear(self.width, m, **fk)
         up = nn.Linear(m, self.width, **fk)
         if init_weights:
@@ -113,24 +114,20 @@ class BottleneckLayer(nn.Module):
         self.adapter_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.non_linearity[name] = non_linearity
 
-    def delete_adapter(self, name: str) -> None:
-        for d in (self.adapter_down, self.adapter_up, self.adapter_dropout):
-            del d[name]
-        self.non_linearity.pop(name, None)
-        self.active_adapters = [a for a in self.active_adapters if a != name]
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         h = self.base_layer(x, *args, **kwargs)
-        if self.disabled:
+        if self.disable_adapters:
             return h
-        for name in self.active_adapters:
-            if name not in self.adapter_down:
-                continue
+        for name in self._present_active():
             down, up = self.adapter_down[name], self.adapter_up[name]
             z = self.adapter_dropout[name](h.to(down.weight.dtype))
             z = up(ACTIVATIONS[self.non_linearity[name]](down(z)))
             h = (h.to(z.dtype) + z).to(h.dtype)
         return h
+
+    def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
+        raise ValueError("bottleneck adapters are not linear and cannot be merged into the base weights; use "
+                         "unload() to remove them or keep the adapted model")
 
     def extra_repr(self) -> str:
         return f"width={self.width}, adapters={list(self.adapter_down)}, active={self.active_adapters}"
