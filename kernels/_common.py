@@ -12,6 +12,7 @@ NOT measured: no GPU was available in the task that wrote them (every kernel was
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -30,7 +31,10 @@ def interpret_mode() -> bool:
 
 # In-kernel tensor descriptors (TMA on Hopper) exist in triton >= 3.4 (`tl.make_tensor_descriptor`); older
 # versions and other vendors take the pointer path.  Checked once, at import, without touching a device.
-HAS_TENSOR_DESCRIPTOR = hasattr(tl, "make_tensor_descriptor")
+HAS_TENSOR_DESCRIPTOR = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+# Set when a TMA launch failed on this machine: later launches take the pointer path.
+_tma_broken = False
+logger = logging.getLogger("fastpeft")
 
 
 def _tma_env() -> str:
@@ -85,7 +89,7 @@ def use_tma(a: torch.Tensor, b_view_rowmajor: torch.Tensor | None) -> bool:
     """Whether the GEMM kernel should read its A operand and (row-major view of) its B operand with tensor
     descriptors.  `b_view_rowmajor` is None when B has no unit-stride dimension (then the pointer path runs)."""
     mode = _tma_env()
-    if mode == "0" or not HAS_TENSOR_DESCRIPTOR or b_view_rowmajor is None:
+    if mode == "0" or not HAS_TENSOR_DESCRIPTOR or _tma_broken or b_view_rowmajor is None:
         return False
     if not (_tma_2d_ok(a) and _tma_2d_ok(b_view_rowmajor)):
         return False
@@ -433,7 +437,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
         return (max(1, min(nsm, tiles)),)
 
-    _gemm_autotuned[grid](
+    args = (
         a, b, c, m, n, k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         pro if pro is not None else d,
@@ -444,10 +448,26 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
         dl_x if dl_x is not None else c, (dl_x.stride(0) if dl_x is not None else 0),
         (dl_x.stride(1) if dl_x is not None else 0), part if part is not None else d,
         m_bucket(m),
+    )
+    kwargs = dict(
         NUM_SMS=nsm, R_PAD=pad_rank(r),
         HAS_PRO=pro is not None, HAS_LORA=has_lora, HAS_RS=rs is not None, HAS_DROPOUT=has_lora and p > 0.0,
         HAS_BIAS=bias is not None, WRITE_Z=z is not None, HAS_DL=dl_x is not None, HAS_COL=col is not None,
         STORE_C=out is not None,
-        PREC=prec, LORA_PREC=lora_prec, USE_TMA=tma, B_KCONTIG=b_kcontig,
+        PREC=prec, LORA_PREC=lora_prec, B_KCONTIG=b_kcontig,
     )
+    global _tma_broken
+    if tma:
+        try:
+            _gemm_autotuned[grid](*args, USE_TMA=True, **kwargs)
+            return part
+        except Exception as e:  # noqa: BLE001 - a compile/launch failure of the unmeasured TMA path
+            # The descriptor path was verified only in the interpreter; if this Triton / GPU rejects it, warn once
+            # and use the pointer path from now on (set FASTPEFT_TRITON_TMA=0 to skip the attempt).
+            _tma_broken = True
+            logger.warning("fastpeft: the TMA GEMM path failed (%s: %s); using the pointer path",
+                           type(e).__name__, e)
+            if part is not None:
+                part.zero_()
+    _gemm_autotuned[grid](*args, USE_TMA=False, **kwargs)
     return part

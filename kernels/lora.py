@@ -210,8 +210,7 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     n = weight.shape[0]
     r = lora_A.shape[0]
     if not _supported(x, weight, bias, lora_A, lora_E, lora_B) or n == 0 or k == 0:
-        y, s = lora_fwd_ref(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed)
-        return y, s.float()
+        return lora_fwd_ref(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed)
     if m == 0:
         return x.new_empty((0, n)), x.new_empty((0, r), dtype=torch.float32)
     s = _shrink(x, lora_A, dropout_p, seed)

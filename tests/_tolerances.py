@@ -41,3 +41,22 @@ KEEP_FRACTION_SIGMAS = 5.0
 SMALL_FP32 = (2e-5, 2e-5)
 # bf16 autocast vs fp32 (tests/test_compile_autocast.py): (atol, rtol) on O(1) outputs with K <= 32.
 AUTOCAST_BF16 = (5e-2, 5e-2)
+# Triton kernels (tests/test_triton_lora.py, tests/test_triton_ia3.py) use MATMUL_FACTOR / GRAD_FACTOR /
+# MATMUL_ATOL above (FA's rule against the fp64 reference) and these:
+# fp32 directional derivative of the (linear in x, fixed seed) dropout LoRA op: finite difference vs autograd, relative.
+TRITON_DROPOUT_FD_RTOL = 1e-4
+# Triton vs torch backend on the same seed in fp32 (same mask stream; only summation order differs), relative.
+TRITON_VS_TORCH_FP32_RTOL = 1e-5
+# GPU training run (tests/test_triton_lora.py): fp32 loss curves of the triton and torch paths, relative (30 AdamW
+# steps amplify the summation-order differences a little).
+TRITON_TRAINING_LOSS_RTOL = 1e-3
+# Prompt-style methods and bottleneck adapters (tests/test_prompt_*.py, test_prefix*.py, test_adaption_prompt*.py,
+# test_bottleneck*.py).  Same fp32 ops in the same order as HF PEFT give bit-equal results; these bound the cases where
+# only the summation order differs (an expanded vs a batched encoder, a two-chunk prefill vs one forward), absolute.
+PROMPT_FP32_ATOL = 1e-5
+# generate() first-step scores vs the forward logits (the prompt is prefilled as a separate chunk), absolute fp32.
+GENERATE_SCORES_ATOL = 1e-5
+# A prompt/prefix that matters must move the logits by far more than rounding: min max-abs difference to the base.
+PROMPT_EFFECT_MIN = 1e-2
+# Training runs (a few Adam steps on a fixed batch): the final loss must be below this fraction of the first.
+TRAIN_LOSS_RATIO = 0.9
