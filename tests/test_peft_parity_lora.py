@@ -1,0 +1,276 @@
+"""LoRA through fastpeft's model API against HF PEFT 0.21.2 on tiny Llama (GQA) and GPT-2 (Conv1D) models.
+
+Each case builds the same base model twice, injects PEFT's and fastpeft's adapter under the same seed (so the
+initial adapter weights must be equal), overwrites the trainable tensors with the same random values, and compares
+the loss and the gradient of every trainable tensor (fp32, relative error <= PEFT_PARITY_RTOL).  Train-mode dropout
+is compared with the RNG reset before each forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+import fastpeft  # noqa: E402
+from _tolerances import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
+
+VOCAB = 128
+
+
+def tiny_llama(cls_name: str = "LlamaForCausalLM", **kw):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   pad_token_id=0, **kw)
+    return getattr(transformers, cls_name)(cfg)
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                  bos_token_id=1, eos_token_id=2)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def build_pair(make, peft_cfg, fast_cfg, randomize=True):
+    """(peft_model, fastpeft_model) from one base model; asserts equal parameter names and initial values."""
+    base = make if isinstance(make, torch.nn.Module) else make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        p = peft.get_peft_model(copy.deepcopy(base), peft_cfg)
+        torch.manual_seed(1)
+        f = fastpeft.get_peft_model(copy.deepcopy(base), fast_cfg)
+    sp, sf = dict(p.named_parameters()), dict(f.named_parameters())
+    assert sorted(sp) == sorted(sf), f"parameter names differ: {sorted(set(sp) ^ set(sf))[:10]}"
+    for k in sp:
+        assert sp[k].requires_grad == sf[k].requires_grad, f"requires_grad differs for {k}"
+        assert torch.equal(sp[k], sf[k]), f"initial value differs for {k}"
+    if randomize:
+        randomize_trainable(p, f)
+    return p, f
+
+
+def randomize_trainable(p, f, seed=5, scale=0.1):
+    """Give both models the same random values for every trainable tensor (B=0 would hide A's gradient)."""
+    sp, sf = dict(p.named_parameters()), dict(f.named_parameters())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for k in sorted(sp):
+            if sp[k].requires_grad:
+                v = torch.randn(sp[k].shape, generator=g, dtype=sp[k].dtype) * scale
+                sp[k].copy_(v)
+                sf[k].copy_(v)
+
+
+def inputs(batch=2, seq=7, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def run_loss(model, ids, seed=3, **kw):
+    torch.manual_seed(seed)
+    return model(input_ids=ids, labels=kw.pop("labels", ids), **kw)
+
+
+def assert_parity(p, f, train=False, ids=None, labels=None, check_grads=True):
+    """Same loss/logits and the same gradient of every trainable tensor."""
+    ids = inputs() if ids is None else ids
+    p.train(train)
+    f.train(train)
+    kw = {} if labels is None else {"labels": labels}
+    op = run_loss(p, ids, **kw)
+    of = run_loss(f, ids, **kw)
+    assert_close_rel(of.logits, op.logits, PEFT_PARITY_RTOL, "logits")
+    assert_close_rel(of.loss, op.loss, PEFT_PARITY_RTOL, "loss")
+    if not check_grads:
+        return op, of
+    op.loss.backward()
+    of.loss.backward()
+    sp, sf = dict(p.named_parameters()), dict(f.named_parameters())
+    n = 0
+    for k in sorted(sp):
+        if sp[k].requires_grad:
+            assert sf[k].grad is not None, f"no gradient for {k}"
+            assert_close_rel(sf[k].grad, sp[k].grad, PEFT_PARITY_RTOL, f"grad {k}")
+            n += 1
+    assert n > 0, "no trainable tensor compared"
+    return op, of
+
+
+def both(**kw):
+    return peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_default_targets_eval(arch):
+    p, f = build_pair(MODELS[arch], *both(r=4, lora_alpha=8))
+    assert sorted(f.base_model.targeted_module_names) == sorted(p.base_model.targeted_module_names)
+    assert_parity(p, f)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_all_linear_rslora_dropout_train(arch):
+    p, f = build_pair(MODELS[arch], *both(r=4, lora_alpha=16, target_modules="all-linear", use_rslora=True,
+                                          lora_dropout=0.25))
+    assert sorted(f.base_model.targeted_module_names) == sorted(p.base_model.targeted_module_names)
+    assert not any("lm_head" in n for n in f.base_model.targeted_module_names)
+    assert_parity(p, f, train=True)
+    # the dropout really is active (different seed -> different loss)
+    f.train()
+    a = run_loss(f, inputs(), seed=3).loss
+    b = run_loss(f, inputs(), seed=4).loss
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_modes_gpt2(bias):
+    p, f = build_pair(tiny_gpt2, *both(r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], bias=bias,
+                                       lora_dropout=0.1))
+    trainable_p = sorted(n for n, q in p.named_parameters() if q.requires_grad)
+    trainable_f = sorted(n for n, q in f.named_parameters() if q.requires_grad)
+    assert trainable_f == trainable_p
+    assert any(n.endswith("bias") for n in trainable_f)
+    assert_parity(p, f, train=True)
+
+
+def test_rank_and_alpha_pattern_llama():
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"],
+              rank_pattern={"q_proj": 2, "layers.1.self_attn.v_proj": 7}, alpha_pattern={"v_proj": 3, "down_proj": 32})
+    p, f = build_pair(tiny_llama, *both(**kw))
+    q = f.base_model.model.model.layers[1].self_attn
+    assert q.q_proj.r["default"] == 2 and q.v_proj.r["default"] == 7
+    assert q.v_proj.scaling["default"] == pytest.approx(3 / 7)
+    assert_parity(p, f)
+
+
+def test_layers_to_transform_and_regex():
+    p, f = build_pair(tiny_llama, *both(r=2, target_modules=["q_proj", "k_proj"], layers_to_transform=[1]))
+    assert sorted(f.base_model.targeted_module_names) == ["model.layers.1.self_attn.k_proj",
+                                                         "model.layers.1.self_attn.q_proj"]
+    assert_parity(p, f)
+    p, f = build_pair(tiny_llama, *both(r=2, target_modules=r".*layers\.0\.(self_attn\.o|mlp\.up)_proj"))
+    assert sorted(f.base_model.targeted_module_names) == sorted(p.base_model.targeted_module_names)
+    assert len(f.base_model.targeted_module_names) == 2
+    assert_parity(p, f)
+
+
+@pytest.mark.parametrize("init", [True, "gaussian", False])
+def test_init_matches_peft(init):
+    # build_pair asserts identical initial values (same RNG consumption as PEFT)
+    p, f = build_pair(tiny_llama, *both(r=4, init_lora_weights=init), randomize=False)
+    B = f.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    assert (B.abs().sum() == 0) == (init is not False)
+    if init is not False:  # B = 0: the adapted model equals the base model
+        with torch.no_grad(), f.disable_adapter():
+            ref = f(input_ids=inputs()).logits
+        assert torch.equal(f(input_ids=inputs()).logits, ref)
+    assert_parity(p, f)
+
+
+def test_several_adapters_summed():
+    cfg_b = dict(r=3, lora_alpha=5, target_modules=["v_proj", "o_proj"], lora_dropout=0.2)
+    p, f = build_pair(tiny_llama, *both(r=4, lora_alpha=8, lora_dropout=0.1), randomize=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(2)
+        p.add_adapter("b", peft.LoraConfig(**cfg_b))
+        torch.manual_seed(2)
+        f.add_adapter("b", fastpeft.LoraConfig(**cfg_b))
+    p.base_model.set_adapter(["default", "b"])
+    f.base_model.set_adapter(["default", "b"])
+    assert f.active_adapters == ["default", "b"]
+    randomize_trainable(p, f)
+    names = sorted(n for n, q in f.named_parameters() if q.requires_grad)
+    assert names == sorted(n for n, q in p.named_parameters() if q.requires_grad)
+    assert any(".b." in n for n in names) and any(".default." in n for n in names)
+    assert_parity(p, f, train=True)
+    # switching to one adapter
+    p.set_adapter("b")
+    f.set_adapter("b")
+    for m in (p, f):
+        m.zero_grad()
+    assert_parity(p, f)
+
+
+def test_seq_cls_modules_to_save():
+    def make():
+        return tiny_llama("LlamaForSequenceClassification", num_labels=3)
+
+    p, f = build_pair(make, *both(r=4, task_type="SEQ_CLS"))
+    assert isinstance(f, fastpeft.peft_model.PeftModelForSequenceClassification)
+    assert "base_model.model.score.modules_to_save.default.weight" in dict(f.named_parameters())
+    labels = torch.tensor([0, 2])
+    assert_parity(p, f, labels=labels)
+    assert sorted(fastpeft.get_peft_model_state_dict(f)) == sorted(peft.get_peft_model_state_dict(p))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_merge_unmerge_and_merge_and_unload(arch):
+    p, f = build_pair(MODELS[arch], *both(r=4, lora_alpha=8, target_modules="all-linear"))
+    p.eval()
+    f.eval()
+    ids = inputs()
+    with torch.no_grad():
+        ref = f(input_ids=ids).logits
+        f.base_model.merge_adapter()
+        p.base_model.merge_adapter()
+        merged = f(input_ids=ids).logits
+        assert_close_rel(merged, ref, PEFT_PARITY_RTOL, "merged vs unmerged")
+        assert_close_rel(merged, p(input_ids=ids).logits, PEFT_PARITY_RTOL, "merged vs PEFT merged")
+        sp, sf = p.state_dict(), f.state_dict()
+        for k in sp:
+            assert torch.equal(sp[k], sf[k]), f"merged weight {k} differs from PEFT's"
+        with pytest.raises(ValueError, match="already merged"):
+            f.base_model.merge_adapter()
+        f.base_model.unmerge_adapter()
+        assert_close_rel(f(input_ids=ids).logits, ref, PEFT_PARITY_RTOL, "unmerged")
+        plain_p = p.merge_and_unload()
+        plain_f = f.merge_and_unload()
+    assert type(plain_f) is type(plain_p)
+    assert not any("lora" in n for n in plain_f.state_dict())
+    assert sorted(plain_f.state_dict()) == sorted(plain_p.state_dict())
+    for k, v in plain_p.state_dict().items():
+        assert_close_rel(plain_f.state_dict()[k], v, PEFT_PARITY_RTOL, k)
+    with torch.no_grad():
+        assert_close_rel(plain_f(input_ids=ids).logits, ref, PEFT_PARITY_RTOL, "merge_and_unload")
+
+
+def test_disable_adapter_and_unload():
+    base = tiny_gpt2().eval()
+    p, f = build_pair(base, *both(r=4, lora_dropout=0.1))
+    p.eval()
+    f.eval()
+    ids = inputs()
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+        with f.disable_adapter():
+            assert torch.equal(f(input_ids=ids).logits, ref)
+        with p.disable_adapter():
+            assert torch.equal(p(input_ids=ids).logits, ref)
+        assert not torch.equal(f(input_ids=ids).logits, ref)
+        plain = f.unload()
+        assert torch.equal(plain(input_ids=ids).logits, ref)
+    assert sorted(plain.state_dict()) == sorted(base.state_dict())
+
+
+def test_print_trainable_parameters_identical(capsys):
+    p, f = build_pair(tiny_llama, *both(r=4, target_modules="all-linear"), randomize=False)
+    p.print_trainable_parameters()
+    f.print_trainable_parameters()
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2 and out[0] == out[1]
+    assert out[0].startswith("trainable params: ")
+    assert f.get_nb_trainable_parameters() == p.get_nb_trainable_parameters()
