@@ -1,0 +1,158 @@
+"""Triton (IA)³ kernels (``fastpeft.kernels.ia3``) against the fp64 torch reference, both modes.
+
+Runs in Triton's interpreter on CPU when there is no GPU (``tests/conftest.py``); shapes are small but span several
+tiles with masked tails, M = 0 and 1, 3-D and non-contiguous x, a transposed-view weight, fp32 and fp16 (bf16 only
+on CUDA: the interpreter's bf16 ``tl.dot`` is broken), an fp32 scale vector on a 16-bit base, and the TMA path.
+Accuracy rule (FA's): err(triton, fp64 ref) <= MATMUL_FACTOR (grads GRAD_FACTOR) * err(torch same dtype) + atol.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastpeft.functional as FN
+
+from _tolerances import GRAD_FACTOR, MATMUL_ATOL, MATMUL_FACTOR, rel_err
+
+pytest.importorskip("triton")
+from fastpeft.kernels import _common as KC  # noqa: E402
+from fastpeft.kernels import ia3 as KI  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+F64, F32, F16 = torch.float64, torch.float32, torch.float16
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+class Case:
+    """One IA3 problem: fp64 masters cast per run to (dtype, l dtype) in the requested layouts."""
+
+    def __init__(self, lead, k, n, ff, dtype, ldt=None, with_bias=True, w_t=False, x_noncontig=False):
+        self.lead, self.k, self.n, self.ff = tuple(lead), k, n, ff
+        self.dtype, self.ldt = dtype, ldt or dtype
+        self.with_bias, self.w_t, self.x_noncontig = with_bias, w_t, x_noncontig
+        g = torch.Generator().manual_seed(7)
+        self.x = torch.randn(*self.lead, k, generator=g, dtype=F64)
+        self.w = torch.randn(n, k, generator=g, dtype=F64) / math.sqrt(k)
+        self.b = torch.randn(n, generator=g, dtype=F64)
+        self.l = 1.0 + 0.5 * torch.randn(k if ff else n, generator=g, dtype=F64)
+        self.dy = torch.randn(*self.lead, n, generator=g, dtype=F64)
+
+    def run(self, backend, dtype=None, ldt=None):
+        dtype, ldt = dtype or self.dtype, ldt or self.ldt
+        if self.x_noncontig:
+            xl = self.x.reshape(-1, self.k).t().contiguous().to(DEV, dtype).requires_grad_(True)
+            x = xl.t().reshape(*self.lead, self.k)
+        else:
+            xl = x = self.x.to(DEV, dtype).requires_grad_(True)
+        w = self.w.t().contiguous().to(DEV, dtype).t() if self.w_t else self.w.to(DEV, dtype)
+        b = self.b.to(DEV, dtype).requires_grad_(True) if self.with_bias else None
+        lv = self.l.to(DEV, ldt).requires_grad_(True)
+        y = FN.ia3_linear(x, w, b, lv, self.ff, backend=backend)
+        y.backward(self.dy.to(DEV, y.dtype))
+        out = {"y": y, "dx": xl.grad.t() if self.x_noncontig else xl.grad, "dl": lv.grad}
+        if self.with_bias:
+            out["dbias"] = b.grad
+        return {kk: v.detach().double().cpu() for kk, v in out.items()}
+
+
+def check_fa_rule(case: Case):
+    tri, same, ref64 = case.run("triton"), case.run("torch"), case.run("torch", F64, F64)
+    atol = MATMUL_ATOL[case.dtype]
+    for name, want in ref64.items():
+        got = tri[name]
+        assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        assert torch.isfinite(got).all(), f"{name}: non-finite values"
+        factor = MATMUL_FACTOR if name == "y" else GRAD_FACTOR
+        e_tri, e_torch = rel_err(got, want), rel_err(same[name], want)
+        assert e_tri <= factor * e_torch + atol, \
+            f"{name}: triton err {e_tri:.3e} > {factor} * torch err {e_torch:.3e} + {atol:.0e}"
+
+
+CASES = {
+    "out_fp32_tails": dict(lead=(37,), k=50, n=45, ff=False, dtype=F32),
+    "in_fp32_tails_wT": dict(lead=(37,), k=50, n=45, ff=True, dtype=F32, w_t=True),
+    "out_fp16_fp32l_3d_wT_nobias": dict(lead=(2, 9), k=33, n=40, ff=False, dtype=F16, ldt=F32, with_bias=False,
+                                        w_t=True),
+    "in_fp16_fp32l_m1": dict(lead=(1,), k=33, n=20, ff=True, dtype=F16, ldt=F32),
+    "in_fp32_noncontig_nobias": dict(lead=(19,), k=24, n=30, ff=True, dtype=F32, with_bias=False,
+                                     x_noncontig=True),
+    "out_fp16_noncontig": dict(lead=(19,), k=24, n=30, ff=False, dtype=F16, x_noncontig=True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_ia3_triton_matches_fp64_reference(name):
+    check_fa_rule(Case(**CASES[name]))
+
+
+@pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
+def test_ia3_triton_tma_path(monkeypatch, ff):
+    monkeypatch.setenv("FASTPEFT_TRITON_TMA", "1")
+    if not KC.use_tma(torch.randn(20, 48, device=DEV, dtype=F16), torch.randn(40, 48, device=DEV, dtype=F16)):
+        pytest.skip("this Triton has no tensor descriptors (or this GPU cannot use them)")
+    check_fa_rule(Case((20,), 48, 40, ff, F16, ldt=F32))
+
+
+@pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
+def test_ia3_triton_empty_batch(ff):
+    k, n = 12, 7
+    x = torch.randn(0, k, device=DEV, requires_grad=True)
+    w, b = torch.randn(n, k, device=DEV), torch.randn(n, device=DEV, requires_grad=True)
+    lv = torch.randn(k if ff else n, device=DEV, requires_grad=True)
+    y = FN.ia3_linear(x, w, b, lv, ff, backend="triton")
+    assert y.shape == (0, n)
+    y.sum().backward()
+    assert x.grad.shape == (0, k)
+    assert torch.equal(lv.grad, torch.zeros_like(lv)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_ia3_input_mode_dl_without_dx():
+    """needs_dx=False still runs the G = dY W GEMM for dl, but stores no dx; dl is identical to the dx run's."""
+    c = Case((23,), 30, 18, True, F32)
+    x, w, lv, dy = (t.to(DEV, F32) for t in (c.x, c.w, c.l, c.dy))
+    y, saved = KI.ia3_fwd_triton(x, w, None, lv, True)
+    with_dx = KI.ia3_bwd_triton(dy, x, w, lv, saved, True, True, True)
+    no_dx = KI.ia3_bwd_triton(dy, x, w, lv, saved, True, False, False)
+    assert no_dx[0].numel() == 0 and no_dx[2].numel() == 0
+    assert torch.equal(with_dx[1], no_dx[1])
+
+
+def test_ia3_output_mode_saves_z():
+    """Output mode returns z = x Wᵀ + b (the unscaled base output) as the saved tensor."""
+    c = Case((9,), 20, 14, False, F32)
+    x, w, b, lv = (t.to(DEV, F32) for t in (c.x, c.w, c.b, c.l))
+    y, z = KI.ia3_fwd_triton(x, w, b, lv, False)
+    want = x.double() @ w.double().t() + b.double()
+    assert rel_err(z, want) <= MATMUL_ATOL[F32]
+    assert rel_err(y, want * lv.double()) <= MATMUL_ATOL[F32]
+
+
+@pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
+def test_opcheck_ia3_triton(ff):
+    g = torch.Generator().manual_seed(1)
+
+    def rnd(*shape, grad=False):
+        return torch.randn(*shape, generator=g).to(DEV).requires_grad_(grad)
+
+    m, k, n = 5, 18, 11
+    args = (rnd(m, k, grad=True), rnd(n, k), rnd(n, grad=True), rnd(k if ff else n, grad=True), ff, "triton")
+    torch.library.opcheck(torch.ops.fastpeft.ia3_fwd.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic"))
+    x, w, b, lv = (t.detach() for t in args[:4])
+    _, saved = KI.ia3_fwd_triton(x, w, b, lv, ff)
+    torch.library.opcheck(torch.ops.fastpeft.ia3_bwd.default,
+                          (rnd(m, n), x if ff else x.new_empty(0), w, lv, saved, ff, True, True, "triton"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@cuda_only
+@pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
+@pytest.mark.parametrize("ldt", [torch.bfloat16, torch.float32], ids=["bf16_l", "fp32_l"])
+def test_ia3_bf16_parity_gpu(ff, ldt):
+    check_fa_rule(Case((4, 96), 512, 384, ff, torch.bfloat16, ldt=ldt))
+    check_fa_rule(Case((3,), 1024, 2048, ff, torch.bfloat16, ldt=ldt, w_t=True))
