@@ -86,10 +86,14 @@ def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     return x, weight, bias
 
 
-def _validate_base(x, weight, bias):
+def _validate_base_types(x, weight, bias):
+    # Before autocast, which calls tensor methods.
     _check_tensor("x", x)
     _check_tensor("weight", weight, 2)
     _check_tensor("bias", bias, 1, optional=True)
+
+
+def _validate_base(x, weight, bias):
     if x.dim() < 1:
         raise ValueError(f"x must have at least 1 dimension (..., in_features), got shape {tuple(x.shape)}")
     n, k = weight.shape
@@ -112,6 +116,7 @@ def _validate_base(x, weight, bias):
 
 
 def _lora_impl(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
+    _validate_base_types(x, weight, bias)
     x, weight, bias = _autocast(x, weight, bias)
     n, k = _validate_base(x, weight, bias)
     _check_tensor("lora_A", lora_A, 2)
@@ -227,6 +232,7 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     Returns:
         (..., out_features) in x's dtype.  Gradients flow to x, ia3_l (and bias if trainable).
     """
+    _validate_base_types(x, weight, bias)
     x, weight, bias = _autocast(x, weight, bias)
     n, k = _validate_base(x, weight, bias)
     _check_tensor("ia3_l", ia3_l)

@@ -200,8 +200,8 @@ def test_lora_ref_fwd_bwd_vs_math(m, k, n, r, with_e, p, seed, with_bias):
     y, S = L.lora_fwd_ref(x, W, b, A, e, B, s, p, seed)
     dscale = mask64(seed, m, k, p)
     _close64(y, lora_math(x, W, b, A, e, B, s, dscale), "y")
-    # S is float32 by contract (the saved activation), whatever the input dtype
-    assert S.dtype == torch.float32
+    # S is promote_types(A.dtype, float32) by contract: fp64 here, so dB/dE keep fp64 precision
+    assert S.dtype == torch.promote_types(A.dtype, torch.float32)
     torch.testing.assert_close(S.double(), (x * dscale) @ A.t(), atol=SMALL_FP32[0], rtol=SMALL_FP32[1])
     # gradients: autograd of the independent fp64 expression
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B)]

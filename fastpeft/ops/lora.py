@@ -18,7 +18,7 @@ Layers:
 Saved for backward: x, S = drop(x)Aᵀ (M×r, fp32) and the seed - never a dropped copy of x or a mask.
 
 Precision policy: the LoRA branch runs in the adapter dtype (``A.dtype``), as HF PEFT does (x is cast to the
-adapter dtype before A); S is returned in fp32; the output has x's dtype.
+adapter dtype before A); S is returned in fp32 (fp64 for fp64 adapters); the output has x's dtype.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         scaling: the LoRA scale s.  dropout_p: drop probability of the LoRA branch input.  seed: mask seed.
         upcast: compute everything in fp64 (or fp32 for low-precision inputs when False) - the ground truth.
     Returns:
-        y: (M, N) in x's dtype (fp64 when `upcast`), and S = drop(x) Aᵀ: (M, r) in fp32 (fp64 when `upcast`).
+        y: (M, N) in x's dtype (fp64 when `upcast`), and S = drop(x) Aᵀ: (M, r) in
+        ``promote_types(A.dtype, fp32)`` (fp32 for fp32/fp16/bf16 adapters, fp64 for fp64 adapters or `upcast`).
     """
     out_dtype = x.dtype
     if upcast:
@@ -67,8 +68,8 @@ def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     se = s * lora_E.to(adt) if lora_E is not None else s
     delta = (se @ lora_B.to(adt).t()) * scaling
     y = (base.to(torch.promote_types(base.dtype, delta.dtype)) + delta).to(out_dtype)
-    s_out = s if upcast else s.float()
-    return y, s_out
+    # S keeps fp32 at least (fp64 adapters keep fp64, so their dB/dE do not lose precision).
+    return y, s.to(torch.promote_types(s.dtype, torch.float32))
 
 
 def lora_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
@@ -144,7 +145,8 @@ def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 @lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
     m = x.shape[0]
-    return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=torch.float32)
+    s_dtype = torch.promote_types(lora_A.dtype, torch.float32)
+    return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=s_dtype)
 
 
 @torch.library.custom_op("fastpeft::lora_bwd", mutates_args=())
