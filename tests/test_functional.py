@@ -86,13 +86,12 @@ def test_lora_adalora_vs_fp64_math(lead, k, n, r, dtype, p, seed, method):
     y.backward(dy64.to(dtype))
     y_ref.backward(dy64)
     assert W.grad is None
-    # The fp32-saved S limits dB/dE to fp32 precision even for fp64 (see test_ops_ref), hence dtype=float32 there.
-    for got, want, what, dt in ((x.grad, xr.grad, "dx", dtype), (A.grad, Ar.grad, "dA", dtype),
-                                (B.grad, Br.grad, "dB", torch.float32), (b.grad, br.grad, "dbias", dtype)):
+    for got, want, what in ((x.grad, xr.grad, "dx"), (A.grad, Ar.grad, "dA"), (B.grad, Br.grad, "dB"),
+                            (b.grad, br.grad, "dbias")):
         assert got is not None, what
-        _close(got, want, dt, what)
+        _close(got, want, dtype, what)
     if method == "adalora":
-        _close(E.grad, Er.grad, torch.float32, "dE")
+        _close(E.grad, Er.grad, dtype, "dE")
 
 
 @pytest.mark.parametrize("lead,k,n", [((1,), 5, 7), ((0,), 4, 3), ((2, 5), 17, 33), ((7,), 31, 19)])
@@ -302,7 +301,6 @@ def _call_lora(**over):
 
 
 LORA_BAD = [
-    # KNOWN BUG (reported): _autocast runs before the type check, so a list x raises AttributeError today.
     (dict(x=[[1.0] * 6]), TypeError, "x must be a torch.Tensor"),
     (dict(x=torch.ones(3, 6, dtype=torch.int64)), TypeError, "x must be a floating-point"),
     (dict(x=torch.tensor(1.0)), ValueError, "x must have at least 1 dimension"),
@@ -377,7 +375,7 @@ def test_ia3_linear_bad_input():
 
 
 def test_ia3_linear_non_tensor_x_is_a_type_error():
-    """KNOWN BUG (reported): like lora_linear, ia3_linear calls _autocast before checking that x is a tensor."""
+    """Regression: ia3_linear used to call _autocast before checking that x is a tensor (AttributeError)."""
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         FP.ia3_linear([[1.0] * 6], torch.randn(5, 6), None, torch.ones(5))
 

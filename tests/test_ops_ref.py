@@ -15,7 +15,7 @@ from fastpeft.ops import dropout as D
 from fastpeft.ops import ia3 as I
 from fastpeft.ops import lora as L
 
-from _tolerances import ELEMENTWISE, KEEP_FRACTION_SIGMAS, SMALL_FP32
+from _tolerances import ELEMENTWISE, KEEP_FRACTION_SIGMAS
 
 F64 = torch.float64
 ATOL64, RTOL64 = ELEMENTWISE[F64]
@@ -23,11 +23,6 @@ ATOL64, RTOL64 = ELEMENTWISE[F64]
 
 def _close64(actual, expected, what=""):
     torch.testing.assert_close(actual, expected, atol=ATOL64, rtol=RTOL64, msg=lambda m: f"{what}: {m}")
-
-
-def _close32(actual, expected, what=""):
-    torch.testing.assert_close(actual.double(), expected.double(), atol=SMALL_FP32[0], rtol=SMALL_FP32[1],
-                               msg=lambda m: f"{what}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,7 +197,7 @@ def test_lora_ref_fwd_bwd_vs_math(m, k, n, r, with_e, p, seed, with_bias):
     _close64(y, lora_math(x, W, b, A, e, B, s, dscale), "y")
     # S is promote_types(A.dtype, float32) by contract: fp64 here, so dB/dE keep fp64 precision
     assert S.dtype == torch.promote_types(A.dtype, torch.float32)
-    torch.testing.assert_close(S.double(), (x * dscale) @ A.t(), atol=SMALL_FP32[0], rtol=SMALL_FP32[1])
+    _close64(S, (x * dscale) @ A.t(), "S")
     # gradients: autograd of the independent fp64 expression
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, A, B)]
     xe, Ae, Be = leaves
@@ -213,10 +208,9 @@ def test_lora_ref_fwd_bwd_vs_math(m, k, n, r, with_e, p, seed, with_bias):
     dx, dA, dE, dB, db = L.lora_bwd_ref(dy, x, W, A, e, B, S, s, p, seed, True, with_bias)
     _close64(dx, xe.grad, "dx")
     _close64(dA, Ae.grad, "dA")
-    # dB and dE are computed from the saved S, which the contract keeps in float32 (see the fp64 test below)
-    _close32(dB, Be.grad, "dB")
+    _close64(dB, Be.grad, "dB")
     if with_e:
-        _close32(dE, ee.grad, "dE")
+        _close64(dE, ee.grad, "dE")
     else:
         assert dE.numel() == 0
     if with_bias:
@@ -228,9 +222,8 @@ def test_lora_ref_fwd_bwd_vs_math(m, k, n, r, with_e, p, seed, with_bias):
 
 
 def test_lora_fp64_adapter_gradients_keep_fp64_precision():
-    """KNOWN BUG (reported to the lead): S is always stored in float32, so with fp64 adapters dB and dE (computed
-    from S) carry fp32 rounding (~1e-8 relative) instead of fp64 precision.  Proposed fix: S in
-    ``torch.promote_types(torch.float32, lora_A.dtype)`` (ref, fake kernel and contract)."""
+    """Regression: S used to be stored in float32 always, so with fp64 adapters dB and dE (computed from S) carried
+    fp32 rounding (~1e-8 relative).  S is now kept in ``promote_types(float32, lora_A.dtype)``."""
     m, k, n, r = 6, 11, 5, 3
     x, W, A, B, e = _rand(m, k), _rand(n, k), _rand(r, k), _rand(n, r), _rand(r)
     y, S = L.lora_fwd_ref(x, W, None, A, e, B, 0.5, 0.0, 0)
@@ -377,5 +370,5 @@ def test_custom_op_lora_fwd_equals_ref_and_autograd():
     lora_math(xe, W, b, Ae, ee, Be, s, mask64(seed, 7, 10, p)).backward(dy)
     _close64(x.grad, xe.grad, "dx")
     _close64(A.grad, Ae.grad, "dA")
-    _close32(B.grad, Be.grad, "dB")  # from the float32 S (see test_lora_fp64_adapter_gradients_keep_fp64_precision)
-    _close32(e.grad, ee.grad, "dE")
+    _close64(B.grad, Be.grad, "dB")
+    _close64(e.grad, ee.grad, "dE")
