@@ -25,6 +25,7 @@ ADAPTION_PROMPT and BOTTLENECK inject tuner layers (``AdaptedAttention``, ``Bott
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch import nn
@@ -562,8 +563,15 @@ class PrefixTuningTuner(PromptLearningTuner):
     config_cls = PrefixTuningConfig
 
     def _gradient_checkpointing(self) -> bool:
-        if getattr(self.model, "is_gradient_checkpointing", False):
-            return True
+        with warnings.catch_warnings():  # transformers 5 deprecates is_gradient_checkpointing
+            warnings.simplefilter("ignore")
+            for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+                try:
+                    v = getattr(self.model, attr)
+                except Exception:
+                    continue
+                if v is True:
+                    return True
         return any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
 
     def _check_model(self, config) -> None:
