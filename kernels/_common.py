@@ -195,7 +195,8 @@ def gemm_configs() -> list:
     """The GEMM kernel's configurations.  NOT measured (no GPU in the task that wrote them); why each is here:"""
     if interpret_mode():
         # Interpreter: one small tile, so tests exercise several tiles, K iterations and masked tails.
-        return [_cfg(16, 16, 16, 2, 1, 4)]
+        # (BLOCK_N = 64 so the epilogue's 4-way column split runs, see _epi_split.)
+        return [_cfg(16, 64, 16, 2, 1, 4)]
     return [
         # Hopper large-M: the 128x256x64 wgmma tile with 3 stages and 8 warps is what Triton's persistent
         # TMA tutorials and performance.md §3 report near cuBLAS for K >= 2048.
@@ -283,6 +284,7 @@ def _gemm_kernel(
     HAS_BIAS: tl.constexpr, WRITE_Z: tl.constexpr, HAS_DL: tl.constexpr, HAS_COL: tl.constexpr,
     STORE_C: tl.constexpr,
     PREC: tl.constexpr, LORA_PREC: tl.constexpr, USE_TMA: tl.constexpr, B_KCONTIG: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
 ):
     start = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -337,41 +339,132 @@ def _gemm_kernel(
                     a = (a.to(pro.dtype) * pro[None, :]).to(a.dtype)
                 acc = tl.dot(a, b, acc, input_precision=PREC)
 
-        # ---- epilogue ----
-        rm64 = offs_m.to(tl.int64)
-        rn64 = offs_n.to(tl.int64)
-        mask_mn = mask_m[:, None] & mask_n[None, :]
-        if HAS_LORA:
-            offs_r = tl.arange(0, R_PAD)
-            mask_r = offs_r < R
-            lt = tl.load(l_ptr + rm64[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                         mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32) * lscale
-            if HAS_RS:
-                rs = tl.load(rs_ptr + offs_r, mask=mask_r, other=0.0)
-                lt = lt * rs[None, :]
-            rt = tl.load(rm_ptr + offs_r[:, None] * stride_rr + rn64[None, :] * stride_rn,
-                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            lora = tl.dot(lt.to(rt.dtype), rt, input_precision=LORA_PREC)
-            if HAS_DROPOUT:
-                keep = dropout_keep(seed, offs_m, offs_n, N, p)
-                lora = tl.where(keep, lora * drop_scale, 0.0)
-            acc += lora
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-        if WRITE_Z:
-            tl.store(z_ptr + rm64[:, None] * stride_zm + rn64[None, :] * stride_zn,
-                     acc.to(z_ptr.dtype.element_ty), mask=mask_mn)
-        if HAS_DL:
-            x2 = tl.load(x2_ptr + rm64[:, None] * stride_x2m + rn64[None, :] * stride_x2n, mask=mask_mn, other=0.0)
-            g = acc.to(c_dtype).to(tl.float32)
-            dl_part = tl.sum(g * x2.to(tl.float32), axis=0)
-            tl.store(part_ptr + pid_m.to(tl.int64) * N + offs_n, dl_part, mask=mask_n)
-        if HAS_COL:
-            col = tl.load(col_ptr + offs_n, mask=mask_n, other=0.0)
-            acc = (acc.to(c_dtype) * col[None, :]).to(tl.float32)
-        if STORE_C:
-            tl.store(c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn, acc.to(c_dtype), mask=mask_mn)
+        # ---- epilogue, on EPI_SPLIT column sub-tiles (fewer live registers: the rank-r product and the Philox
+        # state of the dropout mask are per element) ----
+        if EPI_SPLIT == 1:
+            _epilogue(acc, pid_m, offs_m, pid_n * BLOCK_N, M, N, c_ptr, stride_cm, stride_cn,
+                      l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
+                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      x2_ptr, stride_x2m, stride_x2n, part_ptr,
+                      BLOCK_N, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL,
+                      STORE_C, LORA_PREC)
+        elif EPI_SPLIT == 2:
+            a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
+            _epilogue(a0, pid_m, offs_m, pid_n * BLOCK_N, M, N, c_ptr, stride_cm, stride_cn,
+                      l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
+                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      x2_ptr, stride_x2m, stride_x2n, part_ptr,
+                      BLOCK_N // 2, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL,
+                      STORE_C, LORA_PREC)
+            _epilogue(a1, pid_m, offs_m, pid_n * BLOCK_N + BLOCK_N // 2, M, N, c_ptr, stride_cm, stride_cn,
+                      l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
+                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      x2_ptr, stride_x2m, stride_x2n, part_ptr,
+                      BLOCK_N // 2, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL,
+                      STORE_C, LORA_PREC)
+        else:
+            tl.static_assert(EPI_SPLIT == 4, "EPI_SPLIT must be 1, 2 or 4")
+            h0, h1 = _halves(acc, BLOCK_M, BLOCK_N)
+            a0, a1 = _halves(h0, BLOCK_M, BLOCK_N // 2)
+            a2, a3 = _halves(h1, BLOCK_M, BLOCK_N // 2)
+            Q: tl.constexpr = BLOCK_N // 4
+            _epilogue(a0, pid_m, offs_m, pid_n * BLOCK_N, M, N, c_ptr, stride_cm, stride_cn,
+                      l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
+                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      x2_ptr, stride_x2m, stride_x2n, part_ptr,
+                      Q, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL, STORE_C, LORA_PREC)
+            _epilogue(a1, pid_m, offs_m, pid_n * BLOCK_N + Q, M, N, c_ptr, stride_cm, stride_cn,
+                      l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
+                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      x2_ptr, stride_x2m, stride_x2n, part_ptr,
+                      Q, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL, STORE_C, LORA_PREC)
+            _epilogue(a2, pid_m, offs_m, pid_n * BLOCK_N + 2 * Q, M, N, c_ptr, stride_cm, stride_cn,
+                      l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
+                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      x2_ptr, stride_x2m, stride_x2n, part_ptr,
+                      Q, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL, STORE_C, LORA_PREC)
+            _epilogue(a3, pid_m, offs_m, pid_n * BLOCK_N + 3 * Q, M, N, c_ptr, stride_cm, stride_cn,
+                      l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
+                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      x2_ptr, stride_x2m, stride_x2n, part_ptr,
+                      Q, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL, STORE_C, LORA_PREC)
+
+
+@triton.jit
+def _halves(x, BM: tl.constexpr, BN: tl.constexpr):
+    """Split a (BM, BN) register tile into its left and right (BM, BN/2) halves."""
+    x = tl.reshape(x, (BM, 2, BN // 2))
+    x = tl.permute(x, (0, 2, 1))
+    return tl.split(x)
+
+
+@triton.jit
+def _epilogue(acc, pid_m, offs_m, n0, M, N, c_ptr, stride_cm, stride_cn,
+              l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
+              seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+              x2_ptr, stride_x2m, stride_x2n, part_ptr,
+              WIDTH: tl.constexpr, R_PAD: tl.constexpr,
+              HAS_LORA: tl.constexpr, HAS_RS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+              WRITE_Z: tl.constexpr, HAS_DL: tl.constexpr, HAS_COL: tl.constexpr, STORE_C: tl.constexpr,
+              LORA_PREC: tl.constexpr):
+    """The epilogue of the (rows offs_m) x (columns n0 .. n0 + WIDTH) part of a tile; `acc` is fp32 (BM, WIDTH)."""
+    c_dtype = c_ptr.dtype.element_ty
+    offs_n = n0 + tl.arange(0, WIDTH)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rm64 = offs_m.to(tl.int64)
+    rn64 = offs_n.to(tl.int64)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    if HAS_LORA:
+        offs_r = tl.arange(0, R_PAD)
+        mask_r = offs_r < R
+        lt = tl.load(l_ptr + rm64[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32) * lscale
+        if HAS_RS:
+            rs = tl.load(rs_ptr + offs_r, mask=mask_r, other=0.0)
+            lt = lt * rs[None, :]
+        rt = tl.load(rm_ptr + offs_r[:, None] * stride_rr + rn64[None, :] * stride_rn,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if HAS_DROPOUT:
+            # the mask applies to the rank-r term only, so it needs its own product (scale folded into L first)
+            lora = tl.dot((lt * drop_scale).to(rt.dtype), rt, input_precision=LORA_PREC)
+            keep = dropout_keep(seed, offs_m, offs_n, N, p)
+            acc += tl.where(keep, lora, 0.0)
+        else:
+            acc = tl.dot(lt.to(rt.dtype), rt, acc, input_precision=LORA_PREC)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if WRITE_Z:
+        tl.store(z_ptr + rm64[:, None] * stride_zm + rn64[None, :] * stride_zn,
+                 acc.to(z_ptr.dtype.element_ty), mask=mask_mn)
+    if HAS_DL:
+        x2 = tl.load(x2_ptr + rm64[:, None] * stride_x2m + rn64[None, :] * stride_x2n, mask=mask_mn, other=0.0)
+        g = acc.to(c_dtype).to(tl.float32)
+        dl_part = tl.sum(g * x2.to(tl.float32), axis=0)
+        tl.store(part_ptr + pid_m.to(tl.int64) * N + offs_n, dl_part, mask=mask_n)
+    if HAS_COL:
+        col = tl.load(col_ptr + offs_n, mask=mask_n, other=0.0)
+        acc = (acc.to(c_dtype) * col[None, :]).to(tl.float32)
+    if STORE_C:
+        tl.store(c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn, acc.to(c_dtype), mask=mask_mn)
+
+
+def _epi_split(args) -> int:
+    """Column sub-tiles of the epilogue.  Philox keeps 4 words per element live and the dropout term needs a
+    second (BM, width) product, so the dropout epilogue works on 32-column pieces; any other rank-r / reduction
+    epilogue on 64-column pieces; a plain epilogue on the whole tile.  The interpreter uses 16-column pieces so
+    the tests run the split path.  NOT measured: these widths come from register arithmetic only."""
+    bn = args["BLOCK_N"]
+    if interpret_mode():
+        width = 16
+    elif args["HAS_DROPOUT"]:
+        width = 32
+    elif args["HAS_LORA"] or args["HAS_DL"] or args["WRITE_Z"]:
+        width = 64
+    else:
+        width = bn
+    return max(1, min(4, bn // max(16, width)))
 
 
 _gemm_autotuned = triton.autotune(
@@ -380,7 +473,7 @@ _gemm_autotuned = triton.autotune(
     prune_configs_by={"early_config_prune": prune_gemm_configs},
     # The dl partial rows a config writes depend on its BLOCK_M: zero them before each benchmarked config.
     reset_to_zero=["part_ptr"],
-)(_gemm_kernel)
+)(triton.heuristics({"EPI_SPLIT": _epi_split})(_gemm_kernel))
 
 
 def _dummy(device: torch.device) -> torch.Tensor:

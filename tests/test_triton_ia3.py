@@ -73,8 +73,8 @@ def check_fa_rule(case: Case):
 
 
 CASES = {
-    "out_fp32_tails": dict(lead=(37,), k=50, n=45, ff=False, dtype=F32),
-    "in_fp32_tails_wT": dict(lead=(37,), k=50, n=45, ff=True, dtype=F32, w_t=True),
+    "out_fp32_tails": dict(lead=(37,), k=50, n=75, ff=False, dtype=F32),
+    "in_fp32_tails_wT": dict(lead=(37,), k=75, n=45, ff=True, dtype=F32, w_t=True),
     "out_fp16_fp32l_3d_wT_nobias": dict(lead=(2, 9), k=33, n=40, ff=False, dtype=F16, ldt=F32, with_bias=False,
                                         w_t=True),
     "in_fp16_fp32l_m1": dict(lead=(1,), k=33, n=20, ff=True, dtype=F16, ldt=F32),

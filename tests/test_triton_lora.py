@@ -108,7 +108,9 @@ def check_fa_rule(case: Case):
 F16, F32 = torch.float16, torch.float32
 CASES = {
     # several tiles in every dimension, masked tails (K, N not multiples of 16), r = 3
-    "fp32_tails_r3": dict(lead=(37,), k=50, n=45, r=3, dtype=F32),
+    "fp32_tails_r3": dict(lead=(37,), k=50, n=75, r=3, dtype=F32),
+    # the same with dropout: the dX epilogue's mask on every column sub-tile of two column tiles
+    "fp32_tails_dropout": dict(lead=(21,), k=70, n=75, r=5, dtype=F32, p=0.2),
     # 3-D x, fp16, AdaLoRA (E), dropout, a transposed-view weight (Conv1D passes weight.t())
     "fp16_3d_adalora_dropout_wT": dict(lead=(2, 9), k=50, n=45, r=3, dtype=F16, p=0.25, with_e=True, w_t=True),
     # M = 1 (decoding), r = 1, fp32 adapters on an fp16 base (HF PEFT's default precision), dropout
