@@ -1,0 +1,385 @@
+"""fastpeft's model API on its own: target matching, bad input, adapters management, extension registries,
+dtype handling, generate/attribute forwarding and torch.compile."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastpeft
+from fastpeft.config import PeftConfig, register_config
+from fastpeft.tuners.base import TUNER_CLASSES, BaseTuner, BaseTunerLayer, register_tuner
+from _tolerances import ELEMENTWISE, PEFT_PARITY_RTOL, assert_close_rel
+
+
+class MLP(nn.Module):
+    def __init__(self, d=12, h=20, out=5):
+        super().__init__()
+        self.emb = nn.Embedding(10, d)
+        self.lin0 = nn.Linear(d, h)
+        self.act = nn.ReLU()
+        self.block = nn.ModuleDict({"lin1": nn.Linear(h, h, bias=False)})
+        self.norm = nn.LayerNorm(h)
+        self.head = nn.Linear(h, out)
+
+    def forward(self, x):
+        h = self.act(self.lin0(x))
+        return self.head(self.norm(self.block["lin1"](h)))
+
+
+def mlp():
+    torch.manual_seed(0)
+    return MLP()
+
+
+def randomize_b(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "ia3_l" in n:
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+# -- configs --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(r=0), "r must be a positive int"),
+    (dict(r=-2), "r must be a positive int"),
+    (dict(r=2.5), "r must be an int"),
+    (dict(lora_dropout=1.0), "lora_dropout"),
+    (dict(lora_dropout=-0.1), "lora_dropout"),
+    (dict(bias="some"), "bias"),
+    (dict(target_modules=".*q", layers_to_transform=[0]), "layers_to_transform"),
+    (dict(layers_pattern="layers"), "layers_pattern"),
+    (dict(init_lora_weights="pissa"), "init_lora_weights"),
+    (dict(rank_pattern={"q": 0}), "rank_pattern"),
+    (dict(use_dora=True), "use_dora"),
+    (dict(target_modules=[1, 2]), "target_modules"),
+])
+def test_lora_config_validation(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        fastpeft.LoraConfig(**kw)
+
+
+def test_config_defaults_match_peft():
+    peft = pytest.importorskip("peft")
+    for name in ("LoraConfig", "IA3Config"):
+        ours, theirs = getattr(fastpeft, name)(), getattr(peft, name)()
+        d_ours, d_theirs = ours.to_dict(), theirs.to_dict()
+        d_theirs.pop("runtime_config", None)
+        assert sorted(d_ours) == sorted(d_theirs), name
+        for k in d_theirs:
+            if k in ("peft_type", "task_type"):
+                assert str(d_ours[k]) == str(getattr(d_theirs[k], "value", d_theirs[k]))
+            else:
+                assert d_ours[k] == d_theirs[k], (name, k)
+    a, b = fastpeft.AdaLoraConfig(total_step=3).to_dict(), peft.AdaLoraConfig(total_step=3).to_dict()
+    b.pop("runtime_config", None)
+    assert sorted(a) == sorted(b)
+    assert all(a[k] == b[k] for k in b if k not in ("peft_type", "task_type"))
+
+
+def test_config_roundtrip_and_registry(tmp_path):
+    c = fastpeft.LoraConfig(r=3, target_modules=["b", "a"], task_type="CAUSAL_LM")
+    assert c.peft_type == fastpeft.PeftType.LORA and c.task_type == fastpeft.TaskType.CAUSAL_LM
+    assert not c.is_prompt_learning
+    c.save_pretrained(tmp_path)
+    text = (tmp_path / "adapter_config.json").read_text()
+    assert '"target_modules": [\n    "a",\n    "b"\n  ]' in text
+    c2 = PeftConfig.from_pretrained(str(tmp_path))
+    assert isinstance(c2, fastpeft.LoraConfig) and c2.to_dict() == c.to_dict()
+    with pytest.raises(ValueError, match="IA3Config"):
+        fastpeft.IA3Config.from_dict(c.to_dict())
+    with pytest.raises(ValueError, match="task_type"):
+        fastpeft.LoraConfig(task_type="NOPE")
+    with pytest.raises(ValueError, match="cannot find"):
+        PeftConfig.from_pretrained(str(tmp_path / "missing"))
+
+
+# -- target matching ------------------------------------------------------------------------------------------------
+
+
+def test_target_matching_rules():
+    m = fastpeft.get_peft_model(mlp(), fastpeft.LoraConfig(r=2, target_modules=["lin1", "head"]))
+    assert sorted(m.base_model.targeted_module_names) == ["block.lin1", "head"]
+    m = fastpeft.get_peft_model(mlp(), fastpeft.LoraConfig(r=2, target_modules=r"lin\d"))  # fullmatch: none
+    assert m.base_model.targeted_module_names == ["lin0"]
+    m = fastpeft.get_peft_model(mlp(), fastpeft.LoraConfig(r=2, target_modules="all-linear",
+                                                           exclude_modules=["head"]))
+    assert sorted(m.base_model.targeted_module_names) == ["block.lin1", "lin0"]
+    # a modules_to_save module is never targeted
+    m = fastpeft.get_peft_model(mlp(), fastpeft.LoraConfig(r=2, target_modules=["lin0", "head"],
+                                                           modules_to_save=["head"]))
+    assert m.base_model.targeted_module_names == ["lin0"]
+    names = dict(m.named_parameters())
+    assert names["base_model.model.head.modules_to_save.default.weight"].requires_grad
+    assert not names["base_model.model.head.original_module.weight"].requires_grad
+    keys = sorted(fastpeft.get_peft_model_state_dict(m))
+    assert keys == ["base_model.model.head.bias", "base_model.model.head.weight",
+                    "base_model.model.lin0.lora_A.weight", "base_model.model.lin0.lora_B.weight"]
+
+
+def test_no_match_lists_existing_modules():
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as ei:
+        fastpeft.get_peft_model(model, fastpeft.LoraConfig(target_modules=["q_proj"]))
+    msg = str(ei.value)
+    assert "q_proj" in msg and "lin0" in msg and "head" in msg and "lin1" in msg
+    assert sorted(model.state_dict()) == sorted(before)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_unsupported_module_type():
+    with pytest.raises(TypeError, match="'norm' is a LayerNorm"):
+        fastpeft.get_peft_model(mlp(), fastpeft.LoraConfig(target_modules=["norm", "lin0"]))
+    with pytest.raises(TypeError, match="Embedding"):
+        fastpeft.get_peft_model(mlp(), fastpeft.IA3Config(target_modules=["emb"], feedforward_modules=[]))
+
+
+def test_no_architecture_default():
+    with pytest.raises(ValueError, match="target_modules"):
+        fastpeft.get_peft_model(mlp(), fastpeft.LoraConfig())
+
+
+def test_layers_to_transform_plain_module():
+    model = nn.Sequential(*[nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)) for _ in range(3)])
+    inner = nn.Module()
+    inner.layers = model
+    root = nn.Module()
+    root.model = inner  # PEFT takes the first numeric segment after at least two names ("model.layers.<i>.")
+    m = fastpeft.get_peft_model(root, fastpeft.LoraConfig(r=1, target_modules=["1"], layers_to_transform=[0, 2]))
+    assert sorted(m.base_model.targeted_module_names) == ["model.layers.0.1", "model.layers.2.1"]
+    peft = pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import check_target_module_exists as peft_check
+
+    cfg = peft.LoraConfig(r=1, target_modules=["1"], layers_to_transform=[0, 2])
+    ours = fastpeft.LoraConfig(r=1, target_modules=["1"], layers_to_transform=[0, 2])
+    from fastpeft.tuners.base import check_target_module_exists
+
+    for key in ["model.layers.0.1", "model.layers.1.1", "model.layers.2.1", "layers.0.1", "model.layers.0.0"]:
+        assert bool(check_target_module_exists(ours, key)) == bool(peft_check(cfg, key)), key
+
+
+# -- forward / adapters --------------------------------------------------------------------------------------------
+
+
+def test_plain_module_task_type_none_and_math():
+    model = mlp()
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    m = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=3, lora_alpha=6, target_modules=["lin0", "lin1"]))
+    assert type(m) is fastpeft.PeftModel
+    randomize_b(m)
+    x = torch.randn(7, 12, dtype=torch.float64).float()
+    lin0 = m.base_model.model.lin0
+    A, B = lin0.lora_A["default"].weight, lin0.lora_B["default"].weight
+    want = x.double() @ ref["lin0.weight"].double().T + ref["lin0.bias"].double() \
+        + 2.0 * (x.double() @ A.double().T) @ B.double().T
+    assert_close_rel(lin0(x), want, ELEMENTWISE[torch.float32][1] * 10, "lin0")
+    # empty batch and non-contiguous input
+    assert m(torch.randn(0, 12)).shape == (0, 5)
+    xt = torch.randn(12, 6).T
+    assert_close_rel(m(xt), m(xt.contiguous()), PEFT_PARITY_RTOL, "non-contiguous")
+    with m.disable_adapter():
+        base_out = m(x)
+    assert_close_rel(base_out, MLP.forward(mlp(), x), PEFT_PARITY_RTOL, "disabled = base")
+    assert not torch.allclose(m(x), base_out)
+
+
+def test_merge_twice_and_safe_merge():
+    m = fastpeft.get_peft_model(mlp(), fastpeft.LoraConfig(r=2, target_modules=["lin0"]))
+    randomize_b(m)
+    layer = m.base_model.model.lin0
+    layer.merge()
+    with pytest.raises(ValueError, match="already merged"):
+        layer.merge()
+    layer.unmerge()
+    with pytest.warns(UserWarning, match="unmerged"):
+        layer.unmerge()
+    w = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_B["default"].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        m.base_model.merge_adapter(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, w)
+    assert not layer.merged
+
+
+def test_add_set_delete_adapter():
+    m = fastpeft.get_peft_model(mlp(), fastpeft.LoraConfig(r=2, target_modules=["lin0"]))
+    m.add_adapter("b", fastpeft.LoraConfig(r=4, target_modules=["lin0", "head"]))
+    assert m.active_adapter == "default"
+    assert not m.base_model.model.head.lora_A["b"].weight.requires_grad  # added, not active
+    m.set_adapter("b")
+    assert m.active_adapter == "b" and m.active_adapters == ["b"]
+    assert m.base_model.model.head.lora_A["b"].weight.requires_grad
+    assert not m.base_model.model.lin0.lora_A["default"].weight.requires_grad
+    with pytest.raises(ValueError, match="not found"):
+        m.set_adapter("nope")
+    with pytest.raises(ValueError, match="same peft_type|cannot add"):
+        m.add_adapter("c", fastpeft.IA3Config(target_modules=["lin0"], feedforward_modules=[]))
+    with pytest.raises(ValueError, match="already exists"):
+        m.add_adapter("b", fastpeft.LoraConfig(r=4, target_modules=["lin0"]))
+    with pytest.raises(ValueError, match="adapter_name"):
+        m.add_adapter("a.b", fastpeft.LoraConfig(r=4, target_modules=["lin0"]))
+    m.delete_adapter("b")
+    assert list(m.peft_config) == ["default"] and m.active_adapter == "default"
+    assert "b" not in m.base_model.model.lin0.lora_A
+    with pytest.raises(ValueError, match="does not exist"):
+        m.delete_adapter("b")
+
+
+def test_only_one_bias_adapter():
+    m = fastpeft.get_peft_model(mlp(), fastpeft.LoraConfig(r=2, target_modules=["lin0"], bias="all"))
+    with pytest.raises(ValueError, match="bias"):
+        m.add_adapter("b", fastpeft.LoraConfig(r=2, target_modules=["lin0"], bias="lora_only"))
+
+
+@pytest.mark.parametrize("autocast, want", [(True, torch.float32), (False, torch.bfloat16)])
+def test_adapter_dtype_upcast(autocast, want):
+    model = mlp().to(torch.bfloat16)
+    m = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=2, target_modules=["lin0", "lin1"]),
+                                autocast_adapter_dtype=autocast)
+    assert m.base_model.model.lin0.lora_A["default"].weight.dtype == want
+    randomize_b(m)
+    x = torch.randn(3, 12, dtype=torch.bfloat16)
+    y = m(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert m.base_model.model.lin0.lora_A["default"].weight.grad.dtype == want
+
+
+def test_adapter_dtype_upcast_matches_peft():
+    peft = pytest.importorskip("peft")
+    base = mlp().to(torch.bfloat16)
+    import copy
+
+    torch.manual_seed(1)
+    p = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["lin0", "lin1"]))
+    torch.manual_seed(1)
+    f = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(r=2, target_modules=["lin0", "lin1"]))
+    sp, sf = dict(p.named_parameters()), dict(f.named_parameters())
+    with torch.no_grad():
+        for k in sp:
+            assert sp[k].dtype == sf[k].dtype, k
+            if "lora_B" in k:
+                sp[k].normal_()
+                sf[k].copy_(sp[k])
+    x = torch.randn(4, 12).to(torch.bfloat16)
+    # bf16 base output + fp32 adapter branch, cast back: equal to PEFT up to bf16 rounding of the sum
+    assert_close_rel(f(x).float(), p(x).float(), ELEMENTWISE[torch.bfloat16][1], "bf16 base, fp32 adapter")
+
+
+def test_ia3_plain_module_modes():
+    m = fastpeft.get_peft_model(mlp(), fastpeft.IA3Config(target_modules=["lin0", "head"],
+                                                          feedforward_modules=["head"]))
+    randomize_b(m)
+    lin0, head = m.base_model.model.lin0, m.base_model.model.head
+    assert tuple(lin0.ia3_l["default"].shape) == (20, 1) and tuple(head.ia3_l["default"].shape) == (1, 20)
+    x = torch.randn(5, 12)
+    h = torch.relu((x @ lin0.base_layer.weight.T + lin0.base_layer.bias) * lin0.ia3_l["default"].view(-1))
+    h = m.base_model.model.norm(m.base_model.model.block["lin1"](h))
+    want = (h * head.ia3_l["default"].view(-1)) @ head.base_layer.weight.T + head.base_layer.bias
+    assert_close_rel(m(x), want, PEFT_PARITY_RTOL, "ia3")
+
+
+# -- forwarding, generate, compile ---------------------------------------------------------------------------------
+
+
+def test_getattr_and_generate_forwarding():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.tensor([[5, 6, 7]])
+    ref = base.generate(ids, max_new_tokens=4, do_sample=False)
+    m = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=2, task_type="CAUSAL_LM"))
+    assert m.config is base.config  # forwarded to the user model
+    out = m.generate(input_ids=ids, max_new_tokens=4, do_sample=False)  # B = 0: same tokens
+    assert torch.equal(out, ref)
+    randomize_b(m, seed=3)
+    with m.disable_adapter():
+        assert torch.equal(m.generate(input_ids=ids, max_new_tokens=4, do_sample=False), ref)
+
+
+def test_torch_compile_matches_eager():
+    m = fastpeft.get_peft_model(mlp(), fastpeft.LoraConfig(r=3, target_modules=["lin0", "lin1", "head"]))
+    randomize_b(m)
+    m.eval()
+    x = torch.randn(6, 12)
+    eager = m(x)
+    compiled = torch.compile(m)
+    out = compiled(x)
+    assert_close_rel(out, eager, PEFT_PARITY_RTOL, "compiled vs eager")
+    # gradients through the compiled model
+    m.train()
+    out = compiled(x)
+    out.square().sum().backward()
+    g_c = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+    m.zero_grad()
+    m(x).square().sum().backward()
+    for n, p in m.named_parameters():
+        if p.requires_grad:
+            assert_close_rel(g_c[n], p.grad, PEFT_PARITY_RTOL, f"compiled grad {n}")
+
+
+# -- extension points ---------------------------------------------------------------------------------------------
+
+
+@register_config("TEST_SCALE")
+@dataclasses.dataclass
+class _ScaleConfig(PeftConfig):
+    target_modules: object = None
+    init_value: float = 1.0
+
+
+class _ScaleLayer(BaseTunerLayer):
+    adapter_layer_names = ("scale_s",)
+
+    def __init__(self, base, name, value):
+        super().__init__(base)
+        self.scale_s = nn.ParameterDict({name: nn.Parameter(torch.full((1,), value))})
+        self._active_adapter = [name]
+
+    def forward(self, x):
+        y = self.base_layer(x)
+        if self._disable_adapters:
+            return y
+        for a in self._present_active():
+            y = y * self.scale_s[a]
+        return y
+
+
+@register_tuner("TEST_SCALE")
+class _ScaleTuner(BaseTuner):
+    prefix = "scale_"
+    layer_cls = _ScaleLayer
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key):
+        setattr(parent, target_name, _ScaleLayer(target, adapter_name, config.init_value))
+
+    def forward(self, *args, extra=None, **kwargs):
+        out = self.model(*args, **kwargs)
+        return out if extra is None else out + extra
+
+
+def test_registries_allow_new_methods(tmp_path):
+    assert TUNER_CLASSES["TEST_SCALE"] is _ScaleTuner
+    m = fastpeft.get_peft_model(mlp(), _ScaleConfig(target_modules=["head"], init_value=2.0))
+    x = torch.randn(2, 12)
+    with m.disable_adapter():
+        base = m(x)
+    assert_close_rel(m(x), 2 * base, PEFT_PARITY_RTOL, "custom tuner")
+    assert_close_rel(m(x, extra=1.0), 2 * base + 1, PEFT_PARITY_RTOL, "kwargs reach the tuner")
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["base_model.model.head.scale_s.default"]
+    m.save_pretrained(tmp_path)
+    m2 = fastpeft.PeftModel.from_pretrained(mlp(), str(tmp_path))
+    assert isinstance(m2.peft_config["default"], _ScaleConfig)
+    assert_close_rel(m2(x), m(x), PEFT_PARITY_RTOL, "custom tuner reloaded")
