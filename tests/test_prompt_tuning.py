@@ -148,9 +148,14 @@ def test_generate_equals_manual_greedy_loop(model_name, method):
     assert max_abs(out.scores[0], base_first) >= PROMPT_EFFECT_MIN  # the prompt is really in play
     # left-padded batch with an attention mask: same tokens as the per-row unpadded runs
     ids2, mask2, _ = batch(length=6, pad_first=2)
+    # generate() numbers left-padded rows from their first real token (transformers' rule): same positions here
+    pos2 = (mask2.cumsum(-1) - 1).masked_fill(mask2 == 0, 0)
+    with torch.no_grad():
+        ref2 = fm(input_ids=ids2, attention_mask=mask2, position_ids=pos2).logits[:, -1]
     g2 = fm.generate(input_ids=ids2, attention_mask=mask2, max_new_tokens=2, do_sample=False, pad_token_id=0,
-                     eos_token_id=None)
-    assert g2.shape == (2, 8)
+                     eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    assert g2.sequences.shape == (2, 8)
+    assert max_abs(g2.scores[0], ref2) <= GENERATE_SCORES_ATOL
     # beam search needs the prompt cache expanded per beam
     gb = fm.generate(input_ids=ids, max_new_tokens=2, num_beams=2, do_sample=False, pad_token_id=0,
                      eos_token_id=None)
