@@ -103,12 +103,24 @@ class PeftModel(nn.Module):
 
     # -- running ---------------------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        """Everything is passed to the tuner (``self.base_model``), which runs the model."""
-        return self.base_model(*args, **kwargs)
+        """Everything is passed to the tuner (``self.base_model``), which runs the model.
+
+        ``adapter_names=[...]`` (one name per batch row, "__base__" for none) runs a mixed batch (inference only,
+        tuners with ``supports_mixed_batch``, i.e. LoRA).
+        """
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self.base_model.mixed_batch(adapter_names):
+            return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
-        """HF ``generate`` through the tuner (prompt methods hook in there)."""
-        return self.base_model.generate(*args, **kwargs)
+        """HF ``generate`` through the tuner (prompt methods hook in there); ``adapter_names`` as in forward."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            return self.base_model.generate(*args, **kwargs)
+        with self.base_model.mixed_batch(adapter_names, num_beams=int(kwargs.get("num_beams", 1) or 1)):
+            return self.base_model.generate(*args, **kwargs)
 
     @contextmanager
     def disable_adapter(self):

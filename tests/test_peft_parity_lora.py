@@ -274,3 +274,81 @@ def test_print_trainable_parameters_identical(capsys):
     assert len(out) == 2 and out[0] == out[1]
     assert out[0].startswith("trainable params: ")
     assert f.get_nb_trainable_parameters() == p.get_nb_trainable_parameters()
+
+
+def test_mixed_batch_adapter_names():
+    p, f = build_pair(tiny_llama, *both(r=4, lora_alpha=8), randomize=False)
+    cfg_b = dict(r=2, lora_alpha=4, target_modules=["v_proj", "o_proj", "up_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p.add_adapter("b", peft.LoraConfig(**cfg_b))
+        f.add_adapter("b", fastpeft.LoraConfig(**cfg_b))
+    p.base_model.set_adapter(["default", "b"])
+    f.base_model.set_adapter(["default", "b"])
+    randomize_trainable(p, f)
+    p.set_adapter("default")
+    f.set_adapter("default")
+    p.eval()
+    f.eval()
+    ids = inputs(batch=4)
+    names = ["b", "__base__", "default", "b"]
+    with torch.no_grad():
+        out_f = f(input_ids=ids, adapter_names=names).logits
+        out_p = p(input_ids=ids, adapter_names=names).logits
+        assert_close_rel(out_f, out_p, PEFT_PARITY_RTOL, "mixed batch vs PEFT")
+        # each row equals the single-adapter run
+        f.set_adapter("b")
+        single_b = f(input_ids=ids).logits
+        f.set_adapter("default")
+        single_d = f(input_ids=ids).logits
+        with f.disable_adapter():
+            single_base = f(input_ids=ids).logits
+    for i, ref in [(0, single_b), (1, single_base), (2, single_d), (3, single_b)]:
+        assert_close_rel(out_f[i], ref[i], PEFT_PARITY_RTOL, f"row {i}")
+    # generate with a mixed batch, greedy and beam search
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(f.generate(input_ids=ids, adapter_names=names, **kw),
+                       p.generate(input_ids=ids, adapter_names=names, **kw))
+    assert torch.equal(f.generate(input_ids=ids, adapter_names=names, num_beams=2, **kw),
+                       p.generate(input_ids=ids, adapter_names=names, num_beams=2, **kw))
+    # bad input
+    with pytest.raises(ValueError, match="unknown adapters"):
+        f(input_ids=ids, adapter_names=["b", "x", "b", "b"])
+    with pytest.raises(ValueError, match="rows"):
+        f(input_ids=ids, adapter_names=["b"])
+    f.train()
+    with pytest.raises(ValueError, match="training mode"):
+        f(input_ids=ids, adapter_names=names)
+    f.eval()
+    f.base_model.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        f(input_ids=ids, adapter_names=names)
+    f.base_model.unmerge_adapter()
+    # the per-row state is cleared after each call
+    assert all(layer._batch_adapter_names is None for _, layer in f.base_model.tuner_layers())
+
+
+def test_mixed_batch_modules_to_save():
+    def make():
+        return tiny_llama("LlamaForSequenceClassification", num_labels=3)
+
+    p, f = build_pair(make, *both(r=4, task_type="SEQ_CLS"), randomize=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p.add_adapter("b", peft.LoraConfig(r=2, task_type="SEQ_CLS"))
+        f.add_adapter("b", fastpeft.LoraConfig(r=2, task_type="SEQ_CLS"))
+    with torch.no_grad():
+        sp, sf = dict(p.named_parameters()), dict(f.named_parameters())
+        g = torch.Generator().manual_seed(0)
+        for k in sorted(sp):
+            if "lora_" in k or "modules_to_save" in k:
+                v = torch.randn(sp[k].shape, generator=g) * 0.1
+                sp[k].copy_(v)
+                sf[k].copy_(v)
+    p.eval()
+    f.eval()
+    ids = inputs(batch=3)
+    names = ["b", "default", "__base__"]
+    with torch.no_grad():
+        assert_close_rel(f(input_ids=ids, adapter_names=names).logits,
+                         p(input_ids=ids, adapter_names=names).logits, PEFT_PARITY_RTOL, "mixed SEQ_CLS")

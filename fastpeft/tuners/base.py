@@ -103,6 +103,9 @@ class BaseTunerLayer(nn.Module):
         self._active_adapter: list[str] = []
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        # per-row adapter names of the current batch; set only inside BaseTuner.mixed_batch() (layers that support
+        # mixed batches read it in forward)
+        self._batch_adapter_names: Optional[list[str]] = None
 
     # -- base layer passthroughs ---------------------------------------------------------------------------------
     def get_base_layer(self) -> nn.Module:
@@ -243,6 +246,7 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict({})
         self._active_adapter: list[str] = [adapter_name]
         self._disable_adapters = False
+        self._batch_adapter_names: Optional[list[str]] = None  # set only inside BaseTuner.mixed_batch()
         self.update(adapter_name)
         self.original_module.requires_grad_(False)
 
@@ -267,7 +271,23 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[names[0]]
 
     def forward(self, *args, **kwargs):
+        names = self._batch_adapter_names
+        if names is not None and not self._disable_adapters and args:
+            return self._mixed_batch_forward(names, *args, **kwargs)
         return self._current()(*args, **kwargs)
+
+    def _mixed_batch_forward(self, names: list[str], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Row i of x goes through ``modules_to_save[names[i]]`` ("__base__" or no copy: the original)."""
+        if len(names) != len(x):
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {len(x)} rows")
+        outs = [None] * len(x)
+        for name in dict.fromkeys(names):
+            idx = [i for i, n in enumerate(names) if n == name]
+            mod = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            y = mod(x[idx], *args, **kwargs)
+            for j, i in enumerate(idx):
+                outs[i] = y[j]
+        return torch.stack(outs)
 
     def enable_adapters(self, enabled: bool) -> None:
         if enabled:
@@ -446,6 +466,41 @@ class BaseTuner(nn.Module):
         if gen is None:
             raise AttributeError(f"{type(self.model).__name__} has no generate() method")
         return gen(*args, **kwargs)
+
+    # -- mixed batches --------------------------------------------------------------------------------------------
+    supports_mixed_batch: bool = False
+
+    @contextmanager
+    def mixed_batch(self, adapter_names: list[str], num_beams: int = 1):
+        """Context in which row i of the batch uses adapter ``adapter_names[i]`` ("__base__": no adapter).
+
+        Inference only (ValueError in training mode, for unknown names, or when an adapter is merged).  With beam
+        search each name is repeated ``num_beams`` times, as in PEFT.  Tuners that support it set
+        ``supports_mixed_batch = True`` and read ``layer._batch_adapter_names`` in their layers' forward.
+        """
+        if not self.supports_mixed_batch:
+            raise ValueError(f"{type(self).__name__} does not support adapter_names (mixed-batch inference)")
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(a, str) for a in adapter_names):
+            raise TypeError(f"adapter_names must be a list of str, got {adapter_names!r}")
+        if self.training:
+            raise ValueError("adapter_names (mixed-batch inference) cannot be used in training mode; call .eval()")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
+        if unknown:
+            raise ValueError(f"adapter_names contains unknown adapters {unknown}; available: "
+                             f"{sorted(self.peft_config)} and '__base__'")
+        if any(layer.merged for _, layer in self.tuner_layers()):
+            raise ValueError("adapter_names cannot be used while an adapter is merged; unmerge first")
+        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
+        names = [a for a in adapter_names for _ in range(num_beams)]
+        mods = [m for _, m in self.tuner_layers()] + [w for _, w in self._wrappers()]
+        for m in mods:
+            m._batch_adapter_names = names
+        try:
+            yield
+        finally:
+            for m in mods:
+                m._batch_adapter_names = None
 
     # -- adapters ------------------------------------------------------------------------------------------------
     @property

@@ -116,6 +116,8 @@ class Linear(LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if self._batch_adapter_names is not None:
+            return self._mixed_batch_forward(x, self._batch_adapter_names, *args, **kwargs)
         active = self._present_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
@@ -136,6 +138,22 @@ class Linear(LoraLayer):
             result = result + self.lora_B[a](A(self.lora_dropout[a](xa))) * self.scaling[a]
         return result.to(out_dtype)
 
+    def _mixed_batch_forward(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
+        """Row i uses adapter names[i] ("__base__" or an adapter this layer lacks: base only); PEFT's math."""
+        if len(names) != len(x):
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {len(x)} rows")
+        result = self.base_layer(x, *args, **kwargs)
+        out_dtype = result.dtype
+        for a in dict.fromkeys(names):
+            if a == "__base__" or a not in self.lora_A:
+                continue
+            idx = [i for i, n in enumerate(names) if n == a]
+            A = self.lora_A[a]
+            sub = self._cast_input_dtype(x[idx], A.weight.dtype)
+            delta = self.lora_B[a](A(self.lora_dropout[a](sub))) * self.scaling[a]
+            result[idx] += delta.to(out_dtype)
+        return result
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names()}"
 
@@ -147,6 +165,7 @@ class LoraModel(BaseTuner):
     prefix = "lora_"
     layer_cls = LoraLayer
     target_module_defaults = LORA_TARGET_MODULE_DEFAULTS
+    supports_mixed_batch = True
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         rk = pattern_key((config.rank_pattern or {}).keys(), current_key)
