@@ -239,13 +239,14 @@ def m_bucket(m: int) -> int:
 
 
 # Block sizes of the skinny (rank-r) kernels; chosen on the host, not autotuned, because their partial-sum
-# buffers are sized from them.  NOT measured.  64x128 tiles of a 16-bit operand are 16 KB per load; the kernels
-# are memory-bound, so the number of programs in flight (target_programs) matters more than the tile.
-def skinny_blocks(device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps) of the skinny kernels."""
+# buffers are sized from them.  NOT measured.  These kernels are memory-bound: the number of programs in flight
+# (target_programs) matters more than the tile, and a 64x128 tile of a 16-bit operand is a 16 KB load.
+def skinny_blocks(device: torch.device, dropout: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) of the skinny kernels.  With dropout the Philox state (4 words per element)
+    must fit in registers next to the tile: 64x64 over 8 warps is 16 elements per thread."""
     if device.type != "cuda":
         return 16, 16, 4
-    return 64, 128, 4
+    return (64, 64, 8) if dropout else (64, 128, 4)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ Kernels (the dropout mask is regenerated from (seed, m*K + k) wherever it is nee
     GEMM (``_common.gemm``)  y = x Wᵀ, then in its epilogue + (s · S ⊙ e) Bᵀ + b on the fp32 accumulator.
   backward
     ``_lora_dy_kernel``      one pass over dY: dSe = s · dY B (partial over N chunks), dB = s · dYᵀ (S ⊙ e)
-                             (partial over M blocks) and dbias = Σ_m dY.
+                             (partial over M chunks) and dbias = Σ_m dY.
     ``_lora_da_kernel``      one pass over x: dA = dSᵀ drop(x) (partial over M chunks).
     GEMM                     dX = dY W, then in its epilogue + mask ⊙ (dS A) / (1 - p).
 
@@ -22,6 +22,7 @@ shapes (K = 0 or N = 0) go to the torch reference; M = 0 returns empty results w
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -81,50 +82,63 @@ def _lora_shrink_kernel(x_ptr, a_ptr, part_ptr, M, K, R,
 def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbias_part_ptr,
                     M, N, R, scaling,
                     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
-                    nb_per_split,
+                    mb_per_split, nb_per_split,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
                     HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
-    """One pass over dY.  Program (m block i, N chunk j):
-         dse_part[j, m, r]  = s · Σ_{n in chunk j} dY[m, n] B[n, r]
-         db_part[i, n, r]   = s · Σ_{m in block i} dY[m, n] (S ⊙ e)[m, r]
-         dbias_part[i, n]   = Σ_{m in block i} dY[m, n]
-    The M extent of a program is one block, so every partial is written once (no read-modify-write)."""
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """One pass over dY.  Program (M chunk i, N chunk j) reads its dY block once and writes
+         dse_part[j, m, r]  = s · Σ_{n in chunk j} dY[m, n] B[n, r]           (m in chunk i)
+         db_part[i, n, r]   = s · Σ_{m in chunk i} dY[m, n] (S ⊙ e)[m, r]     (n in chunk j)
+         dbias_part[i, n]   = Σ_{m in chunk i} dY[m, n]
+    dB and dbias accumulate in registers over the inner M loop; dSe accumulates across the outer N loop in the
+    program's own rows of dse_part (L2-resident; a barrier orders each pass's stores before the next pass's loads).
+    Partial buffers are (chunks x M x r) and (chunks x N x r): a few MB where dY is hundreds."""
+    pid_mc = tl.program_id(0)
+    pid_nc = tl.program_id(1)
     offs_r = tl.arange(0, R_PAD)
-    mask_m = offs_m < M
     mask_r = offs_r < R
-    rm64 = offs_m.to(tl.int64)
     b_dtype = b_ptr.dtype.element_ty
-    # Se = s · S ⊙ e for this row block, in the adapter dtype (the reference's dtype for the dB product)
-    se = tl.load(s_ptr + rm64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
-                 mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     if HAS_E:
-        e = tl.load(e_ptr + offs_r, mask=mask_r, other=0.0)
-        se = se * e[None, :]
-    se = (se * scaling).to(b_dtype)
-    acc_s = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    nb0 = pid_s * nb_per_split
+        e = tl.load(e_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+    mb0 = pid_mc * mb_per_split
+    mb1 = tl.minimum(mb0 + mb_per_split, tl.cdiv(M, BLOCK_M))
+    nb0 = pid_nc * nb_per_split
     nb1 = tl.minimum(nb0 + nb_per_split, tl.cdiv(N, BLOCK_N))
     for nb in range(nb0, nb1):
         offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         rn64 = offs_n.to(tl.int64)
-        dy = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn64[None, :] * stride_dyn,
-                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         bt = tl.load(b_ptr + rn64[:, None] * stride_bn + offs_r[None, :] * stride_br,
                      mask=mask_n[:, None] & mask_r[None, :], other=0.0)
-        dya = dy.to(b_dtype)
-        acc_s = tl.dot(dya, bt, acc_s, input_precision=PREC)
-        db = tl.dot(tl.trans(dya), se, input_precision=PREC)
-        tl.store(db_part_ptr + pid_m.to(tl.int64) * N * R + rn64[:, None] * R + offs_r[None, :], db,
+        acc_b = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+        acc_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for mb in range(mb0, mb1):
+            offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            rm64 = offs_m.to(tl.int64)
+            dy = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn64[None, :] * stride_dyn,
+                         mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            # Se = s · S ⊙ e, in the adapter dtype (the reference's dtype for the dB product)
+            se = tl.load(s_ptr + rm64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            if HAS_E:
+                se = se * e[None, :]
+            se = (se * scaling).to(b_dtype)
+            dya = dy.to(b_dtype)
+            acc_b = tl.dot(tl.trans(dya), se, acc_b, input_precision=PREC)
+            dse = tl.dot(dya, bt, input_precision=PREC) * scaling
+            mask_mr = mask_m[:, None] & mask_r[None, :]
+            dse_ptrs = dse_part_ptr + pid_nc.to(tl.int64) * M * R + rm64[:, None] * R + offs_r[None, :]
+            not_first = (tl.zeros((BLOCK_M, R_PAD), dtype=tl.int32) + nb) > nb0  # the first N block only stores
+            dse += tl.load(dse_ptrs, mask=mask_mr & not_first, other=0.0)
+            tl.store(dse_ptrs, dse, mask=mask_mr)
+            if HAS_BIAS:
+                acc_bias += tl.sum(dy.to(tl.float32), axis=0)
+        tl.store(db_part_ptr + pid_mc.to(tl.int64) * N * R + rn64[:, None] * R + offs_r[None, :], acc_b,
                  mask=mask_n[:, None] & mask_r[None, :])
         if HAS_BIAS:
-            tl.store(dbias_part_ptr + pid_m.to(tl.int64) * N + rn64, tl.sum(dy.to(tl.float32), axis=0),
-                     mask=mask_n)
-    tl.store(dse_part_ptr + pid_s.to(tl.int64) * M * R + rm64[:, None] * R + offs_r[None, :], acc_s * scaling,
-             mask=mask_m[:, None] & mask_r[None, :])
+            tl.store(dbias_part_ptr + pid_mc.to(tl.int64) * N + rn64, acc_bias, mask=mask_n)
+        # the next N block re-reads this program's dse_part rows, possibly in other threads of the CTA
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -180,7 +194,7 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) 
     """S = drop(x) Aᵀ: (M, r) fp32."""
     m, k = x.shape
     r = lora_A.shape[0]
-    bm, bk, warps = skinny_blocks(x.device)
+    bm, bk, warps = skinny_blocks(x.device, dropout_p > 0.0)
     m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
     splits = split_count(m_blocks, k_blocks, target_programs(x.device))
     kb_per = triton.cdiv(k_blocks, splits)
@@ -251,19 +265,23 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     r_pad = pad_rank(r)
     tgt = target_programs(dev)
 
-    # one pass over dY: dSe (s · dY B), dB, dbias
+    # one pass over dY: dSe (s · dY B), dB, dbias.  Chunk counts balance the two partial buffers
+    # (m_chunks · N ≈ n_chunks · M) at about `tgt` programs.
     m_blocks, n_blocks = triton.cdiv(m, bm), triton.cdiv(n, bn)
-    splits = split_count(m_blocks, n_blocks, tgt)
-    nb_per = triton.cdiv(n_blocks, splits)
-    splits = triton.cdiv(n_blocks, nb_per)
-    dse_part = torch.empty((splits, m, r), device=dev, dtype=torch.float32)
-    db_part = torch.empty((m_blocks, n, r), device=dev, dtype=torch.float32)
-    dbias_part = torch.empty((m_blocks, n) if has_bias else (1,), device=dev, dtype=torch.float32)
-    _lora_dy_kernel[(m_blocks, splits)](
+    m_chunks = max(1, min(m_blocks, round(math.sqrt(tgt * m / n))))
+    mb_per = triton.cdiv(m_blocks, m_chunks)
+    m_chunks = triton.cdiv(m_blocks, mb_per)
+    n_chunks = split_count(m_chunks, n_blocks, tgt)
+    nb_per = triton.cdiv(n_blocks, n_chunks)
+    n_chunks = triton.cdiv(n_blocks, nb_per)
+    dse_part = torch.empty((n_chunks, m, r), device=dev, dtype=torch.float32)
+    db_part = torch.empty((m_chunks, n, r), device=dev, dtype=torch.float32)
+    dbias_part = torch.empty((m_chunks, n) if has_bias else (1,), device=dev, dtype=torch.float32)
+    _lora_dy_kernel[(m_chunks, n_chunks)](
         dy, lora_B, S, lora_E if lora_E is not None else S, dse_part, db_part, dbias_part,
         m, n, r, float(scaling),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
-        nb_per, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, HAS_E=lora_E is not None, HAS_BIAS=has_bias,
+        mb_per, nb_per, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, HAS_E=lora_E is not None, HAS_BIAS=has_bias,
         PREC=skinny_precision(adt), num_warps=warps)
     d_se = _reduce(dse_part)  # (M, r) fp32, includes s
     dB = _reduce(db_part).to(lora_B.dtype)
@@ -275,7 +293,8 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         dS, dE = d_se, empty_de
 
     # one pass over x: dA = dSᵀ drop(x)
-    k_blocks = triton.cdiv(k, bk)
+    bm, bk, warps = skinny_blocks(dev, dropout_p > 0.0)
+    m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
     msplits = split_count(k_blocks, m_blocks, tgt)
     mb_per = triton.cdiv(m_blocks, msplits)
     msplits = triton.cdiv(m_blocks, mb_per)

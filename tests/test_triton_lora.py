@@ -118,6 +118,8 @@ CASES = {
     # non-contiguous x, r = 16 (no padding), dropout 0.5, no bias, AdaLoRA
     "fp32_noncontig_r16_nobias": dict(lead=(21,), k=40, n=24, r=16, dtype=F32, p=0.5, with_e=True,
                                       with_bias=False, x_noncontig=True),
+    # tall (M >> N): the one-pass dY kernel splits M into chunks whose dB / dbias partials are summed
+    "fp32_tall_adalora": dict(lead=(70,), k=24, n=20, r=4, dtype=F32, with_e=True),
     # the largest rank, r = 128, with a strided weight, a seed above 2**32 (both key words)
     "fp32_r128_wT": dict(lead=(5,), k=19, n=7, r=128, dtype=F32, p=0.3, w_t=True, seed=2 ** 40 + 17),
 }
