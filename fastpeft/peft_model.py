@@ -13,13 +13,12 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
-import torch
 import torch.nn as nn
 
 from .config import PeftConfig, TaskType
 from .save_load import load_peft_weights, normalise_keys, save_peft_weights
 from .tuners import get_tuner_class
-from .tuners.base import SEQ_CLS_HEAD_NAMES, BaseTuner
+from .tuners.base import SEQ_CLS_HEAD_NAMES
 
 __all__ = [
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification", "PeftModelForSeq2SeqLM",

@@ -48,7 +48,8 @@ def load_peft_weights(model_dir: str, device: Optional[str] = None, allow_bin: b
         if not allow_bin:
             raise ValueError(f"{binf!r} is a pickled adapter_model.bin; fastpeft loads only safetensors by default "
                              "because unpickling untrusted files can run code. Convert it to safetensors, or pass "
-                             "allow_bin=True if you trust the file (it is then read with torch.load(weights_only=True))")
+                             "allow_bin=True if you trust the file (it is then read with "
+                             "torch.load(weights_only=True))")
         return torch.load(binf, map_location=device, weights_only=True)
     raise ValueError(f"no {SAFETENSORS_WEIGHTS_NAME!r} found in {path!r} (fastpeft loads adapters from local "
                      "directories only)")
@@ -84,7 +85,8 @@ def _tuner(model):
 
 
 def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_name: str = "default",
-                              unwrap_compiled: bool = False, save_embedding_layers="auto") -> dict[str, torch.Tensor]:
+                              unwrap_compiled: bool = False,
+                              save_embedding_layers="auto") -> dict[str, torch.Tensor]:
     """The adapter's tensors keyed as in PEFT's adapter_model.safetensors (adapter name removed).
 
     ``state_dict`` (optional) is a full ``model.state_dict()`` to take the values from instead of the live model.

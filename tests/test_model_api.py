@@ -4,7 +4,6 @@ dtype handling, generate/attribute forwarding and torch.compile."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import pytest
 import torch

@@ -4,9 +4,7 @@ adapter files in both directions."""
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import warnings
 
 import pytest

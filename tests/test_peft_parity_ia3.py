@@ -28,9 +28,9 @@ def both(**kw):
 def test_defaults_both_modes(arch, train):
     p, f = build_pair(MODELS[arch], *both())
     layers = dict(f.base_model.tuner_layers())
-    modes = {n.split(".")[-1]: l.is_feedforward for n, l in layers.items()}
+    modes = {n.split(".")[-1]: lay.is_feedforward for n, lay in layers.items()}
     assert True in modes.values() and False in modes.values()  # both modes exercised
-    shapes = {n: tuple(l.ia3_l["default"].shape) for n, l in layers.items()}
+    shapes = {n: tuple(lay.ia3_l["default"].shape) for n, lay in layers.items()}
     peft_shapes = {n: tuple(m.ia3_l["default"].shape) for n, m in p.base_model.model.named_modules()
                    if hasattr(m, "ia3_l")}
     assert shapes == peft_shapes

@@ -5,7 +5,6 @@ exactly as it was."""
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
 import pytest

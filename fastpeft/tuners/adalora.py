@@ -11,7 +11,6 @@ layers, as PEFT does.
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch

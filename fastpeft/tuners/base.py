@@ -165,12 +165,8 @@ class BaseTunerLayer(nn.Module):
         names = _active_list(adapter_names)
         for attr in self.adapter_layer_names:
             container = getattr(self, attr)
-            for key, item in container.items():
-                want = key in names and not inference_mode
-                if isinstance(item, nn.Parameter):
-                    item.requires_grad_(want)
-                else:
-                    item.requires_grad_(want)
+            for key, item in container.items():  # item: an nn.Parameter or an nn.Module
+                item.requires_grad_(key in names and not inference_mode)
         self._active_adapter = names
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -769,7 +765,7 @@ class BaseTuner(nn.Module):
         if remaining:
             self.active_adapter = remaining[0] if len(remaining) == 1 else remaining
             for _, layer in self.tuner_layers():
-                layer._active_adapter = [a for a in remaining] if not layer._disable_adapters else remaining
+                layer._active_adapter = list(remaining)
             for _, w in self._wrappers():
                 w._active_adapter = list(remaining)
 

@@ -61,9 +61,9 @@ class IA3Layer(BaseTunerLayer):
 
     def _scale_weight(self, a: str, inverse: bool, safe_merge: bool = False) -> None:
         base = self.base_layer
-        l = transpose(self.ia3_l[a].data, self.fan_in_fan_out)
+        vec = transpose(self.ia3_l[a].data, self.fan_in_fan_out)
         w_dtype = base.weight.dtype
-        new_w = torch.div(base.weight.data, l + 1e-8) if inverse else torch.mul(base.weight.data, l)
+        new_w = torch.div(base.weight.data, vec + 1e-8) if inverse else torch.mul(base.weight.data, vec)
         new_b = None
         if not self.is_feedforward and base.bias is not None:
             s = self.ia3_l[a].data.reshape(base.bias.shape)

@@ -9,7 +9,6 @@ over the active adapters, cast back to the base output's dtype.  With exactly on
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn as nn
