@@ -8,6 +8,7 @@ formula is registered in ``fastpeft.ops``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -77,13 +78,19 @@ def _check_seed(seed) -> int:
 
 
 def _autocast(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
-    """Cast the base operands as autocast would cast an nn.Linear; the adapter keeps its own dtype."""
+    """Cast the base operands as autocast would cast an nn.Linear; the adapter keeps its own dtype.
+
+    Returns (x, weight, bias, ctx): run the op inside ``ctx``, which disables autocast while the op runs (otherwise
+    autocast would re-cast the adapter branch's matmuls inside the torch implementation, and the torch backend would
+    disagree with the fused ones, which keep the adapter dtype).
+    """
     dev = x.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
-    return x, weight, bias
+        return x, weight, bias, torch.autocast(dev, enabled=False)
+    return x, weight, bias, contextlib.nullcontext()
 
 
 def _validate_base_types(x, weight, bias):
@@ -117,7 +124,12 @@ def _validate_base(x, weight, bias):
 
 def _lora_impl(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
     _validate_base_types(x, weight, bias)
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias, ctx = _autocast(x, weight, bias)
+    with ctx:
+        return _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend)
+
+
+def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
     n, k = _validate_base(x, weight, bias)
     _check_tensor("lora_A", lora_A, 2)
     _check_tensor("lora_B", lora_B, 2)
@@ -233,7 +245,7 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         (..., out_features) in x's dtype.  Gradients flow to x, ia3_l (and bias if trainable).
     """
     _validate_base_types(x, weight, bias)
-    x, weight, bias = _autocast(x, weight, bias)
+    x, weight, bias, ctx = _autocast(x, weight, bias)
     n, k = _validate_base(x, weight, bias)
     _check_tensor("ia3_l", ia3_l)
     if not isinstance(feedforward, bool):
@@ -246,5 +258,6 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     chosen = select_backend("ia3", x, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
-    y, _ = _ia3.ia3_fwd(x2, weight, bias, ia3_l.reshape(want), feedforward, chosen)
+    with ctx:
+        y, _ = _ia3.ia3_fwd(x2, weight, bias, ia3_l.reshape(want), feedforward, chosen)
     return y.reshape(*lead, n)
