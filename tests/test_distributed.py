@@ -15,6 +15,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -147,6 +148,7 @@ def _train_and_compare(rank, kind, wrapper, names, ref_grads0, ref_weights):
             if _is_adapter_layer(mod):
                 fully_shard(mod)
         wrapped = fully_shard(model)
+        assert all(hasattr(p, "full_tensor") for p in model.parameters()), "fully_shard did not shard"
     params = dict(model.named_parameters())
     opt = torch.optim.SGD([params[n] for n in names], lr=0.1)
     per_rank = GLOBAL_BATCH // WORLD
@@ -168,16 +170,17 @@ def _train_and_compare(rank, kind, wrapper, names, ref_grads0, ref_weights):
             assert p.grad is None, f"{tag} {n}"
 
 
-def _worker(rank: int, port: int, kind: str):
+def _worker(rank: int, port: int, kinds: tuple):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=120))
     try:
-        names, ref_grads0, ref_weights = _reference(kind)
-        for wrapper in ("ddp", "fsdp2"):
-            _train_and_compare(rank, kind, wrapper, names, ref_grads0, ref_weights)
-            dist.barrier()
+        for kind in kinds:
+            names, ref_grads0, ref_weights = _reference(kind)
+            for wrapper in ("ddp", "fsdp2"):
+                _train_and_compare(rank, kind, wrapper, names, ref_grads0, ref_weights)
+                dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -188,14 +191,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(kind: str):
-    ctx = mp.start_processes(_worker, args=(_free_port(), kind), nprocs=WORLD, join=False,
+def _run(kinds: tuple):
+    # One pair of processes for every case: spawning and importing dominate the run time on a small CPU.
+    ctx = mp.start_processes(_worker, args=(_free_port(), kinds), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
-                pytest.fail(f"distributed {kind} did not finish within {TIMEOUT_S}s")
+                pytest.fail(f"distributed {kinds} did not finish within {TIMEOUT_S}s")
     except mp.ProcessRaisedException as e:
         pytest.fail(f"a worker failed:\n{e}")
     finally:
@@ -222,16 +226,13 @@ needs_dist = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 
 @needs_dist
-def test_modules_ddp_and_fsdp2():
-    _run("modules")
-
-
-@needs_dist
-@pytest.mark.parametrize("kind", ["get_peft_model_lora", "get_peft_model_ia3"])
-def test_get_peft_model_ddp_and_fsdp2(kind):
-    if not _has_get_peft_model():
-        pytest.skip("fastpeft.get_peft_model is not available")
-    _run(kind)
+def test_ddp_and_fsdp2_match_single_process():
+    kinds = ("modules",)
+    if _has_get_peft_model():
+        kinds += ("get_peft_model_lora", "get_peft_model_ia3")
+    else:
+        warnings.warn("fastpeft.get_peft_model is not available: only the drop-in modules were tested")
+    _run(kinds)
 
 
 def test_reference_run_is_not_trivial():
@@ -241,3 +242,38 @@ def test_reference_run_is_not_trivial():
     for n in names:
         assert grads0[n].abs().max() > 1e-4, n
         assert not torch.equal(weights[0][n], weights[-1][n]), n
+
+
+def _peft_leaf_policy(mod) -> bool:
+    """HF PEFT's ``fsdp_auto_wrap_policy`` lambda: a leaf module whose ``weight`` requires grad (lora_A/lora_B)."""
+    return len(list(mod.children())) == 0 and getattr(mod, "weight", None) is not None and mod.weight.requires_grad
+
+
+@needs_dist
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "KNOWN LIMITATION (reported): the tuner layer reads lora_A/lora_B weights without calling those modules, so "
+    "when FSDP2 shards the lora_A/lora_B leaves on their own (HF PEFT's fsdp_auto_wrap_policy, as accelerate "
+    "applies it) their pre-forward unshard hooks never run and the op sees sharded DTensors"))
+def test_fsdp2_with_peft_leaf_wrap_policy():
+    if not _has_get_peft_model():
+        pytest.skip("fastpeft.get_peft_model is not available")
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(_free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1, timeout=timedelta(seconds=60))
+    try:
+        names, ref_grads0, _ = _reference("get_peft_model_lora")
+        model = build_model("get_peft_model_lora")
+        wrapped_leaves = [mod for mod in model.modules() if _peft_leaf_policy(mod)]
+        assert len(wrapped_leaves) == 6  # lora_A and lora_B of three layers
+        for mod in wrapped_leaves:
+            fully_shard(mod)
+        fully_shard(model)
+        x, y = _data(0)
+        _loss(model, x, y).backward()
+        params = dict(model.named_parameters())
+        for n in names:
+            _check(f"grad {n}", _full(params[n].grad), ref_grads0[n])
+    finally:
+        dist.destroy_process_group()
