@@ -1,0 +1,68 @@
+// Launchers of the extension's CUDA kernels.  Plain C++ over raw pointers (no torch headers), so the .cu files
+// compile quickly and the kernels can be reused from any host code.  Every launcher enqueues on `stream` and
+// returns immediately; it does nothing when the problem is empty.  All fp32 accumulation buffers are *added to*
+// (atomically), so the caller zero-fills them first.
+//
+// Element types: x / y / weight / bias / dy share one type (`DType` of the activations); the LoRA adapters A, B, E
+// share a second one (the adapter dtype), IA3's l a third.  Values are converted through fp32, rounding to the
+// types in between exactly where fastpeft/ops/*.py's torch reference rounds.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "common/philox.cuh"
+
+namespace fastpeft {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// out[m, j] += alpha * sum_k cvt_a(drop(X)[m, k]) * A(j, k)        j < r, k < K, m < M
+//   X: (M, K) with row stride ldx (unit column stride), type xt.  A(j, k) = A[j * a_sj + k * a_sk], type at.
+//   drop(): the shared Philox stream over the logical (M, K) index (row_offset added to m); values are rounded to
+//   xt after scaling and then to at (as `_dropped(x).to(adt)` does).  out: (M, r) fp32 with row stride ldo.
+// Forward shrink S = drop(x) Aᵀ and backward dSe = s · dy B both use it (split-K over blocks, atomics into out).
+void launch_rowdot(DType xt, DType at, const void* X, int64_t M, int64_t K, int64_t ldx, const void* A,
+                   int64_t a_sj, int64_t a_sk, int r, float alpha, DropoutParams drop, float* out, int64_t ldo,
+                   int num_sms, cudaStream_t stream);
+
+// out[c, j] += alpha * sum_m P[m, j] * cvt_a(drop(X)[m, c])          c < C, j < r
+//   X: (M, C) row stride ldx, type xt; P: (M, r) fp32 row stride ldp; out: (C, r) fp32, contiguous.
+// Backward dB = s · dyᵀ Se (reduction over rows of dy) and dAᵀ = drop(x)ᵀ dS (reduction over rows of x).
+void launch_coldot(DType xt, DType at, const void* X, int64_t M, int64_t C, int64_t ldx, const float* P,
+                   int64_t ldp, int r, float alpha, DropoutParams drop, float* out, int num_sms,
+                   cudaStream_t stream);
+
+// Y[m, c] = yt( bias[c] + alpha * keep(m, c) * scale * sum_j P[m, j] * Q(c, j) )    (no bias: 0; no dropout: 1)
+//   Y: (M, C) row stride ldy, type yt; bias: (C,) type yt or nullptr; P: (M, r) fp32 row stride ldp;
+//   Q(c, j) = Q[c * q_sc + j * q_sj], type qt.
+// Forward: T = b + s · Se Bᵀ written into y before the cuBLASLt GEMM adds x Wᵀ (beta = 1).
+// Backward: mask ⊙ (dS A) / (1 - p) written into dx before the GEMM adds dy W.
+void launch_expand(DType yt, DType qt, void* Y, int64_t M, int64_t C, int64_t ldy, const void* bias,
+                   const float* P, int64_t ldp, int r, const void* Q, int64_t q_sc, int64_t q_sj, float alpha,
+                   DropoutParams drop, cudaStream_t stream);
+
+// Fused decode (M <= 16): Y[m, n] = xt( sum_k X[m, k] W[n, k] + bias[n] + alpha * sum_j P[m, j] * B[n, j] )
+//   X: (M, K) contiguous; W: (N, K) row stride ldw, unit column stride; bias (N,) or nullptr (type xt);
+//   P: (M, r) fp32 contiguous (S ⊙ e); B: (N, r) contiguous, type bt.  One warp per output feature n reads its row
+//   of W once for all M rows.  Returns false (launching nothing) when M > 16.
+bool launch_decode_gemv(DType xt, DType bt, const void* X, int64_t M, int64_t K, const void* W, int64_t ldw,
+                        int64_t N, const void* bias, const float* P, int r, const void* B, float alpha, void* Y,
+                        cudaStream_t stream);
+
+// IA3 column scale: out[m, c] = xt( lt( lt(X[m, c]) * l[c] ) )   (the lt roundings only when `round_to_l`).
+//   Feed-forward forward: xs = (x.to(l.dtype) * l).to(x.dtype)  (round_to_l = true).
+//   Output-mode forward:  y = (z * l).to(x.dtype)               (round_to_l = false: promoted product).
+// X and out (M, C) with row strides ldx / ldo (out may alias X when the strides match).
+void launch_ia3_scale(DType xt, DType lt, const void* X, int64_t M, int64_t C, int64_t ldx, const void* l,
+                      bool round_to_l, void* out, int64_t ldo, cudaStream_t stream);
+
+// IA3 backward, one pass over the rows:
+//   dl_acc[c] += sum_m lt(G[m, c]) * lt(V[m, c])              (fp32 accumulation)
+//   out[m, c]  = xt( lt( lt(G[m, c]) * l[c] ) )                (when out != nullptr; may alias G)
+//   dbias_acc[c] += sum_m out[m, c] (as written)               (when dbias_acc != nullptr)
+// Output mode: G = dy, V = z (saved), out = dz, dbias from dz.  Feed-forward mode: G = dy W, V = x, out = dx.
+void launch_ia3_bwd(DType xt, DType lt, const void* G, const void* V, int64_t M, int64_t C, const void* l,
+                    void* out, float* dl_acc, float* dbias_acc, int num_sms, cudaStream_t stream);
+
+}  // namespace fastpeft
