@@ -352,3 +352,14 @@ def test_mixed_batch_modules_to_save():
     with torch.no_grad():
         assert_close_rel(f(input_ids=ids, adapter_names=names).logits,
                          p(input_ids=ids, adapter_names=names).logits, PEFT_PARITY_RTOL, "mixed SEQ_CLS")
+
+
+def test_gradient_checkpointing_dropout_train():
+    def make():
+        m = tiny_llama()
+        m.gradient_checkpointing_enable()
+        return m
+
+    p, f = build_pair(make, *both(r=4, target_modules="all-linear", lora_dropout=0.3))
+    assert f.get_base_model().is_activation_checkpointing
+    assert_parity(p, f, train=True)
