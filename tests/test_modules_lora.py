@@ -313,3 +313,71 @@ def test_matches_hf_peft_lora_linear(use_rslora, dropout, conv1d):
     m.merge()
     ref.merge()
     assert_close_rel(m.weight, ref.base_layer.weight, PEFT_PARITY_RTOL, "merged weight")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# All three modules on the fused backends (triton in the interpreter on CPU; auto on CUDA when a GPU is present):
+# FA's rule against an fp64 copy of the module, err(fused) <= MATMUL_FACTOR * err(torch backend) + MATMUL_ATOL.
+# ---------------------------------------------------------------------------------------------------------------
+
+_MODULE_MAKERS = {
+    "lora": lambda **kw: LoRALinear(20, 12, r=3, **kw),
+    "lora_conv1d": None,  # built from a transformers Conv1D (strided weight view)
+    "adalora": lambda **kw: fastpeft.AdaLoRALinear(20, 12, r=3, **kw),
+    "ia3": lambda **kw: fastpeft.IA3Linear(20, 12, **kw),
+    "ia3_ff": lambda **kw: fastpeft.IA3Linear(20, 12, feedforward=True, **kw),
+}
+
+
+def _make_module(name, backend):
+    torch.manual_seed(0)
+    if name == "lora_conv1d":
+        Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+        m = LoRALinear.from_linear(Conv1D(12, 20), r=3, backend=backend)
+    else:
+        m = _MODULE_MAKERS[name](backend=backend)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                p.normal_(mean=1.0 if n == "ia3_l" else 0.0, std=0.5)
+    return m
+
+
+def _run_module(m, x, dy):
+    for p in m.parameters():
+        p.grad = None
+    x = x.detach().clone().requires_grad_(True)
+    y = m(x)
+    y.backward(dy.to(y.dtype))
+    return [y.detach(), x.grad] + [p.grad for p in m.parameters() if p.requires_grad]
+
+
+def _fused_targets():
+    out = []
+    if torch.cuda.is_available():
+        out.append(("cuda", None))
+    elif fastpeft.backend_info()["backends"]["triton"]["available"] and \
+            fastpeft.backend_info()["triton_interpret"]:
+        out.append(("cpu", "triton"))
+    return out
+
+
+@pytest.mark.parametrize("name", list(_MODULE_MAKERS))
+@pytest.mark.parametrize("device,backend", _fused_targets() or [pytest.param("cpu", "triton", marks=pytest.mark.skip(
+    reason="no CUDA and no triton interpreter"))])
+def test_modules_on_fused_backend(name, device, backend):
+    from _tolerances import GRAD_FACTOR, MATMUL_ATOL, MATMUL_FACTOR, rel_err
+
+    m_fused = _make_module(name, backend).to(device)
+    m_torch = _make_module(name, "torch")
+    m_ref = copy.deepcopy(m_torch).double()
+    x = torch.randn(2, 5, 20)
+    dy = torch.randn(2, 5, 12)
+    got = _run_module(m_fused, x.to(device), dy.to(device))
+    base = _run_module(m_torch, x, dy)
+    ref = _run_module(m_ref, x.double(), dy.double())
+    for i, (g, b, r) in enumerate(zip(got, base, ref)):
+        factor = MATMUL_FACTOR if i == 0 else GRAD_FACTOR
+        err, err_torch = rel_err(g.cpu(), r), rel_err(b, r)
+        assert err <= factor * err_torch + MATMUL_ATOL[torch.float32], \
+            f"{name} on {device}/{backend}: tensor {i} rel err {err:.2e} vs torch {err_torch:.2e}"
