@@ -151,8 +151,8 @@ def test_autocast_and_compile(name):
 
 def test_autocast_lora_branch_runs_in_adapter_dtype():
     """Documented policy (docs/ARCHITECTURE.md, ops/lora.py): the LoRA branch runs in the adapter dtype, here fp32,
-    also under autocast; the fused backends do so.  KNOWN BUG (reported): on the torch backend autocast re-casts
-    the branch's matmuls to bf16 inside the custom op, so the torch backend and the fused ones disagree."""
+    also under autocast, as the fused backends do.  Regression: autocast used to re-cast the branch's matmuls to
+    bf16 inside the torch implementation, so the torch backend disagreed with the fused ones."""
     torch.manual_seed(0)
     m = LoRALinear(64, 32, r=8, bias=False, backend="torch")
     with torch.no_grad():
@@ -163,3 +163,13 @@ def test_autocast_lora_branch_runs_in_adapter_dtype():
         y = m(x)
     branch_fp32 = ((x.bfloat16().float() @ m.lora_A.detach().t()) @ m.lora_B.detach().t() * m.scaling).bfloat16()
     assert torch.equal(y, branch_fp32), f"max diff {(y.float() - branch_fp32.float()).abs().max().item()}"
+    # the same through the unseeded-dropout path (F.dropout's stream) in train mode
+    m.lora_dropout = 0.25
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(4)
+        y = m(x)
+    torch.manual_seed(4)
+    xd = torch.nn.functional.dropout(x.bfloat16(), 0.25, training=True).float()
+    branch_fp32 = ((xd @ m.lora_A.detach().t()) @ m.lora_B.detach().t() * m.scaling).bfloat16()
+    assert torch.equal(y, branch_fp32), f"dropout path: max diff {(y.float() - branch_fp32.float()).abs().max()}"
