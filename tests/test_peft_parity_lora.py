@@ -363,3 +363,27 @@ def test_gradient_checkpointing_dropout_train():
     p, f = build_pair(make, *both(r=4, target_modules="all-linear", lora_dropout=0.3))
     assert f.get_base_model().is_activation_checkpointing
     assert_parity(p, f, train=True)
+
+
+def test_autocast_bf16_error_not_worse_than_peft():
+    """Under torch.autocast(bf16) both differ from fp32; fastpeft's error must stay within FA's rule of PEFT's."""
+    from _tolerances import GRAD_FACTOR, MATMUL_FACTOR, rel_err
+
+    p, f = build_pair(tiny_llama, *both(r=4, target_modules="all-linear"))
+    ids = inputs()
+    ref = f(input_ids=ids, labels=ids)
+    ref.loss.backward()
+    ref_grads = {n: q.grad.clone() for n, q in f.named_parameters() if q.requires_grad}
+    f.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        op, of = p(input_ids=ids, labels=ids), f(input_ids=ids, labels=ids)
+    assert of.logits.dtype == op.logits.dtype == torch.bfloat16
+    e_f, e_p = rel_err(of.logits.float(), ref.logits), rel_err(op.logits.float(), ref.logits)
+    assert e_f <= MATMUL_FACTOR * e_p, (e_f, e_p)
+    op.loss.backward()
+    of.loss.backward()
+    sp, sf = dict(p.named_parameters()), dict(f.named_parameters())
+    for k, g in ref_grads.items():
+        assert sf[k].grad.dtype == torch.float32
+        ef, ep = rel_err(sf[k].grad, g), rel_err(sp[k].grad, g)
+        assert ef <= GRAD_FACTOR * ep, (k, ef, ep)
