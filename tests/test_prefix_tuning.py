@@ -246,3 +246,29 @@ def test_bad_input():
         fm.generate(input_ids=ids, cache=build_prefix_cache(torch.zeros(N_VIRT, 128), 2, 2, 2), max_new_tokens=1)
     with pytest.raises(ValueError, match="prompt_embeddings"):
         fm.base_model.set_adapter_state_dict("default", {"prompt_embeddings": torch.zeros(N_VIRT, 64)})
+
+
+def test_seq_cls_llama():
+    """HF PEFT 0.21.2's SEQ_CLS prefix tuning refuses Llama under transformers 5.x (it looks for a
+    `past_key_values` argument, now `cache`); fastpeft runs it: logits equal the base model fed the prefix cache."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0)).eval()
+    fm = fastpeft.get_peft_model(model, fastpeft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    ids, mask, _ = batch()
+    lab = torch.tensor([1, 2])
+    out = fm(input_ids=ids, attention_mask=mask, labels=lab)
+    c = fm.peft_config["default"]
+    enc = fm.base_model.prompt_encoder["default"]
+    cache = build_prefix_cache(enc.output(), c.num_layers, c.num_attention_heads, 2, model.config)
+    with torch.no_grad():
+        want = fm.get_base_model()(input_ids=ids, cache=cache,
+                                   attention_mask=torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], 1)).logits
+    assert out.logits.shape == (2, 3) and max_abs(out.logits, want) <= PROMPT_FP32_ATOL
+    out.loss.backward()
+    assert enc.embedding.weight.grad.abs().sum() > 0
+    trainable = {n.split(".")[1] for n, p in fm.named_parameters() if p.requires_grad}
+    assert trainable == {"prompt_encoder", "model"}  # the encoder and the score head copy (modules_to_save)

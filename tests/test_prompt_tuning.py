@@ -374,3 +374,79 @@ def test_encoder_decoder_models_are_refused():
                                                 num_heads=4, decoder_start_token_id=0))
     with pytest.raises(ValueError, match="encoder-decoder"):
         fastpeft.get_peft_model(model, fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+
+
+def _tiny_llama_seqcls():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    return LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0)).eval()
+
+
+def test_seq_cls_with_score_head_matches_peft_and_files(tmp_path):
+    m1, m2 = twin(_tiny_llama_seqcls)
+    pristine = copy.deepcopy(m1)
+    kw = dict(task_type="SEQ_CLS", num_virtual_tokens=3)
+    pm = peft.get_peft_model(m1, peft.PromptTuningConfig(**kw))
+    fm = fastpeft.get_peft_model(m2, fastpeft.PromptTuningConfig(**kw))
+    fm.base_model.prompt_encoder["default"].load_state_dict(pm.prompt_encoder["default"].state_dict())
+    with torch.no_grad():  # a trained head, so that saving/loading it matters
+        for m in (pm, fm):
+            m.get_base_model().score.modules_to_save["default"].weight.copy_(
+                torch.arange(3 * 64, dtype=torch.float32).view(3, 64).sin())
+    ids, mask, _ = batch()
+    lab = torch.tensor([0, 2])
+    o1 = pm(input_ids=ids, attention_mask=mask, labels=lab)
+    o2 = fm(input_ids=ids, attention_mask=mask, labels=lab)
+    assert max_abs(o1.logits, o2.logits) <= PROMPT_FP32_ATOL and max_abs(o1.loss, o2.loss) <= PROMPT_FP32_ATOL
+    assert fm.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+    pm.save_pretrained(str(tmp_path / "p"))
+    fm.save_pretrained(str(tmp_path / "f"))
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(tmp_path / "p" / "adapter_model.safetensors"))) == \
+        set(load_file(str(tmp_path / "f" / "adapter_model.safetensors"))) == \
+        {"prompt_embeddings", "base_model.score.weight"}  # PEFT's prompt-learning layout (no `.model`)
+    with torch.no_grad():
+        a = fastpeft.PeftModel.from_pretrained(copy.deepcopy(pristine), str(tmp_path / "p"))
+        assert max_abs(a(input_ids=ids, attention_mask=mask).logits, o1.logits) <= PROMPT_FP32_ATOL
+        b = peft.PeftModel.from_pretrained(copy.deepcopy(pristine), str(tmp_path / "f"))
+        assert max_abs(b(input_ids=ids, attention_mask=mask).logits, o2.logits) <= PROMPT_FP32_ATOL
+
+
+@pytest.mark.parametrize("cname", ["PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig"])
+def test_bert_encoder_with_token_type_ids_matches_peft(cname):
+    from test_prompt_utils import tiny_bert
+
+    m1, m2 = twin(tiny_bert)
+    kw = dict(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3)
+    pm = peft.get_peft_model(m1, getattr(peft, cname)(**kw))
+    fm = fastpeft.get_peft_model(m2, getattr(fastpeft, cname)(**kw))
+    fm.base_model.prompt_encoder["default"].load_state_dict(pm.prompt_encoder["default"].state_dict())
+    ids, mask, _ = batch()
+    with torch.no_grad():
+        o1 = pm(input_ids=ids, attention_mask=mask).last_hidden_state
+        o2 = fm(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert max_abs(o1, o2) <= PROMPT_FP32_ATOL
+        # PEFT drops token_type_ids for FEATURE_EXTRACTION (and extends them with zeros for SEQ_CLS); fastpeft always
+        # extends them with zeros over the virtual tokens (prefix tuning: passes them through unchanged)
+        tt = torch.zeros_like(ids)
+        tt[:, -2:] = 1
+        got = fm(input_ids=ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+        base = fm.get_base_model()
+        ext_mask = torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], dim=1)
+        if cname == "PrefixTuningConfig":
+            from fastpeft.prompt.tuners import build_prefix_cache
+
+            c = fm.peft_config["default"]
+            cache = build_prefix_cache(fm.base_model.prompt_encoder["default"].output(), c.num_layers,
+                                       c.num_attention_heads, 2)
+            want = base(input_ids=ids, attention_mask=ext_mask, token_type_ids=tt, cache=cache).last_hidden_state
+        else:
+            emb = base.get_input_embeddings()(ids)
+            prompt = fm.base_model.prompt_encoder["default"].output().expand(2, -1, -1)
+            want = base(inputs_embeds=torch.cat([prompt, emb], 1), attention_mask=ext_mask,
+                        token_type_ids=torch.cat([torch.zeros(2, 3, dtype=tt.dtype), tt], 1)).last_hidden_state
+        assert max_abs(got, want) <= PROMPT_FP32_ATOL
+        assert max_abs(got, o2) >= PROMPT_EFFECT_MIN

@@ -267,6 +267,13 @@ class PromptLearningTuner(BaseTuner):
         """Encoders are created in fp32 already (PEFT's prompt encoders are never half precision)."""
 
     # -- state dict contract -------------------------------------------------------------------------------------
+    def _adapter_key_map(self, adapter_name: str) -> dict[str, str]:
+        # With prompt learning PEFT's PeftModel holds the user model directly as `base_model`, so modules_to_save
+        # weights are saved as `base_model.<path>` (not `base_model.model.<path>` as for injected tuners).
+        pre = "base_model.model."
+        return {("base_model." + k[len(pre):]) if k.startswith(pre) else k: v
+                for k, v in super()._adapter_key_map(adapter_name).items()}
+
     def _expected_adapter_shapes(self, adapter_name: str) -> dict[str, tuple[int, ...]]:
         shapes = super()._expected_adapter_shapes(adapter_name)
         enc = self.prompt_encoder[adapter_name]
