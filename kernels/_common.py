@@ -132,6 +132,40 @@ def skinny_precision(adapter_dtype: torch.dtype) -> str:
     return "ieee" if adapter_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
+# Triton's interpreter computes bf16 tl.dot wrongly (garbage; fp16 and fp32 are fine): in the interpreter, dots
+# with a bf16 operand upcast both operands to fp32 (exact) and multiply in ieee fp32 - the products a GPU's bf16
+# MMA makes, accumulated in fp32 - so the CPU tests cover the bf16 kernels too.  Never used on a GPU.
+UPCAST_PREC = "upcast_f32"
+
+
+def dot_prec(prec: str, *dtypes: torch.dtype) -> str:
+    """`prec`, or the interpreter's bf16 workaround (`UPCAST_PREC`) when a dot operand may be bf16."""
+    if interpret_mode() and torch.bfloat16 in dtypes:
+        return UPCAST_PREC
+    return prec
+
+
+@triton.jit
+def mma(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b in fp32 with input precision PREC (see `dot_prec`)."""
+    if PREC == "upcast_f32":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def scaled(v, s):
+    """v * s with torch's result dtype (v's when the dtypes match, else fp32 - for fp16/bf16/fp32 operands),
+    formed as one fp32 product rounded once: the same value a 16-bit multiply gives, and correct in the interpreter,
+    whose bf16 elementwise arithmetic is broken like its bf16 dot."""
+    prod = v.to(tl.float32) * s.to(tl.float32)
+    if v.dtype == s.dtype:
+        return prod.to(v.dtype)
+    else:
+        return prod
+
+
 def pad_rank(r: int) -> int:
     """tl.dot needs every dimension >= 16 and power-of-two blocks: pad r to max(16, next power of two)."""
     return max(16, triton.next_power_of_2(int(r)))
@@ -322,8 +356,8 @@ def _gemm_kernel(
                 if HAS_PRO:
                     offs_k = off_k + tl.arange(0, BLOCK_K)
                     pro = tl.load(pro_ptr + offs_k, mask=offs_k < K, other=0.0)
-                    a = (a.to(pro.dtype) * pro[None, :]).to(a.dtype)
-                acc = tl.dot(a, b, acc, input_precision=PREC)
+                    a = scaled(a.to(pro.dtype), pro[None, :]).to(a.dtype)
+                acc = mma(a, b, acc, PREC)
         else:
             rm64 = offs_m.to(tl.int64)
             rn64 = offs_n.to(tl.int64)
@@ -337,8 +371,8 @@ def _gemm_kernel(
                             mask=mask_k[:, None] & mask_n[None, :], other=0.0)
                 if HAS_PRO:
                     pro = tl.load(pro_ptr + offs_k, mask=mask_k, other=0.0)
-                    a = (a.to(pro.dtype) * pro[None, :]).to(a.dtype)
-                acc = tl.dot(a, b, acc, input_precision=PREC)
+                    a = scaled(a.to(pro.dtype), pro[None, :]).to(a.dtype)
+                acc = mma(a, b, acc, PREC)
 
         # ---- epilogue, on EPI_SPLIT column sub-tiles (fewer live registers: the rank-r product and the Philox
         # state of the dropout mask are per element) ----
@@ -422,17 +456,17 @@ def _epilogue(acc, pid_m, offs_m, n0, M, N, c_ptr, stride_cm, stride_cn,
         lt = tl.load(l_ptr + rm64[:, None] * stride_lm + offs_r[None, :] * stride_lr,
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32) * lscale
         if HAS_RS:
-            rs = tl.load(rs_ptr + offs_r, mask=mask_r, other=0.0)
+            rs = tl.load(rs_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
             lt = lt * rs[None, :]
         rt = tl.load(rm_ptr + offs_r[:, None] * stride_rr + rn64[None, :] * stride_rn,
                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         if HAS_DROPOUT:
             # the mask applies to the rank-r term only, so it needs its own product (scale folded into L first)
-            lora = tl.dot((lt * drop_scale).to(rt.dtype), rt, input_precision=LORA_PREC)
+            lora = mma((lt * drop_scale).to(rt.dtype), rt, tl.zeros(acc.shape, dtype=tl.float32), LORA_PREC)
             keep = dropout_keep(seed, offs_m, offs_n, N, p)
             acc += tl.where(keep, lora, 0.0)
         else:
-            acc = tl.dot(lt.to(rt.dtype), rt, acc, input_precision=LORA_PREC)
+            acc = mma(lt.to(rt.dtype), rt, acc, LORA_PREC)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -446,7 +480,7 @@ def _epilogue(acc, pid_m, offs_m, n0, M, N, c_ptr, stride_cm, stride_cn,
         tl.store(part_ptr + pid_m.to(tl.int64) * N + offs_n, dl_part, mask=mask_n)
     if HAS_COL:
         col = tl.load(col_ptr + offs_n, mask=mask_n, other=0.0)
-        acc = (acc.to(c_dtype) * col[None, :]).to(tl.float32)
+        acc = scaled(acc.to(c_dtype), col[None, :]).to(tl.float32)
     if STORE_C:
         tl.store(c_ptr + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn, acc.to(c_dtype), mask=mask_mn)
 
@@ -524,8 +558,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
     part = None
     if dl_x is not None:
         # One partial row per M tile: BLOCK_M is only known once a config is picked, so size for the smallest
-        # BLOCK_M any config can have (16) and slice afterwards.
-        part = torch.zeros((triton.cdiv(m, 16), n), device=dev, dtype=torch.float32)
+        # BLOCK_M a config kept for this M has; rows a larger tile leaves unwritten stay zero.
+        min_bm = min(cfg.kwargs["BLOCK_M"] for cfg in prune_gemm_configs(gemm_configs(), {"M": m, "a_ptr": a}))
+        part = torch.zeros((triton.cdiv(m, min_bm), n), device=dev, dtype=torch.float32)
 
     def grid(meta):
         tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
@@ -548,7 +583,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
         HAS_PRO=pro is not None, HAS_LORA=has_lora, HAS_RS=rs is not None, HAS_DROPOUT=has_lora and p > 0.0,
         HAS_BIAS=bias is not None, WRITE_Z=z is not None, HAS_DL=dl_x is not None, HAS_COL=col is not None,
         STORE_C=out is not None,
-        PREC=prec, LORA_PREC=lora_prec, B_KCONTIG=b_kcontig,
+        PREC=dot_prec(prec, a.dtype), LORA_PREC=dot_prec(lora_prec, Rm.dtype), B_KCONTIG=b_kcontig,
     )
     global _tma_broken
     if tma:

@@ -25,7 +25,8 @@ import triton.language as tl
 
 from fastpeft.ops.ia3 import ia3_bwd_ref, ia3_fwd_ref
 
-from ._common import SUPPORTED_DTYPES, base_precision, gemm, skinny_blocks, split_count, target_programs
+from ._common import (SUPPORTED_DTYPES, base_precision, gemm, scaled, skinny_blocks, split_count,
+                      target_programs)
 
 __all__ = ["ia3_fwd_triton", "ia3_bwd_triton"]
 
@@ -57,10 +58,10 @@ def _ia3_colsum_kernel(dy_ptr, z_ptr, l_ptr, dl_part_ptr, db_part_ptr, M, N,
         dy = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn64[None, :] * stride_dyn, mask=mask, other=0.0)
         if HAS_Z:
             z = tl.load(z_ptr + rm64[:, None] * stride_zm + rn64[None, :] * stride_zn, mask=mask, other=0.0)
-            acc_dl += tl.sum((dy.to(lv.dtype) * z.to(lv.dtype)).to(tl.float32), axis=0)
+            acc_dl += tl.sum(scaled(dy.to(lv.dtype), z.to(lv.dtype)).to(tl.float32), axis=0)
         if HAS_DB:
             if HAS_L:
-                dz = (dy.to(lv.dtype) * lv[None, :]).to(dy.dtype)
+                dz = scaled(dy.to(lv.dtype), lv[None, :]).to(dy.dtype)
                 acc_db += tl.sum(dz.to(tl.float32), axis=0)
             else:
                 acc_db += tl.sum(dy.to(tl.float32), axis=0)

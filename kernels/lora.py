@@ -32,7 +32,7 @@ import triton.language as tl
 from fastpeft.ops.dropout import dropout_scale
 from fastpeft.ops.lora import lora_bwd_ref, lora_fwd_ref
 
-from ._common import (SUPPORTED_DTYPES, base_precision, dropout_keep, gemm, lora_epilogue_precision, pad_rank,
+from ._common import (SUPPORTED_DTYPES, base_precision, dot_prec, dropout_keep, gemm, mma, lora_epilogue_precision, pad_rank,
                       skinny_blocks, skinny_precision, split_count, target_programs)
 
 __all__ = ["lora_fwd_triton", "lora_bwd_triton"]
@@ -73,7 +73,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, part_ptr, M, K, R,
             x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
         at = tl.load(a_ptr + offs_r[None, :] * stride_ar + rk64[:, None] * stride_ak,
                      mask=mask_r[None, :] & mask_k[:, None], other=0.0)
-        acc = tl.dot(x.to(a_dtype), at, acc, input_precision=PREC)
+        acc = mma(x.to(a_dtype), at, acc, PREC)
     out = part_ptr + pid_s.to(tl.int64) * M * R + rm64[:, None] * R + offs_r[None, :]
     tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
 
@@ -124,8 +124,8 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
                 se = se * e[None, :]
             se = (se * scaling).to(b_dtype)
             dya = dy.to(b_dtype)
-            acc_b = tl.dot(tl.trans(dya), se, acc_b, input_precision=PREC)
-            dse = tl.dot(dya, bt, input_precision=PREC) * scaling
+            acc_b = mma(tl.trans(dya), se, acc_b, PREC)
+            dse = mma(dya, bt, tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), PREC) * scaling
             mask_mr = mask_m[:, None] & mask_r[None, :]
             dse_ptrs = dse_part_ptr + pid_nc.to(tl.int64) * M * R + rm64[:, None] * R + offs_r[None, :]
             not_first = (tl.zeros((BLOCK_M, R_PAD), dtype=tl.int32) + nb) > nb0  # the first N block only stores
@@ -169,7 +169,7 @@ def _lora_da_kernel(x_ptr, ds_ptr, part_ptr, M, K, R,
             x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
         ds = tl.load(ds_ptr + rm64[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        acc = tl.dot(tl.trans(ds.to(A_DTYPE)), x.to(A_DTYPE), acc, input_precision=PREC)
+        acc = mma(tl.trans(ds.to(A_DTYPE)), x.to(A_DTYPE), acc, PREC)
     out = part_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None].to(tl.int64) * K + rk64[None, :]
     tl.store(out, acc, mask=mask_r[:, None] & mask_k[None, :])
 
@@ -204,7 +204,7 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) 
         x, lora_A, part, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
         kb_per, int(seed), float(dropout_p), dropout_scale(dropout_p) if dropout_p > 0 else 1.0,
         BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=dropout_p > 0.0,
-        PREC=skinny_precision(lora_A.dtype), num_warps=warps)
+        PREC=dot_prec(skinny_precision(lora_A.dtype), lora_A.dtype), num_warps=warps)
     return _reduce(part)
 
 
@@ -282,7 +282,7 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         m, n, r, float(scaling),
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
         mb_per, nb_per, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, HAS_E=lora_E is not None, HAS_BIAS=has_bias,
-        PREC=skinny_precision(adt), num_warps=warps)
+        PREC=dot_prec(skinny_precision(adt), adt), num_warps=warps)
     d_se = _reduce(dse_part)  # (M, r) fp32, includes s
     dB = _reduce(db_part).to(lora_B.dtype)
     dbias = _reduce(dbias_part).to(weight.dtype) if has_bias else empty_db
@@ -303,7 +303,7 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     _lora_da_kernel[(k_blocks, msplits)](
         x, dS, da_part, m, k, r, x.stride(0), x.stride(1), dS.stride(0), dS.stride(1),
         mb_per, int(seed), float(dropout_p), drop_scale,
-        BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad, HAS_DROPOUT=dropout_p > 0.0, PREC=skinny_precision(adt),
+        BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad, HAS_DROPOUT=dropout_p > 0.0, PREC=dot_prec(skinny_precision(adt), adt),
         A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
     dA = _reduce(da_part).to(adt)
 

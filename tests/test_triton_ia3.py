@@ -1,8 +1,9 @@
 """Triton (IA)³ kernels (``fastpeft.kernels.ia3``) against the fp64 torch reference, both modes.
 
 Runs in Triton's interpreter on CPU when there is no GPU (``tests/conftest.py``); shapes are small but span several
-tiles with masked tails, M = 0 and 1, 3-D and non-contiguous x, a transposed-view weight, fp32 and fp16 (bf16 only
-on CUDA: the interpreter's bf16 ``tl.dot`` is broken), an fp32 scale vector on a 16-bit base, and the TMA path.
+tiles with masked tails, M = 0 and 1, 3-D and non-contiguous x, a transposed-view weight, fp32, fp16 and bf16 (the
+interpreter's bf16 ``tl.dot`` is broken, so there the kernels upcast bf16 dot operands to fp32), an fp32 scale
+vector on a 16-bit base, and the TMA path.
 Accuracy rule (FA's): err(triton, fp64 ref) <= MATMUL_FACTOR (grads GRAD_FACTOR) * err(torch same dtype) + atol.
 """
 
@@ -81,6 +82,9 @@ CASES = {
     "in_fp32_noncontig_nobias": dict(lead=(19,), k=24, n=30, ff=True, dtype=F32, with_bias=False,
                                      x_noncontig=True),
     "out_fp16_noncontig": dict(lead=(19,), k=24, n=30, ff=False, dtype=F16, x_noncontig=True),
+    # bf16 (the interpreter upcasts bf16 dot operands to fp32: kernels._common.dot_prec), fp32 l
+    "out_bf16_fp32l": dict(lead=(13,), k=20, n=35, ff=False, dtype=torch.bfloat16, ldt=F32),
+    "in_bf16": dict(lead=(13,), k=35, n=20, ff=True, dtype=torch.bfloat16),
 }
 
 

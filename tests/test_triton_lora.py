@@ -2,8 +2,10 @@
 
 Without a GPU, ``tests/conftest.py`` sets TRITON_INTERPRET=1 and the kernels run on CPU tensors in Triton's
 interpreter: shapes are small (the interpreter is slow) but cover several tiles, masked tails, r = 1, 3, 16, 128,
-M = 0 and 1, 3-D and non-contiguous x, a transposed-view weight, fp32 and fp16 (the interpreter's bf16 ``tl.dot`` is
-broken, so bf16 runs only on CUDA), fp32 adapters on a 16-bit base, and the tensor-descriptor (TMA) path.
+M = 0 and 1, 3-D and non-contiguous x, a transposed-view weight, fp32, fp16 and bf16 (the interpreter's bf16
+``tl.dot`` is broken, so in the interpreter the kernels upcast bf16 dot operands to fp32 - see
+``kernels._common.dot_prec``; the native bf16 dots run in the GPU tests), fp32 adapters on a 16-bit base, and the
+tensor-descriptor (TMA) path.
 
 Accuracy rule (FA's): err(triton, fp64 ref) <= MATMUL_FACTOR * err(torch same dtype, fp64 ref) + MATMUL_ATOL[dtype]
 (gradients GRAD_FACTOR), with err the relative Frobenius error.
@@ -118,6 +120,9 @@ CASES = {
     # non-contiguous x, r = 16 (no padding), dropout 0.5, no bias, AdaLoRA
     "fp32_noncontig_r16_nobias": dict(lead=(21,), k=40, n=24, r=16, dtype=F32, p=0.5, with_e=True,
                                       with_bias=False, x_noncontig=True),
+    # bf16 (the interpreter runs its dots in fp32, see kernels._common.dot_prec), fp32 adapters, dropout
+    "bf16_fp32adapters_dropout": dict(lead=(3, 6), k=36, n=20, r=4, dtype=torch.bfloat16, adt=F32, p=0.2),
+    "bf16_adalora": dict(lead=(17,), k=20, n=33, r=2, dtype=torch.bfloat16, with_e=True, w_t=True),
     # tall (M >> N): the one-pass dY kernel splits M into chunks whose dB / dbias partials are summed
     "fp32_tall_adalora": dict(lead=(70,), k=24, n=20, r=4, dtype=F32, with_e=True),
     # the largest rank, r = 128, with a strided weight, a seed above 2**32 (both key words)
