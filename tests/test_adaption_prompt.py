@@ -298,3 +298,17 @@ def test_bad_input():
             "base_model.model.model.layers.1.self_attn.adaption_gate": torch.zeros(1)})
     with pytest.raises(ValueError, match="cannot be merged"):
         fm.merge_and_unload()
+
+
+def test_failed_load_leaves_the_model_unchanged(tmp_path):
+    torch.manual_seed(0)
+    fm = fastpeft.get_peft_model(tiny_llama(), _cfg(fastpeft))
+    fm.save_pretrained(str(tmp_path))
+    target = tiny_llama()
+    before = {n: (type(m), id(m)) for n, m in target.named_modules()}
+    grads = {n: p.requires_grad for n, p in target.named_parameters()}
+    wrong = fastpeft.AdaptionPromptConfig(adapter_len=7, adapter_layers=2, task_type="CAUSAL_LM")
+    with pytest.raises(ValueError, match="adaption_prompt"):
+        fastpeft.PeftModel.from_pretrained(target, str(tmp_path), config=wrong)
+    assert {n: (type(m), id(m)) for n, m in target.named_modules()} == before
+    assert {n: p.requires_grad for n, p in target.named_parameters()} == grads

@@ -450,3 +450,23 @@ def test_bert_encoder_with_token_type_ids_matches_peft(cname):
                         token_type_ids=torch.cat([torch.zeros(2, 3, dtype=tt.dtype), tt], 1)).last_hidden_state
         assert max_abs(got, want) <= PROMPT_FP32_ATOL
         assert max_abs(got, o2) >= PROMPT_EFFECT_MIN
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+def test_gradient_checkpointing_works_and_changes_nothing(model_name):
+    """Unlike prefix tuning, prompt tuning trains under gradient checkpointing, with the same loss and gradient."""
+    m1, m2 = twin(MODELS[model_name])
+    m2.gradient_checkpointing_enable()
+    f1 = fastpeft.get_peft_model(m1, _configs("prompt")[1])
+    f2 = fastpeft.get_peft_model(m2, _configs("prompt")[1])
+    f2.base_model.prompt_encoder.load_state_dict(f1.base_model.prompt_encoder.state_dict())
+    f1.train()
+    f2.train()
+    ids, mask, labels = batch()
+    l1 = f1(input_ids=ids, attention_mask=mask, labels=labels).loss
+    l2 = f2(input_ids=ids, attention_mask=mask, labels=labels).loss
+    l1.backward()
+    l2.backward()
+    g1 = f1.base_model.prompt_encoder["default"].embedding.weight.grad
+    g2 = f2.base_model.prompt_encoder["default"].embedding.weight.grad
+    assert max_abs(l1, l2) <= PROMPT_FP32_ATOL and max_abs(g1, g2) <= PROMPT_FP32_ATOL and g2.abs().sum() > 0

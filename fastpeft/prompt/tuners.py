@@ -164,11 +164,18 @@ def _repeat_cache(cache, batch_size: int, model_config=None):
     return out
 
 
-def _forward_param_names(model: nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
+_PARAM_NAMES: dict[type, frozenset] = {}
+
+
+def _forward_param_names(model: nn.Module) -> frozenset:
+    """Names of ``model.forward``'s parameters (cached per class: inspect.signature costs ~50 µs per call)."""
+    cls = type(model)
+    if cls not in _PARAM_NAMES:
+        try:
+            _PARAM_NAMES[cls] = frozenset(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            _PARAM_NAMES[cls] = frozenset()
+    return _PARAM_NAMES[cls]
 
 
 # ---------------------------------------------------------------------------------------------------------------
