@@ -56,6 +56,21 @@ def test_public_export_and_parameters():
     assert LoRALinear(4, 4, device="meta").lora_A.device.type == "meta"
 
 
+def test_drop_in_for_nn_linear():
+    """Same seed -> same base weights as nn.Linear; an nn.Linear state dict loads; starts equal to the linear."""
+    for cls in (LoRALinear, fastpeft.AdaLoRALinear, fastpeft.IA3Linear):
+        torch.manual_seed(3)
+        lin = nn.Linear(10, 6)
+        torch.manual_seed(3)
+        m = cls(10, 6)
+        assert torch.equal(m.weight, lin.weight) and torch.equal(m.bias, lin.bias), cls.__name__
+        m2 = cls(10, 6)
+        missing, unexpected = m2.load_state_dict(lin.state_dict(), strict=False)
+        assert not unexpected and set(missing) <= {"lora_A", "lora_B", "lora_E", "ia3_l"}
+        x = torch.randn(4, 10)
+        assert torch.equal(m2(x), lin(x)), cls.__name__
+
+
 def test_inits():
     torch.manual_seed(0)
     m = LoRALinear(400, 30, r=8)
