@@ -1,0 +1,1 @@
+"""fastpeft benchmarks (``python -m benchmarks --help``); not part of the installed package."""

