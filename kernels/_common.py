@@ -11,6 +11,7 @@ NOT measured: no GPU was available in the task that wrote them (every kernel was
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -59,6 +60,20 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _device_caps(device.index if device.index is not None else torch.cuda.current_device())[0]
     return 3
+
+
+def device_ctx(t: torch.Tensor):
+    """Launch on `t`'s GPU (Triton launches on the current device), a no-op for CPU tensors."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def on_input_device(fn):
+    """Decorator for launchers: run with the first argument's GPU as the current device."""
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        with device_ctx(first):
+            return fn(first, *args, **kwargs)
+    return wrapper
 
 
 _allocator_set = False
@@ -118,12 +133,12 @@ def base_precision(dtype: torch.dtype) -> str:
 
 
 def lora_epilogue_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
-    """tl.dot precision of the rank-r term added in a GEMM epilogue.  With fp32 adapters on a 16-bit base the term
-    is added to an output rounded to 16 bits, so tf32's 2**-11 relative error is below that rounding; with an fp32
-    base the term keeps the base's precision."""
-    if adapter_dtype == torch.float32 and x_dtype != torch.float32:
-        return "tf32"
-    return base_precision(x_dtype) if adapter_dtype == torch.float32 else "tf32"
+    """tl.dot precision of the rank-r term added in a GEMM epilogue.  With an fp32 base and fp32 adapters the term
+    keeps the base's precision; with fp32 adapters on a 16-bit base it is added to an output rounded to 16 bits, so
+    tf32 (2**-11 relative) is below that rounding; with 16-bit adapters the setting is ignored."""
+    if adapter_dtype == torch.float32 and x_dtype == torch.float32:
+        return base_precision(torch.float32)
+    return "tf32"
 
 
 def skinny_precision(adapter_dtype: torch.dtype) -> str:
@@ -289,7 +304,8 @@ def skinny_blocks(device: torch.device, dropout: bool = False) -> tuple[int, int
 #
 #   prologue  (HAS_PRO):   A[:, k] <- (A[:, k] in pro's dtype * pro[k]) cast back to A's dtype    (IA3 input scale)
 #   epilogue, in order, on the fp32 accumulator:
-#     HAS_LORA:  += dropmask(m, n) * ((L[M, R] * lscale * rs[R]) @ Rm[R, N])     (LoRA expand term; dropout on the dX side)
+#     HAS_LORA:  += dropmask(m, n) * ((L[M, R] * lscale * rs[R]) @ Rm[R, N])
+#                (the LoRA expand term; the dropout mask only on the dX side)
 #     HAS_BIAS:  += bias[n]
 #     WRITE_Z:   Z <- acc  (IA3's saved z = x Wᵀ + b)
 #     HAS_DL:    part[pid_m, n] = Σ_m round(acc) * X2[m, n]                (IA3 input-mode dl, one row per M tile)

@@ -6,8 +6,8 @@
 Both use the GEMM kernel of ``_common`` (persistent, TMA when available, autotuned):
   forward, output mode:  epilogue z = acc + b (written: the op saves it for dl), y = round(z) ⊙ l.
   forward, input mode:   prologue x ⊙ l on every loaded x tile; epilogue + b.
-  backward, output mode: dX = (dY ⊙ l) W with the scale in the prologue; ``_ia3_colsum_kernel`` makes dl = Σ_m dY ⊙ z
-                         and dbias = Σ_m dY ⊙ l in one pass over dY and z.
+  backward, output mode: dX = (dY ⊙ l) W with the scale in the prologue; ``_ia3_colsum_kernel`` makes
+                         dl = Σ_m dY ⊙ z and dbias = Σ_m dY ⊙ l in one pass over dY and z.
   backward, input mode:  G = dY W; its epilogue writes dX = G ⊙ l and the per-M-tile partial sums of G ⊙ x (dl);
                          dbias = Σ_m dY by ``_ia3_colsum_kernel``.
 
@@ -25,7 +25,7 @@ import triton.language as tl
 
 from fastpeft.ops.ia3 import ia3_bwd_ref, ia3_fwd_ref
 
-from ._common import (SUPPORTED_DTYPES, base_precision, gemm, scaled, skinny_blocks, split_count,
+from ._common import (SUPPORTED_DTYPES, base_precision, gemm, on_input_device, scaled, skinny_blocks, split_count,
                       target_programs)
 
 __all__ = ["ia3_fwd_triton", "ia3_bwd_triton"]
@@ -97,6 +97,7 @@ def _supported(*tensors: Optional[torch.Tensor]) -> bool:
     return all(t is None or t.dtype in SUPPORTED_DTYPES for t in tensors)
 
 
+@on_input_device
 def ia3_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
                    feedforward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton IA3 forward; the contract of ``fastpeft.ops.ia3.ia3_fwd_ref``.
@@ -122,6 +123,7 @@ def ia3_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return y, z
 
 
+@on_input_device
 def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l: torch.Tensor, saved: torch.Tensor,
                    feedforward: bool, needs_dx: bool, has_bias: bool
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -32,8 +32,9 @@ import triton.language as tl
 from fastpeft.ops.dropout import dropout_scale
 from fastpeft.ops.lora import lora_bwd_ref, lora_fwd_ref
 
-from ._common import (SUPPORTED_DTYPES, base_precision, dot_prec, dropout_keep, gemm, mma, lora_epilogue_precision, pad_rank,
-                      skinny_blocks, skinny_precision, split_count, target_programs)
+from ._common import (SUPPORTED_DTYPES, base_precision, dot_prec, dropout_keep, gemm, on_input_device,
+                      lora_epilogue_precision, mma, pad_rank, skinny_blocks, skinny_precision, split_count,
+                      target_programs)
 
 __all__ = ["lora_fwd_triton", "lora_bwd_triton"]
 
@@ -208,6 +209,7 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) 
     return _reduce(part)
 
 
+@on_input_device
 def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                     lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float,
                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,6 +237,7 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return y, s
 
 
+@on_input_device
 def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                     lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, S: torch.Tensor, scaling: float,
                     dropout_p: float, seed: int, needs_dx: bool, has_bias: bool
