@@ -272,3 +272,19 @@ def test_seq_cls_llama():
     assert enc.embedding.weight.grad.abs().sum() > 0
     trainable = {n.split(".")[1] for n, p in fm.named_parameters() if p.requires_grad}
     assert trainable == {"prompt_encoder", "model"}  # the encoder and the score head copy (modules_to_save)
+
+
+def test_empty_cache_from_caller_is_filled():
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    fm = fastpeft.get_peft_model(tiny_llama(), _cfgs("plain")[1]).eval()
+    ids, mask, _ = batch()
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = fm(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        ref = fm(input_ids=ids, attention_mask=mask).logits
+    assert cache.get_seq_length() == N_VIRT + ids.shape[1]
+    assert max_abs(out.logits, ref) <= PROMPT_FP32_ATOL
+    with pytest.raises(ValueError, match="use_cache=True"):
+        fm.generate(input_ids=ids, use_cache=False, max_new_tokens=1)

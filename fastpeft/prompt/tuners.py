@@ -214,7 +214,8 @@ class PromptLearningTuner(BaseTuner):
         if emb is None:
             raise ValueError(f"{config.peft_type} needs a model with input embeddings (get_input_embeddings()); "
                              f"{type(self.model).__name__} has none")
-        self.word_embeddings = emb
+        # kept out of the module tree: it is the model's own embedding (already under self.model)
+        self.__dict__["word_embeddings"] = emb
         prepare_prompt_learning_config(config, self.model)
         self._check_model(config)
         encoder = self._build_encoder(config)
@@ -416,6 +417,8 @@ class PromptLearningTuner(BaseTuner):
                 kwargs["position_ids"] = kwargs["position_ids"] + n
             kwargs[self._cache_kwarg] = cache
             return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        if cache is not None:
+            kwargs[self._cache_kwarg] = cache  # an empty cache the caller wants filled
         return self._inject_forward(cfg, input_ids, inputs_embeds, b, length, kwargs)
 
     def _check_forward_state(self) -> None:
@@ -454,6 +457,9 @@ class PromptLearningTuner(BaseTuner):
         if kwargs.get("position_ids") is not None:
             raise ValueError("generate() with a prompt-learning adapter computes position ids itself; do not pass "
                              "position_ids")
+        if kwargs.get("use_cache") is False:
+            raise ValueError("generate() with a prompt-learning adapter needs use_cache=True: the prompt is handed to "
+                             "the model as its KV cache")
         rows = b * self._expand_size(kwargs)
         return self._generate(gen, cfg, input_ids, inputs_embeds, rows, kwargs)
 
@@ -601,16 +607,22 @@ class PrefixTuningTuner(PromptLearningTuner):
                              prefix_projection=config.prefix_projection and not config.inference_mode,
                              hidden_size=config.encoder_hidden_size, zero_init=config.init_weights == "zero")
 
-    def _prefix_cache(self, cfg, rows: int):
+    def _prefix_cache(self, cfg, rows: int, into=None):
         dtype = getattr(self.model, "dtype", None) or self.word_embeddings.weight.dtype
         prefix = self._prompt().to(dtype)
-        return build_prefix_cache(prefix, cfg.num_layers, cfg.num_attention_heads, rows,
-                                  getattr(self.model, "config", None))
+        cache = build_prefix_cache(prefix, cfg.num_layers, cfg.num_attention_heads, rows,
+                                   getattr(self.model, "config", None))
+        if into is not None and hasattr(into, "update"):
+            # an empty cache object passed by the caller is filled in place (they may hold on to it)
+            for i, layer in enumerate(cache.layers):
+                into.update(layer.keys, layer.values, i)
+            return into
+        return cache
 
     def _inject_forward(self, cfg, input_ids, inputs_embeds, b, length, kwargs):
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + cfg.num_virtual_tokens
-        kwargs[self._cache_kwarg] = self._prefix_cache(cfg, b)
+        kwargs[self._cache_kwarg] = self._prefix_cache(cfg, b, into=kwargs.get(self._cache_kwarg))
         return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
     def _generate(self, gen, cfg, input_ids, inputs_embeds, rows, kwargs):
