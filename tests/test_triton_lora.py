@@ -331,3 +331,40 @@ def test_training_loss_curve_matches_torch_gpu():
         torch.backends.cuda.matmul.allow_tf32 = prev
     assert ref[-1] < ref[0]  # the run learns something, so matching curves means something
     assert rel_err(tri, ref) <= TRITON_TRAINING_LOSS_RTOL, (tri, ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the TMA switch and its fallback
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_tma_env_rejects_bad_value(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_TRITON_TMA", "yes")
+    with pytest.raises(ValueError, match="FASTPEFT_TRITON_TMA"):
+        KC.use_tma(torch.randn(4, 16), torch.randn(4, 16))
+
+
+def test_tma_launch_failure_falls_back_to_pointer_path(monkeypatch, caplog):
+    """If the (unmeasured) descriptor path fails to compile or launch, the GEMM warns once and uses the pointer
+    path from then on, with correct results."""
+    monkeypatch.setenv("FASTPEFT_TRITON_TMA", "1")
+    x = torch.randn(20, 48, device=DEV, dtype=F16)
+    w = torch.randn(40, 48, device=DEV, dtype=F16)
+    if not KC.use_tma(x, w):
+        pytest.skip("this Triton has no tensor descriptors (or this GPU cannot use them)")
+    real = KC._gemm_autotuned
+
+    class FailingTMA:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs["USE_TMA"]:
+                    raise RuntimeError("simulated TMA compile failure")
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(KC, "_gemm_autotuned", FailingTMA())
+    monkeypatch.setattr(KC, "_tma_broken", False)
+    with caplog.at_level("WARNING", logger="fastpeft"):
+        check_fa_rule(Case((20,), 48, 40, 8, F16, p=0.2))
+    assert KC._tma_broken and "TMA GEMM path failed" in caplog.text
+    assert not KC.use_tma(x, w)
