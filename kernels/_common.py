@@ -109,8 +109,9 @@ def use_tma(a: torch.Tensor, b_view_rowmajor: torch.Tensor | None) -> bool:
     if not (_tma_2d_ok(a) and _tma_2d_ok(b_view_rowmajor)):
         return False
     if a.device.type == "cuda":
-        if mode == "auto" and _device_caps(a.device.index if a.device.index is not None
-                                           else torch.cuda.current_device())[1] < 9:
+        # auto: NVIDIA Hopper or newer only (ROCm also reports major 9 for gfx94x, which has no TMA engine)
+        if mode == "auto" and (torch.version.hip is not None or _device_caps(
+                a.device.index if a.device.index is not None else torch.cuda.current_device())[1] < 9):
             return False
         _ensure_allocator()
         return True
@@ -124,27 +125,32 @@ def use_tma(a: torch.Tensor, b_view_rowmajor: torch.Tensor | None) -> bool:
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# Precisions below: "ieee" (exact fp32 products, allowed on every backend) or "default" (no input_precision passed:
+# tf32 for fp32 operands on NVIDIA, ieee on AMD; ignored for 16-bit operands).  Never the literal "tf32", which
+# Triton's AMD backend rejects on most chips.
+
+
 def base_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision of the base GEMM.  fp32 follows torch's own matmul setting (ieee unless the user
-    allowed tf32), so the Triton backend is as accurate as the torch backend it replaces; 16-bit ignores it."""
+    """Dot precision of the base GEMM.  fp32 follows torch's own matmul setting (ieee unless the user allowed
+    tf32), so the Triton backend is as accurate as the torch backend it replaces."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
-    return "tf32"
+    return "default"
 
 
 def lora_epilogue_precision(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
-    """tl.dot precision of the rank-r term added in a GEMM epilogue.  With an fp32 base and fp32 adapters the term
+    """Dot precision of the rank-r term added in a GEMM epilogue.  With an fp32 base and fp32 adapters the term
     keeps the base's precision; with fp32 adapters on a 16-bit base it is added to an output rounded to 16 bits, so
     tf32 (2**-11 relative) is below that rounding; with 16-bit adapters the setting is ignored."""
     if adapter_dtype == torch.float32 and x_dtype == torch.float32:
         return base_precision(torch.float32)
-    return "tf32"
+    return "default"
 
 
 def skinny_precision(adapter_dtype: torch.dtype) -> str:
-    """tl.dot precision of the rank-r kernels (S, dS/dB, dA).  They produce the adapter's gradients, so fp32
+    """Dot precision of the rank-r kernels (S, dS/dB, dA).  They produce the adapter's gradients, so fp32
     adapters get ieee fp32 (like torch's fp32 matmul); these kernels are memory-bound, so the cost is small."""
-    return "ieee" if adapter_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    return "ieee" if adapter_dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "default"
 
 
 # Triton's interpreter computes bf16 tl.dot wrongly (garbage; fp16 and fp32 are fine): in the interpreter, dots
@@ -165,6 +171,8 @@ def mma(a, b, acc, PREC: tl.constexpr):
     """acc + a @ b in fp32 with input precision PREC (see `dot_prec`)."""
     if PREC == "upcast_f32":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif PREC == "default":
+        return tl.dot(a, b, acc)
     else:
         return tl.dot(a, b, acc, input_precision=PREC)
 
@@ -541,7 +549,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
     Args:
         a: (M, K), any strides.  b: (K, N), any strides (e.g. ``W.t()``).  out: (M, N) or None (then nothing is
             stored; used when only the dl reduction is wanted - pass `dl_x` and a dtype-carrying `z`-less call).
-        prec: tl.dot input precision of the main loop.
+        prec: dot precision of the main loop ("ieee" or "default", see ``base_precision``).
         pro: (K,) prologue scale.
         lora: ``(L (M, R), lscale, rs (R,) | None, Rm (R, N), lora_prec, dropout_p, seed, drop_scale)``: the
             epilogue adds ``mask ⊙ ((L · lscale · rs) @ Rm)`` (mask only when dropout_p > 0).
@@ -560,8 +568,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
         L, lscale, rs, Rm, lora_prec, p, seed, drop_scale = lora
         r = L.shape[1]
     else:
-        L, lscale, rs, Rm, lora_prec, p, seed, drop_scale, r = (d.view(1, 1), 1.0, None, d.view(1, 1), "ieee", 0.0,
-                                                                0, 1.0, 1)
+        L, lscale, rs, Rm, lora_prec, p, seed, drop_scale, r = (d.view(1, 1), 1.0, None, d.view(1, 1), "default",
+                                                                0.0, 0, 1.0, 1)
     # TMA view of B: row-major (N, K) when b is the transpose of such a tensor, row-major (K, N) otherwise.
     if b.stride(0) == 1 and b.dim() == 2:
         b_rowmajor, b_kcontig = b.t(), True
