@@ -314,7 +314,8 @@ def test_torch_compile_matches_eager():
     m.eval()
     x = torch.randn(6, 12)
     eager = m(x)
-    compiled = torch.compile(m)
+    torch._dynamo.reset()
+    compiled = torch.compile(m, fullgraph=True)  # no graph break in the tuner layers (HF PEFT has them)
     out = compiled(x)
     assert_close_rel(out, eager, PEFT_PARITY_RTOL, "compiled vs eager")
     # gradients through the compiled model
@@ -327,6 +328,26 @@ def test_torch_compile_matches_eager():
     for n, p in m.named_parameters():
         if p.requires_grad:
             assert_close_rel(g_c[n], p.grad, PEFT_PARITY_RTOL, f"compiled grad {n}")
+
+
+@pytest.mark.parametrize("cfg", [
+    lambda: fastpeft.IA3Config(target_modules=["lin0", "head"], feedforward_modules=["head"]),
+    lambda: fastpeft.AdaLoraConfig(target_modules=["lin0", "head"], total_step=4, init_lora_weights=False),
+    lambda: fastpeft.LoraConfig(r=2, target_modules=["lin0", "lin1"], lora_dropout=0.2),
+], ids=["ia3", "adalora", "lora-dropout"])
+def test_dynamo_traces_without_graph_breaks(cfg):
+    # backend="eager": dynamo capture only (fullgraph=True fails on any graph break); cheap on CPU.  The reset keeps
+    # earlier compiles of the same layer code (other scaling/dropout values) from making those floats dynamic.
+    torch._dynamo.reset()
+    m = fastpeft.get_peft_model(mlp(), cfg())
+    randomize_b(m)
+    m.eval()
+    x = torch.randn(4, 12)
+    out = torch.compile(m, fullgraph=True, backend="eager")(x)
+    assert_close_rel(out, m(x), PEFT_PARITY_RTOL, "traced vs eager")
+    m.train()
+    torch.compile(m, fullgraph=True, backend="eager")(x).sum().backward()
+    assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
 
 
 # -- extension points ---------------------------------------------------------------------------------------------

@@ -146,8 +146,10 @@ class BaseTunerLayer(nn.Module):
 
     def _present_active(self) -> list[str]:
         """Active adapters that this layer actually holds (another adapter may target other modules)."""
-        held = set(self.adapter_names())
-        return [a for a in self._active_adapter if a in held]
+        # every adapter has an entry in the first container, so one membership test per active adapter suffices
+        # (this runs in every forward)
+        first = getattr(self, self.adapter_layer_names[0]) if self.adapter_layer_names else {}
+        return [a for a in self._active_adapter if a in first]
 
     def enable_adapters(self, enabled: bool) -> None:
         """Enable (the active adapters become trainable) or disable (all adapter weights frozen) this layer."""
