@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -132,6 +133,7 @@ def _hide_module(monkeypatch, name):
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.setitem(sys.modules, name, None)  # importlib.import_module then raises ImportError
 
 
 @pytest.mark.parametrize("module,fn,pip", [
