@@ -250,7 +250,7 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     Returns:
         dx (M, K) x's dtype or empty (0,); dA (r, K); dE (r,) or empty (0,); dB (N, r); dbias (N,) or empty.
     """
-    m, k = x.shape if x.dim() == 2 else (dy.shape[0], weight.shape[1])
+    m, k = x.shape
     n = weight.shape[0]
     r = lora_A.shape[0]
     adt = lora_A.dtype
