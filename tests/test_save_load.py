@@ -27,6 +27,7 @@ CASES = {
     "lora-llama": (tiny_llama, "LoraConfig", dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1)),
     "lora-gpt2-bias": (tiny_gpt2, "LoraConfig", dict(r=3, lora_alpha=5, bias="lora_only", use_rslora=True)),
     "lora-seqcls": (seq_cls, "LoraConfig", dict(r=4, task_type="SEQ_CLS")),
+    "adalora-llama": (tiny_llama, "AdaLoraConfig", dict(init_r=4, target_r=2, total_step=10, task_type="CAUSAL_LM")),
     "ia3-llama": (tiny_llama, "IA3Config", dict()),
     "ia3-gpt2": (tiny_gpt2, "IA3Config", dict(task_type="CAUSAL_LM")),
 }
