@@ -277,7 +277,8 @@ def test_bf16_model_keeps_adapter_dtype():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="Unsupported model type for adaption prompt: 'bert'.*gpt2.*llama.*mistral.*qwen2"):
+    msg = "Unsupported model type for adaption prompt: 'bert'.*gpt2.*llama.*mistral.*qwen2"
+    with pytest.raises(ValueError, match=msg):
         fastpeft.get_peft_model(tiny_bert(), _cfg(fastpeft, task_type=None))
     base = tiny_llama()
     snapshot = {n: type(m) for n, m in base.named_modules()}

@@ -107,7 +107,8 @@ def test_files_load_both_ways(model_name, variant, tmp_path):
     from safetensors.torch import load_file
 
     sp, sf = load_file(str(pdir / "adapter_model.safetensors")), load_file(str(fdir / "adapter_model.safetensors"))
-    assert set(sp) == set(sf) == {"prompt_embeddings"} and sp["prompt_embeddings"].shape == sf["prompt_embeddings"].shape
+    assert set(sp) == set(sf) == {"prompt_embeddings"}
+    assert sp["prompt_embeddings"].shape == sf["prompt_embeddings"].shape
     with torch.no_grad():
         ref_p = pm(input_ids=ids, attention_mask=mask).logits
         ref_f = fm(input_ids=ids, attention_mask=mask).logits

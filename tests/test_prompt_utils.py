@@ -76,8 +76,8 @@ def twin(builder, seed: int = 0):
 
 
 def batch(b: int = 2, length: int = 7, seed: int = 1, pad_first: int = 2):
-    """input_ids (b, length) in [3, VOCAB), an attention mask with `pad_first` left-padded positions in row 0, and labels
-    equal to the ids with -100 on the padded positions."""
+    """input_ids (b, length) in [3, VOCAB), an attention mask with `pad_first` left-padded positions in row 0, and
+    labels equal to the ids with -100 on the padded positions."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (b, length), generator=g)
     mask = torch.ones(b, length, dtype=torch.long)

@@ -3,7 +3,7 @@
 An adapted attention layer computes, on top of the unchanged attention output ``o`` (after its output projection)::
 
     K_p = k_proj(P),  V_p = v_proj(P)                  P: (1, A, hidden) learned; NO rotary embedding on K_p
-    q   = rope(q_proj(h))                               the layer's own queries, recomputed (rope only for rotary models)
+    q   = rope(q_proj(h))                               the layer's own queries, recomputed (rotary models only)
     s   = g · softmax(q K_pᵀ / √head_dim)               over the A adapter tokens only, in fp32, no mask
     out = o + W_o (s V_p)                               W_o: o_proj's weight (llama family; no bias)  /  nothing (GPT-2)
 

@@ -2,7 +2,7 @@
 
 A bottleneck adapter rewrites the output ``h`` of a chosen sub-layer (before the residual add) as::
 
-    h' = h + W_up · f(W_down · drop(h) + b_down) + b_up          W_down: (m, d), W_up: (d, m), m = d // reduction_factor
+    h' = h + W_up · f(W_down · drop(h) + b_down) + b_up      W_down: (m, d), W_up: (d, m), m = d // reduction_factor
 
 with ``f`` the non-linearity (swish by default, as AdapterHub's Houlsby config).  ``W_up`` and ``b_up`` start at
 zero, so an adapted model is exactly the base model at init.  Placements:

@@ -7,7 +7,7 @@ by HF PEFT or by fastpeft) load through ``PeftConfig.from_pretrained`` / ``PeftM
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from ..config import PeftConfig, PeftType, register_config
@@ -55,7 +55,8 @@ class PromptLearningConfig(PeftConfig):
         for name in ("token_dim", "num_attention_heads", "num_layers"):
             _check_opt_pos_int(name, getattr(self, name))
         if self.num_transformer_submodules not in (None, 1, 2):
-            raise ValueError(f"num_transformer_submodules must be 1, 2 or None, got {self.num_transformer_submodules!r}")
+            raise ValueError("num_transformer_submodules must be 1, 2 or None, got "
+                             f"{self.num_transformer_submodules!r}")
         if self.modules_to_save is not None and (isinstance(self.modules_to_save, str)
                                                  or not all(isinstance(m, str) for m in self.modules_to_save)):
             raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")

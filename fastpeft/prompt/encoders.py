@@ -108,7 +108,8 @@ class PromptEmbedding(_VirtualTokenEncoder):
         self._token_dim = token_dim
         if init_weight is not None:
             if tuple(init_weight.shape) != (num_tokens, token_dim):
-                raise ValueError(f"init_weight has shape {tuple(init_weight.shape)}, expected {(num_tokens, token_dim)}")
+                raise ValueError(f"init_weight has shape {tuple(init_weight.shape)}, expected "
+                                 f"{(num_tokens, token_dim)}")
             # PEFT keeps sampled/text-initialised prompts in fp32 whatever the model dtype.
             self.embedding.weight = nn.Parameter(init_weight.detach().clone().to(torch.float32))
         self.direct = True  # no head: the table is the output
