@@ -182,10 +182,11 @@ def test_lora_triton_no_dx_branch():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_dropout_mask_bit_exact_and_keep_fraction():
+@pytest.mark.parametrize("seed", [987654321, 3_000_000_000, 2 ** 62 + 5], ids=["i32", "u32", "i64"])
+def test_dropout_mask_bit_exact_and_keep_fraction(seed):
     """With x = 1 and A = I, S = drop(x) Aᵀ is the scaled keep-mask itself: it must equal the reference stream's
-    mask bit for bit, and keep about 1 - p of the elements."""
-    m, k, p, seed = 48, 64, 0.3, 987654321
+    mask bit for bit, and keep about 1 - p of the elements.  Seeds of every integer width Triton passes."""
+    m, k, p = 48, 64, 0.3
     x = torch.ones(m, k, device=DEV)
     a = torch.eye(k, device=DEV)
     bb = torch.randn(5, k, device=DEV)
