@@ -624,3 +624,13 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
                 part.zero_()
     _gemm_autotuned[grid](*args, USE_TMA=False, **kwargs)
     return part
+
+
+def tuned_configs() -> list[dict]:
+    """The GEMM configurations the autotuner picked so far in this process, one dict per tuning key, for a
+    benchmark to record beside its measurements (the configs above are unmeasured until such a record exists).
+    Empty when only one configuration exists (the interpreter), since nothing is tuned then."""
+    out = []
+    for key, cfg in getattr(_gemm_autotuned, "cache", {}).items():
+        out.append({"key": [str(k) for k in key], "config": str(cfg)})
+    return out
