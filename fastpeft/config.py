@@ -318,7 +318,7 @@ def _check_number(name: str, v) -> None:
 
 # LoRA fields that HF PEFT 0.21.2 has but fastpeft does not implement: (field, value meaning "off")
 _LORA_UNSUPPORTED_OFF = {
-    "use_dora": False, "lora_bias": False, "use_qalora": False, "megatron_config": None,
+    "use_dora": False, "use_qalora": False, "megatron_config": None,
     "trainable_token_indices": None, "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "monteclora_config": None, "layer_replication": None,
     "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
@@ -370,6 +370,10 @@ def _common_lora_checks(cfg) -> None:
             raise ValueError(f"{fname}={v!r} is not supported by fastpeft (only {fname}={off!r})")
     if cfg.loftq_config:
         raise ValueError(f"loftq_config={cfg.loftq_config!r} is not supported by fastpeft")
+    if not isinstance(cfg.lora_bias, bool):
+        raise TypeError(f"lora_bias must be a bool, got {cfg.lora_bias!r}")
+    if cfg.lora_bias and cfg.init_lora_weights not in (True, False):
+        raise ValueError(f"lora_bias=True needs init_lora_weights=True or False, got {cfg.init_lora_weights!r}")
 
 
 @register_config(PeftType.LORA)
@@ -381,7 +385,7 @@ class LoraConfig(PeftConfig):
     fullmatch; ``"all-linear"``; None: architecture default), ``exclude_modules``, ``lora_alpha``, ``lora_dropout``,
     ``fan_in_fan_out``, ``bias`` ("none"/"all"/"lora_only"), ``use_rslora``, ``modules_to_save``,
     ``init_lora_weights`` (True, False, "gaussian"), ``layers_to_transform``, ``layers_pattern``, ``rank_pattern``,
-    ``alpha_pattern``.  The remaining PEFT fields are accepted so that PEFT files load, but must keep their default
+    ``alpha_pattern``, ``lora_bias`` (a bias on ``lora_B``).  The remaining PEFT fields are accepted so that PEFT files load, but must keep their default
     ("off") value; anything else raises ValueError naming the field.
     """
 

@@ -387,3 +387,33 @@ def test_autocast_bf16_error_not_worse_than_peft():
         assert sf[k].grad.dtype == torch.float32
         ef, ep = rel_err(sf[k].grad, g), rel_err(sp[k].grad, g)
         assert ef <= GRAD_FACTOR * ep, (k, ef, ep)
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_lora_bias_gpt2(init):
+    p, f = build_pair(tiny_gpt2, *both(r=3, target_modules=["c_attn", "c_fc"], lora_bias=True,
+                                       init_lora_weights=init, lora_dropout=0.1))
+    assert "base_model.model.transformer.h.0.attn.c_attn.lora_B.default.bias" in dict(f.named_parameters())
+    assert_parity(p, f, train=True)
+    p.eval()
+    f.eval()
+    ids = inputs()
+    with torch.no_grad():
+        ref = f(input_ids=ids).logits
+        p.base_model.merge_adapter()
+        f.base_model.merge_adapter()
+        for k, v in p.state_dict().items():
+            assert_close_rel(f.state_dict()[k], v, PEFT_PARITY_RTOL, f"merged {k}")
+        assert_close_rel(f(input_ids=ids).logits, ref, PEFT_PARITY_RTOL, "merged lora_bias")
+        f.base_model.unmerge_adapter()
+        assert_close_rel(f(input_ids=ids).logits, ref, PEFT_PARITY_RTOL, "unmerged lora_bias")
+    assert sorted(fastpeft.get_peft_model_state_dict(f)) == sorted(peft.get_peft_model_state_dict(p))
+
+
+def test_lora_bias_merge_needs_base_bias():
+    _, f = build_pair(tiny_llama, *both(r=2, lora_bias=True))  # Llama projections have no bias
+    layer = f.base_model.model.model.layers[0].self_attn.q_proj
+    w = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="no bias"):
+        layer.merge()
+    assert torch.equal(layer.base_layer.weight, w) and not layer.merged

@@ -9,6 +9,7 @@ over the active adapters, cast back to the base output's dtype.  With exactly on
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -34,13 +35,14 @@ class LoraLayer(BaseTunerLayer):
     """Per-adapter LoRA state of one wrapped layer (HF PEFT attribute names)."""
 
     adapter_layer_names = ("lora_A", "lora_B")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_bias")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
+        self.lora_bias: dict[str, bool] = {}
         self.lora_dropout = nn.ModuleDict({})
         self.lora_A = nn.ModuleDict({})
         self.lora_B = nn.ModuleDict({})
@@ -58,7 +60,8 @@ class LoraLayer(BaseTunerLayer):
         # nn.Linear construction draws from the RNG exactly as PEFT's does (same modules, same order), so a model built
         # under the same seed gets the same initial A (and B when init_lora_weights=False).
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=bool(config.lora_bias))
+        self.lora_bias[adapter_name] = bool(config.lora_bias)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
         init = config.init_lora_weights
         if init is not False:
@@ -68,6 +71,8 @@ class LoraLayer(BaseTunerLayer):
                 else:  # "gaussian"
                     nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
                 nn.init.zeros_(self.lora_B[adapter_name].weight)
+                if self.lora_bias[adapter_name]:
+                    nn.init.zeros_(self.lora_B[adapter_name].bias)
         w = self.base_layer.weight
         dtype = w.dtype if w.is_floating_point() else None
         self.lora_A[adapter_name].to(device=w.device, dtype=dtype)
@@ -83,17 +88,36 @@ class LoraLayer(BaseTunerLayer):
         delta = transpose(B @ A, self.fan_in_fan_out) * self.scaling[adapter_name]
         return delta.to(out_dtype)
 
+    def _bias_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """``lora_B.bias * scaling`` for lora_bias adapters (None otherwise); needs a base bias to merge into."""
+        if not self.lora_bias.get(adapter_name, False):
+            return None
+        if getattr(self.base_layer, "bias", None) is None:
+            raise ValueError(f"cannot merge adapter {adapter_name!r} with lora_bias=True: the base layer has no bias")
+        return self.lora_B[adapter_name].bias * self.scaling[adapter_name]
+
     def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
         w = self.base_layer.weight
+        bias_delta = self._bias_delta(adapter_name)
         delta = self.get_delta_weight(adapter_name)
         if safe_merge:
+            b = self.base_layer.bias
+            if bias_delta is not None and not torch.isfinite(b.data + bias_delta.to(b.dtype)).all():
+                raise ValueError(f"NaNs or infs detected in the merged bias; adapter {adapter_name!r} seems to be "
+                                 "broken (the weights were not modified)")
             self._write_base_weight(w, w.data + delta.to(w.dtype), True, adapter_name)
         else:
             w.data += delta.to(w.dtype)
+        if bias_delta is not None:
+            b = self.base_layer.bias
+            b.data += bias_delta.detach().to(b.dtype)
 
     def _unmerge_one(self, adapter_name: str) -> None:
         w = self.base_layer.weight
         w.data -= self.get_delta_weight(adapter_name).to(w.dtype)
+        if self.lora_bias.get(adapter_name, False):
+            b = self.base_layer.bias
+            b.data -= (self.lora_B[adapter_name].bias * self.scaling[adapter_name]).detach().to(b.dtype)
 
 
 class Linear(LoraLayer):
@@ -120,7 +144,7 @@ class Linear(LoraLayer):
         active = self._present_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if len(active) == 1 and not args and not kwargs:
+        if len(active) == 1 and not args and not kwargs and not self.lora_bias[active[0]]:
             a = active[0]
             A = self.lora_A[a].weight
             drop = self.lora_dropout[a]
