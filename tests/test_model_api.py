@@ -403,3 +403,36 @@ def test_registries_allow_new_methods(tmp_path):
     m2 = fastpeft.PeftModel.from_pretrained(mlp(), str(tmp_path))
     assert isinstance(m2.peft_config["default"], _ScaleConfig)
     assert_close_rel(m2(x), m(x), PEFT_PARITY_RTOL, "custom tuner reloaded")
+
+
+def test_inference_mode_config_freezes_adapter():
+    m = fastpeft.get_peft_model(mlp(), fastpeft.LoraConfig(r=2, target_modules=["lin0"], inference_mode=True,
+                                                           modules_to_save=["head"]))
+    assert not any(p.requires_grad for p in m.parameters())
+    t, a = m.get_nb_trainable_parameters()
+    assert t == 0 and a == sum(p.numel() for p in m.parameters())
+    m.set_adapter("default")  # explicitly activating for training makes it trainable again
+    assert sorted(n for n, p in m.named_parameters() if p.requires_grad) == [
+        "base_model.model.head.modules_to_save.default.bias", "base_model.model.head.modules_to_save.default.weight",
+        "base_model.model.lin0.lora_A.default.weight", "base_model.model.lin0.lora_B.default.weight"]
+
+
+def test_conv1d_functional_path_uses_transposed_view():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(7, 5))  # (in=5, out=7), weight stored (5, 7)
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        m = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=2, target_modules=["0"]))
+    randomize_b(m)
+    layer = m.base_model.model[0]
+    x = torch.randn(3, 4, 5)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    want = layer.base_layer(x) + (x @ A.T) @ B.T * layer.scaling["default"]
+    assert_close_rel(m(x), want, PEFT_PARITY_RTOL, "Conv1D LoRA")
+    delta = layer.get_delta_weight("default")
+    assert tuple(delta.shape) == (5, 7)  # merged in Conv1D's (in, out) layout
+    with torch.no_grad():
+        layer.merge()
+        assert_close_rel(m(x), want, PEFT_PARITY_RTOL, "Conv1D merged")
