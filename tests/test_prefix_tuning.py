@@ -13,6 +13,8 @@ import torch
 from _tolerances import GENERATE_SCORES_ATOL, PROMPT_EFFECT_MIN, PROMPT_FP32_ATOL, TRAIN_LOSS_RATIO
 from test_prompt_utils import MODELS, batch, max_abs, tiny_llama, tiny_qwen2, twin
 
+MODELS = dict(MODELS, qwen2=tiny_qwen2)
+
 peft = pytest.importorskip("peft")
 import fastpeft  # noqa: E402
 from fastpeft.prompt.tuners import build_prefix_cache  # noqa: E402
@@ -65,7 +67,7 @@ def test_prefix_cache_layout():
         build_prefix_cache(torch.randn(n, 7), layers, heads, batch_size=1)
 
 
-@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_name", ["llama", "gpt2", "qwen2"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_forward_loss_and_grads_match_peft(model_name, variant):
     pm, fm, _ = _pair(model_name, variant)

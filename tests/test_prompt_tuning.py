@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from _tolerances import GENERATE_SCORES_ATOL, PROMPT_EFFECT_MIN, PROMPT_FP32_ATOL, TRAIN_LOSS_RATIO
-from test_prompt_utils import MODELS, VOCAB, batch, max_abs, tiny_llama, twin
+from test_prompt_utils import MODELS, VOCAB, batch, max_abs, tiny_llama, tiny_qwen2, twin
+
+MODELS = dict(MODELS, qwen2=tiny_qwen2)
 
 peft = pytest.importorskip("peft")
 import fastpeft  # noqa: E402
@@ -42,7 +44,7 @@ def _pair(model_name, method, **extra):
     return pm, fm, pristine
 
 
-@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+@pytest.mark.parametrize("model_name", ["llama", "gpt2", "qwen2"])
 @pytest.mark.parametrize("method", list(METHODS))
 def test_forward_loss_and_grads_match_peft(model_name, method):
     pm, fm, _ = _pair(model_name, method)
