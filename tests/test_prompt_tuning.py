@@ -471,3 +471,21 @@ def test_gradient_checkpointing_works_and_changes_nothing(model_name):
     g1 = f1.base_model.prompt_encoder["default"].embedding.weight.grad
     g2 = f2.base_model.prompt_encoder["default"].embedding.weight.grad
     assert max_abs(l1, l2) <= PROMPT_FP32_ATOL and max_abs(g1, g2) <= PROMPT_FP32_ATOL and g2.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cname", ["PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig"])
+def test_bf16_model_fp32_encoder(cname):
+    """The encoder stays fp32 (as in PEFT); its output is cast to the model's dtype; gradients reach it in fp32."""
+    torch.manual_seed(0)
+    fm = fastpeft.get_peft_model(tiny_llama().to(torch.bfloat16),
+                                 getattr(fastpeft, cname)(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    enc = fm.base_model.prompt_encoder["default"]
+    assert {p.dtype for p in enc.parameters()} == {torch.float32}
+    ids, mask, labels = batch()
+    out = fm(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in enc.parameters())
+    g = fm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                    eos_token_id=None)
+    assert g.shape == (2, ids.shape[1] + 2)
