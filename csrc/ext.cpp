@@ -227,9 +227,10 @@ std::tuple<at::Tensor, at::Tensor> lora_decode_cuda(const at::Tensor& x, const a
   // The kernel streams rows of W; a transposed (Conv1D) view is made row-major first.
   at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
   at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-  launch_decode_gemv(to_dtype(x.scalar_type()), to_dtype(Bc.scalar_type()), x.data_ptr(), M, K, w.data_ptr(),
-                     w.stride(0), N, bias.has_value() ? bias_c.data_ptr() : nullptr, Se.data_ptr<float>(),
-                     static_cast<int>(r), Bc.data_ptr(), static_cast<float>(scaling), y.data_ptr(),
+  at::Tensor Bf = Bc.to(at::kFloat).contiguous();
+  launch_decode_gemv(to_dtype(x.scalar_type()), x.data_ptr(), M, K, w.data_ptr(), w.stride(0), N,
+                     bias.has_value() ? bias_c.data_ptr() : nullptr, Se.data_ptr<float>(), static_cast<int>(r),
+                     Bf.data_ptr<float>(), static_cast<float>(scaling), y.data_ptr(),
                      c10::cuda::getCurrentCUDAStream().stream());
   check_launch(op);
   return {y, S};

@@ -44,10 +44,10 @@ void launch_expand(DType yt, DType qt, void* Y, int64_t M, int64_t C, int64_t ld
 
 // Fused decode (M <= 16): Y[m, n] = xt( sum_k X[m, k] W[n, k] + bias[n] + alpha * sum_j P[m, j] * B[n, j] )
 //   X: (M, K) contiguous; W: (N, K) row stride ldw, unit column stride; bias (N,) or nullptr (type xt);
-//   P: (M, r) fp32 contiguous (S ⊙ e); B: (N, r) contiguous, type bt.  One warp per output feature n reads its row
+//   P: (M, r) fp32 contiguous (S ⊙ e); B: (N, r) contiguous fp32 (converted by the caller: it is tiny).  One warp per output feature n reads its row
 //   of W once for all M rows.  Returns false (launching nothing) when M > 16.
-bool launch_decode_gemv(DType xt, DType bt, const void* X, int64_t M, int64_t K, const void* W, int64_t ldw,
-                        int64_t N, const void* bias, const float* P, int r, const void* B, float alpha, void* Y,
+bool launch_decode_gemv(DType xt, const void* X, int64_t M, int64_t K, const void* W, int64_t ldw, int64_t N,
+                        const void* bias, const float* P, int r, const float* B, float alpha, void* Y,
                         cudaStream_t stream);
 
 // IA3 column scale: out[m, c] = xt( lt( lt(X[m, c]) * l[c] ) )   (the lt roundings only when `round_to_l`).

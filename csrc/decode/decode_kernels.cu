@@ -31,12 +31,12 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[VEC]) {
 }
 
 // grid: ceil(N / (kDecodeWarps * kNPW)); block: 32 * kDecodeWarps.  MT >= M is the compile-time row capacity.
-template <typename TX, typename TB, int MT, int VEC>
+template <typename TX, int MT, int VEC>
 __global__ void __launch_bounds__(32 * kDecodeWarps) decode_kernel(const TX* __restrict__ X, int M, int64_t K,
                                                                    const TX* __restrict__ W, int64_t ldw,
                                                                    int64_t N, const TX* __restrict__ bias,
                                                                    const float* __restrict__ P, int r,
-                                                                   const TB* __restrict__ B, float alpha,
+                                                                   const float* __restrict__ B, float alpha,
                                                                    TX* __restrict__ Y) {
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -87,7 +87,7 @@ __global__ void __launch_bounds__(32 * kDecodeWarps) decode_kernel(const TX* __r
       if (lane == ((i * MT + m) & 31) && m < M && n < N) {
         float lora = 0.f;
         for (int j = 0; j < r; ++j)
-          lora = fmaf(__ldg(P + static_cast<int64_t>(m) * r + j), ld_f(B + n * r + j), lora);
+          lora = fmaf(__ldg(P + static_cast<int64_t>(m) * r + j), __ldg(B + n * r + j), lora);
         const float b = bias != nullptr ? ld_f(bias + n) : 0.f;
         st_f(Y + static_cast<int64_t>(m) * N + n, acc[i][m] + b + alpha * lora);
       }
@@ -95,26 +95,26 @@ __global__ void __launch_bounds__(32 * kDecodeWarps) decode_kernel(const TX* __r
   }
 }
 
-template <typename TX, typename TB, int MT>
+template <typename TX, int MT>
 void launch_mt(bool vec, const void* X, int M, int64_t K, const void* W, int64_t ldw, int64_t N, const void* bias,
-               const float* P, int r, const void* B, float alpha, void* Y, cudaStream_t stream) {
+               const float* P, int r, const float* B, float alpha, void* Y, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(ceil_div(N, kDecodeWarps * kNPW));
   constexpr int kVec = 16 / static_cast<int>(sizeof(TX));
   if (vec) {
-    decode_kernel<TX, TB, MT, kVec><<<grid, 32 * kDecodeWarps, 0, stream>>>(
+    decode_kernel<TX, MT, kVec><<<grid, 32 * kDecodeWarps, 0, stream>>>(
         static_cast<const TX*>(X), M, K, static_cast<const TX*>(W), ldw, N, static_cast<const TX*>(bias), P, r,
-        static_cast<const TB*>(B), alpha, static_cast<TX*>(Y));
+        B, alpha, static_cast<TX*>(Y));
   } else {
-    decode_kernel<TX, TB, MT, 1><<<grid, 32 * kDecodeWarps, 0, stream>>>(
+    decode_kernel<TX, MT, 1><<<grid, 32 * kDecodeWarps, 0, stream>>>(
         static_cast<const TX*>(X), M, K, static_cast<const TX*>(W), ldw, N, static_cast<const TX*>(bias), P, r,
-        static_cast<const TB*>(B), alpha, static_cast<TX*>(Y));
+        B, alpha, static_cast<TX*>(Y));
   }
 }
 
 }  // namespace
 
-bool launch_decode_gemv(DType xt, DType bt, const void* X, int64_t M, int64_t K, const void* W, int64_t ldw,
-                        int64_t N, const void* bias, const float* P, int r, const void* B, float alpha, void* Y,
+bool launch_decode_gemv(DType xt, const void* X, int64_t M, int64_t K, const void* W, int64_t ldw,
+                        int64_t N, const void* bias, const float* P, int r, const float* B, float alpha, void* Y,
                         cudaStream_t stream) {
   if (M > 16) return false;
   if (M <= 0 || N <= 0) return true;
@@ -124,19 +124,17 @@ bool launch_decode_gemv(DType xt, DType bt, const void* X, int64_t M, int64_t K,
   const bool aligned = (K % vec == 0) && (ldw % vec == 0) && (reinterpret_cast<uintptr_t>(X) % 16 == 0) &&
                        (reinterpret_cast<uintptr_t>(W) % 16 == 0);
   const int m = static_cast<int>(M);
-  FASTPEFT_DISPATCH_DTYPE(xt, TX, FASTPEFT_DISPATCH_DTYPE(bt, TB, {
+  FASTPEFT_DISPATCH_DTYPE(xt, TX, {
+    // Three row capacities keep the number of instantiations (and the compile time) down; rows beyond M are
+    // skipped by a warp-uniform branch.
     if (m <= 1) {
-      launch_mt<TX, TB, 1>(aligned, X, m, K, W, ldw, N, bias, P, r, B, alpha, Y, stream);
-    } else if (m <= 2) {
-      launch_mt<TX, TB, 2>(aligned, X, m, K, W, ldw, N, bias, P, r, B, alpha, Y, stream);
+      launch_mt<TX, 1>(aligned, X, m, K, W, ldw, N, bias, P, r, B, alpha, Y, stream);
     } else if (m <= 4) {
-      launch_mt<TX, TB, 4>(aligned, X, m, K, W, ldw, N, bias, P, r, B, alpha, Y, stream);
-    } else if (m <= 8) {
-      launch_mt<TX, TB, 8>(aligned, X, m, K, W, ldw, N, bias, P, r, B, alpha, Y, stream);
+      launch_mt<TX, 4>(aligned, X, m, K, W, ldw, N, bias, P, r, B, alpha, Y, stream);
     } else {
-      launch_mt<TX, TB, 16>(aligned, X, m, K, W, ldw, N, bias, P, r, B, alpha, Y, stream);
+      launch_mt<TX, 16>(aligned, X, m, K, W, ldw, N, bias, P, r, B, alpha, Y, stream);
     }
-  }));
+  });
   return true;
 }
 

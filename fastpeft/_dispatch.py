@@ -1,0 +1,331 @@
+"""Per-shape dispatch between the ``cuda`` extension and the ``triton`` kernels, from measurements.
+
+A table maps ``(GPU name, dtype, op, shape bucket)`` to a choice: the backend (``"cuda"`` or ``"triton"``), and for
+the LoRA forward on the cuda backend the variant (``"decode"``, ``"accum"`` or ``"kaug"``, see ``fastpeft._cuda``).
+Every entry carries the reason it exists (measured timings, or where it was loaded from).
+
+Sources of entries, in order of precedence:
+  1. measured in this process by the autotuner (opt-in: ``FASTPEFT_AUTOTUNE=1`` or ``set_autotune(True)``): the
+     first call of an op on a new (GPU, dtype, bucket) times every usable backend on the real tensors (CUDA events,
+     median of a few runs, forward + backward) and caches the faster one;
+  2. a JSON table named by ``FASTPEFT_DISPATCH_TABLE`` (written by ``export_table`` on a GPU machine);
+  3. ``COMMITTED``: the table committed with the package.  It is **empty**: no measurement has been made on a GPU
+     yet, and no number is invented.  Until measured, ``choose`` returns None and ``fastpeft._backend`` keeps its
+     default order (cuda extension > triton > torch); the LoRA forward variant defaults to ``decode`` for M <= 16
+     and ``accum`` otherwise.
+
+Nothing here touches CUDA at import; ``describe()`` (shown by ``fastpeft.backend_info()``) reads the GPU name only
+when CUDA is already initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import threading
+from typing import Callable, Optional
+
+import torch
+
+logger = logging.getLogger("fastpeft")
+
+__all__ = ["COMMITTED", "bucket", "choose", "lora_fwd_variant", "describe", "record", "clear", "set_autotune",
+           "autotune_enabled", "export_table", "load_table", "table_key"]
+
+# (gpu, dtype, op, bucket) -> {"backend": ..., "variant": ..., "reason": ..., "timings_ms": {...}}
+# Empty on purpose: filled only from measurements (benchmarks/gpu_check.sh writes a table to commit here).
+COMMITTED: dict = {}
+
+_M_EDGES = (1, 16, 256, 2048, 8192)
+_lock = threading.Lock()
+_table: dict = {}
+_state = {"autotune": None, "env_loaded": False}
+
+
+def _pow2_ceil(v: int) -> int:
+    p = 1
+    while p < v:
+        p <<= 1
+    return p
+
+
+def bucket(m: int, n: int, k: int, r: Optional[int] = None) -> str:
+    """Shape bucket of a linear problem: M by fixed edges (1, 16, 256, 2048, 8192), N and K by powers of two.
+
+    >>> bucket(1, 4096, 4096)
+    'm<=1,n4096,k4096'
+    """
+    mb = next((f"m<={e}" for e in _M_EDGES if m <= e), f"m>{_M_EDGES[-1]}")
+    out = f"{mb},n{_pow2_ceil(max(n, 1))},k{_pow2_ceil(max(k, 1))}"
+    if r is not None:
+        out += f",r{_pow2_ceil(max(r, 1))}"
+    return out
+
+
+def _gpu_name(device: torch.device) -> Optional[str]:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        return torch.cuda.get_device_name(device)
+    except Exception:  # a broken driver must not break dispatch
+        return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def table_key(gpu: str, dtype: torch.dtype | str, op: str, bkt: str) -> str:
+    """The string key of a table entry (JSON-friendly): ``"gpu|dtype|op|bucket"``."""
+    d = dtype if isinstance(dtype, str) else _dtype_name(dtype)
+    return f"{gpu}|{d}|{op}|{bkt}"
+
+
+def set_autotune(enabled: Optional[bool]) -> None:
+    """Turn the autotune-on-first-use on or off (None: follow ``FASTPEFT_AUTOTUNE``)."""
+    _state["autotune"] = enabled
+
+
+def autotune_enabled() -> bool:
+    if _state["autotune"] is not None:
+        return bool(_state["autotune"])
+    return os.environ.get("FASTPEFT_AUTOTUNE", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def record(gpu: str, dtype: torch.dtype | str, op: str, bkt: str, backend: str, reason: str,
+           variant: Optional[str] = None, timings_ms: Optional[dict] = None) -> None:
+    """Add or replace one entry of the in-process table."""
+    if backend not in ("cuda", "triton", "torch"):
+        raise ValueError(f"backend must be 'cuda', 'triton' or 'torch', got {backend!r}")
+    if variant is not None and variant not in ("decode", "accum", "kaug"):
+        raise ValueError(f"variant must be 'decode', 'accum', 'kaug' or None, got {variant!r}")
+    with _lock:
+        _table[table_key(gpu, dtype, op, bkt)] = {"backend": backend, "variant": variant, "reason": reason,
+                                                  "timings_ms": dict(timings_ms or {})}
+
+
+def clear() -> None:
+    """Forget every in-process entry (committed and file tables are re-read on next use)."""
+    with _lock:
+        _table.clear()
+        _state["env_loaded"] = False
+
+
+def load_table(path: str) -> int:
+    """Merge a JSON table written by ``export_table`` into the in-process table; returns the number of entries."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a dispatch table must be a JSON object, got {type(data).__name__}")
+    n = 0
+    with _lock:
+        for key, entry in data.items():
+            if not isinstance(entry, dict) or entry.get("backend") not in ("cuda", "triton", "torch"):
+                raise ValueError(f"{path}: bad entry {key!r}: {entry!r}")
+            e = dict(entry)
+            e.setdefault("variant", None)
+            e.setdefault("timings_ms", {})
+            e["reason"] = f"{e.get('reason', 'measured')} (loaded from {os.path.basename(path)})"
+            _table.setdefault(key, e)
+            n += 1
+    return n
+
+
+def export_table(path: Optional[str] = None) -> dict:
+    """The in-process table as a JSON-able dict; written to `path` when given."""
+    with _lock:
+        data = {k: dict(v) for k, v in sorted(_table.items())}
+    if path is not None:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+    return data
+
+
+def _lookup(key: str) -> Optional[dict]:
+    if not _state["env_loaded"]:
+        _state["env_loaded"] = True
+        path = os.environ.get("FASTPEFT_DISPATCH_TABLE")
+        if path:
+            try:
+                load_table(path)
+            except (OSError, ValueError) as e:
+                logger.warning("fastpeft: FASTPEFT_DISPATCH_TABLE=%s not loaded: %s", path, e)
+    with _lock:
+        e = _table.get(key)
+    if e is None and key in COMMITTED:
+        e = dict(COMMITTED[key])
+        e["reason"] = f"{e.get('reason', 'measured')} (committed table)"
+    return e
+
+
+def _can_measure(x: torch.Tensor) -> bool:
+    if not x.is_cuda or not autotune_enabled():
+        return False
+    try:
+        if torch.compiler.is_compiling():
+            return False
+    except AttributeError:
+        pass
+    if type(x) is not torch.Tensor:  # FakeTensor / functional tensors under tracing
+        return False
+    if torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def _time_ms(fn: Callable[[], object], reps: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring one op on the real tensors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _lora_runner(backend: str, variant: Optional[str], args: tuple) -> Callable[[], object]:
+    x, weight, bias, lora_A, lora_E, lora_B = args
+    from .ops.lora import _impl
+    if backend == "cuda" and variant is not None:
+        from . import _cuda
+        fold = _cuda.FOLD_KAUG if variant == "kaug" else _cuda.FOLD_ACCUM
+
+        def fwd():
+            if variant == "decode":
+                return _cuda.lora_decode_cuda(x, weight, bias, lora_A, lora_E, lora_B, 2.0, 0.0, 0)
+            return torch.ops.fastpeft.lora_fwd_cuda(x, weight, bias, lora_A, lora_E, lora_B, 2.0, 0.0, 0, fold)
+    else:
+        fwd_impl = _impl("lora_fwd", backend)
+
+        def fwd():
+            return fwd_impl(x, weight, bias, lora_A, lora_E, lora_B, 2.0, 0.0, 0)
+    bwd_impl = _impl("lora_bwd", backend)
+    dy = torch.randn(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
+
+    def step():
+        _, s = fwd()
+        return bwd_impl(dy, x, weight, lora_A, lora_E, lora_B, s, 2.0, 0.0, 0, True, bias is not None)
+    return step
+
+
+def _ia3_runner(backend: str, args: tuple) -> Callable[[], object]:
+    x, weight, bias, ia3_l, feedforward = args
+    from .ops.ia3 import _impl
+    fwd_impl, bwd_impl = _impl("ia3_fwd", backend), _impl("ia3_bwd", backend)
+    dy = torch.randn(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
+
+    def step():
+        _, saved = fwd_impl(x, weight, bias, ia3_l, feedforward)
+        xx = x if feedforward else x.new_empty(0)
+        return bwd_impl(dy, xx, weight, ia3_l, saved, feedforward, True, bias is not None)
+    return step
+
+
+def _usable(backend: str, op: str, device: torch.device) -> bool:
+    from ._backend import _why_not
+    return _why_not(backend, op, device) is None
+
+
+def _autotune(op: str, key: str, gpu: str, x: torch.Tensor, args: tuple) -> Optional[dict]:
+    candidates: dict[str, Callable[[], object]] = {}
+    variants: dict[str, Optional[str]] = {}
+    if _usable("cuda", op, x.device):
+        if op == "lora":
+            names = (["decode"] if x.shape[0] <= 16 else []) + ["accum", "kaug"]
+            for v in names:
+                candidates[f"cuda/{v}"] = _lora_runner("cuda", v, args)
+                variants[f"cuda/{v}"] = v
+        else:
+            candidates["cuda"] = _ia3_runner("cuda", args)
+            variants["cuda"] = None
+    if _usable("triton", op, x.device):
+        candidates["triton"] = _lora_runner("triton", None, args) if op == "lora" else _ia3_runner("triton", args)
+        variants["triton"] = None
+    if len(candidates) < 2:
+        return None  # nothing to choose between
+    timings = {}
+    for name, fn in candidates.items():
+        try:
+            timings[name] = round(_time_ms(fn), 5)
+        except Exception as e:  # a candidate that fails here is simply not chosen
+            logger.warning("fastpeft: autotune of %s for %s failed: %s", name, key, e)
+    if not timings:
+        return None
+    best = min(timings, key=timings.get)
+    backend = best.split("/")[0]
+    reason = "autotuned fwd+bwd: " + ", ".join(f"{k} {v:.4f} ms" for k, v in sorted(timings.items()))
+    record(gpu, x.dtype, op, key.split("|")[-1], backend, reason, variants[best], timings)
+    logger.info("fastpeft: dispatch %s -> %s (%s)", key, best, reason)
+    return _lookup(key)
+
+
+def choose(op: str, x: torch.Tensor, weight: Optional[torch.Tensor] = None, *args) -> Optional[str]:
+    """The measured backend for `op` on this shape, or None when nothing has been measured for it.
+
+    Args:
+        op: ``"lora"`` or ``"ia3"``.
+        x: the op's 2-D input (M, K).  weight: the base weight (N, K); without it the bucket uses N = K.
+        *args: for autotuning, the op's remaining inputs exactly as the forward takes them
+            (lora: bias, lora_A, lora_E, lora_B; ia3: bias, ia3_l, feedforward).  Without them no autotune runs.
+    Returns:
+        ``"cuda"``, ``"triton"`` (or ``"torch"``), or None.  Never measures on CPU tensors, while compiling, or
+        while a CUDA graph is being captured.
+    """
+    gpu = _gpu_name(x.device)
+    if gpu is None or x.dim() != 2:
+        return None
+    m, k = x.shape
+    n = weight.shape[0] if weight is not None else k
+    r = args[1].shape[0] if (op == "lora" and len(args) >= 2) else None
+    key = table_key(gpu, x.dtype, op, bucket(m, n, k, r))
+    e = _lookup(key)
+    if e is None and weight is not None and args and _can_measure(x):
+        full = (x, weight) + tuple(args)
+        e = _autotune(op, key, gpu, x, full)
+    return e["backend"] if e is not None else None
+
+
+def lora_fwd_variant(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str:
+    """The cuda backend's LoRA forward variant for this shape: measured if known, else decode / accum by M."""
+    gpu = _gpu_name(x.device)
+    if gpu is not None and x.dim() == 2:
+        e = _lookup(table_key(gpu, x.dtype, "lora", bucket(x.shape[0], weight.shape[0], x.shape[1],
+                                                          lora_A.shape[0])))
+        if e is not None and e.get("variant") in ("decode", "accum", "kaug"):
+            if e["variant"] != "decode" or x.shape[0] <= 16:
+                return e["variant"]
+    return "decode" if x.shape[0] <= 16 else "accum"
+
+
+def describe() -> dict:
+    """What dispatch knows and why (shown by ``fastpeft.backend_info()``); never initialises CUDA."""
+    gpu = None
+    if torch.cuda.is_initialized():
+        try:
+            gpu = torch.cuda.get_device_name()
+        except Exception:
+            gpu = None
+    with _lock:
+        entries = {k: dict(v) for k, v in sorted(_table.items())}
+    return {
+        "gpu": gpu,
+        "autotune": autotune_enabled(),
+        "table_file": os.environ.get("FASTPEFT_DISPATCH_TABLE"),
+        "committed_entries": len(COMMITTED),
+        "entries": entries,
+        "default": ("no measurement for a shape -> cuda extension > triton > torch; cuda LoRA forward variant "
+                    "decode for M <= 16, else accum (cuBLASLt beta=1)"),
+        "note": ("the committed table is empty: no GPU measurement has been made yet" if not COMMITTED
+                 else f"{len(COMMITTED)} committed measurements"),
+    }
