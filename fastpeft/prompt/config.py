@@ -181,8 +181,8 @@ class PrefixTuningConfig(PromptLearningConfig):
         prefix_projection: reparameterise the prefixes through ``Linear → tanh → Linear``.
 
     With grouped-query attention ``token_dim`` becomes ``num_kv_heads · head_dim`` and ``num_attention_heads`` the
-    number of KV heads (PEFT's rule).  Does not work with gradient checkpointing (the prefix travels in the model's
-    KV cache, which transformers disables under gradient checkpointing in training).
+    number of KV heads (PEFT's rule).  Refused with gradient checkpointing: the prefix travels in the model's KV
+    cache, which the attention layers extend in place, so re-running a layer in the backward pass would see it twice.
     """
 
     init_weights: Optional[str] = None
