@@ -1,0 +1,449 @@
+"""The C++/CUDA extension fastpeft._C.
+
+CPU-runnable here:
+  * the Philox header csrc/common/philox.cuh, compiled for the host with g++, against the torch reference stream
+    (fastpeft/ops/dropout.py) bit for bit: the one piece of the CUDA math that can be checked without a GPU;
+  * fastpeft._cuda / fastpeft._dispatch with the extension absent.
+GPU-only (skipped without CUDA and a built extension): every op against the fp64 torch reference (outputs and all
+gradients), fp32/fp16/bf16, odd shapes, M = 0 and 1, non-contiguous weights, the dropout mask in forward and
+backward and against the Triton stream, torch.library.opcheck, and the C++ argument checks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastpeft import _cuda, _dispatch
+from fastpeft.ops import dropout as drop_ref
+from fastpeft.ops.ia3 import ia3_bwd_ref, ia3_fwd_ref
+from fastpeft.ops.lora import lora_bwd_ref, lora_fwd_ref
+
+from _tolerances import ELEMENTWISE, GRAD_FACTOR, MATMUL_FACTOR, rel_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Philox host test (CPU)
+# ---------------------------------------------------------------------------------------------------------------
+
+_PHILOX_MAIN = r"""
+#include <cstdio>
+#include <cinttypes>
+#include "common/philox.cuh"
+// stdin: lines "seed index p"; stdout: "c0 keep" per line (c0 of Philox-4x32-10, keep for fp32(p)).
+int main() {
+  unsigned long long seed, index; double p;
+  while (std::scanf("%llu %llu %lf", &seed, &index, &p) == 3) {
+    const uint32_t c0 = fastpeft::philox::philox_c0(seed, static_cast<uint32_t>(index & 0xffffffffull),
+                                                    static_cast<uint32_t>(index >> 32));
+    const bool keep = fastpeft::philox::keep(seed, index, static_cast<float>(p));
+    std::printf("%" PRIu32 " %d\n", c0, keep ? 1 : 0);
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def philox_host(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++) to build the Philox host test")
+    d = tmp_path_factory.mktemp("philox")
+    src, exe = d / "philox_main.cpp", d / "philox_main"
+    src.write_text(_PHILOX_MAIN)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+
+    def run(triples):
+        inp = "".join(f"{s} {i} {p!r}\n" for s, i, p in triples)
+        out = subprocess.run([str(exe)], input=inp, check=True, capture_output=True, text=True).stdout.split()
+        c0 = [int(v) for v in out[0::2]]
+        keep = [v == "1" for v in out[1::2]]
+        return c0, keep
+    return run
+
+
+def _ref_c0(seed: int, indices: list[int]) -> list[int]:
+    lo = torch.tensor([i & 0xFFFFFFFF for i in indices], dtype=torch.int64)
+    hi = torch.tensor([(i >> 32) & 0xFFFFFFFF for i in indices], dtype=torch.int64)
+    return drop_ref.philox4x32(seed, lo, hi).tolist()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 - 1, 2**32, 2**40 + 17, 2**63 - 1])
+def test_philox_host_matches_torch_reference(philox_host, seed):
+    indices = [0, 1, 2, 7, 255, 65535, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**40 + 3, 2**63 + 5]
+    c0, _ = philox_host([(seed, i, 0.5) for i in indices])
+    assert c0 == _ref_c0(seed, indices)
+
+
+def test_philox_host_known_answer(philox_host):
+    # Philox-4x32-10 with counter 0 and key 0: the first word of the published known-answer vector (Random123
+    # kat_vectors: philox4x32 10 rounds, ctr 0, key 0 -> 6627e8d5 ...).
+    c0, _ = philox_host([(0, 0, 0.5)])
+    assert c0 == [0x6627E8D5]
+    assert _ref_c0(0, [0]) == [0x6627E8D5]
+
+
+@pytest.mark.parametrize("p", [0.1, 0.05, 0.5, 0.9, 1e-7, 0.999])
+@pytest.mark.parametrize("shape", [(7, 13), (3, 100)])
+def test_philox_host_keep_mask_matches_dropout_keep_mask(philox_host, p, shape):
+    seed = 987654321987
+    m, k = shape
+    triples = [(seed, i * k + j, p) for i in range(m) for j in range(k)]
+    _, keep = philox_host(triples)
+    ref = drop_ref.dropout_keep_mask(seed, shape, p)
+    assert torch.tensor(keep).view(m, k).equal(ref)
+    # Not a vacuous check: both outcomes occur for these p.
+    if 0.05 <= p <= 0.9:
+        assert 0 < ref.sum() < ref.numel()
+
+
+def test_philox_host_keep_mask_row_offset(philox_host):
+    # Chunked generation (row_offset) uses the same global index i = (row_offset + m) * K + k.
+    seed, p, k = 42, 0.3, 11
+    triples = [(seed, (5 + i) * k + j, p) for i in range(4) for j in range(k)]
+    _, keep = philox_host(triples)
+    assert torch.tensor(keep).view(4, k).equal(drop_ref.dropout_keep_mask(seed, (4, k), p, row_offset=5))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU: the Python side with the extension absent
+# ---------------------------------------------------------------------------------------------------------------
+
+HAS_EXT = torch.cuda.is_available() and _cuda.available()
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="needs a CUDA device and the built extension fastpeft._C")
+
+
+@pytest.mark.skipif(HAS_EXT, reason="checks the behaviour without the extension")
+def test_wrappers_raise_clearly_without_extension():
+    assert _cuda.available() is False
+    reason = _cuda.unavailable_reason()
+    assert isinstance(reason, str) and reason
+    x = torch.randn(2, 4)
+    with pytest.raises(RuntimeError, match="cuda backend is unavailable"):
+        _cuda.lora_fwd_cuda(x, torch.randn(3, 4), None, torch.randn(2, 4), None, torch.randn(3, 2), 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        _cuda.ia3_fwd_cuda(x, torch.randn(3, 4), None, torch.ones(3), False)
+
+
+def test_import_does_not_initialise_cuda():
+    code = ("import torch, fastpeft, fastpeft._cuda as c, fastpeft._dispatch as d\n"
+            "c.available(); d.describe(); fastpeft.backend_info()\n"
+            "assert not torch.cuda.is_initialized(), 'CUDA initialised'\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_dispatch_buckets():
+    assert _dispatch.bucket(1, 4096, 4096) == "m<=1,n4096,k4096"
+    assert _dispatch.bucket(16, 4096, 14336) == "m<=16,n4096,k16384"
+    assert _dispatch.bucket(17, 4000, 4096, 16) == "m<=256,n4096,k4096,r16"
+    assert _dispatch.bucket(8193, 1, 1) == "m>8192,n1,k1"
+    assert _dispatch.bucket(0, 0, 0) == "m<=1,n1,k1"
+
+
+def test_dispatch_table_record_lookup_export_load(tmp_path, monkeypatch):
+    _dispatch.clear()
+    try:
+        key_bucket = _dispatch.bucket(2048, 4096, 4096, 16)
+        _dispatch.record("FakeGPU", torch.bfloat16, "lora", key_bucket, "triton", "unit test",
+                         timings_ms={"triton": 1.0, "cuda/accum": 1.2})
+        _dispatch.record("FakeGPU", torch.bfloat16, "lora", _dispatch.bucket(1, 4096, 4096, 16), "cuda",
+                         "unit test", variant="decode")
+        path = tmp_path / "table.json"
+        data = _dispatch.export_table(str(path))
+        assert set(data) == {_dispatch.table_key("FakeGPU", torch.bfloat16, "lora", key_bucket),
+                             _dispatch.table_key("FakeGPU", "bfloat16", "lora", _dispatch.bucket(1, 4096, 4096, 16))}
+        desc = _dispatch.describe()
+        assert desc["entries"] and desc["committed_entries"] == len(_dispatch.COMMITTED)
+        _dispatch.clear()
+        assert _dispatch.export_table() == {}
+        assert _dispatch.load_table(str(path)) == 2
+        e = _dispatch.export_table()[_dispatch.table_key("FakeGPU", "bfloat16", "lora", key_bucket)]
+        assert e["backend"] == "triton" and "loaded from table.json" in e["reason"]
+        with pytest.raises(ValueError, match="backend"):
+            _dispatch.record("FakeGPU", torch.float16, "lora", key_bucket, "cudnn", "bad")
+        with pytest.raises(ValueError, match="variant"):
+            _dispatch.record("FakeGPU", torch.float16, "lora", key_bucket, "cuda", "bad", variant="fast")
+        bad = tmp_path / "bad.json"
+        bad.write_text('{"k": {"backend": "nope"}}')
+        with pytest.raises(ValueError, match="bad entry"):
+            _dispatch.load_table(str(bad))
+    finally:
+        _dispatch.clear()
+
+
+def test_dispatch_cpu_tensors_never_measured_or_chosen(monkeypatch):
+    _dispatch.set_autotune(True)
+    try:
+        x, w = torch.randn(4, 8), torch.randn(6, 8)
+        assert _dispatch.choose("lora", x, w, None, torch.randn(2, 8), None, torch.randn(6, 2)) is None
+        assert _dispatch.lora_fwd_variant(x, w, torch.randn(2, 8)) == "decode"
+        assert _dispatch.lora_fwd_variant(torch.randn(17, 8), w, torch.randn(2, 8)) == "accum"
+        assert _dispatch.export_table() == {}
+    finally:
+        _dispatch.set_autotune(None)
+
+
+def test_backend_info_reports_cuda_reason_and_dispatch():
+    import fastpeft
+    info = fastpeft.backend_info()
+    cuda = info["backends"]["cuda"]
+    assert cuda["available"] == _cuda.available() or not torch.cuda.is_available()
+    if not cuda["available"]:
+        assert cuda["reason"]
+    assert "dispatch" in info and "default" in info["dispatch"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU: every op against the fp64 reference
+# ---------------------------------------------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (M, K, N, r): odd sizes, r = 1, M = 0 and 1, decode sizes and a larger one.
+LORA_SHAPES = [(1, 64, 48, 4), (0, 32, 16, 2), (3, 33, 70, 1), (16, 128, 96, 8), (37, 129, 67, 5),
+               (300, 256, 200, 16), (65, 80, 512, 40)]
+
+
+def _floor(dtype):
+    return ELEMENTWISE[dtype][1] * 4
+
+
+def _check(actual, ref64, same_dtype, factor, what):
+    """FA's rule: err(impl, fp64) <= factor * err(torch in the same dtype, fp64) + a per-dtype floor."""
+    assert actual.shape == ref64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(actual.double()).all(), f"{what}: non-finite values"
+    err = rel_err(actual, ref64)
+    base = rel_err(same_dtype, ref64)
+    bound = factor * base + _floor(actual.dtype if actual.dtype in ELEMENTWISE else torch.float32)
+    assert err <= bound, f"{what}: rel err {err:.3e} > {bound:.3e} (torch same-dtype err {base:.3e})"
+
+
+def _lora_inputs(M, K, N, r, dtype, adt, bias, adalora, device="cuda", wt=False):
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    if wt:  # Conv1D-style: weight is a transposed view of a (K, N) buffer
+        weight = (torch.randn(K, N, device=device, dtype=dtype) / K ** 0.5).t()
+    else:
+        weight = torch.randn(N, K, device=device, dtype=dtype) / K ** 0.5
+    b = torch.randn(N, device=device, dtype=dtype) if bias else None
+    A = torch.randn(r, K, device=device, dtype=adt) / K ** 0.5
+    B = torch.randn(N, r, device=device, dtype=adt)
+    E = torch.randn(r, device=device, dtype=adt) if adalora else None
+    return x, weight, b, A, E, B
+
+
+def _lora_variants(M):
+    return (["decode"] if M <= 16 else []) + ["accum", "kaug"]
+
+
+def _run_lora_fwd(variant, x, weight, b, A, E, B, s, p, seed):
+    if variant == "decode":
+        return torch.ops.fastpeft.lora_decode_cuda(x, weight, b, A, E, B, s, p, seed)
+    fold = _cuda.FOLD_KAUG if variant == "kaug" else _cuda.FOLD_ACCUM
+    return torch.ops.fastpeft.lora_fwd_cuda(x, weight, b, A, E, B, s, p, seed, fold)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", LORA_SHAPES)
+@pytest.mark.parametrize("adapter_fp32", [False, True])
+def test_lora_fwd_bwd_vs_fp64(dtype, shape, adapter_fp32):
+    M, K, N, r = shape
+    adt = torch.float32 if adapter_fp32 else dtype
+    for variant in _lora_variants(M):
+        for bias, adalora, p, wt in [(True, False, 0.0, False), (False, True, 0.1, False), (True, True, 0.3, True)]:
+            x, weight, b, A, E, B = _lora_inputs(M, K, N, r, dtype, adt, bias, adalora, wt=wt)
+            s, seed = 1.7, 1234 + M
+            y, S = _run_lora_fwd(variant, x, weight, b, A, E, B, s, p, seed)
+            y64, S64 = lora_fwd_ref(x, weight, b, A, E, B, s, p, seed, upcast=True)
+            y_t, S_t = lora_fwd_ref(x, weight, b, A, E, B, s, p, seed)
+            tag = f"{variant} {dtype} adt={adt} {shape} bias={bias} E={adalora} p={p} wt={wt}"
+            assert y.dtype == dtype and S.dtype == torch.float32
+            _check(y, y64, y_t, MATMUL_FACTOR, f"y {tag}")
+            _check(S, S64, S_t, MATMUL_FACTOR, f"S {tag}")
+            dy = torch.randn(M, N, device="cuda", dtype=dtype)
+            for needs_dx in (True, False):
+                outs = torch.ops.fastpeft.lora_bwd_cuda(dy, x, weight, A, E, B, S, s, p, seed, needs_dx, bias)
+                ref64 = lora_bwd_ref(dy.double(), x.double(), weight.double(), A.double(),
+                                     E.double() if E is not None else None, B.double(), S64, s, p, seed,
+                                     needs_dx, bias)
+                ref_t = lora_bwd_ref(dy, x, weight, A, E, B, S_t, s, p, seed, needs_dx, bias)
+                for name, o, r64, rt in zip(("dx", "dA", "dE", "dB", "dbias"), outs, ref64, ref_t):
+                    assert o.dtype == rt.dtype, f"{name} {tag}: dtype {o.dtype} != {rt.dtype}"
+                    if rt.numel() == 0:
+                        assert o.shape == rt.shape, f"{name} {tag}: {o.shape} != {rt.shape}"
+                        continue
+                    _check(o, r64, rt, GRAD_FACTOR, f"{name} {tag} needs_dx={needs_dx}")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_lora_through_autograd_matches_torch_backend(dtype, p):
+    from fastpeft import functional as Fn
+    M, K, N, r = 45, 96, 80, 8
+    x, weight, b, A, E, B = _lora_inputs(M, K, N, r, dtype, torch.float32, True, False)
+    grads = {}
+    for backend in ("cuda", "torch"):
+        xs = x.clone().requires_grad_(True)
+        As, Bs, bs = A.clone().requires_grad_(True), B.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        y = Fn.lora_linear(xs, weight, bs, As, Bs, scaling=2.0, dropout_p=p, seed=7, backend=backend)
+        y.float().square().sum().backward()
+        grads[backend] = (y.detach(), xs.grad, As.grad, Bs.grad, bs.grad)
+    for name, c, t in zip(("y", "dx", "dA", "dB", "dbias"), grads["cuda"], grads["torch"]):
+        tol = max(ELEMENTWISE[dtype][1], 1e-5) * (8 if dtype == torch.float32 else 2)
+        assert rel_err(c, t) <= tol, f"{name}: {rel_err(c, t):.3e} > {tol:.1e}"
+
+
+@needs_ext
+@pytest.mark.parametrize("variant", ["decode", "accum", "kaug"])
+def test_dropout_mask_is_the_shared_stream(variant):
+    # With A = I (r = K) and x = 1, S = drop(x) exactly: the forward's mask must be the reference mask bit for bit.
+    M, K = (9, 24) if variant == "decode" else (70, 24)
+    p, seed = 0.4, 2**33 + 99
+    x = torch.ones(M, K, device="cuda", dtype=torch.float32)
+    weight = torch.zeros(5, K, device="cuda")
+    A = torch.eye(K, device="cuda")
+    B = torch.zeros(5, K, device="cuda")
+    _, S = _run_lora_fwd(variant, x, weight, None, A, None, B, 1.0, p, seed)
+    keep = drop_ref.dropout_keep_mask(seed, (M, K), p, "cuda")
+    expected = torch.where(keep, torch.full_like(x, drop_ref.dropout_scale(p)), torch.zeros_like(x))
+    assert torch.equal(S, expected)
+    # Backward regenerates the same mask: dx's LoRA term is mask ⊙ (dS A) · scale; with W = 0, B = I-ish, dA too.
+    B = torch.eye(5, K, device="cuda")
+    dy = torch.randn(M, 5, device="cuda")
+    dx, dA, _, _, _ = torch.ops.fastpeft.lora_bwd_cuda(dy, x, weight, A, None, B, S, 1.0, p, seed, True, False)
+    rdx, rdA, _, _, _ = lora_bwd_ref(dy, x, weight, A, None, B, S, 1.0, p, seed, True, False)
+    assert torch.equal(dx == 0, rdx == 0)
+    assert torch.allclose(dx, rdx, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(dA, rdA, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_dropout_mask_equals_triton_stream():
+    try:
+        from fastpeft.kernels.lora import lora_fwd_triton
+    except Exception as e:  # the Triton path is another issue's; skip if it is not there
+        pytest.skip(f"fastpeft.kernels.lora not importable: {e}")
+    M, K, p, seed = 33, 40, 0.3, 5
+    x = torch.ones(M, K, device="cuda")
+    weight, A, B = torch.zeros(3, K, device="cuda"), torch.eye(K, device="cuda"), torch.zeros(3, K, device="cuda")
+    _, s_cuda = _cuda.lora_fwd_cuda(x, weight, None, A, None, B, 1.0, p, seed)
+    _, s_tri = lora_fwd_triton(x, weight, None, A, None, B, 1.0, p, seed)
+    assert torch.equal(s_cuda, s_tri.float())
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize("shape", [(1, 64, 48), (0, 16, 8), (37, 129, 67), (300, 256, 200)])
+@pytest.mark.parametrize("l_fp32", [False, True])
+def test_ia3_fwd_bwd_vs_fp64(dtype, feedforward, shape, l_fp32):
+    M, K, N = shape
+    ldt = torch.float32 if l_fp32 else dtype
+    for bias, wt in [(True, False), (False, True)]:
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        weight = (torch.randn(K, N, device="cuda", dtype=dtype).t() if wt
+                  else torch.randn(N, K, device="cuda", dtype=dtype)) / K ** 0.5
+        b = torch.randn(N, device="cuda", dtype=dtype) if bias else None
+        l = 1 + 0.5 * torch.randn(K if feedforward else N, device="cuda", dtype=ldt)
+        tag = f"{dtype} ff={feedforward} {shape} l={ldt} bias={bias} wt={wt}"
+        y, saved = _cuda.ia3_fwd_cuda(x, weight, b, l, feedforward)
+        y64, z64 = ia3_fwd_ref(x, weight, b, l, feedforward, upcast=True)
+        y_t, z_t = ia3_fwd_ref(x, weight, b, l, feedforward)
+        assert y.dtype == dtype and saved.shape == z_t.shape
+        _check(y, y64, y_t, MATMUL_FACTOR, f"y {tag}")
+        if not feedforward:
+            _check(saved, z64, z_t, MATMUL_FACTOR, f"z {tag}")
+        y_inf = _cuda.ia3_fwd_cuda_inference(x, weight, b, l, feedforward)
+        _check(y_inf, y64, y_t, MATMUL_FACTOR, f"y (inference) {tag}")
+        dy = torch.randn(M, N, device="cuda", dtype=dtype)
+        xx = x if feedforward else x.new_empty(0)
+        for needs_dx in (True, False):
+            outs = _cuda.ia3_bwd_cuda(dy, xx, weight, l, saved, feedforward, needs_dx, bias)
+            ref64 = ia3_bwd_ref(dy.double(), xx.double(), weight.double(), l.double(),
+                                z64 if not feedforward else z64, feedforward, needs_dx, bias)
+            ref_t = ia3_bwd_ref(dy, xx, weight, l, z_t, feedforward, needs_dx, bias)
+            for name, o, r64, rt in zip(("dx", "dl", "dbias"), outs, ref64, ref_t):
+                assert o.dtype == rt.dtype and o.shape == rt.shape, f"{name} {tag}: {o.dtype}{o.shape}"
+                if rt.numel():
+                    _check(o, r64, rt, GRAD_FACTOR, f"{name} {tag} needs_dx={needs_dx}")
+
+
+@needs_ext
+def test_opcheck_every_op():
+    from torch.library import opcheck
+    dev = "cuda"
+    x, weight, b, A, E, B = _lora_inputs(5, 24, 20, 4, torch.bfloat16, torch.float32, True, True)
+    opcheck(torch.ops.fastpeft.lora_fwd_cuda.default, (x, weight, b, A, E, B, 2.0, 0.1, 3, 0))
+    opcheck(torch.ops.fastpeft.lora_fwd_cuda.default, (x, weight, b, A, E, B, 2.0, 0.1, 3, 1))
+    opcheck(torch.ops.fastpeft.lora_decode_cuda.default, (x, weight, b, A, E, B, 2.0, 0.1, 3))
+    _, S = torch.ops.fastpeft.lora_fwd_cuda(x, weight, b, A, E, B, 2.0, 0.1, 3, 0)
+    dy = torch.randn(5, 20, device=dev, dtype=torch.bfloat16)
+    for needs_dx, has_bias in [(True, True), (False, False)]:
+        opcheck(torch.ops.fastpeft.lora_bwd_cuda.default, (dy, x, weight, A, E, B, S, 2.0, 0.1, 3, needs_dx, has_bias))
+        opcheck(torch.ops.fastpeft.lora_bwd_cuda.default,
+                (dy, x, weight, A, None, B, S, 2.0, 0.0, 3, needs_dx, has_bias))
+    l_out, l_in = torch.rand(20, device=dev), torch.rand(24, device=dev)
+    for ff, l in [(False, l_out), (True, l_in)]:
+        for save in (True, False):
+            opcheck(torch.ops.fastpeft.ia3_fwd_cuda.default, (x, weight, b, l, ff, save))
+        _, saved = torch.ops.fastpeft.ia3_fwd_cuda(x, weight, b, l, ff, True)
+        xx = x if ff else x.new_empty(0)
+        for needs_dx in (True, False):
+            opcheck(torch.ops.fastpeft.ia3_bwd_cuda.default, (dy, xx, weight, l, saved, ff, needs_dx, True))
+    x0 = x[:0]
+    opcheck(torch.ops.fastpeft.lora_fwd_cuda.default, (x0, weight, b, A, E, B, 2.0, 0.0, 3, 0))
+
+
+@needs_ext
+def test_cpp_checks_name_the_argument():
+    x, weight, b, A, E, B = _lora_inputs(4, 16, 12, 2, torch.float16, torch.float16, True, True)
+    f = torch.ops.fastpeft.lora_fwd_cuda
+    with pytest.raises(RuntimeError, match="lora_B must have shape"):
+        f(x, weight, b, A, E, B.t().contiguous(), 1.0, 0.0, 0, 0)
+    with pytest.raises(RuntimeError, match="lora_E must have shape"):
+        f(x, weight, b, A, E[:1], B, 1.0, 0.0, 0, 0)
+    with pytest.raises(RuntimeError, match="bias must have the dtype of x"):
+        f(x, weight, b.float(), A, E, B, 1.0, 0.0, 0, 0)
+    with pytest.raises(RuntimeError, match="dropout_p must be in"):
+        f(x, weight, b, A, E, B, 1.0, 1.0, 0, 0)
+    with pytest.raises(RuntimeError, match="x must be a CUDA tensor"):
+        f(x.cpu(), weight, b, A, E, B, 1.0, 0.0, 0, 0)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        f(torch.randn(16, 4, device="cuda", dtype=torch.float16).t(), weight, b, A, E, B, 1.0, 0.0, 0, 0)
+    with pytest.raises(RuntimeError, match="fold must be"):
+        f(x, weight, b, A, E, B, 1.0, 0.0, 0, 7)
+    with pytest.raises(RuntimeError, match="at most 16 rows"):
+        torch.ops.fastpeft.lora_decode_cuda(torch.randn(17, 16, device="cuda", dtype=torch.float16), weight, b, A,
+                                            E, B, 1.0, 0.0, 0)
+    with pytest.raises(RuntimeError, match="ia3_l must have shape"):
+        torch.ops.fastpeft.ia3_fwd_cuda(x, weight, b, torch.ones(16, device="cuda"), False, True)
+
+
+@needs_ext
+def test_autotune_records_a_measured_choice():
+    _dispatch.clear()
+    _dispatch.set_autotune(True)
+    try:
+        x, weight, b, A, E, B = _lora_inputs(512, 256, 256, 8, torch.bfloat16, torch.bfloat16, True, False)
+        chosen = _dispatch.choose("lora", x, weight, b, A, E, B)
+        table = _dispatch.export_table()
+        if chosen is None:  # only one backend usable here: nothing to measure, nothing recorded
+            assert table == {}
+        else:
+            (entry,) = table.values()
+            assert entry["backend"] == chosen and entry["timings_ms"] and "autotuned" in entry["reason"]
+            assert _dispatch.describe()["entries"]
+    finally:
+        _dispatch.set_autotune(None)
+        _dispatch.clear()
