@@ -65,6 +65,9 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> Rotat
 
 
 def _compiled(layer: nn.Module):
+    # Every case wraps a new layer of the same PEFT class, i.e. the same forward code object: without a reset,
+    # dynamo's per-code-object recompile limit (8) would silently run later cases eagerly.
+    torch._dynamo.reset()
     return torch.compile(layer, dynamic=False)
 
 

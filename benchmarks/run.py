@@ -65,7 +65,8 @@ def _progress(total: int):
     return tqdm(total=total, desc="benchmarks", dynamic_ncols=True, file=sys.stderr)
 
 
-def _layer_providers(requested: Optional[list[str]], device: torch.device) -> tuple[list[str], dict[str, str]]:
+def _layer_providers(requested: Optional[list[str]], device: torch.device, quick: bool = False
+                     ) -> tuple[list[str], dict[str, str]]:
     avail = ["base"] + [f"fastpeft-{b}" for b in U.available_fastpeft_backends(device)]
     skipped = {}
     if U.peft_or_none() is not None:
@@ -73,7 +74,8 @@ def _layer_providers(requested: Optional[list[str]], device: torch.device) -> tu
     else:
         skipped["peft"] = skipped["peft-compile"] = "HF PEFT not installed (pip install peft)"
     if requested is None:
-        chosen = [p for p in avail if not (device.type == "cpu" and p == "peft-compile")]
+        # peft-compile recompiles per case (tens of seconds each): left out of CPU runs and of --quick by default.
+        chosen = [p for p in avail if not ((device.type == "cpu" or quick) and p == "peft-compile")]
         return chosen, skipped
     for p in requested:
         if p not in avail and p in ("fastpeft-triton", "fastpeft-cuda"):
@@ -248,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = U.env_info(device)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     requested = _split(args.providers)
-    layer_provs, layer_skipped = _layer_providers(requested, device)
+    layer_provs, layer_skipped = _layer_providers(requested, device, args.quick)
     print(f"device: {env['gpu']}; torch {env['torch']}, triton {env['triton']}, git {env['git']}")
     print(f"layer providers: {layer_provs}" + (f"; skipped: {layer_skipped}" if layer_skipped else ""))
 

@@ -405,8 +405,17 @@ def reload_check(method: str, adapter_dir: Path, model_dir: Path, test: Split, r
         peft = _peft_or_none()
         if peft is None:
             return {"status": "skipped", "why": "HF PEFT is not installed (pip install peft)"}
-        model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
-        loader = f"peft {peft.__version__} PeftModel.from_pretrained"
+        try:
+            model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
+            loader = f"peft {peft.__version__} PeftModel.from_pretrained"
+        except Exception as e:
+            # HF PEFT cannot build this method on this model at all (see the comparison run); check the files with
+            # fastpeft's loader instead, and say so.
+            import fastpeft
+            base, _ = load_minilm_classifier(model_dir)
+            model = fastpeft.PeftModel.from_pretrained(base, str(adapter_dir))
+            loader = (f"fastpeft.PeftModel.from_pretrained (HF PEFT {peft.__version__} could not load it: "
+                      f"{type(e).__name__}: {str(e)[:120]})")
     model.to(device)
     logits = predict_logits(model, test)
     diff = (logits - ref_logits).abs().max().item() if logits.numel() else 0.0
@@ -516,7 +525,14 @@ def run(args) -> int:
     models = {}
     for eng in [e for e in (ours, theirs) if e is not None]:
         torch.manual_seed(args.seed + 1)  # same dropout stream for both engines
-        model = eng.build(copy.deepcopy(base)).to(device)
+        try:
+            model = eng.build(copy.deepcopy(base)).to(device)
+        except Exception as e:
+            if eng is ours:
+                raise
+            # e.g. HF PEFT's prefix tuning rejects BERT under transformers 5 ("does not support past key values")
+            print(f"{eng.name}: comparison skipped, HF PEFT could not build this model: {type(e).__name__}: {e}")
+            continue
         res = train(model, train_split, batches, lr, device, eng.name, progress, adalora=args.method == "adalora")
         res.engine, res.label = eng.name, eng.label
         logits = predict_logits(model, test_split)

@@ -196,6 +196,31 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     assert "test accuracy" in captured.out and "predictions agree" in captured.out
 
 
+@needs_vader
+@needs_minilm
+def test_tiny_run_accelerate_engine_and_mismatch_exit_status(tmp_path, monkeypatch, capsys):
+    """The HF PEFT + fastpeft.accelerate engine trains too; a reload that disagrees makes the demo exit 1."""
+    pytest.importorskip("peft")
+    real = demo.reload_check
+
+    def corrupted(method, adapter_dir, model_dir, test, ref_logits, device, tol):
+        bad = ref_logits.clone()
+        bad[:, 0] += 10.0 * (bad[:, 1] - bad[:, 0]).sign() + 1.0  # flip every prediction with a clear margin
+        return real(method, adapter_dir, model_dir, test, bad, device, tol)
+
+    monkeypatch.setattr(demo, "reload_check", corrupted)
+    out = tmp_path / "run"
+    status = demo.main(["--engine", "accelerate", "--no-peft", "--steps", "2", "--batch-size", "4",
+                        "--max-examples", "16", "--probe-examples", "16", "--probe-iters", "5", "--rank", "2",
+                        "--no-progress", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "does not reproduce" in captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reload_check"]["status"] == "MISMATCH"
+    assert summary["runs"][0]["label"].startswith("fastpeft.accelerate(")
+
+
 @pytest.mark.parametrize("method", ["prompt", "prefix", "ptuning", "bottleneck"])
 def test_prompt_methods_clear_message_when_unavailable(method, capsys, tmp_path):
     """Until fastpeft's model API and prompt configs land, these methods say so (exit 2); once they land the
