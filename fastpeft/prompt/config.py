@@ -182,7 +182,7 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     With grouped-query attention ``token_dim`` becomes ``num_kv_heads · head_dim`` and ``num_attention_heads`` the
     number of KV heads (PEFT's rule).  Refused with gradient checkpointing: the prefix travels in the model's KV
-    cache, which the attention layers extend in place, so re-running a layer in the backward pass would see it twice.
+    cache, which transformers' checkpointed layers drop (the backward replay would write it a second time).
     """
 
     init_weights: Optional[str] = None

@@ -44,10 +44,10 @@ __all__ = ["PromptLearningTuner", "PromptTuningTuner", "PromptEncoderTuner", "Pr
            "AdaptionPromptTuner", "BottleneckTuner", "prepare_prompt_learning_config", "build_prefix_cache"]
 
 _GC_MESSAGE = ("PREFIX_TUNING does not work with gradient checkpointing: the prefixes are handed to the model as its "
-               "key/value cache, which every attention layer extends in place during the forward pass; gradient "
-               "checkpointing re-runs those layers in the backward pass against the already-extended cache, so the "
-               "recomputed activations (and gradients) would be wrong.  Disable gradient checkpointing "
-               "(model.gradient_checkpointing_disable()) or use prompt tuning / P-tuning / LoRA.")
+               "key/value cache, and transformers' gradient-checkpointed layers drop the cache (`cache=None`) because "
+               "the backward pass replays each layer, which would write the cache a second time; the prefix would be "
+               "lost (in transformers 5.x the forward then fails with a mask/key length mismatch).  Disable gradient "
+               "checkpointing (model.gradient_checkpointing_disable()) or use prompt tuning / P-tuning / LoRA.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
