@@ -489,3 +489,35 @@ def test_bf16_model_fp32_encoder(cname):
     g = fm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
                     eos_token_id=None)
     assert g.shape == (2, ids.shape[1] + 2)
+
+
+def test_text_init_adapter_reloads_trainable_without_its_tokenizer(tmp_path):
+    """A TEXT-initialised adapter whose tokenizer was a Hub name (or an object) reloads trainable offline: the saved
+    prompt replaces the init, so fastpeft does not need (nor download) the tokenizer, unlike PEFT."""
+    torch.manual_seed(0)
+    base = tiny_llama()
+    pristine = copy.deepcopy(base)
+
+    class Tok:
+        name_or_path = "some-org/some-hub-tokenizer"
+
+        def __call__(self, text):
+            return {"input_ids": [5, 6, 7]}
+
+    cfg = fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT",
+                                      prompt_tuning_init_text="x", tokenizer_name_or_path=Tok())
+    fm = fastpeft.get_peft_model(base, cfg)
+    fm.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["tokenizer_name_or_path"] == "some-org/some-hub-tokenizer"
+    ids, mask, _ = batch()
+    loaded = fastpeft.PeftModel.from_pretrained(pristine, str(tmp_path), is_trainable=True)
+    with torch.no_grad():
+        assert max_abs(loaded(input_ids=ids, attention_mask=mask).logits,
+                       fm(input_ids=ids, attention_mask=mask).logits) <= PROMPT_FP32_ATOL
+    assert loaded.base_model.prompt_encoder["default"].embedding.weight.requires_grad
+    # a NEW config naming a tokenizer that is not a local directory is refused (nothing is downloaded)
+    with pytest.raises(ValueError, match="not a local directory"):
+        fastpeft.get_peft_model(tiny_llama(), fastpeft.PromptTuningConfig(
+            task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="x",
+            tokenizer_name_or_path="some-org/some-hub-tokenizer"))

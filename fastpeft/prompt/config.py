@@ -106,6 +106,9 @@ class PromptTuningConfig(PromptLearningConfig):
         self.prompt_tuning_init = PromptTuningInit(init)
         tok = self.tokenizer_name_or_path
         self._tokenizer: Any = None
+        # A config built with inference_mode=True is one read from a saved adapter (files always say true); loading it
+        # trainable flips inference_mode afterwards, and its TEXT init is then moot (the saved prompt replaces it).
+        self._from_saved = bool(self.inference_mode)
         if tok is not None and not isinstance(tok, str):
             if not callable(tok):
                 raise TypeError(f"tokenizer_name_or_path must be a local path (str) or a tokenizer object, got "
@@ -125,6 +128,7 @@ class PromptTuningConfig(PromptLearningConfig):
     def copy(self):
         new = super().copy()
         new._tokenizer = self._tokenizer
+        new._from_saved = self._from_saved
         return new
 
 

@@ -534,7 +534,11 @@ class PromptTuningTuner(_EmbeddingPromptTuner):
             if config.prompt_tuning_init == PromptTuningInit.SAMPLE_VOCAB:
                 ids = torch.randint(0, emb.num_embeddings, (n,), dtype=torch.long).to(emb.weight.device)
                 init_weight = emb(ids).detach()
-            elif config.prompt_tuning_init == PromptTuningInit.TEXT:
+            elif config.prompt_tuning_init == PromptTuningInit.TEXT and not (
+                    getattr(config, "_from_saved", False) and getattr(config, "_tokenizer", None) is None
+                    and not _is_local_dir(config.tokenizer_name_or_path)):
+                # (a saved adapter loaded trainable whose tokenizer is not at hand skips the init: its saved prompt
+                # replaces it anyway; PEFT would download the tokenizer here)
                 tok = _get_tokenizer(config)
                 ids = text_init_token_ids(tok, config.prompt_tuning_init_text, n)
                 bad = [i for i in ids if not 0 <= i < emb.num_embeddings]
@@ -543,6 +547,12 @@ class PromptTuningTuner(_EmbeddingPromptTuner):
                                      f"(size {emb.num_embeddings})")
                 init_weight = emb(torch.tensor(ids, dtype=torch.long, device=emb.weight.device)).detach()
         return PromptEmbedding(n, config.token_dim, init_weight=init_weight)
+
+
+def _is_local_dir(path) -> bool:
+    import os
+
+    return isinstance(path, str) and bool(path) and os.path.isdir(path)
 
 
 def _get_tokenizer(config: PromptTuningConfig):
