@@ -80,45 +80,49 @@ def run_e2e(name: str, dtype: torch.dtype, device: torch.device, providers: list
     eval_ids = torch.randint(0, spec["vocab_size"], (b, s), generator=g).to(device)
     out = []
     for prov in providers:
-        if prov == "base":
-            model, label = _model(spec, dtype, device), "frozen model fwd+bwd (no optimizer)"
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.enable_input_require_grads()
-            opt = None
-        else:
-            model, label = _lora_model(prov, spec, dtype, device, backend)
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        model.eval()
-        with torch.no_grad():
-            eval_loss = float(model(input_ids=eval_ids, labels=eval_ids).loss.float())
-        model.train()
-
-        def step():
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-        step()  # warm-up (and creates the optimizer state, so memory below is the steady state)
-        mem, kind = peak_mem_mib(step, device, exclude=list(model.parameters()))
-        times = []
-        for _ in range(steps):
-            sync(device)
-            t0 = time.perf_counter()
-            step()
-            sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        p50 = statistics.median(times)
-        out.append(E2EResult(prov, label, p50, _quantile(times, 0.2), _quantile(times, 0.8),
-                             b * s / (p50 / 1e3), mem, kind, eval_loss))
-        del model, opt
+        out.append(_run_one(prov, spec, dtype, device, ids, eval_ids, steps, backend))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def _run_one(prov: str, spec: dict, dtype, device, ids, eval_ids, steps: int, backend) -> E2EResult:
+    if prov == "base":
+        model, label = _model(spec, dtype, device), "frozen model fwd+bwd (no optimizer)"
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.enable_input_require_grads()
+        opt = None
+    else:
+        model, label = _lora_model(prov, spec, dtype, device, backend)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.eval()
+    with torch.no_grad():
+        eval_loss = float(model(input_ids=eval_ids, labels=eval_ids).loss.float())
+    model.train()
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up (and creates the optimizer state, so memory below is the steady state)
+    mem, kind = peak_mem_mib(step, device, exclude=list(model.parameters()))
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    p50 = statistics.median(times)
+    b, s = ids.shape
+    return E2EResult(prov, label, p50, _quantile(times, 0.2), _quantile(times, 0.8), b * s / (p50 / 1e3), mem, kind,
+                     eval_loss)
 
 
 def loss_err(res: E2EResult, ref: E2EResult) -> float:

@@ -543,8 +543,8 @@ def run(args) -> int:
               f"{acc_before:.4f} -> {res.acc_after:.4f}, {res.step_ms_median:.1f} ms/step")
 
     print()
-    print(f"| engine | trainable params | acc before | acc after | ms/step (median) | examples/s | tokens/s | "
-          f"memory MiB |")
+    print("| engine | trainable params | acc before | acc after | ms/step (median) | examples/s | tokens/s | "
+          "memory MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r.engine} | {r.trainable_params:,} | {acc_before:.4f} | {r.acc_after:.4f} | "

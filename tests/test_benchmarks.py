@@ -15,11 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _tolerances import MATMUL_ATOL  # noqa: E402
+
 from benchmarks import _utils as U  # noqa: E402
 from benchmarks import run as R  # noqa: E402
 from benchmarks.shapes import E2E, LLAMA3_8B, REGISTRIES, Shape, shapes  # noqa: E402
-
-from _tolerances import MATMUL_ATOL  # noqa: E402
 
 peft = pytest.importorskip("peft")
 

@@ -12,11 +12,11 @@ import torch.nn as nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from _tolerances import ELEMENTWISE, PEFT_PARITY_RTOL, rel_err  # noqa: E402
+
 import fastpeft  # noqa: E402
 from fastpeft import integrations  # noqa: E402
 from fastpeft.integrations import accelerate, fallback_reason, is_accelerated, restore  # noqa: E402
-
-from _tolerances import ELEMENTWISE, PEFT_PARITY_RTOL, rel_err  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
 
