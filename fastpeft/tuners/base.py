@@ -666,9 +666,10 @@ class BaseTuner(nn.Module):
     def _cast_adapter_dtype(self, adapter_name: str) -> None:
         """Upcast this adapter's fp16/bf16 weights to fp32 (HF PEFT's ``autocast_adapter_dtype=True`` default)."""
         for _, layer in self.tuner_layers():
-            for attr in layer.adapter_layer_names:
-                container = getattr(layer, attr)
-                if adapter_name not in container:
+            for attr in layer.adapter_layer_names + layer.other_param_names:
+                container = getattr(layer, attr, None)
+                # every per-adapter ModuleDict/ParameterDict, frozen ones (AdaLoRA's ranknum) included, like PEFT
+                if not isinstance(container, (nn.ModuleDict, nn.ParameterDict)) or adapter_name not in container:
                     continue
                 item = container[adapter_name]
                 params = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
