@@ -276,9 +276,10 @@ class PeftModel(nn.Module):
             raise
         if is_trainable:
             # a loaded trainable adapter is trainable even though it is not active (PEFT's behaviour)
+            prefix = self.base_model.prefix
             for n, p in self.named_parameters():
                 if f".{adapter_name}." in n or n.endswith(f".{adapter_name}"):
-                    if self.base_model.prefix and self.base_model.prefix in n:
+                    if (prefix and prefix in n) or ".modules_to_save." in n:
                         p.requires_grad_(True)
         else:
             self.eval()

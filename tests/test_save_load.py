@@ -279,3 +279,18 @@ def test_is_trainable_true(tmp_path):
     f.save_pretrained(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["inference_mode"] is True
     assert f.peft_config["default"].inference_mode is False
+
+
+def test_load_adapter_trainable_and_frozen(tmp_path):
+    d = _save_peft_lora(tmp_path, target_modules=["q_proj"])
+    f = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(r=2, target_modules=["v_proj"]))
+    f.load_adapter(str(d), adapter_name="frozen")
+    with pytest.raises(ValueError, match="clashes"):
+        f.load_adapter(str(d), adapter_name="train", is_trainable=True)
+    f.load_adapter(str(d), adapter_name="trainme", is_trainable=True)
+    names = {n: q.requires_grad for n, q in f.named_parameters() if "lora_" in n}
+    assert all(not v for n, v in names.items() if ".frozen." in n)
+    assert all(v for n, v in names.items() if ".trainme." in n)
+    assert all(v for n, v in names.items() if ".default." in n)  # the active adapter stays trainable
+    assert f.active_adapter == "default"
+    assert f.peft_config["frozen"].inference_mode and not f.peft_config["trainme"].inference_mode

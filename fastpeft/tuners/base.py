@@ -522,6 +522,9 @@ class BaseTuner(nn.Module):
             raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
         if "." in adapter_name:
             raise ValueError(f"adapter_name must not contain '.', got {adapter_name!r}")
+        if hasattr(nn.ModuleDict(), adapter_name) or hasattr(nn.ParameterDict(), adapter_name):
+            # per-adapter weights live in ModuleDict/ParameterDict keyed by the name, which refuse attribute names
+            raise ValueError(f"adapter_name {adapter_name!r} clashes with an nn.Module attribute; choose another name")
 
     def _prepare_adapter_config(self, config: PeftConfig) -> PeftConfig:
         """Fill ``target_modules`` from ``target_module_defaults`` when it is None (per model_type)."""
