@@ -418,7 +418,7 @@ def test_inference_mode_config_freezes_adapter():
 
 
 def test_conv1d_functional_path_uses_transposed_view():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)

@@ -127,7 +127,7 @@ class SVDLinear(AdaLoraLayer):
         active = [a for a in self._present_active() if self.r.get(a, 0) > 0]
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if len(active) == 1 and not args and not kwargs:
+        if self._fusable and len(active) == 1 and not args and not kwargs:
             a = active[0]
             drop = self.lora_dropout[a]
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0

@@ -106,6 +106,10 @@ class BaseTunerLayer(nn.Module):
         # per-row adapter names of the current batch; set only inside BaseTuner.mixed_batch() (layers that support
         # mixed batches read it in forward)
         self._batch_adapter_names: Optional[list[str]] = None
+        # The fused functional path replaces the base layer's own forward, so it is used only for a plain nn.Linear or
+        # transformers Conv1D (a subclass may do more in forward, e.g. quantised or hooked layers).
+        self._fusable = type(base_layer) is nn.Linear or (
+            is_conv1d(base_layer) and type(base_layer).__name__ == "Conv1D")
 
     # -- base layer passthroughs ---------------------------------------------------------------------------------
     def get_base_layer(self) -> nn.Module:

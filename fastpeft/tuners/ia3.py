@@ -108,7 +108,7 @@ class Linear(IA3Layer):
         active = self._present_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if len(active) == 1 and not args and not kwargs:
+        if self._fusable and len(active) == 1 and not args and not kwargs:
             base = self.base_layer
             return FP.ia3_linear(x, linear_weight_oi(base), base.bias, self.ia3_l[active[0]],
                                  self.is_feedforward, backend=None)

@@ -144,7 +144,7 @@ class Linear(LoraLayer):
         active = self._present_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if len(active) == 1 and not args and not kwargs and not self.lora_bias[active[0]]:
+        if self._fusable and len(active) == 1 and not args and not kwargs and not self.lora_bias[active[0]]:
             a = active[0]
             A = self.lora_A[a].weight
             drop = self.lora_dropout[a]
