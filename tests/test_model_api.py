@@ -436,3 +436,19 @@ def test_conv1d_functional_path_uses_transposed_view():
     with torch.no_grad():
         layer.merge()
         assert_close_rel(m(x), want, PEFT_PARITY_RTOL, "Conv1D merged")
+
+
+def test_linear_subclass_keeps_its_own_forward():
+    class HookedLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    torch.manual_seed(0)
+    model = nn.Sequential(HookedLinear(6, 4))
+    m = fastpeft.get_peft_model(model, fastpeft.LoraConfig(r=2, target_modules=["0"]))
+    randomize_b(m)
+    layer = m.base_model.model[0]
+    x = torch.randn(3, 6)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    want = 2.0 * (x @ layer.base_layer.weight.T + layer.base_layer.bias) + (x @ A.T) @ B.T * layer.scaling["default"]
+    assert_close_rel(m(x), want, PEFT_PARITY_RTOL, "subclass forward kept")
