@@ -11,15 +11,15 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kScaleRows = 8;
 
-// grid: (ceil(C / kThreads), ceil(M / kScaleRows)).
+// grid: (ceil(M / kScaleRows), ceil(C / kThreads)): rows on grid.x, whose limit is 2^31 - 1.
 template <typename TX, typename TL>
 __global__ void __launch_bounds__(kThreads) ia3_scale_kernel(const TX* X, int64_t M, int64_t C, int64_t ldx,
                                                              const TL* __restrict__ l, bool round_to_l, TX* out,
                                                              int64_t ldo) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   if (c >= C) return;
   const float lc = ld_f(l + c);
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kScaleRows;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kScaleRows;
 #pragma unroll
   for (int i = 0; i < kScaleRows; ++i) {
     const int64_t m = m0 + i;
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) ia3_bwd_kernel(const TX* G, const TX
 void launch_ia3_scale(DType xt, DType lt, const void* X, int64_t M, int64_t C, int64_t ldx, const void* l,
                       bool round_to_l, void* out, int64_t ldo, cudaStream_t stream) {
   if (M <= 0 || C <= 0) return;
-  const dim3 grid(static_cast<unsigned>(ceil_div(C, kThreads)), static_cast<unsigned>(ceil_div(M, kScaleRows)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, kScaleRows)), static_cast<unsigned>(ceil_div(C, kThreads)));
   FASTPEFT_DISPATCH_DTYPE(xt, TX, FASTPEFT_DISPATCH_DTYPE(lt, TL, {
     ia3_scale_kernel<TX, TL><<<grid, kThreads, 0, stream>>>(static_cast<const TX*>(X), M, C, ldx,
                                                              static_cast<const TL*>(l), round_to_l,

@@ -102,15 +102,16 @@ __global__ void __launch_bounds__(kThreads) coldot_kernel(const TX* __restrict__
     if (j0 + j < r) atomicAdd(out + c * r + j0 + j, alpha * acc[j]);
 }
 
-// grid: (ceil(C / kThreads), ceil(M / kExpandRows)); one thread per column, kExpandRows rows.
+// grid: (ceil(M / kExpandRows), ceil(C / kThreads)); one thread per column, kExpandRows rows.  Rows go on grid.x
+// (limit 2^31 - 1): grid.y is limited to 65535.
 template <typename TY, typename TQ>
 __global__ void __launch_bounds__(kThreads) expand_kernel(TY* __restrict__ Y, int64_t M, int64_t C, int64_t ldy,
                                                           const TY* __restrict__ bias, const float* __restrict__ P,
                                                           int64_t ldp, int r, const TQ* __restrict__ Q,
                                                           int64_t q_sc, int64_t q_sj, float alpha,
                                                           DropoutParams drop) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kExpandRows;
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kExpandRows;
   if (c >= C) return;
   float acc[kExpandRows];
 #pragma unroll
@@ -178,7 +179,7 @@ void launch_expand(DType yt, DType qt, void* Y, int64_t M, int64_t C, int64_t ld
                    const float* P, int64_t ldp, int r, const void* Q, int64_t q_sc, int64_t q_sj, float alpha,
                    DropoutParams drop, cudaStream_t stream) {
   if (M <= 0 || C <= 0) return;
-  const dim3 grid(static_cast<unsigned>(ceil_div(C, kThreads)), static_cast<unsigned>(ceil_div(M, kExpandRows)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, kExpandRows)), static_cast<unsigned>(ceil_div(C, kThreads)));
   FASTPEFT_DISPATCH_DTYPE(yt, TY, FASTPEFT_DISPATCH_DTYPE(qt, TQ, {
     expand_kernel<TY, TQ><<<grid, kThreads, 0, stream>>>(static_cast<TY*>(Y), M, C, ldy,
                                                           static_cast<const TY*>(bias), P, ldp, r,
