@@ -49,6 +49,10 @@ def _check_float(name: str, v) -> float:
         if v.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(v.shape)}")
         v = v.item()
+    if isinstance(v, (torch.SymFloat, torch.SymInt)) or torch.compiler.is_compiling():
+        # Under torch.compile a Python float may arrive symbolic (after a recompile with another value), and
+        # math.isfinite on it would break the graph; eager calls of the same code check it.
+        return v
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(v).__name__}")
     v = float(v)
