@@ -307,43 +307,79 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=True, dynamic_ncols=True, file=sys.stderr)
 
 
-def train(model, train_split: Split, batches: list, lr: float, device, desc: str, progress: bool,
-          adalora: bool = False) -> RunResult:
-    """AdamW over the trainable parameters for ``len(batches)`` steps; timing, memory and the loss curve."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    res = RunResult(engine="", label="")
-    res.trainable_params = sum(p.numel() for p in params)
-    res.total_params = sum(p.numel() for p in model.parameters())
-    times = []
-    bar = _progress(len(batches), desc, progress)
-    tokens = 0
-    for step, idx in enumerate(batches):
-        batch = train_split.batch(idx)
+class Trainer:
+    """AdamW over a model's trainable parameters, one ``step(i)`` at a time, with its own RNG stream.
+
+    Several trainers are stepped in turn (``train_interleaved``), so that every engine sees the same machine load
+    (a shared CPU makes back-to-back runs incomparable) and the same dropout stream (each trainer swaps its RNG
+    state in around its step).
+    """
+
+    def __init__(self, model, train_split: Split, batches: list, lr: float, device, name: str, seed: int,
+                 adalora: bool = False):
+        self.model, self.split, self.batches, self.device, self.name = model, train_split, batches, device, name
+        self.adalora = adalora
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.res = RunResult(engine=name, label="")
+        self.res.trainable_params = sum(p.numel() for p in params)
+        self.res.total_params = sum(p.numel() for p in model.parameters())
+        self.times: list = []
+        self.tokens = 0
+        # This trainer's RNG stream starts at manual_seed(seed); the caller's global RNG state is left as it was.
+        cuda = device.type == "cuda"
+        outer = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
+        torch.manual_seed(seed)
+        self._cpu_rng = torch.get_rng_state()
+        self._cuda_rng = torch.cuda.get_rng_state(device) if cuda else None
+        torch.set_rng_state(outer[0])
+        if cuda:
+            torch.cuda.set_rng_state(outer[1], device)
+
+    def _swap_in(self):
+        outer = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self._cuda_rng is not None else None)
+        torch.set_rng_state(self._cpu_rng)
+        if self._cuda_rng is not None:
+            torch.cuda.set_rng_state(self._cuda_rng, self.device)
+        return outer
+
+    def _swap_out(self, outer):
+        self._cpu_rng = torch.get_rng_state()
+        torch.set_rng_state(outer[0])
+        if self._cuda_rng is not None:
+            self._cuda_rng = torch.cuda.get_rng_state(self.device)
+            torch.cuda.set_rng_state(outer[1], self.device)
+
+    def step(self, step: int) -> float:
+        model, device, res = self.model, self.device, self.res
+        model.train()
+        batch = self.split.batch(self.batches[step])
         measure_mem = step == 1  # after the optimizer state exists
-        saved = None
-        if measure_mem and device.type == "cuda":
+        outer = self._swap_in()
+        try:
+            if measure_mem and device.type == "cuda":
+                _sync(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                mem0 = torch.cuda.memory_allocated(device)
             _sync(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            mem0 = torch.cuda.memory_allocated(device)
-        _sync(device)
-        t0 = time.perf_counter()
-        if measure_mem and device.type != "cuda":
-            saved = _SavedBytes(model)
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+            t0 = time.perf_counter()
+            if measure_mem and device.type != "cuda":
+                saved = _SavedBytes(model)
+                with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                    out = model(**batch)
+            else:
                 out = model(**batch)
-        else:
-            out = model(**batch)
-        loss = out.loss
-        loss.backward()
-        opt.step()
-        if adalora:
-            # AdaLoRA's rank allocation: after backward, before zero_grad (HF PEFT's contract).
-            model.base_model.update_and_allocate(step)
-        opt.zero_grad(set_to_none=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+            loss = out.loss
+            loss.backward()
+            self.opt.step()
+            if self.adalora:
+                # AdaLoRA's rank allocation: after backward, before zero_grad (HF PEFT's contract).
+                model.base_model.update_and_allocate(step)
+            self.opt.zero_grad(set_to_none=True)
+            _sync(device)
+            self.times.append(time.perf_counter() - t0)
+        finally:
+            self._swap_out(outer)
         if measure_mem:
             if device.type == "cuda":
                 res.memory_mib = (torch.cuda.max_memory_allocated(device) - mem0) / 2 ** 20
@@ -351,27 +387,39 @@ def train(model, train_split: Split, batches: list, lr: float, device, desc: str
             else:
                 res.memory_mib = saved.bytes / 2 ** 20
                 res.memory_kind = "activations saved for backward in one step (MiB; CPU proxy)"
-        tokens += batch["attention_mask"].numel()  # padded tokens processed
+        self.tokens += batch["attention_mask"].numel()  # padded tokens processed
         lv = float(loss.detach())
         res.losses.append(lv)
         if not math.isfinite(lv):
-            raise FloatingPointError(f"{desc}: loss became {lv} at step {step}; lower --lr")
+            raise FloatingPointError(f"{self.name}: loss became {lv} at step {step}; lower --lr")
+        return lv
+
+    def finish(self) -> RunResult:
+        res, times = self.res, self.times
+        steady = times[3:] if len(times) > 6 else times
+        res.step_ms_median = statistics.median(steady) * 1e3
+        res.examples_per_s = self.batches[0].numel() / statistics.median(steady)
+        res.tokens_per_s = self.tokens / sum(times)
+        window = max(1, len(res.losses) // 10)
+        res.first_loss = statistics.fmean(res.losses[:window])
+        res.last_loss = statistics.fmean(res.losses[-window:])
+        return res
+
+
+def train_interleaved(trainers: list, steps: int, progress: bool) -> list:
+    """Step every trainer once per step, in turn; a progress bar shows each one's loss."""
+    bar = _progress(steps, "fine-tuning " + " + ".join(t.name for t in trainers), progress)
+    for step in range(steps):
+        losses = {t.name: t.step(step) for t in trainers}
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{lv:.3f}")
-        elif progress and (step % max(1, len(batches) // 10) == 0 or step == len(batches) - 1):
-            print(f"  {desc} step {step + 1}/{len(batches)} loss {lv:.4f}", file=sys.stderr, flush=True)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
+        elif progress and (step % max(1, steps // 10) == 0 or step == steps - 1):
+            print(f"  step {step + 1}/{steps} " + " ".join(f"{k} loss {v:.4f}" for k, v in losses.items()),
+                  file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()
-    steady = times[3:] if len(times) > 6 else times
-    res.step_ms_median = statistics.median(steady) * 1e3
-    bs = batches[0].numel()
-    res.examples_per_s = bs / statistics.median(steady)
-    res.tokens_per_s = tokens / sum(times)
-    window = max(1, len(res.losses) // 10)
-    res.first_loss = statistics.fmean(res.losses[:window])
-    res.last_loss = statistics.fmean(res.losses[-window:])
-    return res
+    return [t.finish() for t in trainers]
 
 
 def make_batches(n: int, batch_size: int, steps: int, seed: int, device) -> list:
@@ -521,10 +569,9 @@ def run(args) -> int:
           f"(train {probe_acc:.4f}); {time.perf_counter() - t_start:.0f} s so far")
 
     batches = make_batches(len(train_split), args.batch_size, args.steps, args.seed, device)
-    results = []
-    models = {}
+    trainers = []
     for eng in [e for e in (ours, theirs) if e is not None]:
-        torch.manual_seed(args.seed + 1)  # same dropout stream for both engines
+        torch.manual_seed(args.seed + 1)
         try:
             model = eng.build(copy.deepcopy(base)).to(device)
         except Exception as e:
@@ -533,13 +580,19 @@ def run(args) -> int:
             # e.g. HF PEFT's prefix tuning rejects BERT under transformers 5 ("does not support past key values")
             print(f"{eng.name}: comparison skipped, HF PEFT could not build this model: {type(e).__name__}: {e}")
             continue
-        res = train(model, train_split, batches, lr, device, eng.name, progress, adalora=args.method == "adalora")
-        res.engine, res.label = eng.name, eng.label
-        logits = predict_logits(model, test_split)
+        # the same seed: both engines draw the same dropout masks (on the torch backend, bit for bit PEFT's)
+        trainers.append(Trainer(model, train_split, batches, lr, device, eng.name, args.seed + 1,
+                                adalora=args.method == "adalora"))
+        trainers[-1].res.label = eng.label
+    print(f"fine-tuning {' and '.join(t.name for t in trainers)} in turn, step by step ({args.steps} steps of "
+          f"{args.batch_size}, lr {lr})")
+    results = train_interleaved(trainers, args.steps, progress)
+    models = {}
+    for t, res in zip(trainers, results):
+        logits = predict_logits(t.model, test_split)
         res.acc_after = accuracy(logits, test_split.labels)
-        results.append(res)
-        models[eng.name] = (model, logits)
-        print(f"{eng.name}: loss {res.first_loss:.4f} -> {res.last_loss:.4f}, test accuracy "
+        models[t.name] = (t.model, logits)
+        print(f"{t.name}: loss {res.first_loss:.4f} -> {res.last_loss:.4f}, test accuracy "
               f"{acc_before:.4f} -> {res.acc_after:.4f}, {res.step_ms_median:.1f} ms/step")
 
     print()

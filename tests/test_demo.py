@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from _tolerances import PEFT_PARITY_RTOL
 
 from fastpeft import demo, demo_data
 from fastpeft.demo_data import (
@@ -191,6 +192,12 @@ def test_tiny_end_to_end_run(tmp_path, capsys):
     for r in summary["runs"]:
         assert len(r["losses"]) == 3 and all(v == v for v in r["losses"])
         assert r["trainable_params"] > 0 and r["step_ms_median"] > 0
+    ours, theirs = summary["runs"]
+    assert ours["trainable_params"] == theirs["trainable_params"]
+    if not torch.cuda.is_available():
+        # same initial weights, batches and dropout stream (torch backend draws PEFT's F.dropout masks)
+        for a, b in zip(ours["losses"], theirs["losses"]):
+            assert abs(a - b) <= PEFT_PARITY_RTOL * max(1.0, abs(b)), (ours["losses"], theirs["losses"])
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert "test accuracy" in captured.out and "predictions agree" in captured.out
