@@ -2,7 +2,10 @@
 // pointer alignments, the bias and per-row alpha-vector epilogues, in-place beta = 1 accumulation.
 #include "common/cublaslt.h"
 
+#include <cstdio>
 #include <mutex>
+#include <string>
+#include <unordered_map>
 
 namespace fastpeft {
 namespace {
@@ -60,6 +63,26 @@ struct Desc {
     if (op) cublasLtMatmulDescDestroy(op);
   }
 };
+
+// Heuristic results per problem signature: the heuristic query costs tens of microseconds of CPU per call, which
+// matters at small M.  The key holds everything the choice depends on (shapes, leading dimensions, transposes,
+// type, alignments, epilogue, pointer mode, workspace size, device).
+std::mutex algo_mu;
+std::unordered_map<std::string, cublasLtMatmulAlgo_t>& algo_cache() {
+  static std::unordered_map<std::string, cublasLtMatmulAlgo_t> cache;
+  return cache;
+}
+
+std::string algo_key(const LtGemm& g, int device, size_t ws, uint32_t al_a, uint32_t al_b, uint32_t al_d,
+                     uint32_t al_bias) {
+  char buf[320];
+  std::snprintf(buf, sizeof(buf), "%d|%d%d|%lld,%lld,%lld|%lld,%lld,%lld|%d|%u,%u,%u,%u|%d%d|%d|%zu", device,
+                g.transa ? 1 : 0, g.transb ? 1 : 0, static_cast<long long>(g.m), static_cast<long long>(g.n),
+                static_cast<long long>(g.k), static_cast<long long>(g.lda), static_cast<long long>(g.ldb),
+                static_cast<long long>(g.ldd), static_cast<int>(g.dtype), al_a, al_b, al_d, al_bias,
+                g.alpha_vec != nullptr ? 1 : 0, g.bias != nullptr ? 1 : 0, g.beta != 0.f ? 1 : 0, ws);
+  return std::string(buf);
+}
 
 }  // namespace
 
@@ -129,19 +152,35 @@ cublasStatus_t lt_matmul(const LtGemm& g, void* workspace, size_t ws_bytes, int 
                                                    sizeof(al_d)),
               "PREF_MIN_ALIGNMENT_D");
 
-  cublasLtMatmulHeuristicResult_t result = {};
-  int found = 0;
-  FASTPEFT_LT(cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref, 1, &result,
-                                             &found),
-              "cublasLtMatmulAlgoGetHeuristic");
-  if (found == 0) {
-    *what = "cublasLtMatmulAlgoGetHeuristic found no algorithm";
-    return CUBLAS_STATUS_NOT_SUPPORTED;
+  const std::string key = algo_key(g, device, ws_bytes, al_a, al_b, al_d, g.bias != nullptr ? alignment(g.bias) : 0);
+  cublasLtMatmulAlgo_t algo;
+  bool cached = false;
+  {
+    std::lock_guard<std::mutex> lock(algo_mu);
+    auto it = algo_cache().find(key);
+    if (it != algo_cache().end()) {
+      algo = it->second;
+      cached = true;
+    }
+  }
+  if (!cached) {
+    cublasLtMatmulHeuristicResult_t result = {};
+    int found = 0;
+    FASTPEFT_LT(cublasLtMatmulAlgoGetHeuristic(handle, desc.op, desc.a, desc.b, desc.d, desc.d, desc.pref, 1,
+                                               &result, &found),
+                "cublasLtMatmulAlgoGetHeuristic");
+    if (found == 0) {
+      *what = "cublasLtMatmulAlgoGetHeuristic found no algorithm";
+      return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+    algo = result.algo;
+    std::lock_guard<std::mutex> lock(algo_mu);
+    algo_cache()[key] = algo;
   }
   const void* alpha_ptr = g.alpha_vec != nullptr ? static_cast<const void*>(g.alpha_vec)
                                                  : static_cast<const void*>(&g.alpha);
   FASTPEFT_LT(cublasLtMatmul(handle, desc.op, alpha_ptr, g.A, desc.a, g.B, desc.b, &g.beta, g.D, desc.d, g.D, desc.d,
-                             &result.algo, workspace, ws_bytes, stream),
+                             &algo, workspace, ws_bytes, stream),
               "cublasLtMatmul");
   return CUBLAS_STATUS_SUCCESS;
 }
