@@ -215,7 +215,8 @@ LORA_SHAPES = [(1, 64, 48, 4), (0, 32, 16, 2), (3, 33, 70, 1), (16, 128, 96, 8),
 
 
 def _floor(dtype):
-    return ELEMENTWISE[dtype][1] * 4
+    # Only matters where torch's own same-dtype error is ~0; the 2x/3x-of-torch part is the real bound.
+    return ELEMENTWISE[dtype][1]
 
 
 def _check(actual, ref64, same_dtype, factor, what):
