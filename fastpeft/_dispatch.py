@@ -303,9 +303,12 @@ def lora_fwd_variant(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor
         e = _lookup(table_key(gpu, x.dtype, "lora", bucket(x.shape[0], weight.shape[0], x.shape[1],
                                                           lora_A.shape[0])))
         if e is not None and e.get("variant") in ("decode", "accum", "kaug"):
-            if e["variant"] != "decode" or x.shape[0] <= 16:
+            if e["variant"] != "decode" or (x.shape[0] <= 16 and weight.stride(1) == 1):
                 return e["variant"]
-    return "decode" if x.shape[0] <= 16 else "accum"
+    # The decode kernel streams rows of W; a transposed view (Conv1D's weight.t()) would need a copy of W per call,
+    # so it goes to cuBLASLt (which reads either layout) instead.
+    rowmajor = weight.dim() == 2 and (weight.stride(1) == 1 or weight.shape[1] <= 1)
+    return "decode" if x.shape[0] <= 16 and rowmajor else "accum"
 
 
 def describe() -> dict:

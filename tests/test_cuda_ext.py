@@ -189,6 +189,8 @@ def test_dispatch_cpu_tensors_never_measured_or_chosen(monkeypatch):
         assert _dispatch.choose("lora", x, w, None, torch.randn(2, 8), None, torch.randn(6, 2)) is None
         assert _dispatch.lora_fwd_variant(x, w, torch.randn(2, 8)) == "decode"
         assert _dispatch.lora_fwd_variant(torch.randn(17, 8), w, torch.randn(2, 8)) == "accum"
+        # a transposed (Conv1D) weight view is never streamed by the decode kernel
+        assert _dispatch.lora_fwd_variant(x, torch.randn(8, 6).t(), torch.randn(2, 8)) == "accum"
         assert _dispatch.export_table() == {}
     finally:
         _dispatch.set_autotune(None)
