@@ -165,6 +165,8 @@ def test_cli_rejects_bad_values(capsys, tmp_path):
     assert "--steps" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         demo.main(["--method", "nope"])
+    assert demo.main(["--method", "prompt", "--engine", "accelerate", "--out", str(tmp_path)]) == 2
+    assert "--engine native" in capsys.readouterr().err
 
 
 def test_batches_are_seeded_and_cover_epochs():
