@@ -589,8 +589,8 @@ def run(args) -> int:
         trainers.append(Trainer(model, train_split, batches, lr, device, eng.name, args.seed + 1,
                                 adalora=args.method == "adalora"))
         trainers[-1].res.label = eng.label
-    print(f"fine-tuning {' and '.join(t.name for t in trainers)} in turn, step by step ({args.steps} steps of "
-          f"{args.batch_size}, lr {lr})")
+    print(f"fine-tuning {' and '.join(t.name for t in trainers)}"
+          f"{' in turn, step by step' if len(trainers) > 1 else ''} ({args.steps} steps of {args.batch_size}, lr {lr})")
     results = train_interleaved(trainers, args.steps, progress)
     models = {}
     for t, res in zip(trainers, results):
