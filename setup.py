@@ -65,8 +65,9 @@ def get_extensions():
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", f"--threads={nvcc_threads}", "-lineinfo"],
+            # No -std flag: torch's cpp_extension picks the C++ standard its headers need (C++20 for torch 2.13).
+            "cxx": ["-O3"],
+            "nvcc": ["-O3", "--use_fast_math", f"--threads={nvcc_threads}", "-lineinfo"],
         },
         libraries=["cublasLt", "cublas"],
     )

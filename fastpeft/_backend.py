@@ -121,18 +121,36 @@ def _why_not(backend: str, op: str, device: torch.device) -> Optional[str]:
     raise ValueError(f"backend must be one of {_VALID_CHOICES}, got {backend!r}")
 
 
-def _auto_choice(op: str, device: torch.device) -> str:
+def _measured_choice(op: str, device: torch.device, dispatch_args: tuple) -> Optional[str]:
+    """The backend fastpeft._dispatch measured fastest for this (GPU, dtype, shape bucket), if any and usable."""
+    if not dispatch_args or torch.compiler.is_compiling():
+        # Under torch.compile the default order is traced; the table lookup reads device properties.
+        return None
+    try:
+        dispatch = importlib.import_module("fastpeft._dispatch")
+    except ImportError:
+        return None
+    choice = dispatch.choose(op, *dispatch_args)
+    if choice is not None and _why_not(choice, op, device) is None:
+        return choice
+    return None
+
+
+def _auto_choice(op: str, device: torch.device, dispatch_args: tuple = ()) -> str:
     if device.type != "cuda":
         return "torch"
-    # Per-shape dispatch between cuda and triton is refined by the measured table in fastpeft._dispatch
-    # when it exists; without measurements prefer the extension (cuBLAS-anchored), then triton.
+    # Per shape, the table of fastpeft._dispatch (measured on a GPU, or autotuned on first use when enabled)
+    # decides between cuda and triton; without a measurement prefer the extension (cuBLAS-anchored), then triton.
+    measured = _measured_choice(op, device, dispatch_args)
+    if measured is not None:
+        return measured
     for candidate in ("cuda", "triton"):
         if _why_not(candidate, op, device) is None:
             return candidate
     return "torch"
 
 
-def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None) -> str:
+def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None, dispatch_args: tuple = ()) -> str:
     """Return the backend that runs `op` for input tensor `x`.
 
     Args:
@@ -140,6 +158,9 @@ def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None) -> s
         x: the op's main input; its device decides what can run.
         backend: ``None``/``"auto"`` or one of ``"torch"``, ``"triton"``, ``"cuda"``.  ``None`` defers to the
             ``FASTPEFT_BACKEND`` environment variable (default ``auto``).
+        dispatch_args: the op's forward inputs with x flattened to 2-D (lora: x2, weight, bias, lora_A, lora_E,
+            lora_B; ia3: x2, weight, bias, ia3_l, feedforward), so auto can use the per-shape table of
+            ``fastpeft._dispatch`` on CUDA tensors.
     Raises:
         ValueError: `backend` is not a known name.
         RuntimeError: an explicitly requested backend cannot run here (the message says why).
@@ -150,7 +171,7 @@ def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None) -> s
     if choice not in _VALID_CHOICES:
         raise ValueError(f"backend must be one of {_VALID_CHOICES}, got {backend!r}")
     if choice == "auto":
-        chosen = _auto_choice(op, x.device)
+        chosen = _auto_choice(op, x.device, dispatch_args)
         if not torch.compiler.is_compiling():
             logger.debug("fastpeft: op %s on %s -> backend %s", op, x.device, chosen)
         return chosen

@@ -156,8 +156,10 @@ def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, s
     scaling = _check_float("scaling", scaling)
     dropout_p = _check_dropout(dropout_p)
 
-    chosen = select_backend("lora", x, backend)
     lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    e = lora_E.reshape(r) if lora_E is not None else None
+    chosen = select_backend("lora", x, backend, dispatch_args=(x2, weight, bias, lora_A, e, lora_B))
     if dropout_p > 0.0 and seed is None and chosen == "torch":
         # Unseeded dropout on the torch backend draws its mask exactly as HF PEFT does (F.dropout with the global
         # RNG), so a fastpeft model reproduces a PEFT model's training step bit for bit.  Plain autograd ops.
@@ -174,8 +176,6 @@ def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, s
         seed = draw_seed()
     else:
         seed = _check_seed(seed)
-    x2 = x.reshape(-1, k).contiguous()
-    e = lora_E.reshape(r) if lora_E is not None else None
     y, _ = _lora.lora_fwd(x2, weight, bias, lora_A, e, lora_B, scaling, dropout_p, seed, chosen)
     return y.reshape(*lead, n)
 
@@ -259,9 +259,9 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         mode = "in_features (feedforward)" if feedforward else "out_features"
         raise ValueError(f"ia3_l must have {mode} = {want} elements, got shape {tuple(ia3_l.shape)}")
     _check_same_device(x, weight=weight, bias=bias, ia3_l=ia3_l)
-    chosen = select_backend("ia3", x, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
+    chosen = select_backend("ia3", x, backend, dispatch_args=(x2, weight, bias, ia3_l.reshape(want), feedforward))
     with ctx:
         y, _ = _ia3.ia3_fwd(x2, weight, bias, ia3_l.reshape(want), feedforward, chosen)
     return y.reshape(*lead, n)
