@@ -286,7 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_
 
   at::Tensor dx;
   if (needs_dx && M > 0) {
-    // dx = mask ⊙ (dS A) / (1 - p), then cuBLASLt accumulates dy W into it (beta = 1).
+    // dx = mask ⊙ (dS A) · scale, then cuBLASLt accumulates dy W into it (beta = 1).
     dx = at::empty({M, K}, x.options());
     launch_expand(xt, at_, dx.data_ptr(), M, K, K, nullptr, dS.data_ptr<float>(), r, static_cast<int>(r),
                   Ac.data_ptr(), 1, K, 1.f, make_dropout(dropout_p, seed), stream);

@@ -200,16 +200,33 @@ def pad_rank(r: int) -> int:
 
 
 @triton.jit
-def dropout_keep(seed, offs_m, offs_k, K, p):
-    """Keep-mask of the shared dropout stream (``fastpeft.ops.dropout``) for the (BM, BK) block of element indices
-    i = m*K + k: Philox-4x32-10 on counter (i & 0xffffffff, i >> 32, 0, 0), keep = (c0 >> 8) * 2**-24 >= fp32(p)."""
-    i = offs_m.to(tl.int64)[:, None] * K + offs_k.to(tl.int64)[None, :]
-    c0 = (i & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (i >> 32).to(tl.uint32)
-    zero = tl.zeros_like(c0)
-    r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, zero, zero)
-    u = (r0 >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24, exact
-    return u >= p
+def dropout_keep(seed, offs_m, k_start, p16, BLOCK_K: tl.constexpr):
+    """Keep-mask of the shared dropout stream (``fastpeft.ops.dropout``) for rows ``offs_m`` (BM,) and the BLOCK_K
+    columns ``k_start .. k_start + BLOCK_K`` (k_start a multiple of 8): one ``tl.philox`` call per 8 columns of a row,
+    on counter (k >> 3, m & 0xffffffff, m >> 32, 0); element k takes 16-bit half (k & 1) of word (k & 7) >> 1 and is
+    kept when that value is >= p16 (the int threshold of ``dropout_threshold``).  Returns (BM, BLOCK_K) bool."""
+    tl.static_assert(BLOCK_K % 8 == 0, "dropout column blocks must be whole groups of 8")
+    G: tl.constexpr = BLOCK_K // 8
+    m64 = offs_m.to(tl.int64)
+    zero = tl.zeros((offs_m.shape[0], G), dtype=tl.uint32)
+    g = (k_start // 8 + tl.arange(0, G)).to(tl.int64)
+    c0 = zero + (g & 0xFFFFFFFF).to(tl.uint32)[None, :]
+    c1 = zero + (m64 & 0xFFFFFFFF).to(tl.uint32)[:, None]
+    c2 = zero + (m64 >> 32).to(tl.uint32)[:, None]
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero)
+    # The 8 16-bit lanes e0 .. e7 (e_j = half j & 1 of word j >> 1) back in k order.  tl.join(a, b) stacks on a NEW
+    # LAST axis, so three nested joins give (BM, G, b0, b1, b2) with b0 from the innermost join and b2 from the
+    # outermost, and the row-major reshape puts it at j = 4*b0 + 2*b1 + b2: the innermost joins must pair (e_j,
+    # e_{j+4}), the middle ones (j, j+2), the outer one (j, j+1).  (The "obvious" nesting join(join(e0, e1), ..)
+    # would give the bit-reversed order e0 e4 e2 e6 e1 e5 e3 e7; tests/test_triton_lora.py pins the order.)
+    e0, e1 = r0 & 0xFFFF, r0 >> 16
+    e2, e3 = r1 & 0xFFFF, r1 >> 16
+    e4, e5 = r2 & 0xFFFF, r2 >> 16
+    e6, e7 = r3 & 0xFFFF, r3 >> 16
+    even = tl.join(tl.join(e0, e4), tl.join(e2, e6))  # b2 = 0: e0, e2, e4, e6
+    odd = tl.join(tl.join(e1, e5), tl.join(e3, e7))   # b2 = 1: e1, e3, e5, e7
+    u = tl.reshape(tl.join(even, odd), (offs_m.shape[0], BLOCK_K))
+    return u.to(tl.int32) >= p16
 
 
 @triton.jit
@@ -299,8 +316,10 @@ def m_bucket(m: int) -> int:
 # buffers are sized from them.  NOT measured.  These kernels are memory-bound: the number of programs in flight
 # (target_programs) matters more than the tile, and a 64x128 tile of a 16-bit operand is a 16 KB load.
 def skinny_blocks(device: torch.device, dropout: bool = False) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, num_warps) of the skinny kernels.  With dropout the Philox state (4 words per element)
-    must fit in registers next to the tile: 64x64 over 8 warps is 16 elements per thread."""
+    """(BLOCK_M, BLOCK_K, num_warps) of the skinny kernels.  With dropout the Philox state (4 words per 8
+    elements, plus the 16-bit lanes being interleaved) must fit in registers next to the tile: 64x64 over 8 warps
+    is 16 elements per thread.  Block sizes stay multiples of 8 (the mask's Philox groups).  Kept from the
+    one-call-per-element stream; NOT re-measured."""
     if device.type != "cuda":
         return 16, 16, 4
     return (64, 64, 8) if dropout else (64, 128, 4)
@@ -332,7 +351,7 @@ def _gemm_kernel(
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     pro_ptr,
     l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
-    seed, p, drop_scale,
+    seed, p16, drop_scale,
     bias_ptr, col_ptr,
     z_ptr, stride_zm, stride_zn,
     x2_ptr, stride_x2m, stride_x2n, part_ptr,
@@ -403,7 +422,7 @@ def _gemm_kernel(
         if EPI_SPLIT == 1:
             _epilogue(acc, pid_m, offs_m, pid_n * BLOCK_N, M, N, c_ptr, stride_cm, stride_cn,
                       l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
-                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      seed, p16, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
                       x2_ptr, stride_x2m, stride_x2n, part_ptr,
                       BLOCK_N, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL,
                       STORE_C, LORA_PREC)
@@ -411,13 +430,13 @@ def _gemm_kernel(
             a0, a1 = _halves(acc, BLOCK_M, BLOCK_N)
             _epilogue(a0, pid_m, offs_m, pid_n * BLOCK_N, M, N, c_ptr, stride_cm, stride_cn,
                       l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
-                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      seed, p16, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
                       x2_ptr, stride_x2m, stride_x2n, part_ptr,
                       BLOCK_N // 2, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL,
                       STORE_C, LORA_PREC)
             _epilogue(a1, pid_m, offs_m, pid_n * BLOCK_N + BLOCK_N // 2, M, N, c_ptr, stride_cm, stride_cn,
                       l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
-                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      seed, p16, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
                       x2_ptr, stride_x2m, stride_x2n, part_ptr,
                       BLOCK_N // 2, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL,
                       STORE_C, LORA_PREC)
@@ -429,22 +448,22 @@ def _gemm_kernel(
             Q: tl.constexpr = BLOCK_N // 4
             _epilogue(a0, pid_m, offs_m, pid_n * BLOCK_N, M, N, c_ptr, stride_cm, stride_cn,
                       l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
-                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      seed, p16, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
                       x2_ptr, stride_x2m, stride_x2n, part_ptr,
                       Q, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL, STORE_C, LORA_PREC)
             _epilogue(a1, pid_m, offs_m, pid_n * BLOCK_N + Q, M, N, c_ptr, stride_cm, stride_cn,
                       l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
-                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      seed, p16, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
                       x2_ptr, stride_x2m, stride_x2n, part_ptr,
                       Q, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL, STORE_C, LORA_PREC)
             _epilogue(a2, pid_m, offs_m, pid_n * BLOCK_N + 2 * Q, M, N, c_ptr, stride_cm, stride_cn,
                       l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
-                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      seed, p16, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
                       x2_ptr, stride_x2m, stride_x2n, part_ptr,
                       Q, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL, STORE_C, LORA_PREC)
             _epilogue(a3, pid_m, offs_m, pid_n * BLOCK_N + 3 * Q, M, N, c_ptr, stride_cm, stride_cn,
                       l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
-                      seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+                      seed, p16, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
                       x2_ptr, stride_x2m, stride_x2n, part_ptr,
                       Q, R_PAD, HAS_LORA, HAS_RS, HAS_DROPOUT, HAS_BIAS, WRITE_Z, HAS_DL, HAS_COL, STORE_C, LORA_PREC)
 
@@ -460,7 +479,7 @@ def _halves(x, BM: tl.constexpr, BN: tl.constexpr):
 @triton.jit
 def _epilogue(acc, pid_m, offs_m, n0, M, N, c_ptr, stride_cm, stride_cn,
               l_ptr, stride_lm, stride_lr, lscale, rs_ptr, rm_ptr, stride_rr, stride_rn, R,
-              seed, p, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
+              seed, p16, drop_scale, bias_ptr, col_ptr, z_ptr, stride_zm, stride_zn,
               x2_ptr, stride_x2m, stride_x2n, part_ptr,
               WIDTH: tl.constexpr, R_PAD: tl.constexpr,
               HAS_LORA: tl.constexpr, HAS_RS: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -487,7 +506,7 @@ def _epilogue(acc, pid_m, offs_m, n0, M, N, c_ptr, stride_cm, stride_cn,
         if HAS_DROPOUT:
             # the mask applies to the rank-r term only, so it needs its own product (scale folded into L first)
             lora = mma((lt * drop_scale).to(rt.dtype), rt, tl.zeros(acc.shape, dtype=tl.float32), LORA_PREC)
-            keep = dropout_keep(seed, offs_m, offs_n, N, p)
+            keep = dropout_keep(seed, offs_m, n0, p16, WIDTH)
             acc += tl.where(keep, lora, 0.0)
         else:
             acc = mma(lt.to(rt.dtype), rt, acc, LORA_PREC)
@@ -510,8 +529,8 @@ def _epilogue(acc, pid_m, offs_m, n0, M, N, c_ptr, stride_cm, stride_cn,
 
 
 def _epi_split(args) -> int:
-    """Column sub-tiles of the epilogue.  Philox keeps 4 words per element live and the dropout term needs a
-    second (BM, width) product, so the dropout epilogue works on 32-column pieces; any other rank-r / reduction
+    """Column sub-tiles of the epilogue.  The dropout mask (one Philox call per 8 columns, its 16-bit lanes
+    interleaved back into (BM, width)) and the dropout term's second (BM, width) product need registers, so the dropout epilogue works on 32-column pieces; any other rank-r / reduction
     epilogue on 64-column pieces; a plain epilogue on the whole tile.  The interpreter uses 16-column pieces so
     the tests run the split path.  NOT measured: these widths come from register arithmetic only."""
     bn = args["BLOCK_N"]
@@ -551,8 +570,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
             stored; used when only the dl reduction is wanted - pass `dl_x` and a dtype-carrying `z`-less call).
         prec: dot precision of the main loop ("ieee" or "default", see ``base_precision``).
         pro: (K,) prologue scale.
-        lora: ``(L (M, R), lscale, rs (R,) | None, Rm (R, N), lora_prec, dropout_p, seed, drop_scale)``: the
-            epilogue adds ``mask ⊙ ((L · lscale · rs) @ Rm)`` (mask only when dropout_p > 0).
+        lora: ``(L (M, R), lscale, rs (R,) | None, Rm (R, N), lora_prec, p16, seed, drop_scale)``: the epilogue
+            adds ``mask ⊙ ((L · lscale · rs · drop_scale) @ Rm)``, the mask and drop_scale only when the int
+            threshold p16 > 0 (``p16, drop_scale = fastpeft.ops.dropout.dropout_threshold(p)``).
         bias, col: (N,).  z: (M, N) output of the unscaled accumulator (+ bias).
         dl_x: (M, N) tensor whose product with the rounded accumulator is summed over M.
     Returns:
@@ -565,11 +585,11 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
     c = out if out is not None else torch.empty((1, 1), device=dev, dtype=a.dtype)
     has_lora = lora is not None
     if has_lora:
-        L, lscale, rs, Rm, lora_prec, p, seed, drop_scale = lora
+        L, lscale, rs, Rm, lora_prec, p16, seed, drop_scale = lora
         r = L.shape[1]
     else:
-        L, lscale, rs, Rm, lora_prec, p, seed, drop_scale, r = (d.view(1, 1), 1.0, None, d.view(1, 1), "default",
-                                                                0.0, 0, 1.0, 1)
+        L, lscale, rs, Rm, lora_prec, p16, seed, drop_scale, r = (d.view(1, 1), 1.0, None, d.view(1, 1), "default",
+                                                                  0, 0, 1.0, 1)
     # TMA view of B: row-major (N, K) when b is the transpose of such a tensor, row-major (K, N) otherwise.
     if b.stride(0) == 1 and b.dim() == 2:
         b_rowmajor, b_kcontig = b.t(), True
@@ -595,7 +615,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         pro if pro is not None else d,
         L, L.stride(0), L.stride(1), float(lscale), rs if rs is not None else d, Rm, Rm.stride(0), Rm.stride(1), r,
-        int(seed), float(p), float(drop_scale),
+        int(seed), int(p16), float(drop_scale),
         bias if bias is not None else d, col if col is not None else d,
         z if z is not None else c, (z.stride(0) if z is not None else 0), (z.stride(1) if z is not None else 0),
         dl_x if dl_x is not None else c, (dl_x.stride(0) if dl_x is not None else 0),
@@ -604,7 +624,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
     )
     kwargs = dict(
         NUM_SMS=nsm, R_PAD=pad_rank(r),
-        HAS_PRO=pro is not None, HAS_LORA=has_lora, HAS_RS=rs is not None, HAS_DROPOUT=has_lora and p > 0.0,
+        HAS_PRO=pro is not None, HAS_LORA=has_lora, HAS_RS=rs is not None, HAS_DROPOUT=has_lora and p16 > 0,
         HAS_BIAS=bias is not None, WRITE_Z=z is not None, HAS_DL=dl_x is not None, HAS_COL=col is not None,
         STORE_C=out is not None,
         PREC=dot_prec(prec, a.dtype), LORA_PREC=dot_prec(lora_prec, Rm.dtype), B_KCONTIG=b_kcontig,

@@ -2,7 +2,8 @@
 
     y = x Wᵀ + b + s · ((drop(x) Aᵀ) ⊙ e) Bᵀ        x: (M, K)  W: (N, K)  A: (r, K)  B: (N, r)  e: (r,) or none
 
-Kernels (the dropout mask is regenerated from (seed, m*K + k) wherever it is needed; never stored):
+Kernels (the dropout mask is regenerated from (seed, m, k) wherever it is needed, one Philox call per 8 columns
+of a row - ``fastpeft.ops.dropout`` - and never stored):
   forward
     ``_lora_shrink_kernel``  S = drop(x) Aᵀ (M, r) fp32, split over K into partial sums so that M = 2048 still
                              fills the GPU (performance.md §1: one program per row block leaves SMs idle).
@@ -11,7 +12,7 @@ Kernels (the dropout mask is regenerated from (seed, m*K + k) wherever it is nee
     ``_lora_dy_kernel``      one pass over dY: dSe = s · dY B (partial over N chunks), dB = s · dYᵀ (S ⊙ e)
                              (partial over M chunks) and dbias = Σ_m dY.
     ``_lora_da_kernel``      one pass over x: dA = dSᵀ drop(x) (partial over M chunks).
-    GEMM                     dX = dY W, then in its epilogue + mask ⊙ (dS A) / (1 - p).
+    GEMM                     dX = dY W, then in its epilogue + mask ⊙ (dS A) · scale.
 
 Partial sums go to small fp32 buffers (a few MB at M = 8192) summed by torch: deterministic, no atomics.
 
@@ -29,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.ops.dropout import dropout_scale
+from fastpeft.ops.dropout import dropout_threshold
 from fastpeft.ops.lora import lora_bwd_ref, lora_fwd_ref
 
 from ._common import (SUPPORTED_DTYPES, base_precision, dot_prec, dropout_keep, gemm, on_input_device,
@@ -47,10 +48,11 @@ __all__ = ["lora_fwd_triton", "lora_bwd_triton"]
 @triton.jit
 def _lora_shrink_kernel(x_ptr, a_ptr, part_ptr, M, K, R,
                         stride_xm, stride_xk, stride_ar, stride_ak,
-                        kb_per_split, seed, p, drop_scale,
+                        kb_per_split, seed, p16, drop_scale,
                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
                         HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr):
     """part[split, m, r] = Σ_{k in split} drop(x)[m, k] A[r, k]; grid (M blocks, K splits)."""
+    tl.static_assert(BLOCK_K % 8 == 0, "BLOCK_K must be a multiple of the dropout mask's Philox group (8)")
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -69,8 +71,8 @@ def _lora_shrink_kernel(x_ptr, a_ptr, part_ptr, M, K, R,
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, offs_k, K, p)
-            # x * fp32(1/(1-p)) rounded to x's dtype, as the reference computes drop(x) before the adapter cast
+            keep = dropout_keep(seed, offs_m, kb * BLOCK_K, p16, BLOCK_K)
+            # x * scale rounded to x's dtype, as the reference computes drop(x) before the adapter cast
             x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
         at = tl.load(a_ptr + offs_r[None, :] * stride_ar + rk64[:, None] * stride_ak,
                      mask=mask_r[None, :] & mask_k[:, None], other=0.0)
@@ -145,10 +147,11 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
 @triton.jit
 def _lora_da_kernel(x_ptr, ds_ptr, part_ptr, M, K, R,
                     stride_xm, stride_xk, stride_dsm, stride_dsr,
-                    mb_per_split, seed, p, drop_scale,
+                    mb_per_split, seed, p16, drop_scale,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
                     HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, A_DTYPE: tl.constexpr):
     """part[split, r, k] = Σ_{m in split} dS[m, r] drop(x)[m, k]; grid (K blocks, M splits)."""
+    tl.static_assert(BLOCK_K % 8 == 0, "BLOCK_K must be a multiple of the dropout mask's Philox group (8)")
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -166,7 +169,7 @@ def _lora_da_kernel(x_ptr, ds_ptr, part_ptr, M, K, R,
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, offs_k, K, p)
+            keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, p16, BLOCK_K)
             x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
         ds = tl.load(ds_ptr + rm64[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)
@@ -201,10 +204,11 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) 
     kb_per = triton.cdiv(k_blocks, splits)
     splits = triton.cdiv(k_blocks, kb_per)
     part = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
+    p16, drop_scale = dropout_threshold(dropout_p)
     _lora_shrink_kernel[(m_blocks, splits)](
         x, lora_A, part, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-        kb_per, int(seed), float(dropout_p), dropout_scale(dropout_p) if dropout_p > 0 else 1.0,
-        BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=dropout_p > 0.0,
+        kb_per, int(seed), p16, drop_scale,
+        BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0,
         PREC=dot_prec(skinny_precision(lora_A.dtype), lora_A.dtype), num_warps=warps)
     return _reduce(part)
 
@@ -232,7 +236,7 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     s = _shrink(x, lora_A, dropout_p, seed)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     gemm(x, weight.t(), y, prec=base_precision(x.dtype),
-         lora=(s, float(scaling), lora_E, lora_B.t(), lora_epilogue_precision(x.dtype, lora_A.dtype), 0.0, 0, 1.0),
+         lora=(s, float(scaling), lora_E, lora_B.t(), lora_epilogue_precision(x.dtype, lora_A.dtype), 0, 0, 1.0),
          bias=bias)
     return y, s
 
@@ -302,18 +306,18 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     mb_per = triton.cdiv(m_blocks, msplits)
     msplits = triton.cdiv(m_blocks, mb_per)
     da_part = torch.empty((msplits, r, k), device=dev, dtype=torch.float32)
-    drop_scale = dropout_scale(dropout_p) if dropout_p > 0 else 1.0
+    p16, drop_scale = dropout_threshold(dropout_p)
     _lora_da_kernel[(k_blocks, msplits)](
         x, dS, da_part, m, k, r, x.stride(0), x.stride(1), dS.stride(0), dS.stride(1),
-        mb_per, int(seed), float(dropout_p), drop_scale,
-        BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad, HAS_DROPOUT=dropout_p > 0.0, PREC=dot_prec(skinny_precision(adt), adt),
+        mb_per, int(seed), p16, drop_scale,
+        BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad, HAS_DROPOUT=p16 > 0, PREC=dot_prec(skinny_precision(adt), adt),
         A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
     dA = _reduce(da_part).to(adt)
 
     if needs_dx:
         dx = torch.empty((m, k), device=dev, dtype=x.dtype)
         gemm(dy, weight, dx, prec=base_precision(dy.dtype),
-             lora=(dS, 1.0, None, lora_A, lora_epilogue_precision(x.dtype, adt), float(dropout_p), int(seed),
+             lora=(dS, 1.0, None, lora_A, lora_epilogue_precision(x.dtype, adt), p16, int(seed),
                    drop_scale))
     else:
         dx = x.new_empty(0)

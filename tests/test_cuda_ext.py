@@ -2,7 +2,9 @@
 
 CPU-runnable here:
   * the Philox header csrc/common/philox.cuh, compiled for the host with g++, against the torch reference stream
-    (fastpeft/ops/dropout.py) bit for bit: the one piece of the CUDA math that can be checked without a GPU;
+    (fastpeft/ops/dropout.py) bit for bit - the 4 words, the 8-per-call 16-bit extraction and keep bits the kernels
+    use, and the p16 / scale threshold: the one piece of the CUDA math that can be checked without a GPU (the
+    kernels' warp-shuffle sharing of each call is GPU-only, covered by test_dropout_mask_is_the_shared_stream);
   * fastpeft._cuda / fastpeft._dispatch with the extension absent.
 GPU-only (skipped without CUDA and a built extension): every op against the fp64 torch reference (outputs and all
 gradients), fp32/fp16/bf16, odd shapes, M = 0 and 1, non-contiguous weights, the dropout mask in forward and
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -37,14 +40,40 @@ _PHILOX_MAIN = r"""
 #include <cstdio>
 #include <cinttypes>
 #include "common/philox.cuh"
-// stdin: lines "seed index p"; stdout: "c0 keep" per line (c0 of Philox-4x32-10, keep for fp32(p)).
+// stdin, one request per line:
+//   w seed c0 c1 c2 c3  -> the 4 words of Philox-4x32-10 (philox4x32_10)
+//   g seed m g p16      -> the 8 uint16 of row m, group g (uniforms16), then keep_bits8 as an int
+//   e seed m k p16      -> uniform16 and keep of the single element (m, k)
+//   t p                 -> p16 and the bits of the fp32 scale (threshold)
 int main() {
-  unsigned long long seed, index; double p;
-  while (std::scanf("%llu %llu %lf", &seed, &index, &p) == 3) {
-    const uint32_t c0 = fastpeft::philox::philox_c0(seed, static_cast<uint32_t>(index & 0xffffffffull),
-                                                    static_cast<uint32_t>(index >> 32));
-    const bool keep = fastpeft::philox::keep(seed, index, static_cast<float>(p));
-    std::printf("%" PRIu32 " %d\n", c0, keep ? 1 : 0);
+  char op[2];
+  while (std::scanf("%1s", op) == 1) {
+    if (op[0] == 'w') {
+      unsigned long long seed; unsigned c[4]; uint32_t r[4];
+      if (std::scanf("%llu %u %u %u %u", &seed, &c[0], &c[1], &c[2], &c[3]) != 5) return 2;
+      fastpeft::philox::philox4x32_10(seed, c[0], c[1], c[2], c[3], r);
+      std::printf("%" PRIu32 " %" PRIu32 " %" PRIu32 " %" PRIu32 "\n", r[0], r[1], r[2], r[3]);
+    } else if (op[0] == 'g') {
+      unsigned long long seed, m, g; unsigned p16; uint32_t u[8];
+      if (std::scanf("%llu %llu %llu %u", &seed, &m, &g, &p16) != 4) return 2;
+      fastpeft::philox::uniforms16(seed, m, g, u);
+      for (int j = 0; j < 8; ++j) std::printf("%" PRIu32 " ", u[j]);
+      std::printf("%" PRIu32 "\n", fastpeft::philox::keep_bits8(seed, m, g, p16));
+    } else if (op[0] == 'e') {
+      unsigned long long seed, m, k; unsigned p16;
+      if (std::scanf("%llu %llu %llu %u", &seed, &m, &k, &p16) != 4) return 2;
+      std::printf("%" PRIu32 " %d\n", fastpeft::philox::uniform16(seed, m, k),
+                  fastpeft::philox::keep(seed, m, k, p16) ? 1 : 0);
+    } else if (op[0] == 't') {
+      double p; uint32_t p16; float scale; uint32_t bits;
+      if (std::scanf("%lf", &p) != 1) return 2;
+      fastpeft::philox::threshold(p, &p16, &scale);
+      static_assert(sizeof(bits) == sizeof(scale), "fp32");
+      __builtin_memcpy(&bits, &scale, sizeof(bits));
+      std::printf("%" PRIu32 " %" PRIu32 "\n", p16, bits);
+    } else {
+      return 3;
+    }
   }
   return 0;
 }
@@ -53,6 +82,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def philox_host(tmp_path_factory):
+    """Run requests (lines, see _PHILOX_MAIN) through philox.cuh compiled for the host; one output line each."""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         pytest.skip("no host C++ compiler (g++) to build the Philox host test")
@@ -62,56 +92,71 @@ def philox_host(tmp_path_factory):
     subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)],
                    check=True, capture_output=True, text=True)
 
-    def run(triples):
-        inp = "".join(f"{s} {i} {p!r}\n" for s, i, p in triples)
-        out = subprocess.run([str(exe)], input=inp, check=True, capture_output=True, text=True).stdout.split()
-        c0 = [int(v) for v in out[0::2]]
-        keep = [v == "1" for v in out[1::2]]
-        return c0, keep
+    def run(lines):
+        out = subprocess.run([str(exe)], input="".join(ln + "\n" for ln in lines), check=True, capture_output=True,
+                             text=True).stdout.splitlines()
+        assert len(out) == len(lines)
+        return [[int(v) for v in ln.split()] for ln in out]
     return run
 
 
-def _ref_c0(seed: int, indices: list[int]) -> list[int]:
-    lo = torch.tensor([i & 0xFFFFFFFF for i in indices], dtype=torch.int64)
-    hi = torch.tensor([(i >> 32) & 0xFFFFFFFF for i in indices], dtype=torch.int64)
-    return drop_ref.philox4x32(seed, lo, hi).tolist()
+def _fp32_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 12345, 2**32 - 1, 2**32, 2**40 + 17, 2**63 - 1])
-def test_philox_host_matches_torch_reference(philox_host, seed):
-    indices = [0, 1, 2, 7, 255, 65535, 2**31, 2**32 - 1, 2**32, 2**32 + 1, 2**40 + 3, 2**63 + 5]
-    c0, _ = philox_host([(seed, i, 0.5) for i in indices])
-    assert c0 == _ref_c0(seed, indices)
+def test_philox_host_words_match_torch_reference(philox_host, seed):
+    g = torch.Generator().manual_seed(seed % 1000)
+    ctr = [torch.randint(0, 2**32, (16,), generator=g, dtype=torch.int64) for _ in range(4)]
+    ctr = [torch.cat([c, torch.tensor([0, 2**32 - 1])]) for c in ctr]
+    got = philox_host([f"w {seed} " + " ".join(str(int(c[i])) for c in ctr) for i in range(len(ctr[0]))])
+    ref = [w.tolist() for w in drop_ref.philox4x32_10(seed, *ctr)]
+    assert got == [list(t) for t in zip(*ref)]
 
 
 def test_philox_host_known_answer(philox_host):
-    # Philox-4x32-10 with counter 0 and key 0: the first word of the published known-answer vector (Random123
-    # kat_vectors: philox4x32 10 rounds, ctr 0, key 0 -> 6627e8d5 ...).
-    c0, _ = philox_host([(0, 0, 0.5)])
-    assert c0 == [0x6627E8D5]
-    assert _ref_c0(0, [0]) == [0x6627E8D5]
+    # Random123 kat_vectors for philox4x32 10 rounds (all four words).
+    got = philox_host(["w 0 0 0 0 0", f"w {(0x299F31D0 << 32) | 0xA4093822} {0x243F6A88} {0x85A308D3} {0x13198A2E} "
+                                      f"{0x03707344}"])
+    assert got == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8], [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]]
+    assert drop_ref.philox4x32(0, torch.tensor([0]), torch.tensor([0])).tolist() == [0x6627E8D5]
 
 
 @pytest.mark.parametrize("p", [0.1, 0.05, 0.5, 0.9, 1e-7, 0.999])
-@pytest.mark.parametrize("shape", [(7, 13), (3, 100)])
-def test_philox_host_keep_mask_matches_dropout_keep_mask(philox_host, p, shape):
+@pytest.mark.parametrize("shape,row_offset", [((7, 13), 0), ((3, 100), 0), ((4, 11), 5), ((3, 19), 2**32 - 2)])
+def test_philox_host_8_per_call_matches_dropout_keep_mask(philox_host, p, shape, row_offset):
+    """The 8-per-call extraction (uniforms16 / keep_bits8: the kernels' path) and the single-element form both give
+    dropout_keep_mask / dropout_uniform16 bit for bit, incl. partial last groups and rows >= 2**32."""
     seed = 987654321987
     m, k = shape
-    triples = [(seed, i * k + j, p) for i in range(m) for j in range(k)]
-    _, keep = philox_host(triples)
-    ref = drop_ref.dropout_keep_mask(seed, shape, p)
-    assert torch.tensor(keep).view(m, k).equal(ref)
+    p16, _ = drop_ref.dropout_threshold(p)
+    groups = -(-k // 8)
+    rows = philox_host([f"g {seed} {row_offset + i} {gi} {p16}" for i in range(m) for gi in range(groups)])
+    u = torch.tensor([r[:8] for r in rows]).view(m, groups * 8)[:, :k]
+    bits = torch.tensor([r[8] for r in rows]).view(m, groups, 1)
+    keep8 = ((bits >> torch.arange(8)) & 1).bool().view(m, groups * 8)[:, :k]
+    assert torch.equal(u, drop_ref.dropout_uniform16(seed, shape, row_offset=row_offset))
+    ref = drop_ref.dropout_keep_mask(seed, shape, p, row_offset=row_offset)
+    assert torch.equal(keep8, ref)
+    single = philox_host([f"e {seed} {row_offset + i} {j} {p16}" for i in range(m) for j in range(k)])
+    assert torch.equal(torch.tensor([s[0] for s in single]).view(m, k), u)
+    assert torch.equal(torch.tensor([s[1] == 1 for s in single]).view(m, k), ref)
     # Not a vacuous check: both outcomes occur for these p.
     if 0.05 <= p <= 0.9:
         assert 0 < ref.sum() < ref.numel()
 
 
-def test_philox_host_keep_mask_row_offset(philox_host):
-    # Chunked generation (row_offset) uses the same global index i = (row_offset + m) * K + k.
-    seed, p, k = 42, 0.3, 11
-    triples = [(seed, (5 + i) * k + j, p) for i in range(4) for j in range(k)]
-    _, keep = philox_host(triples)
-    assert torch.tensor(keep).view(4, k).equal(drop_ref.dropout_keep_mask(seed, (4, k), p, row_offset=5))
+def test_philox_host_threshold_matches_dropout_threshold(philox_host):
+    """make_dropout's p16 and fp32 scale (philox::threshold) equal dropout_threshold's, which the Triton kernels
+    receive: exact ties (round half to even), values near 1 (clamped to 65535), tiny p (p16 = 0), random p."""
+    g = torch.Generator().manual_seed(0)
+    ps = [0.0, 1e-12, 2**-17, 3 * 2**-17, 5 * 2**-17, 0.1, 0.3, 0.5, 0.9, 0.99998, 0.999999, 1 - 2**-40]
+    ps += [(2 * j + 1) * 2**-17 for j in range(0, 65536, 4099)]  # more exact half-way cases
+    ps += torch.rand(300, generator=g, dtype=torch.float64).tolist()
+    got = philox_host([f"t {p!r}" for p in ps])
+    for p, (p16, bits) in zip(ps, got):
+        want16, want_scale = drop_ref.dropout_threshold(p)
+        assert (p16, bits) == (want16, _fp32_bits(want_scale)), p
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,7 +356,7 @@ def test_lora_through_autograd_matches_torch_backend(dtype, p):
 @pytest.mark.parametrize("variant", ["decode", "accum", "kaug"])
 def test_dropout_mask_is_the_shared_stream(variant):
     # With A = I (r = K) and x = 1, S = drop(x) exactly: the forward's mask must be the reference mask bit for bit.
-    M, K = (9, 24) if variant == "decode" else (70, 24)
+    M, K = (9, 37) if variant == "decode" else (70, 37)  # K: a partial group of 8 and a partial warp tile
     p, seed = 0.4, 2**33 + 99
     x = torch.ones(M, K, device="cuda", dtype=torch.float32)
     weight = torch.zeros(5, K, device="cuda")

@@ -23,11 +23,13 @@ def _close(actual, expected, dtype, what=""):
 
 
 def drop_scale(seed, shape2d, p):
-    """keep ⊙ fp32(1/(1-p)) as fp64 (the stream's contract), or ones for p = 0."""
+    """keep ⊙ fp32(65536 / (65536 - p16)) as fp64, p16 = min(round(p * 65536), 65535) (the stream's contract), or
+    ones for p = 0."""
     if p == 0.0:
         return torch.ones(shape2d, dtype=F64)
     keep = dropout_keep_mask(seed, shape2d, p)
-    return keep.to(F64) * float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+    p16 = min(round(p * 65536), 65535)
+    return keep.to(F64) * float(torch.tensor(65536.0 / (65536 - p16), dtype=torch.float32))
 
 
 def lora_math(x, W, b, A, e, B, s, dscale):
@@ -237,6 +239,7 @@ def test_seeded_dropout_dx_is_masked():
     torch.testing.assert_close(x.grad[~keep], base_dx[~keep], atol=SMALL_FP32[0], rtol=SMALL_FP32[1])
     full_lora_dx = (2.0 * dy @ B) @ A.detach()
     assert (x.grad[keep] - base_dx[keep]).abs().max() > 10 * SMALL_FP32[0]
+    # p = 0.5: p16 = 32768 and the scale 65536 / 32768 = 2 exactly
     torch.testing.assert_close(x.grad[keep], base_dx[keep] + 2.0 * full_lora_dx[keep], atol=1e-4, rtol=1e-4)
 
 

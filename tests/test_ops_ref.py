@@ -2,10 +2,13 @@
 
 Covers: lora_fwd_ref / lora_bwd_ref / ia3_fwd_ref / ia3_bwd_ref vs formulas written here (outputs and every
 gradient), ``torch.library.opcheck`` on every custom op with several argument sets, and the seeded dropout stream
-(Philox-4x32-10 known-answer vectors, an independent pure-Python Philox, pinned mask bits, keep fraction).
+(Philox-4x32-10 known-answer vectors, an independent pure-Python Philox and 8-per-call extraction, pinned mask
+bits, the p16 threshold and unbiased scale, keep fraction).
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 import pytest
 import torch
@@ -43,22 +46,36 @@ def philox_py(ctr, key):
     return c0, c1, c2, c3
 
 
-def keep_py(seed, i, p):
-    c0 = philox_py((i & M32, i >> 32, 0, 0), (seed & M32, (seed >> 32) & M32))[0]
-    u = (c0 >> 8) * 2.0 ** -24
-    return u >= float(torch.tensor(p, dtype=torch.float32))
+def p16_py(p):
+    """min(round_half_even(p * 65536), 65535) with exact rational arithmetic (independent of float rounding)."""
+    t = Fraction(p) * 65536
+    fl = t.numerator // t.denominator
+    rem = t - fl
+    up = rem > Fraction(1, 2) or (rem == Fraction(1, 2) and fl % 2 == 1)
+    return min(fl + (1 if up else 0), 65535)
+
+
+def u16_py(seed, m, k):
+    """The stream's 16-bit uniform of element (m, k): one Philox call per 8 columns of a row."""
+    r = philox_py((k >> 3, m & M32, m >> 32, 0), (seed & M32, (seed >> 32) & M32))
+    j = k & 7
+    return (r[j >> 1] >> (16 * (j & 1))) & 0xFFFF
+
+
+def keep_py(seed, m, k, p):
+    return u16_py(seed, m, k) >= p16_py(p)
 
 
 def mask64(seed, m, k, p):
     if p == 0.0:
         return torch.ones(m, k, dtype=F64)
     keep = D.dropout_keep_mask(seed, (m, k), p)
-    # The stream's contract: kept values are multiplied by fp32(1 / (1 - p)) on every backend and dtype.
-    return keep.to(F64) * float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+    # The stream's contract: kept values are multiplied by fp32(65536 / (65536 - p16)) on every backend and dtype.
+    return keep.to(F64) * float(torch.tensor(65536.0 / (65536 - p16_py(p)), dtype=torch.float32))
 
 
 def lora_math(x, W, b, A, e, B, s, drop_scale):
-    """y = x Wᵀ + b + s ((x ⊙ drop_scale) Aᵀ ⊙ e) Bᵀ in fp64 (drop_scale = keep/(1-p) or ones)."""
+    """y = x Wᵀ + b + s ((x ⊙ drop_scale) Aᵀ ⊙ e) Bᵀ in fp64 (drop_scale = keep · scale or ones)."""
     y = x @ W.t()
     if b is not None:
         y = y + b
@@ -99,38 +116,59 @@ def test_philox_known_answer_vectors():
 
 def test_philox_matches_independent_python():
     g = torch.Generator().manual_seed(1)
-    lo = torch.randint(0, 2 ** 32, (64,), generator=g, dtype=torch.int64)
-    hi = torch.randint(0, 2 ** 32, (64,), generator=g, dtype=torch.int64)
+    ctr = [torch.randint(0, 2 ** 32, (64,), generator=g, dtype=torch.int64) for _ in range(4)]
     for seed in (0, 1, 12345, 2 ** 40 + 17, 2 ** 63 - 1):
-        got = D.philox4x32(seed, lo, hi).tolist()
-        want = [philox_py((a, b, 0, 0), (seed & M32, (seed >> 32) & M32))[0] for a, b in zip(lo.tolist(),
-                                                                                              hi.tolist())]
+        key = (seed & M32, (seed >> 32) & M32)
+        got = D.philox4x32(seed, ctr[0], ctr[1]).tolist()
+        want = [philox_py((a, b, 0, 0), key)[0] for a, b in zip(ctr[0].tolist(), ctr[1].tolist())]
         assert got == want, f"seed {seed}"
+        # all four words, all four counter words
+        words = [w.tolist() for w in D.philox4x32_10(seed, *ctr)]
+        want4 = [philox_py(tuple(c[i] for c in (t.tolist() for t in ctr)), key) for i in range(64)]
+        assert list(zip(*words)) == want4, f"seed {seed} (4 words)"
+    # the full known-answer vectors through the vectorised version
+    kat = D.philox4x32_10((0x299F31D0 << 32) | 0xA4093822, *(torch.tensor([v]) for v in
+                                                            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)))
+    assert [int(w) for w in kat] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
 
 
-def test_keep_mask_matches_definition_incl_high_counter_word():
+def test_uniform16_matches_definition_word_halves_in_k_order():
+    # seed 0, row 0, columns 0..7 use counter (0, 0, 0, 0): the KAT words split low half first
+    u = D.dropout_uniform16(0, (1, 8))[0].tolist()
+    assert u == [0xE8D5, 0x6627, 0xC58D, 0xE169, 0xAC4C, 0xBC57, 0xDBD8, 0x9B00]
+    for seed, (m, k), off in ((3, (5, 13), 0), (2 ** 33 + 5, (3, 21), 7), (11, (2, 9), 2 ** 32 - 1)):
+        got = D.dropout_uniform16(seed, (m, k), row_offset=off)
+        want = torch.tensor([[u16_py(seed, off + r, c) for c in range(k)] for r in range(m)])
+        assert torch.equal(got, want), (seed, m, k, off)
+
+
+def test_keep_mask_matches_definition_incl_high_counter_words():
     p = 0.37
     for seed in (3, 2 ** 33 + 5):
         m = D.dropout_keep_mask(seed, (5, 13), p)
-        want = torch.tensor([[keep_py(seed, r * 13 + c, p) for c in range(13)] for r in range(5)])
+        want = torch.tensor([[keep_py(seed, r, c, p) for c in range(13)] for r in range(5)])
         assert torch.equal(m, want)
-    # row_offset large enough that i >= 2**32 uses the high counter word
+    # row_offset large enough that rows >= 2**32 use counter word c2
     k = 7
-    off = (2 ** 32) // k + 3
-    m = D.dropout_keep_mask(11, (2, k), 0.5, row_offset=off)
-    want = torch.tensor([[keep_py(11, (off + r) * k + c, 0.5) for c in range(k)] for r in range(2)])
+    off = 2 ** 32 - 1
+    m = D.dropout_keep_mask(11, (3, k), 0.5, row_offset=off)
+    want = torch.tensor([[keep_py(11, off + r, c, 0.5) for c in range(k)] for r in range(3)])
     assert torch.equal(m, want)
-    assert (off * k) >> 32 == 1
+    # a group of 8 never straddles rows: row m of a chunk does not depend on K or on the other rows
+    full = D.dropout_keep_mask(5, (4, 30), 0.5)
+    assert torch.equal(D.dropout_keep_mask(5, (2, 19), 0.5, row_offset=2), full[2:, :19])
 
 
-# The stream is shared by every backend and must never change silently: pin a few masks bit for bit.
+# The stream is shared by every backend and must never change silently: pin a few masks bit for bit.  These rows
+# were computed with the pure-Python definition above (philox_py + u16_py + p16_py), not by fastpeft.
 PINNED_MASKS = {
     # (seed, p, M, K): rows of '1' (keep) / '0' (drop)
-    (0, 0.5, 2, 16): ["0101101101111001", "1001000000101001"],
-    (42, 0.1, 2, 16): ["1111111111111111", "1011111111111111"],
-    (2 ** 40 + 7, 0.5, 3, 8): ["00010000", "11011100", "00001111"],
+    (0, 0.5, 2, 16): ["1011111111000110", "1001000000110100"],
+    (42, 0.1, 2, 16): ["1111101111111101", "1111110111111111"],
+    (2 ** 40 + 7, 0.5, 3, 8): ["10010011", "00011100", "00100000"],
+    (7, 0.3, 2, 13): ["1111101011111", "1010111110000"],
 }
-PINNED_WORDS = {  # (seed, i) -> first Philox output word
+PINNED_WORDS = {  # (seed, i) -> first Philox output word of counter (i & 0xffffffff, i >> 32, 0, 0)
     (0, 0): 0x6627E8D5,
     (0, 1): 0xF8E4CCA4,
     (1234, 2 ** 32 + 5): 0x039DA951,
@@ -141,6 +179,7 @@ def test_pinned_philox_words():
     for (seed, i), word in PINNED_WORDS.items():
         got = int(D.philox4x32(seed, torch.tensor([i & M32]), torch.tensor([i >> 32]))[0])
         assert got == word, f"(seed={seed}, i={i}): {got:#x} != {word:#x}"
+        assert philox_py((i & M32, i >> 32, 0, 0), (seed & M32, (seed >> 32) & M32))[0] == word
 
 
 def test_pinned_masks():
@@ -148,6 +187,55 @@ def test_pinned_masks():
         got = D.dropout_keep_mask(seed, (m, k), p)
         got_rows = ["".join("1" if v else "0" for v in row) for row in got.tolist()]
         assert got_rows == rows, f"seed={seed} p={p}: {got_rows}"
+        # the pins are the definition's, not just a snapshot of the code
+        assert ["".join("1" if keep_py(seed, r, c, p) else "0" for c in range(k)) for r in range(m)] == rows
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-9, 2 ** -17, 3 * 2 ** -17, 0.1, 0.3, 0.5, 0.9, 0.99999, 1 - 2 ** -40])
+def test_dropout_threshold(p):
+    p16, scale = D.dropout_threshold(p)
+    assert p16 == p16_py(p)
+    assert scale == float(torch.tensor(65536.0 / (65536 - p16), dtype=torch.float32))
+    assert D.dropout_scale(p) == scale
+    # ties round half to even: 2**-17 -> 0.5 -> 0, 3 * 2**-17 -> 1.5 -> 2
+    if p == 2 ** -17:
+        assert p16 == 0
+    if p == 3 * 2 ** -17:
+        assert p16 == 2
+
+
+def test_dropout_threshold_p01_and_bad_p():
+    assert D.dropout_threshold(0.1) == (6554, float(torch.tensor(65536 / 58982, dtype=torch.float32)))
+    for bad in (-0.1, 1.0, 1.5, float("nan"), "x", None):
+        with pytest.raises(ValueError, match="dropout p"):
+            D.dropout_threshold(bad)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_effective_drop_probability_and_unbiased_scale(p):
+    """The drop probability is exactly p16 / 65536 over the uniforms' range, and the scale makes E[drop(x)] = x for
+    it: over all 65536 values of u16, exactly p16 are dropped, and (65536 - p16) * scale / 65536 = 1 to fp32
+    rounding of the scale.  Empirically, on many elements, the drop fraction estimates p16 / 65536 and the mean of
+    drop(1) estimates 1."""
+    p16, scale = D.dropout_threshold(p)
+    assert sum(1 for u in range(65536) if not u >= p16) == p16  # keep = u16 >= p16, u16 uniform on [0, 65536)
+    assert abs((65536 - p16) * scale / 65536 - 1.0) <= 2 ** -24
+    if p == 0.1:
+        assert p16 == 6554
+    n_rows, k = 512, 1000
+    keep = D.dropout_keep_mask(99, (n_rows, k), p)
+    n = keep.numel()
+    p_eff = p16 / 65536
+    sigma = (p_eff * (1 - p_eff) / n) ** 0.5
+    assert abs((1 - keep.double().mean().item()) - p_eff) <= KEEP_FRACTION_SIGMAS * sigma
+    y = D.seeded_dropout(torch.ones(n_rows, k, dtype=F64), p, 99)
+    mean_sigma = scale * sigma
+    assert abs(y.mean().item() - 1.0) <= KEEP_FRACTION_SIGMAS * mean_sigma
+    # the 16-bit uniforms are uniform: each of the 8 lanes of a group (k & 7) has mean ~ 32767.5
+    u = D.dropout_uniform16(3, (n_rows, 1024)).double()
+    lane_means = u.view(n_rows, 128, 8).mean(dim=(0, 1))
+    lane_sigma = (65536 ** 2 / 12 / (n_rows * 128)) ** 0.5
+    assert ((lane_means - 32767.5).abs() <= KEEP_FRACTION_SIGMAS * lane_sigma).all(), lane_means
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -165,7 +253,7 @@ def test_keep_fraction(p):
 
 def test_dropout_scale_and_seeded_dropout():
     p = 0.3
-    assert D.dropout_scale(p) == float(torch.tensor(1 / 0.7, dtype=torch.float32))
+    assert D.dropout_scale(p) == float(torch.tensor(65536 / (65536 - 19661), dtype=torch.float32))
     x = torch.randn(6, 10)
     y = D.seeded_dropout(x, p, 5)
     keep = D.dropout_keep_mask(5, (6, 10), p)
@@ -244,7 +332,7 @@ def test_lora_ref_upcast_is_fp64_ground_truth():
 
 
 def test_lora_ref_dx_is_masked_under_dropout():
-    """The fused-LoRA bug (fms-acceleration#97): the LoRA part of dx must carry the dropout mask and 1/(1-p)."""
+    """The fused-LoRA bug (fms-acceleration#97): the LoRA part of dx must carry the dropout mask and the scale."""
     m, k, n, r, p, seed = 8, 24, 10, 4, 0.5, 99
     x, W, A, B = _rand(m, k), _rand(n, k), _rand(r, k), _rand(n, r)
     y, S = L.lora_fwd_ref(x, W, None, A, None, B, 2.0, p, seed)
@@ -255,7 +343,7 @@ def test_lora_ref_dx_is_masked_under_dropout():
     lora_dx = (2.0 * dy @ B) @ A
     assert (~keep).any() and keep.any()
     _close64(dx[~keep], base_dx[~keep], "dropped elements get only the base gradient")
-    scale = float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+    scale = float(torch.tensor(65536.0 / (65536 - p16_py(p)), dtype=torch.float32))
     _close64(dx[keep], base_dx[keep] + lora_dx[keep] * scale, "kept elements")
 
 

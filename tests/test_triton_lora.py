@@ -183,10 +183,13 @@ def test_lora_triton_no_dx_branch():
 
 
 @pytest.mark.parametrize("seed", [987654321, 3_000_000_000, 2 ** 62 + 5], ids=["i32", "u32", "i64"])
-def test_dropout_mask_bit_exact_and_keep_fraction(seed):
+@pytest.mark.parametrize("m,k", [(48, 64), (5, 37)], ids=["aligned", "odd"])
+def test_dropout_mask_bit_exact_and_keep_fraction(seed, m, k):
     """With x = 1 and A = I, S = drop(x) Aᵀ is the scaled keep-mask itself: it must equal the reference stream's
-    mask bit for bit, and keep about 1 - p of the elements.  Seeds of every integer width Triton passes."""
-    m, k, p = 48, 64, 0.3
+    mask bit for bit (the kernel's 8-lane interleave of each Philox call included), and keep about 1 - p of the
+    elements.  Seeds of every integer width Triton passes; K a multiple of the blocks and K = 37 (partial groups
+    of 8 and partial blocks)."""
+    p = 0.3
     x = torch.ones(m, k, device=DEV)
     a = torch.eye(k, device=DEV)
     bb = torch.randn(5, k, device=DEV)
@@ -200,8 +203,9 @@ def test_dropout_mask_bit_exact_and_keep_fraction(seed):
 
 
 def test_dropout_dx_is_masked():
-    """dX = dY W + mask ⊙ (dS A)/(1-p): with W = 0 and A = I, dx must be exactly 0 where the mask dropped."""
-    m, k, n, p, seed, s_ = 24, 32, 10, 0.4, 55, 0.5
+    """dX = dY W + mask ⊙ (dS A) · scale: with W = 0 and A = I, dx must be exactly 0 where the mask dropped (the
+    GEMM epilogue's mask, on column sub-tiles, at K = 37: a partial group of 8)."""
+    m, k, n, p, seed, s_ = 24, 37, 10, 0.4, 55, 0.5
     x = torch.randn(m, k, device=DEV, requires_grad=True)
     w = torch.zeros(n, k, device=DEV)
     a = torch.eye(k, device=DEV)
@@ -213,6 +217,24 @@ def test_dropout_dx_is_masked():
     assert torch.equal(x.grad[~keep], torch.zeros_like(x.grad[~keep]))
     expected = torch.where(keep, (s_ * dy.double() @ bb.double()) * dropout_scale(p), 0.0)
     assert rel_err(x.grad, expected) <= TRITON_VS_TORCH_FP32_RTOL
+
+
+def test_dropout_da_mask_bit_exact():
+    """The backward's own regeneration of the mask (the dA kernel's pass over x): with x = 1, B = I and dY = I,
+    dS = I and dA = dSᵀ drop(x) is the scaled keep-mask itself, bit for bit.  K = 37: a partial group of 8."""
+    r, k, p, seed = 12, 37, 0.3, 2 ** 40 + 3
+    x = torch.ones(r, k, device=DEV)
+    w = torch.zeros(r, k, device=DEV)
+    a = torch.randn(r, k, device=DEV)
+    bb = torch.eye(r, device=DEV)
+    _, s = KL.lora_fwd_triton(x, w, None, a, None, bb, 1.0, p, seed)
+    dy = torch.eye(r, device=DEV)
+    dx, da, _, _, _ = KL.lora_bwd_triton(dy, x, w, a, None, bb, s, 1.0, p, seed, True, False)
+    keep = dropout_keep_mask(seed, (r, k), p, DEV)
+    assert (~keep).any() and keep.any()
+    assert torch.equal(da, keep.float() * dropout_scale(p))
+    # and dx's epilogue mask: W = 0, so dx = mask ⊙ (dS A) · scale is 0 exactly where dropped
+    assert torch.equal(dx == 0, ~keep)
 
 
 def test_dropout_linear_in_x_finite_difference():

@@ -56,12 +56,12 @@ inline DType to_dtype(at::ScalarType st) {
   }
 }
 
-// fp32(p) and fp32(1/(1-p)) computed as fastpeft/ops/dropout.py computes them (double, then rounded once).
+// p16 and scale exactly as fastpeft.ops.dropout.dropout_threshold computes them (philox::threshold; the host test
+// in tests/test_cuda_ext.py checks the two agree bit for bit over many p).
 inline DropoutParams make_dropout(double p, int64_t seed) {
   DropoutParams d;
-  d.on = p > 0.0;
-  d.p = static_cast<float>(p);
-  d.scale = static_cast<float>(1.0 / (1.0 - p));
+  philox::threshold(p, &d.p16, &d.scale);
+  d.on = d.p16 > 0u;
   d.seed = static_cast<uint64_t>(seed);
   return d;
 }

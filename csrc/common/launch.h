@@ -19,7 +19,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // out[m, j] += alpha * sum_k cvt_a(drop(X)[m, k]) * A(j, k)        j < r, k < K, m < M
 //   X: (M, K) with row stride ldx (unit column stride), type xt.  A(j, k) = A[j * a_sj + k * a_sk], type at.
-//   drop(): the shared Philox stream over the logical (M, K) index (row_offset added to m); values are rounded to
+//   drop(): the shared Philox stream (common/philox.cuh) over the logical (M, K) input; values are rounded to
 //   xt after scaling and then to at (as `_dropped(x).to(adt)` does).  out: (M, r) fp32 with row stride ldo.
 // Forward shrink S = drop(x) Aᵀ and backward dSe = s · dy B both use it (split-K over blocks, atomics into out).
 void launch_rowdot(DType xt, DType at, const void* X, int64_t M, int64_t K, int64_t ldx, const void* A,
@@ -37,7 +37,7 @@ void launch_coldot(DType xt, DType at, const void* X, int64_t M, int64_t C, int6
 //   Y: (M, C) row stride ldy, type yt; bias: (C,) type yt or nullptr; P: (M, r) fp32 row stride ldp;
 //   Q(c, j) = Q[c * q_sc + j * q_sj], type qt.
 // Forward: T = b + s · Se Bᵀ written into y before the cuBLASLt GEMM adds x Wᵀ (beta = 1).
-// Backward: mask ⊙ (dS A) / (1 - p) written into dx before the GEMM adds dy W.
+// Backward: mask ⊙ (dS A) · scale written into dx before the GEMM adds dy W.
 void launch_expand(DType yt, DType qt, void* Y, int64_t M, int64_t C, int64_t ldy, const void* bias,
                    const float* P, int64_t ldp, int r, const void* Q, int64_t q_sc, int64_t q_sj, float alpha,
                    DropoutParams drop, cudaStream_t stream);

@@ -1,5 +1,5 @@
 // LoRA / AdaLoRA kernels around the cuBLASLt GEMMs: the shrink S = drop(x) Aᵀ (also dSe = s · dy B), the column
-// reductions dB = s · dyᵀ Se and dAᵀ = drop(x)ᵀ dS, and the expand T = b + s · Se Bᵀ (also mask ⊙ dS A / (1-p)).
+// reductions dB = s · dyᵀ Se and dAᵀ = drop(x)ᵀ dS, and the expand T = b + s · Se Bᵀ (also mask ⊙ dS A · scale).
 //
 // Deliberately simple: scalar loads, fp32 accumulation in registers, warp shuffles and fp32 atomics for the
 // split reductions.  Correctness first; the dispatch table measures them against the Triton path.
@@ -17,20 +17,37 @@ constexpr int kRT = 16;   // adapter columns (rank) handled per block; more rank
 constexpr int kRPW = 4;   // rows per warp in the shrink
 constexpr int kExpandRows = 8;
 
+// The dropout mask, warp-cooperatively: one Philox call yields the keep bits of 8 consecutive columns of a row
+// (common/philox.cuh), so a warp tile of (32 / kG) rows x (8 kG) columns costs exactly one call per lane.  Lane L
+// generates row m_base + L / kG, columns c_base + 8 (L % kG) .. + 7 (c_base a multiple of 8); the lane that
+// needs element (i, c) of the tile fetches its owner's bits with a shuffle.
+template <int kG>
+__device__ __forceinline__ uint32_t tile_bits(const DropoutParams& d, int64_t m_base, int64_t c_base, int lane) {
+  static_assert(32 % kG == 0, "a warp tile has a whole number of rows");
+  return philox::keep_bits8(d.seed, static_cast<uint64_t>(m_base + lane / kG),
+                            static_cast<uint64_t>(c_base >> 3) + static_cast<uint64_t>(lane % kG), d.p16);
+}
+
+// Keep flag of element (row i, column c) of the tile whose bits this warp made with tile_bits<kG>.  A shuffle:
+// every lane of the warp must call it, with warp-uniform control flow.
+template <int kG>
+__device__ __forceinline__ bool tile_keep(uint32_t bits, int i, int c) {
+  const uint32_t owner = __shfl_sync(0xffffffffu, bits, i * kG + (c >> 3));
+  return ((owner >> (c & 7)) & 1u) != 0u;
+}
+
 // Dropped and converted value of X[m, k] as the torch reference computes it:
-//   xd = x * fp32(1/(1-p)) rounded to x's dtype (or 0), then cast to the adapter dtype.
+//   xd = x * scale rounded to x's dtype (or 0 where the mask drops), then cast to the adapter dtype.
 template <typename TX, typename TA>
-__device__ __forceinline__ float dropped(float v, const DropoutParams& d, int64_t m, int64_t k, int64_t K) {
-  if (d.on) {
-    const uint64_t idx = static_cast<uint64_t>(m) * static_cast<uint64_t>(K) + static_cast<uint64_t>(k);
-    v = philox::keep(d.seed, idx, d.p) ? Cvt<TX>::round(v * d.scale) : 0.f;
-  }
+__device__ __forceinline__ float dropped(float v, const DropoutParams& d, bool keep) {
+  if (d.on) v = keep ? Cvt<TX>::round(v * d.scale) : 0.f;
   return Cvt<TA>::round(v);
 }
 
 // grid: (ceil(M / (kWarps * kRPW)), ceil(r / kRT), k_splits); block: kThreads.
 // Each warp owns kRPW rows; its lanes stride over k; partial sums meet in a warp reduction and one atomic per
-// (row, rank column) per block.
+// (row, rank column) per block.  The k loop goes in warp tiles of kRPW rows x 64 columns (one Philox call per lane
+// for the tile's mask), so its bounds are warp-uniform and the mask shuffles see every lane.
 template <typename TX, typename TA>
 __global__ void __launch_bounds__(kThreads) rowdot_kernel(const TX* __restrict__ X, int64_t M, int64_t K,
                                                           int64_t ldx, const TA* __restrict__ A, int64_t a_sj,
@@ -49,18 +66,30 @@ __global__ void __launch_bounds__(kThreads) rowdot_kernel(const TX* __restrict__
 #pragma unroll
     for (int j = 0; j < kRT; ++j) acc[i][j] = 0.f;
 
-  for (int64_t k = kb + lane; k < ke; k += 32) {
-    float a[kRT];
+  static_assert(kRPW * 8 == 32, "the rowdot mask tile is kRPW rows x 8 groups of 8 columns");
+  for (int64_t kt = kb; kt < ke; kt += 64) {  // kb is a multiple of 32 (kchunk is), so of the Philox group 8
+    const uint32_t bits = drop.on ? tile_bits<8>(drop, m0, kt, lane) : 0u;
 #pragma unroll
-    for (int j = 0; j < kRT; ++j)
-      a[j] = (j0 + j < r) ? ld_f(A + static_cast<int64_t>(j0 + j) * a_sj + k * a_sk) : 0.f;
+    for (int h = 0; h < 2; ++h) {
+      const int cl = h * 32 + lane;  // column within the tile
+      const int64_t k = kt + cl;
+      bool kp[kRPW];
 #pragma unroll
-    for (int i = 0; i < kRPW; ++i) {
-      const int64_t m = m0 + i;
-      if (m < M) {
-        const float v = dropped<TX, TA>(ld_f(X + m * ldx + k), drop, m, k, K);
+      for (int i = 0; i < kRPW; ++i) kp[i] = drop.on ? tile_keep<8>(bits, i, cl) : true;
+      if (k < ke) {
+        float a[kRT];
 #pragma unroll
-        for (int j = 0; j < kRT; ++j) acc[i][j] = fmaf(v, a[j], acc[i][j]);
+        for (int j = 0; j < kRT; ++j)
+          a[j] = (j0 + j < r) ? ld_f(A + static_cast<int64_t>(j0 + j) * a_sj + k * a_sk) : 0.f;
+#pragma unroll
+        for (int i = 0; i < kRPW; ++i) {
+          const int64_t m = m0 + i;
+          if (m < M) {
+            const float v = dropped<TX, TA>(ld_f(X + m * ldx + k), drop, kp[i]);
+#pragma unroll
+            for (int j = 0; j < kRT; ++j) acc[i][j] = fmaf(v, a[j], acc[i][j]);
+          }
+        }
       }
     }
   }
@@ -76,42 +105,64 @@ __global__ void __launch_bounds__(kThreads) rowdot_kernel(const TX* __restrict__
   }
 }
 
-// grid: (ceil(C / kThreads), ceil(r / kRT), m_splits); one thread per column c, looping over its rows.
+// grid: (ceil(C / kThreads), ceil(r / kRT), m_splits); one thread per column c, looping over its rows in steps of
+// 8 (a warp's 32 columns x 8 rows is one mask tile: one Philox call per lane).
 template <typename TX, typename TA>
 __global__ void __launch_bounds__(kThreads) coldot_kernel(const TX* __restrict__ X, int64_t M, int64_t C,
                                                           int64_t ldx, const float* __restrict__ P, int64_t ldp,
                                                           int r, float alpha, DropoutParams drop,
                                                           float* __restrict__ out, int64_t mchunk) {
+  const int lane = threadIdx.x % 32;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t cw = c - lane;  // the warp's first column: a multiple of 32
   const int j0 = blockIdx.y * kRT;
   const int64_t mb = static_cast<int64_t>(blockIdx.z) * mchunk;
   const int64_t me = mb + mchunk < M ? mb + mchunk : M;
-  if (c >= C) return;  // no collectives below
+  const bool active = c < C;  // inactive lanes still take part in the mask shuffles
   float acc[kRT];
 #pragma unroll
   for (int j = 0; j < kRT; ++j) acc[j] = 0.f;
-  for (int64_t m = mb; m < me; ++m) {
-    const float v = dropped<TX, TA>(ld_f(X + m * ldx + c), drop, m, c, C);
-    const float* p = P + m * ldp + j0;
+  for (int64_t mt = mb; mt < me; mt += 8) {  // block-uniform bounds
+    const uint32_t bits = drop.on ? tile_bits<4>(drop, mt, cw, lane) : 0u;
 #pragma unroll
-    for (int j = 0; j < kRT; ++j)
-      if (j0 + j < r) acc[j] = fmaf(__ldg(p + j), v, acc[j]);
+    for (int i = 0; i < 8; ++i) {
+      const int64_t m = mt + i;
+      const bool kp = drop.on ? tile_keep<4>(bits, i, lane) : true;
+      if (active && m < me) {
+        const float v = dropped<TX, TA>(ld_f(X + m * ldx + c), drop, kp);
+        const float* p = P + m * ldp + j0;
+#pragma unroll
+        for (int j = 0; j < kRT; ++j)
+          if (j0 + j < r) acc[j] = fmaf(__ldg(p + j), v, acc[j]);
+      }
+    }
   }
+  if (!active) return;
 #pragma unroll
   for (int j = 0; j < kRT; ++j)
     if (j0 + j < r) atomicAdd(out + c * r + j0 + j, alpha * acc[j]);
 }
 
 // grid: (ceil(M / kExpandRows), ceil(C / kThreads)); one thread per column, kExpandRows rows.  Rows go on grid.x
-// (limit 2^31 - 1): grid.y is limited to 65535.
+// (limit 2^31 - 1): grid.y is limited to 65535.  A warp's 32 columns x kExpandRows rows are one mask tile.
 template <typename TY, typename TQ>
 __global__ void __launch_bounds__(kThreads) expand_kernel(TY* __restrict__ Y, int64_t M, int64_t C, int64_t ldy,
                                                           const TY* __restrict__ bias, const float* __restrict__ P,
                                                           int64_t ldp, int r, const TQ* __restrict__ Q,
                                                           int64_t q_sc, int64_t q_sj, float alpha,
                                                           DropoutParams drop) {
+  const int lane = threadIdx.x % 32;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kExpandRows;
+  // The mask first, while every lane of the warp is present (shuffles): bit i = keep(m0 + i, c).
+  static_assert(kExpandRows == 8, "the expand mask tile is 8 rows x 4 groups of 8 columns");
+  uint32_t kp = 0xffu;
+  if (drop.on) {
+    const uint32_t bits = tile_bits<4>(drop, m0, c - lane, lane);
+    kp = 0u;
+#pragma unroll
+    for (int i = 0; i < kExpandRows; ++i) kp |= (tile_keep<4>(bits, i, lane) ? 1u : 0u) << i;
+  }
   if (c >= C) return;
   float acc[kExpandRows];
 #pragma unroll
@@ -128,10 +179,7 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(TY* __restrict__ Y, in
     const int64_t m = m0 + i;
     if (m < M) {
       float v = alpha * acc[i];
-      if (drop.on) {
-        const uint64_t idx = static_cast<uint64_t>(m) * static_cast<uint64_t>(C) + static_cast<uint64_t>(c);
-        v = philox::keep(drop.seed, idx, drop.p) ? v * drop.scale : 0.f;
-      }
+      if (drop.on) v = ((kp >> i) & 1u) ? v * drop.scale : 0.f;
       st_f(Y + m * ldy + c, b + v);
     }
   }

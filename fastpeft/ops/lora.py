@@ -87,7 +87,7 @@ def lora_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
 
     Math (with Se = S ⊙ e, dSe = s · dy B, dS = dSe ⊙ e):
         dB = s · dyᵀ Se        dE = Σ_m (dSe ⊙ S)        dA = dSᵀ drop(x)
-        dx = dy W + mask ⊙ (dS A) / (1 - p)
+        dx = dy W + mask ⊙ (dS A) · scale        (mask, scale: the ``fastpeft.ops.dropout`` stream)
     """
     adt = lora_A.dtype
     Sa = S.to(adt)
