@@ -47,9 +47,11 @@ from .demo_data import (  # noqa: E402
 )
 
 METHODS = ("lora", "adalora", "ia3", "prompt", "prefix", "ptuning", "bottleneck")
-# Learning rates that make each method improve on the linear probe within the default step count (chosen by runs of
-# the default settings on CPU; see the README's demo section for the numbers).
-DEFAULT_LR = {"lora": 1e-3, "adalora": 3e-3, "ia3": 1e-2, "prompt": 1e-2, "prefix": 1e-2, "ptuning": 1e-2,
+# Default learning rates.  Held-out accuracy of full default runs on CPU (100 steps of 32, seed 0; linear probe
+# before: 0.8567): lora 0.9233, ia3 0.9325, adalora 0.9148, bottleneck 0.9283, ptuning 0.8904, prompt 0.8634 (at
+# 1e-2 prompt tuning fell to 0.8094: its virtual tokens take the [CLS] position the pooler reads).  prefix: not
+# measured at full size.
+DEFAULT_LR = {"lora": 1e-3, "adalora": 3e-3, "ia3": 1e-2, "prompt": 3e-2, "prefix": 1e-2, "ptuning": 1e-2,
               "bottleneck": 1e-3}
 
 
@@ -457,8 +459,10 @@ def reload_check(method: str, adapter_dir: Path, model_dir: Path, test: Split, r
         if peft is None:
             return {"status": "skipped", "why": "HF PEFT is not installed (pip install peft)"}
         try:
-            model = peft.PeftModel.from_pretrained(base, str(adapter_dir))
+            model = peft.PeftModel.from_pretrained(base, str(adapter_dir)).to(device)
             loader = f"peft {peft.__version__} PeftModel.from_pretrained"
+            predict_logits(model, Split(test.input_ids[:2], test.attention_mask[:2], test.labels[:2],
+                                        test.texts[:2]))
         except Exception as e:
             # HF PEFT cannot build this method on this model at all (see the comparison run); check the files with
             # fastpeft's loader instead, and say so.
@@ -579,11 +583,15 @@ def run(args) -> int:
         torch.manual_seed(args.seed + 1)
         try:
             model = eng.build(copy.deepcopy(base)).to(device)
+            # one eval-mode forward (no RNG drawn): some methods fail only at forward time, and a failure of the
+            # comparison must not stop fastpeft's run
+            predict_logits(model, Split(train_split.input_ids[:2], train_split.attention_mask[:2],
+                                        train_split.labels[:2], train_split.texts[:2]))
         except Exception as e:
             if eng is ours:
                 raise
             # e.g. HF PEFT's prefix tuning rejects BERT under transformers 5 ("does not support past key values")
-            print(f"{eng.name}: comparison skipped, HF PEFT could not build this model: {type(e).__name__}: {e}")
+            print(f"{eng.name}: comparison skipped, HF PEFT cannot run this method on this model: {type(e).__name__}: {e}")
             continue
         # the same seed: both engines draw the same dropout masks (on the torch backend, bit for bit PEFT's)
         trainers.append(Trainer(model, train_split, batches, lr, device, eng.name, args.seed + 1,

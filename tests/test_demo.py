@@ -242,3 +242,26 @@ def test_prompt_methods_clear_message_when_unavailable(method, capsys, tmp_path)
         assert "not available" in str(e) and method in str(e)
     else:
         assert eng.name == "fastpeft"
+
+
+@needs_vader
+@needs_minilm
+def test_tiny_prefix_run_when_hf_peft_cannot_run_it(tmp_path, capsys):
+    """HF PEFT 0.21.2's prefix tuning rejects BERT under transformers 5 at forward time; the demo still trains with
+    fastpeft, skips the comparison and checks the saved adapter with fastpeft's loader (saying so)."""
+    pytest.importorskip("peft")
+    try:
+        demo.fastpeft_engine("prefix", demo.build_parser().parse_args(["--method", "prefix"]))
+    except demo.NotAvailableYet as e:
+        pytest.skip(str(e))
+    out = tmp_path / "run"
+    status = demo.main(["--method", "prefix", "--steps", "2", "--batch-size", "4", "--max-examples", "12",
+                        "--probe-examples", "12", "--probe-iters", "5", "--no-progress", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["reload_check"]["status"] == "ok"
+    assert [r["engine"] for r in summary["runs"]][0] == "fastpeft"
+    if len(summary["runs"]) == 1:
+        assert "comparison skipped" in captured.out
+        assert summary["reload_check"]["loader"].startswith("fastpeft.PeftModel.from_pretrained")
