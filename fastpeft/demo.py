@@ -591,7 +591,8 @@ def run(args) -> int:
             if eng is ours:
                 raise
             # e.g. HF PEFT's prefix tuning rejects BERT under transformers 5 ("does not support past key values")
-            print(f"{eng.name}: comparison skipped, HF PEFT cannot run this method on this model: {type(e).__name__}: {e}")
+            print(f"{eng.name}: comparison skipped, HF PEFT cannot run this method on this model: "
+                  f"{type(e).__name__}: {e}")
             continue
         # the same seed: both engines draw the same dropout masks (on the torch backend, bit for bit PEFT's)
         trainers.append(Trainer(model, train_split, batches, lr, device, eng.name, args.seed + 1,
