@@ -176,7 +176,7 @@ def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, s
         seed = draw_seed()
     else:
         seed = _check_seed(seed)
-    y, _ = _lora.lora_fwd(x2, weight, bias, lora_A, e, lora_B, scaling, dropout_p, seed, chosen)
+    y, _ = _lora.lora_apply(x2, weight, bias, lora_A, e, lora_B, scaling, dropout_p, seed, chosen)
     return y.reshape(*lead, n)
 
 
@@ -263,5 +263,5 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     x2 = x.reshape(-1, k).contiguous()
     chosen = select_backend("ia3", x, backend, dispatch_args=(x2, weight, bias, ia3_l.reshape(want), feedforward))
     with ctx:
-        y, _ = _ia3.ia3_fwd(x2, weight, bias, ia3_l.reshape(want), feedforward, chosen)
+        y, _ = _ia3.ia3_apply(x2, weight, bias, ia3_l.reshape(want), feedforward, chosen)
     return y.reshape(*lead, n)

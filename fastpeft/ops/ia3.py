@@ -107,21 +107,58 @@ def _(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias, backend):
     return dx, ia3_l.new_empty(ia3_l.shape), dbias
 
 
-def _ia3_setup_context(ctx, inputs, output):
+def _ia3_save(ctx, inputs, saved):
     x, weight, bias, ia3_l, feedforward, backend = inputs
-    _, saved = output
     # Output mode needs z, not x; input mode needs x.
     ctx.save_for_backward(x if feedforward else x.new_empty(0), weight, ia3_l, saved)
     ctx.feedforward, ctx.backend = feedforward, backend
-    ctx.bias_grad = bias is not None and ctx.needs_input_grad[2]
+    ctx.has_bias = bias is not None
+
+
+def _ia3_grads(ctx, dy, bwd):
+    x, weight, ia3_l, saved = ctx.saved_tensors
+    needs_dx = ctx.needs_input_grad[0]
+    bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
+    dx, dl, dbias = bwd(dy.contiguous(), x, weight, ia3_l, saved, ctx.feedforward, needs_dx, bias_grad, ctx.backend)
+    return dx if needs_dx else None, None, dbias if bias_grad else None, dl, None, None
+
+
+def _ia3_setup_context(ctx, inputs, output):
+    _ia3_save(ctx, inputs, output[1])
 
 
 def _ia3_backward(ctx, dy, _dsaved):
-    x, weight, ia3_l, saved = ctx.saved_tensors
-    needs_dx = ctx.needs_input_grad[0]
-    dx, dl, dbias = ia3_bwd(dy.contiguous(), x, weight, ia3_l, saved, ctx.feedforward, needs_dx, ctx.bias_grad,
-                            ctx.backend)
-    return dx if needs_dx else None, None, dbias if ctx.bias_grad else None, dl, None, None
+    return _ia3_grads(ctx, dy, ia3_bwd)
 
 
 ia3_fwd.register_autograd(_ia3_backward, setup_context=_ia3_setup_context)
+
+
+def _ia3_bwd_direct(*args):
+    *rest, backend = args
+    return _impl("ia3_bwd", backend)(*rest)
+
+
+class IA3LinearFunction(torch.autograd.Function):
+    """The eager autograd path of ``fastpeft::ia3_fwd`` (see ``fastpeft.ops.lora.LoRALinearFunction``: same
+    implementations, called without the custom-op dispatcher's overhead).  Arguments and outputs as in ``ia3_fwd``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ia3_l, feedforward, backend):
+        y, saved = _impl("ia3_fwd", backend)(x, weight, bias, ia3_l, feedforward)
+        saved = saved.contiguous()
+        _ia3_save(ctx, (x, weight, bias, ia3_l, feedforward, backend), saved)
+        ctx.mark_non_differentiable(saved)
+        return y, saved
+
+    @staticmethod
+    def backward(ctx, dy, _dsaved):
+        return _ia3_grads(ctx, dy, _ia3_bwd_direct)
+
+
+def ia3_apply(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
+              feedforward: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the IA3 op with autograd: the custom op under ``torch.compile``, ``IA3LinearFunction`` in eager mode."""
+    if torch.compiler.is_compiling():
+        return ia3_fwd(x, weight, bias, ia3_l, feedforward, backend)
+    return IA3LinearFunction.apply(x, weight, bias, ia3_l, feedforward, backend)
