@@ -53,7 +53,8 @@ def _probe_triton() -> tuple[bool, str]:
     except Exception as e:  # ImportError, or a broken install raising something else
         return False, f"triton is not importable ({type(e).__name__}: {e})"
     try:
-        importlib.import_module("fastpeft.kernels")
+        for mod in ("fastpeft.kernels.lora", "fastpeft.kernels.ia3"):
+            importlib.import_module(mod)
     except Exception as e:
         return False, f"fastpeft.kernels failed to import ({type(e).__name__}: {e})"
     return True, f"triton {getattr(triton, '__version__', '?')}"

@@ -58,3 +58,24 @@ def test_editable_install_resolves_kernels_to_source_folder():
     if Path(fastpeft.__file__).resolve().parent != (ROOT / "fastpeft").resolve():
         pytest.skip("fastpeft is not the editable install of this checkout")
     assert Path(fastpeft.kernels.__file__).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
+
+
+def test_source_tree_kernels_folder_does_not_break_transformers_without_triton():
+    """From the repository root (``python -m ...`` puts it on sys.path) the kernels/ folder is importable as a
+    top-level ``kernels``, a name transformers probes (Hugging Face's kernels package) by importing it.  That import
+    must succeed without triton, and transformers must then ignore it (no version)."""
+    pytest.importorskip("transformers")
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # triton unimportable
+        "import transformers\n"
+        "from transformers import BertConfig, BertForSequenceClassification\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "m = BertForSequenceClassification(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, "
+        "num_attention_heads=2, intermediate_size=32))\n"
+        "import fastpeft; print(fastpeft.backend_info()['backends']['triton']['available'], is_kernels_available())\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "False"], proc.stdout
