@@ -186,3 +186,40 @@ class AdapterBase(nn.Module):
         if self.fan_in_fan_out:
             s += ", fan_in_fan_out=True"
         return s
+
+
+class DeltaAdapterBase(AdapterBase):
+    """Base of the additive low-rank adapters (LoRA, AdaLoRA): merging adds ``delta_weight()`` to the weight.
+
+    Subclasses define ``delta_weight() -> (out_features, in_features)`` in at least fp32, without gradient.
+    """
+
+    def delta_weight(self) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def merge(self) -> None:
+        """Add ``delta_weight()`` into ``weight`` in place (in fp32 for fp16/bf16 weights, rounded once).
+
+        Raises ValueError if already merged.  The forward is then a plain linear layer.
+        """
+        self._check_merge()
+        self._add_to_weight(self.delta_weight(), 1.0)
+        self._merged = True
+
+    def unmerge(self) -> None:
+        """Subtract the update merged by ``merge()`` (equal to the original weight up to rounding).
+
+        Raises ValueError if not merged.
+        """
+        self._check_unmerge()
+        self._add_to_weight(self.delta_weight(), -1.0)
+        self._merged = False
+
+    def merged_weight_nk(self) -> torch.Tensor:
+        """The merged weight as (out_features, in_features), in the base dtype (a new tensor)."""
+        with torch.no_grad():
+            w = self.weight_nk
+            if self._merged:
+                return w.detach().clone()
+            ct = merge_dtype(w.dtype, self.lora_A.dtype)
+            return (w.to(ct) + self.delta_weight().to(ct)).to(w.dtype)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .. import functional as FP
-from ._conv1d import AdapterBase, check_alpha, check_dropout, check_rank, merge_dtype
+from ._conv1d import DeltaAdapterBase, check_alpha, check_dropout, check_rank, merge_dtype
 
 __all__ = ["AdaLoRALinear"]
 
@@ -20,7 +20,7 @@ __all__ = ["AdaLoRALinear"]
 _INIT_STD = 0.02
 
 
-class AdaLoRALinear(AdapterBase):
+class AdaLoRALinear(DeltaAdapterBase):
     """AdaLoRA (SVD-form) linear layer: ``y = x Wᵀ + b + (dropout(x) (A ⊙ E)ᵀ) Bᵀ · scaling / (ranknum + 1e-5)``.
 
     Parameters: frozen ``weight`` (out_features, in_features) and ``bias`` (out_features,); trainable ``lora_A``
@@ -73,7 +73,7 @@ class AdaLoRALinear(AdapterBase):
         Raises TypeError for any other module type.
         """
         self = cls.__new__(cls)
-        AdapterBase.__init__(self)
+        DeltaAdapterBase.__init__(self)
         self._share_base(linear)
         w = self.weight
         self._init_adapter(r, lora_alpha, lora_dropout, init_lora_weights, backend, w.device, dtype or w.dtype)
@@ -123,27 +123,6 @@ class AdaLoRALinear(AdapterBase):
         with torch.no_grad():
             ct = merge_dtype(self.lora_A.dtype)
             return (self.lora_B.to(ct) @ (self.lora_A.to(ct) * self.lora_E.to(ct))) * self.effective_scaling
-
-    def merge(self) -> None:
-        """Add the update into ``weight`` in place (in >= fp32, rounded once).  ValueError if already merged."""
-        self._check_merge()
-        self._add_to_weight(self.delta_weight(), 1.0)
-        self._merged = True
-
-    def unmerge(self) -> None:
-        """Subtract the merged update again.  ValueError if not merged."""
-        self._check_unmerge()
-        self._add_to_weight(self.delta_weight(), -1.0)
-        self._merged = False
-
-    def merged_weight_nk(self) -> torch.Tensor:
-        """The merged weight as (out_features, in_features) in the base dtype (a new tensor)."""
-        with torch.no_grad():
-            w = self.weight_nk
-            if self._merged:
-                return w.detach().clone()
-            ct = merge_dtype(w.dtype, self.lora_A.dtype)
-            return (w.to(ct) + self.delta_weight().to(ct)).to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""

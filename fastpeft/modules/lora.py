@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .. import functional as FP
-from ._conv1d import AdapterBase, check_alpha, check_dropout, check_rank, merge_dtype
+from ._conv1d import DeltaAdapterBase, check_alpha, check_dropout, check_rank, merge_dtype
 
 __all__ = ["LoRALinear"]
 
@@ -22,7 +22,7 @@ def _check_init(init_lora_weights) -> Union[bool, str]:
     raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
 
 
-class LoRALinear(AdapterBase):
+class LoRALinear(DeltaAdapterBase):
     """LoRA linear layer: ``y = x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ``, dropout on the LoRA branch only.
 
     A drop-in replacement for ``nn.Linear`` in training code, numerically HF PEFT's ``lora.Linear`` with one
@@ -81,7 +81,7 @@ class LoRALinear(AdapterBase):
         Raises TypeError for any other module type.
         """
         self = cls.__new__(cls)
-        AdapterBase.__init__(self)
+        DeltaAdapterBase.__init__(self)
         self._share_base(linear)
         w = self.weight
         self._init_adapter(r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, backend, w.device,
@@ -117,30 +117,6 @@ class LoRALinear(AdapterBase):
         with torch.no_grad():
             ct = merge_dtype(self.lora_A.dtype)
             return (self.lora_B.to(ct) @ self.lora_A.to(ct)) * self.scaling
-
-    def merge(self) -> None:
-        """Add ``scaling · B A`` into ``weight`` in place (in fp32 for fp16/bf16 weights, rounded once).
-
-        Raises ValueError if already merged.  The forward is then a plain linear layer.
-        """
-        self._check_merge()
-        self._add_to_weight(self.delta_weight(), 1.0)
-        self._merged = True
-
-    def unmerge(self) -> None:
-        """Subtract the update merged by ``merge()`` (equal to the original weight up to rounding)."""
-        self._check_unmerge()
-        self._add_to_weight(self.delta_weight(), -1.0)
-        self._merged = False
-
-    def merged_weight_nk(self) -> torch.Tensor:
-        """The merged weight as (out_features, in_features), in the base dtype (a new tensor)."""
-        with torch.no_grad():
-            w = self.weight_nk
-            if self._merged:
-                return w.detach().clone()
-            ct = merge_dtype(w.dtype, self.lora_A.dtype)
-            return (w.to(ct) + self.delta_weight().to(ct)).to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""
