@@ -118,11 +118,7 @@ class SVDLinear(AdaLoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, config)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self._base_only():
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self._present_active() if self.r.get(a, 0) > 0]
         if not active:

@@ -148,6 +148,13 @@ class BaseTunerLayer(nn.Module):
                     names.append(k)
         return names
 
+    def _base_only(self) -> bool:
+        """True when the forward is just the base layer: adapters disabled (a merged adapter is unmerged first, as
+        PEFT does) or merged into the base weight."""
+        if self._disable_adapters and self.merged:
+            self.unmerge()
+        return self._disable_adapters or self.merged
+
     def _present_active(self) -> list[str]:
         """Active adapters that this layer actually holds (another adapter may target other modules)."""
         # every adapter has an entry in the first container, so one membership test per active adapter suffices

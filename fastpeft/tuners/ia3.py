@@ -99,11 +99,7 @@ class Linear(IA3Layer):
         self.update_layer(adapter_name, config)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self._base_only():
             return self.base_layer(x, *args, **kwargs)
         active = self._present_active()
         if not active:

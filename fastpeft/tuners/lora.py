@@ -133,11 +133,7 @@ class Linear(LoraLayer):
         self.update_layer(adapter_name, r, lora_alpha, config)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self._base_only():
             return self.base_layer(x, *args, **kwargs)
         if self._batch_adapter_names is not None:
             return self._mixed_batch_forward(x, self._batch_adapter_names, *args, **kwargs)
