@@ -250,10 +250,6 @@ def _peft_leaf_policy(mod) -> bool:
 
 
 @needs_dist
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "KNOWN LIMITATION (reported): the tuner layer reads lora_A/lora_B weights without calling those modules, so "
-    "when FSDP2 shards the lora_A/lora_B leaves on their own (HF PEFT's fsdp_auto_wrap_policy, as accelerate "
-    "applies it) their pre-forward unshard hooks never run and the op sees sharded DTensors"))
 def test_fsdp2_with_peft_leaf_wrap_policy():
     if not _has_get_peft_model():
         pytest.skip("fastpeft.get_peft_model is not available")

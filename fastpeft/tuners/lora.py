@@ -120,6 +120,13 @@ class LoraLayer(BaseTunerLayer):
             b.data -= (self.lora_B[adapter_name].bias * self.scaling[adapter_name]).detach().to(b.dtype)
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """True for a DTensor: FSDP2 sharded the lora_A/lora_B leaves on their own (HF PEFT's fsdp_auto_wrap_policy),
+    so their weights are gathered only when those modules are called - the fused path, which reads the weights
+    directly, must not run; the unfused loop calls the modules."""
+    return type(t).__name__ == "DTensor"
+
+
 class Linear(LoraLayer):
     """LoRA around an ``nn.Linear`` or transformers ``Conv1D`` (``fan_in_fan_out``), HF PEFT's ``lora.Linear``.
 
@@ -140,7 +147,8 @@ class Linear(LoraLayer):
         active = self._present_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if self._fusable and len(active) == 1 and not args and not kwargs and not self.lora_bias[active[0]]:
+        if (self._fusable and len(active) == 1 and not args and not kwargs and not self.lora_bias[active[0]]
+                and not _is_sharded(self.lora_A[active[0]].weight)):
             a = active[0]
             A = self.lora_A[a].weight
             drop = self.lora_dropout[a]
