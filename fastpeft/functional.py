@@ -160,16 +160,10 @@ def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, s
     x2 = x.reshape(-1, k).contiguous()
     e = lora_E.reshape(r) if lora_E is not None else None
     chosen = select_backend("lora", x, backend, dispatch_args=(x2, weight, bias, lora_A, e, lora_B))
-    if dropout_p > 0.0 and seed is None and chosen == "torch":
-        # Unseeded dropout on the torch backend draws its mask exactly as HF PEFT does (F.dropout with the global
-        # RNG), so a fastpeft model reproduces a PEFT model's training step bit for bit.  Plain autograd ops.
-        adt = lora_A.dtype
-        base = F.linear(x, weight, bias)
-        s = F.dropout(x, dropout_p, training=True).to(adt) @ lora_A.t()
-        if lora_E is not None:
-            s = s * lora_E.reshape(1, r)
-        delta = (s @ lora_B.t()) * scaling
-        return (base + delta).to(x.dtype)
+    if chosen == "torch" and (dropout_p == 0.0 or seed is None):
+        return _lora_composite(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p)
+    # Fused backends, and seeded dropout on the torch backend (the op regenerates the mask in backward; under
+    # torch.compile the custom op keeps the integer Philox rounds out of the traced graph).
     if dropout_p == 0.0:
         seed = 0
     elif seed is None:
@@ -178,6 +172,23 @@ def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, s
         seed = _check_seed(seed)
     y, _ = _lora.lora_apply(x2, weight, bias, lora_A, e, lora_B, scaling, dropout_p, seed, chosen)
     return y.reshape(*lead, n)
+
+
+def _lora_composite(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p):
+    """The torch backend: HF PEFT's own sequence of autograd ops, so autograd (or inductor, under torch.compile)
+    builds the backward.  On CPU this is as fast as PEFT's layer; the explicit backward of ``fastpeft.ops.lora``
+    (``lora_bwd_ref``, which regenerates the mask instead of saving it) is the ground truth of the fused backends
+    and is tested through the custom op.  Unseeded dropout draws its mask exactly as PEFT does (F.dropout with the
+    global RNG), so a fastpeft model reproduces a PEFT training step bit for bit.  (Seeded dropout goes through the
+    op instead.)"""
+    adt = lora_A.dtype
+    base = F.linear(x, weight, bias)
+    xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0.0 else x
+    s = xd.to(adt) @ lora_A.t()
+    if lora_E is not None:
+        s = s * lora_E.reshape(1, -1)
+    delta = (s @ lora_B.t()) * scaling
+    return (base + delta).to(x.dtype)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -262,6 +273,14 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     chosen = select_backend("ia3", x, backend, dispatch_args=(x2, weight, bias, ia3_l.reshape(want), feedforward))
+    if chosen == "torch":
+        # HF PEFT's own ops (autograd builds the backward; as fast as PEFT on CPU); the explicit backward of
+        # fastpeft.ops.ia3 is the ground truth of the fused backends, tested through the custom op.
+        lv = ia3_l.reshape(want)
+        with ctx:
+            if feedforward:
+                return F.linear((x.to(lv.dtype) * lv).to(x.dtype), weight, bias)
+            return (F.linear(x, weight, bias) * lv).to(x.dtype)
     with ctx:
         y, _ = _ia3.ia3_apply(x2, weight, bias, ia3_l.reshape(want), feedforward, chosen)
     return y.reshape(*lead, n)
