@@ -47,6 +47,17 @@ def _tma_env() -> str:
     return v
 
 
+# Compile-only mode, set by ``.ci/compile_triton.py`` (never in normal use): launchers treat CPU tensors as tensors of
+# a GPU with this many SMs, so the block sizes, grids and configurations compiled for the GPU target are the ones a
+# real launch on that GPU would use.  None: CPU tensors get the interpreter's small blocks.
+_aot_num_sms: int | None = None
+
+
+def gpu_like(device: torch.device) -> bool:
+    """Whether launch heuristics for `device` are the GPU ones (a CUDA device, or any device in compile-only mode)."""
+    return device.type == "cuda" or _aot_num_sms is not None
+
+
 @functools.lru_cache(maxsize=None)
 def _device_caps(index: int) -> tuple[int, int]:
     """(SM count, compute-capability major) of CUDA device `index`."""
@@ -59,7 +70,7 @@ def num_sms(device: torch.device) -> int:
     persistent tile loop runs more than once per program in tests)."""
     if device.type == "cuda":
         return _device_caps(device.index if device.index is not None else torch.cuda.current_device())[0]
-    return 3
+    return _aot_num_sms if _aot_num_sms is not None else 3
 
 
 def device_ctx(t: torch.Tensor):
@@ -115,7 +126,7 @@ def use_tma(a: torch.Tensor, b_view_rowmajor: torch.Tensor | None) -> bool:
             return False
         _ensure_allocator()
         return True
-    return mode == "1" and interpret_mode()
+    return mode == "1" and (interpret_mode() or _aot_num_sms is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +263,7 @@ def split_count(n_blocks_other: int, n_blocks_split: int, target_programs: int) 
 def target_programs(device: torch.device) -> int:
     """Programs the skinny kernels aim for: two waves of the SMs (the memory system needs several loads in
     flight per SM), a handful in the interpreter."""
-    return 2 * num_sms(device) if device.type == "cuda" else 4
+    return 2 * num_sms(device) if gpu_like(device) else 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,25 +297,68 @@ def gemm_configs() -> list:
         # N=4096 and keep several weight loads in flight.
         _cfg(16, 64, 128, 1, 4, 4),
         _cfg(32, 32, 128, 1, 5, 4),
+        # Only when nothing above fits the device's shared memory (see prune_gemm_configs).
+        _cfg(*_PORTABLE_CFG),
     ]
 
 
+# Portable fallback: 64x64x32 with 2 stages is 16 KB of 16-bit operands (32 KB fp32), below every CUDA GPU's shared
+# memory per block (48 KB without opt-in).  Kept only when no other configuration fits the device (e.g. fp32 on a
+# 99 KB-per-block consumer GPU, where the tiles above need 192-262 KB): slow there, but it runs.
+_PORTABLE_CFG = (64, 64, 32, 8, 2, 4)
+
+
+def _smem_estimate(c, es: int) -> int:
+    """Shared memory of a configuration's pipelined A and B tiles (bytes): what Triton allocates for this kernel
+    (the sm_90 compile check, .ci/compile_triton.py, reports exactly this for the pointer path, +32 B with TMA)."""
+    bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+    return c.num_stages * (bm * bk + bk * bn) * es
+
+
+def smem_limit(device: torch.device) -> int:
+    """Max dynamic shared memory per block of `device` in bytes (opt-in limit), minus a reserve for the
+    epilogue's scratch and TMA barriers.  Unlimited in the interpreter; the compile check sets ``_aot_smem``."""
+    if device.type == "cuda":
+        return _device_smem(device.index if device.index is not None else torch.cuda.current_device()) - 1024
+    if _aot_smem is not None:
+        return _aot_smem - 1024
+    return 1 << 30
+
+
+@functools.lru_cache(maxsize=None)
+def _device_smem(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+
+
+# Shared memory per block the compile check pretends the device has (bytes); None outside it.
+_aot_smem: int | None = None
+
+
 def prune_gemm_configs(configs, named_args, **kwargs):
-    """Drop configurations that cannot win for this M (so autotuning stays short) or whose pipelined stages do
-    not fit in ~200 KB of shared memory (fp32 operands double the bytes)."""
+    """Drop configurations that cannot win for this M (so autotuning stays short) or whose pipelined stages do not
+    fit in the device's shared memory (fp32 operands double the bytes).  The portable configuration is kept only
+    when nothing else fits."""
     m = named_args["M"]
-    es = named_args["a_ptr"].element_size()
-    keep = []
+    a = named_args["a_ptr"]
+    es = a.element_size()
+    limit = smem_limit(a.device)
+    keep, portable = [], []
     for c in configs:
         bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        if (bm, bn, bk, c.kwargs["GROUP_M"], c.num_stages, c.num_warps) == _PORTABLE_CFG:
+            portable.append(c)
+            continue
         if m <= 64 and bm > 64:
             continue
         if m > 256 and bm < 64:
             continue
-        if c.num_stages * (bm * bk + bk * bn) * es > 200 * 1024:
+        if _smem_estimate(c, es) > limit:
             continue
         keep.append(c)
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    if keep:
+        return keep
+    return portable or [min(configs, key=lambda c: _smem_estimate(c, es))]
 
 
 def m_bucket(m: int) -> int:
@@ -320,7 +374,7 @@ def skinny_blocks(device: torch.device, dropout: bool = False) -> tuple[int, int
     elements, plus the 16-bit lanes being interleaved) must fit in registers next to the tile: 64x64 over 8 warps
     is 16 elements per thread.  Block sizes stay multiples of 8 (the mask's Philox groups).  Kept from the
     one-call-per-element stream; NOT re-measured."""
-    if device.type != "cuda":
+    if not gpu_like(device):
         return 16, 16, 4
     return (64, 64, 8) if dropout else (64, 128, 4)
 

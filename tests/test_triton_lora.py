@@ -391,3 +391,30 @@ def test_tma_launch_failure_falls_back_to_pointer_path(monkeypatch, caplog):
         check_fa_rule(Case((20,), 48, 40, 8, F16, p=0.2))
     assert KC._tma_broken and "TMA GEMM path failed" in caplog.text
     assert not KC.use_tma(x, w)
+
+
+# ---- GEMM configuration pruning against the device's shared memory ------------------------------------------
+
+def _hopper_style_configs():
+    """The GPU configuration list (gemm_configs() returns the interpreter's single config under TRITON_INTERPRET)."""
+    c = KC._cfg
+    return [c(128, 256, 64, 8, 3, 8), c(128, 128, 64, 8, 4, 8), c(64, 128, 64, 8, 4, 4), c(16, 64, 128, 1, 4, 4),
+            c(*KC._PORTABLE_CFG)]
+
+
+@pytest.mark.parametrize("smem,dtype,m,expect", [
+    # H100/H200 (227 KB): the portable tile is never picked when a real one fits
+    (227 * 1024, torch.bfloat16, 8192, [(128, 256), (128, 128), (64, 128)]),
+    (227 * 1024, torch.float32, 8192, [(64, 128)]),          # fp32 128-row tiles need 262-295 KB
+    (227 * 1024, torch.bfloat16, 8, [(64, 128), (16, 64)]),
+    # a 99 KB-per-block GPU (sm_86/89/120): fp32 at large M has no fitting tile but the portable one
+    (99 * 1024, torch.float32, 8192, [(64, 64)]),
+    (99 * 1024, torch.bfloat16, 8192, [(64, 128)]),
+])
+def test_prune_gemm_configs_fits_shared_memory(monkeypatch, smem, dtype, m, expect):
+    monkeypatch.setattr(KC, "_aot_smem", smem)
+    a = torch.empty(1, 1, dtype=dtype)
+    kept = KC.prune_gemm_configs(_hopper_style_configs(), {"M": m, "a_ptr": a})
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept] == expect
+    es = a.element_size()
+    assert all(KC._smem_estimate(c, es) <= smem - 1024 for c in kept)
