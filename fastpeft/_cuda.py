@@ -12,7 +12,8 @@ The extension registers its ops in ``torch.ops.fastpeft`` (C++ ``TORCH_LIBRARY_F
 This module wraps them in the functions ``fastpeft.ops.lora`` / ``fastpeft.ops.ia3`` look up by name
 (``lora_fwd_cuda``, ``lora_bwd_cuda``, ``ia3_fwd_cuda``, ``ia3_bwd_cuda``), with exactly the signatures and return
 conventions of the ``*_ref`` functions there, and registers the ops' fake kernels so ``torch.compile`` and
-``torch.library.opcheck`` can trace them.
+``torch.library.opcheck`` can trace them.  Operands the kernels do not take (an empty feature dimension, a dtype
+other than float32 / float16 / bfloat16) go to the torch reference instead, forward and backward alike.
 
 Importing this module never fails and never touches CUDA: when ``fastpeft._C`` is absent (a CPU build of torch, no
 toolkit, ``FASTPEFT_BUILD_CUDA=0``) the wrappers raise ``RuntimeError`` with the reason, and ``fastpeft._backend``
@@ -141,9 +142,18 @@ def _register_fakes() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _degenerate(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    # Empty feature dimensions are legal for the op contract but not worth kernels: the reference handles them.
-    return weight.shape[0] == 0 or weight.shape[1] == 0
+# The element types the kernels and the C++ argument checks take (csrc/common/checks.h check_float_dtype).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _use_reference(weight: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
+    """True when the torch reference runs instead of the kernels: an empty feature dimension (legal for the op
+    contract, not worth kernels) or an operand dtype the kernels do not take (e.g. float64: the auto backend picks
+    the extension for every CUDA tensor, and the C++ checks would reject it).  Depends only on tensors the forward
+    and the backward both see, so a reference forward is always paired with a reference backward."""
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        return True
+    return any(t is not None and t.dtype not in KERNEL_DTYPES for t in (weight, *tensors))
 
 
 def lora_decode_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -167,7 +177,7 @@ def lora_fwd_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         y (M, N) in x's dtype and S = drop(x)·Aᵀ (M, r) fp32.
     """
     _require()
-    if _degenerate(x, weight):
+    if _use_reference(weight, x, lora_A, lora_E, lora_B):
         from .ops.lora import lora_fwd_ref
         return lora_fwd_ref(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed)
     from . import _dispatch
@@ -185,7 +195,7 @@ def lora_bwd_cuda(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA / AdaLoRA backward on the extension; arguments and returns as ``lora_bwd_ref``."""
     _require()
-    if _degenerate(x, weight):
+    if _use_reference(weight, x, lora_A, lora_E, lora_B):
         from .ops.lora import lora_bwd_ref
         return lora_bwd_ref(dy, x, weight, lora_A, lora_E, lora_B, S, scaling, dropout_p, seed, needs_dx, has_bias)
     return torch.ops.fastpeft.lora_bwd_cuda(dy, x, weight, lora_A, lora_E, lora_B, S, float(scaling),
@@ -196,7 +206,7 @@ def ia3_fwd_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  feedforward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(IA)³ forward on the extension; arguments and returns as ``ia3_fwd_ref`` (saves z in output mode)."""
     _require()
-    if _degenerate(x, weight):
+    if _use_reference(weight, x, ia3_l):
         from .ops.ia3 import ia3_fwd_ref
         return ia3_fwd_ref(x, weight, bias, ia3_l, feedforward)
     return torch.ops.fastpeft.ia3_fwd_cuda(x, weight, bias, ia3_l, bool(feedforward), True)
@@ -209,7 +219,7 @@ def ia3_fwd_cuda_inference(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     Returns only y (M, N); use it when no backward follows (``torch.no_grad`` / inference).
     """
     _require()
-    if _degenerate(x, weight):
+    if _use_reference(weight, x, ia3_l):
         from .ops.ia3 import ia3_fwd_ref
         return ia3_fwd_ref(x, weight, bias, ia3_l, feedforward)[0]
     return torch.ops.fastpeft.ia3_fwd_cuda(x, weight, bias, ia3_l, bool(feedforward), False)[0]
@@ -220,7 +230,7 @@ def ia3_bwd_cuda(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l:
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(IA)³ backward on the extension; arguments and returns as ``ia3_bwd_ref``."""
     _require()
-    if _degenerate(dy, weight):
+    if _use_reference(weight, dy, ia3_l):
         from .ops.ia3 import ia3_bwd_ref
         return ia3_bwd_ref(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias)
     return torch.ops.fastpeft.ia3_bwd_cuda(dy, x, weight, ia3_l, saved, bool(feedforward), bool(needs_dx),
