@@ -115,6 +115,13 @@ def _jsonable(d: dict) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in d.items()}
 
 
+def _flags(meta: dict) -> str:
+    """The feature switches a kernel was compiled with, as one string."""
+    return " ".join(f for f in ("HAS_PRO", "HAS_LORA", "HAS_RS", "HAS_DROPOUT", "HAS_BIAS", "WRITE_Z", "HAS_DL",
+                                "HAS_COL", "HAS_E", "HAS_Z", "HAS_L", "HAS_DB", "USE_TMA")
+                    if meta.get(f) in (True, "True"))
+
+
 def _resources(cubin: bytes) -> dict:
     """Registers, spill (local) bytes and stack of a cubin, from the cuobjdump that ships with Triton."""
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -140,13 +147,13 @@ def _resources(cubin: bytes) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _scenarios(quick: bool):
+def _scenarios(quick: bool, dtypes: list | None = None):
     """(name, callable) pairs.  M = 512 selects the large-tile configurations, M = 8 the decode ones; K = N = 512
     (16-byte aligned rows: TMA-eligible) and, outside quick mode, K = 520 / N = 392 (not multiples of 64) too."""
     from fastpeft.kernels.ia3 import ia3_bwd_triton, ia3_fwd_triton
     from fastpeft.kernels.lora import lora_bwd_triton, lora_fwd_triton
 
-    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
+    dtypes = dtypes or ([torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32])
     ms = [512, 8]
     shapes = [(512, 512)] if quick else [(512, 512), (520, 392)]
     out = []
@@ -189,9 +196,18 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="bf16 and aligned shapes only")
     ap.add_argument("--ci", action="store_true", help="as --quick, one configuration per autotuned launch")
     ap.add_argument("--json", help="write every compiled kernel's record here")
+    ap.add_argument("--dtypes", help="comma-separated subset of bf16,fp16,fp32 (overrides the mode's dtypes)")
+    ap.add_argument("--csv", help="write one row per compiled kernel here (scenario, config, resources)")
     args = ap.parse_args(argv)
     if args.arch not in SHARED_LIMIT:
         ap.error(f"--arch must be one of {sorted(SHARED_LIMIT)}, got {args.arch}")
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    dtypes = None
+    if args.dtypes:
+        bad = [d for d in args.dtypes.split(",") if d not in names]
+        if bad:
+            ap.error(f"--dtypes takes bf16, fp16, fp32; got {bad}")
+        dtypes = [names[d] for d in args.dtypes.split(",")]
 
     driver.set_active(_StubDriver(GPUTarget("cuda", args.arch, 32)))
     rec = Recorder()
@@ -207,7 +223,7 @@ def main(argv=None) -> int:
     failed_calls = []
     for tma in tma_modes:
         os.environ["FASTPEFT_TRITON_TMA"] = tma
-        for name, fn in _scenarios(args.quick or args.ci):
+        for name, fn in _scenarios(args.quick or args.ci, dtypes):
             rec.scenario = f"{name} tma={tma}"
             common._tma_broken = False
             try:
@@ -243,8 +259,7 @@ def main(argv=None) -> int:
           f"{'wgmma':>5} {'tma':>4}  flags")
     for r in rows:
         m = r["meta"]
-        flags = " ".join(f for f in ("HAS_PRO", "HAS_LORA", "HAS_RS", "HAS_DROPOUT", "HAS_BIAS", "WRITE_Z", "HAS_DL",
-                                     "HAS_COL", "HAS_E", "HAS_Z", "HAS_L", "HAS_DB") if m.get(f) in (True, "True"))
+        flags = _flags(m)
         line = (f"{r['kernel']:<22} {m.get('BLOCK_M', ''):>4} {m.get('BLOCK_N', ''):>4} {m.get('BLOCK_K', ''):>4} "
                 f"{r['num_stages']:>2} {r['num_warps']:>2} {r['shared']:>7} {r.get('reg', '?'):>4} "
                 f"{r.get('local', '?'):>5} {str(r['wgmma']):>5} {str(r['tma']):>4}  {flags}"
@@ -262,6 +277,19 @@ def main(argv=None) -> int:
         print(f"FAILED CALL [{s}]\n{tb}")
     for s, k in unrunnable:
         print(f"NO CONFIG FITS [{s}] {k}")
+    if args.csv:
+        import csv
+        cols = ["triton", "arch", "scenario", "kernel", "flags", "BLOCK_M", "BLOCK_N", "BLOCK_K", "num_stages",
+                "num_warps", "shared", "fits", "reg", "local", "wgmma", "tma"]
+        with open(args.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            for r in rows:
+                m = r["meta"]
+                w.writerow({"triton": triton.__version__, "arch": f"sm_{args.arch}", "scenario": r["scenario"],
+                            "kernel": r["kernel"], "flags": _flags(m), "BLOCK_M": m.get("BLOCK_M", ""),
+                            "BLOCK_N": m.get("BLOCK_N", ""), "BLOCK_K": m.get("BLOCK_K", ""),
+                            **{k: r.get(k, "") for k in cols[8:]}})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "arch": args.arch, "kernels": rows, "errors": rec.errors,

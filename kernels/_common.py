@@ -399,7 +399,8 @@ def skinny_blocks(device: torch.device, dropout: bool = False) -> tuple[int, int
 # on that path (True: B is the transpose of a row-major (N, K) tensor, like W in the forward).
 
 
-@triton.jit
+# The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
+@triton.jit(do_not_specialize=["seed"])
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,

@@ -45,7 +45,8 @@ __all__ = ["lora_fwd_triton", "lora_bwd_triton"]
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
+@triton.jit(do_not_specialize=["seed"])
 def _lora_shrink_kernel(x_ptr, a_ptr, part_ptr, M, K, R,
                         stride_xm, stride_xk, stride_ar, stride_ak,
                         kb_per_split, seed, p16, drop_scale,
@@ -144,7 +145,8 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
         tl.debug_barrier()
 
 
-@triton.jit
+# The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
+@triton.jit(do_not_specialize=["seed"])
 def _lora_da_kernel(x_ptr, ds_ptr, part_ptr, M, K, R,
                     stride_xm, stride_xk, stride_dsm, stride_dsr,
                     mb_per_split, seed, p16, drop_scale,
