@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <string>
 #include <tuple>
 
 #include "common/checks.h"
@@ -59,19 +60,24 @@ WeightView weight_view(const at::Tensor& w) {
   return {c, true, std::max<int64_t>(1, k)};
 }
 
-void run_gemm(const char* op, const LtGemm& g, const at::Tensor& like) {
+// Runs the GEMM; returns cuBLASLt's status, `*what` naming the failing step ("cublasLtMatmul" only when the launch
+// itself failed: any other step fails before anything ran).
+cublasStatus_t try_gemm(const LtGemm& g, const at::Tensor& like, const char** what) {
   at::Tensor ws = at::empty({static_cast<int64_t>(kWorkspaceBytes)}, like.options().dtype(at::kByte));
-  const char* what = "";
   const int dev = like.get_device();
-  const cublasStatus_t st =
-      lt_matmul(g, ws.data_ptr(), kWorkspaceBytes, dev, c10::cuda::getCurrentCUDAStream(dev).stream(), &what);
+  return lt_matmul(g, ws.data_ptr(), kWorkspaceBytes, dev, c10::cuda::getCurrentCUDAStream(dev).stream(), what);
+}
+
+void run_gemm(const char* op, const LtGemm& g, const at::Tensor& like) {
+  const char* what = "";
+  const cublasStatus_t st = try_gemm(g, like, &what);
   TORCH_CHECK(st == CUBLAS_STATUS_SUCCESS, "fastpeft::", op, ": cuBLASLt failed in ", what, " (status ",
               static_cast<int>(st), ")");
 }
 
 // y (M, N) [+]= x (M, K) · Wᵀ (+ bias) ; alpha_vec scales each output feature n.
-void linear_into(const char* op, const at::Tensor& x, const WeightView& w, const at::Tensor* bias, at::Tensor& y,
-                 float beta, const float* alpha_vec = nullptr) {
+LtGemm linear_gemm(const at::Tensor& x, const WeightView& w, const at::Tensor* bias, at::Tensor& y, float beta,
+                   const float* alpha_vec) {
   LtGemm g;
   g.m = w.t.size(0);
   g.n = x.size(0);
@@ -88,7 +94,12 @@ void linear_into(const char* op, const at::Tensor& x, const WeightView& w, const
   g.beta = beta;
   g.alpha_vec = alpha_vec;
   g.bias = bias != nullptr ? bias->data_ptr() : nullptr;
-  run_gemm(op, g, x);
+  return g;
+}
+
+void linear_into(const char* op, const at::Tensor& x, const WeightView& w, const at::Tensor* bias, at::Tensor& y,
+                 float beta) {
+  run_gemm(op, linear_gemm(x, w, bias, y, beta, nullptr), x);
 }
 
 // dx (M, K) [+]= dy (M, N) · W (N, K).
@@ -297,7 +308,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_
   } else {
     dx = at::empty({0}, x.options());
   }
-  at::Tensor dbias = has_bias ? dyc.sum(0).to(weight.scalar_type()) : at::empty({0}, dy.options().dtype(weight.scalar_type()));
+  const auto wdt = weight.scalar_type();
+  at::Tensor dbias = has_bias ? dyc.sum(0).to(wdt) : at::empty({0}, dy.options().dtype(wdt));
   return {dx, dA, dE, dB.to(lora_B.scalar_type()), dbias};
 }
 
@@ -360,7 +372,18 @@ std::tuple<at::Tensor, at::Tensor> ia3_fwd_cuda(const at::Tensor& x, const at::T
   // Inference: l is cuBLASLt's per-row alpha vector (free inside the GEMM); the bias is pre-scaled by l.
   at::Tensor lv = lc.to(at::kFloat).contiguous();
   at::Tensor bs = bias.has_value() ? (bias_c.to(at::kFloat) * lv).to(x.scalar_type()).contiguous() : at::Tensor();
-  linear_into(op, x, w, bias.has_value() ? &bs : nullptr, y, 0.f, lv.data_ptr<float>());
+  const char* what = "";
+  const LtGemm scaled = linear_gemm(x, w, bias.has_value() ? &bs : nullptr, y, 0.f, lv.data_ptr<float>());
+  const cublasStatus_t st = try_gemm(scaled, x, &what);
+  if (st == CUBLAS_STATUS_SUCCESS) return {y, at::empty({0}, x.options())};
+  // Setting up the alpha-vector mode failed (cuBLASLt may offer no algorithm for it with this type, epilogue or
+  // GPU): the training path's two steps instead, z = x Wᵀ + b then y = z ⊙ l.  A failed launch is an error.
+  TORCH_CHECK(std::string(what) != "cublasLtMatmul", "fastpeft::", op, ": cuBLASLt failed in ", what, " (status ",
+              static_cast<int>(st), ")");
+  at::Tensor z = at::empty({M, N}, x.options());
+  linear_into(op, x, w, bias.has_value() ? &bias_c : nullptr, z, 0.f);
+  launch_ia3_scale(xt, lt, z.data_ptr(), M, N, N, lc.data_ptr(), false, y.data_ptr(), N, stream);
+  check_launch(op);
   return {y, at::empty({0}, x.options())};
 }
 
