@@ -60,7 +60,8 @@ if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then NVCC="$CUDA_HOM
 [ -n "$NVCC" ] || die 2 "nvcc not found (PATH or CUDA_HOME)"
 NVCC_VERSION="$("$NVCC" --version | sed -n 's/.*release \([0-9][0-9]*\.[0-9][0-9]*\).*/\1/p' | head -1)"
 if [ -z "${CUDA_HOME:-}" ]; then
-  for cand in "$(cd "$(dirname "$(readlink -f "$NVCC")")/.." && pwd)" /usr/local/cuda "/usr/local/cuda-$NVCC_VERSION"; do
+  nvcc_root="$(cd "$(dirname "$(readlink -f "$NVCC")")/.." && pwd)"
+  for cand in "$nvcc_root" /usr/local/cuda "/usr/local/cuda-$NVCC_VERSION"; do
     if [ -f "$cand/include/cuda_runtime.h" ] && [ -x "$cand/bin/nvcc" ]; then CUDA_HOME="$cand"; break; fi
   done
 fi
@@ -140,11 +141,16 @@ missing="$(echo "$LDD" | grep "not found")"
 undefined="$(echo "$LDD" | grep "undefined symbol" | grep -vE "undefined symbol: _?Py" )"
 [ -z "$missing" ] || { echo "$missing" >&2; die 1 "libraries not found"; }
 [ -z "$undefined" ] || { echo "$undefined" | head -20 >&2; die 1 "undefined symbols (beyond the Python C API)"; }
-say "ldd -r: every library found, no undefined symbol but the Python C API's ($(echo "$LDD" | grep -c "undefined symbol: _\?Py"))"
+n_py="$(echo "$LDD" | grep -c "undefined symbol: _\?Py")"
+say "ldd -r: every library found, no undefined symbol but the Python C API's ($n_py)"
 
 # ---- 5. load and check ----------------------------------------------------------------------------------------
 say "loading and checking (python .ci/check_ext_loaded.py)"
 (cd "$WORK" && PYTHONPATH="$WORK/src" "$PY" "$WORK/src/.ci/check_ext_loaded.py")
 rc=$?
-if [ $rc -eq 0 ]; then say "OK: built in $((t1 - t0)) s, linked, loaded, every check passed"; else say "FAILED checks (above)"; fi
+if [ $rc -eq 0 ]; then
+  say "OK: built in $((t1 - t0)) s, linked, loaded, every check passed"
+else
+  say "FAILED checks (above)"
+fi
 exit $rc

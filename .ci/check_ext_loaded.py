@@ -39,8 +39,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAILED: list[str] = []
 
-_CPP_TO_SCHEMA = {"at::Tensor": "Tensor", "c10::optional<at::Tensor>": "Tensor?", "std::optional<at::Tensor>": "Tensor?",
-                  "double": "float", "int64_t": "int", "bool": "bool"}
+_CPP_TO_SCHEMA = {"at::Tensor": "Tensor", "c10::optional<at::Tensor>": "Tensor?",
+                  "std::optional<at::Tensor>": "Tensor?", "double": "float", "int64_t": "int", "bool": "bool"}
 
 
 def check(cond: bool, group: str, what: str) -> None:
