@@ -309,10 +309,9 @@ def test_wrappers_and_fakes_bind_to_the_schemas_on_fake_cuda_tensors(ext_check):
         _assert_group(ext_check, group, n)
 
 
-@pytest.mark.xfail(strict=True, reason="fastpeft/_backend.py _cuda_ext_has() looks up torch.ops.fastpeft.<op>_cuda "
-                                       "(lora_cuda, ia3_cuda), but the ops are <op>_fwd_cuda / <op>_bwd_cuda, so "
-                                       "the cuda backend is never selected; remove this mark with that fix")
 def test_backend_selects_the_extension_for_cuda_tensors(ext_check):
+    """fastpeft._backend finds the extension's ops for "lora" and "ia3" (<op>_fwd_cuda / <op>_bwd_cuda) and auto
+    picks it for CUDA tensors (it once looked up <op>_cuda, so a GPU would never have run the extension)."""
     _assert_group(ext_check, "backend", 4)
 
 
