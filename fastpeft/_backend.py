@@ -87,9 +87,11 @@ def cuda_ext_available() -> bool:
 
 
 def _cuda_ext_has(op: str) -> bool:
+    """Whether the loaded extension registered both halves of `op` ("lora" -> ``lora_fwd_cuda`` and
+    ``lora_bwd_cuda``): the names ``fastpeft.ops.<op>`` looks the implementations up by."""
     if not cuda_ext_available():
         return False
-    return hasattr(torch.ops.fastpeft, f"{op}_cuda")
+    return all(hasattr(torch.ops.fastpeft, f"{op}_{half}_cuda") for half in ("fwd", "bwd"))
 
 
 def _env_choice() -> str:
@@ -137,6 +139,9 @@ def _measured_choice(op: str, device: torch.device, dispatch_args: tuple) -> Opt
     return None
 
 
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
 def _auto_choice(op: str, device: torch.device, dispatch_args: tuple = ()) -> str:
     if device.type != "cuda":
         return "torch"
@@ -172,7 +177,8 @@ def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None, disp
     if choice not in _VALID_CHOICES:
         raise ValueError(f"backend must be one of {_VALID_CHOICES}, got {backend!r}")
     if choice == "auto":
-        chosen = _auto_choice(op, x.device, dispatch_args)
+        # The fused kernels handle fp16/bf16/fp32 only (fp64 would reach them just to be handed to the reference).
+        chosen = (_auto_choice(op, x.device, dispatch_args) if x.dtype in _FUSED_DTYPES else "torch")
         if not torch.compiler.is_compiling():
             logger.debug("fastpeft: op %s on %s -> backend %s", op, x.device, chosen)
         return chosen

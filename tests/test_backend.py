@@ -83,3 +83,26 @@ def test_backend_info_reports_every_backend_with_a_reason():
         assert info["backends"]["cuda"]["available"] is False
         assert "CPU build" in info["backends"]["cuda"]["reason"]
     assert "dispatch" in info
+
+
+def test_cuda_ext_has_looks_for_both_halves_of_the_op(monkeypatch):
+    """The ops fastpeft._C registers are <op>_fwd_cuda / <op>_bwd_cuda; the backend check must look for those (it
+    once looked for <op>_cuda, which no op is called, so the extension could never be selected)."""
+    import types
+
+    from fastpeft import _backend as B
+
+    fake_ops = types.SimpleNamespace(lora_fwd_cuda=object(), lora_bwd_cuda=object(), ia3_fwd_cuda=object())
+    monkeypatch.setattr(B, "cuda_ext_available", lambda: True)
+    monkeypatch.setattr(B.torch.ops, "fastpeft", fake_ops, raising=False)
+    assert B._cuda_ext_has("lora")
+    assert not B._cuda_ext_has("ia3")  # no ia3_bwd_cuda
+    assert not B._cuda_ext_has("adalora")
+
+
+def test_auto_sends_float64_to_torch(monkeypatch):
+    from fastpeft import _backend as B
+
+    monkeypatch.setattr(B, "_auto_choice", lambda *a, **k: "cuda")  # what auto would pick for a CUDA tensor
+    assert B.select_backend("lora", torch.zeros(2, 3, dtype=torch.float32), "auto") == "cuda"
+    assert B.select_backend("lora", torch.zeros(2, 3, dtype=torch.float64), "auto") == "torch"
