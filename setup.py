@@ -8,6 +8,9 @@ Build environment variables (all optional):
   FASTPEFT_CUDA_ARCHS    alias of TORCH_CUDA_ARCH_LIST, used when that is unset.
   MAX_JOBS               parallel compile jobs (torch.utils.cpp_extension).
   NVCC_THREADS           nvcc --threads (default 2).
+  CUDA_HOME / CUDA_PATH  the toolkit root; when unset (or without include/cuda_runtime.h) it is found from the real
+                         nvcc behind PATH (also through a wrapper script) or /usr/local/cuda*.  A toolkit without
+                         cuBLAS (a bare nvcc) takes cublasLt's headers and library from torch's nvidia wheel.
 
 To build the extension against an installed CUDA torch, disable build isolation so the build sees that torch:
     pip install -e . --no-build-isolation
@@ -19,6 +22,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 
 from setuptools import setup
 
@@ -30,12 +34,66 @@ def read_version() -> str:
         return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 
+def _has_runtime_header(root: str) -> bool:
+    return bool(root) and os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+
+
+def _ensure_cuda_home() -> None:
+    """Point CUDA_HOME at a toolkit root that has headers, before torch's cpp_extension guesses one.
+
+    torch guesses from the nvcc on PATH; when that nvcc is a wrapper script (e.g. /usr/local/bin/nvcc running
+    /usr/local/cuda-13.0/bin/nvcc) it guesses /usr/local, which has no cuda_runtime.h, and the build fails late with
+    missing headers.  A CUDA_HOME / CUDA_PATH the user set is kept when it has the headers.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if _has_runtime_header(os.environ.get(var, "")):
+            os.environ["CUDA_HOME"] = os.environ[var]
+            return
+    cands = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        cands.append(os.path.dirname(os.path.dirname(real)))
+        try:  # a wrapper script names the real nvcc
+            with open(real, "rb") as f:
+                head = f.read(4096)
+            if head.startswith(b"#!"):
+                cands += [m.decode() for m in re.findall(rb"(/[^\s'\"]+)/bin/nvcc", head)]
+        except OSError:
+            pass
+    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in cands:
+        if _has_runtime_header(c):
+            os.environ["CUDA_HOME"] = c
+            return
+
+
+def _cublas_from_wheels(cuda_home: str) -> tuple[list, list]:
+    """(include_dirs, extra_link_args) for cuBLASLt when the toolkit has no cublasLt.h (a bare nvcc install): the
+    headers and library of the nvidia cuBLAS wheel that a CUDA build of torch depends on.  The wheel ships only
+    libcublasLt.so.<major>, so it is linked by file name (-l:).  Empty when the toolkit has cuBLAS."""
+    if os.path.isfile(os.path.join(cuda_home, "include", "cublasLt.h")):
+        return [], []
+    import site
+    roots = list(site.getsitepackages()) + [site.getusersitepackages()]
+    for sp in roots:
+        for hdr in sorted(glob.glob(os.path.join(sp, "nvidia", "**", "include", "cublasLt.h"), recursive=True)):
+            inc = os.path.dirname(hdr)
+            lib = os.path.join(os.path.dirname(inc), "lib")
+            sos = sorted(glob.glob(os.path.join(lib, "libcublasLt.so*")))
+            if sos:
+                return [inc], [f"-L{lib}", f"-l:{os.path.basename(sos[0])}"]
+    raise RuntimeError(f"cuBLASLt headers not found: neither {cuda_home}/include/cublasLt.h nor an nvidia cuBLAS "
+                       "wheel in site-packages; install the toolkit's cuBLAS or set CUDA_HOME")
+
+
 def get_extensions():
     mode = os.environ.get("FASTPEFT_BUILD_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"FASTPEFT_BUILD_CUDA must be auto, 0 or 1, got {mode!r}")
     if mode == "0":
         return [], {}
+    _ensure_cuda_home()
     try:
         import torch  # imported lazily so metadata / sdist work without torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -46,8 +104,8 @@ def get_extensions():
     reason = None
     if torch.version.cuda is None:
         reason = "torch is a CPU build"
-    elif CUDA_HOME is None:
-        reason = "no CUDA toolkit found (CUDA_HOME)"
+    elif CUDA_HOME is None or not _has_runtime_header(CUDA_HOME):
+        reason = f"no CUDA toolkit with include/cuda_runtime.h found (CUDA_HOME={CUDA_HOME})"
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
                      + glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     if not sources:
@@ -60,16 +118,25 @@ def get_extensions():
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and os.environ.get("FASTPEFT_CUDA_ARCHS"):
         os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ["FASTPEFT_CUDA_ARCHS"]
     nvcc_threads = os.environ.get("NVCC_THREADS", "2")
+    try:
+        cublas_inc, cublas_link = _cublas_from_wheels(CUDA_HOME)
+    except RuntimeError as e:
+        if mode == "1":
+            raise
+        print(f"fastpeft: skipping the CUDA extension ({e})")
+        return [], {}
     ext = CUDAExtension(
         name="fastpeft._C",
         sources=sources,
-        include_dirs=[os.path.join(HERE, "csrc")],
+        include_dirs=[os.path.join(HERE, "csrc")] + cublas_inc,
         extra_compile_args={
             # No -std flag: torch's cpp_extension picks the C++ standard its headers need (C++20 for torch 2.13).
             "cxx": ["-O3"],
             "nvcc": ["-O3", "--use_fast_math", f"--threads={nvcc_threads}", "-lineinfo"],
         },
-        libraries=["cublasLt", "cublas"],
+        # Only cuBLASLt is called (csrc/common/cublaslt.cpp).
+        libraries=[] if cublas_link else ["cublasLt"],
+        extra_link_args=cublas_link,
     )
     return [ext], {"build_ext": BuildExtension}
 

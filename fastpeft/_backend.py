@@ -205,6 +205,8 @@ def backend_info() -> dict:
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
         "triton_interpret": _interpret_mode(),
+        # Whether the fused backends have a device to run on: the extension can load with no GPU present.
+        "cuda_devices": torch.cuda.device_count() if torch.version.cuda is not None else 0,
         "backends": {
             "torch": {"available": True, "reason": "always available (reference)"},
             "triton": {"available": tri_ok, "reason": tri_reason},

@@ -82,6 +82,7 @@ def test_backend_info_reports_every_backend_with_a_reason():
     if torch.version.cuda is None:
         assert info["backends"]["cuda"]["available"] is False
         assert "CPU build" in info["backends"]["cuda"]["reason"]
+    assert info["cuda_devices"] == (torch.cuda.device_count() if torch.version.cuda is not None else 0)
     assert "dispatch" in info
 
 

@@ -25,6 +25,10 @@ def get_extensions(monkeypatch):
     monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("FASTPEFT_BUILD_CUDA", "0")  # the module-level call builds nothing
+    # get_extensions() may set CUDA_HOME (its toolkit search): restore it after each test
+    monkeypatch.setenv("CUDA_HOME", os.environ.get("CUDA_HOME", ""))
+    monkeypatch.delenv("CUDA_HOME")
+    monkeypatch.delenv("CUDA_PATH", raising=False)
     ns = runpy.run_path(os.path.join(ROOT, "setup.py"))
     return ns["get_extensions"]
 
@@ -62,15 +66,28 @@ def test_one_without_toolkit_fails_loudly(get_extensions, monkeypatch):
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     monkeypatch.setattr(ce, "CUDA_HOME", None)
     monkeypatch.setenv("FASTPEFT_BUILD_CUDA", "1")
-    with pytest.raises(RuntimeError, match=r"no CUDA toolkit found"):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setattr("glob.glob", lambda *a, **k: [])
+    with pytest.raises(RuntimeError, match=r"no CUDA toolkit with include/cuda_runtime.h found"):
         get_extensions()
 
 
-def test_extension_lists_every_csrc_source(get_extensions, monkeypatch):
+def _toolkit(root, cublas: bool) -> str:
+    """A fake CUDA toolkit root under `root`: include/cuda_runtime.h, and include/cublasLt.h when `cublas`."""
+    home = os.path.join(str(root), "cuda-13.0")
+    os.makedirs(os.path.join(home, "include"), exist_ok=True)
+    os.makedirs(os.path.join(home, "bin"), exist_ok=True)
+    open(os.path.join(home, "include", "cuda_runtime.h"), "w").close()
+    if cublas:
+        open(os.path.join(home, "include", "cublasLt.h"), "w").close()
+    return home
+
+
+def test_extension_lists_every_csrc_source(get_extensions, monkeypatch, tmp_path):
     # Pretend torch is a CUDA build with a toolkit: the extension must be fastpeft._C over all of csrc/.
     import torch.utils.cpp_extension as ce
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    monkeypatch.setattr(ce, "CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(ce, "CUDA_HOME", _toolkit(tmp_path, cublas=True))
     monkeypatch.setenv("FASTPEFT_BUILD_CUDA", "auto")
     exts, cmdclass = get_extensions()
     (ext,) = exts
@@ -82,8 +99,50 @@ def test_extension_lists_every_csrc_source(get_extensions, monkeypatch):
                 want.add(os.path.relpath(os.path.join(dirpath, f), ROOT))
     assert {"csrc/ext.cpp", "csrc/module.cpp", "csrc/lora/lora_kernels.cu"} <= want
     assert set(ext.sources) == want
-    assert "cublasLt" in ext.libraries
+    assert "cublasLt" in ext.libraries and not ext.extra_link_args
     assert "build_ext" in cmdclass
+
+
+def test_cublas_from_torchs_nvidia_wheel_when_the_toolkit_has_none(get_extensions, monkeypatch, tmp_path):
+    # A bare toolkit (nvcc and the runtime, no cuBLAS): cublasLt comes from the wheel a CUDA torch depends on,
+    # which ships only libcublasLt.so.<major> - linked by file name.
+    import site
+
+    import torch.utils.cpp_extension as ce
+    wheel = tmp_path / "site" / "nvidia" / "cu13"
+    (wheel / "include").mkdir(parents=True)
+    (wheel / "lib").mkdir()
+    (wheel / "include" / "cublasLt.h").touch()
+    (wheel / "lib" / "libcublasLt.so.13").touch()
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(tmp_path / "site")])
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(ce, "CUDA_HOME", _toolkit(tmp_path, cublas=False))
+    monkeypatch.setenv("FASTPEFT_BUILD_CUDA", "1")
+    (ext,) = get_extensions()[0]
+    assert str(wheel / "include") in ext.include_dirs
+    assert ext.extra_link_args == [f"-L{wheel / 'lib'}", "-l:libcublasLt.so.13"]
+    assert "cublasLt" not in ext.libraries
+    # ... and with neither, FASTPEFT_BUILD_CUDA=1 says what is missing
+    monkeypatch.setattr(site, "getsitepackages", lambda: [])
+    monkeypatch.setattr(site, "getusersitepackages", lambda: str(tmp_path / "nothing"))
+    with pytest.raises(RuntimeError, match="cuBLASLt headers not found"):
+        get_extensions()
+
+
+def test_cuda_home_found_behind_a_wrapper_script_nvcc(get_extensions, monkeypatch, tmp_path):
+    # torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there (/usr/local/bin/nvcc on the CPU
+    # machines) would make it guess a root without headers.  setup.py follows the script to the real toolkit.
+    home = _toolkit(tmp_path, cublas=True)
+    bindir = tmp_path / "wrapbin"
+    bindir.mkdir()
+    wrapper = bindir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {home}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr("glob.glob", lambda *a, **k: [])  # no /usr/local/cuda-* fallback
+    ns = get_extensions.__globals__
+    ns["_ensure_cuda_home"]()
+    assert os.environ["CUDA_HOME"] == home
 
 
 def test_package_works_without_extension():
