@@ -7,6 +7,9 @@ Tuning status (read this before trusting any number): the autotune configuration
 Hopper guidance in ``shared/reference/performance.md`` §1 and §3 and Triton's persistent-matmul tutorials.  They were
 NOT measured: no GPU was available in the task that wrote them (every kernel was verified on CPU under
 ``TRITON_INTERPRET=1`` only).  Record the winning configuration beside its measurement when a GPU run picks one.
+What is known without a GPU: every configuration of every kernel variant compiles for sm_90 (triton 3.9 and 3.6)
+without spills and within shared memory, with wgmma and TMA where intended (``.ci/compile_triton.py``; the numbers
+are in ``benchmarks/results/triton-compile-sm90/``).
 """
 
 from __future__ import annotations
