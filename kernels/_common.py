@@ -338,6 +338,15 @@ def _device_smem(index: int) -> int:
 _aot_smem: int | None = None
 
 
+def autotune_enabled() -> bool:
+    """``FASTPEFT_TRITON_AUTOTUNE`` (default 1).  0 takes the first configuration that fits instead of timing all of
+    them: for correctness runs (the GPU tests set it), where tuning only costs compile and benchmark time."""
+    v = os.environ.get("FASTPEFT_TRITON_AUTOTUNE", "1").strip().lower() or "1"
+    if v not in ("0", "1"):
+        raise ValueError(f"FASTPEFT_TRITON_AUTOTUNE must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
 def prune_gemm_configs(configs, named_args, **kwargs):
     """Drop configurations that cannot win for this M (so autotuning stays short) or whose pipelined stages do not
     fit in the device's shared memory (fp32 operands double the bytes).  The portable configuration is kept only
@@ -360,7 +369,7 @@ def prune_gemm_configs(configs, named_args, **kwargs):
             continue
         keep.append(c)
     if keep:
-        return keep
+        return keep if autotune_enabled() else keep[:1]
     return portable or [min(configs, key=lambda c: _smem_estimate(c, es))]
 
 

@@ -10,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Correctness tests on a GPU take the first fitting Triton GEMM configuration instead of autotuning every launch
+# (compiles and benchmarks that only cost time); tests/test_triton_lora.py checks every configuration separately.
+os.environ.setdefault("FASTPEFT_TRITON_AUTOTUNE", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

@@ -356,6 +356,30 @@ def test_training_loss_curve_matches_torch_gpu():
     assert rel_err(tri, ref) <= TRITON_TRAINING_LOSS_RTOL, (tri, ref)
 
 
+@cuda_only
+@pytest.mark.parametrize("idx", range(len(KC._gemm_autotuned.configs)))
+@pytest.mark.parametrize("m", [8, 300])
+def test_every_gemm_config_is_correct_gpu(monkeypatch, idx, m):
+    """Each GEMM configuration on its own (the other tests run the first fitting one, FASTPEFT_TRITON_AUTOTUNE=0):
+    bf16 base, fp32 adapters, dropout in the dX epilogue, M on both sides of the decode / training split."""
+    cfg = KC._gemm_autotuned.configs[idx]
+    monkeypatch.setattr(KC._gemm_autotuned, "configs", [cfg])  # one config: the autotuner runs it untimed
+    monkeypatch.setattr(KC._gemm_autotuned, "cache", {})
+    check_fa_rule(Case((m,), 520, 392, 16, torch.bfloat16, adt=torch.float32, p=0.1, with_e=True))
+
+
+def test_autotune_switch(monkeypatch):
+    configs = [KC._cfg(128, 128, 64, 8, 3, 8), KC._cfg(64, 128, 64, 8, 3, 4)]
+    a = torch.empty(1, 1, dtype=torch.float16)
+    monkeypatch.setenv("FASTPEFT_TRITON_AUTOTUNE", "1")
+    assert len(KC.prune_gemm_configs(configs, {"M": 4096, "a_ptr": a})) == 2
+    monkeypatch.setenv("FASTPEFT_TRITON_AUTOTUNE", "0")
+    assert KC.prune_gemm_configs(configs, {"M": 4096, "a_ptr": a}) == configs[:1]
+    monkeypatch.setenv("FASTPEFT_TRITON_AUTOTUNE", "fast")
+    with pytest.raises(ValueError, match="FASTPEFT_TRITON_AUTOTUNE"):
+        KC.prune_gemm_configs(configs, {"M": 4096, "a_ptr": a})
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the TMA switch and its fallback
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,6 +437,7 @@ def _hopper_style_configs():
 ])
 def test_prune_gemm_configs_fits_shared_memory(monkeypatch, smem, dtype, m, expect):
     monkeypatch.setattr(KC, "_aot_smem", smem)
+    monkeypatch.setenv("FASTPEFT_TRITON_AUTOTUNE", "1")
     a = torch.empty(1, 1, dtype=dtype)
     kept = KC.prune_gemm_configs(_hopper_style_configs(), {"M": m, "a_ptr": a})
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept] == expect
