@@ -54,6 +54,8 @@ def _tma_env() -> str:
 # a GPU with this many SMs, so the block sizes, grids and configurations compiled for the GPU target are the ones a
 # real launch on that GPU would use.  None: CPU tensors get the interpreter's small blocks.
 _aot_num_sms: int | None = None
+# ... and the shared memory per block (bytes) that device has, for configuration pruning.
+_aot_smem: int | None = None
 
 
 def gpu_like(device: torch.device) -> bool:
@@ -332,10 +334,6 @@ def smem_limit(device: torch.device) -> int:
 def _device_smem(index: int) -> int:
     props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
-
-
-# Shared memory per block the compile check pretends the device has (bytes); None outside it.
-_aot_smem: int | None = None
 
 
 def autotune_enabled() -> bool:
