@@ -25,9 +25,8 @@
 #   CUDA_HOME              the toolkit (default: from nvcc; a wrapper script on PATH is not a toolkit root)
 #   TORCH_CUDA_ARCH_LIST   default 9.0        MAX_JOBS   default 2
 #   KEEP_BUILD=1           keep the temporary copy (its path is printed)
-# The toolkit may lack cuBLAS (a bare nvcc install): the headers and libraries of the venv's nvidia cuBLAS wheel
-# (a dependency of CUDA torch) are then used through CPLUS_INCLUDE_PATH / LIBRARY_PATH and a folder of
-# unversioned symlinks (the wheel ships only libcublasLt.so.<major>, the linker wants libcublasLt.so).
+# The toolkit may lack cuBLAS (a bare nvcc install): setup.py then takes cublasLt from the venv's nvidia wheel (a
+# dependency of CUDA torch) itself, so this script sets nothing up for it.
 # Exit status: 0 built, linked, loaded and every check passed; 1 any of those failed; 2 a tool is missing or the
 # CUDA versions do not match.
 set -u -o pipefail
@@ -77,33 +76,6 @@ fi
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/fastpeft-extbuild.XXXXXX")"
 if [ "${KEEP_BUILD:-0}" = "1" ]; then say "keeping $WORK"; else trap 'rm -rf "$WORK"' EXIT; fi
 
-# cuBLAS: the toolkit's, else the venv's nvidia wheel (see the header).
-NV_LIBS=""
-if [ ! -f "$CUDA_HOME/include/cublasLt.h" ]; then
-  hdr="$("$PY" - <<'PY'
-import glob, os, site
-for sp in site.getsitepackages():
-    for h in sorted(glob.glob(os.path.join(sp, "nvidia", "**", "include", "cublasLt.h"), recursive=True)):
-        print(h)
-        raise SystemExit
-PY
-)"
-  [ -n "$hdr" ] || die 2 "no cublasLt.h in $CUDA_HOME/include nor in the venv's nvidia wheels"
-  inc="$(dirname "$hdr")"
-  lib="$(dirname "$inc")/lib"
-  mkdir -p "$WORK/cublas/include" "$WORK/cublas/lib"
-  for h in "$inc"/cublas*.h; do ln -s "$h" "$WORK/cublas/include/"; done
-  for l in cublasLt cublas; do
-    so="$(ls "$lib"/lib$l.so.* 2>/dev/null | head -1)"
-    [ -n "$so" ] || die 2 "no lib$l.so.* in $lib"
-    ln -s "$so" "$WORK/cublas/lib/lib$l.so"
-  done
-  export CPLUS_INCLUDE_PATH="$WORK/cublas/include${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}"
-  export LIBRARY_PATH="$WORK/cublas/lib${LIBRARY_PATH:+:$LIBRARY_PATH}"
-  NV_LIBS="$lib"
-  say "cuBLAS from the venv: $inc, $lib"
-fi
-
 # ---- 3. build in a copy ----------------------------------------------------------------------------------------
 mkdir -p "$WORK/src"
 (cd "$ROOT" && git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf - 2>/dev/null) \
@@ -136,7 +108,7 @@ NV_ALL="$("$PY" -c "
 import glob, os, site
 print(':'.join(sorted({os.path.dirname(p) for sp in site.getsitepackages()
                        for p in glob.glob(os.path.join(sp, 'nvidia', '**', 'lib', '*.so*'), recursive=True)})))")"
-LDD="$(LD_LIBRARY_PATH="$TORCH_LIB:$NV_ALL${NV_LIBS:+:$NV_LIBS}" ldd -r "$SO" 2>&1)"
+LDD="$(LD_LIBRARY_PATH="$TORCH_LIB:$NV_ALL" ldd -r "$SO" 2>&1)"
 missing="$(echo "$LDD" | grep "not found")"
 undefined="$(echo "$LDD" | grep "undefined symbol" | grep -vE "undefined symbol: _?Py" )"
 [ -z "$missing" ] || { echo "$missing" >&2; die 1 "libraries not found"; }
