@@ -160,7 +160,7 @@ def _scenarios(quick: bool, dtypes: list | None = None):
     for dt in dtypes:
         for m in ms:
             for k, n in shapes:
-                def lora(dt=dt, m=m, k=k, n=n, adt=None, e=False, bias=True, p=0.1, r=16):
+                def lora(dt=dt, m=m, k=k, n=n, adt=None, e=False, bias=True, p=0.1, r=16, variant=None):
                     adt = adt or dt
                     x = torch.randn(m, k, dtype=dt)
                     w = torch.randn(n, k, dtype=dt)
@@ -168,16 +168,19 @@ def _scenarios(quick: bool, dtypes: list | None = None):
                     a = torch.randn(r, k, dtype=adt)
                     bb = torch.randn(n, r, dtype=adt)
                     ee = torch.randn(r, dtype=adt) if e else None
-                    y, s = lora_fwd_triton(x, w, b, a, ee, bb, 2.0, p, 1234)
-                    lora_bwd_triton(torch.randn_like(y), x, w, a, ee, bb, s, 2.0, p, 1234, True, bias)
+                    for v in ((variant,) if variant else ("cublas", "fused")):
+                        y, s = lora_fwd_triton(x, w, b, a, ee, bb, 2.0, p, 1234, variant=v)
+                        lora_bwd_triton(torch.randn_like(y), x, w, a, ee, bb, s, 2.0, p, 1234, True, bias,
+                                        variant=v)
 
                 def ia3(dt=dt, m=m, k=k, n=n, ff=False):
                     x = torch.randn(m, k, dtype=dt)
                     w = torch.randn(n, k, dtype=dt)
                     b = torch.randn(n, dtype=dt)
                     lv = torch.randn(k if ff else n, dtype=torch.float32 if dt == torch.float32 else dt)
-                    y, z = ia3_fwd_triton(x, w, b, lv, ff)
-                    ia3_bwd_triton(torch.randn_like(y), x, w, lv, z, ff, True, True)
+                    for v in ("cublas", "fused"):
+                        y, z = ia3_fwd_triton(x, w, b, lv, ff, variant=v)
+                        ia3_bwd_triton(torch.randn_like(y), x, w, lv, z, ff, True, True, variant=v, y=y, bias=b)
 
                 tag = f"{str(dt).replace('torch.', '')} M={m} K={k} N={n}"
                 out.append((f"lora dropout=0.1 bias {tag}", lora))
@@ -225,12 +228,12 @@ def main(argv=None) -> int:
         os.environ["FASTPEFT_TRITON_TMA"] = tma
         for name, fn in _scenarios(args.quick or args.ci, dtypes):
             rec.scenario = f"{name} tma={tma}"
-            common._tma_broken = False
+            common._tma_failures.clear()
             try:
                 fn()
             except Exception:  # noqa: BLE001
                 failed_calls.append((rec.scenario, traceback.format_exc(limit=3)))
-            if common._tma_broken:  # gemm() swallowed a TMA failure and fell back: that is a failure here
+            if common._tma_failures:  # gemm() swallowed a TMA failure and fell back: that is a failure here
                 failed_calls.append((rec.scenario, "the TMA path failed and the launcher fell back to pointers"))
     elapsed = time.time() - t0
 

@@ -2,13 +2,17 @@
 
 Backends:
   * ``"torch"``  - pure PyTorch reference (``fastpeft.ops.*_ref``); runs everywhere; ground truth in tests.
-  * ``"triton"`` - hand-written Triton kernels in ``fastpeft.kernels``; CUDA tensors, or CPU tensors when
-    ``TRITON_INTERPRET=1`` (that is how CI runs the kernels without a GPU).
+  * ``"triton"`` - the default GPU path: the frozen layer's own cuBLAS GEMMs plus skinny Triton kernels for the
+    adapter (``fastpeft.kernels``, variant ``cublas``); ``"triton:fused"`` runs the Triton GEMM with the adapter
+    in its prologue / epilogue instead.  CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` (how CI runs the
+    kernels without a GPU).
   * ``"cuda"``   - the optional compiled extension ``fastpeft._C`` (cuBLASLt-anchored paths); CUDA tensors only.
 
 Selection (``select_backend``): an explicit ``backend=`` argument wins, then ``FASTPEFT_BACKEND``, then auto.
-Auto degrades silently (one DEBUG log line): cuda ext if loaded and it has the op, else triton, else torch, for CUDA
-tensors; torch for everything else.  An explicit backend that cannot run raises ``RuntimeError`` with the reason.
+Auto on CUDA tensors: the per-shape entry of ``fastpeft._dispatch`` when one was measured, else ``triton``
+(variant ``cublas``: no slower than the frozen layer by construction), else the extension, else torch; torch for
+everything else.  Auto degrades silently (one DEBUG log line); its answer is cached per (op, device, dtype, shapes)
+until the dispatch table changes.  An explicit backend that cannot run raises ``RuntimeError`` with the reason.
 
 Nothing here touches CUDA or imports triton at import time; every probe is lazy and cached.
 """
@@ -25,7 +29,9 @@ import torch
 logger = logging.getLogger("fastpeft")
 
 BACKENDS = ("torch", "triton", "cuda")
-_VALID_CHOICES = ("auto",) + BACKENDS
+# Explicitly selectable variants ("<backend>:<variant>"); the launcher receives ``variant=``.
+VARIANTS = {"triton": ("cublas", "fused")}
+_VALID_CHOICES = ("auto",) + BACKENDS + tuple(f"{b}:{v}" for b, vs in VARIANTS.items() for v in vs)
 
 
 def _interpret_mode() -> bool:
@@ -103,6 +109,7 @@ def _env_choice() -> str:
 
 def _why_not(backend: str, op: str, device: torch.device) -> Optional[str]:
     """None if `backend` can run `op` on tensors on `device`, else the reason it cannot."""
+    backend = backend.partition(":")[0]
     if backend == "torch":
         return None
     if backend == "triton":
@@ -146,14 +153,39 @@ def _auto_choice(op: str, device: torch.device, dispatch_args: tuple = ()) -> st
     if device.type != "cuda":
         return "torch"
     # Per shape, the table of fastpeft._dispatch (measured on a GPU, or autotuned on first use when enabled)
-    # decides between cuda and triton; without a measurement prefer the extension (cuBLAS-anchored), then triton.
+    # decides; without a measurement the triton backend's cublas variant (the frozen layer's cuBLAS GEMMs plus
+    # skinny kernels: no slower than the layer by construction), then the extension.
     measured = _measured_choice(op, device, dispatch_args)
     if measured is not None:
         return measured
-    for candidate in ("cuda", "triton"):
+    for candidate in ("triton", "cuda"):
         if _why_not(candidate, op, device) is None:
             return candidate
     return "torch"
+
+
+# Auto's answers: (op, device, dtype, shapes of the dispatch args, dispatch-table version) -> backend.
+_AUTO_CACHE: dict = {}
+
+
+def _args_key(dispatch_args: tuple) -> tuple:
+    return tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in dispatch_args)
+
+
+def _cached_auto_choice(op: str, x: torch.Tensor, dispatch_args: tuple) -> str:
+    if x.device.type != "cuda":
+        return "torch"
+    if torch.compiler.is_compiling():
+        return _auto_choice(op, x.device, dispatch_args)
+    dispatch = importlib.import_module("fastpeft._dispatch")
+    key = (op, x.device, x.dtype, _args_key(dispatch_args), dispatch.version())
+    chosen = _AUTO_CACHE.get(key)
+    if chosen is None:
+        chosen = _auto_choice(op, x.device, dispatch_args)
+        if len(_AUTO_CACHE) > 4096:  # many distinct shapes (e.g. variable sequence lengths): start over
+            _AUTO_CACHE.clear()
+        _AUTO_CACHE[key] = chosen
+    return chosen
 
 
 def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None, dispatch_args: tuple = ()) -> str:
@@ -162,8 +194,9 @@ def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None, disp
     Args:
         op: op name, e.g. ``"lora"`` or ``"ia3"``.
         x: the op's main input; its device decides what can run.
-        backend: ``None``/``"auto"`` or one of ``"torch"``, ``"triton"``, ``"cuda"``.  ``None`` defers to the
-            ``FASTPEFT_BACKEND`` environment variable (default ``auto``).
+        backend: ``None``/``"auto"`` or one of ``"torch"``, ``"triton"``, ``"cuda"``, or a variant
+            ``"triton:cublas"`` (= ``"triton"``) / ``"triton:fused"``.  ``None`` defers to the ``FASTPEFT_BACKEND``
+            environment variable (default ``auto``).
         dispatch_args: the op's forward inputs with x flattened to 2-D (lora: x2, weight, bias, lora_A, lora_E,
             lora_B; ia3: x2, weight, bias, ia3_l, feedforward), so auto can use the per-shape table of
             ``fastpeft._dispatch`` on CUDA tensors.
@@ -178,7 +211,7 @@ def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None, disp
         raise ValueError(f"backend must be one of {_VALID_CHOICES}, got {backend!r}")
     if choice == "auto":
         # The fused kernels handle fp16/bf16/fp32 only (fp64 would reach them just to be handed to the reference).
-        chosen = (_auto_choice(op, x.device, dispatch_args) if x.dtype in _FUSED_DTYPES else "torch")
+        chosen = (_cached_auto_choice(op, x, dispatch_args) if x.dtype in _FUSED_DTYPES else "torch")
         if not torch.compiler.is_compiling():
             logger.debug("fastpeft: op %s on %s -> backend %s", op, x.device, chosen)
         return chosen

@@ -1,8 +1,11 @@
-"""Per-shape dispatch between the ``cuda`` extension and the ``triton`` kernels, from measurements.
+"""Per-shape dispatch between the backends and their variants, from measurements.
 
-A table maps ``(GPU name, dtype, op, shape bucket)`` to a choice: the backend (``"cuda"`` or ``"triton"``), and for
-the LoRA forward on the cuda backend the variant (``"decode"``, ``"accum"`` or ``"kaug"``, see ``fastpeft._cuda``).
-Every entry carries the reason it exists (measured timings, or where it was loaded from).
+A table maps ``(GPU name, dtype, op, shape bucket)`` to a choice: the backend (``"cuda"``, ``"triton"`` or
+``"torch"``) and its variant: for triton ``"cublas"`` (the default path: cuBLAS GEMMs + skinny Triton kernels) or
+``"fused"`` (the Triton GEMM with the adapter in its epilogue); for the LoRA forward on the cuda backend
+``"decode"``, ``"accum"`` or ``"kaug"`` (see ``fastpeft._cuda``).  A non-default variant becomes the default for a
+shape only through such an entry.  Every entry carries the reason it exists (measured timings, or where it was
+loaded from).
 
 Sources of entries, in order of precedence:
   1. measured in this process by the autotuner (opt-in: ``FASTPEFT_AUTOTUNE=1`` or ``set_autotune(True)``): the
@@ -11,8 +14,8 @@ Sources of entries, in order of precedence:
   2. a JSON table named by ``FASTPEFT_DISPATCH_TABLE`` (written by ``export_table`` on a GPU machine);
   3. ``COMMITTED``: the table committed with the package.  It is **empty**: no measurement has been made on a GPU
      yet, and no number is invented.  Until measured, ``choose`` returns None and ``fastpeft._backend`` keeps its
-     default order (cuda extension > triton > torch); the LoRA forward variant defaults to ``decode`` for M <= 16
-     and ``accum`` otherwise.
+     default order (triton's cublas variant > cuda extension > torch); the cuda LoRA forward variant defaults to
+     ``decode`` for M <= 16 and ``accum`` otherwise.
 
 Nothing here touches CUDA at import; ``describe()`` (shown by ``fastpeft.backend_info()``) reads the GPU name only
 when CUDA is already initialised.
@@ -32,7 +35,10 @@ import torch
 logger = logging.getLogger("fastpeft")
 
 __all__ = ["COMMITTED", "bucket", "choose", "lora_fwd_variant", "describe", "record", "clear", "set_autotune",
-           "autotune_enabled", "export_table", "load_table", "table_key"]
+           "autotune_enabled", "export_table", "load_table", "table_key", "version", "VARIANTS"]
+
+# Variants an entry may name, per backend.
+VARIANTS = {"triton": ("cublas", "fused"), "cuda": ("decode", "accum", "kaug"), "torch": ()}
 
 # (gpu, dtype, op, bucket) -> {"backend": ..., "variant": ..., "reason": ..., "timings_ms": {...}}
 # Empty on purpose: filled only from measurements (benchmarks/gpu_check.sh writes a table to commit here).
@@ -41,7 +47,12 @@ COMMITTED: dict = {}
 _M_EDGES = (1, 16, 256, 2048, 8192)
 _lock = threading.Lock()
 _table: dict = {}
-_state = {"autotune": None, "env_loaded": False}
+_state = {"autotune": None, "env_loaded": False, "version": 0}
+
+
+def version() -> int:
+    """A counter that changes whenever the table may answer differently (``fastpeft._backend`` caches by it)."""
+    return _state["version"]
 
 
 def _pow2_ceil(v: int) -> int:
@@ -97,13 +108,14 @@ def autotune_enabled() -> bool:
 def record(gpu: str, dtype: torch.dtype | str, op: str, bkt: str, backend: str, reason: str,
            variant: Optional[str] = None, timings_ms: Optional[dict] = None) -> None:
     """Add or replace one entry of the in-process table."""
-    if backend not in ("cuda", "triton", "torch"):
+    if backend not in VARIANTS:
         raise ValueError(f"backend must be 'cuda', 'triton' or 'torch', got {backend!r}")
-    if variant is not None and variant not in ("decode", "accum", "kaug"):
-        raise ValueError(f"variant must be 'decode', 'accum', 'kaug' or None, got {variant!r}")
+    if variant is not None and variant not in VARIANTS[backend]:
+        raise ValueError(f"variant of backend {backend!r} must be one of {VARIANTS[backend]} or None, got {variant!r}")
     with _lock:
         _table[table_key(gpu, dtype, op, bkt)] = {"backend": backend, "variant": variant, "reason": reason,
                                                   "timings_ms": dict(timings_ms or {})}
+        _state["version"] += 1
 
 
 def clear() -> None:
@@ -111,6 +123,7 @@ def clear() -> None:
     with _lock:
         _table.clear()
         _state["env_loaded"] = False
+        _state["version"] += 1
 
 
 def load_table(path: str) -> int:
@@ -130,6 +143,7 @@ def load_table(path: str) -> int:
             e["reason"] = f"{e.get('reason', 'measured')} (loaded from {os.path.basename(path)})"
             _table.setdefault(key, e)
             n += 1
+        _state["version"] += 1
     return n
 
 
@@ -221,14 +235,16 @@ def _lora_runner(backend: str, variant: Optional[str], args: tuple) -> Callable[
 
 def _ia3_runner(backend: str, args: tuple) -> Callable[[], object]:
     x, weight, bias, ia3_l, feedforward = args
-    from .ops.ia3 import _impl
-    fwd_impl, bwd_impl = _impl("ia3_fwd", backend), _impl("ia3_bwd", backend)
+    from .ops.ia3 import _bwd_call, _impl, _wants_output
+    fwd_impl = _impl("ia3_fwd", backend)
     dy = torch.randn(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
 
     def step():
-        _, saved = fwd_impl(x, weight, bias, ia3_l, feedforward)
+        y, saved = fwd_impl(x, weight, bias, ia3_l, feedforward)
+        if _wants_output(feedforward, saved):
+            return _bwd_call(dy, x, weight, ia3_l, saved, feedforward, True, bias is not None, backend, y, bias)
         xx = x if feedforward else x.new_empty(0)
-        return bwd_impl(dy, xx, weight, ia3_l, saved, feedforward, True, bias is not None)
+        return _bwd_call(dy, xx, weight, ia3_l, saved, feedforward, True, bias is not None, backend)
     return step
 
 
@@ -250,8 +266,10 @@ def _autotune(op: str, key: str, gpu: str, x: torch.Tensor, args: tuple) -> Opti
             candidates["cuda"] = _ia3_runner("cuda", args)
             variants["cuda"] = None
     if _usable("triton", op, x.device):
-        candidates["triton"] = _lora_runner("triton", None, args) if op == "lora" else _ia3_runner("triton", args)
-        variants["triton"] = None
+        for v in VARIANTS["triton"]:
+            name = f"triton:{v}"
+            candidates[name] = _lora_runner(name, None, args) if op == "lora" else _ia3_runner(name, args)
+            variants[name] = v
     if len(candidates) < 2:
         return None  # nothing to choose between
     timings = {}
@@ -263,7 +281,7 @@ def _autotune(op: str, key: str, gpu: str, x: torch.Tensor, args: tuple) -> Opti
     if not timings:
         return None
     best = min(timings, key=timings.get)
-    backend = best.split("/")[0]
+    backend = best.split("/")[0].split(":")[0]
     reason = "autotuned fwd+bwd: " + ", ".join(f"{k} {v:.4f} ms" for k, v in sorted(timings.items()))
     record(gpu, x.dtype, op, key.split("|")[-1], backend, reason, variants[best], timings)
     logger.info("fastpeft: dispatch %s -> %s (%s)", key, best, reason)
@@ -279,8 +297,8 @@ def choose(op: str, x: torch.Tensor, weight: Optional[torch.Tensor] = None, *arg
         *args: for autotuning, the op's remaining inputs exactly as the forward takes them
             (lora: bias, lora_A, lora_E, lora_B; ia3: bias, ia3_l, feedforward).  Without them no autotune runs.
     Returns:
-        ``"cuda"``, ``"triton"`` (or ``"torch"``), or None.  Never measures on CPU tensors, while compiling, or
-        while a CUDA graph is being captured.
+        ``"cuda"``, ``"triton"``, ``"triton:<variant>"`` (or ``"torch"``), or None.  Never measures on CPU tensors,
+        while compiling, or while a CUDA graph is being captured.
     """
     gpu = _gpu_name(x.device)
     if gpu is None or x.dim() != 2:
@@ -293,7 +311,11 @@ def choose(op: str, x: torch.Tensor, weight: Optional[torch.Tensor] = None, *arg
     if e is None and weight is not None and args and _can_measure(x):
         full = (x, weight) + tuple(args)
         e = _autotune(op, key, gpu, x, full)
-    return e["backend"] if e is not None else None
+    if e is None:
+        return None
+    if e["backend"] == "triton" and e.get("variant") in VARIANTS["triton"]:
+        return f"triton:{e['variant']}"
+    return e["backend"]
 
 
 def lora_fwd_variant(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str:
@@ -327,8 +349,9 @@ def describe() -> dict:
         "table_file": os.environ.get("FASTPEFT_DISPATCH_TABLE"),
         "committed_entries": len(COMMITTED),
         "entries": entries,
-        "default": ("no measurement for a shape -> cuda extension > triton > torch; cuda LoRA forward variant "
-                    "decode for M <= 16, else accum (cuBLASLt beta=1)"),
+        "default": ("no measurement for a shape -> triton (variant cublas: the frozen layer's cuBLAS GEMMs + "
+                    "skinny Triton kernels) > cuda extension > torch; the fused Triton GEMM only by a measured "
+                    "entry or an explicit backend='triton:fused'"),
         "note": ("the committed table is empty: no GPU measurement has been made yet" if not COMMITTED
                  else f"{len(COMMITTED)} committed measurements"),
     }

@@ -36,9 +36,10 @@ def interpret_mode() -> bool:
 # In-kernel tensor descriptors (TMA on Hopper) exist in triton >= 3.4 (`tl.make_tensor_descriptor`); older
 # versions and other vendors take the pointer path.  Checked once, at import, without touching a device.
 HAS_TENSOR_DESCRIPTOR = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
-# Set when a TMA launch failed on this machine: later launches take the pointer path.
-_tma_broken = False
 logger = logging.getLogger("fastpeft")
+# Reasons of TMA launches that failed and fell back to the pointer path, each warned about once (a failure affects
+# only its own launch: the next launch tries TMA again, so an OOM during one autotune does not disable it for good).
+_tma_failures: dict[str, int] = {}
 
 
 def _tma_env() -> str:
@@ -70,17 +71,57 @@ def _device_caps(index: int) -> tuple[int, int]:
     return props.multi_processor_count, props.major
 
 
+# Device caps assumed for fake CUDA tensors when no GPU exists (the cost model traces H200 shapes on CPU): an H200.
+_FAKE_CUDA_CAPS = (132, 9)
+
+
+def _caps(device: torch.device) -> tuple[int, int]:
+    """(SM count, capability major) of a CUDA `device`; the compile-only / fake-tensor values without a GPU."""
+    if _aot_num_sms is not None:
+        return _aot_num_sms, 9
+    if not torch.cuda.is_available():
+        return _FAKE_CUDA_CAPS
+    return _device_caps(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def num_sms(device: torch.device) -> int:
     """Programs a persistent grid launches: the SM count on CUDA, a small number in the interpreter (so the
     persistent tile loop runs more than once per program in tests)."""
     if device.type == "cuda":
-        return _device_caps(device.index if device.index is not None else torch.cuda.current_device())[0]
+        return _caps(device)[0]
     return _aot_num_sms if _aot_num_sms is not None else 3
 
 
+def is_fake(t: torch.Tensor) -> bool:
+    """True for tensors without data (meta, or FakeTensor under FakeTensorMode): launchers report their kernels to
+    ``fastpeft._cost`` and return correctly shaped outputs without launching."""
+    if t.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
+
+
+def launch_ok(name: str, first: torch.Tensor, *, bytes_read: int, bytes_written: int, flops: int,
+              launches: int = 1) -> bool:
+    """Report one kernel launch to the cost model (when it records) and say whether to really launch it (not for
+    fake / meta tensors)."""
+    from fastpeft import _cost
+    if _cost.active():
+        _cost.report(name, bytes_read=bytes_read, bytes_written=bytes_written, flops=flops, launches=launches)
+    return not is_fake(first)
+
+
+def capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph (no autotuning, no host syncs then)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def device_ctx(t: torch.Tensor):
-    """Launch on `t`'s GPU (Triton launches on the current device), a no-op for CPU tensors."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Launch on `t`'s GPU (Triton launches on the current device), a no-op for CPU and fake tensors."""
+    if t.device.type == "cuda" and not is_fake(t) and t.device.index is not None \
+            and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def on_input_device(fn):
@@ -120,16 +161,16 @@ def use_tma(a: torch.Tensor, b_view_rowmajor: torch.Tensor | None) -> bool:
     """Whether the GEMM kernel should read its A operand and (row-major view of) its B operand with tensor
     descriptors.  `b_view_rowmajor` is None when B has no unit-stride dimension (then the pointer path runs)."""
     mode = _tma_env()
-    if mode == "0" or not HAS_TENSOR_DESCRIPTOR or _tma_broken or b_view_rowmajor is None:
+    if mode == "0" or not HAS_TENSOR_DESCRIPTOR or b_view_rowmajor is None:
         return False
     if not (_tma_2d_ok(a) and _tma_2d_ok(b_view_rowmajor)):
         return False
     if a.device.type == "cuda":
         # auto: NVIDIA Hopper or newer only (ROCm also reports major 9 for gfx94x, which has no TMA engine)
-        if mode == "auto" and (torch.version.hip is not None or _device_caps(
-                a.device.index if a.device.index is not None else torch.cuda.current_device())[1] < 9):
+        if mode == "auto" and (torch.version.hip is not None or _caps(a.device)[1] < 9):
             return False
-        _ensure_allocator()
+        if not is_fake(a):
+            _ensure_allocator()
         return True
     return mode == "1" and (interpret_mode() or _aot_num_sms is not None)
 
@@ -268,6 +309,8 @@ def split_count(n_blocks_other: int, n_blocks_split: int, target_programs: int) 
 def target_programs(device: torch.device) -> int:
     """Programs the skinny kernels aim for: two waves of the SMs (the memory system needs several loads in
     flight per SM), a handful in the interpreter."""
+    if _test_shape["programs"] is not None:
+        return _test_shape["programs"]
     return 2 * num_sms(device) if gpu_like(device) else 4
 
 
@@ -367,7 +410,8 @@ def prune_gemm_configs(configs, named_args, **kwargs):
             continue
         keep.append(c)
     if keep:
-        return keep if autotune_enabled() else keep[:1]
+        # No timing inside a CUDA graph capture (the benchmark launches would be captured too).
+        return keep if autotune_enabled() and not capturing() else keep[:1]
     return portable or [min(configs, key=lambda c: _smem_estimate(c, es))]
 
 
@@ -384,9 +428,27 @@ def skinny_blocks(device: torch.device, dropout: bool = False) -> tuple[int, int
     elements, plus the 16-bit lanes being interleaved) must fit in registers next to the tile: 64x64 over 8 warps
     is 16 elements per thread.  Block sizes stay multiples of 8 (the mask's Philox groups).  Kept from the
     one-call-per-element stream; NOT re-measured."""
+    if _test_shape["blocks"] is not None:
+        return _test_shape["blocks"]
     if not gpu_like(device):
         return 16, 16, 4
     return (64, 64, 8) if dropout else (64, 128, 4)
+
+
+# Test hook: force the skinny kernels' block sizes and program target, so that small test shapes get the block-count
+# structure of production shapes (several N blocks per dY program, several K blocks per shrink split, splits > 1).
+_test_shape: dict = {"blocks": None, "programs": None}
+
+
+@contextlib.contextmanager
+def forced_launch_shape(blocks: tuple[int, int, int] | None = None, programs: int | None = None):
+    """Within the block, ``skinny_blocks`` returns `blocks` and ``target_programs`` returns `programs` (tests only)."""
+    old = dict(_test_shape)
+    _test_shape.update(blocks=blocks, programs=programs)
+    try:
+        yield
+    finally:
+        _test_shape.update(old)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -694,17 +756,21 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
         STORE_C=out is not None,
         PREC=dot_prec(prec, a.dtype), LORA_PREC=dot_prec(lora_prec, Rm.dtype), B_KCONTIG=b_kcontig,
     )
-    global _tma_broken
+    if not launch_ok("triton_gemm", a, bytes_read=(m * k + k * n) * a.element_size(),
+                     bytes_written=(m * n * c.element_size() if out is not None else 0), flops=2 * m * n * k):
+        return part
     if tma:
         try:
             _gemm_autotuned[grid](*args, USE_TMA=True, **kwargs)
             return part
         except Exception as e:  # noqa: BLE001 - a compile/launch failure of the unmeasured TMA path
-            # The descriptor path was verified only in the interpreter; if this Triton / GPU rejects it, warn once
-            # and use the pointer path from now on (set FASTPEFT_TRITON_TMA=0 to skip the attempt).
-            _tma_broken = True
-            logger.warning("fastpeft: the TMA GEMM path failed (%s: %s); using the pointer path",
-                           type(e).__name__, e)
+            # This launch falls back to the pointer path; the next one tries TMA again (a transient failure, e.g.
+            # an OOM while autotuning, must not disable it for the process).  Warned once per reason.
+            why = f"{type(e).__name__}: {e}"
+            _tma_failures[why] = _tma_failures.get(why, 0) + 1
+            if _tma_failures[why] == 1:
+                logger.warning("fastpeft: a TMA GEMM launch failed (%s); this launch uses the pointer path "
+                               "(FASTPEFT_TRITON_TMA=0 skips TMA)", why)
             if part is not None:
                 part.zero_()
     _gemm_autotuned[grid](*args, USE_TMA=False, **kwargs)

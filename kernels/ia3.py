@@ -1,18 +1,27 @@
 """Triton kernels of the (IA)³ linear op (``fastpeft::ia3_fwd`` / ``fastpeft::ia3_bwd``).
 
-    output mode (feedforward=False):  y = (x Wᵀ + b) ⊙ l     l: (N,)   - a scale in the GEMM epilogue
-    input mode  (feedforward=True):   y = (x ⊙ l) Wᵀ + b     l: (K,)   - a scale on the loaded x tiles (prologue)
+    output mode (feedforward=False):  y = (x Wᵀ + b) ⊙ l     l: (N,)
+    input mode  (feedforward=True):   y = (x ⊙ l) Wᵀ + b     l: (K,)
 
-Both use the GEMM kernel of ``_common`` (persistent, TMA when available, autotuned):
-  forward, output mode:  epilogue z = acc + b (written: the op saves it for dl), y = round(z) ⊙ l.
-  forward, input mode:   prologue x ⊙ l on every loaded x tile; epilogue + b.
-  backward, output mode: dX = (dY ⊙ l) W with the scale in the prologue; ``_ia3_colsum_kernel`` makes
-                         dl = Σ_m dY ⊙ z and dbias = Σ_m dY ⊙ l in one pass over dY and z.
-  backward, input mode:  G = dY W; its epilogue writes dX = G ⊙ l and the per-M-tile partial sums of G ⊙ x (dl);
-                         dbias = Σ_m dY by ``_ia3_colsum_kernel``.
+Two variants, as for LoRA (``"triton"`` = ``"triton:cublas"``, ``"triton:fused"``):
 
-Launchers have exactly the signatures and return conventions of ``fastpeft.ops.ia3.ia3_fwd_ref`` / ``ia3_bwd_ref``
-(including the roundings: z and G rounded to the activation dtype before the scale, as the reference does).
+``cublas`` (default): l is folded into the weight, one pass over W per call (``_ia3_scale_w_kernel``: rows of W in
+output mode, columns in input mode; ~N·K elements, a few µs at 4096²), so every pass over activations is a cuBLAS GEMM
+the frozen layer would make anyway:
+  forward   scale W (and b ⊙ l); ``F.linear``.                                   Saved: x and y (the output).
+  backward  output mode: scale W; dX = dY (l ⊙ W) (cuBLAS); ``_ia3_dl_out_kernel``: one pass over (dY, y) gives
+            dl = Σ_m dY ⊙ y / l and Σ_m dY (dbias = l ⊙ Σ_m dY).
+            input mode: scale W by l' (l with tiny entries replaced by 1); G' = dY (W ⊙ l') (cuBLAS);
+            ``_ia3_dl_in_kernel``: one pass over (G', x) gives dl = Σ_m G' ⊙ x / l' and turns G' into dX in place
+            (only the tiny-l columns are rewritten); dbias = Σ_m dY (``_ia3_colsum_kernel``).
+  Exactness where l is 0 or tiny (|l| < ``tiny_l(dtype)``, where y / l would lose precision): input mode uses the
+  l' GEMM above (those columns of G' are exactly dY W); output mode recomputes z = x Wᵀ + b for only the column
+  blocks holding such entries (the kernel's K loop is empty for every other block).
+``fused``: the Triton GEMM of ``_common`` with l in its prologue / epilogue, saving z (output mode).
+
+Launchers have the signatures and return conventions of ``fastpeft.ops.ia3.ia3_fwd_ref`` / ``ia3_bwd_ref`` (plus
+``variant=``; the cublas forward returns an empty ``saved`` in output mode, which tells the op to pass its output y
+and the bias to the backward as ``y=`` / ``bias=``).
 """
 
 from __future__ import annotations
@@ -25,8 +34,10 @@ import triton.language as tl
 
 from fastpeft.ops.ia3 import ia3_bwd_ref, ia3_fwd_ref
 
-from ._common import (SUPPORTED_DTYPES, base_precision, gemm, on_input_device, scaled, skinny_blocks, split_count,
-                      target_programs)
+import torch.nn.functional as F
+
+from ._common import (SUPPORTED_DTYPES, base_precision, dot_prec, gemm, launch_ok, mma, on_input_device, scaled,
+                      skinny_blocks, split_count, target_programs)
 
 __all__ = ["ia3_fwd_triton", "ia3_bwd_triton"]
 
@@ -71,6 +82,121 @@ def _ia3_colsum_kernel(dy_ptr, z_ptr, l_ptr, dl_part_ptr, db_part_ptr, M, N,
         tl.store(db_part_ptr + pid_s.to(tl.int64) * N + rn64, acc_db, mask=mask_n)
 
 
+@triton.jit
+def _ia3_scale_w_kernel(w_ptr, l_ptr, out_ptr, N, K, stride_wn, stride_wk, tiny,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, SAFE: tl.constexpr):
+    """out[n, k] = round(W[n, k] · l[n])  (ROWS)  or  round(W[n, k] · l[k]); out is row-major (N, K).
+    SAFE: l entries with |l| < tiny count as 1 (the backward's l').  One read and one write of W."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    rn64 = offs_n.to(tl.int64)
+    rk64 = offs_k.to(tl.int64)
+    mask = mask_n[:, None] & mask_k[None, :]
+    w = tl.load(w_ptr + rn64[:, None] * stride_wn + rk64[None, :] * stride_wk, mask=mask, other=0.0)
+    if ROWS:
+        lv = tl.load(l_ptr + offs_n, mask=mask_n, other=1.0)
+    else:
+        lv = tl.load(l_ptr + offs_k, mask=mask_k, other=1.0)
+    if SAFE:
+        lv = tl.where(tl.abs(lv.to(tl.float32)) < tiny, 1.0, lv.to(tl.float32)).to(lv.dtype)
+    if ROWS:
+        ws = scaled(w.to(lv.dtype), lv[:, None])
+    else:
+        ws = scaled(w.to(lv.dtype), lv[None, :])
+    tl.store(out_ptr + rn64[:, None] * K + rk64[None, :], ws.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ia3_dl_out_kernel(dy_ptr, y_ptr, l_ptr, x_ptr, w_ptr, b_ptr, dl_part_ptr, db_part_ptr, M, N, K, tiny,
+                       stride_dym, stride_dyn, stride_ym, stride_yn, stride_xm, stride_xk, stride_wn, stride_wk,
+                       mb_per_split,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr, PREC: tl.constexpr):
+    """Output mode, grid (N blocks, M splits), one pass over dY and y:
+         dl_part[split, n] = Σ_m dY · y / l[n]                      (|l[n]| >= tiny)
+                           = Σ_m dY · (x Wᵀ)[m, n] + b[n] Σ_m dY     (|l[n]| <  tiny: z recomputed; the K loop
+                                                                      runs only in blocks holding such a column)
+         db_part[split, n] = Σ_m dY                                  (HAS_DB)"""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rn64 = offs_n.to(tl.int64)
+    lv = tl.load(l_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)
+    small = tl.abs(lv) < tiny
+    k_hi = tl.where(tl.max(small.to(tl.int32), axis=0) > 0, K, 0)
+    acc_dl = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_z = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    mb0 = pid_s * mb_per_split
+    mb1 = tl.minimum(mb0 + mb_per_split, tl.cdiv(M, BLOCK_M))
+    for mb in range(mb0, mb1):
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        rm64 = offs_m.to(tl.int64)
+        mask = mask_m[:, None] & mask_n[None, :]
+        dy = tl.load(dy_ptr + rm64[:, None] * stride_dym + rn64[None, :] * stride_dyn, mask=mask,
+                     other=0.0).to(tl.float32)
+        yv = tl.load(y_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn, mask=mask,
+                     other=0.0).to(tl.float32)
+        acc_dl += tl.sum(dy * yv, axis=0)
+        acc_db += tl.sum(dy, axis=0)
+        z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(k_hi, BLOCK_K)):
+            offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            rk64 = offs_k.to(tl.int64)
+            xv = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk,
+                         mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            wt = tl.load(w_ptr + rk64[:, None] * stride_wk + rn64[None, :] * stride_wn,
+                         mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            z = mma(xv, wt, z, PREC)
+        acc_z += tl.sum(dy * z, axis=0)
+    if HAS_BIAS:
+        bv = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc_z += bv * acc_db
+    dl = tl.where(small, acc_z, acc_dl / tl.where(small, 1.0, lv))
+    tl.store(dl_part_ptr + pid_s.to(tl.int64) * N + rn64, dl, mask=mask_n)
+    if HAS_DB:
+        tl.store(db_part_ptr + pid_s.to(tl.int64) * N + rn64, acc_db, mask=mask_n)
+
+
+@triton.jit
+def _ia3_dl_in_kernel(g_ptr, x_ptr, l_ptr, dl_part_ptr, M, K, tiny,
+                      stride_gm, stride_gk, stride_xm, stride_xk, mb_per_split,
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_DX: tl.constexpr):
+    """Input mode, grid (K blocks, M splits), one pass over G' = dY (W ⊙ l') and x:
+         dl_part[split, k] = Σ_m G'[m, k] · x[m, k] / l'[k]
+    and with WRITE_DX, in place, G'[:, k] <- round(G'[:, k] · l[k]) for the columns with |l[k]| < tiny (l' = 1 there;
+    every other column of G' already is dX)."""
+    pid_k = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    rk64 = offs_k.to(tl.int64)
+    lraw = tl.load(l_ptr + offs_k, mask=mask_k, other=1.0)
+    lv = lraw.to(tl.float32)
+    small = tl.abs(lv) < tiny
+    acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    mb0 = pid_s * mb_per_split
+    mb1 = tl.minimum(mb0 + mb_per_split, tl.cdiv(M, BLOCK_M))
+    for mb in range(mb0, mb1):
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm64 = offs_m.to(tl.int64)
+        mask = (offs_m < M)[:, None] & mask_k[None, :]
+        g_ptrs = g_ptr + rm64[:, None] * stride_gm + rk64[None, :] * stride_gk
+        g = tl.load(g_ptrs, mask=mask, other=0.0)
+        xv = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk, mask=mask, other=0.0)
+        acc += tl.sum(g.to(tl.float32) * xv.to(tl.float32), axis=0)
+        if WRITE_DX:
+            tl.store(g_ptrs, scaled(g.to(lraw.dtype), lraw[None, :]).to(g.dtype), mask=mask & small[None, :])
+    tl.store(dl_part_ptr + pid_s.to(tl.int64) * K + rk64, acc / tl.where(small, 1.0, lv), mask=mask_k)
+
+
 def _colsum(dy: torch.Tensor, z: Optional[torch.Tensor], l: Optional[torch.Tensor], want_db: bool
             ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(Σ_m dY ⊙ z, Σ_m dY[⊙ l]) as fp32 (N,) vectors (None where not asked)."""
@@ -84,34 +210,133 @@ def _colsum(dy: torch.Tensor, z: Optional[torch.Tensor], l: Optional[torch.Tenso
     dl_part = torch.empty((splits, n), device=dev, dtype=torch.float32) if z is not None else None
     db_part = torch.empty((splits, n), device=dev, dtype=torch.float32) if want_db else None
     dummy = torch.empty(1, device=dev, dtype=torch.float32)
+    es = dy.element_size()
+    if launch_ok("ia3_colsum", dy, bytes_read=m * n * es * (1 + int(z is not None)),
+                 bytes_written=splits * n * 4 * (int(z is not None) + int(want_db)), flops=2 * m * n):
+        _launch_colsum(dy, z, l, dl_part, db_part, dummy, m, n, n_blocks, splits, mb_per, bm, bn, warps, want_db)
+    return (dl_part.sum(0) if dl_part is not None else None), (db_part.sum(0) if db_part is not None else None)
+
+
+def _launch_colsum(dy, z, l, dl_part, db_part, dummy, m, n, n_blocks, splits, mb_per, bm, bn, warps, want_db):
     _ia3_colsum_kernel[(n_blocks, splits)](
         dy, z if z is not None else dy, l if l is not None else dummy,
         dl_part if dl_part is not None else dummy, db_part if db_part is not None else dummy, m, n,
         dy.stride(0), dy.stride(1), (z.stride(0) if z is not None else 0), (z.stride(1) if z is not None else 0),
         mb_per, BLOCK_M=bm, BLOCK_N=bn, HAS_Z=z is not None, HAS_L=l is not None, HAS_DB=want_db,
         num_warps=warps)
-    return (dl_part.sum(0) if dl_part is not None else None), (db_part.sum(0) if db_part is not None else None)
 
 
 def _supported(*tensors: Optional[torch.Tensor]) -> bool:
     return all(t is None or t.dtype in SUPPORTED_DTYPES for t in tensors)
 
 
+VARIANTS = ("cublas", "fused")
+
+
+def _check_variant(variant: Optional[str]) -> str:
+    v = variant or "cublas"
+    if v not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return v
+
+
+def tiny_l(dtype: torch.dtype) -> float:
+    """|l| below which y / l (output mode) or G' / l (input mode) is not used to recover the unscaled values: fp16's
+    narrow range would lose them to underflow; fp32 / bf16 only for l far below any trained value."""
+    return 2.0 ** -8 if dtype == torch.float16 else 2.0 ** -64
+
+
+def _scale_weight(weight: torch.Tensor, ia3_l: torch.Tensor, rows: bool, safe: bool = False) -> torch.Tensor:
+    """W ⊙ l as a row-major (N, K) tensor in W's dtype: rows (l: (N,)) or columns (l: (K,)); `safe`: tiny l -> 1.
+    One read and one write of W (2·N·K elements)."""
+    n, k = weight.shape
+    out = torch.empty((n, k), device=weight.device, dtype=weight.dtype)
+    bn, bk, warps = skinny_blocks(weight.device)
+    if launch_ok("ia3_scale_w", weight, bytes_read=n * k * weight.element_size() + ia3_l.numel() * ia3_l.element_size(),
+                 bytes_written=n * k * weight.element_size(), flops=n * k):
+        _ia3_scale_w_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+            weight, ia3_l, out, n, k, weight.stride(0), weight.stride(1), tiny_l(weight.dtype),
+            BLOCK_N=bn, BLOCK_K=bk, ROWS=rows, SAFE=safe, num_warps=warps)
+    return out
+
+
+def _splits(other_blocks: int, m: int, bm: int, dev: torch.device) -> tuple[int, int]:
+    m_blocks = triton.cdiv(m, bm)
+    splits = split_count(other_blocks, m_blocks, target_programs(dev))
+    mb_per = triton.cdiv(m_blocks, splits)
+    return triton.cdiv(m_blocks, mb_per), mb_per
+
+
+def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db):
+    """(dl (N,) fp32, Σ_m dY (N,) fp32 or None): one pass over dY and y (M·N each); x and W only for the column
+    blocks holding a tiny l."""
+    m, n = dy.shape
+    k = weight.shape[1]
+    dev = dy.device
+    bm, bn, warps = skinny_blocks(dev)
+    bk = bn
+    n_blocks = triton.cdiv(n, bn)
+    splits, mb_per = _splits(n_blocks, m, bm, dev)
+    dl_part = torch.empty((splits, n), device=dev, dtype=torch.float32)
+    db_part = torch.empty((splits, n) if want_db else (1,), device=dev, dtype=torch.float32)
+    es = dy.element_size()
+    if launch_ok("ia3_dl_out", dy, bytes_read=2 * m * n * es + n * ia3_l.element_size(),
+                 bytes_written=splits * n * 4 * (1 + int(want_db)), flops=3 * m * n):
+        _ia3_dl_out_kernel[(n_blocks, splits)](
+            dy, y, ia3_l, x, weight, bias if bias is not None else ia3_l, dl_part, db_part, m, n, k,
+            tiny_l(dy.dtype), dy.stride(0), dy.stride(1), y.stride(0), y.stride(1), x.stride(0), x.stride(1),
+            weight.stride(0), weight.stride(1), mb_per,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, HAS_DB=want_db,
+            PREC=dot_prec(base_precision(x.dtype), x.dtype), num_warps=warps)
+    return dl_part.sum(0), (db_part.sum(0) if want_db else None)
+
+
+def _dl_input_mode(g, x, ia3_l, write_dx):
+    """dl (K,) fp32 from one pass over G' and x (M·K each); with `write_dx` G' becomes dX in place."""
+    m, k = g.shape
+    dev = g.device
+    bm, bk, warps = skinny_blocks(dev)
+    k_blocks = triton.cdiv(k, bk)
+    splits, mb_per = _splits(k_blocks, m, bm, dev)
+    dl_part = torch.empty((splits, k), device=dev, dtype=torch.float32)
+    es = g.element_size()
+    if launch_ok("ia3_dl_in", g, bytes_read=2 * m * k * es + k * ia3_l.element_size(), bytes_written=splits * k * 4,
+                 flops=2 * m * k):
+        _ia3_dl_in_kernel[(k_blocks, splits)](
+            g, x, ia3_l, dl_part, m, k, tiny_l(g.dtype), g.stride(0), g.stride(1), x.stride(0), x.stride(1), mb_per,
+            BLOCK_M=bm, BLOCK_K=bk, WRITE_DX=write_dx, num_warps=warps)
+    return dl_part.sum(0)
+
+
+def _scaled_bias(bias: Optional[torch.Tensor], ia3_l: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if bias is None else (bias.to(ia3_l.dtype) * ia3_l).to(bias.dtype)
+
+
 @on_input_device
 def ia3_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
-                   feedforward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                   feedforward: bool, variant: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton IA3 forward; the contract of ``fastpeft.ops.ia3.ia3_fwd_ref``.
+
+    Passes (cublas variant): one over W (scale rows / columns by l), one cuBLAS GEMM (``F.linear``).  Fused
+    variant: one Triton GEMM with l in its prologue (input mode) or epilogue (output mode, also writing z).
 
     Args:
         x: (M, K) fp16/bf16/fp32, any strides.  weight: (N, K), any strides.  bias: (N,) or None.
         ia3_l: (N,) in output mode, (K,) in input (`feedforward`) mode; its dtype may differ from x's.
+        variant: ``"cublas"`` (default) or ``"fused"``.
     Returns:
-        y: (M, N) in x's dtype; saved: z = x Wᵀ + b (M, N) in output mode, empty (0,) in input mode.
+        y: (M, N) in x's dtype; saved: empty (0,) (cublas variant: the op keeps y itself), or z = x Wᵀ + b (M, N)
+        in output mode of the fused variant.
     """
+    variant = _check_variant(variant)
     m, k = x.shape
     n = weight.shape[0]
     if not _supported(x, weight, bias, ia3_l) or n == 0 or k == 0:
         return ia3_fwd_ref(x, weight, bias, ia3_l, feedforward)
+    if variant == "cublas":
+        if feedforward:
+            return F.linear(x, _scale_weight(weight, ia3_l, rows=False), bias), x.new_empty(0)
+        return F.linear(x, _scale_weight(weight, ia3_l, rows=True), _scaled_bias(bias, ia3_l)), x.new_empty(0)
     if m == 0:
         return x.new_empty((0, n)), (x.new_empty(0) if feedforward else x.new_empty((0, n)))
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -125,21 +350,31 @@ def ia3_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 @on_input_device
 def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l: torch.Tensor, saved: torch.Tensor,
-                   feedforward: bool, needs_dx: bool, has_bias: bool
+                   feedforward: bool, needs_dx: bool, has_bias: bool, variant: Optional[str] = None,
+                   y: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton IA3 backward; the contract of ``fastpeft.ops.ia3.ia3_bwd_ref``.
 
+    Passes (cublas variant): output mode: one over W (l ⊙ W), dX by one cuBLAS GEMM, one pass over (dY, y) for dl
+    and dbias; input mode: one over W (W ⊙ l'), one cuBLAS GEMM G' = dY (W ⊙ l'), one pass over (G', x) for dl
+    (G' becomes dX in place), one over dY for dbias (only with a bias).
+
     Args:
-        dy: (M, N).  x: (M, K) in input mode, an empty placeholder in output mode.  weight: (N, K).
-        ia3_l: as in the forward.  saved: z (M, N) in output mode (empty in input mode).
+        dy: (M, N).  x: (M, K) (cublas variant and input mode; an empty placeholder in the fused output mode).
+        weight: (N, K).  ia3_l: as in the forward.  saved: what the forward returned.
+        variant: ``"cublas"`` (default) or ``"fused"``.  y, bias: the forward's output and bias (cublas variant,
+        output mode: dl is recovered from y, and from x W + b where l is tiny).
     Returns:
         dx (M, K) (x's dtype in input mode, dy's in output mode; empty (0,) if not `needs_dx`), dl shaped like
         ia3_l in its dtype, dbias (N,) in weight's dtype (empty if not `has_bias`).
     """
+    variant = _check_variant(variant)
     m, n = dy.shape
     k = weight.shape[1]
-    if not _supported(dy, x if feedforward else None, weight, ia3_l, saved if not feedforward else None) \
-            or n == 0 or k == 0:
+    if variant == "cublas" and not feedforward and y is None:
+        raise ValueError("ia3_bwd_triton (cublas variant, output mode) needs the forward's output y=")
+    check_saved = saved if (variant == "fused" and not feedforward) else None
+    if not _supported(dy, x if feedforward else None, weight, ia3_l, check_saved) or n == 0 or k == 0:
         return ia3_bwd_ref(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias)
     dev = dy.device
     empty_db = dy.new_empty(0, dtype=weight.dtype)
@@ -147,6 +382,16 @@ def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_
         dx_dtype = x.dtype if feedforward else dy.dtype
         return (dy.new_empty((0, k), dtype=dx_dtype) if needs_dx else dy.new_empty(0, dtype=dx_dtype),
                 torch.zeros_like(ia3_l), torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
+    if variant == "cublas":
+        if feedforward:
+            g = torch.mm(dy, _scale_weight(weight, ia3_l, rows=False, safe=True))
+            dl = _dl_input_mode(g, x, ia3_l, needs_dx).to(ia3_l.dtype)
+            dbias = _colsum(dy, None, None, True)[1].to(weight.dtype) if has_bias else empty_db
+            return (g if needs_dx else x.new_empty(0)), dl, dbias
+        dl, colsum = _dl_output_mode(dy, y, ia3_l, x, weight, bias, has_bias)
+        dbias = (colsum * ia3_l.float()).to(weight.dtype) if has_bias else empty_db
+        dx = torch.mm(dy, _scale_weight(weight, ia3_l, rows=True)) if needs_dx else dy.new_empty(0)
+        return dx, dl.to(ia3_l.dtype), dbias
     if feedforward:
         dx = torch.empty((m, k), device=dev, dtype=x.dtype) if needs_dx else None
         part = gemm(dy, weight, dx, prec=base_precision(dy.dtype), col=ia3_l if needs_dx else None, dl_x=x)

@@ -2,23 +2,28 @@
 
     y = x Wᵀ + b + s · ((drop(x) Aᵀ) ⊙ e) Bᵀ        x: (M, K)  W: (N, K)  A: (r, K)  B: (N, r)  e: (r,) or none
 
-Kernels (the dropout mask is regenerated from (seed, m, k) wherever it is needed, one Philox call per 8 columns
-of a row - ``fastpeft.ops.dropout`` - and never stored):
-  forward
-    ``_lora_shrink_kernel``  S = drop(x) Aᵀ (M, r) fp32, split over K into partial sums so that M = 2048 still
-                             fills the GPU (performance.md §1: one program per row block leaves SMs idle).
-    GEMM (``_common.gemm``)  y = x Wᵀ, then in its epilogue + (s · S ⊙ e) Bᵀ + b on the fp32 accumulator.
-  backward
-    ``_lora_dy_kernel``      one pass over dY: dSe = s · dY B (partial over N chunks), dB = s · dYᵀ (S ⊙ e)
-                             (partial over M chunks) and dbias = Σ_m dY.
-    ``_lora_da_kernel``      one pass over x: dA = dSᵀ drop(x) (partial over M chunks).
-    GEMM                     dX = dY W, then in its epilogue + mask ⊙ (dS A) · scale.
+Two variants (``fastpeft._backend.select_backend`` names them: ``"triton"`` = ``"triton:cublas"``, ``"triton:fused"``):
+
+``cublas`` (the default): the base GEMMs are the very cuBLAS calls the frozen layer makes (``F.linear``,
+``torch.mm``), so the base part can be no slower than the layer itself; the LoRA extras are skinny Triton kernels
+with a fixed pass budget (the dropout mask is regenerated from (seed, m, k) wherever needed, never stored):
+  forward   ``_lora_shrink_kernel``  one pass over x: S = drop(x) Aᵀ (M, r) fp32 (split over K when M is small)
+            ``F.linear``             y = x Wᵀ + b                                  (cuBLAS)
+            ``_lora_expand_kernel``  y += s · (S ⊙ e) Bᵀ: one read + write of y    (cuBLAS beta=1 traffic)
+  backward  ``_lora_dy_kernel``      one pass over dY: dSe = s · dY B, dB = s · dYᵀ (S ⊙ e), dbias = Σ_m dY
+            ``_lora_da_kernel``      one pass over x: dA = dSᵀ drop(x)
+            ``torch.mm``             dX = dY W                                     (cuBLAS)
+            ``_lora_expand_kernel``  dX += mask ⊙ (dS A) · scale: one read + write of dX
+``fused``: the same skinny kernels around the Triton GEMM of ``_common`` with the rank-r term in its epilogue
+(y and dX written once, no extra pass, but a Triton GEMM instead of cuBLAS's); chosen only explicitly or by a
+measured entry of the dispatch table.
 
 Partial sums go to small fp32 buffers (a few MB at M = 8192) summed by torch: deterministic, no atomics.
 
-Launchers ``lora_fwd_triton`` / ``lora_bwd_triton`` have exactly the signatures and return conventions of
-``fastpeft.ops.lora.lora_fwd_ref`` / ``lora_bwd_ref``.  Dtypes the kernels do not handle (fp64) and degenerate
-shapes (K = 0 or N = 0) go to the torch reference; M = 0 returns empty results without a launch.
+Launchers ``lora_fwd_triton`` / ``lora_bwd_triton`` have the signatures and return conventions of
+``fastpeft.ops.lora.lora_fwd_ref`` / ``lora_bwd_ref`` (plus ``variant=``).  Dtypes the kernels do not handle (fp64)
+and degenerate shapes (K = 0 or N = 0) go to the torch reference; M = 0 returns empty results without a launch.
+Every launch is reported to ``fastpeft._cost`` when the cost model records, and skipped for fake / meta tensors.
 """
 
 from __future__ import annotations
@@ -27,13 +32,14 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from fastpeft.ops.dropout import dropout_threshold
 from fastpeft.ops.lora import lora_bwd_ref, lora_fwd_ref
 
-from ._common import (SUPPORTED_DTYPES, base_precision, dot_prec, dropout_keep, gemm, on_input_device,
+from ._common import (SUPPORTED_DTYPES, base_precision, dot_prec, dropout_keep, gemm, launch_ok, on_input_device,
                       lora_epilogue_precision, mma, pad_rank, skinny_blocks, skinny_precision, split_count,
                       target_programs)
 
@@ -180,11 +186,53 @@ def _lora_da_kernel(x_ptr, ds_ptr, part_ptr, M, K, R,
     tl.store(out, acc, mask=mask_r[:, None] & mask_k[None, :])
 
 
+# The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
+@triton.jit(do_not_specialize=["seed"])
+def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, M, N, R, scale,
+                        stride_om, stride_on, stride_lm, stride_lr, stride_rr, stride_rn,
+                        seed, p16, drop_scale,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+                        HAS_E: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    """out[m, n] += [keep(m, n) · drop_scale ·] scale · Σ_r L[m, r] e[r] Rm[r, n]; grid (M blocks, N blocks).
+
+    One read and one write of `out` (coalesced along n), L (M, r) fp32 and Rm (r, N) from L2.  The rank-r product
+    runs in Rm's dtype with fp32 accumulation and is added to the fp32 value of `out`, rounded once."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    rm64 = offs_m.to(tl.int64)
+    rn64 = offs_n.to(tl.int64)
+    lt = tl.load(l_ptr + rm64[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                 mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32) * scale
+    if HAS_E:
+        e = tl.load(e_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        lt = lt * e[None, :]
+    if HAS_DROPOUT:
+        lt = lt * drop_scale
+    rt = tl.load(r_ptr + offs_r[:, None] * stride_rr + rn64[None, :] * stride_rn,
+                 mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+    t = mma(lt.to(rt.dtype), rt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC)
+    if HAS_DROPOUT:
+        tl.static_assert(BLOCK_N % 8 == 0, "BLOCK_N must be a multiple of the dropout mask's Philox group (8)")
+        keep = dropout_keep(seed, offs_m, pid_n * BLOCK_N, p16, BLOCK_N)
+        t = tl.where(keep, t, 0.0)
+    ptrs = out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on
+    mask = mask_m[:, None] & mask_n[None, :]
+    o = tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, (o.to(tl.float32) + t).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------------------------
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+VARIANTS = ("cublas", "fused")
 
 
 def _reduce(part: torch.Tensor) -> torch.Tensor:
@@ -196,8 +244,15 @@ def _supported(*tensors: Optional[torch.Tensor]) -> bool:
     return all(t is None or t.dtype in SUPPORTED_DTYPES for t in tensors)
 
 
+def _check_variant(variant: Optional[str]) -> str:
+    v = variant or "cublas"
+    if v not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return v
+
+
 def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
-    """S = drop(x) Aᵀ: (M, r) fp32."""
+    """S = drop(x) Aᵀ: (M, r) fp32.  One pass over x (M·K reads), A from L2; writes splits·M·r fp32 partials."""
     m, k = x.shape
     r = lora_A.shape[0]
     bm, bk, warps = skinny_blocks(x.device, dropout_p > 0.0)
@@ -207,27 +262,53 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) 
     splits = triton.cdiv(k_blocks, kb_per)
     part = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
     p16, drop_scale = dropout_threshold(dropout_p)
-    _lora_shrink_kernel[(m_blocks, splits)](
-        x, lora_A, part, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-        kb_per, int(seed), p16, drop_scale,
-        BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0,
-        PREC=dot_prec(skinny_precision(lora_A.dtype), lora_A.dtype), num_warps=warps)
+    if launch_ok("lora_shrink", x, bytes_read=m * k * x.element_size() + r * k * lora_A.element_size(),
+                 bytes_written=splits * m * r * 4, flops=2 * m * k * r):
+        _lora_shrink_kernel[(m_blocks, splits)](
+            x, lora_A, part, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+            kb_per, int(seed), p16, drop_scale,
+            BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0,
+            PREC=dot_prec(skinny_precision(lora_A.dtype), lora_A.dtype), num_warps=warps)
     return _reduce(part)
+
+
+def _expand(out: torch.Tensor, L: torch.Tensor, scale: float, e: Optional[torch.Tensor], Rm: torch.Tensor,
+            dropout_p: float = 0.0, seed: int = 0) -> None:
+    """out (M, N) += [mask ⊙ drop_scale ·] scale · (L ⊙ e) Rm in place.  L: (M, r) fp32; Rm: (r, N), any strides.
+    One read + one write of out (2·M·N elements), L and Rm once."""
+    m, n = out.shape
+    r = L.shape[1]
+    bm, bn, warps = skinny_blocks(out.device, dropout_p > 0.0)
+    p16, drop_scale = dropout_threshold(dropout_p)
+    if launch_ok("lora_expand", out, bytes_read=m * n * out.element_size() + m * r * 4 + r * n * Rm.element_size(),
+                 bytes_written=m * n * out.element_size(), flops=2 * m * n * r):
+        _lora_expand_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            out, L, e if e is not None else L, Rm, m, n, r, float(scale),
+            out.stride(0), out.stride(1), L.stride(0), L.stride(1), Rm.stride(0), Rm.stride(1),
+            int(seed), p16, drop_scale,
+            BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=e is not None, HAS_DROPOUT=p16 > 0,
+            PREC=dot_prec(lora_epilogue_precision(out.dtype, Rm.dtype), Rm.dtype), num_warps=warps)
 
 
 @on_input_device
 def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                     lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: int, variant: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton LoRA forward; the contract of ``fastpeft.ops.lora.lora_fwd_ref``.
+
+    Passes (cublas variant): shrink reads x once (M·K) and writes S (M·r fp32); cuBLAS ``F.linear`` (the frozen
+    layer's own GEMM); expand reads and writes y once (2·M·N).  Fused variant: shrink, then one Triton GEMM whose
+    epilogue adds the rank-r term (y written once).
 
     Args:
         x: (M, K), fp16/bf16/fp32 (any strides).  weight: (N, K), any strides (e.g. Conv1D's ``weight.t()``).
         bias: (N,) or None.  lora_A: (r, K).  lora_E: (r,) or None.  lora_B: (N, r) - adapters may be fp32 on a
         16-bit base.  scaling: s.  dropout_p: in [0, 1).  seed: mask seed (``fastpeft.ops.dropout`` stream).
+        variant: ``"cublas"`` (default) or ``"fused"``.
     Returns:
         y: (M, N) in x's dtype; S = drop(x) Aᵀ: (M, r) fp32.
     """
+    variant = _check_variant(variant)
     m, k = x.shape
     n = weight.shape[0]
     r = lora_A.shape[0]
@@ -236,6 +317,10 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if m == 0:
         return x.new_empty((0, n)), x.new_empty((0, r), dtype=torch.float32)
     s = _shrink(x, lora_A, dropout_p, seed)
+    if variant == "cublas":
+        y = F.linear(x, weight, bias)
+        _expand(y, s, float(scaling), lora_E, lora_B.t())
+        return y, s
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     gemm(x, weight.t(), y, prec=base_precision(x.dtype),
          lora=(s, float(scaling), lora_E, lora_B.t(), lora_epilogue_precision(x.dtype, lora_A.dtype), 0, 0, 1.0),
@@ -243,39 +328,17 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return y, s
 
 
-@on_input_device
-def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                    lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, S: torch.Tensor, scaling: float,
-                    dropout_p: float, seed: int, needs_dx: bool, has_bias: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton LoRA backward; the contract of ``fastpeft.ops.lora.lora_bwd_ref``.
-
-    Args:
-        dy: (M, N).  x: (M, K) as saved.  weight, lora_A, lora_E, lora_B, scaling, dropout_p, seed: as forward.
-        S: (M, r) fp32 from the forward.  needs_dx: compute dx.  has_bias: compute dbias.
-    Returns:
-        dx (M, K) x's dtype or empty (0,); dA (r, K); dE (r,) or empty (0,); dB (N, r); dbias (N,) or empty.
-    """
-    m, k = x.shape
-    n = weight.shape[0]
-    r = lora_A.shape[0]
-    adt = lora_A.dtype
-    if not _supported(dy, x, weight, lora_A, lora_E, lora_B) or n == 0 or k == 0:
-        return lora_bwd_ref(dy, x, weight, lora_A, lora_E, lora_B, S, scaling, dropout_p, seed, needs_dx, has_bias)
+def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Optional[torch.Tensor],
+             scaling: float, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """One pass over dY (M·N reads) giving dSe = s · dY B (M, r) fp32, dB = s · dYᵀ (S ⊙ e) (N, r) fp32 and
+    dbias = Σ_m dY (N,) fp32 (None without bias); writes n_chunks·M·r + m_chunks·N·(r+1) fp32 partials."""
+    m, n = dy.shape
+    r = lora_B.shape[1]
     dev = dy.device
-    empty_de = dy.new_empty(0, dtype=adt)
-    empty_db = dy.new_empty(0, dtype=weight.dtype)
-    if m == 0:
-        return (x.new_empty((0, k)) if needs_dx else x.new_empty(0), torch.zeros_like(lora_A),
-                torch.zeros_like(lora_E) if lora_E is not None else empty_de, torch.zeros_like(lora_B),
-                torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
-    bm, bk, warps = skinny_blocks(dev)
-    bn = bk
-    r_pad = pad_rank(r)
+    adt = lora_B.dtype
+    bm, bn, warps = skinny_blocks(dev)
     tgt = target_programs(dev)
-
-    # one pass over dY: dSe (s · dY B), dB, dbias.  Chunk counts balance the two partial buffers
-    # (m_chunks · N ≈ n_chunks · M) at about `tgt` programs.
+    # Chunk counts balance the two partial buffers (m_chunks · N ≈ n_chunks · M) at about `tgt` programs.
     m_blocks, n_blocks = triton.cdiv(m, bm), triton.cdiv(n, bn)
     m_chunks = max(1, min(m_blocks, round(math.sqrt(tgt * m / n))))
     mb_per = triton.cdiv(m_blocks, m_chunks)
@@ -286,41 +349,89 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     dse_part = torch.empty((n_chunks, m, r), device=dev, dtype=torch.float32)
     db_part = torch.empty((m_chunks, n, r), device=dev, dtype=torch.float32)
     dbias_part = torch.empty((m_chunks, n) if has_bias else (1,), device=dev, dtype=torch.float32)
-    _lora_dy_kernel[(m_chunks, n_chunks)](
-        dy, lora_B, S, lora_E if lora_E is not None else S, dse_part, db_part, dbias_part,
-        m, n, r, float(scaling),
-        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
-        mb_per, nb_per, BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, HAS_E=lora_E is not None, HAS_BIAS=has_bias,
-        PREC=dot_prec(skinny_precision(adt), adt), num_warps=warps)
-    d_se = _reduce(dse_part)  # (M, r) fp32, includes s
-    dB = _reduce(db_part).to(lora_B.dtype)
-    dbias = _reduce(dbias_part).to(weight.dtype) if has_bias else empty_db
+    if launch_ok("lora_dy", dy, bytes_read=m * n * dy.element_size() + n_chunks * m * r * (4 + 4) * (nb_per - 1)
+                 + n * r * lora_B.element_size() + m * r * 4,
+                 bytes_written=n_chunks * m * r * 4 * nb_per + m_chunks * n * (r + int(has_bias)) * 4,
+                 flops=4 * m * n * r):
+        _lora_dy_kernel[(m_chunks, n_chunks)](
+            dy, lora_B, S, lora_E if lora_E is not None else S, dse_part, db_part, dbias_part,
+            m, n, r, float(scaling),
+            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
+            mb_per, nb_per, BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=lora_E is not None,
+            HAS_BIAS=has_bias, PREC=dot_prec(skinny_precision(adt), adt), num_warps=warps)
+    return _reduce(dse_part), _reduce(db_part), (_reduce(dbias_part) if has_bias else None)
+
+
+def _da_pass(x: torch.Tensor, dS: torch.Tensor, adt: torch.dtype, dropout_p: float, seed: int) -> torch.Tensor:
+    """One pass over x (M·K reads; the mask regenerated): dA = dSᵀ drop(x) (r, K) fp32; writes splits·r·K fp32."""
+    m, k = x.shape
+    r = dS.shape[1]
+    dev = x.device
+    bm, bk, warps = skinny_blocks(dev, dropout_p > 0.0)
+    m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
+    msplits = split_count(k_blocks, m_blocks, target_programs(dev))
+    mb_per = triton.cdiv(m_blocks, msplits)
+    msplits = triton.cdiv(m_blocks, mb_per)
+    da_part = torch.empty((msplits, r, k), device=dev, dtype=torch.float32)
+    p16, drop_scale = dropout_threshold(dropout_p)
+    if launch_ok("lora_da", x, bytes_read=m * k * x.element_size() + m * r * 4, bytes_written=msplits * r * k * 4,
+                 flops=2 * m * k * r):
+        _lora_da_kernel[(k_blocks, msplits)](
+            x, dS, da_part, m, k, r, x.stride(0), x.stride(1), dS.stride(0), dS.stride(1),
+            mb_per, int(seed), p16, drop_scale,
+            BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0,
+            PREC=dot_prec(skinny_precision(adt), adt), A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
+    return _reduce(da_part)
+
+
+@on_input_device
+def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                    lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, S: torch.Tensor, scaling: float,
+                    dropout_p: float, seed: int, needs_dx: bool, has_bias: bool, variant: Optional[str] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton LoRA backward; the contract of ``fastpeft.ops.lora.lora_bwd_ref``.
+
+    Passes: one over dY (dSe, dB, dbias together), one over x (dA, mask regenerated); with `needs_dx` the cublas
+    variant runs ``torch.mm`` (dX = dY W, cuBLAS) and expand (one read + write of dX adding mask ⊙ dS A · scale),
+    the fused variant one Triton GEMM with that term in its epilogue.
+
+    Args:
+        dy: (M, N).  x: (M, K) as saved.  weight, lora_A, lora_E, lora_B, scaling, dropout_p, seed: as forward.
+        S: (M, r) fp32 from the forward.  needs_dx: compute dx.  has_bias: compute dbias.
+        variant: ``"cublas"`` (default) or ``"fused"``.
+    Returns:
+        dx (M, K) x's dtype or empty (0,); dA (r, K); dE (r,) or empty (0,); dB (N, r); dbias (N,) or empty.
+    """
+    variant = _check_variant(variant)
+    m, k = x.shape
+    n = weight.shape[0]
+    adt = lora_A.dtype
+    if not _supported(dy, x, weight, lora_A, lora_E, lora_B) or n == 0 or k == 0:
+        return lora_bwd_ref(dy, x, weight, lora_A, lora_E, lora_B, S, scaling, dropout_p, seed, needs_dx, has_bias)
+    dev = dy.device
+    empty_de = dy.new_empty(0, dtype=adt)
+    empty_db = dy.new_empty(0, dtype=weight.dtype)
+    if m == 0:
+        return (x.new_empty((0, k)) if needs_dx else x.new_empty(0), torch.zeros_like(lora_A),
+                torch.zeros_like(lora_E) if lora_E is not None else empty_de, torch.zeros_like(lora_B),
+                torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
+    d_se, db, dbias32 = _dy_pass(dy, lora_B, S, lora_E, scaling, has_bias)  # d_se includes s
+    dB = db.to(lora_B.dtype)
+    dbias = dbias32.to(weight.dtype) if has_bias else empty_db
     if lora_E is not None:
         dS = d_se * lora_E.float()
         dE = (d_se * S).sum(0).to(lora_E.dtype)
     else:
         dS, dE = d_se, empty_de
-
-    # one pass over x: dA = dSᵀ drop(x)
-    bm, bk, warps = skinny_blocks(dev, dropout_p > 0.0)
-    m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
-    msplits = split_count(k_blocks, m_blocks, tgt)
-    mb_per = triton.cdiv(m_blocks, msplits)
-    msplits = triton.cdiv(m_blocks, mb_per)
-    da_part = torch.empty((msplits, r, k), device=dev, dtype=torch.float32)
+    dA = _da_pass(x, dS, adt, dropout_p, seed).to(adt)
+    if not needs_dx:
+        return x.new_empty(0), dA, dE, dB, dbias
+    if variant == "cublas":
+        dx = torch.mm(dy, weight)
+        _expand(dx, dS, 1.0, None, lora_A, dropout_p, seed)
+        return dx, dA, dE, dB, dbias
     p16, drop_scale = dropout_threshold(dropout_p)
-    _lora_da_kernel[(k_blocks, msplits)](
-        x, dS, da_part, m, k, r, x.stride(0), x.stride(1), dS.stride(0), dS.stride(1),
-        mb_per, int(seed), p16, drop_scale,
-        BLOCK_M=bm, BLOCK_K=bk, R_PAD=r_pad, HAS_DROPOUT=p16 > 0, PREC=dot_prec(skinny_precision(adt), adt),
-        A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
-    dA = _reduce(da_part).to(adt)
-
-    if needs_dx:
-        dx = torch.empty((m, k), device=dev, dtype=x.dtype)
-        gemm(dy, weight, dx, prec=base_precision(dy.dtype),
-             lora=(dS, 1.0, None, lora_A, lora_epilogue_precision(x.dtype, adt), p16, int(seed),
-                   drop_scale))
-    else:
-        dx = x.new_empty(0)
+    dx = torch.empty((m, k), device=dev, dtype=x.dtype)
+    gemm(dy, weight, dx, prec=base_precision(dy.dtype),
+         lora=(dS, 1.0, None, lora_A, lora_epilogue_precision(x.dtype, adt), p16, int(seed), drop_scale))
     return dx, dA, dE, dB, dbias

@@ -67,8 +67,12 @@ def test_auto_uses_measured_dispatch_on_cuda(monkeypatch):
     # a measured choice that cannot run here is ignored, and the default order applies
     monkeypatch.setattr(dispatch, "choose", lambda op, *a: "cuda")
     assert _backend._auto_choice("lora", dev, args) == "triton"
-    # nothing measured: default order (cuda ext > triton > torch)
+    # nothing measured: default order (triton's cublas variant > cuda ext > torch)
     monkeypatch.setattr(dispatch, "choose", lambda op, *a: None)
+    monkeypatch.setattr(_backend, "_why_not", lambda b, op, dev: None)
+    assert _backend._auto_choice("lora", dev, args) == "triton"
+    monkeypatch.setattr(_backend, "_why_not", lambda b, op, dev: None if b in ("torch", "cuda") else "absent")
+    assert _backend._auto_choice("lora", dev, args) == "cuda"
     monkeypatch.setattr(_backend, "_why_not", lambda b, op, dev: "absent")
     assert _backend._auto_choice("lora", dev, args) == "torch"
 
@@ -104,6 +108,60 @@ def test_cuda_ext_has_looks_for_both_halves_of_the_op(monkeypatch):
 def test_auto_sends_float64_to_torch(monkeypatch):
     from fastpeft import _backend as B
 
-    monkeypatch.setattr(B, "_auto_choice", lambda *a, **k: "cuda")  # what auto would pick for a CUDA tensor
+    monkeypatch.setattr(B, "_cached_auto_choice", lambda *a, **k: "cuda")  # what auto would pick on CUDA
     assert B.select_backend("lora", torch.zeros(2, 3, dtype=torch.float32), "auto") == "cuda"
     assert B.select_backend("lora", torch.zeros(2, 3, dtype=torch.float64), "auto") == "torch"
+
+
+def test_variant_names(monkeypatch):
+    """``triton:fused`` / ``triton:cublas`` are explicit choices (also through FASTPEFT_BACKEND); unknown variants
+    are rejected with the list of valid names."""
+    if not _backend.triton_available():
+        pytest.skip("triton not importable")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for name in ("triton:fused", "triton:cublas"):
+        assert _backend.select_backend("lora", torch.zeros(2, 3), name) == name
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton:fused")
+    assert _backend.select_backend("ia3", torch.zeros(2, 3)) == "triton:fused"
+    with pytest.raises(ValueError, match="triton:fused"):
+        _backend.select_backend("lora", torch.zeros(2, 3), "triton:bogus")
+
+
+def test_measured_variant_becomes_the_default_for_its_shape_only(monkeypatch):
+    """A dispatch-table entry naming triton's fused variant makes auto pick ``triton:fused`` for that shape bucket;
+    other shapes keep the default.  Auto's answer is cached per shape and recomputed when the table changes."""
+    import fastpeft._dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "_gpu_name", lambda dev: "NVIDIA H200")
+    monkeypatch.setattr(_backend, "_why_not", lambda b, op, dev: None if b.startswith(("torch", "triton")) else "no")
+    monkeypatch.setattr(_backend, "_AUTO_CACHE", {})
+    dispatch.clear()
+    try:
+        x = torch.zeros(8192, 4096)
+        w = torch.zeros(4096, 4096)
+        a, b = torch.zeros(16, 4096), torch.zeros(4096, 16)
+        args = (x, w, None, a, None, b)
+        dev = torch.device("cuda")
+
+        class FakeX:  # a CUDA-looking x for the cache key (no GPU needed)
+            device, dtype = dev, torch.float32
+
+        calls = []
+        real = _backend._auto_choice
+
+        def counting(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+
+        monkeypatch.setattr(_backend, "_auto_choice", counting)
+        assert _backend._cached_auto_choice("lora", FakeX, args) == "triton"
+        assert _backend._cached_auto_choice("lora", FakeX, args) == "triton" and len(calls) == 1  # cached
+        dispatch.record("NVIDIA H200", torch.float32, "lora", dispatch.bucket(8192, 4096, 4096, 16), "triton",
+                        "test entry", variant="fused")
+        assert _backend._cached_auto_choice("lora", FakeX, args) == "triton:fused" and len(calls) == 2
+        small = (torch.zeros(16, 4096), w, None, a, None, b)
+        assert _backend._cached_auto_choice("lora", FakeX, small) == "triton"
+        with pytest.raises(ValueError, match="variant"):
+            dispatch.record("NVIDIA H200", torch.float32, "lora", "m<=1,n1,k1", "triton", "bad", variant="kaug")
+    finally:
+        dispatch.clear()

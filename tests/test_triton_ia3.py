@@ -31,7 +31,8 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 class Case:
     """One IA3 problem: fp64 masters cast per run to (dtype, l dtype) in the requested layouts."""
 
-    def __init__(self, lead, k, n, ff, dtype, ldt=None, with_bias=True, w_t=False, x_noncontig=False):
+    def __init__(self, lead, k, n, ff, dtype, ldt=None, with_bias=True, w_t=False, x_noncontig=False, l_zero=(),
+                 l_tiny=()):
         self.lead, self.k, self.n, self.ff = tuple(lead), k, n, ff
         self.dtype, self.ldt = dtype, ldt or dtype
         self.with_bias, self.w_t, self.x_noncontig = with_bias, w_t, x_noncontig
@@ -40,6 +41,9 @@ class Case:
         self.w = torch.randn(n, k, generator=g, dtype=F64) / math.sqrt(k)
         self.b = torch.randn(n, generator=g, dtype=F64)
         self.l = 1.0 + 0.5 * torch.randn(k if ff else n, generator=g, dtype=F64)
+        # entries where y / l cannot give back the unscaled values: exactly 0, or below the dtype's tiny_l
+        self.l[list(l_zero)] = 0.0
+        self.l[list(l_tiny)] = 2.0 ** -12
         self.dy = torch.randn(*self.lead, n, generator=g, dtype=F64)
 
     def run(self, backend, dtype=None, ldt=None):
@@ -60,8 +64,8 @@ class Case:
         return {kk: v.detach().double().cpu() for kk, v in out.items()}
 
 
-def check_fa_rule(case: Case):
-    tri, same, ref64 = case.run("triton"), case.run("torch"), case.run("torch", F64, F64)
+def check_fa_rule(case: Case, backend: str = "triton"):
+    tri, same, ref64 = case.run(backend), case.run("torch"), case.run("torch", F64, F64)
     atol = MATMUL_ATOL[case.dtype]
     for name, want in ref64.items():
         got = tri[name]
@@ -88,6 +92,26 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("name", ["out_fp32_tails", "in_fp32_tails_wT", "out_bf16_fp32l", "in_fp16_fp32l_m1"])
+def test_ia3_triton_fused_variant_matches_fp64_reference(name):
+    """The fused variant (l in the Triton GEMM's prologue / epilogue), chosen explicitly."""
+    check_fa_rule(Case(**CASES[name]), "triton:fused")
+
+
+@pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
+def test_ia3_zero_and_tiny_scale_entries_are_exact(ff, dtype):
+    """l entries of 0 (and, in fp16, below tiny_l) where y / l or G' / l cannot recover the unscaled values: output
+    mode recomputes z for those column blocks only, input mode runs the backward GEMM with l' = 1 there.  Every
+    gradient still matches the fp64 reference, and dl of a zero entry is Σ_m dy ⊙ z (not 0, not NaN)."""
+    n_feat = 40 if ff else 45
+    tiny = (3, 17) if dtype == F16 else ()
+    def case():
+        return Case((21,), 40, 45, ff, dtype, ldt=F32, l_zero=(0, 5, n_feat - 1), l_tiny=tiny)
+    check_fa_rule(case())
+    assert case().run("triton")["dl"][0].abs() > 0
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_ia3_triton_matches_fp64_reference(name):
     check_fa_rule(Case(**CASES[name]))
@@ -98,7 +122,7 @@ def test_ia3_triton_tma_path(monkeypatch, ff):
     monkeypatch.setenv("FASTPEFT_TRITON_TMA", "1")
     if not KC.use_tma(torch.randn(20, 48, device=DEV, dtype=F16), torch.randn(40, 48, device=DEV, dtype=F16)):
         pytest.skip("this Triton has no tensor descriptors (or this GPU cannot use them)")
-    check_fa_rule(Case((20,), 48, 40, ff, F16, ldt=F32))
+    check_fa_rule(Case((20,), 48, 40, ff, F16, ldt=F32), "triton:fused")
 
 
 @pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
@@ -118,18 +142,24 @@ def test_ia3_input_mode_dl_without_dx():
     """needs_dx=False still runs the G = dY W GEMM for dl, but stores no dx; dl is identical to the dx run's."""
     c = Case((23,), 30, 18, True, F32)
     x, w, lv, dy = (t.to(DEV, F32) for t in (c.x, c.w, c.l, c.dy))
-    y, saved = KI.ia3_fwd_triton(x, w, None, lv, True)
-    with_dx = KI.ia3_bwd_triton(dy, x, w, lv, saved, True, True, True)
-    no_dx = KI.ia3_bwd_triton(dy, x, w, lv, saved, True, False, False)
-    assert no_dx[0].numel() == 0 and no_dx[2].numel() == 0
-    assert torch.equal(with_dx[1], no_dx[1])
+    for variant in KI.VARIANTS:
+        y, saved = KI.ia3_fwd_triton(x, w, None, lv, True, variant=variant)
+        with_dx = KI.ia3_bwd_triton(dy, x, w, lv, saved, True, True, True, variant=variant)
+        no_dx = KI.ia3_bwd_triton(dy, x, w, lv, saved, True, False, False, variant=variant)
+        assert no_dx[0].numel() == 0 and no_dx[2].numel() == 0
+        assert torch.equal(with_dx[1], no_dx[1])
 
 
-def test_ia3_output_mode_saves_z():
-    """Output mode returns z = x Wᵀ + b (the unscaled base output) as the saved tensor."""
+def test_ia3_output_mode_saves_z_fused_and_y_cublas():
+    """Output mode: the fused variant returns z = x Wᵀ + b (the unscaled base output) as the saved tensor; the
+    cublas variant returns an empty one (the op keeps y, x and the bias instead, and its backward needs y=)."""
     c = Case((9,), 20, 14, False, F32)
     x, w, b, lv = (t.to(DEV, F32) for t in (c.x, c.w, c.b, c.l))
-    y, z = KI.ia3_fwd_triton(x, w, b, lv, False)
+    y1, s1 = KI.ia3_fwd_triton(x, w, b, lv, False)
+    assert s1.shape == (0,)
+    with pytest.raises(ValueError, match="needs the forward's output y="):
+        KI.ia3_bwd_triton(torch.ones_like(y1), x, w, lv, s1, False, True, True)
+    y, z = KI.ia3_fwd_triton(x, w, b, lv, False, variant="fused")
     want = x.double() @ w.double().t() + b.double()
     assert rel_err(z, want) <= MATMUL_ATOL[F32]
     assert rel_err(y, want * lv.double()) <= MATMUL_ATOL[F32]
@@ -143,15 +173,19 @@ def test_opcheck_ia3_triton(ff):
         return torch.randn(*shape, generator=g).to(DEV).requires_grad_(grad)
 
     m, k, n = 5, 18, 11
-    args = (rnd(m, k, grad=True), rnd(n, k), rnd(n, grad=True), rnd(k if ff else n, grad=True), ff, "triton")
-    torch.library.opcheck(torch.ops.fastpeft.ia3_fwd.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
-                                      "test_aot_dispatch_dynamic"))
-    x, w, b, lv = (t.detach() for t in args[:4])
-    _, saved = KI.ia3_fwd_triton(x, w, b, lv, ff)
-    torch.library.opcheck(torch.ops.fastpeft.ia3_bwd.default,
-                          (rnd(m, n), x if ff else x.new_empty(0), w, lv, saved, ff, True, True, "triton"),
-                          test_utils=("test_schema", "test_faketensor"))
+    for backend in ("triton", "triton:fused"):
+        args = (rnd(m, k, grad=True), rnd(n, k), rnd(n, grad=True), rnd(k if ff else n, grad=True), ff, backend)
+        torch.library.opcheck(torch.ops.fastpeft.ia3_fwd.default, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                          "test_aot_dispatch_dynamic"))
+        x, w, b, lv = (t.detach() for t in args[:4])
+        y, saved = KI.ia3_fwd_triton(x, w, b, lv, ff, variant=backend.partition(":")[2] or None)
+        keep_y = not ff and saved.dim() == 1
+        bwd_args = (rnd(m, n), x if (ff or keep_y) else x.new_empty(0), w, lv, saved, ff, True, True, backend)
+        if keep_y:
+            bwd_args = bwd_args + (y, b)
+        torch.library.opcheck(torch.ops.fastpeft.ia3_bwd.default, bwd_args,
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 @cuda_only

@@ -10,11 +10,15 @@ dtype, then cast back to x's dtype before the matmul).
 
 Saved for backward: output mode saves the unscaled base output z = x Wᵀ + b (M×N, as PEFT's multiply does) so
 that dl = Σ_m dy ⊙ z; input mode saves x (dl = Σ_m (dy W) ⊙ x).  The ``saved`` tensor the forward returns is z
-in output mode and an empty tensor in input mode.
+in output mode and an empty tensor in input mode - except the triton ``cublas`` variant, which folds l into W and
+returns an empty ``saved`` in output mode too: the op then keeps x, its output y and the bias, and passes them to
+the backward (``y=``, ``bias=``).  When the base weight requires grad, x is kept as well and dW is computed (once,
+by cuBLAS, for every backend): output mode dW = (dy ⊙ l)ᵀ x, input mode dW = dyᵀ (x ⊙ l).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Optional
 
@@ -68,12 +72,41 @@ def ia3_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l: 
 
 
 _IMPL_MODULES = {"triton": "fastpeft.kernels.ia3", "cuda": "fastpeft._cuda"}
+_IMPLS: dict = {}
 
 
 def _impl(name: str, backend: str):
-    if backend == "torch":
-        return globals()[f"{name}_ref"]
-    return getattr(importlib.import_module(_IMPL_MODULES[backend]), f"{name}_{backend}")
+    """The implementation of `name` on `backend` (``"<backend>"`` or ``"<backend>:<variant>"``), cached."""
+    key = (name, backend)
+    fn = _IMPLS.get(key)
+    if fn is None:
+        base, _, variant = backend.partition(":")
+        if base == "torch":
+            fn = globals()[f"{name}_ref"]
+        else:
+            fn = getattr(importlib.import_module(_IMPL_MODULES[base]), f"{name}_{base}")
+            if variant:
+                fn = functools.partial(fn, variant=variant)
+        _IMPLS[key] = fn
+    return fn
+
+
+def _wants_output(feedforward: bool, saved: torch.Tensor) -> bool:
+    """Whether the forward asked the op to keep its output y for the backward (an empty 1-D `saved` in output
+    mode; z is 2-D, even with M = 0)."""
+    return not feedforward and saved.dim() == 1
+
+
+def ia3_weight_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l: torch.Tensor,
+                    feedforward: bool) -> torch.Tensor:
+    """dW (N, K) in weight's dtype: output mode (dy ⊙ l)ᵀ x, input mode dyᵀ (x ⊙ l) (with the forward's roundings);
+    one cuBLAS GEMM.  dy: (M, N), x: (M, K)."""
+    ldt = ia3_l.dtype
+    if feedforward:
+        xs = (x.to(ldt) * ia3_l).to(x.dtype)
+        return torch.mm(dy.to(x.dtype).t(), xs).to(weight.dtype)
+    dz = (dy.to(ldt) * ia3_l).to(x.dtype)
+    return torch.mm(dz.t(), x).to(weight.dtype)
 
 
 @torch.library.custom_op("fastpeft::ia3_fwd", mutates_args=())
@@ -84,47 +117,65 @@ def ia3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return y, saved.contiguous()
 
 
+# Backends whose forward folds l into W and keeps y instead of z in output mode (an empty ``saved``).
+_KEEPS_OUTPUT = ("triton", "triton:cublas")
+
+
 @ia3_fwd.register_fake
 def _(x, weight, bias, ia3_l, feedforward, backend):
     m, n = x.shape[0], weight.shape[0]
-    saved = x.new_empty(0) if feedforward else x.new_empty(m, n)
+    saved = x.new_empty(0) if (feedforward or backend in _KEEPS_OUTPUT) else x.new_empty(m, n)
     return x.new_empty(m, n), saved
 
 
 @torch.library.custom_op("fastpeft::ia3_bwd", mutates_args=())
 def ia3_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l: torch.Tensor, saved: torch.Tensor,
-            feedforward: bool, needs_dx: bool, has_bias: bool, backend: str
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Custom op: (dx, dl, dbias) = IA3 backward on `backend`.  See ``ia3_bwd_ref``."""
-    outs = _impl("ia3_bwd", backend)(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias)
+            feedforward: bool, needs_dx: bool, has_bias: bool, backend: str, y: Optional[torch.Tensor] = None,
+            bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Custom op: (dx, dl, dbias) = IA3 backward on `backend`.  See ``ia3_bwd_ref``; `y`, `bias`: the forward's
+    output and bias, passed when the forward returned an empty ``saved`` in output mode."""
+    outs = _bwd_call(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias, backend, y, bias)
     return tuple(o.contiguous() for o in outs)
 
 
+def _bwd_call(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias, backend, y=None, bias=None):
+    fn = _impl("ia3_bwd", backend)
+    if y is not None:
+        return fn(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias, y=y, bias=bias)
+    return fn(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias)
+
+
 @ia3_bwd.register_fake
-def _(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias, backend):
+def _(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias, backend, y=None, bias=None):
     dx = dy.new_empty(dy.shape[0], weight.shape[1]) if needs_dx else dy.new_empty(0)
     dbias = dy.new_empty(weight.shape[0], dtype=weight.dtype) if has_bias else dy.new_empty(0, dtype=weight.dtype)
     return dx, ia3_l.new_empty(ia3_l.shape), dbias
 
 
-def _ia3_save(ctx, inputs, saved):
+def _ia3_save(ctx, inputs, y, saved):
     x, weight, bias, ia3_l, feedforward, backend = inputs
-    # Output mode needs z, not x; input mode needs x.
-    ctx.save_for_backward(x if feedforward else x.new_empty(0), weight, ia3_l, saved)
+    keep_y = _wants_output(feedforward, saved)
+    # Output mode needs z (or y, x and the bias), not x - unless the base weight trains (dW = dzᵀ x).
+    keep_x = feedforward or keep_y or weight.requires_grad
+    ctx.save_for_backward(x if keep_x else x.new_empty(0), weight, ia3_l, saved, y if keep_y else None,
+                          bias if keep_y else None)
     ctx.feedforward, ctx.backend = feedforward, backend
     ctx.has_bias = bias is not None
 
 
 def _ia3_grads(ctx, dy, bwd):
-    x, weight, ia3_l, saved = ctx.saved_tensors
+    x, weight, ia3_l, saved, y, bias = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
     bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
-    dx, dl, dbias = bwd(dy.contiguous(), x, weight, ia3_l, saved, ctx.feedforward, needs_dx, bias_grad, ctx.backend)
-    return dx if needs_dx else None, None, dbias if bias_grad else None, dl, None, None
+    dy = dy.contiguous()
+    dx, dl, dbias = bwd(dy, x, weight, ia3_l, saved, ctx.feedforward, needs_dx, bias_grad, ctx.backend, y, bias)
+    # The base weight's gradient only when it is trainable (HF PEFT's layer gives it then too).
+    dW = ia3_weight_grad(dy, x, weight, ia3_l, ctx.feedforward) if ctx.needs_input_grad[1] else None
+    return dx if needs_dx else None, dW, dbias if bias_grad else None, dl, None, None
 
 
 def _ia3_setup_context(ctx, inputs, output):
-    _ia3_save(ctx, inputs, output[1])
+    _ia3_save(ctx, inputs, output[0], output[1])
 
 
 def _ia3_backward(ctx, dy, _dsaved):
@@ -135,8 +186,7 @@ ia3_fwd.register_autograd(_ia3_backward, setup_context=_ia3_setup_context)
 
 
 def _ia3_bwd_direct(*args):
-    *rest, backend = args
-    return _impl("ia3_bwd", backend)(*rest)
+    return _bwd_call(*args)
 
 
 class IA3LinearFunction(torch.autograd.Function):
@@ -147,7 +197,7 @@ class IA3LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, ia3_l, feedforward, backend):
         y, saved = _impl("ia3_fwd", backend)(x, weight, bias, ia3_l, feedforward)
         saved = saved.contiguous()
-        _ia3_save(ctx, (x, weight, bias, ia3_l, feedforward, backend), saved)
+        _ia3_save(ctx, (x, weight, bias, ia3_l, feedforward, backend), y, saved)
         ctx.mark_non_differentiable(saved)
         return y, saved
 

@@ -5,7 +5,8 @@ The op, one name through every layer::
     y = x Wᵀ + b + scaling · ((drop(x) Aᵀ) ⊙ e) Bᵀ          x: (M, K), W: (N, K), A: (r, K), B: (N, r), e: (r,)
 
 ``e`` is AdaLoRA's singular-value vector ``lora_E`` (flattened); plain LoRA passes ``None`` (e = 1).
-W and b are frozen (no gradient is ever computed for them, except db when bias requires grad).
+W and b are normally frozen; when either requires grad its gradient is computed (dW = dyᵀ x, db = Σ_m dy), only
+then, on every backend (dW by one cuBLAS GEMM in the op's backward, shared by all backends).
 
 Layers:
   * ``lora_fwd_ref`` / ``lora_bwd_ref``  - pure torch; the CPU path and the ground truth.
@@ -25,6 +26,7 @@ adapter dtype before A); S is returned in fp32 (fp64 for fp64 adapters); the out
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Optional
 
@@ -121,13 +123,24 @@ def lora_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
 # ---------------------------------------------------------------------------------------------------------------
 
 _IMPL_MODULES = {"triton": "fastpeft.kernels.lora", "cuda": "fastpeft._cuda"}
+_IMPLS: dict = {}
 
 
 def _impl(name: str, backend: str):
-    if backend == "torch":
-        return globals()[f"{name}_ref"]
-    mod = importlib.import_module(_IMPL_MODULES[backend])
-    return getattr(mod, f"{name}_{backend}")
+    """The implementation of `name` ("lora_fwd" / "lora_bwd") on `backend`: ``"torch"``, ``"triton"``, ``"cuda"``,
+    or ``"<backend>:<variant>"`` (e.g. ``"triton:fused"``: the launcher gets ``variant=``).  Cached per name."""
+    key = (name, backend)
+    fn = _IMPLS.get(key)
+    if fn is None:
+        base, _, variant = backend.partition(":")
+        if base == "torch":
+            fn = globals()[f"{name}_ref"]
+        else:
+            fn = getattr(importlib.import_module(_IMPL_MODULES[base]), f"{name}_{base}")
+            if variant:
+                fn = functools.partial(fn, variant=variant)
+        _IMPLS[key] = fn
+    return fn
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,13 +190,24 @@ def _lora_save(ctx, inputs, s):
     ctx.has_bias = bias is not None
 
 
+def base_weight_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """dW = dyᵀ x (N, K) in weight's dtype, shaped like `weight` (a transposed view gets its gradient as a view of
+    the same layout); one cuBLAS GEMM, the one ``nn.Linear`` makes.  dy: (M, N), x: (M, K)."""
+    if weight.stride(0) == 1 and weight.dim() == 2 and weight.shape[1] > 1:
+        return torch.mm(x.t(), dy.to(x.dtype)).to(weight.dtype).t()  # Conv1D's weight.t(): (K, N) storage
+    return torch.mm(dy.to(x.dtype).t(), x).to(weight.dtype)
+
+
 def _lora_grads(ctx, dy, bwd):
     x, weight, lora_A, lora_E, lora_B, s = ctx.saved_tensors
     needs_dx = ctx.needs_input_grad[0]
     bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
-    dx, dA, dE, dB, dbias = bwd(dy.contiguous(), x, weight, lora_A, lora_E, lora_B, s, ctx.scaling, ctx.dropout_p,
+    dy = dy.contiguous()
+    dx, dA, dE, dB, dbias = bwd(dy, x, weight, lora_A, lora_E, lora_B, s, ctx.scaling, ctx.dropout_p,
                                 ctx.seed, needs_dx, bias_grad, ctx.backend)
-    return (dx if needs_dx else None, None, dbias if bias_grad else None, dA,
+    # The base weight's gradient only when it is trainable (HF PEFT's layer gives it then too).
+    dW = base_weight_grad(dy, x, weight) if ctx.needs_input_grad[1] else None
+    return (dx if needs_dx else None, dW, dbias if bias_grad else None, dA,
             dE if lora_E is not None else None, dB, None, None, None, None)
 
 
