@@ -208,12 +208,15 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
             ``fastpeft.ops.dropout`` (identical on every backend; regenerated in backward, never stored).  Without one,
             the torch backend draws the mask like ``F.dropout`` (matching HF PEFT under the same RNG state) and the
             fused backends draw a seed from torch's default generator.
-        backend: None (``FASTPEFT_BACKEND``, default auto), ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
-            Auto runs a fused backend on CUDA tensors when one is available and torch otherwise; an explicit backend
-            that cannot run raises ``RuntimeError`` saying why.
+        backend: None (``FASTPEFT_BACKEND``, default auto), ``"auto"``, ``"torch"``, ``"triton"`` (the frozen
+            layer's cuBLAS GEMMs plus skinny Triton kernels), ``"triton:fused"`` (one Triton GEMM with the adapter
+            in its epilogue) or ``"cuda"``.  Auto runs triton on CUDA tensors when it is available (or what the
+            dispatch table measured fastest for the shape) and torch otherwise; an explicit backend that cannot run
+            raises ``RuntimeError`` saying why.
     Returns:
         (..., out_features) in x's dtype.
-    Gradients flow to x, lora_A, lora_B and bias (if it requires grad); never to weight.
+    Gradients flow to x, lora_A, lora_B, and to bias and weight when they require grad (dW = dyᵀ x, computed only
+    then), on every backend.
     """
     return _lora_impl(x, weight, bias, lora_A, None, lora_B, scaling, dropout_p, seed, backend)
 
@@ -257,7 +260,8 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         feedforward: which mode (see above).
         backend: as in ``lora_linear``.
     Returns:
-        (..., out_features) in x's dtype.  Gradients flow to x, ia3_l (and bias if trainable).
+        (..., out_features) in x's dtype.  Gradients flow to x, ia3_l, and to bias and weight when they require
+        grad (output mode dW = (dy ⊙ l)ᵀ x, input mode dyᵀ (x ⊙ l); computed only then), on every backend.
     """
     _validate_base_types(x, weight, bias)
     x, weight, bias, ctx = _autocast(x, weight, bias)
