@@ -300,7 +300,7 @@ def _peft_layer(kind: str, k: int, n: int, p: float, feedforward: bool, adapter_
     elif kind == "adalora":
         from peft import AdaLoraConfig
         from peft.tuners.adalora.layer import SVDLinear
-        layer = SVDLinear(base, "default", config=AdaLoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p,
+        layer = SVDLinear(base, "default", config=AdaLoraConfig(lora_alpha=ALPHA, lora_dropout=p,
                                                                 total_step=1000),
                           r=RANK, lora_alpha=ALPHA)
     elif kind == "ia3":
