@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for results.csv (appended), latest.md and the plots")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--model", action="store_true",
+                   help="no timing: the cost model (benchmarks/cost_model.py) traces each layer with fake tensors and "
+                        "writes predicted H200 times to OUT/cost-model/ (no GPU needed)")
     return p
 
 
@@ -224,6 +227,10 @@ def plot(rows: list[dict], out_dir: Path, tag: str) -> list[Path]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model:
+        from .cost_model import run_model
+        run_model(Path(args.out) / "cost-model", quick=args.quick)
+        return 0
     if args.device == "auto":
         device = torch.device("cuda" if U.has_cuda() else "cpu")
     else:

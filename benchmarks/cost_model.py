@@ -1,0 +1,780 @@
+"""Cost model: one layer's kernels, bytes and FLOPs traced with fake tensors, and a predicted H200 time.
+
+``python -m benchmarks --model [--out DIR] [--quick]`` (or ``python -m benchmarks.cost_model``) needs no GPU and no
+memory: every tensor is a ``torch._subclasses.FakeTensor``.
+
+What is traced, per case (projection K->N, tokens M, method) and path:
+  * ``base``   - the frozen ``nn.Linear(K, N, bias=False)`` (forward, and backward for dX only), through autograd.
+  * ``peft``   - HF PEFT's own layer (``lora.Linear`` / ``adalora.SVDLinear`` / ``ia3.Linear``, adapters in fp32 as
+                 PEFT's defaults make them), through autograd.
+  * ``default``- the backend ``fastpeft._backend.select_backend`` picks on a CUDA tensor on a machine where every
+                 backend is installed and the dispatch table is empty (so it follows the code, not this file).
+  * ``fused``  - the Triton backend (``backend="triton"``); ``torch`` - the reference backend.
+  fastpeft's paths are traced at the op contract (``<op>_fwd_<backend>`` then ``<op>_bwd_<backend>``, exactly what
+  the autograd Function runs) on fake *CUDA* tensors, so the backends take their GPU code paths.  autograd cannot
+  run on fake CUDA tensors in a CPU build of torch (its engine asks the CUDA device guard for streams and aborts),
+  so ``base`` and ``peft`` run on fake CPU tensors; their kernels are the CUDA ones except dropout, which on CUDA is
+  ``native_dropout`` (one kernel each way) - PEFT's dropout module is replaced by exactly that call.
+
+Counting:
+  * torch ops: a ``TorchDispatchMode`` under the fake mode sees every ATen op after autograd.  Views and
+    allocations launch nothing; every other op is one kernel.  GEMM FLOPs come from ``torch.utils.flop_counter``'s
+    formulas; bytes = the memory each tensor argument and output spans (broadcast dimensions count once).
+  * fastpeft's Triton/CUDA kernels cannot run on fake tensors: while ``fastpeft._cost.recording()`` is open their
+    launchers report each kernel (bytes read/written, FLOPs) and skip the launch.  A launcher that does not report
+    fails on the fake tensor; the path is then ``unmodelled`` (with the error), never estimated.
+
+Predicted time (H200, performance.md §1: 781 TFLOP/s bf16 dense, 4.2 TB/s copy):
+    kernel   t_k = max(flops / (781e12 * e_gemm), bytes / (4.2e12 * e_mem))
+    GPU      T_gpu  = sum_k t_k + n_launch * gap
+    host     T_host = n_launch * host_per_launch + (host_per_backward if the case has a backward)
+    eager    T = max(T_gpu, T_host);   under a CUDA graph  T_graph = T_gpu
+``e_gemm, e_mem, gap, host_per_launch, host_per_backward`` are fitted (grid search, least squares in log time) to
+the 24 measured frozen-layer times of performance.md §1; the fit error on them is the calibration error.  HF PEFT's
+measured times are not used by the fit: they validate it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import importlib
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+PEAK_FLOPS = 781e12  # bf16 matmul 8192^3 measured on the H200 (performance.md §1)
+PEAK_BYTES = 4.2e12  # device-to-device copy, bytes read + written (performance.md §1)
+SOURCE = "performance.md §1 (one H200, torch 2.11.0+cu130, 2026-11-28)"
+# A persistent TMA Triton GEMM measured 1.15-1.75x cuBLAS's time on these shapes (performance.md §1): fastpeft's own
+# GEMM kernels are predicted at the best of that range.
+TRITON_GEMM_SLOWDOWN = 1.15
+GEMM_INTENSITY = 32  # flop/byte: a reported kernel at least this intense is a GEMM (the LoRA extras are ~r = 16)
+
+SHAPES = {"q_proj": (4096, 4096), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}
+MS = (1, 16, 2048, 8192)
+RANK = 16
+ALPHA = 32
+# IA3 on Llama: attention projections scale the output, feed-forward down_proj scales the input (PEFT's defaults).
+IA3_FEEDFORWARD = {"q_proj": False, "up_proj": False, "down_proj": True}
+
+# performance.md §1, ms: base fwd, PEFT LoRA fwd, base fwd+bwd, PEFT LoRA fwd+bwd, PEFT LoRA p=0.1 fwd+bwd,
+# IA3 fwd+bwd, AdaLoRA fwd+bwd (PEFT layers, r=16, alpha=32, fp32 adapters, bf16 inputs).
+MEASURED_MS = {
+    ("q_proj", 1): (0.046, 0.155, 0.212, 0.649, 0.683, 0.371, 0.993),
+    ("q_proj", 16): (0.044, 0.163, 0.218, 0.658, 0.786, 0.499, 0.957),
+    ("q_proj", 2048): (0.115, 0.163, 0.221, 0.659, 0.683, 0.398, 0.864),
+    ("q_proj", 8192): (0.367, 0.513, 0.723, 1.093, 1.200, 1.094, 1.644),
+    ("up_proj", 1): (0.052, 0.118, 0.154, 0.605, 0.729, 0.289, 1.034),
+    ("up_proj", 16): (0.060, 0.158, 0.227, 0.537, 0.785, 0.396, 0.907),
+    ("up_proj", 2048): (0.341, 0.454, 0.656, 0.934, 0.915, 0.946, 1.436),
+    ("up_proj", 8192): (1.236, 1.709, 2.823, 3.448, 3.709, 3.613, 5.047),
+    ("down_proj", 1): (0.051, 0.114, 0.162, 0.468, 0.537, 0.287, 0.902),
+    ("down_proj", 16): (0.048, 0.100, 0.137, 0.428, 0.502, 0.264, 0.648),
+    ("down_proj", 2048): (0.307, 0.373, 0.628, 0.889, 0.924, 0.777, 1.118),
+    ("down_proj", 8192): (1.199, 1.525, 2.753, 3.315, 3.573, 3.185, 3.782),
+}
+_COL = {("base", "fwd"): 0, ("lora", "fwd"): 1, ("base", "fwd+bwd"): 2, ("lora", "fwd+bwd"): 3,
+        ("lora_p0.1", "fwd+bwd"): 4, ("ia3", "fwd+bwd"): 5, ("adalora", "fwd+bwd"): 6}
+
+METHODS = ("lora", "lora_p0.1", "ia3", "adalora")
+PATHS = ("base", "default", "fused", "torch", "peft", "peft-bf16")
+_PATH_BACKEND = {"fused": "triton", "torch": "torch"}
+
+
+def measured_ms(layer: str, m: int, method: str, mode: str) -> Optional[float]:
+    """performance.md §1's time for (layer, M, method - ``base`` for the frozen layer - mode), or None."""
+    row = MEASURED_MS.get((layer, m))
+    col = _COL.get((method, mode))
+    return None if row is None or col is None else row[col]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tracing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Kernel:
+    """One launched kernel (``launches`` identical ones): where it came from, its traffic and work."""
+
+    name: str
+    source: str  # "torch" (an ATen op) or "fastpeft" (reported by a launcher)
+    bytes_read: int
+    bytes_written: int
+    flops: int
+    launches: int = 1
+    gemm: bool = False  # runs at GEMM efficiency (see kernel_seconds)
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_read + self.bytes_written
+
+
+@dataclass
+class Trace:
+    """The kernels of one traced call; ``status`` is ``"ok"`` or ``"unmodelled: <why>"``."""
+
+    kernels: list = field(default_factory=list)
+    status: str = "ok"
+    backend: str = ""
+
+    @property
+    def modelled(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def launches(self) -> int:
+        return sum(k.launches for k in self.kernels)
+
+    @property
+    def bytes(self) -> int:
+        return sum(k.bytes * k.launches for k in self.kernels)
+
+    @property
+    def flops(self) -> int:
+        return sum(k.flops * k.launches for k in self.kernels)
+
+
+# Ops that launch no kernel: allocations and metadata (views are recognised by their schema).
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_local_scalar_dense",
+              "is_same_size", "_has_compatible_shallow_copy_type", "lift_fresh", "sym_size", "sym_stride",
+              "sym_numel", "sym_storage_offset", "resize_", "set_", "_to_copy_noop", "detach", "alias"}
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    """Bytes of memory a kernel touches reading or writing `t` (dimensions with stride 0 count once)."""
+    if t.numel() == 0:
+        return 0
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def _tensors(tree) -> list:
+    return [a for a in tree_flatten(tree)[0] if isinstance(a, torch.Tensor)]
+
+
+class UnreportedLaunch(RuntimeError):
+    """A kernel launch that its launcher did not report to ``fastpeft._cost`` (so it cannot be modelled)."""
+
+
+@contextlib.contextmanager
+def _refuse_triton_launches():
+    """Any Triton launch while tracing is unreported: a reporting launcher returns before it launches."""
+    try:
+        from triton.runtime.jit import KernelInterface
+    except Exception:  # noqa: BLE001 - no (working) triton: nothing can launch
+        yield
+        return
+
+    def refuse(self, grid):
+        raise UnreportedLaunch(f"Triton kernel {getattr(self, '__name__', self)!s} launched without a "
+                               f"fastpeft._cost report")
+    saved = KernelInterface.__getitem__
+    KernelInterface.__getitem__ = refuse
+    try:
+        yield
+    finally:
+        KernelInterface.__getitem__ = saved
+
+
+class _KernelCounter(TorchDispatchMode):
+    """Records every ATen op that launches a kernel, interleaved with what launchers report to ``fastpeft._cost``."""
+
+    def __init__(self, reported: list):
+        super().__init__()
+        self.kernels: list[Kernel] = []
+        self._reported = reported
+        self._seen = 0
+
+    def flush_reported(self) -> None:
+        for c in self._reported[self._seen:]:
+            gemm = c.flops >= GEMM_INTENSITY * max(1, c.bytes_read + c.bytes_written)
+            self.kernels.append(Kernel(c.name, "fastpeft", c.bytes_read, c.bytes_written, c.flops, c.launches, gemm))
+        self._seen = len(self._reported)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.flush_reported()
+        if func.namespace.startswith("fastpeft"):
+            # fastpeft's compiled ops would run their fake kernel here: real kernels the trace cannot see.
+            raise UnreportedLaunch(f"{func} dispatched without a fastpeft._cost report")
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if func.namespace == "prim" or func.is_view or name in _NO_KERNEL:  # prim: metadata (prim::device, ...)
+            return out
+        outs = _tensors(out)
+        if not outs:  # dtype / shape queries (promote_types, ...) and host reads launch nothing
+            return out
+        out_ids = {id(t) for t in outs}
+        ins = [t for t in _tensors((args, kwargs)) if id(t) not in out_ids or func._schema.is_mutable]
+        flops, gemm = 0, func.overloadpacket in flop_registry
+        if gemm:
+            flops = int(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out))
+        self.kernels.append(Kernel(f"{func.namespace}.{name}", "torch", sum(_span_bytes(t) for t in ins),
+                                   sum(_span_bytes(t) for t in outs), flops, 1, gemm))
+        return out
+
+
+def trace(fn: Callable[[object], object], setup: Callable[[], object] = lambda: None) -> Trace:
+    """Record the kernels of ``fn(setup())``; only ``fn`` is recorded.  Call it inside a ``FakeTensorMode``.
+
+    A failure inside ``fn`` - a launcher that does not report to ``fastpeft._cost`` tried to launch on a fake
+    tensor - makes the trace ``unmodelled`` with the error; the kernels recorded before it are kept for inspection.
+    """
+    from fastpeft import _cost
+
+    tr = Trace()
+    try:
+        state = setup()
+    except Exception as e:  # noqa: BLE001
+        return Trace(status=f"unmodelled: setup failed: {type(e).__name__}: {e}"[:200])
+    with _cost.recording() as reported:
+        counter = _KernelCounter(reported)
+        try:
+            with _refuse_triton_launches(), counter:
+                fn(state)
+        except Exception as e:  # noqa: BLE001 - any failure means "not modelled"; the reason is reported
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            tr.status = f"unmodelled: {type(e).__name__}: {msg}"[:200]
+        counter.flush_reported()
+    tr.kernels = counter.kernels
+    return tr
+
+
+class _CudaDropout(torch.nn.Module):
+    """What ``nn.Dropout`` runs on a CUDA tensor: ``native_dropout`` (one kernel forward, one backward)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return torch.native_dropout(x, self.p, True)[0]
+
+
+def _bf16(*shape, device, requires_grad=False):
+    return torch.empty(*shape, device=device, dtype=torch.bfloat16).requires_grad_(requires_grad)
+
+
+def _method_parts(method: str) -> tuple[str, float]:
+    """("lora" | "adalora" | "ia3", dropout p)."""
+    if method.startswith("lora_p"):
+        return "lora", float(method[len("lora_p"):])
+    return method, 0.0
+
+
+def _base_case(k: int, n: int, m: int, bwd: bool):
+    def setup():
+        return _bf16(m, k, device="cpu", requires_grad=bwd), _bf16(n, k, device="cpu")
+
+    def run(state):
+        x, w = state
+        y = F.linear(x, w)
+        if bwd:
+            y.backward(torch.empty_like(y))
+    return setup, run
+
+
+def _peft_layer(kind: str, k: int, n: int, p: float, feedforward: bool, adapter_dtype=torch.float32):
+    base = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+    if kind == "lora":
+        from peft import LoraConfig
+        from peft.tuners.lora.layer import Linear
+        layer = Linear(base, "default", config=LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p),
+                       r=RANK, lora_alpha=ALPHA)
+    elif kind == "adalora":
+        from peft import AdaLoraConfig
+        from peft.tuners.adalora.layer import SVDLinear
+        layer = SVDLinear(base, "default", config=AdaLoraConfig(lora_alpha=ALPHA, lora_dropout=p,
+                                                                total_step=1000),
+                          r=RANK, lora_alpha=ALPHA)
+    elif kind == "ia3":
+        from peft import IA3Config
+        from peft.tuners.ia3.layer import Linear
+        layer = Linear(base, "default", config=IA3Config(), is_feedforward=feedforward)
+    else:
+        raise ValueError(f"method kind must be lora, adalora or ia3, got {kind!r}")
+    if kind in ("lora", "adalora") and p > 0:
+        layer.lora_dropout["default"] = _CudaDropout(p)
+    # What PeftModel does to the layer: the base weight frozen (mark_only_adapters_as_trainable) and the adapter
+    # weights in fp32 on a bf16 base (autocast_adapter_dtype=True).
+    layer.get_base_layer().weight.requires_grad_(False)
+    for name, prm in layer.named_parameters():
+        if any(key in name for key in ("lora_", "ia3_")):
+            prm.data = prm.data.to(adapter_dtype)
+    return layer
+
+
+def _peft_case(method: str, k: int, n: int, m: int, bwd: bool, feedforward: bool, adapter_dtype=torch.float32):
+    kind, p = _method_parts(method)
+
+    def setup():
+        # Built on the meta device with the fake mode off (module conversions cannot swap fake parameters), then
+        # every parameter is made a fake tensor of the active mode.
+        mode = torch._guards.detect_fake_mode() or _active_fake_mode()
+        with torch.utils._python_dispatch._disable_current_modes(), torch.device("meta"):
+            layer = _peft_layer(kind, k, n, p, feedforward, adapter_dtype)
+        for mod in layer.modules():
+            for name, prm in list(mod._parameters.items()):
+                if prm is not None:
+                    mod._parameters[name] = torch.nn.Parameter(mode.from_tensor(prm),
+                                                               requires_grad=prm.requires_grad)
+        return layer, _bf16(m, k, device="meta", requires_grad=bwd)
+
+    def run(state):
+        layer, x = state
+        y = layer(x)
+        if bwd:
+            y.backward(torch.empty_like(y))
+    return setup, run
+
+
+def _active_fake_mode():
+    from torch._subclasses import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    modes = [md for md in _get_current_dispatch_mode_stack() if isinstance(md, FakeTensorMode)]
+    if not modes:
+        raise RuntimeError("the PEFT case must be traced inside a FakeTensorMode")
+    return modes[-1]
+
+
+def _fastpeft_case(backend: str, method: str, k: int, n: int, m: int, bwd: bool, feedforward: bool):
+    """The op contract of `backend` on fake CUDA tensors: ``<op>_fwd_<backend>`` then ``<op>_bwd_<backend>``."""
+    kind, p = _method_parts(method)
+    op = "ia3" if kind == "ia3" else "lora"
+    ops = importlib.import_module(f"fastpeft.ops.{op}")
+    fwd, bwd_fn = ops._impl(f"{op}_fwd", backend), ops._impl(f"{op}_bwd", backend)
+
+    def setup():
+        dev = "cuda"
+        x, w = _bf16(m, k, device=dev), _bf16(n, k, device=dev)
+        if op == "ia3":
+            return x, w, torch.empty(k if feedforward else n, device=dev, dtype=torch.float32)
+        return (x, w, torch.empty(RANK, k, device=dev, dtype=torch.float32),
+                torch.empty(n, RANK, device=dev, dtype=torch.float32),
+                torch.empty(RANK, device=dev, dtype=torch.float32) if kind == "adalora" else None)
+
+    def run(state):
+        if op == "ia3":
+            x, w, ia3_l = state
+            y, saved = fwd(x, w, None, ia3_l, feedforward)
+            if bwd:
+                xs = x if feedforward else x.new_empty(0)
+                bwd_fn(torch.empty_like(y), xs, w, ia3_l, saved, feedforward, True, False)
+            return
+        x, w, a, b, e = state
+        scaling = ALPHA / RANK
+        y, s = fwd(x, w, None, a, e, b, scaling, p, 1234)
+        if bwd:
+            bwd_fn(torch.empty_like(y), x, w, a, e, b, s, scaling, p, 1234, True, False)
+    return setup, run
+
+
+@contextlib.contextmanager
+def _every_backend_installed():
+    """select_backend as on a GPU machine with every backend built and an empty dispatch table."""
+    from fastpeft import _backend
+    saved = _backend._why_not, _backend._measured_choice
+    _backend._why_not = lambda backend, op, device: None
+    _backend._measured_choice = lambda op, device, dispatch_args: None
+    try:
+        yield
+    finally:
+        _backend._why_not, _backend._measured_choice = saved
+
+
+def default_backend(op: str) -> str:
+    """The backend ``select_backend(op, x, None)`` picks for a bf16 CUDA tensor on a machine with every backend
+    installed and no dispatch-table entry (the GPU default today)."""
+    from torch._subclasses import FakeTensorMode
+
+    from fastpeft._backend import select_backend
+    env = os.environ.pop("FASTPEFT_BACKEND", None)
+    try:
+        with FakeTensorMode(), _every_backend_installed():
+            x = torch.empty(2, 2, device="cuda", dtype=torch.bfloat16)
+            return select_backend(op, x, None)
+    finally:
+        if env is not None:
+            os.environ["FASTPEFT_BACKEND"] = env
+
+
+def trace_case(path: str, layer: str, m: int, method: str, mode: str) -> Trace:
+    """Trace one (path, projection, M, method, mode) case.  `method` is ``base`` or one of METHODS; `mode` is
+    ``fwd`` or ``fwd+bwd``."""
+    from torch._subclasses import FakeTensorMode
+
+    k, n = SHAPES[layer]
+    bwd = mode == "fwd+bwd"
+    ff = IA3_FEEDFORWARD[layer]
+    if path == "base":
+        (setup, fn), backend = _base_case(k, n, m, bwd), "torch (frozen nn.Linear)"
+    elif path == "peft":
+        (setup, fn), backend = _peft_case(method, k, n, m, bwd, ff), "HF PEFT, fp32 adapters"
+    elif path == "peft-bf16":
+        (setup, fn), backend = _peft_case(method, k, n, m, bwd, ff, torch.bfloat16), "HF PEFT, bf16 adapters"
+    else:
+        op = "ia3" if method == "ia3" else "lora"
+        backend = default_backend(op) if path == "default" else _PATH_BACKEND.get(path, path)
+        try:
+            setup, fn = _fastpeft_case(backend, method, k, n, m, bwd, ff)
+        except Exception as e:  # noqa: BLE001 - the backend's module does not import here
+            return Trace(status=f"unmodelled: {type(e).__name__}: {e}"[:200], backend=backend)
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        tr = trace(fn, setup)
+    tr.backend = backend
+    return tr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Time model and its calibration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """Fitted constants (see the module docstring) and the relative errors of the fit."""
+
+    e_gemm: float  # cuBLAS GEMM compute efficiency (fraction of 781 TFLOP/s)
+    e_gemv: float  # cuBLAS GEMM bandwidth efficiency when memory-bound (small M: streaming W)
+    gap_s: float  # GPU time between consecutive kernels
+    host_call_s: float  # host time per layer call
+    host_launch_s: float  # host time per launched kernel
+    host_bwd_s: float  # host time of one autograd backward
+    errors: list = field(default_factory=list)  # frozen layer: (layer, M, mode, measured ms, predicted ms, rel err)
+    host_errors: list = field(default_factory=list)  # HF PEFT at M <= 16: (layer, M, method, mode, meas, pred, err)
+
+    @property
+    def max_error(self) -> float:
+        return max(abs(e[-1]) for e in self.errors)
+
+    @property
+    def median_error(self) -> float:
+        return statistics.median(abs(e[-1]) for e in self.errors)
+
+
+def kernel_seconds(k: Kernel, cal: Calibration) -> float:
+    """One launch of `k`.  GEMMs (torch's mm family, and reported kernels of arithmetic intensity >= 32 flop/byte)
+    run at the calibrated cuBLAS efficiencies - fastpeft's own Triton GEMMs TRITON_GEMM_SLOWDOWN times slower;
+    everything else streams at the copy ceiling (the 4.2 TB/s of performance.md is itself a streaming kernel)."""
+    if k.gemm:
+        slow = TRITON_GEMM_SLOWDOWN if k.source == "fastpeft" else 1.0
+        return max(k.flops * slow / (PEAK_FLOPS * cal.e_gemm), k.bytes / (PEAK_BYTES * cal.e_gemv))
+    return max(k.flops / PEAK_FLOPS, k.bytes / PEAK_BYTES)
+
+
+def gpu_seconds(tr: Trace, cal: Calibration) -> float:
+    return sum(kernel_seconds(k, cal) * k.launches for k in tr.kernels) + tr.launches * cal.gap_s
+
+
+def host_seconds(tr: Trace, cal: Calibration, bwd: bool) -> float:
+    return cal.host_call_s + tr.launches * cal.host_launch_s + (cal.host_bwd_s if bwd else 0.0)
+
+
+def predict_seconds(tr: Trace, cal: Calibration, bwd: bool, graph: bool = False) -> float:
+    """Predicted H200 time of a modelled trace: eager (max of GPU and host time) or replayed as a CUDA graph."""
+    gpu = gpu_seconds(tr, cal)
+    return gpu if graph else max(gpu, host_seconds(tr, cal, bwd))
+
+
+def _grid(lo: float, hi: float, step: float) -> list:
+    return [lo + i * step for i in range(int(round((hi - lo) / step)) + 1)]
+
+
+def _argmin_grid(loss_fn, grids: list) -> tuple:
+    """The grid point minimising loss_fn(*params) (params as broadcastable numpy arrays)."""
+    import numpy as np
+    mesh = [a.ravel() for a in np.meshgrid(*[np.asarray(g, dtype=float) for g in grids], indexing="ij")]
+    loss = loss_fn(*mesh)
+    i = int(np.argmin(loss))
+    return tuple(float(m[i]) for m in mesh)
+
+
+def _refine(grids_fn, loss_fn, coarse: list) -> tuple:
+    best = _argmin_grid(loss_fn, coarse)
+    return _argmin_grid(loss_fn, grids_fn(best))
+
+
+def calibrate(base_traces: dict, peft_small: dict) -> Calibration:
+    """Fit the constants.  `base_traces`: {(layer, M, mode): Trace} of the frozen layer;  `peft_small`:
+    {(layer, M, method, mode): Trace} of HF PEFT's layer at M <= 16 (where host time decides).
+
+    Stage 1, GPU side, on the 24 frozen-layer times: e_gemm, e_gemv, gap (the host time of the two frozen
+    call shapes - 1 kernel forward, 2 kernels and a backward - free).  Stage 2, host side, with those fixed:
+    per call, per launch and per backward, on the frozen rows and PEFT's M <= 16 rows (launch counts 1-22).
+    Least squares in log time, grid search then one finer grid."""
+    import numpy as np
+
+    us = 1e-6
+    rows = [(key, tr, measured_ms(key[0], key[1], "base", key[2]) * 1e-3) for key, tr in sorted(base_traces.items())
+            if measured_ms(key[0], key[1], "base", key[2]) is not None]
+    meas = np.array([r[2] for r in rows])
+    per_kernel = [[(k.flops, k.bytes) for k in tr.kernels] for _, tr, _ in rows]
+    launches = np.array([tr.launches for _, tr, _ in rows], dtype=float)
+    two = np.array([key[2] == "fwd+bwd" for key, _, _ in rows], dtype=float)
+
+    def gpu_of(eg, ev, gap):
+        cols = []
+        for ks in per_kernel:
+            t = 0.0
+            for f, b in ks:
+                t = t + np.maximum(f / (PEAK_FLOPS * eg), b / (PEAK_BYTES * ev))
+            cols.append(t)
+        return np.stack(cols, -1) + launches * gap[..., None]
+
+    def loss1(eg, ev, gap, h1, h2):
+        host = h1[:, None] * (1 - two) + h2[:, None] * two
+        pred = np.maximum(gpu_of(eg, ev, gap), host)
+        return (np.log(pred / meas) ** 2).mean(-1)
+
+    eg, ev, gap, _, _ = _refine(
+        lambda b: [_grid(b[0] - 0.03, b[0] + 0.03, 0.01), _grid(max(0.05, b[1] - 0.04), b[1] + 0.04, 0.01),
+                   _grid(max(0.0, b[2] - 2 * us), b[2] + 2 * us, 0.5 * us),
+                   _grid(max(0.0, b[3] - 5 * us), b[3] + 5 * us, 1 * us),
+                   _grid(max(0.0, b[4] - 10 * us), b[4] + 10 * us, 2 * us)],
+        loss1, [_grid(0.6, 1.05, 0.05), _grid(0.3, 1.0, 0.05), _grid(0, 12 * us, 2 * us), _grid(10 * us, 90 * us,
+                                                                                               10 * us),
+                _grid(40 * us, 300 * us, 20 * us)])
+
+    cal = Calibration(eg, ev, gap, 0.0, 0.0, 0.0)
+    hrows = [(tr, measured_ms(layer, m, "base", mode) * 1e-3, mode == "fwd+bwd")
+             for (layer, m, mode), tr in sorted(base_traces.items())]
+    hrows += [(tr, measured_ms(layer, m, method, mode) * 1e-3, mode == "fwd+bwd")
+              for (layer, m, method, mode), tr in sorted(peft_small.items())
+              if tr.modelled and measured_ms(layer, m, method, mode) is not None]
+    g = np.array([gpu_seconds(tr, cal) for tr, _, _ in hrows])
+    hm = np.array([t for _, t, _ in hrows])
+    hn = np.array([tr.launches for tr, _, _ in hrows], dtype=float)
+    hb = np.array([b for _, _, b in hrows], dtype=float)
+
+    def loss2(c, lch, bw):
+        host = c[:, None] + hn * lch[:, None] + hb * bw[:, None]
+        return (np.log(np.maximum(g, host) / hm) ** 2).mean(-1)
+
+    c, lch, bw = _refine(
+        lambda b: [_grid(max(0.0, b[0] - 4 * us), b[0] + 4 * us, 0.5 * us),
+                   _grid(max(0.0, b[1] - 2 * us), b[1] + 2 * us, 0.25 * us),
+                   _grid(max(0.0, b[2] - 10 * us), b[2] + 10 * us, 1 * us)],
+        loss2, [_grid(0, 80 * us, 4 * us), _grid(0, 60 * us, 2 * us), _grid(0, 300 * us, 10 * us)])
+    cal.host_call_s, cal.host_launch_s, cal.host_bwd_s = c, lch, bw
+    for key, tr, t in rows:
+        p = predict_seconds(tr, cal, key[2] == "fwd+bwd")
+        cal.errors.append((key[0], key[1], key[2], t * 1e3, p * 1e3, p / t - 1))
+    for (layer, m, method, mode), tr in sorted(peft_small.items()):
+        t = measured_ms(layer, m, method, mode)
+        if tr.modelled and t is not None:
+            p = predict_seconds(tr, cal, mode == "fwd+bwd") * 1e3
+            cal.host_errors.append((layer, m, method, mode, t, p, p / t - 1))
+    return cal
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def pass_bytes(layer: str, m: int) -> tuple[int, int]:
+    """Bytes of one bf16 pass over x (M x K) and over y / dY (M x N)."""
+    k, n = SHAPES[layer]
+    return 2 * m * k, 2 * m * n
+
+
+def floor_extra_bytes(layer: str, m: int, method: str, mode: str) -> int:
+    """The fewest extra bytes over the frozen layer (performance.md §2): LoRA/AdaLoRA forward reads x once more,
+    backward reads dY once and x once more; IA3 reads or writes nothing on the M-sized tensors beyond the base
+    (scaling W or the GEMM's epilogue) except the dl reduction's pass over dY (output mode) or x (input mode) in
+    backward.  Adapter-sized traffic (A, B, S and their gradients, each about 2r/K of a pass in fp32) is left out:
+    a few % of the passes at the production shapes."""
+    px, py = pass_bytes(layer, m)
+    bwd = mode == "fwd+bwd"
+    if method == "ia3":
+        if not bwd:
+            return 0
+        return px if IA3_FEEDFORWARD[layer] else py
+    return px + ((py + px) if bwd else 0)
+
+
+CSV_COLUMNS = ["layer", "K", "N", "M", "r", "method", "mode", "path", "backend", "status", "launches",
+               "bytes", "flops", "extra_bytes", "floor_extra_bytes", "pred_ms", "pred_graph_ms", "pred_x_base",
+               "pred_graph_x_base", "measured_ms", "measured_x_base"]
+
+
+def cases(quick: bool = False) -> list:
+    """(layer, M, method, mode) tuples the report covers."""
+    layers = ("q_proj", "down_proj") if quick else tuple(SHAPES)
+    ms = (16, 8192) if quick else MS
+    out = []
+    for layer in layers:
+        for m in ms:
+            out.append((layer, m, "lora", "fwd"))
+            for method in METHODS:
+                out.append((layer, m, method, "fwd+bwd"))
+    return out
+
+
+def run_model(out_dir, quick: bool = False, paths: Iterable[str] = PATHS, log=print) -> dict:
+    """Trace, calibrate, predict, and write ``cost_model.csv``, ``cost_model_kernels.csv`` and ``cost_model.md``
+    under `out_dir`.  Returns {"calibration": Calibration, "rows": [dict], "kernels": {case: Trace}}.
+
+    The calibration always uses every frozen-layer shape (and PEFT's M <= 16 rows); `quick` only shortens the
+    list of reported cases."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [p for p in paths if p != "base"]
+    base_traces = {(layer, m, mode): trace_case("base", layer, m, "base", mode)
+                   for layer in SHAPES for m in MS for mode in ("fwd", "fwd+bwd")}
+    traces = {}
+    for layer, m, method, mode in cases(quick):
+        for path in paths:
+            traces[(layer, m, method, mode, path)] = trace_case(path, layer, m, method, mode)
+    peft_small = {}
+    for layer in SHAPES:
+        for m in (1, 16):
+            for method, mode in [("lora", "fwd")] + [(md, "fwd+bwd") for md in METHODS]:
+                key = (layer, m, method, mode, "peft")
+                peft_small[key[:4]] = traces.get(key) or trace_case("peft", layer, m, method, mode)
+    cal = calibrate(base_traces, peft_small)
+    log(f"calibration: e_gemm {cal.e_gemm:.3f}, e_gemv {cal.e_gemv:.3f}, gap {cal.gap_s * 1e6:.1f} us, host "
+        f"{cal.host_call_s * 1e6:.1f} us/call + {cal.host_launch_s * 1e6:.2f} us/launch + "
+        f"{cal.host_bwd_s * 1e6:.1f} us/backward; frozen-layer error median {cal.median_error:.1%}, "
+        f"max {cal.max_error:.1%}")
+    rows = []
+    for layer, m, method, mode in cases(quick):
+        k, n = SHAPES[layer]
+        bwd = mode == "fwd+bwd"
+        base = base_traces[(layer, m, mode)]
+        traces[(layer, m, method, mode, "base")] = base
+        b_pred, b_graph = predict_seconds(base, cal, bwd), predict_seconds(base, cal, bwd, graph=True)
+        b_meas = measured_ms(layer, m, "base", mode)
+        for path in ["base"] + paths:
+            tr = traces[(layer, m, method, mode, path)]
+            row = dict(layer=layer, K=k, N=n, M=m, r=RANK if method != "ia3" else "", method=method, mode=mode,
+                       path=path, backend=tr.backend, status=tr.status, launches="", bytes="", flops="",
+                       extra_bytes="", floor_extra_bytes=floor_extra_bytes(layer, m, method, mode), pred_ms="",
+                       pred_graph_ms="", pred_x_base="", pred_graph_x_base="", measured_ms="", measured_x_base="")
+            meas = b_meas if path == "base" else (measured_ms(layer, m, method, mode) if path == "peft" else None)
+            if meas is not None:
+                row.update(measured_ms=meas, measured_x_base=round(meas / b_meas, 3))
+            if tr.modelled:
+                p, g = predict_seconds(tr, cal, bwd), predict_seconds(tr, cal, bwd, graph=True)
+                row.update(launches=tr.launches, bytes=tr.bytes, flops=tr.flops, extra_bytes=tr.bytes - base.bytes,
+                           pred_ms=round(p * 1e3, 4), pred_graph_ms=round(g * 1e3, 4),
+                           pred_x_base=round(p / b_pred, 3), pred_graph_x_base=round(g / b_graph, 3))
+            rows.append(row)
+    _write(out_dir, cal, rows, traces, quick, paths)
+    log(f"wrote {out_dir / 'cost_model.md'}, cost_model.csv, cost_model_kernels.csv")
+    return {"calibration": cal, "rows": rows, "kernels": traces}
+
+
+def _fmt_bytes(b: int) -> str:
+    return f"{b / 2 ** 20:.1f} MiB" if abs(b) >= 2 ** 20 else f"{b / 2 ** 10:.1f} KiB"
+
+
+def _err_summary(errs: list) -> str:
+    if not errs:
+        return "no rows"
+    return f"median |error| {statistics.median(abs(e) for e in errs):.1%}, max {max(abs(e) for e in errs):.1%}"
+
+
+def _write(out_dir: Path, cal: Calibration, rows: list, traces: dict, quick: bool, paths: list) -> None:
+    with open(out_dir / "cost_model.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    with open(out_dir / "cost_model_kernels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", "M", "method", "mode", "path", "kernel", "source", "gemm", "launches", "bytes_read",
+                    "bytes_written", "flops", "pred_us"])
+        for (layer, m, method, mode, path), tr in traces.items():
+            for k in tr.kernels:
+                w.writerow([layer, m, method, mode, path, k.name, k.source, int(k.gemm), k.launches, k.bytes_read,
+                            k.bytes_written, k.flops, round(kernel_seconds(k, cal) * 1e6, 2)])
+    by = {(r["layer"], r["M"], r["method"], r["mode"], r["path"]): r for r in rows}
+    backends = {p: next((r["backend"] for r in rows if r["path"] == p), "") for p in paths}
+    L = ["# Cost model: predicted H200 time of one layer, x the frozen layer", "",
+         "Regenerate: `python -m benchmarks --model --out benchmarks/results` (no GPU, fake tensors, ~1 min). "
+         "`pred` numbers are **predicted** by `benchmarks/cost_model.py`; `PEFT meas.` is HF PEFT 0.21.0 "
+         f"**measured** ({SOURCE}). r={RANK}, alpha={ALPHA}, bf16 inputs, W frozen (dX only); fastpeft's adapters "
+         "fp32 (PEFT's default); IA3 scales the output on q/up_proj and the input on down_proj.", "",
+         "Paths: " + ", ".join(f"`{p}` = {backends[p]}" for p in paths) + ". `unmodelled`: a launcher on that "
+         "path does not report its kernels to `fastpeft._cost` (the error is in cost_model.csv); no number is "
+         "estimated for it.", "", "## Calibration", "",
+         f"Peaks: {PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 and {PEAK_BYTES / 1e12:.1f} TB/s ({SOURCE}). Streaming "
+         "kernels run at the copy ceiling; fastpeft's own GEMMs at 1/" f"{TRITON_GEMM_SLOWDOWN} of cuBLAS's "
+         "efficiency (the best measured Triton GEMM). Fitted: cuBLAS GEMM compute efficiency "
+         f"**{cal.e_gemm:.3f}**, its bandwidth efficiency when memory-bound **{cal.e_gemv:.3f}**, GPU gap "
+         f"**{cal.gap_s * 1e6:.1f} µs**/kernel (on the 24 frozen-layer rows); host **{cal.host_call_s * 1e6:.1f} "
+         f"µs**/call + **{cal.host_launch_s * 1e6:.2f} µs**/kernel + **{cal.host_bwd_s * 1e6:.1f} µs**/backward "
+         f"(on those and HF PEFT's M <= 16 rows, where the host decides). Predicted = max(GPU, host) eager; GPU "
+         "alone under a CUDA graph.", "",
+         f"Calibration error on the frozen layer (predicted / measured - 1): {_err_summary([e[-1] for e in cal.errors])}."
+         f" On HF PEFT's M <= 16 rows: {_err_summary([e[-1] for e in cal.host_errors])}.", "",
+         "| layer | M | mode | measured ms | predicted ms | error |", "|---|---|---|---|---|---|"]
+    for layer, m, mode, t, p, e in cal.errors:
+        L.append(f"| {layer} | {m} | {mode} | {t:.3f} | {p:.3f} | {e:+.1%} |")
+    for name in ("peft", "peft-bf16"):
+        errs = [by[(r["layer"], r["M"], r["method"], r["mode"], name)]["pred_ms"] / r["measured_ms"] - 1
+                for r in rows if r["path"] == "peft" and r["measured_ms"] != "" and r["M"] >= 2048
+                and by.get((r["layer"], r["M"], r["method"], r["mode"], name), {}).get("pred_ms", "") != ""]
+        if errs:
+            L += ["", f"Validation, not fitted: `{name}` predicted vs HF PEFT measured at M >= 2048 "
+                      f"({len(errs)} rows): {_err_summary(errs)}."]
+    hdr = [p for p in paths if not p.startswith("peft")]
+    peft_paths = [p for p in paths if p.startswith("peft")]
+    for mode in ("fwd+bwd", "fwd"):
+        L += ["", f"## {mode}: predicted x base (eager; `graph`: replayed as a CUDA graph)", "",
+              "| layer | M | method | " + " | ".join(f"{p}" for p in hdr + peft_paths) +
+              " | PEFT meas. | graph: " + " / ".join(hdr + peft_paths) + " | extra bytes: "
+              + " / ".join(hdr + peft_paths + ["floor"]) + " |",
+              "|" + "---|" * (6 + len(hdr) + len(peft_paths))]
+        for (layer, m, method, md, path), r in by.items():
+            if md != mode or path != "base":
+                continue
+
+            def cell(p, col):
+                rr = by.get((layer, m, method, mode, p))
+                return "" if rr is None else ("unmodelled" if rr["status"] != "ok" else f"{rr[col]}")
+
+            def eb(p):
+                rr = by.get((layer, m, method, mode, p))
+                return "-" if rr is None or rr["status"] != "ok" else _fmt_bytes(rr["extra_bytes"])
+            pr = by.get((layer, m, method, mode, "peft"), {})
+            L.append(f"| {layer} | {m} | {method} | " + " | ".join(cell(p, "pred_x_base") for p in hdr + peft_paths)
+                     + f" | {pr.get('measured_x_base', '')} | " +
+                     " / ".join(cell(p, "pred_graph_x_base") for p in hdr + peft_paths) + " | " +
+                     " / ".join(eb(p) for p in hdr + peft_paths) + f" / {_fmt_bytes(r['floor_extra_bytes'])} |")
+    L += ["", "Per-kernel detail (name, launches, bytes, FLOPs, predicted µs): `cost_model_kernels.csv`; the "
+              "reason a path is unmodelled: the `status` column of `cost_model.csv`.", ""]
+    if quick:
+        L.insert(1, "(--quick: a subset of the shapes)")
+    (out_dir / "cost_model.md").write_text("\n".join(L))
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cost_model", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                   help="folder; results go to OUT/cost-model/")
+    p.add_argument("--quick", action="store_true", help="q_proj and down_proj at M=16 and 8192 only")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma list among {PATHS} (any backend name too)")
+    args = p.parse_args(argv)
+    run_model(Path(args.out) / "cost-model", quick=args.quick, paths=[s for s in args.paths.split(",") if s])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

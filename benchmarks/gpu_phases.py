@@ -1,0 +1,332 @@
+"""The measuring phases of ``benchmarks/gpu_check.sh``: ``python -m benchmarks.gpu_phases PHASE --out DIR``.
+
+Every result row is appended to ``DIR/<phase>.csv`` and flushed to disk the moment it is measured, so a phase
+killed by its time limit leaves everything it finished.  Exit status: 0 done, 3 skipped (no GPU), 1 failed.
+
+Phases (in the order gpu_check.sh runs them, most decisive first):
+  gemm         a plain Triton GEMM (fastpeft.kernels._common.gemm, first fitting configuration, no autotuning)
+               against torch.mm at M=2048/8192 on q/up/down: whether any Triton-GEMM path can be the default.
+  correctness  every available backend (torch, triton, cuda) at the production shapes against an fp32 reference:
+               LoRA p=0 / p=0.1, AdaLoRA, IA3; outputs and every gradient; the bound is 2x (3x for gradients) the
+               torch backend's own bf16 error.
+  ratios       layer fwd+bwd time of the default path (backend auto) and the fused path (triton) against the frozen
+               layer and HF PEFT's layer, side by side, M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA.
+  profile      a torch.profiler kernel table of one fwd+bwd per path (q_proj, M=8192, LoRA p=0 and p=0.1).
+  e2e          end-to-end training step time and peak memory (benchmarks/bench_e2e.py), one provider at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+SKIPPED = 3
+SHAPES = {"q_proj": (4096, 4096), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}
+RANK, ALPHA = 16, 32
+IA3_FEEDFORWARD = {"q_proj": False, "up_proj": False, "down_proj": True}
+METHODS = ("lora", "lora_p0.1", "ia3", "adalora")
+
+
+class Rows:
+    """Append-only CSV: the header once, then each row written, flushed and fsynced as it comes."""
+
+    def __init__(self, path: Path, columns: list):
+        self.path, self.columns = Path(path), list(columns)
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        self._f = open(self.path, "a", newline="")
+        self._w = csv.DictWriter(self._f, fieldnames=self.columns + ["gpu", "commit", "time"],
+                                 extrasaction="ignore")
+        if new:
+            self._w.writeheader()
+            self._sync()
+        self._env = {"gpu": _gpu_name(), "commit": _commit()}
+
+    def _sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def add(self, **row) -> None:
+        row.update(self._env, time=time.strftime("%H:%M:%S", time.gmtime()))
+        self._w.writerow({k: _fmt(v) for k, v in row.items()})
+        self._sync()
+        print(", ".join(f"{k}={_fmt(row[k])}" for k in self.columns if k in row), flush=True)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _fmt(v):
+    return f"{v:.5g}" if isinstance(v, float) else v
+
+
+def _gpu_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001 - not a git checkout
+        return "?"
+
+
+def bench_ms(fn: Callable[[], object]) -> float:
+    """Median ms of ``fn()`` (triton.testing.do_bench: warm-up, L2 flushed between repetitions)."""
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return math.nan
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _method_parts(method: str) -> tuple:
+    return ("lora", float(method[len("lora_p"):])) if method.startswith("lora_p") else (method, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def phase_gemm(out: Path, deadline: float) -> None:
+    os.environ["FASTPEFT_TRITON_AUTOTUNE"] = "0"
+    from fastpeft.kernels._common import base_precision, gemm
+    rows = Rows(out / "gemm.csv", ["layer", "M", "K", "N", "torch_mm_ms", "triton_ms", "triton_x_mm",
+                                   "torch_tflops", "triton_tflops", "triton_err", "note"])
+    dt = torch.bfloat16
+    for m in (8192, 2048):
+        for layer, (k, n) in SHAPES.items():
+            if time.time() > deadline:
+                return
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            w = torch.randn(n, k, device="cuda", dtype=dt) / math.sqrt(k)
+            flops = 2 * m * k * n
+            t_mm = bench_ms(lambda: torch.mm(x, w.t()))
+            row = dict(layer=layer, M=m, K=k, N=n, torch_mm_ms=t_mm, torch_tflops=flops / t_mm / 1e9)
+            try:
+                y = torch.empty(m, n, device="cuda", dtype=dt)
+                gemm(x, w.t(), y, prec=base_precision(dt))
+                err = rel_err(y, x.float() @ w.float().t())
+                t_tr = bench_ms(lambda: gemm(x, w.t(), y, prec=base_precision(dt)))
+                row.update(triton_ms=t_tr, triton_x_mm=t_tr / t_mm, triton_tflops=flops / t_tr / 1e9, triton_err=err)
+            except Exception as e:  # noqa: BLE001 - the row says what failed
+                row.update(note=f"triton failed: {type(e).__name__}: {e}"[:300])
+            rows.add(**row)
+
+
+def _inputs(layer: str, m: int, method: str, dev="cuda", seed=0):
+    """x (bf16), W (bf16, frozen), adapters (fp32, PEFT's default) - fresh random data."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    k, n = SHAPES[layer]
+    kind, _ = _method_parts(method)
+
+    def rnd(*shape, scale=1.0, dtype=torch.float32):
+        return (torch.randn(*shape, generator=g) * scale).to(device=dev, dtype=dtype)
+    t = dict(x=rnd(m, k, dtype=torch.bfloat16), w=rnd(n, k, scale=k ** -0.5, dtype=torch.bfloat16),
+             gy=rnd(m, n, dtype=torch.bfloat16))
+    if kind == "ia3":
+        t["l"] = 1 + 0.1 * rnd(k if IA3_FEEDFORWARD[layer] else n)
+    else:
+        t["a"] = rnd(RANK, k, scale=k ** -0.5)
+        t["b"] = rnd(n, RANK, scale=0.1)
+        if kind == "adalora":
+            t["e"] = rnd(RANK, scale=0.5)
+    return t
+
+
+def _call(method: str, layer: str, t: dict, backend: Optional[str], seed: int = 1234):
+    """One fastpeft functional call on the tensors `t` (whatever requires grad gets a gradient)."""
+    from fastpeft import functional as Fn
+    kind, p = _method_parts(method)
+    if kind == "ia3":
+        return Fn.ia3_linear(t["x"], t["w"], None, t["l"], feedforward=IA3_FEEDFORWARD[layer], backend=backend)
+    if kind == "adalora":
+        return Fn.adalora_linear(t["x"], t["w"], None, t["a"], t["e"], t["b"], ALPHA / RANK, RANK, p, seed,
+                                 backend=backend)
+    return Fn.lora_linear(t["x"], t["w"], None, t["a"], t["b"], ALPHA / RANK, p, seed, backend=backend)
+
+
+def _grads(method, layer, t, backend):
+    t = {k: (v.detach().clone().requires_grad_(k not in ("w", "gy"))) for k, v in t.items()}
+    y = _call(method, layer, t, backend)
+    y.backward(t["gy"])
+    return {"y": y.detach(), **{f"d{k}": v.grad for k, v in t.items() if v.grad is not None}}
+
+
+def _backends() -> dict:
+    from fastpeft._backend import _why_not
+    out = {}
+    for b in ("torch", "triton", "cuda"):
+        out[b] = {op: _why_not(b, op, torch.device("cuda")) for op in ("lora", "ia3")}
+    return out
+
+
+def phase_correctness(out: Path, deadline: float) -> None:
+    rows = Rows(out / "correctness.csv", ["backend", "layer", "M", "method", "tensor", "err", "torch_err",
+                                          "bound", "ok", "note"])
+    avail = _backends()
+    for m in (8192, 16):
+        for method in METHODS:
+            for layer in SHAPES:
+                if time.time() > deadline:
+                    return
+                op = "ia3" if method == "ia3" else "lora"
+                t = _inputs(layer, m, method)
+                ref = _grads(method, layer, {k: v.float() for k, v in t.items()}, "torch")
+                torch_res = _grads(method, layer, t, "torch")
+                for backend in ("torch", "triton", "cuda"):
+                    why = avail[backend][op]
+                    if why is not None:
+                        rows.add(backend=backend, layer=layer, M=m, method=method, note=f"skipped: {why}"[:200])
+                        continue
+                    try:
+                        res = torch_res if backend == "torch" else _grads(method, layer, t, backend)
+                    except Exception as e:  # noqa: BLE001
+                        rows.add(backend=backend, layer=layer, M=m, method=method, ok=False,
+                                 note=f"failed: {type(e).__name__}: {e}"[:300])
+                        continue
+                    for name, ref_v in ref.items():
+                        err, terr = rel_err(res[name], ref_v), rel_err(torch_res[name], ref_v)
+                        bound = (2 if name == "y" else 3) * terr
+                        rows.add(backend=backend, layer=layer, M=m, method=method, tensor=name, err=err,
+                                 torch_err=terr, bound=bound, ok=bool(err <= bound or err <= 1e-6))
+                del t, ref, torch_res
+                torch.cuda.empty_cache()
+
+
+def _peft_module(method: str, layer: str):
+    from benchmarks.cost_model import _peft_layer
+    kind, p = _method_parts(method)
+    k, n = SHAPES[layer]
+    with torch.device("cuda"):
+        mod = _peft_layer(kind, k, n, p, IA3_FEEDFORWARD[layer])
+    if kind in ("lora", "adalora") and p > 0:
+        mod.lora_dropout["default"] = torch.nn.Dropout(p)
+    return mod.train()
+
+
+def _step_fn(provider: str, method: str, layer: str, t: dict) -> Callable[[], None]:
+    """fwd+bwd of one provider: base (frozen F.linear), default (backend auto), fused (triton), peft."""
+    x = t["x"].detach().clone().requires_grad_(True)
+    gy = t["gy"]
+    if provider == "base":
+        return lambda: F.linear(x, t["w"]).backward(gy)
+    if provider == "peft":
+        mod = _peft_module(method, layer)
+        return lambda: mod(x).backward(gy)
+    tt = {k: (v.detach().clone().requires_grad_(k not in ("w", "gy", "x"))) for k, v in t.items()}
+    tt["x"] = x
+    backend = None if provider == "default" else "triton"
+    return lambda: _call(method, layer, tt, backend, seed=None).backward(gy)
+
+
+def phase_ratios(out: Path, deadline: float) -> None:
+    from fastpeft._backend import select_backend
+    rows = Rows(out / "ratios.csv", ["layer", "M", "method", "provider", "backend", "ms", "x_base", "x_peft",
+                                     "note"])
+    for method in METHODS:
+        for m in (8192, 2048, 16, 1):
+            for layer in SHAPES:
+                if time.time() > deadline:
+                    return
+                t = _inputs(layer, m, method)
+                op = "ia3" if method == "ia3" else "lora"
+                times = {}
+                for provider in ("base", "peft", "default", "fused"):
+                    backend = {"base": "torch", "peft": "HF PEFT", "fused": "triton"}.get(provider)
+                    if provider == "default":
+                        backend = select_backend(op, t["x"], None)
+                    try:
+                        times[provider] = bench_ms(_step_fn(provider, method, layer, t))
+                        note = ""
+                    except Exception as e:  # noqa: BLE001
+                        note = f"failed: {type(e).__name__}: {e}"[:300]
+                    ms = times.get(provider)
+                    rows.add(layer=layer, M=m, method=method, provider=provider, backend=backend, ms=ms if ms else "",
+                             x_base=ms / times["base"] if ms and "base" in times else "",
+                             x_peft=ms / times["peft"] if ms and "peft" in times else "", note=note)
+                del t
+                torch.cuda.empty_cache()
+
+
+def phase_profile(out: Path, deadline: float) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    rows = Rows(out / "profile.csv", ["layer", "M", "method", "provider", "kernel", "calls", "device_us"])
+    layer, m = "q_proj", 8192
+    for method in ("lora", "lora_p0.1"):
+        t = _inputs(layer, m, method)
+        for provider in ("base", "default", "fused", "peft"):
+            if time.time() > deadline:
+                return
+            try:
+                fn = _step_fn(provider, method, layer, t)
+                fn()
+                fn()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    fn()
+                    torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001
+                rows.add(layer=layer, M=m, method=method, provider=provider,
+                         kernel=f"failed: {type(e).__name__}: {e}"[:300])
+                continue
+            evts = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+            for e in sorted(evts, key=lambda e: -e.self_device_time_total):
+                rows.add(layer=layer, M=m, method=method, provider=provider, kernel=e.key[:160], calls=e.count,
+                         device_us=float(e.self_device_time_total))
+            rows.add(layer=layer, M=m, method=method, provider=provider, kernel="TOTAL",
+                     calls=sum(e.count for e in evts), device_us=float(sum(e.self_device_time_total for e in evts)))
+
+
+def phase_e2e(out: Path, deadline: float) -> None:
+    from benchmarks.bench_e2e import run_e2e
+    rows = Rows(out / "e2e.csv", ["model", "provider", "label", "p50_ms", "p20_ms", "p80_ms", "tokens_per_s",
+                                  "mem_mib", "mem_kind", "eval_loss", "note"])
+    for provider in ("base", "fastpeft", "peft"):
+        if time.time() > deadline:
+            return
+        try:
+            (r,) = run_e2e("llama3-8b-4l", torch.bfloat16, torch.device("cuda"), [provider], steps=3)
+            rows.add(model="llama3-8b-4l", provider=provider, label=r.label, p50_ms=r.p50, p20_ms=r.p20,
+                     p80_ms=r.p80, tokens_per_s=r.tokens_per_s, mem_mib=r.mem_mib, mem_kind=r.mem_kind,
+                     eval_loss=r.eval_loss)
+        except Exception as e:  # noqa: BLE001
+            rows.add(model="llama3-8b-4l", provider=provider, note=f"failed: {type(e).__name__}: {e}"[:300])
+        torch.cuda.empty_cache()
+
+
+PHASES = {"gemm": phase_gemm, "correctness": phase_correctness, "ratios": phase_ratios,
+          "profile": phase_profile, "e2e": phase_e2e}
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_phases", description=__doc__.splitlines()[0])
+    p.add_argument("phase", choices=sorted(PHASES))
+    p.add_argument("--out", required=True, help="folder; rows are appended to OUT/<phase>.csv")
+    p.add_argument("--budget", type=float, default=600.0, help="seconds; the phase starts no new case after it "
+                                                              "(gpu_check.sh also kills it with `timeout`)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available() or os.environ.get("GPU_CHECK_DRY_RUN") == "1":
+        print(f"{args.phase}: skipped: no GPU")
+        return SKIPPED
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    PHASES[args.phase](out, time.time() + args.budget)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""benchmarks/gpu_check.sh and benchmarks/gpu_phases.py without a GPU: the dry run, phase order, per-phase time
+limits, and rows on disk the moment they are written."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+PHASES = ["build", "gemm", "correctness", "ratios", "profile", "e2e", "tests"]
+
+
+def _run(tmp_path, **env):
+    full = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, GPU_CHECK_DRY_RUN="1", **env)
+    p = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=full, capture_output=True, text=True, timeout=120)
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    return p, summary
+
+
+def _phase_lines(summary: str) -> list:
+    return [line.split("] ", 1)[1] for line in summary.splitlines() if "] " in line]
+
+
+def test_dry_run_skips_every_gpu_phase_in_order(tmp_path):
+    p, summary = _run(tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = _phase_lines(summary)
+    assert lines[0].startswith("gpu_check: commit") and "gpu=0" in lines[0]
+    assert [line.split(":")[0] for line in lines[1:-1]] == PHASES
+    assert all(line.endswith("skipped: no GPU") for line in lines[1:-1])
+    assert lines[-1].startswith("gpu_check: done") and "failed=0" in lines[-1]
+
+
+def test_a_phase_over_its_limit_is_killed_and_the_next_ones_run(tmp_path):
+    p, summary = _run(tmp_path, GPU_CHECK_SELFTEST_SLEEP="gemm", GPU_CHECK_LIMIT_GEMM="1")
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = _phase_lines(summary)
+    gemm = next(line for line in lines if line.startswith("gemm:"))
+    assert gemm.startswith("gemm: timed out after 1 s")
+    after = [line.split(":")[0] for line in lines[lines.index(gemm) + 1:]]
+    assert after[:5] == ["correctness", "ratios", "profile", "e2e", "tests"]
+
+
+def test_phases_skip_without_gpu(tmp_path, monkeypatch):
+    from benchmarks import gpu_phases
+    monkeypatch.setenv("GPU_CHECK_DRY_RUN", "1")
+    for name in gpu_phases.PHASES:
+        assert gpu_phases.main([name, "--out", str(tmp_path)]) == gpu_phases.SKIPPED
+    assert not list(tmp_path.iterdir())  # a skipped phase writes nothing
+    with pytest.raises(SystemExit):
+        gpu_phases.main(["nope", "--out", str(tmp_path)])
+
+
+def test_rows_are_on_disk_as_soon_as_written(tmp_path):
+    from benchmarks.gpu_phases import Rows
+    path = tmp_path / "x.csv"
+    rows = Rows(path, ["a", "b"])
+    rows.add(a=1, b=0.123456789)
+    # read through a separate handle while the writer is still open (as after a kill)
+    with open(path) as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 1 and got[0]["a"] == "1" and got[0]["b"] == "0.12346" and got[0]["gpu"]
+    rows.close()
+    rows = Rows(path, ["a", "b"])  # a rerun appends, header once
+    rows.add(a=2, b="")
+    rows.close()
+    with open(path) as f:
+        assert [r["a"] for r in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_phase_helpers_run_on_cpu_at_tiny_shapes(monkeypatch):
+    """The per-case code of the correctness and ratios phases, on CPU tensors at tiny shapes (catches API drift
+    before a GPU run does)."""
+    pytest.importorskip("peft")
+    from benchmarks import gpu_phases as G
+    monkeypatch.setattr(G, "SHAPES", {"q_proj": (32, 24), "down_proj": (48, 16)})
+    monkeypatch.setattr(G, "IA3_FEEDFORWARD", {"q_proj": False, "down_proj": True})
+    for method in G.METHODS:
+        for layer in G.SHAPES:
+            t = G._inputs(layer, 5, method, dev="cpu")
+            ref = G._grads(method, layer, {k: v.double() for k, v in t.items()}, "torch")
+            res = G._grads(method, layer, {k: v.float() for k, v in t.items()}, "torch")
+            assert set(res) == set(ref) and {"y", "dx"} <= set(res)
+            assert all(G.rel_err(res[k], ref[k]) < 1e-5 for k in ref)
+            for provider in ("base", "default", "peft"):
+                t32 = {k: v.float() for k, v in t.items()}
+                if provider == "peft":
+                    monkeypatch.setattr(G, "_peft_module", lambda m, lay: _cpu_peft(G, m, lay))
+                G._step_fn(provider, method, layer, t32)()
+
+
+def _cpu_peft(G, method, layer):
+    from benchmarks.cost_model import _peft_layer
+    kind, p = G._method_parts(method)
+    k, n = G.SHAPES[layer]
+    mod = _peft_layer(kind, k, n, p, G.IA3_FEEDFORWARD[layer])
+    return mod.float().train()
