@@ -49,3 +49,20 @@ CONFIG_BASES: tuple = (peft.PeftConfig,) if peft is not None else ()
 def interop_enabled() -> bool:
     """True when fastpeft models/configs are also ``peft.PeftModel`` / ``peft.PeftConfig`` instances."""
     return peft is not None
+
+
+def adopt_field_metadata(ours: type, peft_name: str) -> None:
+    """Give the dataclass fields of fastpeft config class ``ours`` the ``metadata`` of the same-named fields of
+    ``peft.<peft_name>`` (HF PEFT reads e.g. the LoRA-variant tags from them when it builds a model from a config).
+    Does nothing without peft."""
+    if peft is None:
+        return
+    import dataclasses
+
+    theirs = getattr(peft, peft_name, None)
+    if theirs is None or not dataclasses.is_dataclass(theirs):
+        return
+    meta = {f.name: f.metadata for f in dataclasses.fields(theirs)}
+    for f in dataclasses.fields(ours):
+        if f.name in meta and not f.metadata:
+            f.metadata = meta[f.name]

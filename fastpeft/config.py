@@ -476,6 +476,10 @@ class LoraConfig(PeftConfig):
         super().__post_init__()
         if isinstance(self.runtime_config, dict):
             self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
+        if CONFIG_BASES:  # HF PEFT building a model from this config uses fastpeft's ops (fastpeft.integrations)
+            from .integrations import peft_custom_modules
+
+            self._custom_modules = peft_custom_modules()
         _check_pos_int("r", self.r)
         for k, v in (self.rank_pattern or {}).items():
             _check_pos_int(f"rank_pattern[{k!r}]", v)
@@ -577,3 +581,15 @@ class IA3Config(PeftConfig):
             raise TypeError(f"fan_in_fan_out must be a bool, got {self.fan_in_fan_out!r}")
         if not isinstance(self.init_ia3_weights, bool):
             raise TypeError(f"init_ia3_weights must be a bool, got {self.init_ia3_weights!r}")
+
+
+def _adopt_peft_metadata() -> None:
+    # When HF PEFT builds a model from a fastpeft config (TRL's SFTTrainer(peft_config=...)), it reads tags from the
+    # config's field metadata; the fields carry PEFT's.
+    from ._peft_compat import adopt_field_metadata
+
+    for cls in (LoraConfig, AdaLoraConfig, IA3Config):
+        adopt_field_metadata(cls, cls.__name__)
+
+
+_adopt_peft_metadata()
