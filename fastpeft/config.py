@@ -27,9 +27,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from ._peft_compat import CONFIG_BASES
+
 __all__ = [
-    "PeftType", "TaskType", "PeftConfig", "LoraConfig", "AdaLoraConfig", "IA3Config", "register_config",
-    "CONFIG_CLASSES", "CONFIG_NAME", "PEFT_FORMAT_VERSION",
+    "PeftType", "TaskType", "PeftConfig", "LoraConfig", "AdaLoraConfig", "IA3Config", "LoraRuntimeConfig",
+    "register_config", "CONFIG_CLASSES", "CONFIG_NAME", "PEFT_FORMAT_VERSION",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -137,8 +139,11 @@ _MIN_KEYS = {"peft_type"}
 
 
 @dataclass
-class PeftConfig:
+class PeftConfig(*CONFIG_BASES):
     """Base configuration shared by every method (HF PEFT's ``PeftConfig`` fields).
+
+    When HF PEFT is installed this class derives from ``peft.PeftConfig`` (``fastpeft._peft_compat``), so TRL and
+    transformers accept fastpeft configs wherever they take a PEFT config; every method below is fastpeft's own.
 
     Args:
         task_type: a ``TaskType`` (or its string) or None.  ``get_peft_model`` uses it to choose the wrapper and, for
@@ -251,13 +256,24 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,
                         **kwargs) -> "PeftConfig":
-        """Load ``adapter_config.json`` from a local directory (fastpeft never contacts the Hub).
+        """Load ``adapter_config.json`` from a local directory or a Hub repository id (through huggingface_hub's
+        cache; ``HF_HUB_OFFLINE`` honoured).
 
         Keyword arguments that are config fields override the file's values (e.g. ``inference_mode=False``).
         """
         path = str(pretrained_model_name_or_path)
         if subfolder:
             path = os.path.join(path, subfolder)
+        if not os.path.isdir(path) and not os.path.exists(str(pretrained_model_name_or_path)):
+            # a Hub id: through huggingface_hub's cache (fastpeft.hub)
+            from .hub import resolve_adapter_dir, split_hub_kwargs
+
+            hub, kwargs = split_hub_kwargs(kwargs)
+            path = resolve_adapter_dir(str(pretrained_model_name_or_path), subfolder=subfolder, need_weights=False,
+                                       **hub)
+        else:
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "cache_dir", "token", "force_download",
+                                                                    "local_files_only", "proxies")}
         file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(file):
             raise ValueError(f"cannot find {CONFIG_NAME!r} in {path!r} (fastpeft loads adapters from local "
@@ -268,6 +284,19 @@ class PeftConfig:
 
     def copy(self) -> "PeftConfig":
         return dataclasses.replace(self)
+
+    @classmethod
+    def from_peft_type(cls, **kwargs) -> "PeftConfig":
+        """Build the config class registered for ``kwargs["peft_type"]`` (``cls`` when absent) from keyword
+        arguments, as HF PEFT's ``PeftConfig.from_peft_type``: keys unknown to the class (written by a newer PEFT)
+        are dropped with a warning."""
+        return cls.from_dict(kwargs)
+
+    @classmethod
+    def check_kwargs(cls, **kwargs) -> dict[str, Any]:
+        """Hook checking keyword arguments before a config is built (PEFT's ``check_kwargs``); returns them as they
+        are.  Subclasses may override it to reject or rewrite values."""
+        return kwargs
 
 
 def _ensure_builtin_registrations() -> None:
@@ -376,6 +405,18 @@ def _common_lora_checks(cfg) -> None:
         raise ValueError(f"lora_bias=True needs init_lora_weights=True or False, got {cfg.init_lora_weights!r}")
 
 
+@dataclass
+class LoraRuntimeConfig:
+    """Settings that affect how a LoRA model runs but are never saved (HF PEFT's ``LoraRuntimeConfig``).
+
+    Args:
+        ephemeral_gpu_offload: PEFT uses it for DoRA initialisation of CPU-offloaded layers; fastpeft accepts and
+            stores it (it changes no result).
+    """
+
+    ephemeral_gpu_offload: bool = False
+
+
 @register_config(PeftType.LORA)
 @dataclass
 class LoraConfig(PeftConfig):
@@ -423,9 +464,22 @@ class LoraConfig(PeftConfig):
     arrow_config: Optional[Any] = None
     kasa_config: Optional[Any] = None
     ensure_weight_tying: bool = False
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As ``PeftConfig.to_dict`` without ``runtime_config`` (never saved, as in PEFT)."""
+        d = super().to_dict()
+        d.pop("runtime_config", None)
+        return d
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.runtime_config, dict):
+            self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
+        if CONFIG_BASES:  # HF PEFT building a model from this config uses fastpeft's ops (fastpeft.integrations)
+            from .integrations import peft_custom_modules
+
+            self._custom_modules = peft_custom_modules()
         _check_pos_int("r", self.r)
         for k, v in (self.rank_pattern or {}).items():
             _check_pos_int(f"rank_pattern[{k!r}]", v)
@@ -527,3 +581,15 @@ class IA3Config(PeftConfig):
             raise TypeError(f"fan_in_fan_out must be a bool, got {self.fan_in_fan_out!r}")
         if not isinstance(self.init_ia3_weights, bool):
             raise TypeError(f"init_ia3_weights must be a bool, got {self.init_ia3_weights!r}")
+
+
+def _adopt_peft_metadata() -> None:
+    # When HF PEFT builds a model from a fastpeft config (TRL's SFTTrainer(peft_config=...)), it reads tags from the
+    # config's field metadata; the fields carry PEFT's.
+    from ._peft_compat import adopt_field_metadata
+
+    for cls in (LoraConfig, AdaLoraConfig, IA3Config):
+        adopt_field_metadata(cls, cls.__name__)
+
+
+_adopt_peft_metadata()

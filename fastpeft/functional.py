@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from typing import Optional
 
 import torch
@@ -19,7 +20,26 @@ from ._backend import select_backend
 from .ops import ia3 as _ia3
 from .ops import lora as _lora
 
-__all__ = ["lora_linear", "adalora_linear", "ia3_linear", "draw_seed"]
+__all__ = ["lora_linear", "adalora_linear", "ia3_linear", "draw_seed", "set_adapter_autocast"]
+
+# How the LoRA/AdaLoRA branch runs under torch.autocast: "peft" (default) casts its operands to the autocast dtype,
+# as HF PEFT's nn.Linear adapter calls are cast, so bf16 training matches PEFT to rounding; "keep" runs it in the
+# adapter's own dtype (fp32 adapters: a more accurate branch, losses differ from PEFT's by bf16 rounding).
+_ADAPTER_AUTOCAST = os.environ.get("FASTPEFT_ADAPTER_AUTOCAST", "peft").strip().lower()
+
+
+def set_adapter_autocast(mode: str) -> str:
+    """Choose how the LoRA/AdaLoRA branch runs under ``torch.autocast``; returns the previous mode.
+
+    ``"peft"`` (default, also ``FASTPEFT_ADAPTER_AUTOCAST``): lora_A/lora_E/lora_B are cast to the autocast dtype,
+    as HF PEFT's layers are.  ``"keep"``: the branch runs in the adapter weights' dtype (fp32 with PEFT's default
+    ``autocast_adapter_dtype=True``): more accurate, but bf16 losses then differ from PEFT's by bf16 rounding.
+    """
+    global _ADAPTER_AUTOCAST
+    if mode not in ("peft", "keep"):
+        raise ValueError(f"mode must be 'peft' or 'keep', got {mode!r}")
+    prev, _ADAPTER_AUTOCAST = _ADAPTER_AUTOCAST, mode
+    return prev
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,6 +149,12 @@ def _validate_base(x, weight, bias):
 def _lora_impl(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
     _validate_base_types(x, weight, bias)
     x, weight, bias, ctx = _autocast(x, weight, bias)
+    if isinstance(ctx, torch.autocast) and _ADAPTER_AUTOCAST != "keep" and isinstance(lora_A, torch.Tensor) \
+            and lora_A.dtype != x.dtype and lora_A.is_floating_point():
+        # HF PEFT's casting: the adapter matmuls run in the autocast dtype (see set_adapter_autocast)
+        lora_A = lora_A.to(x.dtype)
+        lora_B = lora_B.to(x.dtype) if isinstance(lora_B, torch.Tensor) else lora_B
+        lora_E = lora_E.to(x.dtype) if isinstance(lora_E, torch.Tensor) else lora_E
     with ctx:
         return _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend)
 

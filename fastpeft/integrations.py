@@ -275,3 +275,24 @@ def restore(model: nn.Module) -> nn.Module:
 def is_accelerated(module: nn.Module) -> bool:
     """True if ``module`` (a PEFT layer) or any of its submodules was accelerated and not restored."""
     return any(_MARK in m.__dict__ for m in module.modules())
+
+
+def _peft_lora_linear(target: nn.Module, adapter_name: str, **kwargs: Any) -> Optional[nn.Module]:
+    """HF PEFT's ``lora.Linear`` around a plain ``nn.Linear``, accelerated (None for any other layer, which PEFT's
+    own dispatchers then handle).
+
+    fastpeft's LoRA configs list this under PEFT's ``_custom_modules`` hook, so a model that HF PEFT builds from a
+    fastpeft config (TRL's ``SFTTrainer(peft_config=fastpeft.LoraConfig(...))`` calls ``peft.get_peft_model``) runs
+    fastpeft's ops in those layers, as after ``fastpeft.accelerate(model)``.
+    """
+    base = target.get_base_layer() if hasattr(target, "get_base_layer") else target
+    if type(base) is not nn.Linear:
+        return None
+    from peft.tuners.lora.layer import Linear
+
+    return accelerate(Linear(target, adapter_name, **kwargs))
+
+
+def peft_custom_modules() -> dict:
+    """The ``_custom_modules`` mapping fastpeft's LoRA configs carry when HF PEFT is installed (see above)."""
+    return {nn.Linear: _peft_lora_linear}

@@ -8,22 +8,25 @@ the user model (``config``, ``generate``'s helpers, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from contextlib import contextmanager
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
+import torch
 import torch.nn as nn
 
+from ._peft_compat import MODEL_BASES
 from .config import PeftConfig, TaskType
-from .save_load import load_peft_weights, normalise_keys, save_peft_weights
+from .save_load import load_peft_weights, normalise_keys, save_peft_weights, split_embedding_weights
 from .tuners import get_tuner_class
 from .tuners.base import SEQ_CLS_HEAD_NAMES
 
 __all__ = [
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification", "PeftModelForSeq2SeqLM",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
-    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "TunerLayerStatus", "TunerModelStatus",
 ]
 
 
@@ -40,8 +43,48 @@ def _is_checkpointing(model: nn.Module) -> bool:
     return False
 
 
-class PeftModel(nn.Module):
+@dataclasses.dataclass
+class TunerLayerStatus:
+    """One adapter layer's state (``PeftModel.get_layer_status``; HF PEFT's fields)."""
+
+    name: str
+    module_type: str
+    enabled: bool
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    requires_grad: dict[str, Union[bool, Literal["irregular"]]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+
+
+@dataclasses.dataclass
+class TunerModelStatus:
+    """The whole model's adapter state (``PeftModel.get_model_status``; HF PEFT's fields).  A value that differs
+    between layers is ``"irregular"``."""
+
+    base_model_type: str
+    adapter_model_type: str
+    peft_types: dict[str, str]
+    trainable_params: int
+    total_params: int
+    num_adapter_layers: int
+    enabled: Union[bool, Literal["irregular"]]
+    active_adapters: Union[list[str], Literal["irregular"]]
+    merged_adapters: Union[list[str], Literal["irregular"]]
+    requires_grad: dict[str, Union[bool, Literal["irregular"]]]
+    available_adapters: list[str]
+    devices: dict[str, list[str]]
+
+
+def _irregular(vals):
+    return "irregular" if len({repr(v) for v in vals}) > 1 else (vals[0] if vals else None)
+
+
+class PeftModel(*MODEL_BASES):
     """Wraps ``model`` with the adapter described by ``peft_config`` (the model is modified in place).
+
+    With HF PEFT installed this class derives from ``peft.PeftModel`` (see ``fastpeft._peft_compat``), so
+    transformers' ``Trainer``, TRL and accelerate treat it as a PEFT model; all its methods are fastpeft's own.
 
     Args:
         model: the model to adapt (any nn.Module; HF transformers models get architecture defaults).
@@ -54,12 +97,15 @@ class PeftModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default",
                  autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not peft.PeftModel.__init__: the tuner is fastpeft's
         if not isinstance(peft_config, PeftConfig):
             raise TypeError(f"peft_config must be a fastpeft PeftConfig, got {type(peft_config).__name__}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.peft_type = peft_config.peft_type
+        # keyword arguments of forward()/generate() that fastpeft consumes (PEFT's attribute)
+        self.special_peft_forward_args = {"adapter_names"}
+        self._adapters_disabled = False
         peft_config = self._prepare_config(peft_config)
         tuner_cls = get_tuner_class(peft_config.peft_type)
         self.base_model = tuner_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -83,6 +129,10 @@ class PeftModel(nn.Module):
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
         return self.base_model.peft_config
+
+    @peft_config.setter
+    def peft_config(self, value: dict[str, PeftConfig]) -> None:
+        self.base_model.peft_config = value
 
     @property
     def active_adapter(self) -> Union[str, list[str]]:
@@ -125,10 +175,12 @@ class PeftModel(nn.Module):
     def disable_adapter(self):
         """Context manager running the base model (adapters bypassed, merged ones unmerged)."""
         self.base_model.disable_adapter_layers()
+        self._adapters_disabled = True
         try:
             yield
         finally:
             self.base_model.enable_adapter_layers()
+            self._adapters_disabled = False
 
     # -- parameters --------------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -181,11 +233,23 @@ class PeftModel(nn.Module):
 
     # -- files --------------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
-                        selected_adapters: Optional[list[str]] = None, save_embedding_layers="auto",
-                        is_main_process: bool = True, **kwargs) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter, exactly as HF PEFT does.
+                        selected_adapters: Optional[list[str]] = None, save_embedding_layers: Union[str, bool] = "auto",
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
+                        **kwargs: Any) -> None:
+        """Write each adapter as HF PEFT does: ``adapter_config.json`` + ``adapter_model.safetensors`` (or
+        ``adapter_model.bin`` with ``safe_serialization=False``) and PEFT's model card ``README.md``.
 
         The "default" adapter goes to ``save_directory``, any other to ``save_directory/<adapter_name>``.
+
+        Args:
+            selected_adapters: adapters to save (default: all).
+            save_embedding_layers: True also saves the input/output embedding weights (PEFT's keys); "auto" does so
+                when an embedding layer ("embed_tokens", "lm_head") is in ``target_modules``.
+            is_main_process: False writes nothing (the other ranks of a distributed run).
+            state_dict (kwarg): a full ``self.state_dict()``-keyed dict to take the values from (what FSDP / ZeRO-3
+                saves pass) instead of the live parameters.
+            path_initial_model_for_weight_conversion: PiSSA/OLoRA conversion; not supported (ValueError).
+        Other keyword arguments (e.g. ``max_shard_size`` from ``push_to_hub``) are accepted and ignored, as in PEFT.
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a directory, but {save_directory!r} is a file")
@@ -193,11 +257,19 @@ class PeftModel(nn.Module):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"selected_adapters {unknown} do not exist; available: {sorted(self.peft_config)}")
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError("path_initial_model_for_weight_conversion (PiSSA/OLoRA/CorDA conversion) is not "
+                             "supported by fastpeft")
         if not is_main_process:
             return
+        state_dict = kwargs.get("state_dict", None)
+        os.makedirs(save_directory, exist_ok=True)
+        self.create_or_update_model_card(save_directory)
         for name in names:
             cfg = self.peft_config[name]
-            sd = self.base_model.get_adapter_state_dict(name)  # before the config: AdaLoRA rewrites rank_pattern
+            # before the config: AdaLoRA rewrites rank_pattern
+            sd = self.get_adapter_state_dict_for_save(name, state_dict=state_dict,
+                                                      save_embedding_layers=save_embedding_layers)
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
             save_peft_weights(sd, out_dir, safe_serialization=safe_serialization)
             if cfg.base_model_name_or_path is None:
@@ -213,37 +285,105 @@ class PeftModel(nn.Module):
             finally:
                 cfg.inference_mode = was
 
+    def get_adapter_state_dict_for_save(self, adapter_name: str, state_dict: Optional[dict] = None,
+                                        save_embedding_layers: Union[str, bool] = "auto") -> dict[str, torch.Tensor]:
+        """What ``save_pretrained`` writes for ``adapter_name``: PEFT's file keys -> tensors (see
+        ``fastpeft.get_peft_model_state_dict``)."""
+        from .save_load import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=adapter_name,
+                                         save_embedding_layers=save_embedding_layers)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Create or update ``output_dir/README.md`` with PEFT's model-card metadata (``fastpeft.hub``)."""
+        try:
+            from .hub import write_model_card
+            import huggingface_hub  # noqa: F401
+        except ImportError:
+            warnings.warn("huggingface_hub is not installed: no model card (README.md) is written", UserWarning,
+                          stacklevel=2)
+            return
+        write_model_card(self, output_dir)
+
+    def _model_card_tags(self) -> list[str]:
+        tags = []
+        base = self.get_base_model()
+        import sys
+
+        mu = sys.modules.get("transformers.modeling_utils")
+        if not self.active_peft_config.is_prompt_learning and mu is not None \
+                and isinstance(base, mu.PreTrainedModel):
+            tags.append("transformers")
+        if str(self.active_peft_config.peft_type) == "LORA":
+            tags.append("lora")
+        holder = base if self.active_peft_config.is_prompt_learning else self.base_model
+        if hasattr(holder, "name_or_path"):
+            tags.append(f"base_model:adapter:{holder.name_or_path}")
+        return tags
+
+    def _is_causal_lm(self) -> bool:
+        return isinstance(self, PeftModelForCausalLM)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: Optional[str] = None,
+                    commit_description: Optional[str] = None, private: Optional[bool] = None, token=None,
+                    revision: Optional[str] = None, create_pr: bool = False, **kwargs):
+        """Upload the adapter (the files ``save_pretrained`` writes, never the base model) to the Hub repository
+        ``repo_id`` in one commit, creating the repository if needed.  Extra keyword arguments go to
+        ``save_pretrained`` (``selected_adapters``, ``safe_serialization``, ...).  Returns huggingface_hub's
+        ``CommitInfo``."""
+        from .hub import push_adapter_to_hub
+
+        kwargs.pop("max_shard_size", None)
+        kwargs.pop("tags", None)
+        return push_adapter_to_hub(self, repo_id, commit_message=commit_message,
+                                   commit_description=commit_description, private=private, token=token,
+                                   revision=revision, create_pr=create_pr, **kwargs)
+
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
                         is_trainable: bool = False, config: Optional[PeftConfig] = None,
                         autocast_adapter_dtype: bool = True, allow_bin: bool = False, subfolder: Optional[str] = None,
-                        **kwargs) -> "PeftModel":
-        """Wrap ``model`` with the adapter saved in the local directory ``model_id`` (PEFT or fastpeft files).
+                        revision: Optional[str] = None, **kwargs) -> "PeftModel":
+        """Wrap ``model`` with the adapter saved in ``model_id`` (PEFT or fastpeft files).
 
         Args:
+            model_id: a local directory or a Hub repository id (downloaded through huggingface_hub, which uses its
+                cache and honours ``HF_HUB_OFFLINE``; ``revision``, ``cache_dir``, ``token``, ``local_files_only``,
+                ``force_download`` are passed on).
+            subfolder: a sub-directory of ``model_id``.
             is_trainable: False (default) loads the adapter frozen and puts the model in eval mode.
             config: use this config instead of the directory's adapter_config.json.
             allow_bin: opt in to reading a pickled adapter_model.bin (``weights_only=True``); safetensors otherwise.
         Raises ValueError/TypeError before anything is left changed if the config or any tensor shape does not fit:
         the model is then exactly as it was (modules, values, requires_grad).
         """
+        from .hub import resolve_adapter_dir, split_hub_kwargs
+
+        hub_kwargs, kwargs = split_hub_kwargs(kwargs)
+        if revision is not None:
+            hub_kwargs["revision"] = revision
+        torch_device = kwargs.pop("torch_device", None)
+        kwargs.pop("low_cpu_mem_usage", None)
+        kwargs.pop("ephemeral_gpu_offload", None)
         if kwargs:
-            unsupported = sorted(kwargs)
-            warnings.warn(f"from_pretrained ignores the arguments {unsupported} (not supported by fastpeft)",
+            warnings.warn(f"from_pretrained ignores the arguments {sorted(kwargs)} (not supported by fastpeft)",
                           UserWarning, stacklevel=2)
-        path = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+        path = resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
         if config is None:
             config = PeftConfig.from_pretrained(path)
         elif not isinstance(config, PeftConfig):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}")
         config.inference_mode = not is_trainable
-        weights = load_peft_weights(path, allow_bin=allow_bin)
+        weights = load_peft_weights(path, device=torch_device, allow_bin=allow_bin)
         snapshot = [(p, p.requires_grad) for p in model.parameters()]
         klass = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel) if cls is PeftModel else cls
         peft_model = klass(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             tuner = peft_model.base_model
-            tuner.set_adapter_state_dict(adapter_name, normalise_keys(tuner, adapter_name, weights))
+            adapter_sd, apply_emb = split_embedding_weights(peft_model, adapter_name,
+                                                            normalise_keys(tuner, adapter_name, weights))
+            tuner.set_adapter_state_dict(adapter_name, adapter_sd)
+            apply_emb()
         except BaseException:
             peft_model.base_model._remove_adapter(adapter_name, unwrap_empty=True)
             for p, rg in snapshot:
@@ -255,12 +395,30 @@ class PeftModel(nn.Module):
 
     def load_adapter(self, model_id: Union[str, os.PathLike], adapter_name: str, is_trainable: bool = False,
                      torch_device: Optional[str] = None, autocast_adapter_dtype: bool = True, allow_bin: bool = False,
-                     subfolder: Optional[str] = None, **kwargs):
-        """Load another saved adapter under ``adapter_name`` (not activated).  Atomic: on error nothing changes."""
-        path = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+                     subfolder: Optional[str] = None, revision: Optional[str] = None, **kwargs):
+        """Load a saved adapter (local directory or Hub id, as ``from_pretrained``) under ``adapter_name``.
+
+        A new name adds the adapter (not activated; trainable only with ``is_trainable=True``).  An existing name
+        gets the file's weights loaded into it (its config and trainability stay), which is how ``Trainer`` resumes
+        from a checkpoint and loads the best one (PEFT's behaviour).  ``is_trainable=False`` puts the model in eval
+        mode.  Atomic: on any error (keys, shapes, files) nothing changes.
+        """
+        from .hub import resolve_adapter_dir, split_hub_kwargs
+
+        hub_kwargs, kwargs = split_hub_kwargs(kwargs)
+        if revision is not None:
+            hub_kwargs["revision"] = revision
+        path = resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
         if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or choose another "
-                             "name")
+            weights = load_peft_weights(path, device=torch_device, allow_bin=allow_bin)
+            tuner = self.base_model
+            adapter_sd, apply_emb = split_embedding_weights(self, adapter_name,
+                                                            normalise_keys(tuner, adapter_name, weights))
+            tuner.set_adapter_state_dict(adapter_name, adapter_sd)
+            apply_emb()
+            if not is_trainable:
+                self.eval()
+            return None
         config = PeftConfig.from_pretrained(path)
         config.inference_mode = not is_trainable
         weights = load_peft_weights(path, device=torch_device, allow_bin=allow_bin)
@@ -268,7 +426,10 @@ class PeftModel(nn.Module):
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             tuner = self.base_model
-            tuner.set_adapter_state_dict(adapter_name, normalise_keys(tuner, adapter_name, weights))
+            adapter_sd, apply_emb = split_embedding_weights(self, adapter_name,
+                                                            normalise_keys(tuner, adapter_name, weights))
+            tuner.set_adapter_state_dict(adapter_name, adapter_sd)
+            apply_emb()
         except BaseException:
             self.base_model._remove_adapter(adapter_name, unwrap_empty=True)
             for p, rg in snapshot:
@@ -285,9 +446,154 @@ class PeftModel(nn.Module):
             self.eval()
         return None
 
+    # -- PEFT's remaining public API ----------------------------------------------------------------------------------
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False while the adapters are disabled (``disable_adapter``) or when no adapter is active."""
+        return not self._adapters_disabled and bool(self.active_adapters)
+
+    @property
+    def modules_to_save(self) -> Optional[set[str]]:
+        """Union of every adapter config's ``modules_to_save`` (None when empty), as in PEFT."""
+        mods: set[str] = set()
+        for cfg in self.peft_config.values():
+            if getattr(cfg, "modules_to_save", None) is not None:
+                mods.update(cfg.modules_to_save)
+        return mods or None
+
+    @property
+    def base_model_torch_dtype(self) -> Optional[torch.dtype]:
+        """The wrapped model's dtype (``model.dtype``), None when it has none."""
+        return getattr(self.base_model, "dtype", None)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether the adapter is additive (W' = W + delta) and could be expressed as LoRA: LoRA and AdaLoRA."""
+        cfg = self.peft_config.get(adapter_name, self.active_peft_config)
+        return not cfg.is_prompt_learning and str(cfg.peft_type) in ("LORA", "ADALORA")
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make the input embeddings' output require grad (so checkpointed blocks see a graph) unless the model is
+        quantized; returns ``model``."""
+        if not (getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False)
+                or getattr(model, "is_quantized", False)):
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+            elif hasattr(model, "get_input_embeddings"):
+                model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+        return model
+
+    def set_requires_grad(self, adapter_names: Union[str, Sequence[str]], requires_grad: bool = True) -> None:
+        """Switch gradients of the named adapters' weights (and their modules_to_save copies) on or off, leaving
+        everything else as it is.  TypeError for prompt-learning methods (as in PEFT)."""
+        if self.active_peft_config.is_prompt_learning:
+            raise TypeError("Setting requires_grad is not supported for prompt learning methods like "
+                            f"{self.active_peft_config.peft_type}")
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ValueError(f"adapter_names {unknown} do not exist; available: {sorted(self.peft_config)}")
+        for _, layer in self.base_model.tuner_layers():
+            for attr in layer.adapter_layer_names:
+                container = getattr(layer, attr)
+                for n in names:
+                    if n in container:
+                        container[n].requires_grad_(requires_grad)
+        for _, w in self.base_model._wrappers():
+            for n in names:
+                if n in w.modules_to_save:
+                    w.modules_to_save[n].requires_grad_(requires_grad)
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        """Prompt-learning methods: the prompt embedding saved in the file, (num_tokens, dim) on CPU."""
+        if not self.peft_config[adapter_name].is_prompt_learning:
+            raise ValueError(f"adapter {adapter_name!r} is not a prompt-learning adapter")
+        return self.base_model.get_adapter_state_dict(adapter_name)["prompt_embeddings"].detach().cpu()
+
+    def get_prompt(self, batch_size: int, task_ids: Optional[torch.Tensor] = None,
+                   max_cache_len: Optional[int] = None) -> torch.Tensor:
+        """Prompt tuning / P-tuning: the active prompt expanded to (batch_size, num_tokens, dim).  Prefix tuning's
+        key/value cache is built by the tuner inside forward/generate (ValueError here)."""
+        cfg = self.active_peft_config
+        if not cfg.is_prompt_learning or str(cfg.peft_type) == "PREFIX_TUNING":
+            raise ValueError(f"get_prompt is available for prompt tuning and P-tuning, not {cfg.peft_type}")
+        p = self.base_model._prompt()
+        return p.unsqueeze(0).expand(batch_size, -1, -1)
+
+    def get_layer_status(self) -> list[TunerLayerStatus]:
+        """One ``TunerLayerStatus`` per adapter layer (PEFT's fields)."""
+        out = []
+        for key, layer in self.base_model.tuner_layers():
+            grads: dict[str, Any] = {}
+            devices: dict[str, list[str]] = {}
+            for attr in layer.adapter_layer_names:
+                for name, item in getattr(layer, attr).items():
+                    ps = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                    vals = [p.requires_grad for p in ps]
+                    prev = grads.get(name)
+                    cur = _irregular(vals) if vals else None
+                    grads[name] = cur if prev is None or prev == cur else "irregular"
+                    devices.setdefault(name, [])
+                    for p in ps:
+                        if p.device.type not in devices[name]:
+                            devices[name].append(p.device.type)
+            out.append(TunerLayerStatus(
+                name=f"model.{key}", module_type=f"{type(layer).__module__.split('.')[-1]}.{type(layer).__name__}",
+                enabled=not layer.disable_adapters, active_adapters=list(layer.active_adapters),
+                merged_adapters=list(layer.merged_adapters), requires_grad=grads,
+                available_adapters=sorted(layer.adapter_names()), devices=devices))
+        return out
+
+    def get_model_status(self) -> TunerModelStatus:
+        """The model-wide summary (``TunerModelStatus``); a value that differs between layers is "irregular"."""
+        layers = self.get_layer_status()
+        trainable, total = self.get_nb_trainable_parameters()
+        grads: dict[str, Any] = {}
+        devices: dict[str, list[str]] = {}
+        for st in layers:
+            for k, v in st.requires_grad.items():
+                grads[k] = v if k not in grads or grads[k] == v else "irregular"
+            for k, v in st.devices.items():
+                devices.setdefault(k, [])
+                devices[k] += [d for d in v if d not in devices[k]]
+        available = sorted({a for st in layers for a in st.available_adapters}) or sorted(self.peft_config)
+        return TunerModelStatus(
+            base_model_type=type(self.get_base_model()).__name__, adapter_model_type=type(self.base_model).__name__,
+            peft_types={k: str(c.peft_type) for k, c in self.peft_config.items()},
+            trainable_params=trainable, total_params=total, num_adapter_layers=len(layers),
+            enabled=_irregular([st.enabled for st in layers]) if layers else not self._adapters_disabled,
+            active_adapters=_irregular([sorted(st.active_adapters) for st in layers]) if layers
+            else list(self.active_adapters),
+            merged_adapters=_irregular([sorted(st.merged_adapters) for st in layers]) if layers else [],
+            requires_grad=grads, available_adapters=available, devices=devices)
+
+
+def _named_forward(self, named: dict, kwargs: dict):
+    """Call ``PeftModel.forward`` with the named arguments that were given (None means not given)."""
+    kwargs.pop("task_ids", None)  # only multitask prompt tuning uses task ids; fastpeft has none
+    for k, v in named.items():
+        if v is not None:
+            kwargs[k] = v
+    return PeftModel.forward(self, **kwargs)
+
 
 class PeftModelForCausalLM(PeftModel):
-    """PeftModel for ``TaskType.CAUSAL_LM`` (same behaviour; the class exists for isinstance checks)."""
+    """PeftModel for ``TaskType.CAUSAL_LM``.  ``forward`` names PEFT's arguments, so transformers' ``Trainer`` finds
+    ``labels`` (``eval_loss``, label smoothing with shifted labels) exactly as for a PEFT model."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        prep = getattr(self.base_model, "prepare_inputs_for_generation", None)
+        if prep is not None:
+            self.base_model_prepare_inputs_for_generation = prep
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        """input_ids (batch, seq), attention_mask (batch, seq), labels (batch, seq); the model's output."""
+        return _named_forward(self, dict(input_ids=input_ids, attention_mask=attention_mask,
+                                         inputs_embeds=inputs_embeds, labels=labels,
+                                         output_attentions=output_attentions,
+                                         output_hidden_states=output_hidden_states, return_dict=return_dict),
+                              dict(kwargs, task_ids=task_ids))
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -302,21 +608,70 @@ class PeftModelForSequenceClassification(PeftModel):
             config.modules_to_save = mts
         return config
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        """input_ids (batch, seq), labels (batch,); the model's output."""
+        return _named_forward(self, dict(input_ids=input_ids, attention_mask=attention_mask,
+                                         inputs_embeds=inputs_embeds, labels=labels,
+                                         output_attentions=output_attentions,
+                                         output_hidden_states=output_hidden_states, return_dict=return_dict),
+                              dict(kwargs, task_ids=task_ids))
+
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """PeftModel for ``TaskType.SEQ_2_SEQ_LM``."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        """Encoder input_ids (batch, src), decoder ids / labels (batch, tgt); the model's output."""
+        return _named_forward(self, dict(input_ids=input_ids, attention_mask=attention_mask,
+                                         inputs_embeds=inputs_embeds, decoder_input_ids=decoder_input_ids,
+                                         decoder_attention_mask=decoder_attention_mask,
+                                         decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                                         output_attentions=output_attentions,
+                                         output_hidden_states=output_hidden_states, return_dict=return_dict),
+                              dict(kwargs, task_ids=task_ids))
 
 
 class PeftModelForTokenClassification(PeftModel):
     """PeftModel for ``TaskType.TOKEN_CLS``."""
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        """input_ids (batch, seq), labels (batch, seq); the model's output."""
+        return _named_forward(self, dict(input_ids=input_ids, attention_mask=attention_mask,
+                                         inputs_embeds=inputs_embeds, labels=labels,
+                                         output_attentions=output_attentions,
+                                         output_hidden_states=output_hidden_states, return_dict=return_dict),
+                              dict(kwargs, task_ids=task_ids))
+
 
 class PeftModelForQuestionAnswering(PeftModel):
     """PeftModel for ``TaskType.QUESTION_ANS``."""
 
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        """input_ids (batch, seq), start/end_positions (batch,); the model's output."""
+        return _named_forward(self, dict(input_ids=input_ids, attention_mask=attention_mask,
+                                         token_type_ids=token_type_ids, position_ids=position_ids,
+                                         inputs_embeds=inputs_embeds, start_positions=start_positions,
+                                         end_positions=end_positions, output_attentions=output_attentions,
+                                         output_hidden_states=output_hidden_states, return_dict=return_dict),
+                              dict(kwargs, task_ids=task_ids))
+
 
 class PeftModelForFeatureExtraction(PeftModel):
     """PeftModel for ``TaskType.FEATURE_EXTRACTION``."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        """input_ids (batch, seq); the model's output."""
+        return _named_forward(self, dict(input_ids=input_ids, attention_mask=attention_mask,
+                                         inputs_embeds=inputs_embeds, output_attentions=output_attentions,
+                                         output_hidden_states=output_hidden_states, return_dict=return_dict),
+                              dict(kwargs, task_ids=task_ids))
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[Any, type] = {

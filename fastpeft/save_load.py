@@ -15,7 +15,8 @@ import torch
 
 __all__ = [
     "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "load_peft_weights", "save_peft_weights",
-    "get_peft_model_state_dict", "set_peft_model_state_dict",
+    "get_peft_model_state_dict", "set_peft_model_state_dict", "embedding_layer_state_dict",
+    "split_embedding_weights",
 ]
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -89,7 +90,14 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_
                               save_embedding_layers="auto") -> dict[str, torch.Tensor]:
     """The adapter's tensors keyed as in PEFT's adapter_model.safetensors (adapter name removed).
 
-    ``state_dict`` (optional) is a full ``model.state_dict()`` to take the values from instead of the live model.
+    Args:
+        model: a fastpeft PeftModel (or its tuner).
+        state_dict: optional full ``model.state_dict()`` (PeftModel keys) to take the values from instead of the
+            live parameters (FSDP / ZeRO-3 saves gather it first).
+        save_embedding_layers: True adds the input/output embedding weights under their PeftModel keys; "auto" does
+            so when "embed_tokens"/"lm_head" is targeted, or when the vocabulary differs from the base model's
+            config.json found in the local directory ``base_model_name_or_path`` (HF PEFT's rule; fastpeft does not
+            ask the Hub).
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
@@ -98,8 +106,118 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_
     if state_dict is not None and hasattr(tuner, "_adapter_key_map"):
         keymap = tuner._adapter_key_map(adapter_name)
         if set(keymap) == set(sd):
+            missing = [f"base_model.{p}" for p in keymap.values() if f"base_model.{p}" not in state_dict]
+            if missing:
+                raise ValueError(f"state_dict lacks the adapter's keys {missing[:4]} (it must be keyed like "
+                                 "PeftModel.state_dict())")
             sd = {k: state_dict[f"base_model.{path}"] for k, path in keymap.items()}
+    if tuner is not model:
+        sd.update(embedding_layer_state_dict(model, adapter_name, state_dict, save_embedding_layers))
     return sd
+
+
+EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
+
+
+def _embedding_targeted(model, config) -> bool:
+    import re
+
+    tm = getattr(config, "target_modules", None)
+    if isinstance(tm, str) and tm != "all-linear":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return any(re.fullmatch(tm, k) for k, _ in base.named_modules()
+                   if any(re.match(rf"(.*\.)?{e}$", k) for e in EMBEDDING_LAYER_NAMES))
+    return bool(tm) and not isinstance(tm, str) and any(e in tm for e in EMBEDDING_LAYER_NAMES)
+
+
+def _vocab_resized(model, config) -> bool:
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    base_id = getattr(config, "base_model_name_or_path", None)
+    if not (vocab and base_id and os.path.isfile(os.path.join(str(base_id), "config.json"))):
+        return False
+    return vocab != model.config.__class__.from_pretrained(base_id).vocab_size
+
+
+def embedding_layer_state_dict(peft_model, adapter_name: str, state_dict: Optional[dict] = None,
+                               save_embedding_layers="auto") -> dict[str, torch.Tensor]:
+    """The embedding weights ``save_pretrained(save_embedding_layers=...)`` adds, keyed as PEFT saves them
+    (PeftModel parameter names, e.g. ``base_model.model.model.embed_tokens.weight``); {} when not saved."""
+    import warnings
+
+    if save_embedding_layers not in (True, False, "auto"):
+        raise ValueError(f"save_embedding_layers must be True, False or 'auto', got {save_embedding_layers!r}")
+    config = peft_model.peft_config[adapter_name]
+    targeted = _embedding_targeted(peft_model, config)
+    if save_embedding_layers == "auto":
+        trainable_tokens = getattr(config, "trainable_token_indices", None) is not None
+        if targeted and not trainable_tokens:
+            warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in `target_modules`.",
+                          UserWarning, stacklevel=3)
+            save_embedding_layers = True
+        elif _vocab_resized(peft_model, config):
+            warnings.warn("Setting `save_embedding_layers` to `True` as the embedding layer has been resized during "
+                          "finetuning.", UserWarning, stacklevel=3)
+            save_embedding_layers = True
+        else:
+            save_embedding_layers = False
+    if not save_embedding_layers:
+        return {}
+    base = peft_model.get_base_model()
+    if not hasattr(base, "get_input_embeddings"):
+        warnings.warn("Could not identify embedding layer(s) because the model is not a 🤗 transformers model.",
+                      UserWarning, stacklevel=3)
+        return {}
+    if state_dict is None:
+        state_dict = peft_model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for layer in (base.get_input_embeddings(), base.get_output_embeddings()):
+        if layer is None:
+            continue
+        inner = getattr(layer, "base_layer", None)
+        if targeted and not isinstance(inner, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        want = inner if targeted else layer
+        name = next((n for n, m in peft_model.named_modules() if m is want), None)
+        if name:
+            out.update({k: v for k, v in state_dict.items() if k.startswith(name + ".")})
+    return out
+
+
+def split_embedding_weights(peft_model, adapter_name: str, weights: dict[str, torch.Tensor]):
+    """Separate the embedding weights saved with ``save_embedding_layers`` from the adapter's tensors.
+
+    Returns ``(adapter_weights, apply)``: ``apply()`` copies the embedding weights into the model.  Keys that are
+    neither adapter keys nor parameters of the model's input/output embeddings stay in ``adapter_weights`` (the
+    strict adapter check then reports them).  Raises ValueError for an embedding weight of the wrong shape, before
+    anything is changed.
+    """
+    tuner = _tuner(peft_model)
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else None
+    expected = tuner._expected_adapter_shapes(adapter_name) if hasattr(tuner, "_expected_adapter_shapes") else {}
+    if base is None or not hasattr(base, "get_input_embeddings") or not weights:
+        return weights, (lambda: None)
+    emb_params = {}
+    for layer in (base.get_input_embeddings(), base.get_output_embeddings()):
+        if layer is None:
+            continue
+        for mname, m in peft_model.named_modules():
+            if m is layer or m is getattr(layer, "base_layer", None):
+                for pn, p in m.named_parameters(recurse=False):
+                    emb_params[f"{mname}.{pn}"] = p
+    adapter, emb = {}, {}
+    for k, v in weights.items():
+        (emb if k not in expected and k in emb_params else adapter)[k] = v
+    bad = [f"{k}: {tuple(v.shape)} in the file, {tuple(emb_params[k].shape)} in the model"
+           for k, v in emb.items() if tuple(v.shape) != tuple(emb_params[k].shape)]
+    if bad:
+        raise ValueError("the saved embedding weights do not fit the model: " + "; ".join(bad))
+
+    def apply():
+        with torch.no_grad():
+            for k, v in emb.items():
+                emb_params[k].copy_(v.to(device=emb_params[k].device, dtype=emb_params[k].dtype))
+
+    return adapter, apply
 
 
 def set_peft_model_state_dict(model, peft_model_state_dict: dict[str, torch.Tensor], adapter_name: str = "default",

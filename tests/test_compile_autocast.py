@@ -149,10 +149,18 @@ def test_autocast_and_compile(name):
     _close(y1, y0, AUTOCAST_BF16, "autocast compiled vs eager")
 
 
-def test_autocast_lora_branch_runs_in_adapter_dtype():
-    """Documented policy (docs/ARCHITECTURE.md, ops/lora.py): the LoRA branch runs in the adapter dtype, here fp32,
-    also under autocast, as the fused backends do.  Regression: autocast used to re-cast the branch's matmuls to
-    bf16 inside the torch implementation, so the torch backend disagreed with the fused ones."""
+@pytest.fixture
+def keep_adapter_dtype():
+    prev = FP.set_adapter_autocast("keep")
+    yield
+    FP.set_adapter_autocast(prev)
+
+
+def test_autocast_lora_branch_runs_in_adapter_dtype(keep_adapter_dtype):
+    """With ``set_adapter_autocast("keep")`` the LoRA branch runs in the adapter dtype, here fp32, also under
+    autocast, as the fused backends do.  Regression: autocast used to re-cast the branch's matmuls to bf16 inside the
+    torch implementation, so the torch backend disagreed with the fused ones.  (The default, "peft", casts the
+    branch like HF PEFT: tests/test_hf_stack.py.)"""
     torch.manual_seed(0)
     m = LoRALinear(64, 32, r=8, bias=False, backend="torch")
     with torch.no_grad():

@@ -1,0 +1,68 @@
+"""Where fastpeft meets an installed HF PEFT: the base classes that make fastpeft objects PEFT objects.
+
+transformers (``trainer_utils._is_peft_model``, ``Trainer._save``), accelerate (``utils.modeling.is_peft_model``) and
+TRL (``SFTTrainer``) recognise a PEFT model or config with ``isinstance(obj, peft.PeftModel)`` /
+``isinstance(cfg, peft.PeftConfig)``.  When peft is importable, fastpeft's ``PeftModel`` derives from
+``peft.PeftModel`` and fastpeft's ``PeftConfig`` from ``peft.PeftConfig``, so those checks see a PEFT model and
+take their PEFT code paths (adapter-only checkpoints, ``load_adapter`` on resume, label handling ...).  fastpeft
+defines every public method itself (a test checks that none of PEFT's own implementations is reachable on a fastpeft
+model), so behaviour is the same with or without peft installed; only ``isinstance`` answers differ.
+
+Without peft (or with ``FASTPEFT_PEFT_INTEROP=0``) the bases are ``torch.nn.Module`` / ``object`` and nothing from
+peft is imported.  Importing peft imports transformers, so this module is only imported by the model API (never by
+``import fastpeft``).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch.nn as nn
+
+__all__ = ["peft", "MODEL_BASES", "CONFIG_BASES", "interop_enabled"]
+
+
+def _load_peft():
+    if os.environ.get("FASTPEFT_PEFT_INTEROP", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        import peft as _peft
+
+        _peft.PeftModel, _peft.PeftConfig  # noqa: B018 - both must exist
+        return _peft
+    except ImportError:
+        return None
+    except Exception as e:  # a broken peft install must not break fastpeft
+        warnings.warn(f"peft is installed but could not be imported ({type(e).__name__}: {e}); fastpeft models will "
+                      "not be recognised as PEFT models by transformers/TRL/accelerate", UserWarning, stacklevel=2)
+        return None
+
+
+peft = _load_peft()
+
+# Bases of fastpeft.PeftModel and fastpeft.PeftConfig.
+MODEL_BASES: tuple = (peft.PeftModel,) if peft is not None else (nn.Module,)
+CONFIG_BASES: tuple = (peft.PeftConfig,) if peft is not None else ()
+
+
+def interop_enabled() -> bool:
+    """True when fastpeft models/configs are also ``peft.PeftModel`` / ``peft.PeftConfig`` instances."""
+    return peft is not None
+
+
+def adopt_field_metadata(ours: type, peft_name: str) -> None:
+    """Give the dataclass fields of fastpeft config class ``ours`` the ``metadata`` of the same-named fields of
+    ``peft.<peft_name>`` (HF PEFT reads e.g. the LoRA-variant tags from them when it builds a model from a config).
+    Does nothing without peft."""
+    if peft is None:
+        return
+    import dataclasses
+
+    theirs = getattr(peft, peft_name, None)
+    if theirs is None or not dataclasses.is_dataclass(theirs):
+        return
+    meta = {f.name: f.metadata for f in dataclasses.fields(theirs)}
+    for f in dataclasses.fields(ours):
+        if f.name in meta and not f.metadata:
+            f.metadata = meta[f.name]
