@@ -226,6 +226,20 @@ class LoraModel(BaseTuner):
             new.requires_grad_(False)
         setattr(parent, target_name, new)
 
+    def _validate_targets(self, config, adapter_name, targets) -> None:
+        from .lora_conv import check_conv2d_target
+        from .lora_init import check_init_for_target
+
+        for key in targets:
+            module = self.model.get_submodule(key)
+            if isinstance(module, LoraLayer):
+                module = module.base_layer
+            rk = pattern_key((config.rank_pattern or {}).keys(), key)
+            r = config.rank_pattern[rk] if rk is not None else config.r
+            check_init_for_target(module, r, config.init_lora_weights, key)
+            if isinstance(module, nn.Conv2d):
+                check_conv2d_target(module, r, bool(config.use_dora), key)
+
     def _is_supported_target(self, module: nn.Module) -> bool:
         return super()._is_supported_target(module) or type(module) is nn.Conv2d
 

@@ -22,7 +22,7 @@ from .lora import Linear
 __all__ = ["Conv2d"]
 
 
-def check_conv2d_target(base: nn.Module, r: int, name: str = "") -> None:
+def check_conv2d_target(base: nn.Module, r: int, use_dora: bool = False, name: str = "") -> None:
     """Raise ValueError when PEFT's Conv2d LoRA cannot be applied to ``base`` with rank ``r``."""
     where = f" ({name})" if name else ""
     if tuple(base.dilation) != (1,) * len(base.dilation):
@@ -31,14 +31,20 @@ def check_conv2d_target(base: nn.Module, r: int, name: str = "") -> None:
     if r % base.groups != 0:
         raise ValueError(f"Targeting a Conv2d with groups={base.groups} and rank {r}{where}: the rank must be "
                          "divisible by groups. Either choose a different rank or do not target this layer.")
+    if use_dora and base.groups > 1:
+        raise ValueError(f"DoRA on a Conv2d with groups={base.groups}{where} is not supported (HF PEFT 0.21.2 cannot "
+                         "build its magnitude either)")
 
 
 class Conv2d(Linear):
     """LoRA (and DoRA) on an ``nn.Conv2d`` base.  Input (N, C_in, H, W), output (N, C_out, H', W')."""
 
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config) -> None:
+        check_conv2d_target(self.base_layer, r, bool(config.use_dora))
+        super().update_layer(adapter_name, r, lora_alpha, config)
+
     def _make_lora_modules(self, r: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
         base = self.base_layer
-        check_conv2d_target(base, r)
         A = nn.Conv2d(self.in_features, r, base.kernel_size, base.stride, base.padding, bias=False)
         B = nn.Conv2d(r, self.out_features, (1, 1), (1, 1), groups=base.groups, bias=lora_bias)
         return A, B

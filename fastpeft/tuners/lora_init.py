@@ -61,6 +61,21 @@ def _needs_linear(layer, init) -> None:
                          "PEFT, conv layers take True, False or 'gaussian')")
 
 
+def check_init_for_target(module: nn.Module, r: int, init, name: str = "") -> None:
+    """Raise ValueError, before the model is touched, when ``init`` cannot be applied to ``module`` with rank ``r``."""
+    if not isinstance(init, str) or init.lower() == "gaussian":
+        return
+    where = f" (target {name!r})" if name else ""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        raise ValueError(f"init_lora_weights={init!r} is not supported for {type(module).__name__} targets{where} "
+                         "(as in HF PEFT, conv layers take True, False or 'gaussian')")
+    if init.lower() == "olora" and is_conv1d(module):
+        raise ValueError(f"init_lora_weights='olora' is not supported for transformers Conv1D targets{where} (HF "
+                         "PEFT 0.21.2 builds wrongly shaped adapters for them); use nn.Linear targets or 'pissa'")
+    if init == "orthogonal" and r % 2 != 0:
+        raise ValueError(f"init_lora_weights='orthogonal' requires an even LoRA rank, got r={r}{where}")
+
+
 def init_lora_adapter(layer, adapter_name: str, init) -> None:
     """Initialise ``lora_A``/``lora_B`` of ``adapter_name`` per ``init`` (the table above); may rewrite the base
     weight (PiSSA/OLoRA).  Called right after the two modules were constructed, before the dtype move."""
