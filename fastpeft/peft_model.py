@@ -182,10 +182,14 @@ class PeftModel(nn.Module):
     # -- files --------------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str, safe_serialization: bool = True,
                         selected_adapters: Optional[list[str]] = None, save_embedding_layers="auto",
-                        is_main_process: bool = True, **kwargs) -> None:
+                        is_main_process: bool = True, path_initial_model_for_weight_conversion: Optional[str] = None,
+                        **kwargs) -> None:
         """Write ``adapter_config.json`` + ``adapter_model.safetensors`` per adapter, exactly as HF PEFT does.
 
         The "default" adapter goes to ``save_directory``, any other to ``save_directory/<adapter_name>``.
+        ``path_initial_model_for_weight_conversion``: the directory where a PiSSA/OLoRA adapter was saved right after
+        initialisation; the adapter is then written as a plain LoRA of twice the rank that applies to the original
+        (unmodified) base model (``fastpeft.tuners.lora_init.convert_for_save``).
         """
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a directory, but {save_directory!r} is a file")
@@ -198,6 +202,10 @@ class PeftModel(nn.Module):
         for name in names:
             cfg = self.peft_config[name]
             sd = self.base_model.get_adapter_state_dict(name)  # before the config: AdaLoRA rewrites rank_pattern
+            if path_initial_model_for_weight_conversion is not None:
+                from .tuners.lora_init import convert_for_save
+
+                sd, cfg = convert_for_save(cfg, sd, str(path_initial_model_for_weight_conversion))
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
             save_peft_weights(sd, out_dir, safe_serialization=safe_serialization)
             if cfg.base_model_name_or_path is None:

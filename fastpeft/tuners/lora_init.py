@@ -30,7 +30,7 @@ import torch.nn as nn
 from ._utils import is_conv1d, transpose
 
 __all__ = ["SUPPORTED_INITS", "UNSUPPORTED_INITS", "check_init_lora_weights", "init_lora_adapter",
-           "convert_mutated_init_state_dict", "converted_config", "write_initial_config"]
+           "convert_mutated_init_state_dict", "converted_config", "convert_for_save"]
 
 SUPPORTED_INITS = (True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora", "orthogonal")
 UNSUPPORTED_INITS = ("eva", "corda", "loftq", "lora_ga", "mica")
@@ -248,10 +248,19 @@ def convert_mutated_init_state_dict(config, state_dict: dict, path_initial: str,
     return out
 
 
-def write_initial_config(config, path_initial: str) -> None:
-    """PEFT rewrites the initial adapter's config as a plain LoRA (``init_lora_weights=True``) so that directory
-    loads as an ordinary adapter on the unmodified base model."""
-    cfg = copy.deepcopy(config)
-    cfg.init_lora_weights = True
-    os.makedirs(path_initial, exist_ok=True)
-    cfg.save_pretrained(path_initial)
+def convert_for_save(config, state_dict: dict, path_initial: str) -> tuple[dict, object]:
+    """``save_pretrained(..., path_initial_model_for_weight_conversion=path_initial)``: the converted
+    (state_dict, config) to write instead of the adapter's own.  Like PEFT, also rewrites the config in
+    ``path_initial`` as a plain LoRA (``init_lora_weights=True``), so that directory loads as an ordinary adapter on
+    the unmodified base model; that happens only after the conversion succeeded."""
+    if str(getattr(config, "peft_type", "")) != "LORA":
+        raise ValueError("path_initial_model_for_weight_conversion works for LoRA adapters only, got peft_type="
+                         f"{config.peft_type}")
+    if not os.path.isdir(path_initial):
+        raise ValueError(f"path_initial_model_for_weight_conversion={path_initial!r} is not a directory holding the "
+                         "adapter saved right after initialisation")
+    converted = convert_mutated_init_state_dict(config, state_dict, path_initial)
+    initial_cfg = copy.deepcopy(config)
+    initial_cfg.init_lora_weights = True
+    initial_cfg.save_pretrained(path_initial)
+    return converted, converted_config(config)
