@@ -347,7 +347,7 @@ def _check_number(name: str, v) -> None:
 
 # LoRA fields that HF PEFT 0.21.2 has but fastpeft does not implement: (field, value meaning "off")
 _LORA_UNSUPPORTED_OFF = {
-    "use_dora": False, "use_qalora": False, "megatron_config": None,
+    "use_qalora": False, "megatron_config": None,
     "trainable_token_indices": None, "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "monteclora_config": None, "layer_replication": None,
     "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
@@ -371,9 +371,15 @@ def _common_lora_checks(cfg) -> None:
         raise TypeError(f"fan_in_fan_out must be a bool, got {cfg.fan_in_fan_out!r}")
     if not isinstance(cfg.use_rslora, bool):
         raise TypeError(f"use_rslora must be a bool, got {cfg.use_rslora!r}")
-    if cfg.init_lora_weights not in (True, False, "gaussian"):
+    if cfg.peft_type == PeftType.LORA:  # the variants of fastpeft.tuners.lora_init
+        from .tuners.lora_init import check_init_lora_weights
+
+        check_init_lora_weights(cfg.init_lora_weights)
+    elif cfg.init_lora_weights not in (True, False, "gaussian"):
         raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} is not supported by fastpeft (supported: "
                          "True, False, 'gaussian')")
+    if not isinstance(cfg.use_dora, bool):
+        raise TypeError(f"use_dora must be a bool, got {cfg.use_dora!r}")
     if isinstance(cfg.target_modules, str) and cfg.layers_to_transform is not None:
         raise ValueError("layers_to_transform cannot be used when target_modules is a str (regex); got "
                          f"target_modules={cfg.target_modules!r}, layers_to_transform={cfg.layers_to_transform!r}")
@@ -403,6 +409,8 @@ def _common_lora_checks(cfg) -> None:
         raise TypeError(f"lora_bias must be a bool, got {cfg.lora_bias!r}")
     if cfg.lora_bias and cfg.init_lora_weights not in (True, False):
         raise ValueError(f"lora_bias=True needs init_lora_weights=True or False, got {cfg.init_lora_weights!r}")
+    if cfg.lora_bias and cfg.use_dora:
+        raise ValueError("lora_bias=True is not supported for DoRA, please pass use_dora=False")
 
 
 @dataclass

@@ -248,7 +248,9 @@ class PeftModel(*MODEL_BASES):
             is_main_process: False writes nothing (the other ranks of a distributed run).
             state_dict (kwarg): a full ``self.state_dict()``-keyed dict to take the values from (what FSDP / ZeRO-3
                 saves pass) instead of the live parameters.
-            path_initial_model_for_weight_conversion: PiSSA/OLoRA conversion; not supported (ValueError).
+            path_initial_model_for_weight_conversion: the directory where a PiSSA/OLoRA adapter was saved right
+                after initialisation; the adapter is then written as a plain LoRA of twice the rank that applies to
+                the original (unmodified) base model (``fastpeft.tuners.lora_init.convert_for_save``).
         Other keyword arguments (e.g. ``max_shard_size`` from ``push_to_hub``) are accepted and ignored, as in PEFT.
         """
         if os.path.isfile(save_directory):
@@ -257,9 +259,6 @@ class PeftModel(*MODEL_BASES):
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise ValueError(f"selected_adapters {unknown} do not exist; available: {sorted(self.peft_config)}")
-        if path_initial_model_for_weight_conversion is not None:
-            raise ValueError("path_initial_model_for_weight_conversion (PiSSA/OLoRA/CorDA conversion) is not "
-                             "supported by fastpeft")
         if not is_main_process:
             return
         state_dict = kwargs.get("state_dict", None)
@@ -270,6 +269,10 @@ class PeftModel(*MODEL_BASES):
             # before the config: AdaLoRA rewrites rank_pattern
             sd = self.get_adapter_state_dict_for_save(name, state_dict=state_dict,
                                                       save_embedding_layers=save_embedding_layers)
+            if path_initial_model_for_weight_conversion is not None:
+                from .tuners.lora_init import convert_for_save
+
+                sd, cfg = convert_for_save(cfg, sd, str(path_initial_model_for_weight_conversion))
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
             save_peft_weights(sd, out_dir, safe_serialization=safe_serialization)
             if cfg.base_model_name_or_path is None:

@@ -55,9 +55,9 @@ def randomize_b(model, seed=0):
     (dict(bias="some"), "bias"),
     (dict(target_modules=".*q", layers_to_transform=[0]), "layers_to_transform"),
     (dict(layers_pattern="layers"), "layers_pattern"),
-    (dict(init_lora_weights="pissa"), "init_lora_weights"),
+    (dict(init_lora_weights="eva"), "init_lora_weights"),
     (dict(rank_pattern={"q": 0}), "rank_pattern"),
-    (dict(use_dora=True), "use_dora"),
+    (dict(use_dora=True, lora_bias=True), "use_dora"),
     (dict(target_modules=[1, 2]), "target_modules"),
 ])
 def test_lora_config_validation(kw, match):

@@ -266,11 +266,11 @@ def test_unknown_config_keys_warn_and_are_ignored(tmp_path):
 def test_unsupported_peft_feature_in_file_is_refused(tmp_path):
     d = _save_peft_lora(tmp_path)
     cfg = json.loads((d / "adapter_config.json").read_text())
-    cfg["use_dora"] = True
+    cfg["use_qalora"] = True
     (d / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="use_dora"):
+    with pytest.raises(ValueError, match="use_qalora"):
         fastpeft.PeftConfig.from_pretrained(str(d))
-    cfg["use_dora"] = False
+    cfg["use_qalora"] = False
     cfg["peft_type"] = "LOHA"
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="LOHA"):

@@ -46,6 +46,8 @@ def in_out_features(module: nn.Module) -> tuple[int, int]:
     if is_conv1d(module):
         k, n = module.weight.shape
         return k, n
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels, module.out_channels
     raise TypeError(f"unsupported base layer {type(module).__name__}")
 
 

@@ -18,6 +18,8 @@ from .. import functional as FP
 from ..config import LoraConfig, PeftType
 from ._utils import in_out_features, is_conv1d, linear_weight_oi, pattern_key, transpose
 from .base import BaseTuner, BaseTunerLayer, register_tuner
+from .lora_dora import dora_forward, dora_init, dora_merged_weight, dora_unmerged_weight, unmerged_base_weight
+from .lora_init import init_lora_adapter
 
 __all__ = ["LoraLayer", "Linear", "LoraModel", "LORA_TARGET_MODULE_DEFAULTS"]
 
@@ -34,7 +36,7 @@ LORA_TARGET_MODULE_DEFAULTS = {
 class LoraLayer(BaseTunerLayer):
     """Per-adapter LoRA state of one wrapped layer (HF PEFT attribute names)."""
 
-    adapter_layer_names = ("lora_A", "lora_B")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_bias")
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -46,6 +48,7 @@ class LoraLayer(BaseTunerLayer):
         self.lora_dropout = nn.ModuleDict({})
         self.lora_A = nn.ModuleDict({})
         self.lora_B = nn.ModuleDict({})
+        self.lora_magnitude_vector = nn.ModuleDict({})  # DoRA adapters only (fastpeft.tuners.lora_dora)
         self.in_features, self.out_features = in_out_features(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
 
@@ -59,24 +62,20 @@ class LoraLayer(BaseTunerLayer):
         self.lora_dropout[adapter_name] = nn.Dropout(p=p) if p > 0.0 else nn.Identity()
         # nn.Linear construction draws from the RNG exactly as PEFT's does (same modules, same order), so a model built
         # under the same seed gets the same initial A (and B when init_lora_weights=False).
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=bool(config.lora_bias))
+        self.lora_A[adapter_name], self.lora_B[adapter_name] = self._make_lora_modules(r, bool(config.lora_bias))
         self.lora_bias[adapter_name] = bool(config.lora_bias)
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
-        init = config.init_lora_weights
-        if init is not False:
-            with torch.no_grad():
-                if init is True:
-                    nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=math.sqrt(5))
-                else:  # "gaussian"
-                    nn.init.normal_(self.lora_A[adapter_name].weight, std=1 / r)
-                nn.init.zeros_(self.lora_B[adapter_name].weight)
-                if self.lora_bias[adapter_name]:
-                    nn.init.zeros_(self.lora_B[adapter_name].bias)
+        init_lora_adapter(self, adapter_name, config.init_lora_weights)  # may rewrite W (PiSSA/OLoRA)
         w = self.base_layer.weight
         dtype = w.dtype if w.is_floating_point() else None
         self.lora_A[adapter_name].to(device=w.device, dtype=dtype)
         self.lora_B[adapter_name].to(device=w.device, dtype=dtype)
+        if config.use_dora:
+            dora_init(self, adapter_name)
+
+    def _make_lora_modules(self, r: int, lora_bias: bool) -> tuple[nn.Module, nn.Module]:
+        """The (lora_A, lora_B) modules of a new adapter, constructed in PEFT's order (same RNG draws)."""
+        return nn.Linear(self.in_features, r, bias=False), nn.Linear(r, self.out_features, bias=lora_bias)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``transpose(B @ A, fan_in_fan_out) * scaling`` in the base weight's layout (fp32 math for half on CPU)."""
@@ -98,6 +97,10 @@ class LoraLayer(BaseTunerLayer):
 
     def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
         w = self.base_layer.weight
+        if adapter_name in self.lora_magnitude_vector:
+            new = dora_merged_weight(self, adapter_name, w.data, unmerged_base_weight(self))
+            self._write_base_weight(w, new, safe_merge, adapter_name)
+            return
         bias_delta = self._bias_delta(adapter_name)
         delta = self.get_delta_weight(adapter_name)
         if safe_merge:
@@ -114,6 +117,10 @@ class LoraLayer(BaseTunerLayer):
 
     def _unmerge_one(self, adapter_name: str) -> None:
         w = self.base_layer.weight
+        if adapter_name in self.lora_magnitude_vector:
+            with torch.no_grad():
+                w.data.copy_(dora_unmerged_weight(self, adapter_name, w.data))
+            return
         w.data -= self.get_delta_weight(adapter_name).to(w.dtype)
         if self.lora_bias.get(adapter_name, False):
             b = self.base_layer.bias
@@ -148,7 +155,7 @@ class Linear(LoraLayer):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         if (self._fusable and len(active) == 1 and not args and not kwargs and not self.lora_bias[active[0]]
-                and not _is_sharded(self.lora_A[active[0]].weight)):
+                and active[0] not in self.lora_magnitude_vector and not _is_sharded(self.lora_A[active[0]].weight)):
             a = active[0]
             A = self.lora_A[a].weight
             drop = self.lora_dropout[a]
@@ -162,7 +169,10 @@ class Linear(LoraLayer):
         for a in active:
             A = self.lora_A[a]
             xa = self._cast_input_dtype(x, A.weight.dtype)
-            result = result + self.lora_B[a](A(self.lora_dropout[a](xa))) * self.scaling[a]
+            if a in self.lora_magnitude_vector:
+                result = dora_forward(self, a, xa, result)
+            else:
+                result = result + self.lora_B[a](A(self.lora_dropout[a](xa))) * self.scaling[a]
         return result.to(out_dtype)
 
     def _mixed_batch_forward(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
@@ -177,6 +187,9 @@ class Linear(LoraLayer):
             idx = [i for i, n in enumerate(names) if n == a]
             A = self.lora_A[a]
             sub = self._cast_input_dtype(x[idx], A.weight.dtype)
+            if a in self.lora_magnitude_vector:  # (PEFT refuses adapter_names with DoRA; rows as if run alone)
+                result[idx] = dora_forward(self, a, sub, result[idx]).to(out_dtype)
+                continue
             delta = self.lora_B[a](A(self.lora_dropout[a](sub))) * self.scaling[a]
             result[idx] += delta.to(out_dtype)
         return result
@@ -202,8 +215,36 @@ class LoraModel(BaseTuner):
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, r, alpha, config)
             return
-        self.conv1d_fan_in_fan_out_warning(target, config)
-        new = Linear(target, adapter_name, r, alpha, config)
+        if isinstance(target, nn.Conv2d):
+            from .lora_conv import Conv2d
+
+            new = Conv2d(target, adapter_name, r, alpha, config)
+        else:
+            self.conv1d_fan_in_fan_out_warning(target, config)
+            new = Linear(target, adapter_name, r, alpha, config)
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         setattr(parent, target_name, new)
+
+    def _validate_targets(self, config, adapter_name, targets) -> None:
+        from .lora_conv import check_conv2d_target
+        from .lora_init import check_init_for_target
+
+        for key in targets:
+            module = self.model.get_submodule(key)
+            if isinstance(module, LoraLayer):
+                module = module.base_layer
+            rk = pattern_key((config.rank_pattern or {}).keys(), key)
+            r = config.rank_pattern[rk] if rk is not None else config.r
+            check_init_for_target(module, r, config.init_lora_weights, key)
+            if isinstance(module, nn.Conv2d):
+                check_conv2d_target(module, r, bool(config.use_dora), key)
+
+    def _is_supported_target(self, module: nn.Module) -> bool:
+        return super()._is_supported_target(module) or type(module) is nn.Conv2d
+
+    def _adapter_key_map(self, adapter_name: str) -> dict[str, str]:
+        # PEFT saves the DoRA magnitude as "...lora_magnitude_vector" (no ".weight", its pre-ModuleDict layout)
+        suffix = ".lora_magnitude_vector.weight"
+        return {(k[:-len(".weight")] if k.endswith(suffix) else k): v
+                for k, v in super()._adapter_key_map(adapter_name).items()}
