@@ -1,10 +1,19 @@
 """Triton kernels of fastpeft, installed as ``fastpeft.kernels`` (an install never puts a top-level ``kernels``).
 
 This ``__init__`` imports nothing: triton is imported by the submodules, and fastpeft imports those lazily, only when
-the triton backend is used (``fastpeft._backend`` checks triton itself).  Keeping it empty also matters in a source
-checkout: running ``python -m ...`` from the repository root puts this folder on ``sys.path`` as a top-level
-``kernels``, and transformers probes a package of that name (Hugging Face's ``kernels``) by importing it - that import
-must succeed without triton, and then transformers sees no version and ignores it.
+the triton backend is used (``fastpeft._backend`` checks triton itself).
+
+In a source checkout, running Python from the repository root puts this folder on ``sys.path`` as a top-level
+``kernels``, the import name of Hugging Face's ``kernels`` package.  Imported under that name this module therefore
+makes itself look like an absent package to the two kinds of probe libraries use:
+
+* transformers (``_is_package_available("kernels")``) finds the folder, finds no distribution metadata and imports
+  it; a module with no ``__version__`` and no ``__file__`` counts as absent there (a namespace-package shadow);
+* bitsandbytes and transformers' hub-kernel code do ``from kernels import get_kernel`` inside ``try/except``; the
+  module ``__getattr__`` below raises the ``ModuleNotFoundError`` (``name="kernels"``) a missing package gives, so
+  their fallback runs exactly as on a machine without Hugging Face's ``kernels``.
+
+Dunder lookups keep raising ``AttributeError`` so that ``getattr(module, "__version__", default)`` still works.
 
 Modules (launchers have exactly the signatures of the torch references in ``fastpeft.ops``):
   ``lora``     ``lora_fwd_triton`` / ``lora_bwd_triton``  (LoRA and AdaLoRA; seeded dropout regenerated, never stored)
@@ -16,3 +25,11 @@ Environment: ``FASTPEFT_TRITON_TMA=auto|0|1`` chooses the tensor-descriptor (TMA
 when the operands are 16-byte aligned with a unit-stride dimension).  The autotune configurations are NOT measured
 yet (written without a GPU); see ``_common``.
 """
+
+if __name__ == "kernels":  # imported as a top-level package from a checkout, not as fastpeft.kernels
+    del __file__
+
+    def __getattr__(name: str):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
