@@ -168,8 +168,11 @@ def _tensors(tree) -> list:
     return [a for a in tree_flatten(tree)[0] if isinstance(a, torch.Tensor)]
 
 
-class UnreportedLaunch(RuntimeError):
-    """A kernel launch that its launcher did not report to ``fastpeft._cost`` (so it cannot be modelled)."""
+class UnreportedLaunch(BaseException):
+    """A kernel launch that its launcher did not report to ``fastpeft._cost`` (so it cannot be modelled).
+
+    A BaseException, like KeyboardInterrupt, so that a launcher's ``except Exception`` fallback (e.g. TMA ->
+    pointer path, which also flips process-wide state) does not swallow it: the trace stops at the launch."""
 
 
 @contextlib.contextmanager
@@ -182,7 +185,10 @@ def _refuse_triton_launches():
         return
 
     def refuse(self, grid):
-        raise UnreportedLaunch(f"Triton kernel {getattr(self, '__name__', self)!s} launched without a "
+        fn = self
+        while not hasattr(fn, "__name__") and hasattr(fn, "fn"):  # Autotuner / Heuristics wrap the JITFunction
+            fn = fn.fn
+        raise UnreportedLaunch(f"Triton kernel {getattr(fn, '__name__', type(self).__name__)} launched without a "
                                f"fastpeft._cost report")
     saved = KernelInterface.__getitem__
     KernelInterface.__getitem__ = refuse
@@ -190,6 +196,41 @@ def _refuse_triton_launches():
         yield
     finally:
         KernelInterface.__getitem__ = saved
+
+
+# What launchers read about the device to size their grids, for the H200 the model predicts (used only when no CUDA
+# device exists; on a GPU machine the launchers read the real one).
+H200_PROPERTIES = dict(name="NVIDIA H200", major=9, minor=0, multi_processor_count=132, warp_size=32,
+                       shared_memory_per_block=49152, shared_memory_per_block_optin=232448,
+                       shared_memory_per_multiprocessor=233472, regs_per_multiprocessor=65536,
+                       max_threads_per_multi_processor=2048, total_memory=143771 * 2 ** 20,
+                       L2_cache_size=60 * 2 ** 20, is_integrated=False, is_multi_gpu_board=False)
+
+
+@contextlib.contextmanager
+def _simulated_h200():
+    """With no CUDA device (a CPU build of torch), the device queries a launcher makes before it launches -
+    properties, capability, current device, a device context - answer as one H200 would, so launchers take their
+    H200 code paths on fake CUDA tensors.  Nothing else of torch.cuda is replaced (a launch still fails)."""
+    if torch.cuda.is_available():
+        yield
+        return
+    import types
+    props = types.SimpleNamespace(**H200_PROPERTIES)
+    patches = {"get_device_properties": lambda device=None: props,
+               "get_device_capability": lambda device=None: (props.major, props.minor),
+               "get_device_name": lambda device=None: props.name,
+               "current_device": lambda: 0,
+               "device_count": lambda: 1,
+               "device": lambda device=None: contextlib.nullcontext()}
+    saved = {name: getattr(torch.cuda, name) for name in patches}
+    for name, fn in patches.items():
+        setattr(torch.cuda, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.cuda, name, fn)
 
 
 class _KernelCounter(TorchDispatchMode):
@@ -246,9 +287,9 @@ def trace(fn: Callable[[object], object], setup: Callable[[], object] = lambda: 
     with _cost.recording() as reported:
         counter = _KernelCounter(reported)
         try:
-            with _refuse_triton_launches(), counter:
+            with _simulated_h200(), _refuse_triton_launches(), counter:
                 fn(state)
-        except Exception as e:  # noqa: BLE001 - any failure means "not modelled"; the reason is reported
+        except (Exception, UnreportedLaunch) as e:  # noqa: BLE001 - any failure: not modelled, the reason reported
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             tr.status = f"unmodelled: {type(e).__name__}: {msg}"[:200]
         counter.flush_reported()

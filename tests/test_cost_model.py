@@ -219,3 +219,17 @@ def test_default_backend_follows_select_backend():
     from fastpeft._backend import BACKENDS
     assert C.default_backend("lora") in BACKENDS
     assert C.default_backend("ia3") in BACKENDS
+
+
+def test_tracing_a_triton_path_leaves_no_process_state():
+    """An unreported launch stops the trace without passing through the launchers' fallbacks (which flip
+    process-wide state such as the TMA flag) and leaves torch.cuda as it was."""
+    common = pytest.importorskip("fastpeft.kernels._common")
+    before = dict(vars(common))
+    cuda_before = {n: getattr(torch.cuda, n) for n in ("get_device_properties", "current_device", "device")}
+    for method in ("lora", "ia3"):
+        tr = C.trace_case("fused", "q_proj", 2048, method, "fwd+bwd")
+        assert tr.modelled or tr.status.startswith("unmodelled: "), tr.status
+    assert {k: v for k, v in vars(common).items() if not k.startswith("__")} == \
+        {k: v for k, v in before.items() if not k.startswith("__")}
+    assert cuda_before == {n: getattr(torch.cuda, n) for n in cuda_before}
