@@ -7,7 +7,8 @@
 # $OUT/<phase>.csv and flushed the moment it is measured (benchmarks/gpu_phases.py), so whatever finished is under
 # $OUT even when a later phase is killed.  $OUT/summary.txt gets one line per phase as it ends; $OUT/phases.log
 # holds every phase's output.  Eight files in all (what the device machine returns).
-#   a build        the C++/CUDA extension, in the background (pip install -e ., FASTPEFT_BUILD_CUDA=1)
+#   a build        the C++/CUDA extension, in the background (pip install -e ., FASTPEFT_BUILD_CUDA=1), and
+#                  Triton's kernel cache warmed beside it (.ci/compile_triton.py --ci: the first configuration of each kernel, as FASTPEFT_TRITON_AUTOTUNE=0 uses)
 #                  -> its log appended to phases.log when it ends, errors and tail in summary.txt
 #   b gemm         plain Triton GEMM vs torch.mm, M=2048/8192, q/up/down, fixed configuration        -> gemm.csv
 #   c correctness  every backend vs an fp32 reference at the production shapes (waits for a)         -> correctness.csv
@@ -94,6 +95,15 @@ if [ "$HAVE_GPU" = 1 ]; then
   say "build: started in the background"
 else
   say "build: skipped: no GPU"
+fi
+# Triton's kernel cache warmed in the background too: .ci/compile_triton.py compiles the bf16 kernels for sm_90 with
+# the H200's SM count ahead of time (no launches) into the cache the phases then hit, instead of compiling each
+# variant on first use inside a timed phase.
+if [ "$HAVE_GPU" = 1 ] && [ -f .ci/compile_triton.py ]; then
+  ( lim="$(limit_for precompile 240)"
+    timeout "$lim" "$PY" .ci/compile_triton.py --ci > "$BUILD_LOG.triton" 2>&1
+    echo "[+${SECONDS}s] triton precompile: rc=$? $(tail -1 "$BUILD_LOG.triton")" >> "$SUMMARY"
+    rm -f "$BUILD_LOG.triton" ) > /dev/null 2>&1 &
 fi
 wait_build() {  # wait_build LIMIT: until the background build ends or LIMIT seconds pass
   [ -n "$BUILD_PID" ] || return 0
