@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import csv
 import importlib
-import math
 import os
 import statistics
 import sys
@@ -687,9 +686,9 @@ def calibrate(base_traces: dict, peft_small: dict, fixed_gap_s: Optional[float] 
                                                                        0.5 * us),
                    _grid(max(0.0, b[3] - 5 * us), b[3] + 5 * us, 1 * us),
                    _grid(max(0.0, b[4] - 10 * us), b[4] + 10 * us, 2 * us)],
-        loss1, [_grid(0.6, 1.05, 0.05), _grid(0.3, 1.0, 0.05), [fixed_gap_s] if fixed_gap_s is not None else _grid(0, 16 * us, 2 * us), _grid(10 * us, 90 * us,
-                                                                                               10 * us),
-                _grid(40 * us, 300 * us, 20 * us)])
+        loss1, [_grid(0.6, 1.05, 0.05), _grid(0.3, 1.0, 0.05),
+                [fixed_gap_s] if fixed_gap_s is not None else _grid(0, 16 * us, 2 * us),
+                _grid(10 * us, 90 * us, 10 * us), _grid(40 * us, 300 * us, 20 * us)])
 
     cal = Calibration(eg, ev, gap, 0.0, 0.0, 0.0)
     hrows = [(tr, measured_ms(layer, m, "base", mode) * 1e-3, mode == "fwd+bwd")
@@ -906,14 +905,16 @@ def _write(out_dir: Path, cal: Calibration, rows: list, traces: dict, quick: boo
          "kernels run at the copy ceiling; fastpeft's own GEMMs at 1/" f"{TRITON_GEMM_SLOWDOWN} of cuBLAS's "
          "efficiency (the best measured Triton GEMM). Fitted: cuBLAS GEMM compute efficiency "
          f"**{cal.e_gemm:.3f}**, its bandwidth efficiency when memory-bound **{cal.e_gemv:.3f}**, GPU gap "
-         f"**{cal.gap_s * 1e6:.1f} µs**/kernel (on the 24 frozen-layer rows and the anchor below); host **{cal.host_call_s * 1e6:.1f} "
-         f"µs**/call + **{cal.host_launch_s * 1e6:.2f} µs**/kernel + **{cal.host_bwd_s * 1e6:.1f} µs**/backward "
+         f"**{cal.gap_s * 1e6:.1f} µs**/kernel (on the 24 frozen-layer rows and the anchor below); host "
+         f"**{cal.host_call_s * 1e6:.1f} µs**/call + **{cal.host_launch_s * 1e6:.2f} µs**/kernel + "
+         f"**{cal.host_bwd_s * 1e6:.1f} µs**/backward "
          f"(on those and HF PEFT's M <= 16 rows, where the host decides). Predicted = max(GPU, host) eager; GPU "
          "alone under a CUDA graph. The gap is anchored by the one measured multi-kernel cuBLAS sequence, "
          f"`y = x@Wᵀ; y.addmm_(S, Bᵀ)` at M=8192, measured 1.11–1.14× base: predicted "
          + ", ".join(f"{lay} {r:.3f}×" for lay, r in zip(ANCHOR_LAYERS, cal.anchor_ratios)) + ".", "",
-         f"Calibration error on the frozen layer (predicted / measured - 1): {_err_summary([e[-1] for e in cal.errors])}."
-         f" On HF PEFT's M <= 16 rows: {_err_summary([e[-1] for e in cal.host_errors])}.", "",
+         "Calibration error on the frozen layer (predicted / measured - 1): "
+         f"{_err_summary([e[-1] for e in cal.errors])}. On HF PEFT's M <= 16 rows: "
+         f"{_err_summary([e[-1] for e in cal.host_errors])}.", "",
          "| layer | M | mode | measured ms | predicted ms | error |", "|---|---|---|---|---|---|"]
     for layer, m, mode, t, p, e in cal.errors:
         L.append(f"| {layer} | {m} | {mode} | {t:.3f} | {p:.3f} | {e:+.1%} |")

@@ -8,7 +8,8 @@
 # $OUT even when a later phase is killed.  $OUT/summary.txt gets one line per phase as it ends; $OUT/phases.log
 # holds every phase's output.  Eight files in all (what the device machine returns).
 #   a build        the C++/CUDA extension, in the background (pip install -e ., FASTPEFT_BUILD_CUDA=1), and
-#                  Triton's kernel cache warmed beside it (.ci/compile_triton.py --ci: the first configuration of each kernel, as FASTPEFT_TRITON_AUTOTUNE=0 uses)
+#                  Triton's kernel cache warmed beside it (.ci/compile_triton.py --ci: the first configuration of
+#                  each kernel, which is what FASTPEFT_TRITON_AUTOTUNE=0 runs)
 #                  -> its log appended to phases.log when it ends, errors and tail in summary.txt
 #   b gemm         plain Triton GEMM vs torch.mm, M=2048/8192, q/up/down, fixed configuration        -> gemm.csv
 #   c correctness  every backend vs an fp32 reference at the production shapes (waits for a)         -> correctness.csv
@@ -143,7 +144,9 @@ else
   say "tests: skipped: no GPU"
 fi
 [ -n "$BUILD_PID" ] && kill "$BUILD_PID" 2>/dev/null
-[ -s "$BUILD_LOG" ] && [ ! -f "$BUILD_RC" ] && { echo "---- unfinished build log ----"; cat "$BUILD_LOG"; } >> "$OUT/phases.log"
+if [ -s "$BUILD_LOG" ] && [ ! -f "$BUILD_RC" ]; then
+  { echo "---- unfinished build log ----"; cat "$BUILD_LOG"; } >> "$OUT/phases.log"
+fi
 rm -f "$BUILD_RC" "$BUILD_LOG"
 say "gpu_check: done in $SECONDS s, failed=$FAILED"
 exit "$FAILED"
