@@ -532,7 +532,11 @@ def trace_case(path: str, layer: str, m: int, method: str, mode: str) -> Trace:
         (setup, fn), backend = _design_case(method, k, n, m, bwd, ff), "issue 15's design (pass budget, not code)"
     else:
         op = "ia3" if method == "ia3" else "lora"
-        backend = default_backend(op) if path == "default" else _PATH_BACKEND.get(path, path)
+        try:
+            backend = default_backend(op) if path == "default" else _PATH_BACKEND.get(path, path)
+        except Exception as e:  # noqa: BLE001 - _backend's internals changed: say so instead of guessing
+            return Trace(status=f"unmodelled: default backend not resolved: {type(e).__name__}: {e}"[:200],
+                         backend="?")
         try:
             setup, fn = _fastpeft_case(backend, method, k, n, m, bwd, ff)
         except Exception as e:  # noqa: BLE001 - the backend's module does not import here
