@@ -6,12 +6,15 @@
 # Phases run in the order of what they decide, each under its own `timeout`; every result row is appended to
 # $OUT/<phase>.csv and flushed the moment it is measured (benchmarks/gpu_phases.py), so whatever finished is under
 # $OUT even when a later phase is killed.  $OUT/summary.txt gets one line per phase as it ends; $OUT/phases.log
-# holds every phase's output.  Eight files in all.
-#   a build        the C++/CUDA extension, in the background (pip install -e ., FASTPEFT_BUILD_CUDA=1) -> build.log
+# holds every phase's output.  Eight files in all (what the device machine returns).
+#   a build        the C++/CUDA extension, in the background (pip install -e ., FASTPEFT_BUILD_CUDA=1), and
+#                  Triton's kernel cache warmed beside it (.ci/compile_triton.py --ci: the first configuration of
+#                  each kernel, which is what FASTPEFT_TRITON_AUTOTUNE=0 runs)
+#                  -> its log appended to phases.log when it ends, errors and tail in summary.txt
 #   b gemm         plain Triton GEMM vs torch.mm, M=2048/8192, q/up/down, fixed configuration        -> gemm.csv
 #   c correctness  every backend vs an fp32 reference at the production shapes (waits for a)         -> correctness.csv
 #   d ratios       default and fused paths vs the frozen layer and HF PEFT, M=1/16/2048/8192,
-#                  LoRA p=0/0.1, IA3, AdaLoRA                                                        -> ratios.csv
+#                  LoRA p=0/0.1, IA3, AdaLoRA                        -> ratios.csv, dispatch_table.json
 #   e profile      torch.profiler kernel table, one fwd+bwd per path                                 -> profile.csv
 #   f e2e          end-to-end training step time and memory                                          -> e2e.csv
 #   g tests        the GPU test suite                                                                -> phases.log
@@ -81,17 +84,27 @@ fi
 # ---- a. build the extension in the background (rc in $OUT/build.rc when it ends) ------------------------------
 BUILD_PID=""
 BUILD_RC="$(mktemp)"; rm -f "$BUILD_RC"
+BUILD_LOG="$(mktemp)"
 if [ "$HAVE_GPU" = 1 ]; then
   ( export FASTPEFT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-8}"
     lim="$(limit_for build 300)"
     { timeout "$lim" "$PY" -m pip install -v -e . --no-build-isolation --no-deps \
-        || timeout "$lim" "$PY" setup.py build_ext --inplace; } > "$OUT/build.log" 2>&1 \
-      && "$PY" -c "import fastpeft._C" >> "$OUT/build.log" 2>&1
-    echo $? > "$BUILD_RC" ) &
+        || timeout "$lim" "$PY" setup.py build_ext --inplace; } > "$BUILD_LOG" 2>&1 \
+      && "$PY" -c "import fastpeft._C" >> "$BUILD_LOG" 2>&1
+    echo $? > "$BUILD_RC" ) > /dev/null 2>&1 &
   BUILD_PID=$!
   say "build: started in the background"
 else
   say "build: skipped: no GPU"
+fi
+# Triton's kernel cache warmed in the background too: .ci/compile_triton.py compiles the bf16 kernels for sm_90 with
+# the H200's SM count ahead of time (no launches) into the cache the phases then hit, instead of compiling each
+# variant on first use inside a timed phase.
+if [ "$HAVE_GPU" = 1 ] && [ -f .ci/compile_triton.py ]; then
+  ( lim="$(limit_for precompile 240)"
+    timeout "$lim" "$PY" .ci/compile_triton.py --ci > "$BUILD_LOG.triton" 2>&1
+    echo "[+${SECONDS}s] triton precompile: rc=$? $(tail -1 "$BUILD_LOG.triton")" >> "$SUMMARY"
+    rm -f "$BUILD_LOG.triton" ) > /dev/null 2>&1 &
 fi
 wait_build() {  # wait_build LIMIT: until the background build ends or LIMIT seconds pass
   [ -n "$BUILD_PID" ] || return 0
@@ -99,7 +112,10 @@ wait_build() {  # wait_build LIMIT: until the background build ends or LIMIT sec
   lim="$(limit_for build_wait "$1")"
   while [ ! -f "$BUILD_RC" ] && [ $(( SECONDS - t0 )) -lt "$lim" ]; do sleep 2; done
   if [ -f "$BUILD_RC" ]; then
-    if [ "$(cat "$BUILD_RC")" = 0 ]; then say "build: ok"; else say "build: failed (see build.log)"; FAILED=1; fi
+    { echo "---- build log ----"; cat "$BUILD_LOG"; echo "---- end of build log ----"; } >> "$OUT/phases.log"
+    grep -iE "error|warning" "$BUILD_LOG" | head -20 >> "$SUMMARY"
+    if [ "$(cat "$BUILD_RC")" = 0 ]; then say "build: ok"
+    else tail -20 "$BUILD_LOG" >> "$SUMMARY"; say "build: failed (log in phases.log)"; FAILED=1; fi
   else
     say "build: not finished after waiting $lim s; the next phases run without the extension"
   fi
@@ -128,6 +144,9 @@ else
   say "tests: skipped: no GPU"
 fi
 [ -n "$BUILD_PID" ] && kill "$BUILD_PID" 2>/dev/null
-rm -f "$BUILD_RC"
+if [ -s "$BUILD_LOG" ] && [ ! -f "$BUILD_RC" ]; then
+  { echo "---- unfinished build log ----"; cat "$BUILD_LOG"; } >> "$OUT/phases.log"
+fi
+rm -f "$BUILD_RC" "$BUILD_LOG"
 say "gpu_check: done in $SECONDS s, failed=$FAILED"
 exit "$FAILED"

@@ -10,7 +10,8 @@ Phases (in the order gpu_check.sh runs them, most decisive first):
                LoRA p=0 / p=0.1, AdaLoRA, IA3; outputs and every gradient; the bound is 2x (3x for gradients) the
                torch backend's own bf16 error.
   ratios       layer fwd+bwd time of the default path (backend auto) and the fused path (triton) against the frozen
-               layer and HF PEFT's layer, side by side, M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA.
+               layer and HF PEFT's layer, side by side, M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA; the faster
+               fastpeft backend per shape bucket goes to OUT/dispatch_table.json (fastpeft._dispatch's format).
   profile      a torch.profiler kernel table of one fwd+bwd per path (q_proj, M=8192, LoRA p=0 and p=0.1).
   e2e          end-to-end training step time and peak memory (benchmarks/bench_e2e.py), one provider at a time.
 """
@@ -233,22 +234,44 @@ def _step_fn(provider: str, method: str, layer: str, t: dict) -> Callable[[], No
     return lambda: _call(method, layer, tt, backend, seed=None).backward(gy)
 
 
+def _record_dispatch(out: Path, op: str, layer: str, m: int, times: dict, backends: dict) -> None:
+    """The measured dispatch entry of this shape bucket (fastest fastpeft backend, fwd+bwd), then the whole table
+    rewritten to OUT/dispatch_table.json (atomically) - the file to commit as fastpeft's measured table."""
+    from fastpeft import _dispatch
+    cands = {backends[p]: times[p] for p in ("default", "fused") if p in times and backends[p] in
+             ("cuda", "triton", "torch")}
+    if not cands:
+        return
+    k, n = SHAPES[layer]
+    win = min(cands, key=cands.get)
+    _dispatch.record(_gpu_name(), torch.bfloat16, op, _dispatch.bucket(m, n, k, RANK if op == "lora" else None), win,
+                     "measured by benchmarks/gpu_check.sh (layer fwd+bwd, bf16, fp32 adapters): " +
+                     ", ".join(f"{b} {t:.4f} ms" for b, t in sorted(cands.items())), timings_ms=cands)
+    tmp = out / ".dispatch_table.json.tmp"
+    _dispatch.export_table(str(tmp))
+    os.replace(tmp, out / "dispatch_table.json")
+
+
 def phase_ratios(out: Path, deadline: float) -> None:
+    """Shape-major (the most decisive M first); a bucket's dispatch entry is recorded only after every method of
+    it was measured, so ``default`` (auto, which reads the table) means the same thing for all of them."""
     from fastpeft._backend import select_backend
     rows = Rows(out / "ratios.csv", ["layer", "M", "method", "provider", "backend", "ms", "x_base", "x_peft",
                                      "note"])
-    for method in METHODS:
-        for m in (8192, 2048, 16, 1):
-            for layer in SHAPES:
+    for m in (8192, 2048, 16, 1):
+        for layer in SHAPES:
+            measured = {}
+            for method in METHODS:
                 if time.time() > deadline:
                     return
                 t = _inputs(layer, m, method)
                 op = "ia3" if method == "ia3" else "lora"
-                times = {}
+                times, backends = {}, {}
                 for provider in ("base", "peft", "default", "fused"):
-                    backend = {"base": "torch", "peft": "HF PEFT", "fused": "triton"}.get(provider)
+                    backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": "triton"}.get(provider)
                     if provider == "default":
                         backend = select_backend(op, t["x"], None)
+                    backends[provider] = backend
                     try:
                         times[provider] = bench_ms(_step_fn(provider, method, layer, t))
                         note = ""
@@ -258,8 +281,15 @@ def phase_ratios(out: Path, deadline: float) -> None:
                     rows.add(layer=layer, M=m, method=method, provider=provider, backend=backend, ms=ms if ms else "",
                              x_base=ms / times["base"] if ms and "base" in times else "",
                              x_peft=ms / times["peft"] if ms and "peft" in times else "", note=note)
+                if method in ("lora", "ia3"):
+                    measured[op] = (times, backends)
                 del t
                 torch.cuda.empty_cache()
+            for op, (times, backends) in measured.items():
+                try:
+                    _record_dispatch(out, op, layer, m, times, backends)
+                except Exception as e:  # noqa: BLE001 - the table is a by-product; the rows are the result
+                    print(f"dispatch table: {type(e).__name__}: {e}", flush=True)
 
 
 def phase_profile(out: Path, deadline: float) -> None:

@@ -219,3 +219,37 @@ def test_default_backend_follows_select_backend():
     from fastpeft._backend import BACKENDS
     assert C.default_backend("lora") in BACKENDS
     assert C.default_backend("ia3") in BACKENDS
+
+
+def test_tracing_a_triton_path_leaves_no_process_state():
+    """An unreported launch stops the trace without passing through the launchers' fallbacks (which flip
+    process-wide state such as the TMA flag) and leaves torch.cuda as it was."""
+    common = pytest.importorskip("fastpeft.kernels._common")
+    before = dict(vars(common))
+    cuda_before = {n: getattr(torch.cuda, n) for n in ("get_device_properties", "current_device", "device")}
+    for method in ("lora", "ia3"):
+        tr = C.trace_case("fused", "q_proj", 2048, method, "fwd+bwd")
+        assert tr.modelled or tr.status.startswith("unmodelled: "), tr.status
+    assert {k: v for k, v in vars(common).items() if not k.startswith("__")} == \
+        {k: v for k, v in before.items() if not k.startswith("__")}
+    assert cuda_before == {n: getattr(torch.cuda, n) for n in cuda_before}
+
+
+def test_design_path_structure(model_run):
+    """Issue 15's design: LoRA fwd+bwd = 2 cuBLAS GEMMs + 2 cuBLAS accumulates (p=0) + 3 reported passes; its extra
+    bytes are the floor plus the two accumulates' read+write of y and dX plus adapter-sized traffic."""
+    _, rows, kernels = model_run
+    by = {(r["layer"], r["M"], r["method"], r["mode"], r["path"]): r for r in rows}
+    r = by[("q_proj", "8192", "lora", "fwd+bwd", "design")]
+    assert r["status"] == "ok" and int(r["launches"]) == 7
+    k, n = C.SHAPES["q_proj"]
+    m = 8192
+    accum = 2 * (2 * m * n) + 2 * (2 * m * k)  # y and dX read and written once more
+    extra, floor = int(r["extra_bytes"]), int(r["floor_extra_bytes"])
+    assert 0 < extra - floor - accum < 0.05 * floor
+    ia3 = by[("q_proj", "8192", "ia3", "fwd+bwd", "design")]
+    assert int(ia3["launches"]) == 4
+    names = [x["kernel"] for x in kernels if (x["layer"], x["M"], x["method"], x["mode"], x["path"])
+             == ("q_proj", "8192", "lora_p0.1", "fwd+bwd", "design")]
+    assert names == ["aten.mm", "lora_shrink", "aten.addmm_", "lora_dy_pass", "lora_da_pass", "aten.mm",
+                     "lora_dx_masked_accumulate"]

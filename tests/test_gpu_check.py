@@ -101,3 +101,20 @@ def _cpu_peft(G, method, layer):
     k, n = G.SHAPES[layer]
     mod = _peft_layer(kind, k, n, p, G.IA3_FEEDFORWARD[layer])
     return mod.float().train()
+
+
+def test_measured_dispatch_entry_is_written_atomically(tmp_path):
+    import json
+
+    from benchmarks import gpu_phases as G
+    from fastpeft import _dispatch
+    try:
+        G._record_dispatch(tmp_path, "lora", "q_proj", 8192, {"base": 0.7, "default": 0.9, "fused": 0.8},
+                           {"base": "torch (frozen)", "default": "cuda", "fused": "triton"})
+        table = json.loads((tmp_path / "dispatch_table.json").read_text())
+    finally:
+        _dispatch.clear()
+    (key, entry), = table.items()
+    assert "lora" in key and entry["backend"] == "triton"
+    assert entry["timings_ms"] == {"cuda": 0.9, "triton": 0.8}
+    assert [p.name for p in tmp_path.iterdir()] == ["dispatch_table.json"]
