@@ -319,3 +319,22 @@ def test_import_does_not_import_bitsandbytes():
                        "fastpeft.prepare_model_for_kbit_training\n"
                        "assert 'bitsandbytes' not in sys.modules\nprint('ok')")
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+@needs_bnb
+def test_benchmark_case_qlora():
+    """The 4-bit benchmark case builds, and every provider computes the reference layer."""
+    sys.path.insert(0, REPO)
+    try:
+        from benchmarks.bench_qlora import setup_qlora
+        from benchmarks.shapes import shapes
+    finally:
+        sys.path.remove(REPO)
+    shp = shapes("tiny", True, with_rank=True)[0]
+    case = setup_qlora(shp, torch.float32, torch.device("cpu"), ["base", "fastpeft-torch", "peft", "fastpeft-triton"])
+    assert sorted(case.providers) == ["base", "fastpeft-torch", "peft"] and "fastpeft-triton" in case.skipped
+    x = torch.randn(shp.M, shp.K)
+    ref = case.reference(x)
+    for name in ("fastpeft-torch", "peft"):
+        with torch.no_grad():
+            assert rel_err(case.providers[name].call_eval(x), ref) <= PEFT_PARITY_RTOL, name
