@@ -218,6 +218,16 @@ def test_fused_path_refused(tiny_dir, monkeypatch):
 
 
 @needs_bnb
+def test_unsupported_variants_on_quantized_base_say_so(tiny_dir):
+    m = _load(tiny_dir, "nf4-dq")
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' on a bitsandbytes-quantized base"):
+        cfg = fastpeft.LoraConfig(r=2, target_modules=["q_proj"])
+        cfg.init_lora_weights = "pissa"  # accepted by LoraConfig once PiSSA exists; refused for a quantized base
+        fastpeft.get_peft_model(m, cfg)
+    assert isinstance(m.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)  # rolled back
+
+
+@needs_bnb
 def test_safe_merge_nan_leaves_layer_unchanged(tiny_dir):
     pm = fastpeft.get_peft_model(_load(tiny_dir, "8bit"), fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj

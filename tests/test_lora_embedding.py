@@ -102,6 +102,9 @@ def test_files_both_ways(tmp_path):
     kf = set(load_file(str(tmp_path / "fast" / "adapter_model.safetensors")))
     kp = set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors")))
     assert kf == kp and "base_model.model.model.embed_tokens.base_layer.weight" in kf
+    without = set(fastpeft.get_peft_model_state_dict(fp, save_embedding_layers=False))
+    assert without == set(peft.get_peft_model_state_dict(pp, save_embedding_layers=False)) == kf - {
+        "base_model.model.model.embed_tokens.base_layer.weight"}
     ids = torch.randint(0, 80, (2, 6))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -29,7 +29,7 @@ from .ia3 import Linear as IA3Linear
 from .lora import Linear as LoraLinear
 
 __all__ = ["quant_kind", "dequantize_weight", "replace_quantized_weight",
-           "merge_quantized", "is_quantized_model", "prepare_model_for_kbit_training", "LoraQuantLinear",
+           "merge_quantized", "prepare_model_for_kbit_training", "LoraQuantLinear",
            "AdaLoraQuantLinear", "IA3QuantLinear"]
 
 
@@ -50,18 +50,6 @@ def quant_kind(layer: nn.Module) -> Optional[str]:
     if isinstance(layer, nnm.Linear8bitLt):
         return "8bit"
     return None
-
-
-def is_quantized_model(model: nn.Module) -> bool:
-    """Whether transformers loaded ``model`` with a bitsandbytes quantization config (4 or 8 bit)."""
-    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
-        return True
-    qc = getattr(model, "quantization_config", None) or getattr(getattr(model, "config", None),
-                                                                "quantization_config", None)
-    if qc is None:
-        return False
-    get = qc.get if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
-    return bool(get("load_in_4bit", False) or get("load_in_8bit", False))
 
 
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
@@ -334,6 +322,12 @@ def make_lora_layer(target: nn.Module, adapter_name: str, r: int, lora_alpha: fl
     """A LoRA layer around a bitsandbytes base (None when ``target`` is not quantized)."""
     if quant_kind(target) is None:
         return None
+    if getattr(config, "use_dora", False):
+        raise ValueError("use_dora=True on a bitsandbytes-quantized base is not supported by fastpeft yet")
+    init = getattr(config, "init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise ValueError(f"init_lora_weights={init!r} on a bitsandbytes-quantized base is not supported by fastpeft "
+                         "yet (supported there: True, False, 'gaussian')")
     return LoraQuantLinear(target, adapter_name, r, lora_alpha, config)
 
 

@@ -53,6 +53,8 @@ class Embedding(LoraLayer):
         """Create adapter ``adapter_name``: A (r, num_embeddings), B (embedding_dim, r); PEFT's draws and init."""
         if config.lora_bias:
             raise ValueError("lora_bias=True is not supported for Embedding layers")
+        if getattr(config, "use_dora", False):
+            raise ValueError("use_dora=True on an nn.Embedding is not supported by fastpeft yet")
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
         self.r[adapter_name] = r
