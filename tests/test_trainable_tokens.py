@@ -148,3 +148,29 @@ def test_config_errors():
         fastpeft.get_peft_model(m, fastpeft.LoraConfig(target_modules=["q_proj", "embed_tokens"],
                                                         trainable_token_indices=[1]))
     assert type(m.model.embed_tokens) is nn.Embedding  # rolled back
+
+
+def test_several_adapters_and_mixed_batch():
+    _, fp = _pair([3, 7])
+    torch.manual_seed(4)
+    fp.add_adapter("other", fastpeft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                                                trainable_token_indices=[3, 7]))
+    with torch.no_grad():
+        fp.base_model.model.model.embed_tokens.trainable_tokens_delta["other"].normal_()
+    fp.eval()
+    ids = torch.tensor([[3, 1, 7], [7, 3, 2], [1, 2, 3]])
+    outs = {}
+    with torch.no_grad():
+        for a in ("default", "other"):
+            fp.set_adapter(a)
+            outs[a] = fp(input_ids=ids).logits
+        with fp.disable_adapter():
+            outs["__base__"] = fp(input_ids=ids).logits
+        mixed = fp(input_ids=ids, adapter_names=["other", "__base__", "default"]).logits
+    assert not torch.allclose(outs["default"], outs["other"])
+    for i, a in enumerate(["other", "__base__", "default"]):
+        torch.testing.assert_close(mixed[i], outs[a][i], rtol=1e-5, atol=1e-6)
+    emb = fp.base_model.model.model.embed_tokens
+    assert emb.trainable_tokens_delta["default"].requires_grad is False  # inactive adapters are frozen
+    fp.delete_adapter("other")
+    assert list(emb.trainable_tokens_delta) == ["default"] and "other" not in emb.token_indices
