@@ -38,6 +38,8 @@ _EXPORTS = {
     "get_peft_model": "fastpeft.mapping",
     "get_peft_model_state_dict": "fastpeft.mapping",
     "set_peft_model_state_dict": "fastpeft.mapping",
+    # quantized (bitsandbytes) bases
+    "prepare_model_for_kbit_training": "fastpeft.tuners.lora_bnb",
     # speeding up models built by HF PEFT
     "accelerate": "fastpeft.integrations",
     "restore": "fastpeft.integrations",

@@ -348,11 +348,32 @@ def _check_number(name: str, v) -> None:
 # LoRA fields that HF PEFT 0.21.2 has but fastpeft does not implement: (field, value meaning "off")
 _LORA_UNSUPPORTED_OFF = {
     "use_qalora": False, "megatron_config": None,
-    "trainable_token_indices": None, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+    "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "monteclora_config": None, "layer_replication": None,
     "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
     "ensure_weight_tying": False,
 }
+
+
+def _check_trainable_token_indices(cfg) -> None:
+    """``trainable_token_indices``: None, a list of token ids, or {module name: list of ids} (LoRA only)."""
+    v = cfg.trainable_token_indices
+    if v is None:
+        return
+    if isinstance(cfg, AdaLoraConfig):
+        raise ValueError(f"trainable_token_indices={v!r} is not supported by fastpeft for {type(cfg).__name__} "
+                         "(only LoraConfig)")
+    groups = v.items() if isinstance(v, dict) else [("trainable_token_indices", v)]
+    if not isinstance(v, (dict, list, tuple)):
+        raise TypeError(f"trainable_token_indices must be a list of token ids or a dict {{module name: ids}}, got "
+                        f"{type(v).__name__}")
+    for name, ids in groups:
+        if not isinstance(name, str):
+            raise TypeError(f"trainable_token_indices keys must be module names (str), got {name!r}")
+        if not isinstance(ids, (list, tuple)) or not ids or \
+                any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise ValueError(f"trainable_token_indices[{name!r}] must be a non-empty list of int token ids, got "
+                             f"{ids!r}")
 
 
 def _common_lora_checks(cfg) -> None:
@@ -403,6 +424,7 @@ def _common_lora_checks(cfg) -> None:
         v = getattr(cfg, fname, off)
         if v != off and not (off is None and v in ({}, [])):
             raise ValueError(f"{fname}={v!r} is not supported by fastpeft (only {fname}={off!r})")
+    _check_trainable_token_indices(cfg)
     if cfg.loftq_config:
         raise ValueError(f"loftq_config={cfg.loftq_config!r} is not supported by fastpeft")
     if not isinstance(cfg.lora_bias, bool):
@@ -434,8 +456,11 @@ class LoraConfig(PeftConfig):
     fullmatch; ``"all-linear"``; None: architecture default), ``exclude_modules``, ``lora_alpha``, ``lora_dropout``,
     ``fan_in_fan_out``, ``bias`` ("none"/"all"/"lora_only"), ``use_rslora``, ``modules_to_save``,
     ``init_lora_weights`` (True, False, "gaussian"), ``layers_to_transform``, ``layers_pattern``, ``rank_pattern``,
-    ``alpha_pattern``, ``lora_bias`` (a bias on ``lora_B``).  The remaining PEFT fields are accepted so that PEFT
-    files load, but must keep their default ("off") value; anything else raises ValueError naming the field.
+    ``alpha_pattern``, ``lora_bias`` (a bias on ``lora_B``), ``trainable_token_indices`` (list of token ids for the
+    input embedding, or ``{module name: ids}``).  ``nn.Embedding`` targets get LoRA embeddings and bitsandbytes 4/8-bit
+    linear targets their quantized-base layers (``fastpeft.tuners.lora_embedding`` / ``lora_bnb``).  The remaining
+    PEFT fields are accepted so that PEFT files load, but must keep their default ("off") value; anything else raises
+    ValueError naming the field.
     """
 
     r: int = 8

@@ -103,6 +103,12 @@ def get_peft_model_state_dict(model, state_dict: Optional[dict] = None, adapter_
         model = getattr(model, "_orig_mod", model)
     tuner = _tuner(model)
     sd = tuner.get_adapter_state_dict(adapter_name)
+    if save_embedding_layers is False:
+        # leave out the targeted embedding layers' base weights that LoRA adds to the file (PEFT's "auto")
+        from .tuners.lora_embedding import optional_embedding_keys
+
+        extra = optional_embedding_keys(tuner, adapter_name)
+        sd = {k: v for k, v in sd.items() if k not in extra}
     if state_dict is not None and hasattr(tuner, "_adapter_key_map"):
         keymap = tuner._adapter_key_map(adapter_name)
         if set(keymap) == set(sd):

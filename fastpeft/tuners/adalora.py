@@ -291,8 +291,12 @@ class AdaLoraModel(BaseTuner):
         if isinstance(target, AdaLoraLayer):
             target.update_layer(adapter_name, config.init_r, config.lora_alpha, config)
             return
-        self.conv1d_fan_in_fan_out_warning(target, config)
-        new = SVDLinear(target, adapter_name, config.init_r, config.lora_alpha, config)
+        from .lora_bnb import make_adalora_layer  # bitsandbytes 4/8-bit bases
+
+        new = make_adalora_layer(target, adapter_name, config.init_r, config.lora_alpha, config)
+        if new is None:
+            self.conv1d_fan_in_fan_out_warning(target, config)
+            new = SVDLinear(target, adapter_name, config.init_r, config.lora_alpha, config)
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         setattr(parent, target_name, new)

@@ -156,8 +156,12 @@ class IA3Model(BaseTuner):
                 raise ValueError(f"module {current_key!r} is feed-forward for one IA3 adapter and not for another")
             target.update_layer(adapter_name, config)
             return
-        self.conv1d_fan_in_fan_out_warning(target, config)
-        new = Linear(target, adapter_name, config, ff)
+        from .lora_bnb import make_ia3_layer  # bitsandbytes 4/8-bit bases
+
+        new = make_ia3_layer(target, adapter_name, config, ff)
+        if new is None:
+            self.conv1d_fan_in_fan_out_warning(target, config)
+            new = Linear(target, adapter_name, config, ff)
         if adapter_name not in self.active_adapters:
             new.requires_grad_(False)
         setattr(parent, target_name, new)

@@ -207,6 +207,33 @@ class LoraModel(BaseTuner):
     target_module_defaults = LORA_TARGET_MODULE_DEFAULTS
     supports_mixed_batch = True
 
+    def _finish_injection(self, adapter_name: str) -> None:
+        from .trainable_tokens import inject_trainable_tokens  # trainable_token_indices (no-op when None)
+
+        inject_trainable_tokens(self, adapter_name, self.peft_config[adapter_name])
+
+    def _mark_only_adapters_as_trainable(self) -> None:
+        super()._mark_only_adapters_as_trainable()
+        from .lora_embedding import mark_token_deltas_trainable
+
+        mark_token_deltas_trainable(self)
+
+    def get_adapter_state_dict(self, adapter_name: str = "default") -> dict:
+        from .lora_embedding import with_optional_keys
+
+        return with_optional_keys(self, adapter_name, super().get_adapter_state_dict(adapter_name))
+
+    def check_adapter_state_dict(self, adapter_name: str, state_dict: dict) -> None:
+        from .lora_embedding import without_optional_keys
+
+        super().check_adapter_state_dict(adapter_name, without_optional_keys(self, adapter_name, state_dict))
+
+    def _apply_adapter_state_dict(self, adapter_name: str, state_dict: dict) -> None:
+        from .lora_embedding import apply_optional_keys, without_optional_keys
+
+        super()._apply_adapter_state_dict(adapter_name, without_optional_keys(self, adapter_name, state_dict))
+        apply_optional_keys(self, adapter_name, state_dict)
+
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         rk = pattern_key((config.rank_pattern or {}).keys(), current_key)
         ak = pattern_key((config.alpha_pattern or {}).keys(), current_key)
@@ -215,11 +242,18 @@ class LoraModel(BaseTuner):
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, r, alpha, config)
             return
-        if isinstance(target, nn.Conv2d):
+        from .lora_bnb import make_lora_layer  # bitsandbytes 4/8-bit bases (imports nothing from bitsandbytes)
+
+        new = make_lora_layer(target, adapter_name, r, alpha, config)
+        if new is None and isinstance(target, nn.Embedding):
+            from .lora_embedding import Embedding
+
+            new = Embedding(target, adapter_name, r, alpha, config)
+        if new is None and isinstance(target, nn.Conv2d):
             from .lora_conv import Conv2d
 
             new = Conv2d(target, adapter_name, r, alpha, config)
-        else:
+        if new is None:
             self.conv1d_fan_in_fan_out_warning(target, config)
             new = Linear(target, adapter_name, r, alpha, config)
         if adapter_name not in self.active_adapters:
@@ -241,10 +275,14 @@ class LoraModel(BaseTuner):
                 check_conv2d_target(module, r, bool(config.use_dora), key)
 
     def _is_supported_target(self, module: nn.Module) -> bool:
-        return super()._is_supported_target(module) or type(module) is nn.Conv2d
+        return (super()._is_supported_target(module) or isinstance(module, nn.Embedding)
+                or type(module) is nn.Conv2d)
 
     def _adapter_key_map(self, adapter_name: str) -> dict[str, str]:
         # PEFT saves the DoRA magnitude as "...lora_magnitude_vector" (no ".weight", its pre-ModuleDict layout)
         suffix = ".lora_magnitude_vector.weight"
-        return {(k[:-len(".weight")] if k.endswith(suffix) else k): v
+        from .lora_embedding import adapter_key_map  # PEFT's keys for trainable tokens and embedding base weights
+
+        keys = {(k[:-len(".weight")] if k.endswith(suffix) else k): v
                 for k, v in super()._adapter_key_map(adapter_name).items()}
+        return adapter_key_map(self, adapter_name, keys)
