@@ -23,8 +23,9 @@ LAYER_OPS = {  # --op name -> list of (variant op name, setup kwargs)
     "lora": [("lora", {"method": "lora", "dropout": 0.0}), ("lora_dropout0.1", {"method": "lora", "dropout": 0.1})],
     "adalora": [("adalora", {"method": "adalora", "dropout": 0.0})],
     "ia3": [("ia3_attn", {"feedforward": False}), ("ia3_ff", {"feedforward": True})],
+    "dora": [("dora", {"dropout": 0.0}), ("dora_dropout0.1", {"dropout": 0.1})],  # benchmarks/bench_dora.py
 }
-ALL_OPS = ("lora", "adalora", "ia3", "e2e")
+ALL_OPS = ("lora", "adalora", "ia3", "dora", "e2e")
 COLUMNS = ["timestamp", "op", "provider", "mode", "shape", "M", "K", "N", "r", "dtype", "p50_ms", "p20_ms", "p80_ms",
            "peak_mib", "mem_kind", "err_vs_ref", "ratio_to_base", "ratio_to_peft", "tokens_per_s", "gpu", "torch",
            "triton", "fastpeft", "git", "note"]
@@ -272,6 +273,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             if op == "ia3":
                 from .bench_ia3 import setup_ia3
                 case = setup_ia3(shp, U.DTYPES[dt], device, layer_provs, **kw)
+            elif op == "dora":
+                from .bench_dora import setup_dora
+                case = setup_dora(shp, U.DTYPES[dt], device, layer_provs, **kw)
             else:
                 from .bench_lora import setup_lora
                 case = setup_lora(shp, U.DTYPES[dt], device, layer_provs, **kw)
