@@ -97,6 +97,7 @@ class LoraLayer(BaseTunerLayer):
 
     def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
         w = self.base_layer.weight
+        self.__dict__.pop("_dora_wsq", None)  # DoRA's cached ||W||^2 (writes through .data keep W's version)
         if adapter_name in self.lora_magnitude_vector:
             new = dora_merged_weight(self, adapter_name, w.data, unmerged_base_weight(self))
             self._write_base_weight(w, new, safe_merge, adapter_name)
@@ -117,6 +118,7 @@ class LoraLayer(BaseTunerLayer):
 
     def _unmerge_one(self, adapter_name: str) -> None:
         w = self.base_layer.weight
+        self.__dict__.pop("_dora_wsq", None)
         if adapter_name in self.lora_magnitude_vector:
             with torch.no_grad():
                 w.data.copy_(dora_unmerged_weight(self, adapter_name, w.data))
