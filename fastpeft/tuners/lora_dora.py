@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ._utils import transpose
 
-__all__ = ["DoraLinearLayer", "dora_row_norm", "dora_init", "dora_forward", "dora_merged_weight",
+__all__ = ["DoraLinearLayer", "dora_row_norm", "dora_init", "dora_forward", "dora_fused_forward", "dora_merged_weight",
            "dora_unmerged_weight", "DORA_CANCELLATION_LIMIT"]
 
 # n² is formed from terms whose sum of magnitudes is at most this many times n² before a row is recomputed directly:
@@ -184,6 +184,29 @@ def dora_forward(layer, adapter_name: str, x: torch.Tensor, result: torch.Tensor
         k = (magnitude / n).view(1, -1)
     lora_result = lora_B(lora_A(x))
     return result + ((k - 1) * base_result + k * lora_result * scaling)
+
+
+def dora_fused_forward(layer, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    """One active DoRA adapter and no active dropout: ``y = k ⊙ (W x + s·B A x) + b`` with ``k = m / n``.
+
+    That equals PEFT's ``result + (k - 1)·(result - b) + k·s·B A x``, so the whole layer is one
+    ``fastpeft.functional.lora_linear`` call (the fused LoRA kernels on GPU) followed by a per-column scale: DoRA
+    then costs what LoRA costs plus the row norm (O(out·in·r), once per step).  Linear / Conv1D bases only.
+    x: (..., in) in the base dtype -> (..., out) in x's dtype.
+    """
+    from .. import functional as FP
+    from ._utils import linear_weight_oi
+
+    base = layer.base_layer
+    A = layer.lora_A[adapter_name].weight
+    B = layer.lora_B[adapter_name].weight
+    z = FP.lora_linear(x, linear_weight_oi(base), None, A, B, layer.scaling[adapter_name], 0.0, None, backend=None)
+    m = layer.lora_magnitude_vector[adapter_name].weight
+    k = m / _norm_for_forward(layer, adapter_name, A.dtype)
+    y = k * z
+    if base.bias is not None:
+        y = y + base.bias
+    return y.to(z.dtype)
 
 
 # -- merge ---------------------------------------------------------------------------------------------------------
