@@ -202,3 +202,33 @@ def test_expanded_norm_accuracy_vs_fp64(scale):
     err_ours = ((ours - ref).abs() / ref).max().item()
     eps = torch.finfo(torch.float32).eps
     assert err_ours <= 2 * max(err_direct, eps), (err_ours, err_direct)
+
+
+def test_dora_bf16_layer_within_twice_peft_error():
+    """bf16 base, fp32 adapters (PEFT's default): fastpeft's DoRA layer (eval: one LoRA call plus a column scale)
+    stays within 2x the error of PEFT's DoRA layer against an fp64 reference."""
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(256, 192)
+
+    torch.manual_seed(0)
+    base = One()
+    with torch.no_grad():
+        base.proj.weight.normal_(0, 256 ** -0.5)
+    p, f = wrap_pair(base.to(torch.bfloat16), *both(r=8, lora_alpha=16, target_modules=["proj"], use_dora=True))
+    randomize_trainable(p, f, scale=0.3)
+    L, F_ = p.base_model.model.proj, f.base_model.model.proj
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    W, b = L.base_layer.weight.double(), L.base_layer.bias.double()
+    A, B = L.lora_A["default"].weight.double(), L.lora_B["default"].weight.double()
+    m = L.lora_magnitude_vector["default"].weight.double()
+    Wt = W + L.scaling["default"] * (B @ A)
+    ref = x.double() @ ((m / torch.linalg.norm(Wt, dim=1))[:, None] * Wt).t() + b
+    p.eval()
+    f.eval()
+    with torch.no_grad():
+        err_p = ((L(x).double() - ref).norm() / ref.norm()).item()
+        err_f = ((F_(x).double() - ref).norm() / ref.norm()).item()
+    assert err_f <= 2 * err_p, (err_f, err_p)
