@@ -67,7 +67,7 @@ def setup_dora(shape: Shape, dtype: torch.dtype, device: torch.device, providers
             return x.double() @ (k[:, None] * Wt).t()
 
     case = LayerCase("dora" + (f"_dropout{dropout:g}" if dropout else ""), shape, dtype, device,
-                     make_inputs(shape, dtype, device), reference, {}, keep=[W, A, B, m, *fparams])
+                     make_inputs(shape, dtype, device), reference, {}, keep=[W, A, B, m, flayer.base_layer.weight, *fparams])
     done_fastpeft = False
     for name in providers:
         if name == "base":
