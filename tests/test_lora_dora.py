@@ -183,8 +183,9 @@ def test_dora_norm_cache_follows_base_weight():
     assert_close_rel(y2, y0, PEFT_PARITY_RTOL, "restored weight")
 
 
+@pytest.mark.parametrize("max_fallback_rows", [None, 6])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])
-def test_expanded_norm_accuracy_vs_fp64(scale):
+def test_expanded_norm_accuracy_vs_fp64(scale, max_fallback_rows):
     """The expanded row norm stays within 2x the error of the direct fp32 norm (PEFT's) against fp64, including
     rows where s·B·A nearly cancels W (those rows fall back to the direct form)."""
     g = torch.Generator().manual_seed(0)
@@ -197,7 +198,7 @@ def test_expanded_norm_accuracy_vs_fp64(scale):
     ref = torch.linalg.norm(W + s * (B @ A), dim=1)
     W32, A32, B32 = W.float(), A.float(), B.float()
     direct = torch.linalg.norm(W32 + s * (B32 @ A32), dim=1).double()
-    ours = dora_row_norm(W32, A32, B32, s).double()
+    ours = dora_row_norm(W32, A32, B32, s, max_fallback_rows=max_fallback_rows).double()
     err_direct = ((direct - ref).abs() / ref).max().item()
     err_ours = ((ours - ref).abs() / ref).max().item()
     eps = torch.finfo(torch.float32).eps
