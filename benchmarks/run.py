@@ -24,8 +24,9 @@ LAYER_OPS = {  # --op name -> list of (variant op name, setup kwargs)
     "adalora": [("adalora", {"method": "adalora", "dropout": 0.0})],
     "ia3": [("ia3_attn", {"feedforward": False}), ("ia3_ff", {"feedforward": True})],
     "qlora": [("qlora_nf4", {"quant_type": "nf4"})],  # 4-bit bitsandbytes base (needs bitsandbytes)
+    "dora": [("dora", {"dropout": 0.0}), ("dora_dropout0.1", {"dropout": 0.1})],  # benchmarks/bench_dora.py
 }
-ALL_OPS = ("lora", "adalora", "ia3", "qlora", "e2e")
+ALL_OPS = ("lora", "adalora", "ia3", "qlora", "dora", "e2e")
 COLUMNS = ["timestamp", "op", "provider", "mode", "shape", "M", "K", "N", "r", "dtype", "p50_ms", "p20_ms", "p80_ms",
            "peak_mib", "mem_kind", "err_vs_ref", "ratio_to_base", "ratio_to_peft", "tokens_per_s", "gpu", "torch",
            "triton", "fastpeft", "git", "note"]
@@ -283,6 +284,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             elif op == "qlora":
                 from .bench_qlora import setup_qlora
                 case = setup_qlora(shp, U.DTYPES[dt], device, layer_provs, **kw)
+            elif op == "dora":
+                from .bench_dora import setup_dora
+                case = setup_dora(shp, U.DTYPES[dt], device, layer_provs, **kw)
             else:
                 from .bench_lora import setup_lora
                 case = setup_lora(shp, U.DTYPES[dt], device, layer_provs, **kw)

@@ -455,12 +455,14 @@ class LoraConfig(PeftConfig):
     The fields fastpeft implements: ``r``, ``target_modules`` (list: exact name or ``.``-suffix; str: regex
     fullmatch; ``"all-linear"``; None: architecture default), ``exclude_modules``, ``lora_alpha``, ``lora_dropout``,
     ``fan_in_fan_out``, ``bias`` ("none"/"all"/"lora_only"), ``use_rslora``, ``modules_to_save``,
-    ``init_lora_weights`` (True, False, "gaussian"), ``layers_to_transform``, ``layers_pattern``, ``rank_pattern``,
-    ``alpha_pattern``, ``lora_bias`` (a bias on ``lora_B``), ``trainable_token_indices`` (list of token ids for the
-    input embedding, or ``{module name: ids}``).  ``nn.Embedding`` targets get LoRA embeddings and bitsandbytes 4/8-bit
-    linear targets their quantized-base layers (``fastpeft.tuners.lora_embedding`` / ``lora_bnb``).  The remaining
-    PEFT fields are accepted so that PEFT files load, but must keep their default ("off") value; anything else raises
-    ValueError naming the field.
+    ``init_lora_weights`` (True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora", "orthogonal";
+    ``fastpeft.tuners.lora_init``), ``use_dora`` (``fastpeft.tuners.lora_dora``), ``layers_to_transform``,
+    ``layers_pattern``, ``rank_pattern``, ``alpha_pattern``, ``lora_bias`` (a bias on ``lora_B``),
+    ``trainable_token_indices`` (list of token ids for the input embedding, or ``{module name: ids}``).
+    ``nn.Embedding`` targets get LoRA embeddings and bitsandbytes 4/8-bit linear targets their quantized-base layers
+    (``fastpeft.tuners.lora_embedding`` / ``lora_bnb``).  The remaining PEFT fields are accepted so that PEFT files
+    load, but must keep their default ("off") value; anything else raises ValueError naming the field (README, "LoRA
+    options fastpeft refuses").
     """
 
     r: int = 8

@@ -111,8 +111,10 @@ def test_conv2d_merged_output_and_unmerge():
             assert_close_rel(v, before[k], PEFT_PARITY_RTOL, f"unmerged {k}")
 
 
-def test_conv2d_files_load_both_ways(tmp_path):
-    p, f = wrap_pair(make_net(), *both(r=4, lora_alpha=8, target_modules=ALL, use_dora=False))
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_conv2d_files_load_both_ways(tmp_path, use_dora):
+    p, f = wrap_pair(make_net(), *both(r=4, lora_alpha=8, target_modules=MERGEABLE if use_dora else ALL,
+                                       use_dora=use_dora))
     randomize_trainable(p, f)
     p.save_pretrained(tmp_path / "p")
     f.save_pretrained(tmp_path / "f")

@@ -24,7 +24,7 @@ def both(**kw):
 
 CASES = [
     ("llama", "pissa", False), ("gpt2", "pissa", False), ("llama", "pissa_niter_2", False),
-    ("llama", "olora", False), ("gpt2", "orthogonal", False), ("llama", "gaussian", False),
+    ("llama", "olora", False), ("gpt2", "orthogonal", False),
     ("llama", "pissa", True),  # PiSSA then DoRA: the magnitude is taken on W_res + s·B·A
 ]
 

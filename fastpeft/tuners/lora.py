@@ -18,7 +18,8 @@ from .. import functional as FP
 from ..config import LoraConfig, PeftType
 from ._utils import in_out_features, is_conv1d, linear_weight_oi, pattern_key, transpose
 from .base import BaseTuner, BaseTunerLayer, register_tuner
-from .lora_dora import dora_forward, dora_init, dora_merged_weight, dora_unmerged_weight, unmerged_base_weight
+from .lora_dora import (dora_forward, dora_fused_forward, dora_init, dora_merged_weight, dora_unmerged_weight,
+                        unmerged_base_weight)
 from .lora_init import init_lora_adapter
 
 __all__ = ["LoraLayer", "Linear", "LoraModel", "LORA_TARGET_MODULE_DEFAULTS"]
@@ -97,6 +98,7 @@ class LoraLayer(BaseTunerLayer):
 
     def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:
         w = self.base_layer.weight
+        self.__dict__.pop("_dora_wsq", None)  # DoRA's cached ||W||^2 (writes through .data keep W's version)
         if adapter_name in self.lora_magnitude_vector:
             new = dora_merged_weight(self, adapter_name, w.data, unmerged_base_weight(self))
             self._write_base_weight(w, new, safe_merge, adapter_name)
@@ -117,6 +119,7 @@ class LoraLayer(BaseTunerLayer):
 
     def _unmerge_one(self, adapter_name: str) -> None:
         w = self.base_layer.weight
+        self.__dict__.pop("_dora_wsq", None)
         if adapter_name in self.lora_magnitude_vector:
             with torch.no_grad():
                 w.data.copy_(dora_unmerged_weight(self, adapter_name, w.data))
@@ -154,8 +157,15 @@ class Linear(LoraLayer):
         active = self._present_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if (self._fusable and len(active) == 1 and not args and not kwargs and not self.lora_bias[active[0]]
-                and active[0] not in self.lora_magnitude_vector and not _is_sharded(self.lora_A[active[0]].weight)):
+        fused = (self._fusable and len(active) == 1 and not args and not kwargs and not self.lora_bias[active[0]]
+                 and not _is_sharded(self.lora_A[active[0]].weight))
+        if fused and active[0] in self.lora_magnitude_vector:
+            # DoRA without active dropout is one LoRA call plus a column scale; with dropout it needs W·drop(x) too
+            # (PEFT's extra matmul), which the loop below does
+            if isinstance(self.lora_dropout[active[0]], nn.Identity) or not self.training:
+                return dora_fused_forward(self, active[0], x)
+            fused = False
+        if fused:
             a = active[0]
             A = self.lora_A[a].weight
             drop = self.lora_dropout[a]

@@ -14,7 +14,8 @@ The row norm is computed without materialising ``W + s·B·A``:
 ``n² = ‖W‖² + 2s·rowsum(B ⊙ (W Aᵀ)) + s²·rowsum((B·AAᵀ) ⊙ B)``, with ``‖W‖²`` cached per layer (W is frozen;
 the cache is keyed on the weight's storage, version and shape).  Where that sum cancels (n² much smaller than the
 terms that make it up, i.e. ``s·B·A ≈ -W`` on a row) the rows concerned are recomputed directly, so the result keeps
-the accuracy of the direct norm.  Merge uses PEFT's direct formula (the norm of the unmerged weight, cached for the
+the accuracy of the direct norm (on CPU every such row; on an accelerator and under torch.compile, without a host
+sync, the ``DORA_SYNC_FREE_FALLBACK_ROWS`` worst rows of the layer).  Merge uses PEFT's direct formula (the norm of the unmerged weight, cached for the
 unmerge).
 """
 
@@ -28,12 +29,14 @@ import torch.nn.functional as F
 
 from ._utils import transpose
 
-__all__ = ["DoraLinearLayer", "dora_row_norm", "dora_init", "dora_forward", "dora_merged_weight",
-           "dora_unmerged_weight", "DORA_CANCELLATION_LIMIT"]
+__all__ = ["DoraLinearLayer", "dora_row_norm", "dora_init", "dora_forward", "dora_fused_forward", "dora_merged_weight",
+           "dora_unmerged_weight", "DORA_CANCELLATION_LIMIT", "DORA_SYNC_FREE_FALLBACK_ROWS"]
 
 # n² is formed from terms whose sum of magnitudes is at most this many times n² before a row is recomputed directly:
 # the expanded form's relative rounding error in n² grows with that ratio, the direct form's does not.
 DORA_CANCELLATION_LIMIT = 4.0
+# On an accelerator and under torch.compile the fallback looks at this many worst rows per layer (no host sync).
+DORA_SYNC_FREE_FALLBACK_ROWS = 32
 
 
 class DoraLinearLayer(nn.Module):
@@ -70,12 +73,15 @@ def _weight_sq_rows(layer, w_oi: torch.Tensor) -> torch.Tensor:
 
 
 def dora_row_norm(w_oi: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                  w_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  w_sq: Optional[torch.Tensor] = None, max_fallback_rows: Optional[int] = None) -> torch.Tensor:
     """``‖W + s·B·A‖`` per output row without forming the (out, in) sum; no gradient.
 
     Args:
         w_oi: base weight (out, in).  A: (r, in).  B: (out, r).  scaling: s.
         w_sq: optional cached ``‖W‖²`` per row (out,), fp32 or wider.
+        max_fallback_rows: None recomputes every cancelling row directly (a data-dependent branch: one host sync on
+            an accelerator, a graph break under torch.compile); an int k checks only the k rows with the worst
+            cancellation, without a sync (used on GPU and under torch.compile).
     Returns:
         (out,) in ``w_oi``'s dtype, computed in fp32 (or fp64 for fp64 inputs).
     """
@@ -91,9 +97,16 @@ def dora_row_norm(w_oi: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
         size = w_sq + (2.0 * abs(s)) * cross.abs() + (s * s) * ba_sq
         bad = ~(n_sq * DORA_CANCELLATION_LIMIT >= size)             # also catches n_sq <= 0 and NaN
         n = n_sq.clamp_min(0).sqrt()
-        if bool(bad.any()):
-            rows = bad.nonzero().squeeze(1)
-            n[rows] = torch.linalg.norm(W[rows] + s * (B_[rows] @ A_), dim=1)
+        if max_fallback_rows is None:
+            if bool(bad.any()):
+                rows = bad.nonzero().squeeze(1)
+                n[rows] = torch.linalg.norm(W[rows] + s * (B_[rows] @ A_), dim=1)
+        else:
+            k = min(int(max_fallback_rows), n.shape[0])
+            amp = torch.where(bad, torch.full_like(size, float("inf")), size / n_sq)
+            rows = amp.topk(k).indices
+            direct = torch.linalg.norm(W[rows] + s * (B_[rows] @ A_), dim=1)
+            n[rows] = torch.where(bad[rows], direct, n[rows])
         return n.to(w_oi.dtype)
 
 
@@ -137,8 +150,12 @@ def _norm_for_forward(layer, adapter_name: str, dtype: torch.dtype) -> torch.Ten
     B = layer.lora_B[adapter_name].weight
     r = A.shape[0]
     same_math = torch.promote_types(w_oi.dtype, torch.float32) == torch.promote_types(dtype, torch.float32)
+    compiling = torch.compiler.is_compiling()
+    sync_free = compiling or w_oi.device.type != "cpu"
     return dora_row_norm(w_oi.to(dtype), A.detach().reshape(r, -1).to(dtype), B.detach().reshape(-1, r).to(dtype),
-                         layer.scaling[adapter_name], w_sq=_weight_sq_rows(layer, w_oi) if same_math else None)
+                         layer.scaling[adapter_name],
+                         w_sq=_weight_sq_rows(layer, w_oi) if same_math and not compiling else None,
+                         max_fallback_rows=DORA_SYNC_FREE_FALLBACK_ROWS if sync_free else None)
 
 
 def unmerged_base_weight(layer) -> torch.Tensor:
@@ -184,6 +201,29 @@ def dora_forward(layer, adapter_name: str, x: torch.Tensor, result: torch.Tensor
         k = (magnitude / n).view(1, -1)
     lora_result = lora_B(lora_A(x))
     return result + ((k - 1) * base_result + k * lora_result * scaling)
+
+
+def dora_fused_forward(layer, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    """One active DoRA adapter and no active dropout: ``y = k ⊙ (W x + s·B A x) + b`` with ``k = m / n``.
+
+    That equals PEFT's ``result + (k - 1)·(result - b) + k·s·B A x``, so the whole layer is one
+    ``fastpeft.functional.lora_linear`` call (the fused LoRA kernels on GPU) followed by a per-column scale: DoRA
+    then costs what LoRA costs plus the row norm (O(out·in·r), once per step).  Linear / Conv1D bases only.
+    x: (..., in) in the base dtype -> (..., out) in x's dtype.
+    """
+    from .. import functional as FP
+    from ._utils import linear_weight_oi
+
+    base = layer.base_layer
+    A = layer.lora_A[adapter_name].weight
+    B = layer.lora_B[adapter_name].weight
+    z = FP.lora_linear(x, linear_weight_oi(base), None, A, B, layer.scaling[adapter_name], 0.0, None, backend=None)
+    m = layer.lora_magnitude_vector[adapter_name].weight
+    k = m / _norm_for_forward(layer, adapter_name, A.dtype)
+    y = k * z
+    if base.bias is not None:
+        y = y + base.bias
+    return y.to(z.dtype)
 
 
 # -- merge ---------------------------------------------------------------------------------------------------------
