@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import torch.nn as nn
 
 from .config import PeftConfig, TaskType
-from .save_load import load_peft_weights, normalise_keys, save_peft_weights
+from .save_load import load_peft_weights, normalise_keys, save_adapter_files
 from .tuners import get_tuner_class
 from .tuners.base import SEQ_CLS_HEAD_NAMES
 
@@ -199,7 +199,6 @@ class PeftModel(nn.Module):
             cfg = self.peft_config[name]
             sd = self.base_model.get_adapter_state_dict(name)  # before the config: AdaLoRA rewrites rank_pattern
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
-            save_peft_weights(sd, out_dir, safe_serialization=safe_serialization)
             if cfg.base_model_name_or_path is None:
                 cfg.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
             auto = None
@@ -209,7 +208,7 @@ class PeftModel(nn.Module):
             was = cfg.inference_mode
             cfg.inference_mode = True
             try:
-                cfg.save_pretrained(out_dir, auto_mapping_dict=auto)
+                save_adapter_files(out_dir, sd, cfg, safe_serialization=safe_serialization, auto_mapping_dict=auto)
             finally:
                 cfg.inference_mode = was
 
