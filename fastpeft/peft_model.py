@@ -124,11 +124,8 @@ class PeftModel(nn.Module):
     @contextmanager
     def disable_adapter(self):
         """Context manager running the base model (adapters bypassed, merged ones unmerged)."""
-        self.base_model.disable_adapter_layers()
-        try:
+        with self.base_model._adapters_disabled():  # restores every requires_grad flag afterwards
             yield
-        finally:
-            self.base_model.enable_adapter_layers()
 
     # -- parameters --------------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

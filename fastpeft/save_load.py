@@ -3,6 +3,13 @@
 Only safetensors files are read by default.  A pickled ``adapter_model.bin`` (PEFT's ``safe_serialization=False``)
 is refused unless the caller passes ``allow_bin=True``, and even then it is read with ``torch.load(...,
 weights_only=True)``.
+
+Saving is crash-safe (``save_adapter_files``): both files are serialised in memory first, each file is written to a
+temporary name in the same directory, flushed and renamed over the old one (``os.replace``), and a small save record
+(``fastpeft_save.json``: sha256 of the weights file, fingerprint of the config) lets ``load_peft_weights`` detect
+a directory left with the new weights and the old config (``InterruptedSaveError``).  Whatever fails, the directory
+loads as exactly the old adapter or exactly the new one, or refuses to load saying the save was interrupted.  The two
+adapter files stay byte-for-byte what HF PEFT writes; PEFT ignores the record.
 """
 
 from __future__ import annotations
