@@ -222,11 +222,11 @@ class PeftConfig:
         ``auto_mapping_dict`` (kwarg) overrides ``auto_mapping`` in the file, as in PEFT.  The JSON is built in full
         before the file is touched and replaces the old file atomically (a failure leaves the old file as it was).
         """
-        from .save_load import atomic_write_bytes
+        from .save_load import atomic_write_bytes, make_adapter_dir
 
         data = self._serialise(**kwargs)
         self._check_save_directory(save_directory)
-        os.makedirs(save_directory, exist_ok=True)
+        make_adapter_dir(save_directory)
         atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), data)
 
     def _serialise(self, **kwargs) -> bytes:

@@ -121,6 +121,16 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         os.close(dfd)
 
 
+def make_adapter_dir(directory: str) -> None:
+    """``os.makedirs(directory, exist_ok=True)``; failure raises ``AdapterSaveError`` naming the directory."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise AdapterSaveError(e.errno, f"could not create the adapter directory {str(directory)!r}: "
+                               f"{e.strerror or e}. Choose a writable directory (a path whose parts are not files) "
+                               "and save again") from e
+
+
 def read_json_object(path: str) -> dict:
     """Parse ``path`` as a JSON object; any failure raises ``AdapterFileError`` (a ValueError) naming the file."""
     directory = _dir_of(path)
@@ -242,7 +252,7 @@ def save_peft_weights(state_dict: dict[str, torch.Tensor], directory: str, safe_
     config together.
     """
     data = _serialise_weights(state_dict, safe_serialization)
-    os.makedirs(directory, exist_ok=True)
+    make_adapter_dir(directory)
     path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME)
     atomic_write_bytes(path, data)
     return path
@@ -269,7 +279,7 @@ def save_adapter_files(directory: str, state_dict: dict[str, torch.Tensor], conf
     record = {"weights_file": weights_name, "weights_sha256": hashlib.sha256(weights).hexdigest(),
               "config_sha256": config_fingerprint(json.loads(config_bytes))}
     config._check_save_directory(directory)
-    os.makedirs(directory, exist_ok=True)
+    make_adapter_dir(directory)
     atomic_write_bytes(os.path.join(directory, SAVE_RECORD_NAME), json.dumps(record, indent=2).encode())
     atomic_write_bytes(os.path.join(directory, weights_name), weights)
     atomic_write_bytes(os.path.join(directory, CONFIG_NAME), config_bytes)

@@ -315,3 +315,12 @@ def test_ia3_zero_scale_merge_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         IA3Linear(8, 8).merge()  # ones: no warning
+
+
+@pytest.mark.parametrize("method", ["merge_adapter", "merge_and_unload"])
+def test_unknown_adapter_names_in_merge(method):
+    m = make()
+    before = snapshot(m)
+    with pytest.raises(ValueError, match=r"adapter_names \['nope'\] do not exist; available: \['default'\]"):
+        getattr(m.base_model, method)(adapter_names=["nope"])
+    assert_same(before, snapshot(m))

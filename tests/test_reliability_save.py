@@ -286,3 +286,20 @@ def test_exports():
     assert issubclass(AdapterSaveError, OSError)
     assert issubclass(AdapterFileError, ValueError) and issubclass(InterruptedSaveError, AdapterFileError)
     assert fastpeft.save_load.SAVE_RECORD_NAME == "fastpeft_save.json"
+
+
+def test_empty_weights_file(old_and_new):
+    d, old, new, x = old_and_new
+    (d / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterFileError, match=r"'adapter_model.safetensors' in directory .* cannot be read"):
+        load(d)
+
+
+def test_directory_cannot_be_created(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    m = make()
+    with pytest.raises(AdapterSaveError, match=r"could not create the adapter directory .*afile.*save again"):
+        m.save_pretrained(str(tmp_path / "afile" / "sub"))
+    with pytest.raises(AdapterSaveError, match=r"could not create the adapter directory"):
+        LoraConfig(r=2, target_modules=["q"]).save_pretrained(str(tmp_path / "afile" / "sub"))
+    assert (tmp_path / "afile").read_text() == "x"

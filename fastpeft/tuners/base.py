@@ -984,11 +984,17 @@ class BaseTuner(nn.Module):
     def _merge_plan(self, adapter_names: Optional[list[str]], unloading: bool) -> list[tuple[str, BaseTunerLayer, list]]:
         """[(key, layer, adapters to merge)] for every tuner layer; validates every layer (unknown / already merged
         adapters raise ValueError) before anything is written."""
+        if adapter_names is not None:
+            unknown = [a for a in _active_list(adapter_names) if a not in self.peft_config]
+            if unknown:
+                raise ValueError(f"adapter_names {unknown} do not exist; available: {sorted(self.peft_config)}")
         plan = []
         for key, layer in list(self.tuner_layers()):
             if unloading and layer.merged:
-                # already merged adapters stay merged; merge the remaining requested ones
-                want = [a for a in (adapter_names or layer._present_active()) if a not in layer.merged_adapters]
+                # already merged adapters stay merged; merge the remaining requested ones (that this layer has)
+                want = [a for a in (_active_list(adapter_names) if adapter_names is not None
+                                    else layer._present_active())
+                        if a not in layer.merged_adapters and a in layer.adapter_names()]
                 names = layer._adapters_to_merge(want) if want else []
             else:
                 names = adapter_names
