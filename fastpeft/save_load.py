@@ -14,6 +14,7 @@ adapter files stay byte-for-byte what HF PEFT writes; PEFT ignores the record.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -280,6 +281,10 @@ def save_adapter_files(directory: str, state_dict: dict[str, torch.Tensor], conf
               "config_sha256": config_fingerprint(json.loads(config_bytes))}
     config._check_save_directory(directory)
     make_adapter_dir(directory)
+    for name in (SAVE_RECORD_NAME, weights_name, CONFIG_NAME):
+        if os.path.isdir(os.path.join(directory, name)):  # os.replace would fail only after the first files landed
+            raise AdapterSaveError(errno.EISDIR, f"cannot save the adapter: {name!r} in directory {str(directory)!r} "
+                                   "is a directory; remove or rename it and save again (nothing was written)")
     atomic_write_bytes(os.path.join(directory, SAVE_RECORD_NAME), json.dumps(record, indent=2).encode())
     atomic_write_bytes(os.path.join(directory, weights_name), weights)
     atomic_write_bytes(os.path.join(directory, CONFIG_NAME), config_bytes)

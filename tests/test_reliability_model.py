@@ -324,3 +324,12 @@ def test_unknown_adapter_names_in_merge(method):
     with pytest.raises(ValueError, match=r"adapter_names \['nope'\] do not exist; available: \['default'\]"):
         getattr(m.base_model, method)(adapter_names=["nope"])
     assert_same(before, snapshot(m))
+
+
+def test_set_adapter_several_with_modules_to_save_rolls_back():
+    m = make(lora(modules_to_save=["head"]))
+    m.add_adapter("second", lora(modules_to_save=["head"]))
+    before = snapshot(m)
+    with pytest.raises(ValueError, match="modules_to_save cannot be used with several active adapters"):
+        m.base_model.set_adapter(["default", "second"])
+    assert_same(before, snapshot(m))

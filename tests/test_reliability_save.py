@@ -303,3 +303,14 @@ def test_directory_cannot_be_created(tmp_path):
     with pytest.raises(AdapterSaveError, match=r"could not create the adapter directory"):
         LoraConfig(r=2, target_modules=["q"]).save_pretrained(str(tmp_path / "afile" / "sub"))
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_target_name_is_a_directory(old_and_new):
+    d, old, new, x = old_and_new
+    os.remove(d / "adapter_config.json")
+    os.mkdir(d / "adapter_config.json")
+    before = sorted(os.listdir(d)), (d / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(AdapterSaveError, match=r"'adapter_config.json' in directory .* is a directory; remove or "
+                                               r"rename it and save again \(nothing was written\)"):
+        new.save_pretrained(str(d))
+    assert (sorted(os.listdir(d)), (d / "adapter_model.safetensors").read_bytes()) == before

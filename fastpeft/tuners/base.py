@@ -981,7 +981,8 @@ class BaseTuner(nn.Module):
                 w._active_adapter = list(remaining)
 
     # -- merging -------------------------------------------------------------------------------------------------
-    def _merge_plan(self, adapter_names: Optional[list[str]], unloading: bool) -> list[tuple[str, BaseTunerLayer, list]]:
+    def _merge_plan(self, adapter_names: Optional[list[str]],
+                    unloading: bool) -> list[tuple[str, BaseTunerLayer, list]]:
         """[(key, layer, adapters to merge)] for every tuner layer; validates every layer (unknown / already merged
         adapters raise ValueError) before anything is written."""
         if adapter_names is not None:
