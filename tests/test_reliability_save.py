@@ -314,3 +314,38 @@ def test_target_name_is_a_directory(old_and_new):
                                                r"rename it and save again \(nothing was written\)"):
         new.save_pretrained(str(d))
     assert (sorted(os.listdir(d)), (d / "adapter_model.safetensors").read_bytes()) == before
+
+
+KILL_SCRIPT = r"""
+import os, sys, torch, torch.nn as nn
+sys.path.insert(0, {tests!r})
+from test_reliability_save import make
+import fastpeft.save_load as SL
+real, calls = os.replace, []
+def dying(src, dst):
+    calls.append(dst)
+    if len(calls) == {kill_at}:
+        os._exit(17)  # the process is killed: no exception handler, no cleanup
+    return real(src, dst)
+SL.os.replace = dying
+make(alpha=16, seed=1).save_pretrained({d!r})
+"""
+
+
+@pytest.mark.parametrize("kill_at", [2, 3])
+def test_process_killed_between_files(old_and_new, kill_at):
+    """A real process death (os._exit) before the weights (2) or before the config (3) is renamed into place."""
+    import subprocess
+    import sys
+
+    d, old, new, x = old_and_new
+    script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), kill_at=kill_at, d=str(d))
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 17, r.stderr
+    if kill_at == 2:
+        assert_loads_as(d, old, x)
+    else:
+        with pytest.raises(InterruptedSaveError, match="interrupted"):
+            load(d)
+    new.save_pretrained(str(d))
+    assert_loads_as(d, new, x)
