@@ -154,7 +154,7 @@ setup(
     packages=["fastpeft", "fastpeft.ops", "fastpeft.modules", "fastpeft.tuners", "fastpeft.prompt",
               "fastpeft.kernels"],
     package_dir={"fastpeft.kernels": "kernels"},
-    install_requires=["torch>=2.4", "numpy", "safetensors", "packaging"],
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4.3", "packaging"],
     extras_require={
         "triton": ["triton"],
         # The demo's packages are in the test extras so CI tests the real model/data loading on small slices.

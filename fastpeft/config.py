@@ -165,6 +165,29 @@ class PeftConfig(*CONFIG_BASES):
 
     PEFT_TYPE = None  # class attribute (not a field), set by register_config
 
+    def __init_subclass__(cls, **kwargs):
+        # Every config class gets the shared value checks (_validate_config_values) once its own __post_init__ has
+        # run, whatever fields it adds: wrap the subclass's __post_init__ so the outermost call ends with them.
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_fastpeft_validated", False):
+            return
+
+        def __post_init__(self, _own=own):
+            outer = not self.__dict__.get("_in_post_init", False)
+            self.__dict__["_in_post_init"] = True
+            try:
+                _own(self)
+            finally:
+                if outer:
+                    self.__dict__.pop("_in_post_init", None)
+            if outer:
+                _validate_config_values(self)
+
+        __post_init__._fastpeft_validated = True
+        __post_init__.__doc__ = own.__doc__
+        cls.__post_init__ = __post_init__
+
     def __post_init__(self):
         own = type(self).PEFT_TYPE
         given = _peft_type_value(self.peft_type)
@@ -201,19 +224,30 @@ class PeftConfig(*CONFIG_BASES):
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Write ``save_directory/adapter_config.json`` exactly as HF PEFT writes it (sorted keys, indent 2).
 
-        ``auto_mapping_dict`` (kwarg) overrides ``auto_mapping`` in the file, as in PEFT.
+        ``auto_mapping_dict`` (kwarg) overrides ``auto_mapping`` in the file, as in PEFT.  The JSON is built in full
+        before the file is touched and replaces the old file atomically (a failure leaves the old file as it was).
         """
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory must be a directory, but {save_directory!r} is a file")
-        os.makedirs(save_directory, exist_ok=True)
+        from .save_load import atomic_write_bytes, make_adapter_dir
+
+        data = self._serialise(**kwargs)
+        self._check_save_directory(save_directory)
+        make_adapter_dir(save_directory)
+        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), data)
+
+    def _serialise(self, **kwargs) -> bytes:
+        """The bytes of adapter_config.json (see ``save_pretrained`` for the kwargs)."""
         d = self.to_dict()
         auto = kwargs.pop("auto_mapping_dict", None)
         if auto is not None:
             d["auto_mapping"] = auto
         if kwargs:
             raise TypeError(f"save_pretrained got unexpected keyword arguments {sorted(kwargs)}")
-        with open(os.path.join(save_directory, CONFIG_NAME), "w") as fh:
-            fh.write(json.dumps(d, indent=2, sort_keys=True))
+        return json.dumps(d, indent=2, sort_keys=True).encode("utf-8")
+
+    @staticmethod
+    def _check_save_directory(save_directory) -> None:
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory must be a directory, but {save_directory!r} is a file")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PeftConfig":
@@ -250,8 +284,11 @@ class PeftConfig(*CONFIG_BASES):
 
     @classmethod
     def from_json_file(cls, path: str) -> dict[str, Any]:
-        with open(path) as fh:
-            return json.load(fh)
+        """The JSON object in ``path``; a damaged file raises ``fastpeft.save_load.AdapterFileError`` (ValueError)
+        naming it."""
+        from .save_load import read_json_object
+
+        return read_json_object(path)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None,
@@ -280,7 +317,12 @@ class PeftConfig(*CONFIG_BASES):
                              "directories only)")
         d = cls.from_json_file(file)
         d.update(kwargs)
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except (ValueError, TypeError) as e:
+            if type(e) not in (ValueError, TypeError):
+                raise
+            raise type(e)(f"{CONFIG_NAME!r} in directory {path!r}: {e}") from e
 
     def copy(self) -> "PeftConfig":
         return dataclasses.replace(self)
@@ -307,6 +349,60 @@ def _ensure_builtin_registrations() -> None:
         importlib.import_module("fastpeft.prompt")
     except ImportError:  # the prompt methods are optional for loading LoRA-family files
         pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Value checks shared by every config class (run after the class's own __post_init__, see
+# PeftConfig.__init_subclass__): finite numbers, module-name lists and regexes, informational strings.  The messages
+# are the layer modules' (fastpeft.modules) where both check the same value.
+# ---------------------------------------------------------------------------------------------------------------
+
+# numeric fields that must be finite when present (NaN/inf would reach the weights through scaling or merging)
+_FINITE_FIELDS = ("lora_alpha", "lora_dropout", "beta1", "beta2", "orth_reg_weight", "reduction_factor",
+                  "adapter_dropout", "encoder_dropout")
+# fields naming modules: a str is a regex (must compile), a list/set holds non-empty names
+_MODULE_NAME_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules", "modules_to_save")
+
+
+def _check_finite(name: str, v) -> None:
+    import math
+
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+
+
+def _check_module_names(name: str, v) -> None:
+    import re
+
+    if isinstance(v, str):
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"{name}={v!r} is not a valid regular expression ({e}); pass a list of module names "
+                             "or a valid regex") from e
+        return
+    if isinstance(v, (list, tuple, set, frozenset)):
+        bad = [t for t in v if isinstance(t, str) and not t.strip()]
+        if bad:
+            raise ValueError(f"{name} entries must be non-empty module names, got {bad[0]!r} in {name}")
+
+
+def _validate_config_values(cfg) -> None:
+    """The checks every config class shares; raises ValueError/TypeError naming the field and the value."""
+    for name in ("base_model_name_or_path", "revision"):
+        v = getattr(cfg, name, None)
+        if v is not None and not isinstance(v, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a str or None, got {v!r} ({type(v).__name__})")
+    for name in _FINITE_FIELDS:
+        _check_finite(name, getattr(cfg, name, None))
+    for key, v in (getattr(cfg, "alpha_pattern", None) or {}).items():
+        _check_finite(f"alpha_pattern[{key!r}]", v)
+    for name in _MODULE_NAME_FIELDS:
+        _check_module_names(name, getattr(cfg, name, None))
+    lp = getattr(cfg, "layers_pattern", None)
+    if lp is not None and not isinstance(lp, str) and not (
+            isinstance(lp, (list, tuple)) and all(isinstance(p, str) and p for p in lp)):
+        raise TypeError(f"layers_pattern must be a str, a list of str or None, got {lp!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

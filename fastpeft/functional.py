@@ -263,6 +263,8 @@ def adalora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         (..., out_features) in x's dtype.  Gradients flow to x, lora_A, lora_E, lora_B (and bias if trainable).
     """
     ranknum = _check_float("ranknum", ranknum)
+    if isinstance(ranknum, (int, float)) and not ranknum > 0:  # the scale divides by ranknum + 1e-5
+        raise ValueError(f"ranknum must be > 0 (AdaLoRA's initial rank, a float), got {ranknum}")
     scale = _check_float("scaling", scaling) / (ranknum + 1e-5)
     _check_tensor("lora_E", lora_E)
     return _lora_impl(x, weight, bias, lora_A, lora_E, lora_B, scale, dropout_p, seed, backend)

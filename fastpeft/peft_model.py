@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from ._peft_compat import MODEL_BASES
 from .config import PeftConfig, TaskType
-from .save_load import load_peft_weights, normalise_keys, save_peft_weights, split_embedding_weights
+from .save_load import load_peft_weights, normalise_keys, make_adapter_dir, save_adapter_files,
+                        split_embedding_weights
 from .tuners import get_tuner_class
 from .tuners.base import SEQ_CLS_HEAD_NAMES
 
@@ -174,13 +175,12 @@ class PeftModel(*MODEL_BASES):
     @contextmanager
     def disable_adapter(self):
         """Context manager running the base model (adapters bypassed, merged ones unmerged)."""
-        self.base_model.disable_adapter_layers()
-        self._adapters_disabled = True
-        try:
-            yield
-        finally:
-            self.base_model.enable_adapter_layers()
-            self._adapters_disabled = False
+        with self.base_model._adapters_disabled():  # restores every requires_grad flag afterwards
+            self._adapters_disabled = True
+            try:
+                yield
+            finally:
+                self._adapters_disabled = False
 
     # -- parameters --------------------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -262,7 +262,7 @@ class PeftModel(*MODEL_BASES):
         if not is_main_process:
             return
         state_dict = kwargs.get("state_dict", None)
-        os.makedirs(save_directory, exist_ok=True)
+        make_adapter_dir(save_directory)
         self.create_or_update_model_card(save_directory)
         for name in names:
             cfg = self.peft_config[name]
@@ -274,7 +274,6 @@ class PeftModel(*MODEL_BASES):
 
                 sd, cfg = convert_for_save(cfg, sd, str(path_initial_model_for_weight_conversion))
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
-            save_peft_weights(sd, out_dir, safe_serialization=safe_serialization)
             if cfg.base_model_name_or_path is None:
                 cfg.base_model_name_or_path = self.get_base_model().__dict__.get("name_or_path", None) or None
             auto = None
@@ -284,7 +283,7 @@ class PeftModel(*MODEL_BASES):
             was = cfg.inference_mode
             cfg.inference_mode = True
             try:
-                cfg.save_pretrained(out_dir, auto_mapping_dict=auto)
+                save_adapter_files(out_dir, sd, cfg, safe_serialization=safe_serialization, auto_mapping_dict=auto)
             finally:
                 cfg.inference_mode = was
 

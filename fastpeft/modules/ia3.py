@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -114,6 +115,11 @@ class IA3Linear(AdapterBase):
         Computed in >= fp32 and rounded once.  Raises ValueError if already merged.
         """
         self._check_merge()
+        zeros = int((self.ia3_l.detach() == 0).sum())
+        if zeros:
+            warnings.warn(f"ia3_l has {zeros} zero entr{'y' if zeros == 1 else 'ies'}: merging sets the matching base "
+                          "weights to zero for good (unmerge() cannot bring them back). Keep a copy of the base "
+                          "weights if you need them.", UserWarning, stacklevel=2)
         with torch.no_grad():
             new_w, new_b = self._scaled(divide=False)
             self.weight.copy_(new_w)

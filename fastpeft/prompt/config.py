@@ -104,6 +104,10 @@ class PromptTuningConfig(PromptLearningConfig):
             raise ValueError(f"prompt_tuning_init must be one of {[i.value for i in PromptTuningInit]}, got "
                              f"{self.prompt_tuning_init!r}")
         self.prompt_tuning_init = PromptTuningInit(init)
+        if self.prompt_tuning_init_text is not None and not isinstance(self.prompt_tuning_init_text, str):
+            raise TypeError(f"prompt_tuning_init_text must be a str or None, got {self.prompt_tuning_init_text!r}")
+        if self.tokenizer_kwargs is not None and not isinstance(self.tokenizer_kwargs, dict):
+            raise TypeError(f"tokenizer_kwargs must be a dict or None, got {self.tokenizer_kwargs!r}")
         tok = self.tokenizer_name_or_path
         self._tokenizer: Any = None
         # A config built with inference_mode=True is one read from a saved adapter (files always say true); loading it

@@ -100,6 +100,19 @@ class AdaLoraLayer(BaseTunerLayer):
         else:
             w.data += delta
 
+    def _check_merge_finite(self, adapter_names: list[str]) -> None:
+        """safe_merge's check of ``_merge_one``'s arithmetic, without writing (see BaseTunerLayer)."""
+        if type(self)._merge_one is not AdaLoraLayer._merge_one:
+            return
+        w = self.base_layer.weight
+        acc = w.data
+        with torch.no_grad():
+            for a in adapter_names:
+                acc = acc + self.get_delta_weight(a).to(w.dtype)
+                if not torch.isfinite(acc).all():
+                    raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken "
+                                     "(the weights were not modified)")
+
     def _unmerge_one(self, a: str) -> None:
         w = self.base_layer.weight
         w.data -= self.get_delta_weight(a).to(w.dtype)

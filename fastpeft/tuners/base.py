@@ -35,12 +35,23 @@ Extension points (the prompt methods in ``fastpeft.prompt`` use them; nothing he
 * ``_mark_only_adapters_as_trainable()`` freezes every parameter except adapter ones (``prefix`` in the name) and
   the biases selected by ``config.bias``; ``set_adapter`` then gives ``requires_grad`` to the active adapters only.
 * ``_remove_adapter(adapter_name, unwrap_empty=True)`` undoes an injection (used to roll back a failed load).
+* All or nothing: ``inject_adapter``, ``add_adapter``, ``delete_adapter``, ``set_adapter``, ``merge_adapter``,
+  ``unmerge_adapter``, ``merge_and_unload`` and ``unload`` (and a subclass's overrides of them, wrapped by
+  ``__init_subclass__``) run inside a ``_Transaction``: if they raise (KeyboardInterrupt included) the module tree,
+  every module attribute, ``requires_grad`` flag, adapter config and merged base weight is put back exactly.  A layer
+  type with its own merge arithmetic can implement ``_check_merge_finite`` so that ``safe_merge`` checks it before
+  any layer is written; otherwise its merge is checked as it runs and rolled back.
+* A model that already carries adapter layers (fastpeft's or HF PEFT's) cannot be wrapped again (ValueError
+  pointing to ``add_adapter`` / ``unload()``).
 """
 
 from __future__ import annotations
 
+import collections
 import copy
+import functools
 import re
+import threading
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Optional, Union
@@ -78,6 +89,116 @@ def register_tuner(peft_type: Union[str, PeftType]):
 
 def _active_list(names) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# all-or-nothing model changes
+# ---------------------------------------------------------------------------------------------------------------
+
+_txn_state = threading.local()
+
+
+def _current_transaction() -> Optional["_Transaction"]:
+    return getattr(_txn_state, "txn", None)
+
+
+def _copy_value(v):
+    """(object, its contents) for the plain containers a module keeps in its __dict__ (``_modules``, ``_parameters``,
+    per-adapter dicts, ``merged_adapters`` ...), so they can be refilled in place; other objects by reference."""
+    if type(v) in (dict, collections.OrderedDict):
+        return (v, list(v.items()))
+    if type(v) in (list, set):
+        return (v, list(v))
+    return (v, None)
+
+
+def _restore_value(saved):
+    obj, contents = saved
+    if contents is None:
+        return obj
+    if isinstance(obj, dict):
+        obj.clear()
+        obj.update(contents)
+    elif isinstance(obj, list):
+        obj[:] = contents
+    else:
+        obj.clear()
+        obj.update(contents)
+    return obj
+
+
+class _Transaction:
+    """What a model-changing tuner method may touch, recorded so that a failure can put it back exactly.
+
+    Recorded up front (cheap, no tensor copies): every module's ``__dict__`` one level deep (the module tree,
+    parameter/buffer registrations, per-adapter dicts, flags such as ``merged_adapters``/``training``), every
+    parameter's ``requires_grad`` and ``.data`` tensor, and the adapter configs' fields.  Tensor *values* are copied
+    only for the base layers a merge or unmerge is about to write (``BaseTunerLayer.merge/unmerge`` call
+    ``backup``); the copies of CUDA tensors go to CPU memory.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.modules: dict[int, tuple[nn.Module, dict]] = {}
+        for m in root.modules():
+            self.modules[id(m)] = (m, {k: _copy_value(v) for k, v in m.__dict__.items()})
+        self.params = [(p, p.requires_grad, p.data) for p in root.parameters()]
+        cfgs = root.__dict__.get("peft_config", {})
+        self.configs = [(c, dict(c.__dict__)) for c in (cfgs.values() if isinstance(cfgs, dict) else [])]
+        self.values: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def backup(self, module: nn.Module) -> None:
+        """Copy the values of ``module``'s parameters and buffers before they are written in place."""
+        for t in list(module.parameters()) + list(module.buffers()):
+            if id(t) not in self.values:
+                data = t.data
+                copy_ = data.detach().to("cpu", copy=True) if data.device.type != "cpu" else data.detach().clone()
+                self.values[id(t)] = (t, data, copy_)
+
+    def rollback(self) -> None:
+        for m, saved in self.modules.values():
+            d = m.__dict__
+            for k in [k for k in d if k not in saved]:
+                del d[k]
+            for k, v in saved.items():
+                d[k] = _restore_value(v)
+        with torch.no_grad():
+            for p, rg, data in self.params:
+                p.data = data
+                p.requires_grad_(rg)
+            for t, data, copy_ in self.values.values():
+                t.data = data
+                data.copy_(copy_)
+        for c, fields in self.configs:
+            c.__dict__.clear()
+            c.__dict__.update(fields)
+
+
+def _all_or_nothing(fn):
+    """Run a tuner method so that it either completes or leaves the model (and the tuner) exactly as it was."""
+    if getattr(fn, "_fastpeft_all_or_nothing", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        if _current_transaction() is not None:  # nested call: the outer method owns the transaction
+            return fn(self, *args, **kwargs)
+        txn = _Transaction(self)
+        _txn_state.txn = txn
+        try:
+            return fn(self, *args, **kwargs)
+        except BaseException:
+            txn.rollback()
+            raise
+        finally:
+            _txn_state.txn = None
+
+    wrapper._fastpeft_all_or_nothing = True
+    return wrapper
+
+
+# BaseTuner methods (and their overrides in subclasses, wrapped by BaseTuner.__init_subclass__) that change the model
+_ALL_OR_NOTHING_METHODS = ("inject_adapter", "add_adapter", "delete_adapter", "set_adapter", "merge_adapter",
+                           "unmerge_adapter", "merge_and_unload", "unload")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,17 +333,31 @@ class BaseTunerLayer(nn.Module):
         Raises ValueError if one of them is already merged.  ``safe_merge=True`` checks the merged weight for
         NaN/inf before writing it (ValueError, weights untouched).
         """
-        for name in self._adapters_to_merge(adapter_names):
+        names = self._adapters_to_merge(adapter_names)
+        txn = _current_transaction()
+        if txn is not None and names:
+            txn.backup(self.base_layer)
+        for name in names:
             self._merge_one(name, safe_merge)
             self.merged_adapters.append(name)
+
+    def _check_merge_finite(self, adapter_names: list[str]) -> None:
+        """Raise ValueError if merging ``adapter_names`` (in order) would write a NaN/inf; writes nothing.
+
+        Hook for ``safe_merge`` (the tuner checks every layer before merging any).  Layer types that do not
+        implement it are checked by their merge itself, and a failure there is rolled back."""
 
     def unmerge(self) -> None:
         """Undo the merges, last merged first.  Does nothing (with a warning) when nothing is merged."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
             return
+        txn = _current_transaction()
+        if txn is not None:
+            txn.backup(self.base_layer)
         while self.merged_adapters:
-            self._unmerge_one(self.merged_adapters.pop())
+            self._unmerge_one(self.merged_adapters[-1])
+            self.merged_adapters.pop()
 
     def _merge_one(self, adapter_name: str, safe_merge: bool) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -423,6 +558,30 @@ def _expand_all_linear(config: PeftConfig, model: nn.Module) -> None:
     config.target_modules = names - exclude
 
 
+def _foreign_adapter_layer(module: nn.Module) -> bool:
+    """An HF PEFT tuner layer or modules_to_save wrapper (recognised by class name; peft is never imported)."""
+    return any(c.__module__.startswith("peft.") and c.__name__ in ("BaseTunerLayer", "AuxiliaryTrainingWrapper",
+                                                                   "ModulesToSaveWrapper")
+               for c in type(module).__mro__)
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    """ValueError when ``model`` already carries adapter layers (fastpeft's or HF PEFT's): wrapping it again would
+    swap the first model's trained layers for new ones."""
+    for name, m in model.named_modules():
+        if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)):
+            lib = "fastpeft"
+        elif _foreign_adapter_layer(m):
+            lib = "HF PEFT"
+        else:
+            continue
+        raise ValueError(f"the model already carries {lib} adapter layers (e.g. {name!r}: {type(m).__name__}), so "
+                         "it is already wrapped by a PeftModel (an earlier get_peft_model / from_pretrained call). "
+                         "To add another adapter use peft_model.add_adapter(name, config) (or load_adapter); to start "
+                         "afresh call peft_model.unload() (or merge_and_unload()) and wrap the model it returns. The "
+                         "existing PeftModel is unchanged.")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the tuner
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,11 +598,20 @@ class BaseTuner(nn.Module):
 
     prefix: str = ""
     layer_cls: Union[type, tuple] = BaseTunerLayer
+
+    def __init_subclass__(cls, **kwargs):
+        # a subclass's override of a model-changing method is all-or-nothing too (see _all_or_nothing)
+        super().__init_subclass__(**kwargs)
+        for name in _ALL_OR_NOTHING_METHODS:
+            fn = cls.__dict__.get(name)
+            if callable(fn):
+                setattr(cls, name, _all_or_nothing(fn))
     target_module_defaults: dict[str, list[str]] = {}
     peft_type: Optional[str] = None
 
     def __init__(self, model: nn.Module, peft_config: Union[PeftConfig, dict[str, PeftConfig]],
                  adapter_name: str = "default", autocast_adapter_dtype: bool = True) -> None:
+        _check_not_wrapped(model)
         super().__init__()
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
@@ -529,8 +697,12 @@ class BaseTuner(nn.Module):
 
     @staticmethod
     def _check_adapter_name(adapter_name: str) -> None:
-        if not isinstance(adapter_name, str) or not adapter_name:
+        if not isinstance(adapter_name, str) or not adapter_name.strip():
             raise ValueError(f"adapter_name must be a non-empty str, got {adapter_name!r}")
+        if any(sep in adapter_name for sep in ("/", "\\", "\0")) or ".." in adapter_name:
+            # save_pretrained writes a non-default adapter to <directory>/<adapter_name>
+            raise ValueError(f"adapter_name must not contain path separators ('/', '\\') or '..', got "
+                             f"{adapter_name!r} (save_pretrained uses it as a directory name)")
         if "." in adapter_name:
             raise ValueError(f"adapter_name must not contain '.', got {adapter_name!r}")
         if hasattr(nn.ModuleDict(), adapter_name) or hasattr(nn.ParameterDict(), adapter_name):
@@ -597,6 +769,7 @@ class BaseTuner(nn.Module):
                    f"layers_pattern={getattr(config, 'layers_pattern', None)!r} also filter.)"
         return msg
 
+    @_all_or_nothing
     def inject_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
         """Add adapter ``adapter_name`` described by ``config`` to the model.
 
@@ -612,11 +785,15 @@ class BaseTuner(nn.Module):
             if str(first.peft_type) != str(config.peft_type):
                 raise ValueError(f"cannot add a {config.peft_type} adapter to a {first.peft_type} model; all "
                                  "adapters of a PeftModel must have the same peft_type")
+        user_targets = getattr(config, "target_modules", None)
+        user_targets = sorted(user_targets) if isinstance(user_targets, (set, frozenset, list, tuple)) else None
         config = self._prepare_adapter_config(config)
         self._check_new_adapter_config(config)
         targets = self._find_targets(config)
         if not targets:
             raise ValueError(self._no_match_message(config))
+        if user_targets:
+            self._warn_unmatched_targets(user_targets)
         for key in targets:
             module = self.model.get_submodule(key)
             if not self._is_supported_target(module):
@@ -642,12 +819,22 @@ class BaseTuner(nn.Module):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
         self._mark_only_adapters_as_trainable()
 
+    def _warn_unmatched_targets(self, entries: list[str]) -> None:
+        """Warn about target_modules list entries that name no module at all (typos such as "v_prj")."""
+        names = [n for n, _ in self.model.named_modules() if n]
+        unmatched = [t for t in entries if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if unmatched:
+            warnings.warn(f"target_modules entries {unmatched} match no module of the model and are ignored (a typo?); "
+                          f"the other entries were applied. Module names end in e.g. "
+                          f"{sorted({n.split('.')[-1] for n in names})[:20]}", UserWarning, stacklevel=4)
+
     def _validate_targets(self, config, adapter_name, targets) -> None:
         """Per-method checks of the matched modules that must run before anything is modified (hook)."""
 
     def _finish_injection(self, adapter_name: str) -> None:
         """Hook run after the layers of a new adapter exist (e.g. AdaLoRA builds its rank allocator)."""
 
+    @_all_or_nothing
     def add_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
         """Add another adapter (not activated; use ``set_adapter``)."""
         self.inject_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -712,6 +899,7 @@ class BaseTuner(nn.Module):
                     if b is not None:
                         b.requires_grad_(True)
 
+    @_all_or_nothing
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         """Activate one adapter or several (their outputs are summed), making only them trainable."""
         names = _active_list(adapter_name)
@@ -748,12 +936,18 @@ class BaseTuner(nn.Module):
 
     @contextmanager
     def _adapters_disabled(self):
+        """Run the base model inside; afterwards every ``requires_grad`` flag is what it was before (re-enabling
+        alone would make an adapter loaded for inference trainable)."""
+        flags = [(p, p.requires_grad) for p in self.parameters()]
         self.disable_adapter_layers()
         try:
             yield
         finally:
             self.enable_adapter_layers()
+            for p, rg in flags:
+                p.requires_grad_(rg)
 
+    @_all_or_nothing
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere.  Another adapter becomes active if the deleted one was."""
         if adapter_name not in self.peft_config:
@@ -787,30 +981,66 @@ class BaseTuner(nn.Module):
                 w._active_adapter = list(remaining)
 
     # -- merging -------------------------------------------------------------------------------------------------
+    def _merge_plan(self, adapter_names: Optional[list[str]],
+                    unloading: bool) -> list[tuple[str, BaseTunerLayer, list]]:
+        """[(key, layer, adapters to merge)] for every tuner layer; validates every layer (unknown / already merged
+        adapters raise ValueError) before anything is written."""
+        if adapter_names is not None:
+            unknown = [a for a in _active_list(adapter_names) if a not in self.peft_config]
+            if unknown:
+                raise ValueError(f"adapter_names {unknown} do not exist; available: {sorted(self.peft_config)}")
+        plan = []
+        for key, layer in list(self.tuner_layers()):
+            if unloading and layer.merged:
+                # already merged adapters stay merged; merge the remaining requested ones (that this layer has)
+                want = [a for a in (_active_list(adapter_names) if adapter_names is not None
+                                    else layer._present_active())
+                        if a not in layer.merged_adapters and a in layer.adapter_names()]
+                names = layer._adapters_to_merge(want) if want else []
+            else:
+                names = adapter_names
+                if names is not None:
+                    names = [a for a in _active_list(names) if a in layer.adapter_names()]
+                names = layer._adapters_to_merge(names)
+            plan.append((key, layer, names))
+        return plan
+
+    @staticmethod
+    def _check_plan_finite(plan) -> None:
+        """safe_merge: check every layer's merged values before any layer is written."""
+        for key, layer, names in plan:
+            if names:
+                try:
+                    layer._check_merge_finite(names)
+                except ValueError as e:
+                    raise ValueError(f"{e} [layer {key!r}; no layer was merged]") from None
+
+    @_all_or_nothing
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """Merge the active (or given) adapters into the base weights of every tuner layer."""
-        for _, layer in self.tuner_layers():
-            names = adapter_names
-            if names is not None:
-                names = [a for a in _active_list(names) if a in layer.adapter_names()]
+        """Merge the active (or given) adapters into the base weights of every tuner layer.
+
+        All or nothing: every layer is validated (and with ``safe_merge`` checked for NaN/inf) before any is merged,
+        and a failure part way restores every weight and flag."""
+        plan = self._merge_plan(adapter_names, unloading=False)
+        if safe_merge:
+            self._check_plan_finite(plan)
+        for _, layer, names in plan:
             layer.merge(safe_merge=safe_merge, adapter_names=names)
 
+    @_all_or_nothing
     def unmerge_adapter(self) -> None:
         for _, layer in self.tuner_layers():
             if layer.merged:
                 layer.unmerge()
 
     def _unload(self, merge: bool, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> nn.Module:
-        for key, layer in list(self.tuner_layers()):
-            if merge:
-                if layer.merged:
-                    # already merged adapters stay merged; merge the remaining requested ones
-                    want = [a for a in (adapter_names or layer._present_active()) if a not in layer.merged_adapters]
-                    if want:
-                        layer.merge(safe_merge=safe_merge, adapter_names=want)
-                else:
-                    names = None if adapter_names is None else [a for a in adapter_names if a in layer.adapter_names()]
-                    layer.merge(safe_merge=safe_merge, adapter_names=names)
+        plan = self._merge_plan(adapter_names, unloading=True) if merge else \
+            [(key, layer, []) for key, layer in list(self.tuner_layers())]
+        if merge and safe_merge:
+            self._check_plan_finite(plan)
+        for key, layer, names in plan:
+            if names:
+                layer.merge(safe_merge=safe_merge, adapter_names=names)
             parent, _, name = get_submodules(self.model, key)
             setattr(parent, name, layer.base_layer)
         for key, w in list(self._wrappers()):
@@ -819,11 +1049,13 @@ class BaseTuner(nn.Module):
             setattr(parent, name, w.modules_to_save[active[0]] if active else w.original_module)
         return self.model
 
+    @_all_or_nothing
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None) -> nn.Module:
         """Merge the adapters into the base weights and return the plain model (the tuner layers are removed)."""
         return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
+    @_all_or_nothing
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original model."""
         return self._unload(merge=False)

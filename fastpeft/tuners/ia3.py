@@ -76,7 +76,27 @@ class IA3Layer(BaseTunerLayer):
             base.bias.data = new_b.to(base.bias.dtype)
 
     def _merge_one(self, a: str, safe_merge: bool) -> None:
+        zeros = int((self.ia3_l[a].data == 0).sum())
+        if zeros:
+            warnings.warn(f"ia3_l of adapter {a!r} has {zeros} zero entr{'y' if zeros == 1 else 'ies'}: merging sets "
+                          "the matching base weights to zero for good (unmerge() cannot bring them back). Keep a "
+                          "copy of the base model if you need it.", UserWarning, stacklevel=3)
         self._scale_weight(a, inverse=False, safe_merge=safe_merge)
+
+    def _check_merge_finite(self, adapter_names: list[str]) -> None:
+        """safe_merge's check of ``_merge_one``'s arithmetic, without writing (see BaseTunerLayer)."""
+        if type(self)._merge_one is not IA3Layer._merge_one:
+            return
+        base = self.base_layer
+        acc_w = base.weight.data
+        acc_b = base.bias.data if (not self.is_feedforward and base.bias is not None) else None
+        for a in adapter_names:
+            acc_w = torch.mul(acc_w, transpose(self.ia3_l[a].data, self.fan_in_fan_out))
+            if acc_b is not None:
+                acc_b = torch.mul(acc_b, self.ia3_l[a].data.reshape(acc_b.shape))
+            if not torch.isfinite(acc_w).all() or (acc_b is not None and not torch.isfinite(acc_b).all()):
+                raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken (the "
+                                 "weights were not modified)")
 
     def unmerge(self) -> None:
         if self.merged:

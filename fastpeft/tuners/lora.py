@@ -117,6 +117,22 @@ class LoraLayer(BaseTunerLayer):
             b = self.base_layer.bias
             b.data += bias_delta.detach().to(b.dtype)
 
+    def _check_merge_finite(self, adapter_names: list[str]) -> None:
+        """safe_merge's check of ``_merge_one``'s arithmetic, without writing (see BaseTunerLayer)."""
+        if type(self)._merge_one is not LoraLayer._merge_one:
+            return
+        w, b = self.base_layer.weight, getattr(self.base_layer, "bias", None)
+        acc_w, acc_b = w.data, (b.data if b is not None else None)
+        with torch.no_grad():
+            for a in adapter_names:
+                bias_delta = self._bias_delta(a)
+                acc_w = acc_w + self.get_delta_weight(a).to(w.dtype)
+                if bias_delta is not None:
+                    acc_b = acc_b + bias_delta.to(b.dtype)
+                if not torch.isfinite(acc_w).all() or (bias_delta is not None and not torch.isfinite(acc_b).all()):
+                    raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken "
+                                     "(the weights were not modified)")
+
     def _unmerge_one(self, adapter_name: str) -> None:
         w = self.base_layer.weight
         self.__dict__.pop("_dora_wsq", None)
