@@ -55,6 +55,7 @@ class TunerLayerStatus:
     requires_grad: dict[str, Union[bool, Literal["irregular"]]]
     available_adapters: list[str]
     devices: dict[str, list[str]]
+    quantization_backend: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -74,6 +75,7 @@ class TunerModelStatus:
     requires_grad: dict[str, Union[bool, Literal["irregular"]]]
     available_adapters: list[str]
     devices: dict[str, list[str]]
+    quantization_backend: Union[Optional[str], Literal["irregular"]] = None
 
 
 def _irregular(vals):
@@ -245,7 +247,7 @@ class PeftModel(*MODEL_BASES):
             selected_adapters: adapters to save (default: all).
             save_embedding_layers: True also saves the input/output embedding weights (PEFT's keys); "auto" does so
                 when an embedding layer ("embed_tokens", "lm_head") is in ``target_modules``.
-            is_main_process: False writes nothing (the other ranks of a distributed run).
+            is_main_process: False writes no file (the other ranks of a distributed run).
             state_dict (kwarg): a full ``self.state_dict()``-keyed dict to take the values from (what FSDP / ZeRO-3
                 saves pass) instead of the live parameters.
             path_initial_model_for_weight_conversion: PiSSA/OLoRA conversion; not supported (ValueError).
@@ -261,6 +263,10 @@ class PeftModel(*MODEL_BASES):
             raise ValueError("path_initial_model_for_weight_conversion (PiSSA/OLoRA/CorDA conversion) is not "
                              "supported by fastpeft")
         if not is_main_process:
+            # PEFT still creates the adapters' directories (empty) on the other ranks
+            for name in names:
+                os.makedirs(save_directory if name == "default" else os.path.join(save_directory, name),
+                            exist_ok=True)
             return
         state_dict = kwargs.get("state_dict", None)
         os.makedirs(save_directory, exist_ok=True)
@@ -449,8 +455,11 @@ class PeftModel(*MODEL_BASES):
     # -- PEFT's remaining public API ----------------------------------------------------------------------------------
     @property
     def has_active_enabled_adapter(self) -> bool:
-        """False while the adapters are disabled (``disable_adapter``) or when no adapter is active."""
-        return not self._adapters_disabled and bool(self.active_adapters)
+        """False while the adapters are disabled by ``disable_adapter`` (PEFT's expression, kept as is: a model
+        with no active adapter also reports True)."""
+        if self.active_peft_config.is_prompt_learning:
+            return not self._adapters_disabled
+        return not self._adapters_disabled or not self.active_adapters
 
     @property
     def modules_to_save(self) -> Optional[set[str]]:
@@ -520,27 +529,47 @@ class PeftModel(*MODEL_BASES):
         return p.unsqueeze(0).expand(batch_size, -1, -1)
 
     def get_layer_status(self) -> list[TunerLayerStatus]:
-        """One ``TunerLayerStatus`` per adapter layer (PEFT's fields)."""
+        """One ``TunerLayerStatus`` per adapter layer and modules_to_save wrapper, in module order (PEFT's fields and
+        values).  ValueError for prompt-learning models, which have no adapter layers."""
+        from .tuners.base import BaseTunerLayer, ModulesToSaveWrapper
+
         out = []
-        for key, layer in self.base_model.tuner_layers():
-            grads: dict[str, Any] = {}
-            devices: dict[str, list[str]] = {}
-            for attr in layer.adapter_layer_names:
-                for name, item in getattr(layer, attr).items():
+        for key, mod in self.base_model.model.named_modules():
+            if isinstance(mod, BaseTunerLayer):
+                containers = {a: getattr(mod, a) for a in mod.adapter_layer_names}
+                dev_containers = {a: getattr(mod, a, None) for a in mod.adapter_layer_names + mod.other_param_names}
+                module_type = f"{type(mod).__module__.split('.')[-1]}.{type(mod).__name__}"
+                enabled, active, merged = not mod.disable_adapters, list(mod.active_adapters), \
+                    list(mod.merged_adapters)
+                available = sorted(mod.adapter_names())
+            elif isinstance(mod, ModulesToSaveWrapper):
+                containers = dev_containers = {"modules_to_save": mod.modules_to_save}
+                module_type = type(mod).__name__
+                enabled, active, merged = not mod.disable_adapters, list(mod._active_adapter), []
+                available = sorted(mod.modules_to_save.keys())
+            else:
+                continue
+            grads: dict[str, list[bool]] = {}
+            for c in containers.values():
+                for name, item in c.items():
                     ps = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
-                    vals = [p.requires_grad for p in ps]
-                    prev = grads.get(name)
-                    cur = _irregular(vals) if vals else None
-                    grads[name] = cur if prev is None or prev == cur else "irregular"
-                    devices.setdefault(name, [])
-                    for p in ps:
-                        if p.device.type not in devices[name]:
-                            devices[name].append(p.device.type)
+                    grads.setdefault(name, []).extend(p.requires_grad for p in ps)
+            devices: dict[str, set] = {}
+            for c in dev_containers.values():
+                if isinstance(c, (nn.ModuleDict, nn.ParameterDict)):
+                    for name, item in c.items():
+                        ps = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                        devices.setdefault(name, set()).update(p.device.type for p in ps)
+            qb = getattr(mod, "quantization_backend", None)
             out.append(TunerLayerStatus(
-                name=f"model.{key}", module_type=f"{type(layer).__module__.split('.')[-1]}.{type(layer).__name__}",
-                enabled=not layer.disable_adapters, active_adapters=list(layer.active_adapters),
-                merged_adapters=list(layer.merged_adapters), requires_grad=grads,
-                available_adapters=sorted(layer.adapter_names()), devices=devices))
+                name=f"model.{key}", module_type=module_type, enabled=enabled, active_adapters=active,
+                merged_adapters=merged,
+                requires_grad={k: True if all(v) else (False if not any(v) else "irregular")
+                               for k, v in grads.items()},
+                available_adapters=available, devices={k: sorted(v) for k, v in devices.items()},
+                quantization_backend=getattr(qb, "backend_name", qb)))
+        if not out:
+            raise ValueError("No adapter layers found in the model (prompt-learning methods have none)")
         return out
 
     def get_model_status(self) -> TunerModelStatus:
@@ -564,7 +593,8 @@ class PeftModel(*MODEL_BASES):
             active_adapters=_irregular([sorted(st.active_adapters) for st in layers]) if layers
             else list(self.active_adapters),
             merged_adapters=_irregular([sorted(st.merged_adapters) for st in layers]) if layers else [],
-            requires_grad=grads, available_adapters=available, devices=devices)
+            requires_grad=grads, available_adapters=available, devices=devices,
+            quantization_backend=_irregular([st.quantization_backend for st in layers]) if layers else None)
 
 
 def _named_forward(self, named: dict, kwargs: dict):
