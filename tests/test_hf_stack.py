@@ -176,7 +176,7 @@ def test_trainer_bf16_autocast(tmp_path, mode):
     out = {}
     prev = FP.set_adapter_autocast(mode)
     try:
-        for lib in ("peft", "fastpeft"):
+        for lib in ("peft", "fastpeft", "accelerate"):
             tr = transformers.Trainer(model=build(lib, tiny_llama), train_dataset=ds,
                                       args=args(tmp_path / lib, max_steps=2, bf16=True, save_strategy="no"))
             tr.train()
@@ -184,10 +184,12 @@ def test_trainer_bf16_autocast(tmp_path, mode):
     finally:
         FP.set_adapter_autocast(prev)
     rounding = 2.0 ** -8  # bf16 unit roundoff, relative
-    for a, b in zip(out["fastpeft"], out["peft"]):
-        assert abs(a - b) <= 4 * rounding * abs(b), (mode, out)
-    if mode == "peft":
-        assert out["fastpeft"] == out["peft"]
+    for lib in ("fastpeft", "accelerate"):
+        assert len(out[lib]) == 2
+        for a, b in zip(out[lib], out["peft"]):
+            assert abs(a - b) <= 4 * rounding * abs(b), (mode, out)
+        if mode == "peft":
+            assert out[lib] == out["peft"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
