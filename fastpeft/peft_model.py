@@ -111,6 +111,10 @@ class PeftModel(*MODEL_BASES):
         peft_config = self._prepare_config(peft_config)
         tuner_cls = get_tuner_class(peft_config.peft_type)
         self.base_model = tuner_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(cfg, "pretraining_tp"):
+            # PEFT does the same: the pretraining_tp split of the linear layers would bypass the adapter layers
+            cfg.pretraining_tp = 1
         if _is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             # frozen embeddings would otherwise cut the graph at the first checkpointed block (PEFT does the same)
             model.enable_input_require_grads()
@@ -650,6 +654,13 @@ class PeftModelForSequenceClassification(PeftModel):
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """PeftModel for ``TaskType.SEQ_2_SEQ_LM``."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        for name in ("prepare_inputs_for_generation", "_prepare_encoder_decoder_kwargs_for_generation"):
+            fn = getattr(self.base_model, name, None)
+            if fn is not None:
+                setattr(self, f"base_model{name if name.startswith('_') else '_' + name}", fn)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
