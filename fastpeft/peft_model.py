@@ -278,7 +278,7 @@ class PeftModel(*MODEL_BASES):
         for name in names:
             cfg = self.peft_config[name]
             # before the config: AdaLoRA rewrites rank_pattern
-            sd = self.get_adapter_state_dict_for_save(name, state_dict=state_dict,
+            sd = self._adapter_state_dict_for_save(name, state_dict=state_dict,
                                                       save_embedding_layers=save_embedding_layers)
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
             save_peft_weights(sd, out_dir, safe_serialization=safe_serialization)
@@ -295,7 +295,7 @@ class PeftModel(*MODEL_BASES):
             finally:
                 cfg.inference_mode = was
 
-    def get_adapter_state_dict_for_save(self, adapter_name: str, state_dict: Optional[dict] = None,
+    def _adapter_state_dict_for_save(self, adapter_name: str, state_dict: Optional[dict] = None,
                                         save_embedding_layers: Union[str, bool] = "auto") -> dict[str, torch.Tensor]:
         """What ``save_pretrained`` writes for ``adapter_name``: PEFT's file keys -> tensors (see
         ``fastpeft.get_peft_model_state_dict``)."""

@@ -48,9 +48,11 @@ def test_is_a_peft_model_without_peft_code():
     _, f = pair()
     assert isinstance(f, peft.PeftModel) and _is_peft_model(f) and is_peft_model(f)
     assert isinstance(fastpeft.LoraConfig(), peft.PeftConfig)
+    def owner(cls, name):
+        return next(k for k in cls.__mro__ if name in k.__dict__).__module__
+
     for cls in (fastpeft.PeftModel, type(f)):
-        inherited = [n for n in dir(cls) if not n.startswith("_")
-                     and next(k for k in cls.__mro__ if n in k.__dict__).__module__.startswith(("peft.", "transformers."))]
+        inherited = [n for n in dir(cls) if not n.startswith("_") and owner(cls, n).startswith(("peft.", "transformers."))]
         assert inherited == [], inherited
 
 
