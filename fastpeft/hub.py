@@ -55,6 +55,13 @@ def resolve_adapter_dir(model_id: str, subfolder: Optional[str] = None, allow_bi
     except ImportError as e:
         raise ValueError(f"{model_id!r} is not a local directory, and loading from the Hub needs huggingface_hub "
                          "(pip install huggingface_hub)") from e
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(str(model_id))
+    except Exception as e:  # HFValidationError: a path that does not exist rather than a Hub id
+        raise ValueError(f"cannot find the adapter {local!r}: no such local directory, and {str(model_id)!r} is not "
+                         "a Hub repository id ('name' or 'namespace/name')") from e
     kw = dict(hub_kwargs)
     kw.pop("subfolder", None)
     sub = subfolder or None

@@ -19,8 +19,8 @@ import torch.nn as nn
 
 from ._peft_compat import MODEL_BASES
 from .config import PeftConfig, TaskType
-from .save_load import load_peft_weights, normalise_keys, make_adapter_dir, save_adapter_files,
-                        split_embedding_weights
+from .save_load import (load_peft_weights, make_adapter_dir, normalise_keys, save_adapter_files,
+                        split_embedding_weights)
 from .tuners import get_tuner_class
 from .tuners.base import SEQ_CLS_HEAD_NAMES
 
@@ -56,6 +56,7 @@ class TunerLayerStatus:
     requires_grad: dict[str, Union[bool, Literal["irregular"]]]
     available_adapters: list[str]
     devices: dict[str, list[str]]
+    quantization_backend: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -75,6 +76,7 @@ class TunerModelStatus:
     requires_grad: dict[str, Union[bool, Literal["irregular"]]]
     available_adapters: list[str]
     devices: dict[str, list[str]]
+    quantization_backend: Union[Optional[str], Literal["irregular"]] = None
 
 
 def _irregular(vals):
@@ -110,6 +112,10 @@ class PeftModel(*MODEL_BASES):
         peft_config = self._prepare_config(peft_config)
         tuner_cls = get_tuner_class(peft_config.peft_type)
         self.base_model = tuner_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(cfg, "pretraining_tp"):
+            # PEFT does the same: the pretraining_tp split of the linear layers would bypass the adapter layers
+            cfg.pretraining_tp = 1
         if _is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             # frozen embeddings would otherwise cut the graph at the first checkpointed block (PEFT does the same)
             model.enable_input_require_grads()
@@ -245,7 +251,7 @@ class PeftModel(*MODEL_BASES):
             selected_adapters: adapters to save (default: all).
             save_embedding_layers: True also saves the input/output embedding weights (PEFT's keys); "auto" does so
                 when an embedding layer ("embed_tokens", "lm_head") is in ``target_modules``.
-            is_main_process: False writes nothing (the other ranks of a distributed run).
+            is_main_process: False writes no file (the other ranks of a distributed run).
             state_dict (kwarg): a full ``self.state_dict()``-keyed dict to take the values from (what FSDP / ZeRO-3
                 saves pass) instead of the live parameters.
             path_initial_model_for_weight_conversion: the directory where a PiSSA/OLoRA adapter was saved right
@@ -260,6 +266,10 @@ class PeftModel(*MODEL_BASES):
         if unknown:
             raise ValueError(f"selected_adapters {unknown} do not exist; available: {sorted(self.peft_config)}")
         if not is_main_process:
+            # PEFT still creates the adapters' directories (empty) on the other ranks
+            for name in names:
+                os.makedirs(save_directory if name == "default" else os.path.join(save_directory, name),
+                            exist_ok=True)
             return
         state_dict = kwargs.get("state_dict", None)
         make_adapter_dir(save_directory)
@@ -267,7 +277,7 @@ class PeftModel(*MODEL_BASES):
         for name in names:
             cfg = self.peft_config[name]
             # before the config: AdaLoRA rewrites rank_pattern
-            sd = self.get_adapter_state_dict_for_save(name, state_dict=state_dict,
+            sd = self._adapter_state_dict_for_save(name, state_dict=state_dict,
                                                       save_embedding_layers=save_embedding_layers)
             if path_initial_model_for_weight_conversion is not None:
                 from .tuners.lora_init import convert_for_save
@@ -287,7 +297,7 @@ class PeftModel(*MODEL_BASES):
             finally:
                 cfg.inference_mode = was
 
-    def get_adapter_state_dict_for_save(self, adapter_name: str, state_dict: Optional[dict] = None,
+    def _adapter_state_dict_for_save(self, adapter_name: str, state_dict: Optional[dict] = None,
                                         save_embedding_layers: Union[str, bool] = "auto") -> dict[str, torch.Tensor]:
         """What ``save_pretrained`` writes for ``adapter_name``: PEFT's file keys -> tensors (see
         ``fastpeft.get_peft_model_state_dict``)."""
@@ -451,8 +461,11 @@ class PeftModel(*MODEL_BASES):
     # -- PEFT's remaining public API ----------------------------------------------------------------------------------
     @property
     def has_active_enabled_adapter(self) -> bool:
-        """False while the adapters are disabled (``disable_adapter``) or when no adapter is active."""
-        return not self._adapters_disabled and bool(self.active_adapters)
+        """False while the adapters are disabled by ``disable_adapter`` (PEFT's expression, kept as is: a model
+        with no active adapter also reports True)."""
+        if self.active_peft_config.is_prompt_learning:
+            return not self._adapters_disabled
+        return not self._adapters_disabled or not self.active_adapters
 
     @property
     def modules_to_save(self) -> Optional[set[str]]:
@@ -522,27 +535,47 @@ class PeftModel(*MODEL_BASES):
         return p.unsqueeze(0).expand(batch_size, -1, -1)
 
     def get_layer_status(self) -> list[TunerLayerStatus]:
-        """One ``TunerLayerStatus`` per adapter layer (PEFT's fields)."""
+        """One ``TunerLayerStatus`` per adapter layer and modules_to_save wrapper, in module order (PEFT's fields and
+        values).  ValueError for prompt-learning models, which have no adapter layers."""
+        from .tuners.base import BaseTunerLayer, ModulesToSaveWrapper
+
         out = []
-        for key, layer in self.base_model.tuner_layers():
-            grads: dict[str, Any] = {}
-            devices: dict[str, list[str]] = {}
-            for attr in layer.adapter_layer_names:
-                for name, item in getattr(layer, attr).items():
+        for key, mod in self.base_model.model.named_modules():
+            if isinstance(mod, BaseTunerLayer):
+                containers = {a: getattr(mod, a) for a in mod.adapter_layer_names}
+                dev_containers = {a: getattr(mod, a, None) for a in mod.adapter_layer_names + mod.other_param_names}
+                module_type = f"{type(mod).__module__.split('.')[-1]}.{type(mod).__name__}"
+                enabled, active, merged = not mod.disable_adapters, list(mod.active_adapters), \
+                    list(mod.merged_adapters)
+                available = sorted(mod.adapter_names())
+            elif isinstance(mod, ModulesToSaveWrapper):
+                containers = dev_containers = {"modules_to_save": mod.modules_to_save}
+                module_type = type(mod).__name__
+                enabled, active, merged = not mod.disable_adapters, list(mod._active_adapter), []
+                available = sorted(mod.modules_to_save.keys())
+            else:
+                continue
+            grads: dict[str, list[bool]] = {}
+            for c in containers.values():
+                for name, item in c.items():
                     ps = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
-                    vals = [p.requires_grad for p in ps]
-                    prev = grads.get(name)
-                    cur = _irregular(vals) if vals else None
-                    grads[name] = cur if prev is None or prev == cur else "irregular"
-                    devices.setdefault(name, [])
-                    for p in ps:
-                        if p.device.type not in devices[name]:
-                            devices[name].append(p.device.type)
+                    grads.setdefault(name, []).extend(p.requires_grad for p in ps)
+            devices: dict[str, set] = {}
+            for c in dev_containers.values():
+                if isinstance(c, (nn.ModuleDict, nn.ParameterDict)):
+                    for name, item in c.items():
+                        ps = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                        devices.setdefault(name, set()).update(p.device.type for p in ps)
+            qb = getattr(mod, "quantization_backend", None)
             out.append(TunerLayerStatus(
-                name=f"model.{key}", module_type=f"{type(layer).__module__.split('.')[-1]}.{type(layer).__name__}",
-                enabled=not layer.disable_adapters, active_adapters=list(layer.active_adapters),
-                merged_adapters=list(layer.merged_adapters), requires_grad=grads,
-                available_adapters=sorted(layer.adapter_names()), devices=devices))
+                name=f"model.{key}", module_type=module_type, enabled=enabled, active_adapters=active,
+                merged_adapters=merged,
+                requires_grad={k: True if all(v) else (False if not any(v) else "irregular")
+                               for k, v in grads.items()},
+                available_adapters=available, devices={k: sorted(v) for k, v in devices.items()},
+                quantization_backend=getattr(qb, "backend_name", qb)))
+        if not out:
+            raise ValueError("No adapter layers found in the model (prompt-learning methods have none)")
         return out
 
     def get_model_status(self) -> TunerModelStatus:
@@ -566,7 +599,8 @@ class PeftModel(*MODEL_BASES):
             active_adapters=_irregular([sorted(st.active_adapters) for st in layers]) if layers
             else list(self.active_adapters),
             merged_adapters=_irregular([sorted(st.merged_adapters) for st in layers]) if layers else [],
-            requires_grad=grads, available_adapters=available, devices=devices)
+            requires_grad=grads, available_adapters=available, devices=devices,
+            quantization_backend=_irregular([st.quantization_backend for st in layers]) if layers else None)
 
 
 def _named_forward(self, named: dict, kwargs: dict):
@@ -622,6 +656,13 @@ class PeftModelForSequenceClassification(PeftModel):
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """PeftModel for ``TaskType.SEQ_2_SEQ_LM``."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs) -> None:
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        for name in ("prepare_inputs_for_generation", "_prepare_encoder_decoder_kwargs_for_generation"):
+            fn = getattr(self.base_model, name, None)
+            if fn is not None:
+                setattr(self, f"base_model{name if name.startswith('_') else '_' + name}", fn)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
