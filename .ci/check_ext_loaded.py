@@ -316,7 +316,10 @@ def main() -> int:
         why = _backend._why_not("cuda", op, xc.device)
         check(why is None, "backend", f"the cuda backend can run op {op!r} on CUDA tensors (reason: {why})")
         auto = _backend.select_backend(op, xc, "auto")
-        check(auto == "cuda", "backend", f"auto picks 'cuda' for op {op!r} on a CUDA tensor (got {auto!r})")
+        # The default GPU path is triton's cublas variant; the extension is the default only without triton (or
+        # by a measured dispatch entry).
+        want = "triton" if _backend._why_not("triton", op, xc.device) is None else "cuda"
+        check(auto == want, "backend", f"auto picks {want!r} for op {op!r} on a CUDA tensor (got {auto!r})")
     if any(_backend._why_not("cuda", op, xc.device) is not None for op in ("lora", "ia3")):
         # Exercise the rest of the path anyway, with the lookup the ops' names need.
         print("check_ext: note: patching fastpeft._backend._cuda_ext_has for the autograd checks below")

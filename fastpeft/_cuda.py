@@ -19,6 +19,10 @@ Importing this module never fails and never touches CUDA: when ``fastpeft._C`` i
 toolkit, ``FASTPEFT_BUILD_CUDA=0``) the wrappers raise ``RuntimeError`` with the reason, and ``fastpeft._backend``
 never selects them.
 
+The extension is never the default on a GPU with Triton: ``fastpeft._backend`` picks it only when asked
+(``backend="cuda"``) or by a measured entry of the dispatch table.  (Its helper kernels - shrink / column
+reductions / expand, the IA3 scale and backward - predate the pass-budget design of the default triton path.)
+
 Variants inside the cuda backend (chosen per shape by ``fastpeft._dispatch.lora_fwd_variant``):
   * ``decode``: M <= 16, one fused GEMV + LoRA kernel reading W once (after the shrink S = drop(x)Aᵀ).
   * ``accum``:  T = b + s·(S⊙e)Bᵀ written into y, then cuBLASLt adds x·Wᵀ in place (C = D, beta = 1).

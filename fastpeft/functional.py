@@ -88,8 +88,16 @@ def _check_dropout(p) -> float:
     return p
 
 
-def draw_seed(generator: Optional[torch.Generator] = None) -> int:
-    """Draw a dropout seed in [0, 2**62) from torch's default CPU generator (so ``torch.manual_seed`` fixes it)."""
+def draw_seed(generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None):
+    """Draw a dropout seed in [0, 2**62) (``torch.manual_seed`` fixes the sequence).
+
+    Without `device`: a host int from torch's default CPU generator (or `generator`).  With `device`: a 1-element
+    int64 tensor drawn ON that device by its default generator - a device-side seed: on CUDA, torch's Philox state
+    (seed, offset) advances per draw also inside a captured CUDA graph, so every replay draws a fresh seed (a host
+    int would be baked into the graph and replay the same mask).  The Triton kernels read it on the device.
+    """
+    if device is not None:
+        return torch.randint(0, 2 ** 62, (1,), generator=generator, dtype=torch.int64, device=device)
     return int(torch.randint(0, 2 ** 62, (), generator=generator, dtype=torch.int64))
 
 
@@ -193,7 +201,10 @@ def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, s
     if dropout_p == 0.0:
         seed = 0
     elif seed is None:
-        seed = draw_seed()
+        # The triton kernels take a device-side seed (graph-capture safe); the custom op (torch.compile), the
+        # extension and the reference take host ints.
+        on_device = chosen.startswith("triton") and not torch.compiler.is_compiling()
+        seed = draw_seed(device=x.device) if on_device else draw_seed()
     else:
         seed = _check_seed(seed)
     y, _ = _lora.lora_apply(x2, weight, bias, lora_A, e, lora_B, scaling, dropout_p, seed, chosen)

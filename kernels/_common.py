@@ -256,6 +256,21 @@ def pad_rank(r: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def seed_arg(seed):
+    """A kernel's `seed` argument: a host int (specialised as a scalar), or a 1-element int64 tensor on the device
+    (read by the kernel: a seed drawn on the GPU, so a replayed CUDA graph uses the seed drawn in that replay)."""
+    return seed if isinstance(seed, torch.Tensor) else int(seed)
+
+
+@triton.jit
+def load_seed(seed):
+    """The seed value: `seed` itself, or the int64 it points to (a device-side seed, see ``seed_arg``)."""
+    if seed.dtype.is_ptr():
+        return tl.load(seed)
+    else:
+        return seed
+
+
 @triton.jit
 def dropout_keep(seed, offs_m, k_start, p16, BLOCK_K: tl.constexpr):
     """Keep-mask of the shared dropout stream (``fastpeft.ops.dropout``) for rows ``offs_m`` (BM,) and the BLOCK_K
@@ -263,6 +278,7 @@ def dropout_keep(seed, offs_m, k_start, p16, BLOCK_K: tl.constexpr):
     on counter (k >> 3, m & 0xffffffff, m >> 32, 0); element k takes 16-bit half (k & 1) of word (k & 7) >> 1 and is
     kept when that value is >= p16 (the int threshold of ``dropout_threshold``).  Returns (BM, BLOCK_K) bool."""
     tl.static_assert(BLOCK_K % 8 == 0, "dropout column blocks must be whole groups of 8")
+    seed = load_seed(seed)
     G: tl.constexpr = BLOCK_K // 8
     m64 = offs_m.to(tl.int64)
     zero = tl.zeros((offs_m.shape[0], G), dtype=tl.uint32)
@@ -742,7 +758,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         pro if pro is not None else d,
         L, L.stride(0), L.stride(1), float(lscale), rs if rs is not None else d, Rm, Rm.stride(0), Rm.stride(1), r,
-        int(seed), int(p16), float(drop_scale),
+        seed_arg(seed), int(p16), float(drop_scale),
         bias if bias is not None else d, col if col is not None else d,
         z if z is not None else c, (z.stride(0) if z is not None else 0), (z.stride(1) if z is not None else 0),
         dl_x if dl_x is not None else c, (dl_x.stride(0) if dl_x is not None else 0),

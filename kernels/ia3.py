@@ -274,7 +274,9 @@ def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db):
     k = weight.shape[1]
     dev = dy.device
     bm, bn, warps = skinny_blocks(dev)
-    bk = bn
+    # The z-recompute loop runs only in blocks holding a tiny l: small K tiles and one stage keep its shared memory
+    # (and so the occupancy of the main pass over dY and y) low.
+    bk = min(32, bn)
     n_blocks = triton.cdiv(n, bn)
     splits, mb_per = _splits(n_blocks, m, bm, dev)
     dl_part = torch.empty((splits, n), device=dev, dtype=torch.float32)
@@ -287,7 +289,7 @@ def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db):
             tiny_l(dy.dtype), dy.stride(0), dy.stride(1), y.stride(0), y.stride(1), x.stride(0), x.stride(1),
             weight.stride(0), weight.stride(1), mb_per,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, HAS_DB=want_db,
-            PREC=dot_prec(base_precision(x.dtype), x.dtype), num_warps=warps)
+            PREC=dot_prec(base_precision(x.dtype), x.dtype), num_warps=warps, num_stages=1)
     return dl_part.sum(0), (db_part.sum(0) if want_db else None)
 
 

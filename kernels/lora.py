@@ -40,7 +40,7 @@ from fastpeft.ops.dropout import dropout_threshold
 from fastpeft.ops.lora import lora_bwd_ref, lora_fwd_ref
 
 from ._common import (SUPPORTED_DTYPES, base_precision, dot_prec, dropout_keep, gemm, launch_ok, on_input_device,
-                      lora_epilogue_precision, mma, pad_rank, skinny_blocks, skinny_precision, split_count,
+                      lora_epilogue_precision, mma, pad_rank, seed_arg, skinny_blocks, skinny_precision, split_count,
                       target_programs)
 
 __all__ = ["lora_fwd_triton", "lora_bwd_triton"]
@@ -266,7 +266,7 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) 
                  bytes_written=splits * m * r * 4, flops=2 * m * k * r):
         _lora_shrink_kernel[(m_blocks, splits)](
             x, lora_A, part, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-            kb_per, int(seed), p16, drop_scale,
+            kb_per, seed_arg(seed), p16, drop_scale,
             BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0,
             PREC=dot_prec(skinny_precision(lora_A.dtype), lora_A.dtype), num_warps=warps)
     return _reduce(part)
@@ -285,7 +285,7 @@ def _expand(out: torch.Tensor, L: torch.Tensor, scale: float, e: Optional[torch.
         _lora_expand_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
             out, L, e if e is not None else L, Rm, m, n, r, float(scale),
             out.stride(0), out.stride(1), L.stride(0), L.stride(1), Rm.stride(0), Rm.stride(1),
-            int(seed), p16, drop_scale,
+            seed_arg(seed), p16, drop_scale,
             BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=e is not None, HAS_DROPOUT=p16 > 0,
             PREC=dot_prec(lora_epilogue_precision(out.dtype, Rm.dtype), Rm.dtype), num_warps=warps)
 
@@ -378,7 +378,7 @@ def _da_pass(x: torch.Tensor, dS: torch.Tensor, adt: torch.dtype, dropout_p: flo
                  flops=2 * m * k * r):
         _lora_da_kernel[(k_blocks, msplits)](
             x, dS, da_part, m, k, r, x.stride(0), x.stride(1), dS.stride(0), dS.stride(1),
-            mb_per, int(seed), p16, drop_scale,
+            mb_per, seed_arg(seed), p16, drop_scale,
             BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0,
             PREC=dot_prec(skinny_precision(adt), adt), A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
     return _reduce(da_part)
@@ -433,5 +433,5 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     p16, drop_scale = dropout_threshold(dropout_p)
     dx = torch.empty((m, k), device=dev, dtype=x.dtype)
     gemm(dy, weight, dx, prec=base_precision(dy.dtype),
-         lora=(dS, 1.0, None, lora_A, lora_epilogue_precision(x.dtype, adt), p16, int(seed), drop_scale))
+         lora=(dS, 1.0, None, lora_A, lora_epilogue_precision(x.dtype, adt), p16, seed_arg(seed), drop_scale))
     return dx, dA, dE, dB, dbias

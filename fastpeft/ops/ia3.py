@@ -161,6 +161,7 @@ def _ia3_save(ctx, inputs, y, saved):
                           bias if keep_y else None)
     ctx.feedforward, ctx.backend = feedforward, backend
     ctx.has_bias = bias is not None
+    ctx.weight_grad = bool(weight.requires_grad)
 
 
 def _ia3_grads(ctx, dy, bwd):
@@ -170,7 +171,8 @@ def _ia3_grads(ctx, dy, bwd):
     dy = dy.contiguous()
     dx, dl, dbias = bwd(dy, x, weight, ia3_l, saved, ctx.feedforward, needs_dx, bias_grad, ctx.backend, y, bias)
     # The base weight's gradient only when it is trainable (HF PEFT's layer gives it then too).
-    dW = ia3_weight_grad(dy, x, weight, ia3_l, ctx.feedforward) if ctx.needs_input_grad[1] else None
+    want_dw = ctx.needs_input_grad[1] and ctx.weight_grad
+    dW = ia3_weight_grad(dy, x, weight, ia3_l, ctx.feedforward) if want_dw else None
     return dx if needs_dx else None, dW, dbias if bias_grad else None, dl, None, None
 
 

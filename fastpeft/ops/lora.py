@@ -40,10 +40,16 @@ from .dropout import dropout_keep_mask, dropout_scale
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def host_seed(seed) -> int:
+    """The seed as a host int: device-side seeds (a 1-element int64 tensor, see ``fastpeft.functional.draw_seed``)
+    are read back - only the torch reference needs that; the Triton kernels read them on the device."""
+    return int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
+
+
 def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     if p == 0.0:
         return x
-    keep = dropout_keep_mask(seed, tuple(x.shape), p, x.device)
+    keep = dropout_keep_mask(host_seed(seed), tuple(x.shape), p, x.device)
     return torch.where(keep, x * dropout_scale(p), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -107,7 +113,7 @@ def lora_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
     if needs_dx:
         lora_dx = dS @ lora_A  # (M, K) in adapter dtype
         if dropout_p != 0.0:
-            keep = dropout_keep_mask(seed, tuple(x.shape), dropout_p, x.device)
+            keep = dropout_keep_mask(host_seed(seed), tuple(x.shape), dropout_p, x.device)
             lora_dx = torch.where(keep, lora_dx * dropout_scale(dropout_p), torch.zeros((), dtype=adt,
                                                                                           device=x.device))
         base_dx = dy @ weight.to(dy.dtype)
