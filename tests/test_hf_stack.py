@@ -83,7 +83,11 @@ def logits(model, ids):
 
 
 def ckpt_files(path):
-    return sorted(os.listdir(path))
+    """The checkpoint's file names, less fastpeft's save record (``fastpeft_save.json``: ties the adapter's config
+    and weights together so an interrupted save is detected; HF PEFT ignores it)."""
+    from fastpeft.save_load import SAVE_RECORD_NAME
+
+    return sorted(f for f in os.listdir(path) if f != SAVE_RECORD_NAME)
 
 
 IDS = torch.randint(4, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
