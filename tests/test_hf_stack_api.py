@@ -69,7 +69,9 @@ def test_save_pretrained_keywords_and_model_card(tmp_path):
         a, b = tmp_path / f"peft{suffix}", tmp_path / f"fast{suffix}"
         assert os.path.isdir(a) == os.path.isdir(b), suffix
         if os.path.isdir(a):
-            walk = lambda d: sorted(os.path.relpath(os.path.join(r, x), d) for r, _, fs in os.walk(d) for x in fs)
+            # fastpeft adds its save record (fastpeft_save.json, HF PEFT ignores it) beside each adapter's files
+            walk = lambda d: sorted(os.path.relpath(os.path.join(r, x), d) for r, _, fs in os.walk(d) for x in fs
+                                    if x != "fastpeft_save.json")
             assert walk(b) == walk(a), suffix
     # the model card: PEFT's metadata
     cp = huggingface_hub.ModelCard.load(str(tmp_path / "peft" / "README.md"))
@@ -122,7 +124,8 @@ def test_push_to_hub_uploads_the_adapter(monkeypatch, tmp_path):
     (_, pfiles, _), (repo, ffiles, kw) = calls["commit"]
     assert repo == "user/adapter" and calls["repo"] == [("user/adapter", True)] * 2 and calls["branch"] == ["dev"]
     assert kw["commit_message"] == "hi" and kw["revision"] == "dev"
-    assert sorted(ffiles) == sorted(pfiles) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(pfiles) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(ffiles) == sorted(pfiles) + ["fastpeft_save.json"]  # fastpeft's save record travels too
     from safetensors.torch import load as st_load
 
     up = st_load(ffiles["adapter_model.safetensors"])
@@ -252,7 +255,8 @@ m.save_pretrained(d)
 torch.manual_seed(0)
 back = fastpeft.PeftModel.from_pretrained(M(), d)
 assert torch.equal(back(x), y.detach())
-assert sorted(os.listdir(d)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"], os.listdir(d)
+assert sorted(os.listdir(d)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                "fastpeft_save.json"], os.listdir(d)
 assert "peft" not in [k for k, v in sys.modules.items() if v is not None]
 print("ok")
 """

@@ -67,7 +67,8 @@ def assert_loads_as(d, model, x):
 
 def test_round_trip_and_record(old_and_new):
     d, old, new, x = old_and_new
-    assert sorted(os.listdir(d)) == ["adapter_config.json", "adapter_model.safetensors", "fastpeft_save.json"]
+    assert sorted(os.listdir(d)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                     "fastpeft_save.json"]  # README.md: PEFT's model card
     assert_loads_as(d, old, x)
     new.save_pretrained(str(d))
     assert_loads_as(d, new, x)

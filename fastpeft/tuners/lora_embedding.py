@@ -41,6 +41,7 @@ class Embedding(LoraLayer):
         self.lora_dropout = nn.ModuleDict({})
         self.lora_A = nn.ModuleDict({})  # empty: PEFT's LoraLayer has them on every layer
         self.lora_B = nn.ModuleDict({})
+        self.lora_magnitude_vector = nn.ModuleDict({})  # DoRA is refused on embeddings; LoraLayer's code reads it
         self.lora_embedding_A = nn.ParameterDict({})
         self.lora_embedding_B = nn.ParameterDict({})
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
