@@ -90,6 +90,12 @@ class RecomputeStats:
     kept_bytes: int = 0
     _storages: dict = field(default_factory=dict, repr=False)
 
+    def kept(self, t: torch.Tensor) -> bool:
+        try:
+            return (t.untyped_storage().data_ptr(), t.device) in self._storages
+        except Exception:
+            return False
+
     def keep(self, t: torch.Tensor) -> None:
         try:
             st = t.untyped_storage()
@@ -320,6 +326,13 @@ def _autocast_state(device: torch.device) -> tuple:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _is_input_node(node, x: torch.Tensor) -> bool:
+    """True when autograd ``node`` produced ``x`` (or accumulates into the leaf ``x``)."""
+    if x.grad_fn is not None:
+        return node is x.grad_fn
+    return node is not None and getattr(node, "variable", None) is x
+
+
 class _Packed:
     __slots__ = ("t", "recipe")
 
@@ -390,6 +403,8 @@ class _Session:
             r = self.recipe_of(src)
             if r is not None:
                 return r
+            if self.stats.kept(src):   # its storage is saved by the frozen graph anyway (e.g. attention output)
+                return _Held(src)
         name = node.name()
         nxt = node.next_functions
         if name == "ToCopyBackward0" and dtype is not None and nxt and nxt[0][0] is not None:
@@ -483,7 +498,7 @@ class _Session:
             if pf.source is None and t.shape == pf.x.shape and (
                     t is pf.x or (t.dtype != pf.x.dtype and t.grad_fn is not None
                                   and t.grad_fn.name() == "ToCopyBackward0"
-                                  and t.grad_fn.next_functions[0][0] is pf.x.grad_fn)):
+                                  and _is_input_node(t.grad_fn.next_functions[0][0], pf.x))):
                 pf.source = t
         if frame is not None and not isinstance(t, nn.Parameter) and t.dim() > 0:
             r = None

@@ -155,6 +155,22 @@ def test_same_numerics_and_saved_bytes(family, method):
         assert ratio <= BOUND[method, p], (family, method, p, ratio, before)
 
 
+def test_bf16_with_input_grads():
+    """The issue's setting (bf16 base, fp32 adapters) with input grads on (as with gradient checkpointing or
+    ``enable_input_require_grads``): the fp32 casts and dropout copies are rebuilt too."""
+    model, frozen = _build("llama", "lora", 0.1, dtype=torch.bfloat16)
+    model.base_model.model.enable_input_require_grads()
+    batch = _batch("llama")
+    ref = _frozen_bytes(frozen, "llama")
+    R.set_enabled(model, False)
+    off = _step(model, batch, model)[2]["bytes"]
+    R.set_enabled(model, True)
+    on = _step(model, batch, model)[2]
+    # the remaining 8 %: S = x·Aᵀ (M x r fp32) of the 7 adapters, r=8 on hidden 64
+    assert on["bytes"] / ref <= 1.12, (on["bytes"] / ref, off / ref)
+    assert off / ref > 1.5
+
+
 def test_switch_env_and_unknown_family(monkeypatch, caplog):
     model, _ = _build("llama", "lora", 0.0)
     batch = _batch("llama")
