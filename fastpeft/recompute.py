@@ -22,7 +22,11 @@ Recipes (the per-family knowledge is only the table of producer modules, ``FAMIL
   captured when the adapter layer was entered; its noise/mask is regenerated the same way, never kept;
 * IA3's unscaled base output ``x Wᵀ + b`` (output mode): the base linear re-run on the (recomputed) input.
 
-Anything else is saved as usual.  The mechanism is off for model types missing from ``FAMILIES`` (one log line
+* ``x.to(adapter dtype)`` of an input that needs no grad (layer 0 with frozen embeddings), in the known linear
+  layer classes without dropout and autocast (no autograd link exists there; see ``_Session._cast_of_input``).
+
+Still saved: ``S = drop(x)·Aᵀ`` (M×r per LoRA layer, ~3 % of a layer's activations at r=16, hidden 4096), and the
+dropout copies of an input that needs no grad.  Anything else is saved as usual.  The mechanism is off for model types missing from ``FAMILIES`` (one log line
 says so), under ``torch.compile`` tracing and outside training; gradient checkpointing's own hooks take precedence
 inside checkpointed blocks.  Switch: ``FASTPEFT_RECOMPUTE=0`` in the environment, or ``set_enabled(model, False)``.
 """
@@ -349,6 +353,7 @@ class _LayerFrame:
     base_fn: Optional[Callable]          # IA3 output mode: x -> unscaled base output, when replayable
     pending: list = field(default_factory=list)   # packed dropout noise/masks awaiting their dropout output
     dropouts: int = 0
+    plain: bool = False   # a known LoRA/AdaLoRA/IA3 linear layer, no dropout, no autocast
 
 
 @dataclass
@@ -485,6 +490,25 @@ class _Session:
         pend.t, pend.recipe = None, noise
         return drop
 
+    def _cast_of_input(self, t: torch.Tensor, frame: _LayerFrame) -> Optional[_Recipe]:
+        """An input that needs no grad has no autograd link to its casts: inside a LoRA / AdaLoRA / IA3 linear layer
+        (known classes, no dropout, no autocast) the only tensor of x's shape and another float dtype that such a
+        layer saves is ``x.to(adapter dtype)`` (see ``_LayerFrame.plain``)."""
+        x = frame.x
+        if not frame.plain or x is None or x.requires_grad:
+            return None
+        b = t if t._base is None else t._base
+        if (isinstance(b, nn.Parameter) or b.shape != x.shape or b.dtype == x.dtype or not b.is_contiguous()
+                or b.requires_grad):
+            return None
+        inner = self.recipe_of(x)
+        if inner is None:
+            if x.element_size() > b.element_size():
+                return None
+            inner = _Held(x)
+        r = _ToDtype(inner, b.dtype)
+        return r if t is b else _View(r, t)
+
     def _account(self, recipe: _Recipe, t: torch.Tensor) -> None:
         self.stats.recipes += 1
         self.stats.recomputed_bytes += t.numel() * t.element_size()
@@ -507,6 +531,7 @@ class _Session:
                     pk = _Packed(t)           # dropout noise/mask: becomes a recipe when its output is packed
                     frame.pending.append(pk)
                     return pk
+                r = self._cast_of_input(t, frame)
             elif t.is_floating_point():
                 r = self.resolve(t)
                 if r is None and frame.base_fn is not None and frame.x is not None \
@@ -605,6 +630,9 @@ def _ia3_base_fn(layer, x: torch.Tensor) -> Optional[Callable]:
     return fn
 
 
+_PLAIN_LAYERS = ("Linear", "SVDLinear")
+
+
 def _layer_pre(layer, args):
     s = _SESSION
     if s is None:
@@ -615,7 +643,10 @@ def _layer_pre(layer, args):
     if p > 0 and x is not None and x.device.type in ("cpu", "cuda"):
         rng = _RNG(x.device)
     base_fn = _ia3_base_fn(layer, x) if x is not None else None
-    s.layer = _LayerFrame(layer, x, p, rng, base_fn)
+    plain = (p == 0.0 and x is not None and type(layer).__name__ in _PLAIN_LAYERS
+             and type(layer).__module__.startswith(("fastpeft.tuners.", "peft.tuners."))
+             and not _autocast_state(x.device)[1])
+    s.layer = _LayerFrame(layer, x, p, rng, base_fn, plain=plain)
     if x is not None and x.grad_fn is not None:
         s.nodes[id(x.grad_fn)] = (x.grad_fn, weakref.ref(x))
 
