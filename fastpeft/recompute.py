@@ -532,6 +532,13 @@ class _Session:
                     frame.pending.append(pk)
                     return pk
                 r = self._cast_of_input(t, frame)
+                if r is None and frame.base_fn is not None and frame.x is not None and not frame.x.requires_grad \
+                        and t._base is None and t.shape[:-1] == frame.x.shape[:-1] \
+                        and t.shape[-1] == getattr(frame.layer, "out_features", -1) and t.dtype == frame.x.dtype:
+                    # IA3 output mode on an input that needs no grad: the unscaled base output z is the only
+                    # output-shaped tensor the layer saves
+                    inner = self.recipe_of(frame.x) or _Held(frame.x)
+                    r = _Linear(inner, frame.base_fn, t)
             elif t.is_floating_point():
                 r = self.resolve(t)
                 if r is None and frame.base_fn is not None and frame.x is not None \
