@@ -26,7 +26,7 @@ LAYER_OPS = {  # --op name -> list of (variant op name, setup kwargs)
     "qlora": [("qlora_nf4", {"quant_type": "nf4"})],  # 4-bit bitsandbytes base (needs bitsandbytes)
     "dora": [("dora", {"dropout": 0.0}), ("dora_dropout0.1", {"dropout": 0.1})],  # benchmarks/bench_dora.py
 }
-ALL_OPS = ("lora", "adalora", "ia3", "qlora", "dora", "e2e")
+ALL_OPS = ("lora", "adalora", "ia3", "qlora", "dora", "e2e", "memory")
 COLUMNS = ["timestamp", "op", "provider", "mode", "shape", "M", "K", "N", "r", "dtype", "p50_ms", "p20_ms", "p80_ms",
            "peak_mib", "mem_kind", "err_vs_ref", "ratio_to_base", "ratio_to_peft", "tokens_per_s", "gpu", "torch",
            "triton", "fastpeft", "git", "note"]
@@ -265,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     cases = []
     for op in ops:
-        if op == "e2e":
+        if op in ("e2e", "memory"):
             continue
         for variant, kw in LAYER_OPS[op]:
             for dt in dtypes:
@@ -354,4 +354,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     failed = [r for r in rows if str(r.get("note", "")).startswith(("failed", "setup failed"))]
     if failed:
         print(f"{len(failed)} case(s) failed; see the note column", file=sys.stderr)
+    if "memory" in ops:  # activation memory per family and method (memory.csv / memory.md in the same folder)
+        from .bench_memory import main as memory_main
+        memory_main(["--out", str(out), "--device", device.type] + (["--quick"] if args.quick else []))
     return 0

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import functional as _F
+from . import recompute as _recompute
 
 __all__ = ["accelerate", "restore", "is_accelerated", "fallback_reason"]
 
@@ -255,6 +256,7 @@ def accelerate(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
             # Instance attributes only: __dict__ entries shadow the class's forward for this object alone.
             object.__setattr__(module, _MARK, backend)
             object.__setattr__(module, "forward", types.MethodType(_fused_forward, module))
+    _recompute.install(model)  # rebuild the adapters' saved inputs in backward (fastpeft.recompute)
     return model
 
 

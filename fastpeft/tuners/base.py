@@ -60,6 +60,7 @@ import torch
 import torch.nn as nn
 
 from ..config import PeftConfig, PeftType, TaskType
+from ..recompute import install as _recompute_install
 from ._utils import get_submodules, is_conv1d, is_linear_like
 
 __all__ = [
@@ -623,6 +624,7 @@ class BaseTuner(nn.Module):
             (adapter_name, peft_config), = peft_config.items()
             self.active_adapter = adapter_name
         self.inject_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
+        _recompute_install(model)  # adapters' saved inputs rebuilt in backward (fastpeft.recompute)
 
     # -- attribute forwarding / forward -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
