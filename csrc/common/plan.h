@@ -74,9 +74,11 @@ inline Split rowdot_split(int64_t M, int64_t K, int r, int num_sms) {
   return split_reduction(K, kTileK, kRowdotMinK, blocks, 4LL * imax(1, num_sms));
 }
 
+// The coldot's partials are splits x C x r fp32 against M x C elements of X read: ~2 blocks per SM (its blocks are
+// register-heavy, 3 fit) keeps them at splits * r * 4 / (M * esize) of that pass (1/16 at M = 8192, r = 16, bf16).
 inline Split coldot_split(int64_t M, int64_t C, int r, int num_sms) {
   const int64_t blocks = cdiv(C, kTileK) * cdiv(r, kRT);
-  return split_reduction(M, kColRows, kColMinM, blocks, 4LL * imax(1, num_sms));
+  return split_reduction(M, kColRows, kColMinM, blocks, 2LL * imax(1, num_sms));
 }
 
 inline Split ia3_bwd_split(int64_t M, int64_t C, int num_sms) {

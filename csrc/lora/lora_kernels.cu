@@ -210,9 +210,10 @@ constexpr int kExpThreads = 32 * plan::kExpWarps;
 
 // grid: (ceil(M / kExpRows), ceil(C / kTileK)); block: kExpThreads.  Rows go on grid.x (limit 2^31 - 1).
 // Per rank tile of 16, Q's tile (256 columns x 16 ranks) and P's (kExpRows rows x 16) are staged in shared memory;
-// warp w owns rows m0 + 8w .. + 7, lane L columns c0 + 8L .. + 7, written with one 16-byte store per row.
+// warp w owns rows m0 + 8w .. + 7, lane L columns c0 + 8L .. + 7, written with one 16-byte store per row.  Two
+// blocks per SM (<= 128 registers): a store-bound kernel wants the warps.
 template <typename TY, typename TQ>
-__global__ void __launch_bounds__(kExpThreads) expand_kernel(TY* __restrict__ Y, int64_t M, int64_t C, int64_t ldy,
+__global__ void __launch_bounds__(kExpThreads, 2) expand_kernel(TY* __restrict__ Y, int64_t M, int64_t C, int64_t ldy,
                                                              bool yvec, const TY* __restrict__ bias, bool bvec,
                                                              const float* __restrict__ P, int64_t ldp, int r,
                                                              const TQ* __restrict__ Q, int64_t q_sc, int64_t q_sj,
@@ -242,7 +243,7 @@ __global__ void __launch_bounds__(kExpThreads) expand_kernel(TY* __restrict__ Y,
       Ps[i][j] = (m0 + i < M && jt + j < r) ? P[(m0 + i) * ldp + jt + j] : 0.f;
     }
     __syncthreads();
-#pragma unroll 4
+#pragma unroll 1
     for (int j = 0; j < kRT; ++j) {
       float q[kG];
       lds8(Qs[j], lane * kG, q);
