@@ -168,6 +168,8 @@ __global__ void __launch_bounds__(kColThreads) coldot_kernel(const TX* __restric
     }
     __syncthreads();
     if (n > 0) {
+      // Two rows per iteration: two 16-byte loads in flight per lane before the FMAs need them.
+#pragma unroll 2
       for (int i = warp; i < kRows && mt + i < me; i += plan::kColWarps) {
         const int64_t m = mt + i;
         float xv[kG];
