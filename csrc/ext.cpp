@@ -39,6 +39,12 @@ int num_sms(int device) {
   return cache[device];
 }
 
+// fp32 scratch for the split reductions' partials (common/plan.h says how many elements; the caching allocator
+// makes this cheap).  Never zero-filled: every element a kernel reads was written by the first stage.
+at::Tensor workspace(const at::Tensor& like, int64_t elems) {
+  return at::empty({std::max<int64_t>(elems, 1)}, like.options().dtype(at::kFloat));
+}
+
 void check_launch(const char* op) {
   const cudaError_t err = cudaGetLastError();
   TORCH_CHECK(err == cudaSuccess, "fastpeft::", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
@@ -167,10 +173,12 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> check_lora(const char* op, con
 // S (M, r) fp32 = drop(x) Aᵀ, one pass over x.
 at::Tensor shrink(const at::Tensor& x, const at::Tensor& Ac, double p, int64_t seed) {
   const int64_t M = x.size(0), K = x.size(1), r = Ac.size(0);
-  at::Tensor S = at::zeros({M, r}, x.options().dtype(at::kFloat));
+  at::Tensor S = at::empty({M, r}, x.options().dtype(at::kFloat));
+  const int sms = num_sms(x.get_device());
+  at::Tensor ws = workspace(x, plan::workspace_elems(plan::rowdot_split(M, K, static_cast<int>(r), sms), M * r));
   launch_rowdot(to_dtype(x.scalar_type()), to_dtype(Ac.scalar_type()), x.data_ptr(), M, K, x.stride(0),
                 Ac.data_ptr(), Ac.stride(0), 1, static_cast<int>(r), 1.f, make_dropout(p, seed),
-                S.data_ptr<float>(), r, num_sms(x.get_device()), c10::cuda::getCurrentCUDAStream().stream());
+                S.data_ptr<float>(), r, ws.data_ptr<float>(), sms, c10::cuda::getCurrentCUDAStream().stream());
   check_launch("lora shrink");
   return S;
 }
@@ -274,14 +282,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_
   at::Tensor Se = times_e(Sc, Ec).contiguous();
 
   // dSe = s · dy B  (M, r) and dB = s · dyᵀ Se  (N, r): reductions over the columns / rows of dy.
-  at::Tensor dSe = at::zeros({M, r}, f32);
-  at::Tensor dB = at::zeros({N, r}, f32);
+  // One scratch buffer serves the three split reductions (stream-ordered, each finishes before the next starts).
+  const int ri = static_cast<int>(r);
+  const int64_t ws_elems =
+      std::max({plan::workspace_elems(plan::rowdot_split(M, N, ri, sms), M * r),
+                plan::workspace_elems(plan::coldot_split(M, N, ri, sms), N * r),
+                plan::workspace_elems(plan::coldot_split(M, K, ri, sms), K * r)});
+  at::Tensor ws = workspace(x, ws_elems);
+  at::Tensor dSe = at::empty({M, r}, f32);
+  at::Tensor dB = at::empty({N, r}, f32);
   const DType xt = to_dtype(x.scalar_type()), at_ = to_dtype(adt);
-  launch_rowdot(xt, at_, dyc.data_ptr(), M, N, N, Bc.data_ptr(), 1, r, static_cast<int>(r),
-                static_cast<float>(scaling), no_dropout(), dSe.data_ptr<float>(), r, sms, stream);
+  launch_rowdot(xt, at_, dyc.data_ptr(), M, N, N, Bc.data_ptr(), 1, r, ri, static_cast<float>(scaling),
+                no_dropout(), dSe.data_ptr<float>(), r, ws.data_ptr<float>(), sms, stream);
   check_launch(op);
-  launch_coldot(xt, at_, dyc.data_ptr(), M, N, N, Se.data_ptr<float>(), r, static_cast<int>(r),
-                static_cast<float>(scaling), no_dropout(), dB.data_ptr<float>(), sms, stream);
+  launch_coldot(xt, at_, dyc.data_ptr(), M, N, N, Se.data_ptr<float>(), r, ri, static_cast<float>(scaling),
+                no_dropout(), dB.data_ptr<float>(), ws.data_ptr<float>(), sms, stream);
   check_launch(op);
 
   at::Tensor dS = times_e(dSe, Ec).contiguous();
@@ -289,9 +304,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lora_bwd_
                                  : at::empty({0}, dy.options().dtype(adt));
 
   // dAᵀ (K, r) = drop(x)ᵀ dS: one pass over x with the mask regenerated from the seed.
-  at::Tensor dAt = at::zeros({K, r}, f32);
-  launch_coldot(xt, at_, x.data_ptr(), M, K, K, dS.data_ptr<float>(), r, static_cast<int>(r), 1.f,
-                make_dropout(dropout_p, seed), dAt.data_ptr<float>(), sms, stream);
+  at::Tensor dAt = at::empty({K, r}, f32);
+  launch_coldot(xt, at_, x.data_ptr(), M, K, K, dS.data_ptr<float>(), r, ri, 1.f, make_dropout(dropout_p, seed),
+                dAt.data_ptr<float>(), ws.data_ptr<float>(), sms, stream);
   check_launch(op);
   at::Tensor dA = dAt.t().contiguous().to(lora_A.scalar_type());
 
@@ -413,30 +428,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ia3_bwd_cuda(const at::Tensor& dy
     check_shape(op, "x", x, {M, K});
     check_same_dtype(op, "x", x, dy.scalar_type(), "dy");
     at::Tensor xc = x.contiguous();
-    dl_acc = at::zeros({K}, dy.options().dtype(at::kFloat));
+    dl_acc = at::empty({K}, dy.options().dtype(at::kFloat));
+    // dx gets its own buffer: the kernel's operands are __restrict__, so it may not write over g.
+    dx = needs_dx ? at::empty({M, K}, dy.options()) : at::empty({0}, x.options());
     at::Tensor g = at::empty({M, K}, dy.options());
-    if (M > 0) {
-      input_grad_into(op, dyc, w, g, 0.f);  // g = dy W = d(x ⊙ l)
-      launch_ia3_bwd(xt, lt, g.data_ptr(), xc.data_ptr(), M, K, lc.data_ptr(), needs_dx ? g.data_ptr() : nullptr,
-                     dl_acc.data_ptr<float>(), nullptr, sms, stream);
-      check_launch(op);
-    }
-    dx = needs_dx ? g : at::empty({0}, x.options());
+    if (M > 0) input_grad_into(op, dyc, w, g, 0.f);  // g = dy W = d(x ⊙ l)
+    at::Tensor ws = workspace(dy, plan::workspace_elems(plan::ia3_bwd_split(M, K, sms), 2 * K));
+    launch_ia3_bwd(xt, lt, g.data_ptr(), xc.data_ptr(), M, K, lc.data_ptr(), needs_dx ? dx.data_ptr() : nullptr,
+                   dl_acc.data_ptr<float>(), nullptr, ws.data_ptr<float>(), sms, stream);
+    check_launch(op);
     dbias = has_bias ? dyc.sum(0).to(wdt) : at::empty({0}, dy.options().dtype(wdt));
   } else {
     check_cuda(op, "saved", saved, dy.device());
     check_shape(op, "saved", saved, {M, N});
     check_same_dtype(op, "saved", saved, dy.scalar_type(), "dy");
     at::Tensor zc = saved.contiguous();
-    dl_acc = at::zeros({N}, dy.options().dtype(at::kFloat));
-    at::Tensor db_acc = has_bias ? at::zeros({N}, dy.options().dtype(at::kFloat)) : at::Tensor();
+    dl_acc = at::empty({N}, dy.options().dtype(at::kFloat));
+    at::Tensor db_acc = has_bias ? at::empty({N}, dy.options().dtype(at::kFloat)) : at::Tensor();
     const bool want_dz = needs_dx || has_bias;
     at::Tensor dz = want_dz ? at::empty({M, N}, dy.options()) : at::Tensor();
-    if (M > 0) {
-      launch_ia3_bwd(xt, lt, dyc.data_ptr(), zc.data_ptr(), M, N, lc.data_ptr(), want_dz ? dz.data_ptr() : nullptr,
-                     dl_acc.data_ptr<float>(), has_bias ? db_acc.data_ptr<float>() : nullptr, sms, stream);
-      check_launch(op);
-    }
+    at::Tensor ws = workspace(dy, plan::workspace_elems(plan::ia3_bwd_split(M, N, sms), 2 * N));
+    launch_ia3_bwd(xt, lt, dyc.data_ptr(), zc.data_ptr(), M, N, lc.data_ptr(), want_dz ? dz.data_ptr() : nullptr,
+                   dl_acc.data_ptr<float>(), has_bias ? db_acc.data_ptr<float>() : nullptr, ws.data_ptr<float>(), sms,
+                   stream);
+    check_launch(op);
     if (needs_dx) {
       dx = at::empty({M, K}, dy.options());
       if (M > 0) input_grad_into(op, dz, w, dx, 0.f);

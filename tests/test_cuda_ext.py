@@ -164,6 +164,157 @@ def test_philox_host_threshold_matches_dropout_threshold(philox_host):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Launch planning host test (CPU): csrc/common/plan.h, compiled with g++
+# ---------------------------------------------------------------------------------------------------------------
+
+_PLAN_MAIN = r"""
+#include <cstdio>
+#include <cinttypes>
+#include "common/plan.h"
+namespace pl = fastpeft::plan;
+// stdin, one request per line:
+//   s len quantum min_chunk other target -> splits chunk of split_reduction
+//   r M K r sms / c M C r sms / i M C sms -> splits chunk of rowdot_split / coldot_split / ia3_bwd_split
+//   v addr ld esize                     -> vec16 of that address (0 / 1)
+//   a addr                              -> ptr_alignment
+//   k dev ta tb m n k lda ldb ldd dt ala alb ald albias av bnz ws -> gemm_key
+//   w splits chunk out                  -> workspace_elems
+int main() {
+  char op[2];
+  while (std::scanf("%1s", op) == 1) {
+    long long a[20];
+    if (op[0] == 's') {
+      if (std::scanf("%lld %lld %lld %lld %lld", &a[0], &a[1], &a[2], &a[3], &a[4]) != 5) return 2;
+      const pl::Split s = pl::split_reduction(a[0], a[1], a[2], a[3], a[4]);
+      std::printf("%lld %lld\n", (long long)s.splits, (long long)s.chunk);
+    } else if (op[0] == 'r' || op[0] == 'c') {
+      if (std::scanf("%lld %lld %lld %lld", &a[0], &a[1], &a[2], &a[3]) != 4) return 2;
+      const pl::Split s = op[0] == 'r' ? pl::rowdot_split(a[0], a[1], (int)a[2], (int)a[3])
+                                       : pl::coldot_split(a[0], a[1], (int)a[2], (int)a[3]);
+      std::printf("%lld %lld\n", (long long)s.splits, (long long)s.chunk);
+    } else if (op[0] == 'i') {
+      if (std::scanf("%lld %lld %lld", &a[0], &a[1], &a[2]) != 3) return 2;
+      const pl::Split s = pl::ia3_bwd_split(a[0], a[1], (int)a[2]);
+      std::printf("%lld %lld\n", (long long)s.splits, (long long)s.chunk);
+    } else if (op[0] == 'v') {
+      if (std::scanf("%lld %lld %lld", &a[0], &a[1], &a[2]) != 3) return 2;
+      std::printf("%d\n", pl::vec16(reinterpret_cast<const void*>(static_cast<uintptr_t>(a[0])), a[1], (int)a[2]));
+    } else if (op[0] == 'a') {
+      if (std::scanf("%lld", &a[0]) != 1) return 2;
+      std::printf("%u\n", pl::ptr_alignment(reinterpret_cast<const void*>(static_cast<uintptr_t>(a[0]))));
+    } else if (op[0] == 'k') {
+      for (int i = 0; i < 18; ++i)
+        if (std::scanf("%lld", &a[i]) != 1) return 2;
+      pl::GemmKey g{(int)a[0], a[1] != 0, a[2] != 0, a[3], a[4], a[5], a[6], a[7], a[8], (int)a[9], (uint32_t)a[10],
+                    (uint32_t)a[11], (uint32_t)a[12], (uint32_t)a[13], a[14] != 0, a[15] != 0, (uint64_t)a[16]};
+      (void)a[17];
+      std::printf("%s\n", pl::gemm_key(g).c_str());
+    } else if (op[0] == 'w') {
+      if (std::scanf("%lld %lld %lld", &a[0], &a[1], &a[2]) != 3) return 2;
+      std::printf("%lld\n", (long long)pl::workspace_elems(pl::Split{a[0], a[1]}, a[2]));
+    } else {
+      return 3;
+    }
+  }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def plan_host(tmp_path_factory):
+    """Run requests (lines, see _PLAN_MAIN) through csrc/common/plan.h compiled for the host; one output line each."""
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++) to build the plan host test")
+    d = tmp_path_factory.mktemp("plan")
+    src, exe = d / "plan_main.cpp", d / "plan_main"
+    src.write_text(_PLAN_MAIN)
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Werror", f"-I{CSRC}", str(src), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+
+    def run(lines):
+        out = subprocess.run([str(exe)], input="".join(ln + "\n" for ln in lines), check=True, capture_output=True,
+                             text=True).stdout.splitlines()
+        assert len(out) == len(lines)
+        return out
+    return run
+
+
+def _check_split(length, quantum, splits, chunk, max_splits=32):
+    assert 1 <= splits <= max_splits and chunk % quantum == 0 and chunk > 0
+    assert (splits - 1) * chunk < length <= splits * chunk, (length, quantum, splits, chunk)  # no empty chunk
+
+
+def test_plan_split_reduction_invariants(plan_host):
+    """Every split of a reduction covers the whole range with non-empty chunks that are multiples of the tile, at
+    most 32 partial slices, and no chunk shorter than the minimum unless one chunk covers everything."""
+    cases = [(length, q, mn, other, target)
+             for length in (1, 7, 8, 31, 32, 33, 255, 256, 257, 1000, 4096, 8192, 14336, 100003)
+             for q, mn in ((8, 64), (32, 128), (256, 1024))
+             for other in (1, 3, 16, 256, 5000)
+             for target in (1, 528, 4 * 132)]
+    got = plan_host([f"s {' '.join(map(str, c))}" for c in cases])
+    for (length, q, mn, other, target), line in zip(cases, got):
+        splits, chunk = map(int, line.split())
+        _check_split(length, q, splits, chunk)
+        if splits > 1:
+            assert chunk >= mn or length < 2 * mn, (length, q, mn, splits, chunk)
+            assert splits * other <= max(target, other) + other * q, (length, splits, other, target)  # ~target blocks
+    assert plan_host(["s 0 8 64 1 528"]) == ["1 8"]  # an empty reduction: one (empty) chunk
+
+
+def test_plan_kernel_splits_at_production_shapes(plan_host):
+    """The three split reductions at the H200 shapes (132 SMs) and reduced ones: chunks are whole kernel tiles
+    (rowdot: 256 columns; coldot: 32 staged rows; IA3: one row per warp of 8) and the workspace is splits x output."""
+    shapes = [(m, n) for m in (1, 16, 100, 2048, 8192) for n in (64, 1000, 4096, 11008, 14336)]
+    lines = ([f"r {m} {n} {r} 132" for m, n in shapes for r in (1, 16, 64)]
+             + [f"c {m} {n} {r} 132" for m, n in shapes for r in (1, 16, 64)]
+             + [f"i {m} {n} 132" for m, n in shapes])
+    got = plan_host(lines)
+    for req, line in zip(lines, got):
+        kind, m, n = req.split()[0], int(req.split()[1]), int(req.split()[2])
+        splits, chunk = map(int, line.split())
+        length, quantum = {"r": (n, 256), "c": (m, 32), "i": (m, 8)}[kind]
+        _check_split(length, quantum, splits, chunk)
+    # M = 8192, K = 4096, r = 16 on 132 SMs: the rowdot splits K in 3 (256 row blocks x 3 ~ 4 per SM, >= 1024
+    # columns each); the coldot's 16 column blocks x 16 splits ~ 2 per SM; the IA3 backward's 16 x 32 ~ 4 per SM.
+    assert plan_host(["r 8192 4096 16 132", "c 8192 4096 16 132", "i 8192 4096 132"]) == ["3 1536", "16 512",
+                                                                                          "32 256"]
+    # Decode-sized M: the row-sum reductions take one split (nothing to sum); the shrink still splits K into
+    # 1024-column chunks (one row block alone would leave the GPU idle).
+    assert plan_host(["r 16 4096 16 132", "c 16 4096 16 132", "i 16 4096 132"]) == ["4 1024", "1 32", "1 16"]
+    assert plan_host(["w 1 4096 100", "w 3 256 100"]) == ["0", "300"]
+
+
+def test_plan_vector_path_needs_aligned_base_and_rows(plan_host):
+    """16-byte accesses only when the base and every row start are 16-byte aligned; nullptr never."""
+    cases = {(4096, 4096, 2): 1, (4096 + 2, 4096, 2): 0, (4096, 4100, 2): 0, (4096, 4104, 2): 1, (4096, 4, 4): 1,
+             (4096, 6, 4): 0, (4096 + 8, 8, 2): 0, (4096 + 16, 8, 2): 1, (0, 8, 2): 0, (4096, 0, 2): 1,
+             (4096, 1, 4): 0, (4096 + 16, 2, 4): 0}
+    got = plan_host([f"v {a} {ld} {es}" for a, ld, es in cases])
+    assert [int(g) for g in got] == list(cases.values())
+    assert plan_host(["a 0", "a 4096", "a 4098", "a 4104", "a 4112", "a 4352"]) == ["256", "256", "2", "8", "16",
+                                                                                   "256"]
+
+
+def test_plan_gemm_key_separates_every_field(plan_host):
+    """The cuBLASLt plan cache key: equal for equal problems, different when any field differs (so a cached
+    descriptor / algorithm is never reused for a problem it was not built for)."""
+    base = [0, 1, 0, 4096, 8192, 4096, 4096, 4096, 4096, 2, 256, 256, 256, 0, 0, 1, 33554432, 0]
+    variants = [base]
+    for i in range(17):
+        v = list(base)
+        v[i] = v[i] + 1 if i not in (1, 2, 14, 15) else 1 - v[i]
+        variants.append(v)
+    # Fields that could run together without separators.
+    variants += [[0, 1, 0, 40, 968192, 4096] + base[6:], [0, 1, 0, 409, 68192, 4096] + base[6:]]
+    keys = plan_host(["k " + " ".join(map(str, v)) for v in variants] + ["k " + " ".join(map(str, base))])
+    assert keys[-1] == keys[0]
+    assert len(set(keys[:-1])) == len(variants)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # CPU: the Python side with the extension absent
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -320,9 +471,11 @@ def test_backend_selects_the_extension_for_cuda_tensors(ext_check):
 # ---------------------------------------------------------------------------------------------------------------
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (M, K, N, r): odd sizes, r = 1, M = 0 and 1, decode sizes and a larger one.
+# (M, K, N, r): odd sizes, r = 1, M = 0 and 1, decode sizes and a larger one; the last two drive the split
+# reductions (split-K shrink with a partial last 256-column tile, split-M column sums with a partial last chunk),
+# several column blocks, and the 16-byte (K, N multiples of 8) and scalar (K odd) paths (common/plan.h).
 LORA_SHAPES = [(1, 64, 48, 4), (0, 32, 16, 2), (3, 33, 70, 1), (16, 128, 96, 8), (37, 129, 67, 5),
-               (300, 256, 200, 16), (65, 80, 512, 40)]
+               (300, 256, 200, 16), (65, 80, 512, 40), (70, 2312, 264, 16), (530, 2309, 136, 24)]
 
 
 def _floor(dtype):
@@ -457,7 +610,7 @@ def test_dropout_mask_equals_triton_stream():
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("feedforward", [False, True])
-@pytest.mark.parametrize("shape", [(1, 64, 48), (0, 16, 8), (37, 129, 67), (300, 256, 200)])
+@pytest.mark.parametrize("shape", [(1, 64, 48), (0, 16, 8), (37, 129, 67), (300, 256, 200), (600, 264, 520)])
 @pytest.mark.parametrize("l_fp32", [False, True])
 def test_ia3_fwd_bwd_vs_fp64(dtype, feedforward, shape, l_fp32):
     M, K, N = shape
@@ -582,8 +735,29 @@ def test_lora_fwd_under_cuda_graph(M):
     torch.cuda.synchronize()
     ref, _ = _cuda.lora_fwd_cuda(x, weight, b, A, E, B, 2.0, 0.0, 0)
     atol, rtol = ELEMENTWISE[torch.bfloat16]
-    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)  # split-K atomics may reorder fp32 sums
+    assert torch.equal(out, ref)  # no atomics: the replay and an eager call sum in the same order
     assert not torch.allclose(out, eager, atol=atol, rtol=rtol)  # the replay really recomputed on the new x
+
+
+@needs_ext
+def test_split_reductions_are_deterministic():
+    """The split reductions (shrink, dSe, dB, dAᵀ, IA3's dl / dbias) have no atomics: the same call twice gives the
+    same bits, at shapes where every one of them is split across blocks (common/plan.h)."""
+    x, weight, b, A, E, B = _lora_inputs(530, 2312, 264, 16, torch.bfloat16, torch.float32, True, False)
+    dy = torch.randn(530, 264, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        y, S = _cuda.lora_fwd_cuda(x, weight, b, A, E, B, 2.0, 0.1, 7)
+        runs.append((y, S) + tuple(_cuda.lora_bwd_cuda(dy, x, weight, A, E, B, S, 2.0, 0.1, 7, True, True)))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+    l = torch.rand(264, device="cuda", dtype=torch.float32) + 0.5
+    outs = []
+    for _ in range(2):
+        y, z = _cuda.ia3_fwd_cuda(x, weight, b, l, False)  # output mode: l scales the 264 output features
+        outs.append(tuple(_cuda.ia3_bwd_cuda(dy, x, weight, l, z, False, True, True)))
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)
 
 
 @needs_ext

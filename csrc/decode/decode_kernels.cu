@@ -119,10 +119,9 @@ bool launch_decode_gemv(DType xt, const void* X, int64_t M, int64_t K, const voi
   if (M > 16) return false;
   if (M <= 0 || N <= 0) return true;
   const int elem = xt == DType::kFloat32 ? 4 : 2;
-  const int vec = 16 / elem;
-  // 16-byte loads need K and ldw to be multiples of the vector width and both bases 16-byte aligned.
-  const bool aligned = (K % vec == 0) && (ldw % vec == 0) && (reinterpret_cast<uintptr_t>(X) % 16 == 0) &&
-                       (reinterpret_cast<uintptr_t>(W) % 16 == 0);
+  // 16-byte loads need both bases and every row start 16-byte aligned (X's rows are K long); the k loop has no
+  // scalar tail, so K a multiple of the vector width, which X's check implies.
+  const bool aligned = plan::vec16(X, K, elem) && plan::vec16(W, ldw, elem);
   const int m = static_cast<int>(M);
   FASTPEFT_DISPATCH_DTYPE(xt, TX, {
     // Three row capacities keep the number of instantiations (and the compile time) down; rows beyond M are

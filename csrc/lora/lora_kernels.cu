@@ -1,40 +1,20 @@
 // LoRA / AdaLoRA kernels around the cuBLASLt GEMMs: the shrink S = drop(x) Aᵀ (also dSe = s · dy B), the column
 // reductions dB = s · dyᵀ Se and dAᵀ = drop(x)ᵀ dS, and the expand T = b + s · Se Bᵀ (also mask ⊙ dS A · scale).
 //
-// Deliberately simple: scalar loads, fp32 accumulation in registers, warp shuffles and fp32 atomics for the
-// split reductions.  Correctness first; the dispatch table measures them against the Triton path.
-#include <algorithm>
-
+// Access pattern (csrc/README.md): a lane owns 8 consecutive columns of a row, so a warp reads or writes 256
+// consecutive elements (16-byte accesses when plan::vec16 allows, scalar otherwise) and makes one Philox call per
+// row for its dropout bits.  The adapter operand (A, B) is staged through shared memory in a tile filled with
+// coalesced loads whatever its layout.  Reductions split across blocks write per-block partials that a second
+// kernel sums in a fixed order: no atomics, no zero-fill, deterministic.
 #include "common/dtype.cuh"
 #include "common/launch.h"
 
 namespace fastpeft {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kRT = 16;   // adapter columns (rank) handled per block; more ranks -> more blocks along grid.y
-constexpr int kRPW = 4;   // rows per warp in the shrink
-constexpr int kExpandRows = 8;
-
-// The dropout mask, warp-cooperatively: one Philox call yields the keep bits of 8 consecutive columns of a row
-// (common/philox.cuh), so a warp tile of (32 / kG) rows x (8 kG) columns costs exactly one call per lane.  Lane L
-// generates row m_base + L / kG, columns c_base + 8 (L % kG) .. + 7 (c_base a multiple of 8); the lane that
-// needs element (i, c) of the tile fetches its owner's bits with a shuffle.
-template <int kG>
-__device__ __forceinline__ uint32_t tile_bits(const DropoutParams& d, int64_t m_base, int64_t c_base, int lane) {
-  static_assert(32 % kG == 0, "a warp tile has a whole number of rows");
-  return philox::keep_bits8(d.seed, static_cast<uint64_t>(m_base + lane / kG),
-                            static_cast<uint64_t>(c_base >> 3) + static_cast<uint64_t>(lane % kG), d.p16);
-}
-
-// Keep flag of element (row i, column c) of the tile whose bits this warp made with tile_bits<kG>.  A shuffle:
-// every lane of the warp must call it, with warp-uniform control flow.
-template <int kG>
-__device__ __forceinline__ bool tile_keep(uint32_t bits, int i, int c) {
-  const uint32_t owner = __shfl_sync(0xffffffffu, bits, i * kG + (c >> 3));
-  return ((owner >> (c & 7)) & 1u) != 0u;
-}
+using plan::kG;
+using plan::kRT;
+using plan::kTileK;
 
 // Dropped and converted value of X[m, k] as the torch reference computes it:
 //   xd = x * scale rounded to x's dtype (or 0 where the mask drops), then cast to the adapter dtype.
@@ -44,18 +24,56 @@ __device__ __forceinline__ float dropped(float v, const DropoutParams& d, bool k
   return Cvt<TA>::round(v);
 }
 
-// grid: (ceil(M / (kWarps * kRPW)), ceil(r / kRT), k_splits); block: kThreads.
-// Each warp owns kRPW rows; its lanes stride over k; partial sums meet in a warp reduction and one atomic per
-// (row, rank column) per block.  The k loop goes in warp tiles of kRPW rows x 64 columns (one Philox call per lane
-// for the tile's mask), so its bounds are warp-uniform and the mask shuffles see every lane.
+// Loads X[m, c .. c + 7] (n of them in bounds) and applies dropped(): one Philox call for the 8 keep bits.
 template <typename TX, typename TA>
-__global__ void __launch_bounds__(kThreads) rowdot_kernel(const TX* __restrict__ X, int64_t M, int64_t K,
-                                                          int64_t ldx, const TA* __restrict__ A, int64_t a_sj,
-                                                          int64_t a_sk, int r, float alpha, DropoutParams drop,
-                                                          float* __restrict__ out, int64_t ldo, int64_t kchunk) {
+__device__ __forceinline__ void load8_dropped(const TX* __restrict__ p, bool vec, int n, const DropoutParams& d,
+                                              int64_t m, int64_t c, float (&v)[8]) {
+  load8(p, vec, n, v);
+  const uint32_t bits = d.on ? philox::keep_bits8(d.seed, static_cast<uint64_t>(m), static_cast<uint64_t>(c >> 3),
+                                                  d.p16)
+                             : 0xffu;
+#pragma unroll
+  for (int e = 0; e < kG; ++e) v[e] = dropped<TX, TA>(v[e], d, ((bits >> e) & 1u) != 0u);
+}
+
+// Fills tile[j][padk(cc)] = Q(c0 + cc, j0 + j) for j < kRT, cc < kTileK (0 outside c < C, j < r), where
+// Q(c, j) = Q[c * q_sc + j * q_sj].  Consecutive threads take consecutive addresses: along c when q_sc == 1,
+// along j otherwise (then a row of Q's kRT ranks is contiguous when q_sj == 1).
+template <typename TQ, int kThreads>
+__device__ __forceinline__ void fill_tile(float (*tile)[kPadRow], const TQ* __restrict__ Q, int64_t q_sc,
+                                          int64_t q_sj, int64_t c0, int64_t C, int j0, int r) {
+  static_assert((kRT * kTileK) % kThreads == 0, "whole tile per pass");
+#pragma unroll 4
+  for (int i = 0; i < kRT * kTileK / kThreads; ++i) {
+    const int idx = static_cast<int>(threadIdx.x) + i * kThreads;
+    int j, cc;
+    if (q_sc == 1) {
+      j = idx / kTileK;
+      cc = idx % kTileK;
+    } else {
+      j = idx % kRT;
+      cc = idx / kRT;
+    }
+    const int64_t c = c0 + cc;
+    tile[j][padk(cc)] = (j0 + j < r && c < C) ? ld_f(Q + c * q_sc + static_cast<int64_t>(j0 + j) * q_sj) : 0.f;
+  }
+}
+
+constexpr int kRowdotThreads = 32 * plan::kRowdotWarps;
+
+// grid: (ceil(M / kRowdotRows), ceil(r / kRT), splits); block: kRowdotThreads.
+// Warp w owns rows m0 + 4w .. + 3; per 256-column step its lanes load 8 consecutive x values of each row and the
+// matching A values from the shared tile.  The k loop bounds are block-uniform (the __syncthreads); partial sums
+// meet in one warp reduction per (row, rank) at the end, written to part[split] (or, one split, scaled into out).
+template <typename TX, typename TA>
+__global__ void __launch_bounds__(kRowdotThreads) rowdot_kernel(
+    const TX* __restrict__ X, int64_t M, int64_t K, int64_t ldx, bool xvec, const TA* __restrict__ A, int64_t a_sj,
+    int64_t a_sk, int r, float alpha, DropoutParams drop, float* __restrict__ out, int64_t ldo, int64_t kchunk) {
+  __shared__ __align__(16) float As[kRT][kPadRow];
+  constexpr int kRPW = plan::kRowdotRPW;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * (kWarps * kRPW) + warp * kRPW;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * plan::kRowdotRows + warp * kRPW;
   const int j0 = blockIdx.y * kRT;
   const int64_t kb = static_cast<int64_t>(blockIdx.z) * kchunk;
   const int64_t ke = kb + kchunk < K ? kb + kchunk : K;
@@ -66,172 +84,264 @@ __global__ void __launch_bounds__(kThreads) rowdot_kernel(const TX* __restrict__
 #pragma unroll
     for (int j = 0; j < kRT; ++j) acc[i][j] = 0.f;
 
-  static_assert(kRPW * 8 == 32, "the rowdot mask tile is kRPW rows x 8 groups of 8 columns");
-  for (int64_t kt = kb; kt < ke; kt += 64) {  // kb is a multiple of 32 (kchunk is), so of the Philox group 8
-    const uint32_t bits = drop.on ? tile_bits<8>(drop, m0, kt, lane) : 0u;
+  for (int64_t kt = kb; kt < ke; kt += kTileK) {  // kb is a multiple of kTileK, so k below of the Philox group 8
+    __syncthreads();  // the previous tile is consumed
+    // A(j, k) = A[j * a_sj + k * a_sk]: the tile indexes columns by k, ranks by j.
+    fill_tile<TA, kRowdotThreads>(As, A, a_sk, a_sj, kt, ke, j0, r);
+    __syncthreads();
+    const int cl = lane * kG;
+    const int64_t k = kt + cl;
+    const int n = ke - k < kG ? static_cast<int>(ke - k) : kG;  // <= 0: this lane is past the end
+    if (n > 0) {
+      float xv[kRPW][kG];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int cl = h * 32 + lane;  // column within the tile
-      const int64_t k = kt + cl;
-      bool kp[kRPW];
+      for (int i = 0; i < kRPW; ++i) {
+        const int64_t m = m0 + i;
+        if (m < M) {
+          load8_dropped<TX, TA>(X + m * ldx + k, xvec, n, drop, m, k, xv[i]);
+        } else {
 #pragma unroll
-      for (int i = 0; i < kRPW; ++i) kp[i] = drop.on ? tile_keep<8>(bits, i, cl) : true;
-      if (k < ke) {
-        float a[kRT];
-#pragma unroll
-        for (int j = 0; j < kRT; ++j)
-          a[j] = (j0 + j < r) ? ld_f(A + static_cast<int64_t>(j0 + j) * a_sj + k * a_sk) : 0.f;
-#pragma unroll
-        for (int i = 0; i < kRPW; ++i) {
-          const int64_t m = m0 + i;
-          if (m < M) {
-            const float v = dropped<TX, TA>(ld_f(X + m * ldx + k), drop, kp[i]);
-#pragma unroll
-            for (int j = 0; j < kRT; ++j) acc[i][j] = fmaf(v, a[j], acc[i][j]);
-          }
+          for (int e = 0; e < kG; ++e) xv[i][e] = 0.f;
         }
+      }
+#pragma unroll
+      for (int j = 0; j < kRT; ++j) {
+        float a[kG];
+        lds8(As[j], cl, a);
+#pragma unroll
+        for (int i = 0; i < kRPW; ++i)
+#pragma unroll
+          for (int e = 0; e < kG; ++e) acc[i][j] = fmaf(xv[i][e], a[e], acc[i][j]);
       }
     }
   }
-  // Every lane of the warp takes part in the shuffles (the loop bounds above are warp-uniform).
+  // Every lane of the warp takes part in the shuffles (no lane has returned).
+  float* dst = gridDim.z > 1 ? out + static_cast<int64_t>(blockIdx.z) * M * r : out;
+  const int64_t ld = gridDim.z > 1 ? r : ldo;
+  const float scale = gridDim.z > 1 ? 1.f : alpha;
 #pragma unroll
   for (int i = 0; i < kRPW; ++i) {
 #pragma unroll
     for (int j = 0; j < kRT; ++j) {
       const float s = warp_sum(acc[i][j]);
       const int64_t m = m0 + i;
-      if (lane == 0 && m < M && j0 + j < r) atomicAdd(out + m * ldo + j0 + j, alpha * s);
+      if (lane == 0 && m < M && j0 + j < r) dst[m * ld + j0 + j] = scale * s;
     }
   }
 }
 
-// grid: (ceil(C / kThreads), ceil(r / kRT), m_splits); one thread per column c, looping over its rows in steps of
-// 8 (a warp's 32 columns x 8 rows is one mask tile: one Philox call per lane).
+constexpr int kColThreads = 32 * plan::kColWarps;
+
+// grid: (ceil(C / kTileK), ceil(r / kRT), splits); block: kColThreads.
+// The block owns 256 columns; lane L of every warp owns columns c0 + 8L .. + 7, and the warps take the rows of each
+// staged step of kColRows rows in turn.  P's rows are staged in shared memory and read as broadcast float4.  The
+// warps' sums are combined in shared memory in warp order, then the block writes its (256 x kRT) tile coalesced.
 template <typename TX, typename TA>
-__global__ void __launch_bounds__(kThreads) coldot_kernel(const TX* __restrict__ X, int64_t M, int64_t C,
-                                                          int64_t ldx, const float* __restrict__ P, int64_t ldp,
-                                                          int r, float alpha, DropoutParams drop,
-                                                          float* __restrict__ out, int64_t mchunk) {
+__global__ void __launch_bounds__(kColThreads) coldot_kernel(const TX* __restrict__ X, int64_t M, int64_t C,
+                                                             int64_t ldx, bool xvec, const float* __restrict__ P,
+                                                             int64_t ldp, int r, float alpha, DropoutParams drop,
+                                                             float* __restrict__ out, int64_t mchunk) {
+  constexpr int kRows = plan::kColRows;
+  __shared__ __align__(16) float Ps[kRows][kRT];
+  __shared__ float red[kRT][kG][33];  // [rank][column within the lane's 8][lane], padded against bank conflicts
+  const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  const int64_t cw = c - lane;  // the warp's first column: a multiple of 32
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTileK;
+  const int64_t c = c0 + lane * kG;
+  const int n = C - c < kG ? static_cast<int>(C - c) : kG;
   const int j0 = blockIdx.y * kRT;
   const int64_t mb = static_cast<int64_t>(blockIdx.z) * mchunk;
   const int64_t me = mb + mchunk < M ? mb + mchunk : M;
-  const bool active = c < C;  // inactive lanes still take part in the mask shuffles
-  float acc[kRT];
+
+  float acc[kG][kRT];
 #pragma unroll
-  for (int j = 0; j < kRT; ++j) acc[j] = 0.f;
-  for (int64_t mt = mb; mt < me; mt += 8) {  // block-uniform bounds
-    const uint32_t bits = drop.on ? tile_bits<4>(drop, mt, cw, lane) : 0u;
+  for (int e = 0; e < kG; ++e)
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
+    for (int j = 0; j < kRT; ++j) acc[e][j] = 0.f;
+
+  for (int64_t mt = mb; mt < me; mt += kRows) {  // block-uniform bounds
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kRows * kRT; idx += kColThreads) {
+      const int i = idx / kRT, j = idx % kRT;
       const int64_t m = mt + i;
-      const bool kp = drop.on ? tile_keep<4>(bits, i, lane) : true;
-      if (active && m < me) {
-        const float v = dropped<TX, TA>(ld_f(X + m * ldx + c), drop, kp);
-        const float* p = P + m * ldp + j0;
+      Ps[i][j] = (m < me && j0 + j < r) ? P[m * ldp + j0 + j] : 0.f;
+    }
+    __syncthreads();
+    if (n > 0) {
+      // Two rows per iteration: two 16-byte loads in flight per lane before the FMAs need them.
+#pragma unroll 2
+      for (int i = warp; i < kRows && mt + i < me; i += plan::kColWarps) {
+        const int64_t m = mt + i;
+        float xv[kG];
+        load8_dropped<TX, TA>(X + m * ldx + c, xvec, n, drop, m, c, xv);
 #pragma unroll
-        for (int j = 0; j < kRT; ++j)
-          if (j0 + j < r) acc[j] = fmaf(__ldg(p + j), v, acc[j]);
+        for (int jq = 0; jq < kRT / 4; ++jq) {
+          const float4 p = reinterpret_cast<const float4*>(Ps[i])[jq];
+#pragma unroll
+          for (int e = 0; e < kG; ++e) {
+            acc[e][4 * jq + 0] = fmaf(p.x, xv[e], acc[e][4 * jq + 0]);
+            acc[e][4 * jq + 1] = fmaf(p.y, xv[e], acc[e][4 * jq + 1]);
+            acc[e][4 * jq + 2] = fmaf(p.z, xv[e], acc[e][4 * jq + 2]);
+            acc[e][4 * jq + 3] = fmaf(p.w, xv[e], acc[e][4 * jq + 3]);
+          }
+        }
       }
     }
   }
-  if (!active) return;
+  // Combine the warps' sums in a fixed order: warp 0 writes, warps 1, 2, ... add.
+  for (int w = 0; w < plan::kColWarps; ++w) {
+    __syncthreads();
+    if (warp == w) {
 #pragma unroll
-  for (int j = 0; j < kRT; ++j)
-    if (j0 + j < r) atomicAdd(out + c * r + j0 + j, alpha * acc[j]);
-}
-
-// grid: (ceil(M / kExpandRows), ceil(C / kThreads)); one thread per column, kExpandRows rows.  Rows go on grid.x
-// (limit 2^31 - 1): grid.y is limited to 65535.  A warp's 32 columns x kExpandRows rows are one mask tile.
-template <typename TY, typename TQ>
-__global__ void __launch_bounds__(kThreads) expand_kernel(TY* __restrict__ Y, int64_t M, int64_t C, int64_t ldy,
-                                                          const TY* __restrict__ bias, const float* __restrict__ P,
-                                                          int64_t ldp, int r, const TQ* __restrict__ Q,
-                                                          int64_t q_sc, int64_t q_sj, float alpha,
-                                                          DropoutParams drop) {
-  const int lane = threadIdx.x % 32;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kExpandRows;
-  // The mask first, while every lane of the warp is present (shuffles): bit i = keep(m0 + i, c).
-  static_assert(kExpandRows == 8, "the expand mask tile is 8 rows x 4 groups of 8 columns");
-  uint32_t kp = 0xffu;
-  if (drop.on) {
-    const uint32_t bits = tile_bits<4>(drop, m0, c - lane, lane);
-    kp = 0u;
+      for (int j = 0; j < kRT; ++j)
 #pragma unroll
-    for (int i = 0; i < kExpandRows; ++i) kp |= (tile_keep<4>(bits, i, lane) ? 1u : 0u) << i;
-  }
-  if (c >= C) return;
-  float acc[kExpandRows];
-#pragma unroll
-  for (int i = 0; i < kExpandRows; ++i) acc[i] = 0.f;
-  for (int j = 0; j < r; ++j) {
-    const float q = ld_f(Q + c * q_sc + static_cast<int64_t>(j) * q_sj);
-#pragma unroll
-    for (int i = 0; i < kExpandRows; ++i)
-      if (m0 + i < M) acc[i] = fmaf(__ldg(P + (m0 + i) * ldp + j), q, acc[i]);
-  }
-  const float b = bias != nullptr ? ld_f(bias + c) : 0.f;
-#pragma unroll
-  for (int i = 0; i < kExpandRows; ++i) {
-    const int64_t m = m0 + i;
-    if (m < M) {
-      float v = alpha * acc[i];
-      if (drop.on) v = ((kp >> i) & 1u) ? v * drop.scale : 0.f;
-      st_f(Y + m * ldy + c, b + v);
+        for (int e = 0; e < kG; ++e) red[j][e][lane] = w == 0 ? acc[e][j] : red[j][e][lane] + acc[e][j];
     }
   }
+  __syncthreads();
+  float* dst = gridDim.z > 1 ? out + static_cast<int64_t>(blockIdx.z) * C * r : out;
+  const float scale = gridDim.z > 1 ? 1.f : alpha;
+  for (int idx = threadIdx.x; idx < kTileK * kRT; idx += kColThreads) {
+    const int cc = idx / kRT, j = idx % kRT;
+    const int64_t cg = c0 + cc;
+    if (cg < C && j0 + j < r) dst[cg * r + j0 + j] = scale * red[j][cc % kG][cc / kG];
+  }
+}
+
+constexpr int kExpThreads = 32 * plan::kExpWarps;
+
+// grid: (ceil(M / kExpRows), ceil(C / kTileK)); block: kExpThreads.  Rows go on grid.x (limit 2^31 - 1).
+// Per rank tile of 16, Q's tile (256 columns x 16 ranks) and P's (kExpRows rows x 16) are staged in shared memory;
+// warp w owns rows m0 + 8w .. + 7, lane L columns c0 + 8L .. + 7, written with one 16-byte store per row.  Two
+// blocks per SM (<= 128 registers): a store-bound kernel wants the warps.
+template <typename TY, typename TQ>
+__global__ void __launch_bounds__(kExpThreads, 2) expand_kernel(TY* __restrict__ Y, int64_t M, int64_t C, int64_t ldy,
+                                                             bool yvec, const TY* __restrict__ bias, bool bvec,
+                                                             const float* __restrict__ P, int64_t ldp, int r,
+                                                             const TQ* __restrict__ Q, int64_t q_sc, int64_t q_sj,
+                                                             float alpha, DropoutParams drop) {
+  constexpr int kRows = plan::kExpRows;
+  constexpr int kRPW = plan::kExpRPW;
+  __shared__ __align__(16) float Qs[kRT][kPadRow];
+  __shared__ float Ps[kRows][kRT];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTileK;
+  const int64_t c = c0 + lane * kG;
+  const int n = C - c < kG ? static_cast<int>(C - c) : kG;
+
+  float acc[kRPW][kG];
+#pragma unroll
+  for (int i = 0; i < kRPW; ++i)
+#pragma unroll
+    for (int e = 0; e < kG; ++e) acc[i][e] = 0.f;
+
+  for (int jt = 0; jt < r; jt += kRT) {
+    __syncthreads();
+    fill_tile<TQ, kExpThreads>(Qs, Q, q_sc, q_sj, c0, C, jt, r);
+    for (int idx = threadIdx.x; idx < kRows * kRT; idx += kExpThreads) {
+      const int i = idx / kRT, j = idx % kRT;
+      Ps[i][j] = (m0 + i < M && jt + j < r) ? P[(m0 + i) * ldp + jt + j] : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int j = 0; j < kRT; ++j) {
+      float q[kG];
+      lds8(Qs[j], lane * kG, q);
+#pragma unroll
+      for (int i = 0; i < kRPW; ++i) {
+        const float p = Ps[warp * kRPW + i][j];  // broadcast
+#pragma unroll
+        for (int e = 0; e < kG; ++e) acc[i][e] = fmaf(p, q[e], acc[i][e]);
+      }
+    }
+  }
+  if (n <= 0) return;  // after the last __syncthreads
+  float b[kG];
+  if (bias != nullptr) {
+    load8(bias + c, bvec, n, b);
+  } else {
+#pragma unroll
+    for (int e = 0; e < kG; ++e) b[e] = 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < kRPW; ++i) {
+    const int64_t m = m0 + warp * kRPW + i;
+    if (m >= M) break;
+    const uint32_t bits = drop.on ? philox::keep_bits8(drop.seed, static_cast<uint64_t>(m),
+                                                       static_cast<uint64_t>(c >> 3), drop.p16)
+                                  : 0xffu;
+    float v[kG];
+#pragma unroll
+    for (int e = 0; e < kG; ++e) {
+      float t = alpha * acc[i][e];
+      if (drop.on) t = ((bits >> e) & 1u) ? t * drop.scale : 0.f;
+      v[e] = b[e] + t;
+    }
+    store8(Y + m * ldy + c, yvec, n, v);
+  }
+}
+
+template <typename T>
+constexpr int esize() {
+  return static_cast<int>(sizeof(T));
 }
 
 }  // namespace
 
 void launch_rowdot(DType xt, DType at, const void* X, int64_t M, int64_t K, int64_t ldx, const void* A,
                    int64_t a_sj, int64_t a_sk, int r, float alpha, DropoutParams drop, float* out, int64_t ldo,
-                   int num_sms, cudaStream_t stream) {
-  if (M <= 0 || K <= 0 || r <= 0) return;
-  const int64_t row_blocks = ceil_div(M, kWarps * kRPW);
-  const int64_t rank_blocks = ceil_div(r, kRT);
-  // Split K so that there are about four blocks per SM, but give each block at least 256 columns.
-  const int64_t want = std::max<int64_t>(1, ceil_div(4LL * std::max(num_sms, 1), row_blocks * rank_blocks));
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, ceil_div(K, 256)));
-  const int64_t kchunk = ceil_div(ceil_div(K, splits), 32) * 32;
-  const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(rank_blocks),
-                  static_cast<unsigned>(ceil_div(K, kchunk)));
+                   float* workspace, int num_sms, cudaStream_t stream) {
+  if (M <= 0 || r <= 0) return;
+  if (K <= 0) {
+    launch_sum_splits(nullptr, 0, M, r, alpha, out, ldo, stream);  // out = 0
+    return;
+  }
+  const plan::Split sp = plan::rowdot_split(M, K, r, num_sms);
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, plan::kRowdotRows)), static_cast<unsigned>(ceil_div(r, kRT)),
+                  static_cast<unsigned>(sp.splits));
+  float* dst = sp.splits > 1 ? workspace : out;
   FASTPEFT_DISPATCH_DTYPE(xt, TX, FASTPEFT_DISPATCH_DTYPE(at, TA, {
-    rowdot_kernel<TX, TA><<<grid, kThreads, 0, stream>>>(static_cast<const TX*>(X), M, K, ldx,
-                                                          static_cast<const TA*>(A), a_sj, a_sk, r, alpha, drop,
-                                                          out, ldo, kchunk);
+    const bool xvec = plan::vec16(X, ldx, esize<TX>());
+    rowdot_kernel<TX, TA><<<grid, kRowdotThreads, 0, stream>>>(static_cast<const TX*>(X), M, K, ldx, xvec,
+                                                                static_cast<const TA*>(A), a_sj, a_sk, r, alpha,
+                                                                drop, dst, ldo, sp.chunk);
   }));
+  if (sp.splits > 1) launch_sum_splits(workspace, sp.splits, M, r, alpha, out, ldo, stream);
 }
 
 void launch_coldot(DType xt, DType at, const void* X, int64_t M, int64_t C, int64_t ldx, const float* P,
-                   int64_t ldp, int r, float alpha, DropoutParams drop, float* out, int num_sms,
+                   int64_t ldp, int r, float alpha, DropoutParams drop, float* out, float* workspace, int num_sms,
                    cudaStream_t stream) {
-  if (M <= 0 || C <= 0 || r <= 0) return;
-  const int64_t col_blocks = ceil_div(C, kThreads);
-  const int64_t rank_blocks = ceil_div(r, kRT);
-  const int64_t want = std::max<int64_t>(1, ceil_div(4LL * std::max(num_sms, 1), col_blocks * rank_blocks));
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, ceil_div(M, 64)));
-  const int64_t mchunk = ceil_div(M, splits);
-  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(rank_blocks),
-                  static_cast<unsigned>(ceil_div(M, mchunk)));
+  if (C <= 0 || r <= 0) return;
+  if (M <= 0) {
+    launch_sum_splits(nullptr, 0, C, r, alpha, out, r, stream);  // out = 0
+    return;
+  }
+  const plan::Split sp = plan::coldot_split(M, C, r, num_sms);
+  const dim3 grid(static_cast<unsigned>(ceil_div(C, kTileK)), static_cast<unsigned>(ceil_div(r, kRT)),
+                  static_cast<unsigned>(sp.splits));
+  float* dst = sp.splits > 1 ? workspace : out;
   FASTPEFT_DISPATCH_DTYPE(xt, TX, FASTPEFT_DISPATCH_DTYPE(at, TA, {
-    coldot_kernel<TX, TA><<<grid, kThreads, 0, stream>>>(static_cast<const TX*>(X), M, C, ldx, P, ldp, r, alpha,
-                                                          drop, out, mchunk);
+    const bool xvec = plan::vec16(X, ldx, esize<TX>());
+    coldot_kernel<TX, TA><<<grid, kColThreads, 0, stream>>>(static_cast<const TX*>(X), M, C, ldx, xvec, P, ldp, r,
+                                                             alpha, drop, dst, sp.chunk);
   }));
+  if (sp.splits > 1) launch_sum_splits(workspace, sp.splits, C, r, alpha, out, r, stream);
 }
 
 void launch_expand(DType yt, DType qt, void* Y, int64_t M, int64_t C, int64_t ldy, const void* bias,
                    const float* P, int64_t ldp, int r, const void* Q, int64_t q_sc, int64_t q_sj, float alpha,
                    DropoutParams drop, cudaStream_t stream) {
   if (M <= 0 || C <= 0) return;
-  const dim3 grid(static_cast<unsigned>(ceil_div(M, kExpandRows)), static_cast<unsigned>(ceil_div(C, kThreads)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(M, plan::kExpRows)), static_cast<unsigned>(ceil_div(C, kTileK)));
   FASTPEFT_DISPATCH_DTYPE(yt, TY, FASTPEFT_DISPATCH_DTYPE(qt, TQ, {
-    expand_kernel<TY, TQ><<<grid, kThreads, 0, stream>>>(static_cast<TY*>(Y), M, C, ldy,
-                                                          static_cast<const TY*>(bias), P, ldp, r,
-                                                          static_cast<const TQ*>(Q), q_sc, q_sj, alpha, drop);
+    const bool yvec = plan::vec16(Y, ldy, esize<TY>());
+    const bool bvec = plan::vec16(bias, 0, esize<TY>());
+    expand_kernel<TY, TQ><<<grid, kExpThreads, 0, stream>>>(static_cast<TY*>(Y), M, C, ldy, yvec,
+                                                             static_cast<const TY*>(bias), bvec, P, ldp, r,
+                                                             static_cast<const TQ*>(Q), q_sc, q_sj, alpha, drop);
   }));
 }
 
