@@ -1,4 +1,4 @@
-"""Timing, memory, error and environment helpers shared by every benchmark (see performance.md §4).
+"""Timing, memory, error and environment helpers shared by every benchmark (rules in benchmarks/README.md).
 
 * ``bench(fn, device)`` -> (p50, p20, p80) ms: ``triton.testing.do_bench`` (median and quantiles; it warms up and
   flushes the L2 between repetitions) on CUDA; ``torch.utils.benchmark.Timer.blocked_autorange`` on CPU.
@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-L2_BYTES = 60 * 2 ** 20  # H100/H200 L2 (performance.md §4); rotate through more than twice this.
+L2_BYTES = 60 * 2 ** 20  # H100/H200 L2 (50 MB, rounded up); rotate through more than twice this.
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
