@@ -85,7 +85,7 @@ def bench_interleaved(fns: dict, device: torch.device, quick: bool = False, roun
     if not names:
         return {}
     cuda = device.type == "cuda"
-    rounds = rounds or ((3 if quick else 5) if cuda else (12 if quick else 30))
+    rounds = rounds or ((3 if quick else 5) if cuda else (8 if quick else 30))
     samples: dict = {n: [] for n in names}
     if cuda:
         import triton.testing
@@ -95,7 +95,7 @@ def bench_interleaved(fns: dict, device: torch.device, quick: bool = False, roun
                 out = triton.testing.do_bench(fns[n], warmup=warmup, rep=rep, return_mode="all")
                 samples[n] += [float(t) for t in (out if isinstance(out, (list, tuple)) else [out])]
         return {n: Timing.from_samples(samples[n]) for n in names}
-    block_s = block_s if block_s is not None else (0.005 if quick else 0.02)
+    block_s = block_s if block_s is not None else (0.002 if quick else 0.02)
     calls = {}
     for n in names:  # warm-up, and how many calls fill a block
         fns[n]()
