@@ -97,9 +97,10 @@ def _config_kwargs(method: str, args) -> tuple[str, dict]:
         # Virtual tokens go in front, so the pooler reads the first virtual token instead of [CLS]: start them from
         # the embeddings of a tokenized instruction, whose first token is [CLS] itself (a random first token makes
         # the pretrained pooler's input meaningless and prompt tuning ends below the linear probe).
+        tokenizer_dir = str(getattr(args, "model_dir", None) or find_minilm_dir())
         return "PromptTuningConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens,
                                           prompt_tuning_init="TEXT", prompt_tuning_init_text=PROMPT_INIT_TEXT,
-                                          tokenizer_name_or_path=str(getattr(args, "model_dir", None) or find_minilm_dir()))
+                                          tokenizer_name_or_path=tokenizer_dir)
     if method == "prefix":
         return "PrefixTuningConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens)
     if method == "ptuning":
