@@ -152,8 +152,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["fastpeft", "fastpeft.ops", "fastpeft.modules", "fastpeft.tuners", "fastpeft.prompt",
-              "fastpeft.kernels"],
-    package_dir={"fastpeft.kernels": "kernels"},
+              "fastpeft.kernels", "fastpeft.benchmarks"],
+    package_dir={"fastpeft.kernels": "kernels", "fastpeft.benchmarks": "benchmarks"},
+    entry_points={"console_scripts": ["fastpeft-bench = fastpeft.bench:main"]},
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4.3", "packaging"],
     extras_require={
         "triton": ["triton"],

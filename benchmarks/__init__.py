@@ -1,1 +1,2 @@
-"""fastpeft benchmarks (``python -m benchmarks --help``); not part of the installed package."""
+"""fastpeft benchmarks: ``fastpeft-bench --help`` (installed as ``fastpeft.benchmarks``), or ``python -m benchmarks``
+from a clone."""

@@ -1,4 +1,7 @@
-"""Entry point: ``python -m benchmarks [--quick] [--op ...] [--dtype ...] [--providers ...] [--out DIR]``."""
+"""Entry point in a clone: ``python -m benchmarks [--quick] [--op ...] [--out DIR] ...``.
+
+Installed, the same harness is ``fastpeft-bench`` / ``python -m fastpeft.bench`` (it ships as ``fastpeft.benchmarks``).
+"""
 
 from __future__ import annotations
 
@@ -7,4 +10,4 @@ import sys
 from .run import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m benchmarks"))

@@ -1,7 +1,10 @@
-"""Timing, memory, error and environment helpers shared by every benchmark (see performance.md §4).
+"""Timing, memory, error and environment helpers shared by every benchmark (rules in benchmarks/README.md).
 
 * ``bench(fn, device)`` -> (p50, p20, p80) ms: ``triton.testing.do_bench`` (median and quantiles; it warms up and
   flushes the L2 between repetitions) on CUDA; ``torch.utils.benchmark.Timer.blocked_autorange`` on CPU.
+* ``bench_interleaved({name: fn}, device)`` -> {name: Timing}: the same statistics, but the functions are timed in
+  alternating rounds (base, fastpeft, PEFT, base, ...), so a burst of load from another process hits all of them
+  alike; ``Timing.spread`` = (p80 - p20) / p50 says how much the machine disturbed the measurement.
 * ``peak_mem_mib(fn, device)``: peak CUDA memory of one call above what was allocated before; on CPU the bytes of
   distinct non-parameter tensors autograd saves for backward (a proxy, labelled as such in the ``mem_kind`` column).
 * ``Rotating``: a ring of independent random inputs totalling more than twice the L2 (60 MB on H100/H200), so a
@@ -14,11 +17,13 @@ import functools
 import os
 import platform
 import subprocess
+import time
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
-L2_BYTES = 60 * 2 ** 20  # H100/H200 L2 (performance.md §4); rotate through more than twice this.
+L2_BYTES = 60 * 2 ** 20  # H100/H200 L2 (50 MB, rounded up); rotate through more than twice this.
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -45,6 +50,66 @@ def bench(fn: Callable[[], object], device: torch.device, quick: bool = False) -
     m = timer.blocked_autorange(min_run_time=0.05 if quick else 0.5)
     times = sorted(m.times)
     return _quantile(times, 0.5) * 1e3, _quantile(times, 0.2) * 1e3, _quantile(times, 0.8) * 1e3
+
+
+@dataclass
+class Timing:
+    """Statistics of the per-call times of one function, in ms."""
+
+    p50: float
+    p20: float
+    p80: float
+    n: int  # samples (rounds x repetitions)
+
+    @property
+    def spread(self) -> float:
+        """(p80 - p20) / p50: the relative width of the middle 60% of the samples (0 on a quiet machine)."""
+        return (self.p80 - self.p20) / self.p50 if self.p50 > 0 else float("inf")
+
+    @classmethod
+    def from_samples(cls, samples_ms: Sequence[float]) -> "Timing":
+        s = sorted(samples_ms)
+        return cls(_quantile(s, 0.5), _quantile(s, 0.2), _quantile(s, 0.8), len(s))
+
+
+def bench_interleaved(fns: dict, device: torch.device, quick: bool = False, rounds: Optional[int] = None,
+                      block_s: Optional[float] = None) -> dict:
+    """Time every function of ``fns`` ({name: fn}) in alternating rounds; returns {name: Timing} (per call, ms).
+
+    Each round times one block of calls of every function, in an order rotated by one each round (no function is
+    always first after another's cache footprint).  CPU: a block is as many calls as fill ``block_s`` (after one
+    warm-up call); CUDA: a block is one ``triton.testing.do_bench`` (L2 flushed between repetitions), all its
+    samples kept.  An exception from a function propagates (the caller drops that provider and retries).
+    """
+    names = list(fns)
+    if not names:
+        return {}
+    cuda = device.type == "cuda"
+    rounds = rounds or ((3 if quick else 5) if cuda else (8 if quick else 30))
+    samples: dict = {n: [] for n in names}
+    if cuda:
+        import triton.testing
+        warmup, rep = (5, 10) if quick else (10, 25)
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                out = triton.testing.do_bench(fns[n], warmup=warmup, rep=rep, return_mode="all")
+                samples[n] += [float(t) for t in (out if isinstance(out, (list, tuple)) else [out])]
+        return {n: Timing.from_samples(samples[n]) for n in names}
+    block_s = block_s if block_s is not None else (0.002 if quick else 0.02)
+    calls = {}
+    for n in names:  # warm-up, and how many calls fill a block
+        fns[n]()
+        t0 = time.perf_counter()
+        fns[n]()
+        calls[n] = max(1, int(block_s / max(time.perf_counter() - t0, 1e-7)))
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            fn, k = fns[n], calls[n]
+            t0 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            samples[n].append((time.perf_counter() - t0) * 1e3 / k)
+    return {n: Timing.from_samples(samples[n]) for n in names}
 
 
 def _quantile(sorted_vals: Sequence[float], q: float) -> float:

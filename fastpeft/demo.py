@@ -27,16 +27,14 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from .demo_data import (  # noqa: E402
+from .demo_data import (
     MissingDependencyError,
     binary_sentiment_examples,
     find_minilm_dir,
@@ -48,8 +46,10 @@ from .demo_data import (  # noqa: E402
 
 METHODS = ("lora", "adalora", "ia3", "prompt", "prefix", "ptuning", "bottleneck")
 # Default learning rates.  Held-out accuracy of full default runs on CPU (100 steps of 32, seed 0; linear probe
-# before: 0.8567): lora 0.9233, ia3 0.9325, adalora 0.9148, bottleneck 0.9283, ptuning 0.8904, prefix 0.8904,
-# prompt 0.8634 (at 1e-2 prompt tuning fell to 0.8094: its virtual tokens take the [CLS] position the pooler reads).
+# before: 0.8567; commit 9acf2ab): lora 0.9233, ia3 0.9325, adalora 0.9148, bottleneck 0.9283, prefix 0.8904;
+# ptuning 0.8879 and prompt (random init) 0.8524 when rerun later.  Prompt tuning's virtual tokens take the [CLS]
+# position the pooler reads (at lr 1e-2 with a random init it fell to 0.8094), hence its text initialisation below.
+PROMPT_INIT_TEXT = "Is this word positive or negative?"
 DEFAULT_LR = {"lora": 1e-3, "adalora": 3e-3, "ia3": 1e-2, "prompt": 3e-2, "prefix": 1e-2, "ptuning": 1e-2,
               "bottleneck": 1e-3}
 
@@ -94,7 +94,13 @@ def _config_kwargs(method: str, args) -> tuple[str, dict]:
     if method == "ia3":
         return "IA3Config", dict(task_type="SEQ_CLS")
     if method == "prompt":
-        return "PromptTuningConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens)
+        # Virtual tokens go in front, so the pooler reads the first virtual token instead of [CLS]: start them from
+        # the embeddings of a tokenized instruction, whose first token is [CLS] itself (a random first token makes
+        # the pretrained pooler's input meaningless and prompt tuning ends below the linear probe).
+        tokenizer_dir = str(getattr(args, "model_dir", None) or find_minilm_dir())
+        return "PromptTuningConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens,
+                                          prompt_tuning_init="TEXT", prompt_tuning_init_text=PROMPT_INIT_TEXT,
+                                          tokenizer_name_or_path=tokenizer_dir)
     if method == "prefix":
         return "PrefixTuningConfig", dict(task_type="SEQ_CLS", num_virtual_tokens=args.virtual_tokens)
     if method == "ptuning":
@@ -302,7 +308,8 @@ class _SavedBytes:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
+    """A tqdm bar when stderr is a terminal (None otherwise: a bar in a file is one endless line)."""
+    if not enabled or not sys.stderr.isatty():
         return None
     try:
         from tqdm.auto import tqdm
@@ -329,7 +336,7 @@ class Trainer:
         self.res.trainable_params = sum(p.numel() for p in params)
         self.res.total_params = sum(p.numel() for p in model.parameters())
         self.times: list = []
-        self.tokens = 0
+        self.step_tokens: list = []  # padded tokens of each step
         # This trainer's RNG stream starts at manual_seed(seed); the caller's global RNG state is left as it was.
         cuda = device.type == "cuda"
         outer = (torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None)
@@ -391,7 +398,7 @@ class Trainer:
             else:
                 res.memory_mib = saved.bytes / 2 ** 20
                 res.memory_kind = "activations saved for backward in one step (MiB; CPU proxy)"
-        self.tokens += batch["attention_mask"].numel()  # padded tokens processed
+        self.step_tokens.append(batch["attention_mask"].numel())
         lv = float(loss.detach())
         res.losses.append(lv)
         if not math.isfinite(lv):
@@ -399,11 +406,15 @@ class Trainer:
         return lv
 
     def finish(self) -> RunResult:
+        """Per-step figures from the steady steps (the first 3 of more than 6 are warm-up): ms/step is their median
+        time; examples/s and tokens/s divide the batch size and the mean padded tokens per step by that same
+        median, so tokens/s / examples/s is the mean padded length of an example."""
         res, times = self.res, self.times
-        steady = times[3:] if len(times) > 6 else times
-        res.step_ms_median = statistics.median(steady) * 1e3
-        res.examples_per_s = self.batches[0].numel() / statistics.median(steady)
-        res.tokens_per_s = self.tokens / sum(times)
+        lo = 3 if len(times) > 6 else 0
+        med = statistics.median(times[lo:])
+        res.step_ms_median = med * 1e3
+        res.examples_per_s = self.batches[0].numel() / med
+        res.tokens_per_s = statistics.fmean(self.step_tokens[lo:]) / med
         window = max(1, len(res.losses) // 10)
         res.first_loss = statistics.fmean(res.losses[:window])
         res.last_loss = statistics.fmean(res.losses[-window:])
@@ -418,8 +429,8 @@ def train_interleaved(trainers: list, steps: int, progress: bool) -> list:
         if bar is not None:
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in losses.items()})
-        elif progress and (step % max(1, steps // 10) == 0 or step == steps - 1):
-            print(f"  step {step + 1}/{steps} " + " ".join(f"{k} loss {v:.4f}" for k, v in losses.items()),
+        elif progress and ((step + 1) % max(1, steps // 10) == 0 or step == steps - 1):
+            print(f"  step {step + 1}/{steps}: " + ", ".join(f"{k} loss {v:.4f}" for k, v in losses.items()),
                   file=sys.stderr, flush=True)
     if bar is not None:
         bar.close()
@@ -488,59 +499,196 @@ def reload_check(method: str, adapter_dir: Path, model_dir: Path, test: Split, r
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# Which methods each method-specific option applies to; giving it with another method is refused.
+_APPLIES = {"rank": ("lora", "adalora", "bottleneck"), "alpha": ("lora", "adalora"), "dropout": ("lora", "adalora"),
+            "virtual_tokens": ("prompt", "prefix", "ptuning"), "backend": ("lora", "adalora", "ia3", "bottleneck")}
+_METHOD_DEFAULTS = {"rank": 8, "dropout": 0.05, "virtual_tokens": 8}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastpeft.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--method", choices=METHODS, default="lora", help="adapter method")
-    p.add_argument("--steps", type=int, default=100, help="training steps")
-    p.add_argument("--rank", type=int, default=8, help="LoRA/AdaLoRA rank (AdaLoRA: target rank)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
-    p.add_argument("--dropout", type=float, default=0.05, help="LoRA/AdaLoRA dropout")
-    p.add_argument("--virtual-tokens", type=int, default=8, help="prompt/prefix/p-tuning virtual tokens")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default per method)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p = argparse.ArgumentParser(
+        prog="python -m fastpeft.demo", description=__doc__.split("\n\n")[0].replace("``", ""),
+        epilog="Outputs: the table on stdout; OUT/summary.json (every figure, the command line, the commit) and "
+               "OUT/adapter/ (PEFT format).  Exit status: 0 ok, 1 the reloaded adapter disagrees, 2 a bad option "
+               "or a missing package (one line on stderr).")
+    p.add_argument("--method", choices=METHODS, default="lora", help="adapter method (default lora)")
+    p.add_argument("--steps", type=int, default=100, help="training steps, one batch each (default 100)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="lora/adalora rank (adalora: the target rank, starting from 1.5x), bottleneck: sets the "
+                        "reduction factor to 384 / (4 x rank) (default 8)")
+    p.add_argument("--alpha", type=float, default=None, help="lora/adalora scaling numerator (default 2 x rank)")
+    p.add_argument("--dropout", type=float, default=None, help="lora/adalora dropout on the adapter input "
+                                                               "(default 0.05)")
+    p.add_argument("--virtual-tokens", type=int, default=None,
+                   help="prompt/prefix/ptuning: number of virtual tokens (default 8)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate (default per method: "
+                        + ", ".join(f"{m} {DEFAULT_LR[m]:g}" for m in METHODS) + ")")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="examples (words) per training step; each batch is padded to its longest word (default 32)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the classifier head, the batch order and the dropout masks; the train/test split "
+                        "does not depend on it (default 0)")
     p.add_argument("--min-valence", type=float, default=1.0,
-                   help="drop words whose |mean valence| is below this (near-neutral)")
-    p.add_argument("--test-fraction", type=float, default=0.2)
+                   help="keep words whose |mean human rating| is at least this, on the -4..4 scale; the near-neutral "
+                        "ones are dropped (default 1.0)")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of the words held out for the accuracy test, chosen by a hash of each word, so the "
+                        "same word always lands on the same side (default 0.2)")
     p.add_argument("--max-examples", type=int, default=None,
-                   help="use at most this many training and test words each (quick runs)")
-    p.add_argument("--max-length", type=int, default=16, help="max tokens per word/phrase")
-    p.add_argument("--probe-iters", type=int, default=300, help="linear-probe iterations for the 'before' head")
+                   help="use only the first N training and N test words (quick runs; default: all)")
+    p.add_argument("--max-length", type=int, default=16, help="truncate entries to this many tokens (default 16)")
+    p.add_argument("--probe-iters", type=int, default=300,
+                   help="full-batch AdamW iterations fitting the 'before' linear probe (default 300)")
     p.add_argument("--probe-examples", type=int, default=2000,
-                   help="training words used to fit the linear-probe head")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    p.add_argument("--backend", default=None, choices=[None, "auto", "torch", "triton", "cuda"],
-                   help="fastpeft backend (default: FASTPEFT_BACKEND or auto)")
+                   help="training words used to fit the linear probe (default 2000)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto (default) takes cuda when torch sees a GPU")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"],
+                   help="fastpeft kernels for the adapter layers (default: $FASTPEFT_BACKEND, else auto); a "
+                        "backend that cannot run here is refused")
     p.add_argument("--engine", default="auto", choices=["auto", "native", "accelerate"],
-                   help="fastpeft path: its own model API (native), HF PEFT + fastpeft.accelerate, or auto")
-    p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison run")
-    p.add_argument("--out", default="fastpeft_demo_out", help="output folder (adapter, summary.json)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   help="native: fastpeft.get_peft_model; accelerate: HF PEFT's model with fastpeft.accelerate "
+                        "(lora/adalora/ia3 only); auto (default): native when available")
+    p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison run (about half the time)")
+    p.add_argument("--out", default="fastpeft_demo_out", metavar="DIR",
+                   help="output folder for summary.json and adapter/ (default ./fastpeft_demo_out)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (on a terminal) and no per-step lines (otherwise)")
     return p
+
+
+def _git_commit() -> str:
+    """The commit of the fastpeft source tree this runs from ('+dirty' with local changes), or 'unknown'."""
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+
+
+def validate(args) -> torch.device:
+    """Refuse every option value the run cannot honour (ValueError naming the option); fills the method defaults
+    and returns the device."""
+    for name, values in _APPLIES.items():
+        if getattr(args, name) is not None and args.method not in values:
+            raise ValueError(f"--{name.replace('_', '-')} does not apply to --method {args.method} (it is used by "
+                             f"{', '.join(values)})")
+    for name, default in _METHOD_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    for name, lo in (("steps", 1), ("rank", 1), ("batch_size", 1), ("max_length", 4), ("virtual_tokens", 1),
+                     ("probe_iters", 0), ("probe_examples", 1), ("max_examples", 1)):
+        v = getattr(args, name)
+        if v is not None and v < lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
+    if not 0.0 <= args.dropout < 1.0:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.alpha is None:
+        args.alpha = 2.0 * args.rank
+    elif not (math.isfinite(args.alpha) and args.alpha > 0):
+        raise ValueError(f"--alpha must be > 0, got {args.alpha}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be > 0, got {args.lr}")
+    if not 0.0 < args.min_valence <= 4.0:
+        raise ValueError(f"--min-valence must be in (0, 4], got {args.min_valence}")
+    if not 0.0 < args.test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} exists and is not a folder")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        why = "this torch is a CPU build" if torch.version.cuda is None else "torch sees no CUDA device"
+        raise ValueError(f"--device cuda: {why} (torch {torch.__version__}); use --device cpu")
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    from . import _backend
+    backend = args.backend or os.environ.get("FASTPEFT_BACKEND", "auto").strip().lower() or "auto"
+    where = "--backend" if args.backend else "FASTPEFT_BACKEND"
+    if backend not in ("auto", "torch", "triton", "cuda"):
+        raise ValueError(f"{where}={backend!r} is not one of auto, torch, triton, cuda")
+    if backend != "auto":
+        why = _backend._why_not(backend, "lora", device)
+        if why is not None:
+            raise ValueError(f"{where} {backend} cannot run on {device}: {why}")
+    args.backend_resolved = backend
+    return device
+
+
+class _Quiet:
+    """Silence third-party chatter for the demo's duration: transformers' info/warning logs and its weight-loading
+    progress bars, and the deprecation/user warnings the libraries emit while loading and reloading (e.g. PEFT's
+    long AdaLoRA notice).  Everything is restored on exit."""
+
+    def __enter__(self):
+        self._warn = warnings.catch_warnings()
+        self._warn.__enter__()
+        for cat in (DeprecationWarning, FutureWarning):
+            warnings.simplefilter("ignore", cat)
+        # third-party notices only; fastpeft's own warnings stay visible
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|transformers|torch|huggingface_hub)\b")
+        self._tf = None
+        try:
+            import transformers
+        except ImportError:
+            return self
+        self._tf = transformers.logging
+        self._verbosity = self._tf.get_verbosity()
+        self._bars = self._tf.is_progress_bar_enabled()
+        self._tf.set_verbosity_error()
+        self._tf.disable_progress_bar()
+        return self
+
+    def __exit__(self, *exc):
+        if self._tf is not None:
+            self._tf.set_verbosity(self._verbosity)
+            (self._tf.enable_progress_bar if self._bars else self._tf.disable_progress_bar)()
+        self._warn.__exit__(*exc)
+        return False
+
+
+class _BackendEnv:
+    """FASTPEFT_BACKEND set to the chosen backend while the demo runs (the native model's layers read it at each
+    call), and restored afterwards."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+
+    def __enter__(self):
+        self.old = os.environ.get("FASTPEFT_BACKEND")
+        os.environ["FASTPEFT_BACKEND"] = self.backend
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("FASTPEFT_BACKEND", None)
+        else:
+            os.environ["FASTPEFT_BACKEND"] = self.old
+        return False
 
 
 def _fmt(v, spec):
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def run(args) -> int:
+def run(args, argv_used: Optional[list] = None) -> int:
+    """The demo for parsed ``args``; returns the exit status: 0 ok, 1 the adapter reloaded with HF PEFT does not
+    reproduce fastpeft's predictions.  Raises ValueError (exit 2 from ``main``) for an option it cannot honour."""
+    device = validate(args)
+    with _BackendEnv(args.backend_resolved):
+        return _run(args, device, argv_used)
+
+
+def _run(args, device: torch.device, argv_used: Optional[list]) -> int:
     """The demo; returns the exit status: 0 ok, 1 the adapter reloaded with HF PEFT does not reproduce fastpeft's
     predictions.  (No improvement in accuracy is reported, not an error.)  The held-out split does not depend on
     ``--seed``: it is fixed, so runs with different seeds are evaluated on the same words."""
     import fastpeft
-    for name, lo in (("steps", 1), ("rank", 1), ("batch_size", 1), ("max_length", 4)):
-        if getattr(args, name) < lo:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {lo}, got {getattr(args, name)}")
-    if not 0.0 <= args.dropout < 1.0:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if args.alpha is None:
-        args.alpha = 2.0 * args.rank
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
     progress = not args.no_progress
     out_dir = Path(args.out)
 
@@ -552,6 +700,7 @@ def run(args) -> int:
           f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
 
+    print(f"commit {_git_commit()}, backend {args.backend_resolved}, seed {args.seed}")
     t_start = time.perf_counter()
     entries = load_vader_lexicon()
     examples = binary_sentiment_examples(entries, args.min_valence)
@@ -608,18 +757,19 @@ def run(args) -> int:
         print(f"{t.name}: loss {res.first_loss:.4f} -> {res.last_loss:.4f}, test accuracy "
               f"{acc_before:.4f} -> {res.acc_after:.4f}, {res.step_ms_median:.1f} ms/step")
 
-    print()
-    print("| engine | trainable params | acc before | acc after | ms/step (median) | examples/s | tokens/s | "
-          "memory MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    table = ["| engine | trainable params | acc before | acc after | ms/step (median) | examples/s | tokens/s | "
+             "memory MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        print(f"| {r.engine} | {r.trainable_params:,} | {acc_before:.4f} | {r.acc_after:.4f} | "
-              f"{_fmt(r.step_ms_median, '.1f')} | {_fmt(r.examples_per_s, '.0f')} | {_fmt(r.tokens_per_s, '.0f')} | "
-              f"{_fmt(r.memory_mib, '.1f')} |")
+        table.append(f"| {r.engine} | {r.trainable_params:,} | {acc_before:.4f} | {r.acc_after:.4f} | "
+                     f"{_fmt(r.step_ms_median, '.1f')} | {_fmt(r.examples_per_s, '.0f')} | "
+                     f"{_fmt(r.tokens_per_s, '.0f')} | {_fmt(r.memory_mib, '.1f')} |")
+    notes = ["ms/step = median over the steady steps; examples/s and tokens/s = batch size and mean padded tokens "
+             "per step over that same median"]
     if results:
-        print(f"memory = {results[0].memory_kind}")
-    for r in results:
-        print(f"  {r.engine}: {r.label}")
+        notes.append(f"memory = {results[0].memory_kind}")
+    notes += [f"{r.engine}: {r.label}" for r in results]
+    print()
+    print("\n".join(table + notes))
 
     model, ref_logits = models["fastpeft"]
     adapter_dir = out_dir / "adapter"
@@ -633,8 +783,13 @@ def run(args) -> int:
         print(f"reloaded with {check['loader']}: {check['n'] - check['disagreements']}/{check['n']} predictions "
               f"agree, max |logit diff| {check['max_abs_logit_diff']:.2e} -> {check['status']}")
 
+    elapsed = time.perf_counter() - t_start
+    print(f"total {elapsed:.0f} s")
     summary = {"method": args.method, "device": str(device), "lr": lr, "args": vars(args),
-               "acc_before": acc_before, "probe_train_acc": probe_acc,
+               "command": "python -m fastpeft.demo " + " ".join(sys.argv[1:] if argv_used is None else argv_used),
+               "commit": _git_commit(), "fastpeft": fastpeft.__version__, "torch": torch.__version__,
+               "cpu_threads": torch.get_num_threads(), "elapsed_s": elapsed,
+               "acc_before": acc_before, "probe_train_acc": probe_acc, "table": table, "table_notes": notes,
                "runs": [{k: v for k, v in asdict(r).items()} for r in results], "reload_check": check}
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "summary.json", "w") as f:
@@ -652,10 +807,12 @@ def run(args) -> int:
 
 
 def main(argv: Optional[list] = None) -> int:
+    """The command line; returns the exit status (argparse itself exits 2 on an unknown option)."""
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
-    except (MissingDependencyError, NotAvailableYet, ValueError) as e:
+        with _Quiet():
+            return run(args, argv)
+    except (MissingDependencyError, NotAvailableYet, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

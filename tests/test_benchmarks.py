@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import builtins
 import csv
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,7 +102,7 @@ def _read(path):
 
 def test_cli_layer_run_writes_csv_markdown_and_appends(tmp_path, capsys):
     args = ["--quick", "--registry", "tiny", "--op", "lora,adalora,ia3", "--out", str(tmp_path), "--no-plot",
-            "--providers", "base,fastpeft-torch,peft,fastpeft-cuda"]
+            "--providers", "base,fastpeft-torch,peft,fastpeft-cuda", "--max-spread", "1e9"]
     assert R.main(args) == 0
     out = capsys.readouterr().out
     assert "no CUDA device" in out or torch.cuda.is_available()
@@ -112,10 +114,15 @@ def test_cli_layer_run_writes_csv_markdown_and_appends(tmp_path, capsys):
     assert timed and all(float(r["p20_ms"]) <= float(r["p50_ms"]) <= float(r["p80_ms"]) for r in timed)
     assert all(r["git"] and r["torch"] == torch.__version__ and r["gpu"] for r in rows)
     for r in timed:
-        if r["provider"] == "base":
-            assert float(r["ratio_to_base"]) == pytest.approx(1.0)
-        if r["provider"] == "peft":
-            assert float(r["ratio_to_peft"]) == pytest.approx(1.0)
+        assert float(r["spread"]) == pytest.approx((float(r["p80_ms"]) - float(r["p20_ms"])) / float(r["p50_ms"]),
+                                                   rel=1e-4)
+        if "too noisy" not in r["note"]:  # a loaded machine can still make the base slower than an adapter
+            if r["provider"] == "base":
+                assert float(r["ratio_to_base"]) == pytest.approx(1.0)
+            if r["provider"] == "peft":
+                assert float(r["ratio_to_peft"]) == pytest.approx(1.0)
+        else:
+            assert r["ratio_to_base"] == "" and r["ratio_to_peft"] == ""
         assert float(r["err_vs_ref"]) < 1e-4, r
     full = [r for r in timed if r["mode"] == "fwd+bwd"]
     assert all(r["peak_mib"] != "" for r in full)
@@ -125,18 +132,22 @@ def test_cli_layer_run_writes_csv_markdown_and_appends(tmp_path, capsys):
     md = (tmp_path / "latest.md").read_text()
     assert "| op | provider |" in md and "lora_dropout0.1" in md
     n = len(rows)
-    assert R.main(args) == 0
-    assert len(_read(tmp_path / "results.csv")) == 2 * n  # appended, header once
+    n_ia3 = sum(r["op"].startswith("ia3") for r in rows)
+    small = ["--quick", "--registry", "tiny", "--op", "ia3", "--out", str(tmp_path), "--no-plot",
+             "--providers", "base,fastpeft-torch,peft,fastpeft-cuda", "--max-spread", "1e9"]
+    assert R.main(small) == 0
+    assert len(_read(tmp_path / "results.csv")) == n + n_ia3  # appended, header once
 
 
 def test_cli_e2e_tiny(tmp_path):
     assert R.main(["--op", "e2e", "--e2e-model", "tiny-4l", "--e2e-steps", "2", "--out", str(tmp_path),
-                   "--no-plot"]) == 0
+                   "--no-plot", "--max-spread", "1e9"]) == 0
     rows = _read(tmp_path / "results.csv")
     assert [r["provider"] for r in rows] == ["base", "fastpeft", "peft"]
     for r in rows:
         assert r["op"] == "e2e_train_step" and float(r["tokens_per_s"]) > 0 and float(r["p50_ms"]) > 0
-    assert float(rows[2]["ratio_to_peft"]) == pytest.approx(1.0)
+    if "too noisy" not in rows[2]["note"]:
+        assert float(rows[2]["ratio_to_peft"]) == pytest.approx(1.0)
     # same initial weights and B = 0: the LoRA models' eval loss equals PEFT's
     assert float(rows[1]["err_vs_ref"]) < 1e-5
 
@@ -166,3 +177,92 @@ def test_cli_rejects_bad_op_and_dtype(capsys):
     assert R.main(["--dtype", "fp8"]) == 2
     err = capsys.readouterr().err
     assert "--op" in err and "--dtype" in err
+
+
+# ----- the noise guard, interleaving, output location, running from anywhere -----
+
+def _row(prov, p50, p20, p80, mode="fwd+bwd", shape="s", op="lora"):
+    return {"op": op, "provider": prov, "mode": mode, "shape": shape, "dtype": "float32", "p50_ms": p50,
+            "p20_ms": p20, "p80_ms": p80}
+
+
+def test_guard_noise_drops_ratios_of_disturbed_cases_only():
+    quiet = [_row("base", 1.0, 0.98, 1.02, shape="quiet"), _row("peft", 2.0, 1.9, 2.1, shape="quiet")]
+    wide = [_row("base", 1.0, 0.98, 1.02, shape="wide"), _row("peft", 2.0, 1.0, 3.0, shape="wide")]
+    # the frozen base alone clearly slower than base + adapter: only interference explains it
+    upside = [_row("base", 5.0, 4.9, 5.1, shape="upside"), _row("peft", 2.0, 1.95, 2.05, shape="upside")]
+    rows = quiet + wide + upside
+    R.add_ratios(rows)
+    lines = R.guard_noise(rows, max_spread=0.3)
+    assert len(lines) == 2 and any("wide" in x and "peft spread 1.00 > 0.3" in x for x in lines)
+    assert any("upside" in x and "base p20" in x for x in lines)
+    assert quiet[1]["ratio_to_base"] == pytest.approx(2.0) and quiet[1]["spread"] == pytest.approx(0.1)
+    assert "note" not in quiet[0] and "note" not in quiet[1]
+    for r in wide + upside:
+        assert "ratio_to_base" not in r and "ratio_to_peft" not in r
+        assert r["note"].startswith("too noisy, no ratio")
+    warning = R.noise_warning(lines, 3, 0.3)
+    assert warning.startswith("WARNING: 2 of 3 measured cases were too noisy") and "ratio" in warning
+    assert R.noise_warning([], 3, 0.3) == ""
+
+
+def test_noisy_run_prints_a_warning_and_writes_no_ratio(tmp_path, capsys, monkeypatch):
+    """Synthetic timings with a wide spread (a busy machine): the run says so and reports no ratio."""
+    def noisy(fns, device, quick=False, **kw):
+        return {n: U.Timing(p50=1.0 + i, p20=0.2, p80=3.0 + i, n=10) for i, n in enumerate(fns)}
+    monkeypatch.setattr(U, "bench_interleaved", noisy)
+    assert R.main(["--quick", "--registry", "tiny", "--op", "ia3", "--providers", "base,fastpeft-torch",
+                   "--out", str(tmp_path), "--no-plot"]) == 0
+    cap = capsys.readouterr()
+    assert "WARNING:" in cap.err and "too noisy" in cap.err
+    assert "WARNING:" in (tmp_path / "latest.md").read_text()
+    timed = [r for r in _read(tmp_path / "results.csv") if r["p50_ms"]]
+    assert timed and all(r["ratio_to_base"] == "" and "too noisy" in r["note"] for r in timed)
+
+
+def test_bench_interleaved_alternates_providers():
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in ("base", "fastpeft", "peft")}
+    t = U.bench_interleaved(fns, CPU, rounds=4, block_s=0.0)
+    assert set(t) == set(fns) and all(v.n == 4 and v.p20 <= v.p50 <= v.p80 for v in t.values())
+    timed = calls[6:]  # after two warm-up calls each
+    assert len(timed) == 12
+    # every round times each provider once, starting with a different one each round
+    rounds = [timed[i:i + 3] for i in range(0, 12, 3)]
+    assert all(sorted(r) == ["base", "fastpeft", "peft"] for r in rounds)
+    assert len({r[0] for r in rounds}) == 3
+
+
+def test_default_out_dir_is_outside_the_source_tree(monkeypatch, tmp_path):
+    monkeypatch.delenv("FASTPEFT_BENCH_OUT", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert R.default_out_dir() == tmp_path / "cache" / "fastpeft" / "bench"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    d = R.default_out_dir().resolve()
+    assert ROOT.resolve() not in d.parents and d != ROOT.resolve()
+    monkeypatch.setenv("FASTPEFT_BENCH_OUT", str(tmp_path / "mine"))
+    assert R.default_out_dir() == tmp_path / "mine"
+
+
+def test_help_documents_every_option_once():
+    text = R.build_parser().format_help()
+    for opt in ("--quick", "--op", "--dtype", "--providers", "--registry", "--e2e-model", "--e2e-steps", "--out",
+                "--max-spread", "--no-plot", "--device"):
+        assert opt in text, opt
+    for action in R.build_parser()._actions:
+        if action.dest != "help":
+            assert action.help and action.help.count("default") <= 1, action.dest
+
+
+def test_bench_module_runs_from_another_directory(tmp_path):
+    """``python -m fastpeft.bench`` from an unrelated cwd: results land in --out, nothing in the cwd."""
+    cwd, out = tmp_path / "elsewhere", tmp_path / "results"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-m", "fastpeft.bench", "--quick", "--registry", "tiny", "--op", "ia3",
+                           "--providers", "base,fastpeft-torch", "--out", str(out), "--no-plot"],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "results.csv").is_file() and (out / "latest.md").is_file()
+    assert list(cwd.iterdir()) == []
+    assert f"results -> {out}" in proc.stdout

@@ -5,6 +5,8 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 
 import pytest
@@ -235,7 +237,7 @@ def test_prompt_methods_clear_message_when_unavailable(method, capsys, tmp_path)
     """Until fastpeft's model API and prompt configs land, these methods say so (exit 2); once they land the
     engine builds (checked without running a fine-tune)."""
     args = demo.build_parser().parse_args(["--method", method, "--out", str(tmp_path)])
-    args.alpha = 16
+    demo.validate(args)
     try:
         eng = demo.fastpeft_engine(method, args)
     except demo.NotAvailableYet as e:
@@ -250,8 +252,10 @@ def test_tiny_prefix_run_when_hf_peft_cannot_run_it(tmp_path, capsys):
     """HF PEFT 0.21.2's prefix tuning rejects BERT under transformers 5 at forward time; the demo still trains with
     fastpeft, skips the comparison and checks the saved adapter with fastpeft's loader (saying so)."""
     pytest.importorskip("peft")
+    args = demo.build_parser().parse_args(["--method", "prefix"])
+    demo.validate(args)
     try:
-        demo.fastpeft_engine("prefix", demo.build_parser().parse_args(["--method", "prefix"]))
+        demo.fastpeft_engine("prefix", args)
     except demo.NotAvailableYet as e:
         pytest.skip(str(e))
     out = tmp_path / "run"
@@ -265,3 +269,125 @@ def test_tiny_prefix_run_when_hf_peft_cannot_run_it(tmp_path, capsys):
     if len(summary["runs"]) == 1:
         assert "comparison skipped" in captured.out
         assert summary["reload_check"]["loader"].startswith("fastpeft.PeftModel.from_pretrained")
+
+
+# ----- every flag honoured or refused in one line (exit 2); figures, determinism, quiet logs, summary -----
+
+def _refused(capsys, argv, needle):
+    status = demo.main(argv)
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one line, no traceback
+    assert needle in err, err
+
+
+def test_refused_options_exit_2_with_one_line(capsys, tmp_path, monkeypatch):
+    out = ["--out", str(tmp_path / "o")]
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    _refused(capsys, ["--method", "prompt", "--rank", "4"] + out, "--rank does not apply to --method prompt")
+    _refused(capsys, ["--method", "ia3", "--dropout", "0.1"] + out, "--dropout does not apply")
+    _refused(capsys, ["--method", "lora", "--virtual-tokens", "4"] + out, "--virtual-tokens does not apply")
+    _refused(capsys, ["--method", "ptuning", "--backend", "torch"] + out, "--backend does not apply")
+    _refused(capsys, ["--lr", "0"] + out, "--lr must be > 0")
+    _refused(capsys, ["--alpha", "-1"] + out, "--alpha must be > 0")
+    _refused(capsys, ["--test-fraction", "1.5"] + out, "--test-fraction must be in (0, 1)")
+    _refused(capsys, ["--min-valence", "0"] + out, "--min-valence must be in (0, 4]")
+    _refused(capsys, ["--max-examples", "0"] + out, "--max-examples must be >= 1")
+    (tmp_path / "file").write_text("x")
+    _refused(capsys, ["--out", str(tmp_path / "file")], "is not a folder")
+    _refused(capsys, ["--backend", "cuda"] + out, "--backend cuda cannot run on")
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cuda")
+    _refused(capsys, out, "FASTPEFT_BACKEND cuda cannot run on")
+    monkeypatch.setenv("FASTPEFT_BACKEND", "nope")
+    _refused(capsys, out, "FASTPEFT_BACKEND='nope' is not one of")
+    assert not (tmp_path / "o").exists()  # nothing was written
+
+
+def test_backend_triton_refused_without_triton(capsys, tmp_path, monkeypatch):
+    from fastpeft import _backend
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "_triton_probe", lambda: (False, "No module named 'triton'"))
+    _refused(capsys, ["--backend", "triton", "--out", str(tmp_path)], "--backend triton cannot run on cpu: No module")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_refused_without_cuda(capsys, tmp_path):
+    _refused(capsys, ["--device", "cuda", "--out", str(tmp_path)], "--device cuda:")
+
+
+def test_backend_is_honoured_for_the_run(monkeypatch, tmp_path):
+    """The chosen backend is what the model's layers see (FASTPEFT_BACKEND) while the demo runs, and the caller's
+    environment is restored afterwards."""
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    seen = {}
+
+    def fake_run(args, device, argv_used):
+        seen["env"] = os.environ.get("FASTPEFT_BACKEND")
+        return 0
+    monkeypatch.setattr(demo, "_run", fake_run)
+    assert demo.main(["--backend", "torch", "--out", str(tmp_path)]) == 0
+    assert seen["env"] == "torch" and "FASTPEFT_BACKEND" not in os.environ
+
+
+def test_help_explains_every_option_without_repeating_defaults():
+    parser = demo.build_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and len(action.help) > 15, action.dest
+        assert action.help.count("default") <= 1, (action.dest, action.help)
+    text = parser.format_help()
+    for opt in ("--batch-size", "--seed", "--test-fraction", "--min-valence", "--backend", "--engine"):
+        assert opt in text
+
+
+def test_import_does_not_touch_the_environment():
+    code = ("import os; before = dict(os.environ); import fastpeft.demo, fastpeft.demo_data; "
+            "assert dict(os.environ) == before, set(os.environ) ^ set(before)")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_prompt_tuning_starts_from_a_cls_led_text_prompt():
+    """Prompt tuning's virtual tokens take the position the pooler reads: they start from a tokenized instruction
+    whose first token is [CLS] (a random start ends below the frozen baseline)."""
+    args = demo.build_parser().parse_args(["--method", "prompt"])
+    demo.validate(args)
+    name, kw = demo._config_kwargs("prompt", args)
+    assert name == "PromptTuningConfig" and kw["prompt_tuning_init"] == "TEXT"
+    assert kw["prompt_tuning_init_text"] and kw["num_virtual_tokens"] == 8
+
+
+@needs_vader
+@needs_minilm
+def test_tiny_runs_are_deterministic_quiet_and_consistent(tmp_path, capsys):
+    """Two identical tiny runs give identical losses and accuracies; stdout/stderr carry no third-party noise and,
+    off a terminal, plain per-step lines; the figures all come from the measured steps; summary.json holds the
+    printed table and the commit."""
+    pytest.importorskip("peft")
+    argv = ["--steps", "4", "--batch-size", "4", "--max-examples", "16", "--probe-examples", "16",
+            "--probe-iters", "5", "--rank", "2", "--no-peft"]
+    summaries, outputs = [], []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        assert demo.main(argv + ["--out", str(out)]) == 0
+        outputs.append(capsys.readouterr())
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    a, b = (s["runs"][0] for s in summaries)
+    assert a["losses"] == b["losses"] and a["acc_after"] == b["acc_after"]
+    assert summaries[0]["acc_before"] == summaries[1]["acc_before"]
+    cap = outputs[0]
+    text = cap.out + cap.err
+    for noise in ("Warning", "warn(", "Loading weights", "deprecated", "\r"):
+        assert noise not in text, noise
+    assert "step 2/4:" in cap.err and "step 4/4:" in cap.err  # plain lines, not a bar
+    # figures: examples/s and tokens/s over the same median step time
+    assert a["examples_per_s"] * a["step_ms_median"] / 1e3 == pytest.approx(4)
+    tokens_per_step = a["tokens_per_s"] * a["step_ms_median"] / 1e3
+    assert 3 * 4 <= tokens_per_step <= 16 * 4
+    s = summaries[0]
+    assert s["commit"] and s["command"].startswith("python -m fastpeft.demo")
+    assert s["table"][0].count("|") == 9 and len(s["table"]) == 3  # header, rule, one engine; 8 columns
+    for line in s["table"]:
+        assert line in cap.out

@@ -11,8 +11,10 @@ and a model built by ``fastpeft.get_peft_model`` with a ``LoraConfig`` (and an `
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import sys
 import time
 import traceback
 import warnings
@@ -170,7 +172,20 @@ def _train_and_compare(rank, kind, wrapper, names, ref_grads0, ref_weights):
             assert p.grad is None, f"{tag} {n}"
 
 
-def _worker(rank: int, port: int, kinds: tuple):
+def _worker(rank: int, port: int, kinds: tuple, torn_down):
+    """One rank: every case, then an orderly teardown and an exit that skips interpreter finalization.
+
+    ``destroy_process_group`` does not stop gloo: the group object stays referenced (DDP, FSDP2's device mesh), so
+    its threads (``gloo_tcp_loop``, two ``pt_gloo_runloop``; ``pt_tcpstore_uv``, rank 0's store server) are still
+    running when the worker returns (seen in /proc/self/task).  A spawned child then ends with ``sys.exit``:
+    interpreter finalization and C++ static destruction tear those threads down in whatever order the exit takes,
+    racing the peer that is doing the same, and a C++ thread caught mid-way ends in ``std::terminate`` ("terminate
+    called without an active exception", SIGABRT) - rarely, and only when the machine is loaded.  So: a barrier (no
+    collective in flight), the DDP/FSDP objects dropped, the group destroyed while the interpreter is fully alive,
+    a multiprocessing barrier ``torn_down`` (the peer is done too), and ``os._exit(0)``: nothing is left to
+    finalize but stdio, flushed first.  A failure still raises normally, so torch.multiprocessing reports its
+    traceback.
+    """
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -181,8 +196,15 @@ def _worker(rank: int, port: int, kinds: tuple):
             for wrapper in ("ddp", "fsdp2"):
                 _train_and_compare(rank, kind, wrapper, names, ref_grads0, ref_weights)
                 dist.barrier()
+        gc.collect()  # DDP / FSDP2 state (reference cycles) holding work handles and the group goes now
+        dist.barrier()  # no collective of either rank is in flight past this point
     finally:
         dist.destroy_process_group()
+    gc.collect()
+    torn_down.wait(timeout=TIMEOUT_S)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -193,7 +215,8 @@ def _free_port() -> int:
 
 def _run(kinds: tuple):
     # One pair of processes for every case: spawning and importing dominate the run time on a small CPU.
-    ctx = mp.start_processes(_worker, args=(_free_port(), kinds), nprocs=WORLD, join=False,
+    torn_down = mp.get_context("spawn").Barrier(WORLD)
+    ctx = mp.start_processes(_worker, args=(_free_port(), kinds, torn_down), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
