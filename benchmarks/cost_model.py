@@ -9,7 +9,8 @@ What is traced, per case (projection K->N, tokens M, method) and path:
                  PEFT's defaults make them), through autograd.
   * ``default``- the backend ``fastpeft._backend.select_backend`` picks on a CUDA tensor on a machine where every
                  backend is installed and the dispatch table is empty (so it follows the code, not this file).
-  * ``fused``  - the Triton backend (``backend="triton"``); ``torch`` - the reference backend.
+  * ``fused``  - the Triton backend's fused-GEMM variant (``backend="triton:fused"``); ``torch`` - the reference
+                 backend.
   * ``design`` - issue 15's by-construction default as a design (``_design_case``): what the default should cost
                  once built; a reference for the real ``default`` row, not a measurement or a model of code.
   fastpeft's paths are traced at the op contract (``<op>_fwd_<backend>`` then ``<op>_bwd_<backend>``, exactly what
@@ -94,7 +95,7 @@ _COL = {("base", "fwd"): 0, ("lora", "fwd"): 1, ("base", "fwd+bwd"): 2, ("lora",
 
 METHODS = ("lora", "lora_p0.1", "ia3", "adalora")
 PATHS = ("base", "default", "design", "fused", "torch", "peft", "peft-bf16")
-_PATH_BACKEND = {"fused": "triton", "torch": "torch"}
+_PATH_BACKEND = {"fused": "triton:fused", "torch": "torch"}
 
 
 def measured_ms(layer: str, m: int, method: str, mode: str) -> Optional[float]:
@@ -419,8 +420,12 @@ def _fastpeft_case(backend: str, method: str, k: int, n: int, m: int, bwd: bool,
             x, w, ia3_l = state
             y, saved = fwd(x, w, None, ia3_l, feedforward)
             if bwd:
-                xs = x if feedforward else x.new_empty(0)
-                bwd_fn(torch.empty_like(y), xs, w, ia3_l, saved, feedforward, True, False)
+                # What the autograd Function keeps (ops.ia3._ia3_save): z in `saved`, or x and y when the
+                # forward folded l into W (an empty `saved` in output mode).
+                keep_y = ops._wants_output(feedforward, saved)
+                xs = x if (feedforward or keep_y) else x.new_empty(0)
+                ops._bwd_call(torch.empty_like(y), xs, w, ia3_l, saved, feedforward, True, False, backend,
+                              y if keep_y else None, None)
             return
         x, w, a, b, e = state
         scaling = ALPHA / RANK

@@ -101,6 +101,11 @@ def is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, FakeTensor)
 
 
+def _span(t: torch.Tensor) -> int:
+    """Bytes of `t`'s elements (what one pass over it moves)."""
+    return t.numel() * t.element_size()
+
+
 def launch_ok(name: str, first: torch.Tensor, *, bytes_read: int, bytes_written: int, flops: int,
               launches: int = 1) -> bool:
     """Report one kernel launch to the cost model (when it records) and say whether to really launch it (not for
@@ -772,8 +777,15 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
         STORE_C=out is not None,
         PREC=dot_prec(prec, a.dtype), LORA_PREC=dot_prec(lora_prec, Rm.dtype), B_KCONTIG=b_kcontig,
     )
-    if not launch_ok("triton_gemm", a, bytes_read=(m * k + k * n) * a.element_size(),
-                     bytes_written=(m * n * c.element_size() if out is not None else 0), flops=2 * m * n * k):
+    # The pro/epilogue operands' traffic counts too: z written beside C (IA3 output mode) and dl_x read (input
+    # mode's dl) are each a full (M, N) pass.
+    extra_read = sum(_span(t) for t in (pro, bias, col, dl_x, rs) if t is not None)
+    if has_lora:
+        extra_read += _span(L) + _span(Rm)
+    extra_written = (_span(z) if z is not None else 0) + (_span(part) if part is not None else 0)
+    if not launch_ok("triton_gemm", a, bytes_read=(m * k + k * n) * a.element_size() + extra_read,
+                     bytes_written=(m * n * c.element_size() if out is not None else 0) + extra_written,
+                     flops=2 * m * n * k + (2 * m * n * r if has_lora else 0)):
         return part
     if tma:
         try:

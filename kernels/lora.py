@@ -237,7 +237,8 @@ VARIANTS = ("cublas", "fused")
 
 def _reduce(part: torch.Tensor) -> torch.Tensor:
     """Sum partial results over dim 0 (a view when there is one partial)."""
-    return part[0] if part.shape[0] == 1 else part.sum(0)
+    # select, not part[0]: indexing asks for a CUDA device guard, which fake CUDA tensors (the cost model) lack
+    return part.select(0, 0) if part.shape[0] == 1 else part.sum(0)
 
 
 def _supported(*tensors: Optional[torch.Tensor]) -> bool:

@@ -253,3 +253,23 @@ def test_design_path_structure(model_run):
              == ("q_proj", "8192", "lora_p0.1", "fwd+bwd", "design")]
     assert names == ["aten.mm", "lora_shrink", "aten.addmm_", "lora_dy_pass", "lora_da_pass", "aten.mm",
                      "lora_dx_masked_accumulate"]
+
+
+def test_default_and_fused_paths_are_modelled_and_distinct(model_run):
+    """Every LoRA/AdaLoRA/IA3 case of the quick set has a modelled default path (the launchers report before any
+    CUDA call, and the op-contract trace gives the backward what the autograd Function keeps), and ``fused``
+    (``backend="triton:fused"``) is a different kernel sequence from the default (the ``cublas`` variant)."""
+    _, rows, kernels = model_run
+    assert C._PATH_BACKEND["fused"] == "triton:fused"
+    for r in rows:
+        if r["method"] in C.METHODS and r["path"] in ("default", "fused"):
+            assert r["status"] == "ok", r
+    if C.default_backend("lora") != "triton":
+        pytest.skip("the default backend is not the triton cublas variant on this checkout")
+
+    def names(case, path):
+        return [x["kernel"] for x in kernels if (x["layer"], x["M"], x["method"], x["mode"], x["path"])
+                == case + (path,)]
+    for method in C.METHODS:
+        case = ("q_proj", "8192", method, "fwd+bwd")
+        assert names(case, "default") and names(case, "default") != names(case, "fused"), case

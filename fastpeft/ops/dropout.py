@@ -129,7 +129,8 @@ def dropout_uniform16(seed: int, shape: tuple[int, int], device: torch.device | 
     words = philox4x32_10(int(seed), g, rows & _MASK32, (rows >> 32) & _MASK32, torch.zeros_like(g))
     w = torch.stack(words, dim=-1)  # (M, G, 4): word j >> 1 serves elements 2(j>>1), 2(j>>1)+1 of the group
     u = torch.stack((w & 0xFFFF, w >> 16), dim=-1)  # (M, G, 4, 2): element j = 2 * word + half
-    return u.reshape(m, groups * GROUP)[:, :k]
+    # narrow, not [:, :k]: indexing asks for a CUDA device guard, which fake CUDA tensors (the cost model) lack
+    return u.reshape(m, groups * GROUP).narrow(1, 0, k)
 
 
 def dropout_keep_mask(seed: int, shape: tuple[int, int], p: float, device: torch.device | str = "cpu",
