@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .recompute import saved_tensor_bytes
 from .demo_data import (
     MissingDependencyError,
     binary_sentiment_examples,
@@ -286,27 +287,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _param_storages(model) -> set:
-    return {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-
-class _SavedBytes:
-    """Bytes of distinct non-parameter tensors autograd saves for backward (CPU proxy for activation memory)."""
-
-    def __init__(self, model):
-        self.params = _param_storages(model)
-        self.seen: set = set()
-        self.bytes = 0
-
-    def pack(self, t):
-        st = t.untyped_storage()
-        ptr = st.data_ptr()
-        if ptr not in self.params and ptr not in self.seen:
-            self.seen.add(ptr)
-            self.bytes += st.nbytes()
-        return t
-
-
 def _progress(total: int, desc: str, enabled: bool):
     """A tqdm bar when stderr is a terminal (None otherwise: a bar in a file is one endless line)."""
     if not enabled or not sys.stderr.isatty():
@@ -375,8 +355,8 @@ class Trainer:
             _sync(device)
             t0 = time.perf_counter()
             if measure_mem and device.type != "cuda":
-                saved = _SavedBytes(model)
-                with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
+                # fastpeft.recompute's own hooks are innermost during a fastpeft forward and report what they keep
+                with saved_tensor_bytes(exclude=model) as saved:
                     out = model(**batch)
             else:
                 out = model(**batch)
@@ -396,7 +376,7 @@ class Trainer:
                 res.memory_mib = (torch.cuda.max_memory_allocated(device) - mem0) / 2 ** 20
                 res.memory_kind = "peak CUDA memory of one step above the resident model (MiB)"
             else:
-                res.memory_mib = saved.bytes / 2 ** 20
+                res.memory_mib = saved["bytes"] / 2 ** 20
                 res.memory_kind = "activations saved for backward in one step (MiB; CPU proxy)"
         self.step_tokens.append(batch["attention_mask"].numel())
         lv = float(loss.detach())
