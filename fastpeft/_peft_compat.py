@@ -7,6 +7,8 @@ TRL (``SFTTrainer``) recognise a PEFT model or config with ``isinstance(obj, pef
 take their PEFT code paths (adapter-only checkpoints, ``load_adapter`` on resume, label handling ...).  fastpeft
 defines every public method itself (a test checks that none of PEFT's own implementations is reachable on a fastpeft
 model), so behaviour is the same with or without peft installed; only ``isinstance`` answers differ.
+PEFT's module-level ``get_peft_model_state_dict`` / ``set_peft_model_state_dict`` are routed to fastpeft's own for
+fastpeft models (see ``_install_state_dict_routing``).
 
 Without peft (or with ``FASTPEFT_PEFT_INTEROP=0``) the bases are ``torch.nn.Module`` / ``object`` and nothing from
 peft is imported.  Importing peft imports transformers, so this module is only imported by the model API (never by
