@@ -7,6 +7,8 @@ TRL (``SFTTrainer``) recognise a PEFT model or config with ``isinstance(obj, pef
 take their PEFT code paths (adapter-only checkpoints, ``load_adapter`` on resume, label handling ...).  fastpeft
 defines every public method itself (a test checks that none of PEFT's own implementations is reachable on a fastpeft
 model), so behaviour is the same with or without peft installed; only ``isinstance`` answers differ.
+PEFT's module-level ``get_peft_model_state_dict`` / ``set_peft_model_state_dict`` are routed to fastpeft's own for
+fastpeft models (see ``_install_state_dict_routing``).
 
 Without peft (or with ``FASTPEFT_PEFT_INTEROP=0``) the bases are ``torch.nn.Module`` / ``object`` and nothing from
 peft is imported.  Importing peft imports transformers, so this module is only imported by the model API (never by
@@ -66,3 +68,62 @@ def adopt_field_metadata(ours: type, peft_name: str) -> None:
     for f in dataclasses.fields(ours):
         if f.name in meta and not f.metadata:
             f.metadata = meta[f.name]
+
+
+# HF PEFT's ``get_peft_model_state_dict`` / ``set_peft_model_state_dict`` pick a model's adapter tensors
+# structurally: they walk ``named_modules()`` and keep what sits on instances of PEFT's own ``BaseTunerLayer``,
+# ``BaseTuner``, ``AuxiliaryTrainingWrapper`` and ``BasePromptEncoder`` classes.  fastpeft's layers are not instances
+# of those (deriving from them would put PEFT's layer implementations into fastpeft's layers), so on a fastpeft model
+# PEFT's functions returned {} and loaded nothing, silently - and accelerate's FSDP adapter-only checkpoints and TRL's
+# teacher sync call exactly those functions (``from peft import ...`` at call time).  The wrappers below route a
+# fastpeft model to fastpeft's functions (same keys and tensors, strict loading) and every other model to PEFT's own
+# function unchanged.  They are installed on the three public names PEFT exports the functions under.
+def _is_fastpeft_model(model) -> bool:
+    from .peft_model import PeftModel as _FPModel
+    from .tuners.base import BaseTuner as _FPTuner
+
+    model = getattr(model, "_orig_mod", model)
+    return isinstance(model, (_FPModel, _FPTuner))
+
+
+def _install_state_dict_routing() -> None:
+    if peft is None:
+        return
+    import functools
+    import importlib
+
+    sl = importlib.import_module("peft.utils.save_and_load")
+    if getattr(sl.get_peft_model_state_dict, "_fastpeft_routed", False):
+        return
+    orig_get, orig_set = sl.get_peft_model_state_dict, sl.set_peft_model_state_dict
+
+    @functools.wraps(orig_get)
+    def get_peft_model_state_dict(model, *args, **kwargs):
+        if _is_fastpeft_model(model):
+            from .save_load import get_peft_model_state_dict as fp_get
+
+            return fp_get(model, *args, **kwargs)
+        return orig_get(model, *args, **kwargs)
+
+    @functools.wraps(orig_set)
+    def set_peft_model_state_dict(model, *args, **kwargs):
+        if _is_fastpeft_model(model):
+            from .save_load import set_peft_model_state_dict as fp_set
+
+            return fp_set(model, *args, **kwargs)
+        return orig_set(model, *args, **kwargs)
+
+    get_peft_model_state_dict._fastpeft_routed = set_peft_model_state_dict._fastpeft_routed = True
+    for modname in ("peft", "peft.utils", "peft.utils.save_and_load"):
+        mod = importlib.import_module(modname)
+        if getattr(mod, "get_peft_model_state_dict", None) is orig_get:
+            mod.get_peft_model_state_dict = get_peft_model_state_dict
+        if getattr(mod, "set_peft_model_state_dict", None) is orig_set:
+            mod.set_peft_model_state_dict = set_peft_model_state_dict
+
+
+try:
+    _install_state_dict_routing()
+except Exception as _e:  # a PEFT layout we do not know must not break fastpeft; say so instead
+    warnings.warn(f"could not route peft.get/set_peft_model_state_dict to fastpeft ({type(_e).__name__}: {_e}); "
+                  "PEFT's functions will not see fastpeft adapters", UserWarning, stacklevel=2)
