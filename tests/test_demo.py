@@ -273,7 +273,7 @@ def test_tiny_prefix_run_when_hf_peft_cannot_run_it(tmp_path, capsys):
 
 # ----- every flag honoured or refused in one line (exit 2); figures, determinism, quiet logs, summary -----
 
-def _refused(capsys, argv, needle):
+def _assert_refused(capsys, argv, needle):
     status = demo.main(argv)
     err = capsys.readouterr().err
     assert status == 2, err
@@ -284,22 +284,22 @@ def _refused(capsys, argv, needle):
 def test_refused_options_exit_2_with_one_line(capsys, tmp_path, monkeypatch):
     out = ["--out", str(tmp_path / "o")]
     monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
-    _refused(capsys, ["--method", "prompt", "--rank", "4"] + out, "--rank does not apply to --method prompt")
-    _refused(capsys, ["--method", "ia3", "--dropout", "0.1"] + out, "--dropout does not apply")
-    _refused(capsys, ["--method", "lora", "--virtual-tokens", "4"] + out, "--virtual-tokens does not apply")
-    _refused(capsys, ["--method", "ptuning", "--backend", "torch"] + out, "--backend does not apply")
-    _refused(capsys, ["--lr", "0"] + out, "--lr must be > 0")
-    _refused(capsys, ["--alpha", "-1"] + out, "--alpha must be > 0")
-    _refused(capsys, ["--test-fraction", "1.5"] + out, "--test-fraction must be in (0, 1)")
-    _refused(capsys, ["--min-valence", "0"] + out, "--min-valence must be in (0, 4]")
-    _refused(capsys, ["--max-examples", "0"] + out, "--max-examples must be >= 1")
+    _assert_refused(capsys, ["--method", "prompt", "--rank", "4"] + out, "--rank does not apply to --method prompt")
+    _assert_refused(capsys, ["--method", "ia3", "--dropout", "0.1"] + out, "--dropout does not apply")
+    _assert_refused(capsys, ["--method", "lora", "--virtual-tokens", "4"] + out, "--virtual-tokens does not apply")
+    _assert_refused(capsys, ["--method", "ptuning", "--backend", "torch"] + out, "--backend does not apply")
+    _assert_refused(capsys, ["--lr", "0"] + out, "--lr must be > 0")
+    _assert_refused(capsys, ["--alpha", "-1"] + out, "--alpha must be > 0")
+    _assert_refused(capsys, ["--test-fraction", "1.5"] + out, "--test-fraction must be in (0, 1)")
+    _assert_refused(capsys, ["--min-valence", "0"] + out, "--min-valence must be in (0, 4]")
+    _assert_refused(capsys, ["--max-examples", "0"] + out, "--max-examples must be >= 1")
     (tmp_path / "file").write_text("x")
-    _refused(capsys, ["--out", str(tmp_path / "file")], "is not a folder")
-    _refused(capsys, ["--backend", "cuda"] + out, "--backend cuda cannot run on")
+    _assert_refused(capsys, ["--out", str(tmp_path / "file")], "is not a folder")
+    _assert_refused(capsys, ["--backend", "cuda"] + out, "--backend cuda cannot run on")
     monkeypatch.setenv("FASTPEFT_BACKEND", "cuda")
-    _refused(capsys, out, "FASTPEFT_BACKEND cuda cannot run on")
+    _assert_refused(capsys, out, "FASTPEFT_BACKEND cuda cannot run on")
     monkeypatch.setenv("FASTPEFT_BACKEND", "nope")
-    _refused(capsys, out, "FASTPEFT_BACKEND='nope' is not one of")
+    _assert_refused(capsys, out, "FASTPEFT_BACKEND='nope' is not one of")
     assert not (tmp_path / "o").exists()  # nothing was written
 
 
@@ -307,12 +307,12 @@ def test_backend_triton_refused_without_triton(capsys, tmp_path, monkeypatch):
     from fastpeft import _backend
     monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
     monkeypatch.setattr(_backend, "_triton_probe", lambda: (False, "No module named 'triton'"))
-    _refused(capsys, ["--backend", "triton", "--out", str(tmp_path)], "--backend triton cannot run on cpu: No module")
+    _assert_refused(capsys, ["--backend", "triton", "--out", str(tmp_path)], "--backend triton cannot run on cpu: No module")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_refused_without_cuda(capsys, tmp_path):
-    _refused(capsys, ["--device", "cuda", "--out", str(tmp_path)], "--device cuda:")
+    _assert_refused(capsys, ["--device", "cuda", "--out", str(tmp_path)], "--device cuda:")
 
 
 def test_backend_is_honoured_for_the_run(monkeypatch, tmp_path):

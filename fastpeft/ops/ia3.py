@@ -18,12 +18,12 @@ by cuBLAS, for every backend): output mode dW = (dy ⊙ l)ᵀ x, input mode dW =
 
 from __future__ import annotations
 
-import functools
-import importlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from ._impl import ImplTable
 
 
 def ia3_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
@@ -71,24 +71,8 @@ def ia3_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l: 
     return dx, dl, dbias
 
 
-_IMPL_MODULES = {"triton": "fastpeft.kernels.ia3", "cuda": "fastpeft._cuda"}
-_IMPLS: dict = {}
-
-
-def _impl(name: str, backend: str):
-    """The implementation of `name` on `backend` (``"<backend>"`` or ``"<backend>:<variant>"``), cached."""
-    key = (name, backend)
-    fn = _IMPLS.get(key)
-    if fn is None:
-        base, _, variant = backend.partition(":")
-        if base == "torch":
-            fn = globals()[f"{name}_ref"]
-        else:
-            fn = getattr(importlib.import_module(_IMPL_MODULES[base]), f"{name}_{base}")
-            if variant:
-                fn = functools.partial(fn, variant=variant)
-        _IMPLS[key] = fn
-    return fn
+# `_impl(name, backend)`: the implementation of op function `name` on `backend` (see ImplTable)
+_impl = ImplTable(globals(), {"triton": "fastpeft.kernels.ia3", "cuda": "fastpeft._cuda"})
 
 
 def _wants_output(feedforward: bool, saved: torch.Tensor) -> bool:

@@ -26,13 +26,12 @@ adapter dtype before A); S is returned in fp32 (fp64 for fp64 adapters); the out
 
 from __future__ import annotations
 
-import functools
-import importlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ._impl import ImplTable
 from .dropout import dropout_keep_mask, dropout_scale
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,25 +127,8 @@ def lora_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
 # Backend implementations: looked up lazily by name, so triton and the extension are imported only when used.
 # ---------------------------------------------------------------------------------------------------------------
 
-_IMPL_MODULES = {"triton": "fastpeft.kernels.lora", "cuda": "fastpeft._cuda"}
-_IMPLS: dict = {}
-
-
-def _impl(name: str, backend: str):
-    """The implementation of `name` ("lora_fwd" / "lora_bwd") on `backend`: ``"torch"``, ``"triton"``, ``"cuda"``,
-    or ``"<backend>:<variant>"`` (e.g. ``"triton:fused"``: the launcher gets ``variant=``).  Cached per name."""
-    key = (name, backend)
-    fn = _IMPLS.get(key)
-    if fn is None:
-        base, _, variant = backend.partition(":")
-        if base == "torch":
-            fn = globals()[f"{name}_ref"]
-        else:
-            fn = getattr(importlib.import_module(_IMPL_MODULES[base]), f"{name}_{base}")
-            if variant:
-                fn = functools.partial(fn, variant=variant)
-        _IMPLS[key] = fn
-    return fn
+# `_impl(name, backend)`: the implementation of op function `name` on `backend` (see ImplTable)
+_impl = ImplTable(globals(), {"triton": "fastpeft.kernels.lora", "cuda": "fastpeft._cuda"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
