@@ -4,8 +4,10 @@ This ``__init__`` imports nothing: triton is imported by the submodules, and fas
 the triton backend is used (``fastpeft._backend`` checks triton itself).
 
 In a source checkout, running Python from the repository root puts this folder on ``sys.path`` as a top-level
-``kernels``, the import name of Hugging Face's ``kernels`` package.  Imported under that name this module therefore
-makes itself look like an absent package to the two kinds of probe libraries use:
+``kernels``, the import name of Hugging Face's ``kernels`` package.  Imported under that name this module hands the
+name to Hugging Face's package when it is installed (it replaces itself in ``sys.modules`` with that package, so
+``import kernels`` and ``kernels.<submodule>`` give exactly what they give outside the checkout).  When it is not
+installed, the module makes itself look like an absent package to the two kinds of probe libraries use:
 
 * transformers (``_is_package_available("kernels")``) finds the folder, finds no distribution metadata and imports
   it; a module with no ``__version__`` and no ``__file__`` counts as absent there (a namespace-package shadow);
@@ -27,9 +29,28 @@ yet (written without a GPU); see ``_common``.
 """
 
 if __name__ == "kernels":  # imported as a top-level package from a checkout, not as fastpeft.kernels
-    del __file__
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
-    def __getattr__(name: str):
-        if name.startswith("__") and name.endswith("__"):
-            raise AttributeError(name)
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    # Hugging Face's ``kernels`` elsewhere on sys.path (transformers >= 5.25 requires it and imports it at module
+    # level): load that one under the name and put it in sys.modules in place of this folder.
+    _checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _others = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _checkout]
+    _spec = _machinery.PathFinder.find_spec("kernels", _others)
+    if _spec is not None and _spec.loader is not None:
+        _real = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _real
+        try:
+            _spec.loader.exec_module(_real)
+        except BaseException:
+            _sys.modules.pop("kernels", None)
+            raise
+    else:
+        del __file__
+
+        def __getattr__(name: str):
+            if name.startswith("__") and name.endswith("__"):
+                raise AttributeError(name)
+            raise ModuleNotFoundError("No module named 'kernels'", name="kernels")

@@ -27,3 +27,28 @@ def _seed():
 
 def available_devices():
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+# Installed optional dependencies must import: tests skip when one is absent (``pytest.importorskip``), so an
+# installed package that fails to import (a broken environment, a shadowed name) would otherwise turn its tests into
+# silent skips.
+_OPTIONAL_DEPS = ("peft", "transformers", "trl", "accelerate", "bitsandbytes", "datasets", "triton", "safetensors")
+
+
+def pytest_sessionstart(session):
+    import importlib
+    import importlib.metadata
+
+    broken = []
+    for name in _OPTIONAL_DEPS:
+        try:
+            importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any failure to import an installed package is reported
+            broken.append(f"{name}: {type(e).__name__}: {e}")
+    if broken:
+        raise pytest.UsageError("installed test dependencies fail to import (their tests would silently skip):\n  "
+                                + "\n  ".join(broken))

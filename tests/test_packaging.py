@@ -1,6 +1,7 @@
 """Packaging: the Triton sources in kernels/ install as fastpeft.kernels (never as a top-level `kernels`, which would
 clash with the PyPI package of that name), in a regular (non-editable) wheel install as well as the editable one."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -60,10 +61,19 @@ def test_editable_install_resolves_kernels_to_source_folder():
     assert Path(fastpeft.kernels.__file__).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
 
 
-def test_source_tree_kernels_folder_does_not_break_transformers_without_triton():
+def _run_in(cwd, code):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.split()
+
+
+def test_source_tree_kernels_folder_does_not_break_transformers_without_triton(tmp_path):
     """From the repository root (``python -m ...`` puts it on sys.path) the kernels/ folder is importable as a
-    top-level ``kernels``, a name transformers probes (Hugging Face's kernels package) by importing it.  That import
-    must succeed without triton, and transformers must then ignore it (no version)."""
+    top-level ``kernels``, the name of Hugging Face's kernels package, which transformers imports (>= 5.25 at module
+    level, when installed) and probes.  From the checkout everything must behave as it does elsewhere: transformers
+    imports and builds a model without triton, and sees Hugging Face's package exactly when it is installed."""
     pytest.importorskip("transformers")
     code = (
         "import sys; sys.modules['triton'] = None\n"  # triton unimportable
@@ -74,8 +84,27 @@ def test_source_tree_kernels_folder_does_not_break_transformers_without_triton()
         "num_attention_heads=2, intermediate_size=32))\n"
         "import fastpeft; print(fastpeft.backend_info()['backends']['triton']['available'], is_kernels_available())\n"
     )
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["False", "False"], proc.stdout
+    inside = _run_in(ROOT, code)
+    assert inside[0] == "False", inside
+    assert inside == _run_in(tmp_path, code)
+
+
+def test_source_tree_kernels_name_is_hugging_faces_package_when_installed(tmp_path):
+    """``import kernels`` (and its submodules) from the checkout gives Hugging Face's package when it is installed,
+    and peft imports; without it, the folder poses as an absent package (no ``__file__``, ModuleNotFoundError)."""
+    code = (
+        "import importlib.util, kernels\n"
+        "print(getattr(kernels, '__file__', None))\n"
+    )
+    outside = _run_in(tmp_path, "import importlib.util; s = importlib.util.find_spec('kernels'); "
+                                "print(s.origin if s else None)")
+    inside = _run_in(ROOT, "import importlib.util; print(importlib.util.find_spec('kernels') is not None)")
+    assert inside == ["True"]  # the folder itself is always found from the checkout
+    if outside == ["None"]:
+        proc = subprocess.run([sys.executable, "-c", "import kernels; kernels.get_kernel"], capture_output=True,
+                              text=True, cwd=ROOT, timeout=300)
+        assert "ModuleNotFoundError: No module named 'kernels'" in proc.stderr, proc.stderr[-2000:]
+    else:
+        assert _run_in(ROOT, code) == outside
+        if importlib.util.find_spec("peft") is not None:
+            assert _run_in(ROOT, "import peft; print('ok')")[-1] == "ok"
