@@ -52,6 +52,17 @@ def quant_kind(layer: nn.Module) -> Optional[str]:
     return None
 
 
+def _unpack_cpu_4bit(bnb, w) -> None:
+    """Bring a 4-bit weight back to bitsandbytes' canonical layout when its CPU inference path repacked it.
+
+    On CPUs with AVX512-BF16, ``Linear4bit.forward`` in eval mode without grad repacks the weight in place for its
+    CPU kernel (``quant_state.packing_format_for_cpu``; the absmax becomes bf16), and ``dequantize_4bit`` does not
+    read that layout.  bitsandbytes undoes it itself before saving a state dict, with the same function.
+    """
+    if getattr(w.quant_state, "packing_format_for_cpu", False):
+        w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+
+
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The dense (out_features, in_features) weight of a quantized layer (4-bit: in the quantized weight's original
     dtype; 8-bit: fp32), computed the way PEFT's ``dequantize_bnb_weight`` does."""
@@ -59,6 +70,7 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     kind = quant_kind(layer)
     w = layer.weight
     if kind == "4bit":
+        _unpack_cpu_4bit(bnb, w)
         return bnb.functional.dequantize_4bit(w.data, w.quant_state)
     if kind == "8bit":
         state = layer.state
