@@ -32,24 +32,11 @@ import torch
 import torch.nn.functional as F
 
 from ._impl import ImplTable
-from .dropout import dropout_keep_mask, dropout_scale
+from .dropout import dropout_keep_mask, dropout_scale, host_seed, seeded_dropout
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference (torch) implementation
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def host_seed(seed) -> int:
-    """The seed as a host int: device-side seeds (a 1-element int64 tensor, see ``fastpeft.functional.draw_seed``)
-    are read back - only the torch reference needs that; the Triton kernels read them on the device."""
-    return int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
-
-
-def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    if p == 0.0:
-        return x
-    keep = dropout_keep_mask(host_seed(seed), tuple(x.shape), p, x.device)
-    return torch.where(keep, x * dropout_scale(p), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -73,7 +60,7 @@ def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         out_dtype = torch.float64
     adt = lora_A.dtype
     base = F.linear(x, weight, bias)
-    s = _dropped(x, dropout_p, seed).to(adt) @ lora_A.t()
+    s = seeded_dropout(x, dropout_p, seed).to(adt) @ lora_A.t()
     se = s * lora_E.to(adt) if lora_E is not None else s
     delta = (se @ lora_B.to(adt).t()) * scaling
     y = (base.to(torch.promote_types(base.dtype, delta.dtype)) + delta).to(out_dtype)
@@ -107,7 +94,7 @@ def lora_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
     dB = (dy_a.t() @ se) * scaling
     dS = d_se * e if e is not None else d_se
     dE = (d_se * Sa).sum(0) if e is not None else dy.new_empty(0, dtype=adt)
-    xd = _dropped(x, dropout_p, seed).to(adt)
+    xd = seeded_dropout(x, dropout_p, seed).to(adt)
     dA = dS.t() @ xd
     if needs_dx:
         lora_dx = dS @ lora_A  # (M, K) in adapter dtype
