@@ -19,7 +19,9 @@ import fastpeft.functional as FN
 from _tolerances import GRAD_FACTOR, MATMUL_ATOL, MATMUL_FACTOR, rel_err
 
 pytest.importorskip("triton")
-from fastpeft.kernels import _common as KC  # noqa: E402
+from fastpeft.kernels import _configs as KCF  # noqa: E402
+from fastpeft.kernels import _gemm as KG  # noqa: E402
+from fastpeft.kernels import _target as KT  # noqa: E402
 from fastpeft.kernels import ia3 as KI  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -86,7 +88,7 @@ CASES = {
     "in_fp32_noncontig_nobias": dict(lead=(19,), k=24, n=30, ff=True, dtype=F32, with_bias=False,
                                      x_noncontig=True),
     "out_fp16_noncontig": dict(lead=(19,), k=24, n=30, ff=False, dtype=F16, x_noncontig=True),
-    # bf16 (the interpreter upcasts bf16 dot operands to fp32: kernels._common.dot_prec), fp32 l
+    # bf16 (the interpreter upcasts bf16 dot operands to fp32: kernels._tl.dot_prec), fp32 l
     "out_bf16_fp32l": dict(lead=(13,), k=20, n=35, ff=False, dtype=torch.bfloat16, ldt=F32),
     "in_bf16": dict(lead=(13,), k=35, n=20, ff=True, dtype=torch.bfloat16),
 }
@@ -120,7 +122,7 @@ def test_ia3_triton_matches_fp64_reference(name):
 @pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
 def test_ia3_triton_tma_path(monkeypatch, ff):
     monkeypatch.setenv("FASTPEFT_TRITON_TMA", "1")
-    if not KC.use_tma(torch.randn(20, 48, device=DEV, dtype=F16), torch.randn(40, 48, device=DEV, dtype=F16)):
+    if not KT.use_tma(torch.randn(20, 48, device=DEV, dtype=F16), torch.randn(40, 48, device=DEV, dtype=F16)):
         pytest.skip("this Triton has no tensor descriptors (or this GPU cannot use them)")
     check_fa_rule(Case((20,), 48, 40, ff, F16, ldt=F32), "triton:fused")
 
