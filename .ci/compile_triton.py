@@ -6,9 +6,9 @@ whose pipelined stages do not fit in shared memory, register spills).  This scri
 machine without a GPU can: it replaces Triton's driver by a stub that reports the chosen target (default sm_90, the
 H100/H200) and makes every launch a compile-only warmup, then calls the real launchers
 (``fastpeft.kernels.lora.lora_fwd_triton`` etc.) on CPU tensors with the GPU's launch heuristics (a
-``fastpeft.kernels._target.LaunchTarget`` with ``compile_only=True``, passed to every launcher).  For autotuned kernels every configuration that survives pruning is
-compiled, not just one.  For each compiled kernel it reports shared memory (against the target's per-block limit),
-registers and spills (``cuobjdump -res-usage`` on the cubin), and whether the PTX uses wgmma and TMA.
+``fastpeft.kernels._target.LaunchTarget`` with ``compile_only=True``, passed to every launcher).  For autotuned
+kernels every configuration that survives pruning is compiled, not just one.  For each compiled kernel it reports
+shared memory (against the target's per-block limit), registers and spills (``cuobjdump -res-usage`` on the cubin), and whether the PTX uses wgmma and TMA.
 
     python .ci/compile_triton.py [--arch 90] [--quick | --ci] [--json out.json]
 

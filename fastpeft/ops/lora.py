@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._impl import ImplTable
+from ._registry import impl as _impl
 from .dropout import dropout_keep_mask, dropout_scale, host_seed, seeded_dropout
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -40,13 +40,18 @@ from .dropout import dropout_keep_mask, dropout_scale, host_seed, seeded_dropout
 
 
 def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                 lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int,
-                 upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference forward.
+                 lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float,
+                 seed: Optional[int], upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch forward: the torch backend (autograd builds its backward, or ``lora_bwd_ref`` does) and the
+    ground truth of the others.  The sequence of ops is HF PEFT's LoRA layer's, so on CPU the result is bitwise
+    PEFT's.
 
     Args:
-        x: (M, K).  weight: (N, K).  bias: (N,) or None.  lora_A: (r, K).  lora_E: (r,) or None.  lora_B: (N, r).
-        scaling: the LoRA scale s.  dropout_p: drop probability of the LoRA branch input.  seed: mask seed.
+        x: (M, K) (the torch backend also passes (..., K)).  weight: (N, K).  bias: (N,) or None.  lora_A: (r, K).
+        lora_E: (r,) or None.  lora_B: (N, r).  scaling: the LoRA scale s.  dropout_p: drop probability of the
+        LoRA branch input.  seed: mask seed of the shared stream (``fastpeft.ops.dropout``; x must be 2-D then), or
+        None: the mask drawn by ``F.dropout`` from torch's RNG, as HF PEFT draws it (``lora_bwd_ref`` cannot
+        regenerate such a mask: autograd must build the backward).
         upcast: compute everything in fp64 (or fp32 for low-precision inputs when False) - the ground truth.
     Returns:
         y: (M, N) in x's dtype (fp64 when `upcast`), and S = drop(x) Aᵀ: (M, r) in
@@ -60,7 +65,11 @@ def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         out_dtype = torch.float64
     adt = lora_A.dtype
     base = F.linear(x, weight, bias)
-    s = seeded_dropout(x, dropout_p, seed).to(adt) @ lora_A.t()
+    if seed is None:
+        xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0.0 else x
+    else:
+        xd = seeded_dropout(x, dropout_p, seed)
+    s = xd.to(adt) @ lora_A.t()
     se = s * lora_E.to(adt) if lora_E is not None else s
     delta = (se @ lora_B.to(adt).t()) * scaling
     y = (base.to(torch.promote_types(base.dtype, delta.dtype)) + delta).to(out_dtype)
@@ -111,11 +120,47 @@ def lora_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Backend implementations: looked up lazily by name, so triton and the extension are imported only when used.
+# Fake (meta) kernels: shapes and dtypes of the outputs, with the shape contract checked.  One per op direction; the
+# custom ops below and the extension's ops (``fastpeft._cuda``) register these.
 # ---------------------------------------------------------------------------------------------------------------
 
-# `_impl(name, backend)`: the implementation of op function `name` on `backend` (see ImplTable)
-_impl = ImplTable(globals(), {"triton": "fastpeft.kernels.lora", "cuda": "fastpeft._cuda"})
+
+def _check_lora_shapes(x, weight, lora_A, lora_E, lora_B) -> None:
+    m, k = x.shape
+    n = weight.shape[0]
+    r = lora_A.shape[0]
+    torch._check(weight.dim() == 2 and weight.shape[1] == k, lambda: f"weight must be (N, {k}), got {weight.shape}")
+    torch._check(lora_A.dim() == 2 and lora_A.shape[1] == k, lambda: f"lora_A must be (r, {k}), got {lora_A.shape}")
+    torch._check(lora_B.dim() == 2 and lora_B.shape[0] == n and lora_B.shape[1] == r,
+                 lambda: f"lora_B must be ({n}, {r}), got {lora_B.shape}")
+    if lora_E is not None:
+        torch._check(lora_E.dim() == 1 and lora_E.shape[0] == r, lambda: f"lora_E must be ({r},), got {lora_E.shape}")
+
+
+def lora_fwd_meta(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                  lora_E: Optional[torch.Tensor], lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of the forward without computing them: y (M, N) in x's dtype, S (M, r) in fp32 (fp64 adapters:
+    fp64).  Checks the shapes with ``torch._check`` (x: (M, K), weight: (N, K), bias: (N,), lora_A: (r, K),
+    lora_E: (r,), lora_B: (N, r))."""
+    _check_lora_shapes(x, weight, lora_A, lora_E, lora_B)
+    if bias is not None:
+        torch._check(bias.shape == (weight.shape[0],), lambda: f"bias must be ({weight.shape[0]},), got {bias.shape}")
+    m = x.shape[0]
+    s_dtype = torch.promote_types(lora_A.dtype, torch.float32)
+    return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=s_dtype)
+
+
+def lora_bwd_meta(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                  lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, S: torch.Tensor, needs_dx: bool,
+                  has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Outputs of the backward without computing them (see ``lora_bwd_ref``); checks dy: (M, N), S: (M, r)."""
+    _check_lora_shapes(x, weight, lora_A, lora_E, lora_B)
+    torch._check(dy.shape == (x.shape[0], weight.shape[0]), lambda: f"dy must be (M, N), got {dy.shape}")
+    torch._check(S.shape == (x.shape[0], lora_A.shape[0]), lambda: f"S must be (M, r), got {S.shape}")
+    dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
+    dE = lora_E.new_empty(lora_E.shape) if lora_E is not None else dy.new_empty(0, dtype=lora_A.dtype)
+    dbias = dy.new_empty(weight.shape[0], dtype=weight.dtype) if has_bias else dy.new_empty(0, dtype=weight.dtype)
+    return dx, lora_A.new_empty(lora_A.shape), dE, lora_B.new_empty(lora_B.shape), dbias
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -134,9 +179,7 @@ def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
 @lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
-    m = x.shape[0]
-    s_dtype = torch.promote_types(lora_A.dtype, torch.float32)
-    return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=s_dtype)
+    return lora_fwd_meta(x, weight, bias, lora_A, lora_E, lora_B)
 
 
 @torch.library.custom_op("fastpeft::lora_bwd", mutates_args=())
@@ -152,10 +195,7 @@ def lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
 
 @lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_E, lora_B, S, scaling, dropout_p, seed, needs_dx, has_bias, backend):
-    dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
-    dE = lora_E.new_empty(lora_E.shape) if lora_E is not None else dy.new_empty(0, dtype=lora_A.dtype)
-    dbias = dy.new_empty(weight.shape[0], dtype=weight.dtype) if has_bias else dy.new_empty(0, dtype=weight.dtype)
-    return dx, lora_A.new_empty(lora_A.shape), dE, lora_B.new_empty(lora_B.shape), dbias
+    return lora_bwd_meta(dy, x, weight, lora_A, lora_E, lora_B, S, needs_dx, has_bias)
 
 
 def _lora_save(ctx, inputs, s):
