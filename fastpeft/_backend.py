@@ -37,8 +37,9 @@ from .ops import _registry
 logger = logging.getLogger("fastpeft")
 
 BACKENDS = ("torch", "triton", "cuda")
-# Explicitly selectable variants ("<backend>:<variant>"); the launcher receives ``variant=``.
-VARIANTS = {"triton": ("cublas", "fused"), "cuda": ("decode", "accum", "kaug")}
+# Explicitly selectable variants ("<backend>:<variant>"), of any op (the registry says which op has which); the
+# launcher receives ``variant=``.
+VARIANTS = {b: tuple(dict.fromkeys(v for vs in per_op.values() for v in vs)) for b, per_op in _registry.VARIANTS.items()}
 _VALID_CHOICES = ("auto",) + BACKENDS + tuple(f"{b}:{v}" for b, vs in VARIANTS.items() for v in vs)
 
 

@@ -32,13 +32,16 @@ from typing import Callable, Optional
 
 import torch
 
+from .ops import _registry
+
 logger = logging.getLogger("fastpeft")
 
 __all__ = ["committed", "bucket", "choose", "describe", "record", "clear", "set_autotune",
            "autotune_enabled", "export_table", "load_table", "table_key", "version", "VARIANTS"]
 
-# Variants an entry may name, per backend.
-VARIANTS = {"triton": ("cublas", "fused"), "cuda": ("decode", "accum", "kaug"), "torch": ()}
+# Variants an entry may name, per backend (those of any op).
+VARIANTS = {"torch": (), **{b: tuple(dict.fromkeys(v for vs in per_op.values() for v in vs))
+                            for b, per_op in _registry.VARIANTS.items()}}
 
 # The shipped table: "gpu|dtype|op|bucket" -> {"backend": ..., "variant": ..., "reason": ..., "timings_ms": {...}}.
 _SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_table.json")
@@ -227,7 +230,7 @@ def _time_ms(fn: Callable[[], object], reps: int = 5, warmup: int = 2) -> float:
 
 def _lora_runner(backend: str, args: tuple) -> Callable[[], object]:
     x, weight, bias, lora_A, lora_E, lora_B = args
-    from .ops._registry import impl
+    impl = _registry.impl
     fwd_impl, bwd_impl = impl("lora_fwd", backend), impl("lora_bwd", backend)
     dy = torch.randn(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
 
@@ -239,7 +242,7 @@ def _lora_runner(backend: str, args: tuple) -> Callable[[], object]:
 
 def _ia3_runner(backend: str, args: tuple) -> Callable[[], object]:
     x, weight, bias, ia3_l, feedforward = args
-    from .ops._registry import impl
+    impl = _registry.impl
     from .ops.ia3 import _bwd_call, _wants_output
     fwd_impl = impl("ia3_fwd", backend)
     dy = torch.randn(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)

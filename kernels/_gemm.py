@@ -43,8 +43,8 @@ def tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 #     HAS_COL:   acc <- round(acc) * col[n]                              (IA3 output scale, input-mode dx scale)
 #     STORE_C:   C <- acc
 #
-# The rank-r term sits after the K loop, so the main loop stays a plain pipelined GEMM (performance.md §1: putting
-# it before the loop doubled the time).  Persistent: NUM_SMS programs walk the tiles in grouped order.
+# The rank-r term sits after the K loop, so the main loop stays a plain pipelined GEMM (inside the loop it would be
+# recomputed or kept live through every K step).  Persistent: NUM_SMS programs walk the tiles in grouped order.
 # USE_TMA reads A and B through tensor descriptors (TMA on Hopper); B_KCONTIG says which of B's dims is unit-stride
 # on that path (True: B is the transpose of a row-major (N, K) tensor, like W in the forward).
 

@@ -53,6 +53,19 @@ def autotune_enabled() -> bool:
 HAS_TENSOR_DESCRIPTOR = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
 
 
+# The variants every Triton launcher takes: "cublas" (the frozen layer's cuBLAS GEMMs + skinny kernels) and "fused"
+# (the Triton GEMM of _gemm.py with the adapter in its prologue / epilogue).
+VARIANTS = ("cublas", "fused")
+
+
+def check_variant(variant: Optional[str]) -> str:
+    """`variant` (None: ``"cublas"``), or ``ValueError`` naming the valid ones."""
+    v = variant or "cublas"
+    if v not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return v
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the launch target
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ import triton.language as tl
 import torch.nn.functional as F
 
 from ._gemm import gemm
-from ._target import (LaunchTarget, launch_ok, launch_target, on_input_device, skinny_blocks, split_count,
-                      target_programs)
+from ._target import (LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
+                      split_count, target_programs)
 from ._tl import base_precision, dot_prec, mma, scaled
 
 __all__ = ["ia3_fwd_triton", "ia3_bwd_triton"]
@@ -227,14 +227,6 @@ def _launch_colsum(dy, z, l, dl_part, db_part, dummy, m, n, n_blocks, splits, mb
         num_warps=warps)
 
 
-VARIANTS = ("cublas", "fused")
-
-
-def _check_variant(variant: Optional[str]) -> str:
-    v = variant or "cublas"
-    if v not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    return v
 
 
 def tiny_l(dtype: torch.dtype) -> float:
@@ -329,7 +321,7 @@ def ia3_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         y: (M, N) in x's dtype; saved: empty (0,) (cublas variant: the op keeps y itself), or z = x Wᵀ + b (M, N)
         in output mode of the fused variant.
     """
-    variant = _check_variant(variant)
+    variant = check_variant(variant)
     tgt = launch_target(x.device, target)
     m, k = x.shape
     n = weight.shape[0]
@@ -368,7 +360,7 @@ def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_
         dx (M, K) (x's dtype in input mode, dy's in output mode; empty (0,) if not `needs_dx`), dl shaped like
         ia3_l in its dtype, dbias (N,) in weight's dtype (empty if not `has_bias`).
     """
-    variant = _check_variant(variant)
+    variant = check_variant(variant)
     m, n = dy.shape
     k = weight.shape[1]
     if variant == "cublas" and not feedforward and y is None:

@@ -41,8 +41,8 @@ import triton.language as tl
 from ._gemm import gemm
 from ._mask import dropout_threshold
 from ._philox import dropout_keep, seed_arg
-from ._target import (LaunchTarget, launch_ok, launch_target, on_input_device, skinny_blocks, split_count,
-                      target_programs)
+from ._target import (LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
+                      split_count, target_programs)
 from ._tl import base_precision, dot_prec, lora_epilogue_precision, mma, pad_rank, skinny_precision
 
 __all__ = ["lora_fwd_triton", "lora_bwd_triton"]
@@ -234,20 +234,12 @@ def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, M, N, R, scale,
 # ---------------------------------------------------------------------------------------------------------------
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-VARIANTS = ("cublas", "fused")
 
 
 def _reduce(part: torch.Tensor) -> torch.Tensor:
     """Sum partial results over dim 0 (a view when there is one partial)."""
     # select, not part[0]: indexing asks for a CUDA device guard, which fake CUDA tensors (the cost model) lack
     return part.select(0, 0) if part.shape[0] == 1 else part.sum(0)
-
-
-def _check_variant(variant: Optional[str]) -> str:
-    v = variant or "cublas"
-    if v not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    return v
 
 
 def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, tgt: Optional[LaunchTarget]
@@ -309,7 +301,7 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     Returns:
         y: (M, N) in x's dtype; S = drop(x) Aᵀ: (M, r) fp32.
     """
-    variant = _check_variant(variant)
+    variant = check_variant(variant)
     m, k = x.shape
     n = weight.shape[0]
     r = lora_A.shape[0]
@@ -405,7 +397,7 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     Returns:
         dx (M, K) x's dtype or empty (0,); dA (r, K); dE (r,) or empty (0,); dB (N, r); dbias (N,) or empty.
     """
-    variant = _check_variant(variant)
+    variant = check_variant(variant)
     m, k = x.shape
     n = weight.shape[0]
     adt = lora_A.dtype

@@ -19,8 +19,6 @@ import fastpeft.functional as FN
 from _tolerances import GRAD_FACTOR, MATMUL_ATOL, MATMUL_FACTOR, rel_err
 
 pytest.importorskip("triton")
-from fastpeft.kernels import _configs as KCF  # noqa: E402
-from fastpeft.kernels import _gemm as KG  # noqa: E402
 from fastpeft.kernels import _target as KT  # noqa: E402
 from fastpeft.kernels import ia3 as KI  # noqa: E402
 
@@ -144,7 +142,7 @@ def test_ia3_input_mode_dl_without_dx():
     """needs_dx=False still runs the G = dY W GEMM for dl, but stores no dx; dl is identical to the dx run's."""
     c = Case((23,), 30, 18, True, F32)
     x, w, lv, dy = (t.to(DEV, F32) for t in (c.x, c.w, c.l, c.dy))
-    for variant in KI.VARIANTS:
+    for variant in KT.VARIANTS:
         y, saved = KI.ia3_fwd_triton(x, w, None, lv, True, variant=variant)
         with_dx = KI.ia3_bwd_triton(dy, x, w, lv, saved, True, True, True, variant=variant)
         no_dx = KI.ia3_bwd_triton(dy, x, w, lv, saved, True, False, False, variant=variant)

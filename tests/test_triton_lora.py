@@ -540,7 +540,7 @@ def test_device_seed_gives_the_int_seeds_mask_bit_for_bit():
     c = Case((21,), 40, 30, 4, F32, p=0.3)
     x, w, a, bb, dy = (t.to(DEV, F32) for t in (c.x, c.w, c.a, c.bb, c.dy))
     seed = 2 ** 40 + 5
-    for variant in KL.VARIANTS:
+    for variant in KT.VARIANTS:
         y1, s1 = KL.lora_fwd_triton(x, w, None, a, None, bb, 0.5, 0.3, seed, variant=variant)
         y2, s2 = KL.lora_fwd_triton(x, w, None, a, None, bb, 0.5, 0.3, torch.tensor([seed], device=DEV),
                                     variant=variant)

@@ -1,4 +1,5 @@
-"""(IA)³ linear: reference, backend dispatch, custom ops and autograd.
+"""(IA)³ linear: the op's declaration - torch implementation, fake kernel, custom ops, autograd (laid out as
+``fastpeft/ops/lora.py``).
 
 The op, one name through every layer (W, b frozen; l trainable)::
 

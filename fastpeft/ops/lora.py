@@ -1,4 +1,4 @@
-"""LoRA (and AdaLoRA) linear: reference, backend dispatch, custom ops and autograd.
+"""LoRA (and AdaLoRA) linear: the op's declaration - torch implementation, fake kernel, custom ops, autograd.
 
 The op, one name through every layer::
 
@@ -8,15 +8,19 @@ The op, one name through every layer::
 W and b are normally frozen; when either requires grad its gradient is computed (dW = dyᵀ x, db = Σ_m dy), only
 then, on every backend (dW by one cuBLAS GEMM in the op's backward, shared by all backends).
 
-Layers:
-  * ``lora_fwd_ref`` / ``lora_bwd_ref``  - pure torch; the CPU path and the ground truth.
+Pieces, in this file unless named:
+  * ``lora_fwd_ref`` / ``lora_bwd_ref``  - the torch implementation; the CPU path and the ground truth.
   * ``fastpeft.kernels.lora.lora_fwd_triton`` / ``lora_bwd_triton`` - Triton (same signature as the refs).
   * ``fastpeft._cuda.lora_fwd_cuda`` / ``lora_bwd_cuda`` - the C++/CUDA extension (same signature).
-  * custom ops ``fastpeft::lora_fwd`` / ``fastpeft::lora_bwd`` (fake kernels registered, autograd registered on
-    ``lora_fwd``), so ``torch.compile`` traces through without graph breaks.
-  * ``LoRALinearFunction`` - the same implementations and gradients as an eager ``autograd.Function``;
-    ``lora_apply`` picks it outside ``torch.compile`` and the custom op inside.
-  * ``fastpeft.functional.lora_linear`` - validation, reshaping, autocast, backend choice.
+    (``fastpeft/ops/_registry.py`` finds these by name and says which arguments each takes.)
+  * ``lora_fwd_meta`` / ``lora_bwd_meta`` - the fake kernels (shapes checked with ``torch._check``), registered for
+    the custom ops and for the extension's ops.
+  * custom ops ``fastpeft::lora_fwd`` / ``fastpeft::lora_bwd`` (autograd registered on ``lora_fwd``), so
+    ``torch.compile`` traces through without graph breaks.
+  * ``_lora_grads`` - the autograd formula, used by the custom op's registered autograd and by
+    ``LoRALinearFunction``, the eager path ``lora_apply`` takes outside ``torch.compile`` (see its docstring for why
+    it exists).
+  * ``fastpeft.functional.lora_linear`` - validation, reshaping, autocast, then ``fastpeft._backend.select_backend``.
 
 Saved for backward: x, S = drop(x)Aᵀ (M×r, fp32) and the seed - never a dropped copy of x or a mask.
 
@@ -243,9 +247,10 @@ def _lora_bwd_direct(*args):
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """The eager autograd path of ``fastpeft::lora_fwd``: the same implementations, saved tensors and gradients,
-    called directly instead of through the custom-op dispatcher (whose Python wrapping costs on the order of 0.1 ms
-    per call - as much as a whole small-M layer).  Arguments and outputs as in ``lora_fwd``."""
+    """The eager autograd path of ``fastpeft::lora_fwd``: the same implementations, saved tensors and autograd
+    formula (``_lora_grads``), called directly instead of through the custom-op dispatcher, whose Python wrapping
+    costs on the order of 0.1 ms per call - as much as a whole small-M layer (docs/STATUS.md: not measured in this
+    repository).  Arguments and outputs as in ``lora_fwd``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
