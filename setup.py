@@ -154,6 +154,8 @@ setup(
     packages=["fastpeft", "fastpeft.ops", "fastpeft.modules", "fastpeft.tuners", "fastpeft.prompt",
               "fastpeft.kernels", "fastpeft.benchmarks"],
     package_dir={"fastpeft.kernels": "kernels", "fastpeft.benchmarks": "benchmarks"},
+    # The measured dispatch table is data, read by fastpeft._dispatch.
+    package_data={"fastpeft": ["dispatch_table.json"]},
     entry_points={"console_scripts": ["fastpeft-bench = fastpeft.bench:main"]},
     install_requires=["torch>=2.4", "numpy", "safetensors>=0.4.3", "packaging"],
     extras_require={

@@ -276,7 +276,8 @@ def main() -> int:
                     try:
                         with mode:
                             got = _cuda.ia3_fwd_cuda(fx, fw, fb, fl, ff)
-                            got_inf = _cuda.ia3_fwd_cuda_inference(fx, fw, fb, fl, ff)
+                            # the op's save_z=False form (no z: l as cuBLASLt's per-row alpha in output mode)
+                            got_inf = torch.ops.fastpeft.ia3_fwd_cuda(fx, fw, fb, fl, ff, False)[0]
                         n_calls += 2
                         if not compare(got, (ref_y, ref_saved)):
                             bad.append(f"{tag} fwd")
@@ -301,12 +302,20 @@ def main() -> int:
         print(f"    mismatch: {b_}")
     check(not bad and n_calls > 0, "fake", f"wrappers on fake CUDA tensors: every output's shape/dtype is the "
                                            f"reference's ({n_calls} calls, {len(bad)} mismatches)")
-    # float64 (not a kernel dtype) and empty feature dimensions go to the reference, forward and backward alike.
-    f64 = torch.empty(3, 4, dtype=torch.float64)
-    f32 = torch.empty(3, 4)
-    check(_cuda._use_reference(f32, f64) and _cuda._use_reference(f32, f32, f64) and
-          _cuda._use_reference(torch.empty(0, 4), f32) and not _cuda._use_reference(f32, f32, f32, None),
-          "fake", "float64 operands and empty feature dims take the reference path")
+    # float64 (not a kernel dtype) and empty feature dimensions: the registry predicate refuses them for the cuda
+    # backend (select_backend then runs torch, or raises for an explicit backend="cuda").
+    from fastpeft.ops._registry import supports
+    with FakeTensorMode():
+        c32, c64 = torch.empty(3, 4, device="cuda"), torch.empty(3, 4, dtype=torch.float64, device="cuda")
+        w32, a32 = torch.empty(5, 4, device="cuda"), torch.empty(2, 4, device="cuda")
+        b32 = torch.empty(5, 2, device="cuda")
+        ok32 = supports("lora", "cuda", c32, (c32, w32, None, a32, None, b32)) is None
+        r64 = supports("lora", "cuda", c32, (c32, w32, None, a32.double(), None, b32.double()))
+        r_empty = supports("lora", "cuda", c32, (c32, torch.empty(0, 4, device="cuda"), None, a32, None,
+                                                 torch.empty(0, 2, device="cuda")))
+        rx64 = supports("ia3", "cuda", c64, (c64, w32.double(), None, torch.empty(5, device="cuda"), False))
+    check(ok32 and r64 and "lora_A" in r64 and r_empty and "empty" in r_empty and rx64 and "x" in rx64,
+          "fake", "the cuda predicate takes fp32 and refuses float64 operands and empty feature dims, naming them")
 
     # ---- backend selection ------------------------------------------------------------------------------------
     from fastpeft import functional as Fn

@@ -4,7 +4,7 @@ Every result row is appended to ``DIR/<phase>.csv`` and flushed to disk the mome
 killed by its time limit leaves everything it finished.  Exit status: 0 done, 3 skipped (no GPU), 1 failed.
 
 Phases (in the order gpu_check.sh runs them, most decisive first):
-  gemm         a plain Triton GEMM (fastpeft.kernels._common.gemm, first fitting configuration, no autotuning)
+  gemm         a plain Triton GEMM (fastpeft.kernels._gemm.gemm, first fitting configuration, no autotuning)
                against torch.mm at M=2048/8192 on q/up/down: whether any Triton-GEMM path can be the default.
   correctness  every available backend (torch, triton, cuda) at the production shapes against an fp32 reference:
                LoRA p=0 / p=0.1, AdaLoRA, IA3; outputs and every gradient; the bound is 2x (3x for gradients) the
@@ -104,7 +104,8 @@ def _method_parts(method: str) -> tuple:
 
 def phase_gemm(out: Path, deadline: float) -> None:
     os.environ["FASTPEFT_TRITON_AUTOTUNE"] = "0"
-    from fastpeft.kernels._common import base_precision, gemm
+    from fastpeft.kernels._gemm import gemm
+    from fastpeft.kernels._tl import base_precision
     rows = Rows(out / "gemm.csv", ["layer", "M", "K", "N", "torch_mm_ms", "triton_ms", "triton_x_mm",
                                    "torch_tflops", "triton_tflops", "triton_err", "note"])
     dt = torch.bfloat16

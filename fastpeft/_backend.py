@@ -1,18 +1,23 @@
-"""Backend availability probes and the one place that decides which backend runs an op.
+"""The one place that decides which backend runs an op, and what each backend's availability is.
 
-Backends:
-  * ``"torch"``  - pure PyTorch reference (``fastpeft.ops.*_ref``); runs everywhere; ground truth in tests.
+Backends (the implementations and their ``supports`` predicates are in the op registry, ``fastpeft/ops/_registry.py``):
+  * ``"torch"``  - pure PyTorch (``fastpeft.ops.*_ref``); runs everywhere; ground truth in tests.
   * ``"triton"`` - the default GPU path: the frozen layer's own cuBLAS GEMMs plus skinny Triton kernels for the
     adapter (``fastpeft.kernels``, variant ``cublas``); ``"triton:fused"`` runs the Triton GEMM with the adapter
     in its prologue / epilogue instead.  CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` (how CI runs the
     kernels without a GPU).
-  * ``"cuda"``   - the optional compiled extension ``fastpeft._C`` (cuBLASLt-anchored paths); CUDA tensors only.
+  * ``"cuda"``   - the optional compiled extension ``fastpeft._C`` (cuBLASLt-anchored paths); CUDA tensors only;
+    the LoRA forward has variants ``decode`` / ``accum`` / ``kaug``.
 
 Selection (``select_backend``): an explicit ``backend=`` argument wins, then ``FASTPEFT_BACKEND``, then auto.
-Auto on CUDA tensors: the per-shape entry of ``fastpeft._dispatch`` when one was measured, else ``triton``
-(variant ``cublas``: no slower than the frozen layer by construction), else the extension, else torch; torch for
-everything else.  Auto degrades silently (one DEBUG log line); its answer is cached per (op, device, dtype, shapes)
-until the dispatch table changes.  An explicit backend that cannot run raises ``RuntimeError`` with the reason.
+A backend is usable when it is installed (``_why_not``) and its registry predicate takes the arguments
+(``fastpeft.ops._registry.supports``: dtype, device, shape limits).  Auto on CUDA tensors: the per-shape entry of
+the measured dispatch table (``fastpeft._dispatch``, data file ``fastpeft/dispatch_table.json``) when one exists and
+is usable, else ``triton`` (variant ``cublas``: no slower than the frozen layer by construction), else the
+extension, else torch; torch for everything else.  Auto's answer is cached per (op, device, dtype, shapes) until the
+dispatch table changes.  An explicit backend that cannot run raises ``RuntimeError`` with the reason.  The cuda
+backend's LoRA forward variant is decided here too (measured, else ``decode`` for M <= 16 on a row-major weight,
+else ``accum``).  Nothing below this module falls back to another backend.
 
 Nothing here touches CUDA or imports triton at import time; every probe is lazy and cached.
 """
@@ -26,11 +31,15 @@ from typing import Optional
 
 import torch
 
+from . import _cuda, _dispatch
+from .ops import _registry
+
 logger = logging.getLogger("fastpeft")
 
 BACKENDS = ("torch", "triton", "cuda")
-# Explicitly selectable variants ("<backend>:<variant>"); the launcher receives ``variant=``.
-VARIANTS = {"triton": ("cublas", "fused")}
+# Explicitly selectable variants ("<backend>:<variant>"), of any op (the registry says which op has which); the
+# launcher receives ``variant=``.
+VARIANTS = {b: tuple(dict.fromkeys(v for vs in per_op.values() for v in vs)) for b, per_op in _registry.VARIANTS.items()}
 _VALID_CHOICES = ("auto",) + BACKENDS + tuple(f"{b}:{v}" for b, vs in VARIANTS.items() for v in vs)
 
 
@@ -72,19 +81,8 @@ def triton_available() -> bool:
 
 
 def _cuda_ext_probe() -> tuple[bool, str]:
-    return _cached("cuda", _probe_cuda_ext)
-
-
-def _probe_cuda_ext() -> tuple[bool, str]:
-    try:
-        mod = importlib.import_module("fastpeft._C")
-    except (ImportError, OSError) as e:
-        if torch.version.cuda is None:
-            return False, "torch is a CPU build, so fastpeft._C was not built"
-        logger.warning("fastpeft: the CUDA extension fastpeft._C did not load (%s); using Triton/torch", e)
-        return False, f"fastpeft._C did not load ({type(e).__name__}: {e})"
-    del mod
-    return True, "fastpeft._C loaded"
+    # fastpeft._cuda loads the extension (once, and registers its fake kernels); this only caches its answer.
+    return _cached("cuda", lambda: (_cuda.available(), _cuda.unavailable_reason() or "fastpeft._C loaded"))
 
 
 def cuda_ext_available() -> bool:
@@ -94,7 +92,7 @@ def cuda_ext_available() -> bool:
 
 def _cuda_ext_has(op: str) -> bool:
     """Whether the loaded extension registered both halves of `op` ("lora" -> ``lora_fwd_cuda`` and
-    ``lora_bwd_cuda``): the names ``fastpeft.ops.<op>`` looks the implementations up by."""
+    ``lora_bwd_cuda``): the names the op registry looks the implementations up by."""
     if not cuda_ext_available():
         return False
     return all(hasattr(torch.ops.fastpeft, f"{op}_{half}_cuda") for half in ("fwd", "bwd"))
@@ -108,7 +106,7 @@ def _env_choice() -> str:
 
 
 def _why_not(backend: str, op: str, device: torch.device) -> Optional[str]:
-    """None if `backend` can run `op` on tensors on `device`, else the reason it cannot."""
+    """None if `backend` is installed and can run `op` on tensors on `device`, else the reason it cannot."""
     backend = backend.partition(":")[0]
     if backend == "torch":
         return None
@@ -131,35 +129,51 @@ def _why_not(backend: str, op: str, device: torch.device) -> Optional[str]:
     raise ValueError(f"backend must be one of {_VALID_CHOICES}, got {backend!r}")
 
 
+def _refusal(choice: str, op: str, x: torch.Tensor, dispatch_args: tuple) -> Optional[str]:
+    """Why `choice` cannot run this call (not installed, or its registry predicate refuses the arguments)."""
+    return _why_not(choice, op, x.device) or _registry.supports(op, choice, x, dispatch_args)
+
+
+def _with_variant(choice: str, op: str, x: torch.Tensor, dispatch_args: tuple) -> str:
+    """`choice` with the variant it runs: the cuda LoRA forward's is decided per shape (the measured entry's, checked
+    by `_measured_choice`, arrives with its variant already); every other backend's default is its launcher's."""
+    if choice != "cuda" or op != "lora" or not dispatch_args:
+        return choice
+    x2, weight = dispatch_args[0], dispatch_args[1]
+    decode = x2.shape[0] <= _registry.DECODE_MAX_ROWS and _registry.decode_layout_ok(weight)
+    return "cuda:decode" if decode else "cuda:accum"
+
+
+def _candidates(op: str, x: torch.Tensor, dispatch_args: tuple) -> tuple:
+    """Every usable fused ``"<backend>[:<variant>]"`` for this call (what the dispatch autotuner times)."""
+    names = [f"{b}:{v}" if v else b for b in ("triton", "cuda") for v in (_registry.VARIANTS[b][op] or ("",))]
+    return tuple(n for n in names if _refusal(n, op, x, dispatch_args) is None)
+
+
 def _measured_choice(op: str, device: torch.device, dispatch_args: tuple) -> Optional[str]:
-    """The backend fastpeft._dispatch measured fastest for this (GPU, dtype, shape bucket), if any and usable."""
+    """The backend the dispatch table measured fastest for this (GPU, dtype, shape bucket), if any and usable."""
     if not dispatch_args or torch.compiler.is_compiling():
         # Under torch.compile the default order is traced; the table lookup reads device properties.
         return None
-    try:
-        dispatch = importlib.import_module("fastpeft._dispatch")
-    except ImportError:
-        return None
-    choice = dispatch.choose(op, *dispatch_args)
-    if choice is not None and _why_not(choice, op, device) is None:
+    x = dispatch_args[0]
+    choice = _dispatch.choose(op, *dispatch_args, candidates=lambda: _candidates(op, x, dispatch_args))
+    if choice is not None and _why_not(choice, op, device) is None \
+            and _registry.supports(op, choice, x, dispatch_args) is None:
         return choice
     return None
-
-
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _auto_choice(op: str, device: torch.device, dispatch_args: tuple = ()) -> str:
     if device.type != "cuda":
         return "torch"
-    # Per shape, the table of fastpeft._dispatch (measured on a GPU, or autotuned on first use when enabled)
-    # decides; without a measurement the triton backend's cublas variant (the frozen layer's cuBLAS GEMMs plus
-    # skinny kernels: no slower than the layer by construction), then the extension.
+    # Per shape, the measured table decides; without a measurement the triton backend's cublas variant (the frozen
+    # layer's cuBLAS GEMMs plus skinny kernels: no slower than the layer by construction), then the extension.
     measured = _measured_choice(op, device, dispatch_args)
     if measured is not None:
         return measured
     for candidate in ("triton", "cuda"):
-        if _why_not(candidate, op, device) is None:
+        if _why_not(candidate, op, device) is None and \
+                (not dispatch_args or _registry.supports(op, candidate, dispatch_args[0], dispatch_args) is None):
             return candidate
     return "torch"
 
@@ -169,7 +183,7 @@ _AUTO_CACHE: dict = {}
 
 
 def _args_key(dispatch_args: tuple) -> tuple:
-    return tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in dispatch_args)
+    return tuple((tuple(a.shape), a.dtype, a.stride()) if isinstance(a, torch.Tensor) else a for a in dispatch_args)
 
 
 def _cached_auto_choice(op: str, x: torch.Tensor, dispatch_args: tuple) -> str:
@@ -177,8 +191,7 @@ def _cached_auto_choice(op: str, x: torch.Tensor, dispatch_args: tuple) -> str:
         return "torch"
     if torch.compiler.is_compiling():
         return _auto_choice(op, x.device, dispatch_args)
-    dispatch = importlib.import_module("fastpeft._dispatch")
-    key = (op, x.device, x.dtype, _args_key(dispatch_args), dispatch.version())
+    key = (op, x.device, x.dtype, _args_key(dispatch_args), _dispatch.version())
     chosen = _AUTO_CACHE.get(key)
     if chosen is None:
         chosen = _auto_choice(op, x.device, dispatch_args)
@@ -189,20 +202,20 @@ def _cached_auto_choice(op: str, x: torch.Tensor, dispatch_args: tuple) -> str:
 
 
 def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None, dispatch_args: tuple = ()) -> str:
-    """Return the backend that runs `op` for input tensor `x`.
+    """Return the backend (``"<name>"`` or ``"<name>:<variant>"``) that runs `op` for input tensor `x`.
 
     Args:
-        op: op name, e.g. ``"lora"`` or ``"ia3"``.
-        x: the op's main input; its device decides what can run.
+        op: op name, ``"lora"`` or ``"ia3"``.
+        x: the op's main input; its device and dtype decide what can run.
         backend: ``None``/``"auto"`` or one of ``"torch"``, ``"triton"``, ``"cuda"``, or a variant
-            ``"triton:cublas"`` (= ``"triton"``) / ``"triton:fused"``.  ``None`` defers to the ``FASTPEFT_BACKEND``
-            environment variable (default ``auto``).
+            ``"triton:cublas"`` (= ``"triton"``) / ``"triton:fused"`` / ``"cuda:decode"`` / ``"cuda:accum"`` /
+            ``"cuda:kaug"``.  ``None`` defers to the ``FASTPEFT_BACKEND`` environment variable (default ``auto``).
         dispatch_args: the op's forward inputs with x flattened to 2-D (lora: x2, weight, bias, lora_A, lora_E,
-            lora_B; ia3: x2, weight, bias, ia3_l, feedforward), so auto can use the per-shape table of
-            ``fastpeft._dispatch`` on CUDA tensors.
+            lora_B; ia3: x2, weight, bias, ia3_l, feedforward): the registry predicates check them, and auto looks
+            their shape up in the measured table.  Without them only x is checked.
     Raises:
         ValueError: `backend` is not a known name.
-        RuntimeError: an explicitly requested backend cannot run here (the message says why).
+        RuntimeError: an explicitly requested backend cannot run these arguments here (the message says why).
     """
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend must be a str or None, got {type(backend).__name__}")
@@ -210,15 +223,16 @@ def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None, disp
     if choice not in _VALID_CHOICES:
         raise ValueError(f"backend must be one of {_VALID_CHOICES}, got {backend!r}")
     if choice == "auto":
-        # The fused kernels handle fp16/bf16/fp32 only (fp64 would reach them just to be handed to the reference).
-        chosen = (_cached_auto_choice(op, x, dispatch_args) if x.dtype in _FUSED_DTYPES else "torch")
+        chosen = _with_variant(_cached_auto_choice(op, x, dispatch_args), op, x, dispatch_args)
+        if chosen != "torch" and _registry.supports(op, chosen, x, dispatch_args) is not None:
+            chosen = "torch"  # e.g. float64 operands: only the torch implementation takes them
         if not torch.compiler.is_compiling():
             logger.debug("fastpeft: op %s on %s -> backend %s", op, x.device, chosen)
         return chosen
-    reason = _why_not(choice, op, x.device)
+    reason = _refusal(choice, op, x, dispatch_args)
     if reason is not None:
         raise RuntimeError(f"fastpeft backend {choice!r} is unavailable for op {op!r}: {reason}")
-    return choice
+    return _with_variant(choice, op, x, dispatch_args)
 
 
 def backend_info() -> dict:
@@ -232,7 +246,8 @@ def backend_info() -> dict:
         triton_version = None
     tri_ok, tri_reason = _triton_probe()
     ext_ok, ext_reason = _cuda_ext_probe()
-    info = {
+    return {
+        # read when called: the package's __init__ imports this module, so not at import time
         "fastpeft": importlib.import_module("fastpeft").__version__,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
@@ -246,10 +261,5 @@ def backend_info() -> dict:
             "cuda": {"available": ext_ok, "reason": ext_reason},
         },
         "FASTPEFT_BACKEND": os.environ.get("FASTPEFT_BACKEND", "auto"),
+        "dispatch": _dispatch.describe(),
     }
-    try:
-        dispatch = importlib.import_module("fastpeft._dispatch")
-        info["dispatch"] = dispatch.describe()
-    except ImportError:
-        pass
-    return info

@@ -9,21 +9,21 @@ The extension registers its ops in ``torch.ops.fastpeft`` (C++ ``TORCH_LIBRARY_F
     ia3_fwd_cuda(x, weight, bias?, ia3_l, feedforward, save_z) -> (y, saved)
     ia3_bwd_cuda(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias) -> (dx, dl, dbias)
 
-This module wraps them in the functions ``fastpeft.ops.lora`` / ``fastpeft.ops.ia3`` look up by name
+This module wraps them in the functions the op registry (``fastpeft/ops/_registry.py``) looks up by name
 (``lora_fwd_cuda``, ``lora_bwd_cuda``, ``ia3_fwd_cuda``, ``ia3_bwd_cuda``), with exactly the signatures and return
-conventions of the ``*_ref`` functions there, and registers the ops' fake kernels so ``torch.compile`` and
-``torch.library.opcheck`` can trace them.  Operands the kernels do not take (an empty feature dimension, a dtype
-other than float32 / float16 / bfloat16) go to the torch reference instead, forward and backward alike.
+conventions of the ``*_ref`` functions of ``fastpeft.ops``, and registers the ops' fake kernels (the shape functions
+of ``fastpeft.ops``) so ``torch.compile`` and ``torch.library.opcheck`` can trace them.  The wrappers take what the
+registry's ``supports`` predicate admits (fp16/bf16/fp32 operands, non-empty feature dimensions) and nothing else.
 
-Importing this module never fails and never touches CUDA: when ``fastpeft._C`` is absent (a CPU build of torch, no
-toolkit, ``FASTPEFT_BUILD_CUDA=0``) the wrappers raise ``RuntimeError`` with the reason, and ``fastpeft._backend``
-never selects them.
+This module is also the one place that loads the extension: ``fastpeft._backend`` asks ``available()`` /
+``unavailable_reason()``.  Importing it never fails and never touches CUDA: when ``fastpeft._C`` is absent (a CPU
+build of torch, no toolkit, ``FASTPEFT_BUILD_CUDA=0``) the wrappers raise ``RuntimeError`` with the reason, and
+``fastpeft._backend`` never selects them.
 
 The extension is never the default on a GPU with Triton: ``fastpeft._backend`` picks it only when asked
-(``backend="cuda"``) or by a measured entry of the dispatch table.  (Its helper kernels - shrink / column
-reductions / expand, the IA3 scale and backward - predate the pass-budget design of the default triton path.)
+(``backend="cuda"``) or by a measured entry of the dispatch table (the reasons are in docs/STATUS.md).
 
-Variants inside the cuda backend (chosen per shape by ``fastpeft._dispatch.lora_fwd_variant``):
+Variants of the LoRA forward (``variant=``; ``fastpeft._backend.select_backend`` chooses one per shape):
   * ``decode``: M <= 16, one fused GEMV + LoRA kernel reading W once (after the shrink S = drop(x)Aᵀ).
   * ``accum``:  T = b + s·(S⊙e)Bᵀ written into y, then cuBLASLt adds x·Wᵀ in place (C = D, beta = 1).
   * ``kaug``:   one cuBLASLt GEMM over [x | s·(S⊙e)]·[W | B]ᵀ (depth K + r, padded to a multiple of 8).
@@ -41,7 +41,7 @@ import torch
 logger = logging.getLogger("fastpeft")
 
 __all__ = ["available", "unavailable_reason", "lora_fwd_cuda", "lora_bwd_cuda", "ia3_fwd_cuda", "ia3_bwd_cuda",
-           "ia3_fwd_cuda_inference", "lora_decode_cuda", "FOLD_ACCUM", "FOLD_KAUG", "OPS"]
+           "lora_decode_cuda", "FOLD_ACCUM", "FOLD_KAUG", "OPS"]
 
 FOLD_ACCUM = 0
 FOLD_KAUG = 1
@@ -66,6 +66,7 @@ def _load() -> bool:
                 reason = "torch is a CPU build, so fastpeft._C was not built"
             else:
                 reason = f"fastpeft._C did not load ({type(e).__name__}: {e})"
+                logger.warning("fastpeft: the CUDA extension fastpeft._C did not load (%s); using Triton/torch", e)
             _state["loaded"], _state["reason"] = False, reason
             return False
         missing = [op for op in OPS if not hasattr(torch.ops.fastpeft, op)]
@@ -102,41 +103,31 @@ def _require() -> None:
 def _register_fakes() -> None:
     if _state["fakes"]:
         return
+    # The shape functions of the ops (one per op direction); imported here, not at module level, because
+    # fastpeft.ops looks this module up by name (and the registry imports it only when the cuda backend runs).
+    from .ops.ia3 import ia3_bwd_meta, ia3_fwd_meta
+    from .ops.lora import lora_bwd_meta, lora_fwd_meta
     reg = torch.library.register_fake
 
     @reg("fastpeft::lora_fwd_cuda")
     def _lora_fwd_fake(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, fold):
-        m = x.shape[0]
-        return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=torch.float32)
+        return lora_fwd_meta(x, weight, bias, lora_A, lora_E, lora_B)
 
     @reg("fastpeft::lora_decode_cuda")
     def _lora_decode_fake(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed):
-        m = x.shape[0]
-        return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=torch.float32)
+        return lora_fwd_meta(x, weight, bias, lora_A, lora_E, lora_B)
 
     @reg("fastpeft::lora_bwd_cuda")
     def _lora_bwd_fake(dy, x, weight, lora_A, lora_E, lora_B, S, scaling, dropout_p, seed, needs_dx, has_bias):
-        dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
-        dE = lora_E.new_empty(lora_E.shape) if lora_E is not None else dy.new_empty(0, dtype=lora_A.dtype)
-        dbias = (dy.new_empty(weight.shape[0], dtype=weight.dtype) if has_bias
-                 else dy.new_empty(0, dtype=weight.dtype))
-        return dx, lora_A.new_empty(lora_A.shape), dE, lora_B.new_empty(lora_B.shape), dbias
+        return lora_bwd_meta(dy, x, weight, lora_A, lora_E, lora_B, S, needs_dx, has_bias)
 
     @reg("fastpeft::ia3_fwd_cuda")
     def _ia3_fwd_fake(x, weight, bias, ia3_l, feedforward, save_z):
-        m, n = x.shape[0], weight.shape[0]
-        saved = x.new_empty(m, n) if (not feedforward and save_z) else x.new_empty(0)
-        return x.new_empty(m, n), saved
+        return ia3_fwd_meta(x, weight, bias, ia3_l, feedforward, save_z)
 
     @reg("fastpeft::ia3_bwd_cuda")
     def _ia3_bwd_fake(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias):
-        if needs_dx:
-            dx = dy.new_empty(dy.shape[0], weight.shape[1])
-        else:
-            dx = x.new_empty(0) if feedforward else dy.new_empty(0)
-        dbias = (dy.new_empty(weight.shape[0], dtype=weight.dtype) if has_bias
-                 else dy.new_empty(0, dtype=weight.dtype))
-        return dx, ia3_l.new_empty(ia3_l.shape), dbias
+        return ia3_bwd_meta(dy, x, weight, ia3_l, feedforward, needs_dx, has_bias)
 
     _state["fakes"] = True
 
@@ -144,20 +135,6 @@ def _register_fakes() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Contract wrappers (same signatures as fastpeft.ops.*.<name>_ref)
 # ---------------------------------------------------------------------------------------------------------------
-
-
-# The element types the kernels and the C++ argument checks take (csrc/common/checks.h check_float_dtype).
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _use_reference(weight: torch.Tensor, *tensors: Optional[torch.Tensor]) -> bool:
-    """True when the torch reference runs instead of the kernels: an empty feature dimension (legal for the op
-    contract, not worth kernels) or an operand dtype the kernels do not take (e.g. float64: the auto backend picks
-    the extension for every CUDA tensor, and the C++ checks would reject it).  Depends only on tensors the forward
-    and the backward both see, so a reference forward is always paired with a reference backward."""
-    if weight.shape[0] == 0 or weight.shape[1] == 0:
-        return True
-    return any(t is not None and t.dtype not in KERNEL_DTYPES for t in (weight, *tensors))
 
 
 def lora_decode_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -171,23 +148,21 @@ def lora_decode_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 
 def lora_fwd_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                   lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float,
-                  seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                  seed: int, variant: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """LoRA / AdaLoRA forward on the extension.
 
     Args:
         x: (M, K) contiguous CUDA.  weight: (N, K) (row-major or a transposed view).  bias: (N,) or None.
         lora_A: (r, K).  lora_E: (r,) or None.  lora_B: (N, r).  scaling, dropout_p, seed: as ``lora_fwd_ref``.
+        variant: ``"accum"`` (default), ``"kaug"`` or ``"decode"`` (M <= 16, row-major weight); see above.
     Returns:
         y (M, N) in x's dtype and S = drop(x)·Aᵀ (M, r) fp32.
     """
     _require()
-    if _use_reference(weight, x, lora_A, lora_E, lora_B):
-        from .ops.lora import lora_fwd_ref
-        return lora_fwd_ref(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed)
-    from . import _dispatch
-    variant = _dispatch.lora_fwd_variant(x, weight, lora_A)
     if variant == "decode":
         return lora_decode_cuda(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed)
+    if variant not in (None, "accum", "kaug"):
+        raise ValueError(f"variant must be 'accum', 'kaug' or 'decode', got {variant!r}")
     fold = FOLD_KAUG if variant == "kaug" else FOLD_ACCUM
     return torch.ops.fastpeft.lora_fwd_cuda(x, weight, bias, lora_A, lora_E, lora_B, float(scaling),
                                             float(dropout_p), int(seed), fold)
@@ -195,13 +170,11 @@ def lora_fwd_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
 
 def lora_bwd_cuda(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                   lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, S: torch.Tensor, scaling: float,
-                  dropout_p: float, seed: int, needs_dx: bool, has_bias: bool
+                  dropout_p: float, seed: int, needs_dx: bool, has_bias: bool, variant: Optional[str] = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LoRA / AdaLoRA backward on the extension; arguments and returns as ``lora_bwd_ref``."""
+    """LoRA / AdaLoRA backward on the extension; arguments and returns as ``lora_bwd_ref``.  `variant`: the
+    forward's (every forward variant saves the same S, so one backward serves them all)."""
     _require()
-    if _use_reference(weight, x, lora_A, lora_E, lora_B):
-        from .ops.lora import lora_bwd_ref
-        return lora_bwd_ref(dy, x, weight, lora_A, lora_E, lora_B, S, scaling, dropout_p, seed, needs_dx, has_bias)
     return torch.ops.fastpeft.lora_bwd_cuda(dy, x, weight, lora_A, lora_E, lora_B, S, float(scaling),
                                             float(dropout_p), int(seed), bool(needs_dx), bool(has_bias))
 
@@ -210,23 +183,7 @@ def ia3_fwd_cuda(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
                  feedforward: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(IA)³ forward on the extension; arguments and returns as ``ia3_fwd_ref`` (saves z in output mode)."""
     _require()
-    if _use_reference(weight, x, ia3_l):
-        from .ops.ia3 import ia3_fwd_ref
-        return ia3_fwd_ref(x, weight, bias, ia3_l, feedforward)
     return torch.ops.fastpeft.ia3_fwd_cuda(x, weight, bias, ia3_l, bool(feedforward), True)
-
-
-def ia3_fwd_cuda_inference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                           ia3_l: torch.Tensor, feedforward: bool) -> torch.Tensor:
-    """(IA)³ forward without saving z: in output mode l is cuBLASLt's per-row alpha vector (free in the GEMM).
-
-    Returns only y (M, N); use it when no backward follows (``torch.no_grad`` / inference).
-    """
-    _require()
-    if _use_reference(weight, x, ia3_l):
-        from .ops.ia3 import ia3_fwd_ref
-        return ia3_fwd_ref(x, weight, bias, ia3_l, feedforward)[0]
-    return torch.ops.fastpeft.ia3_fwd_cuda(x, weight, bias, ia3_l, bool(feedforward), False)[0]
 
 
 def ia3_bwd_cuda(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l: torch.Tensor,
@@ -234,8 +191,5 @@ def ia3_bwd_cuda(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l:
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(IA)³ backward on the extension; arguments and returns as ``ia3_bwd_ref``."""
     _require()
-    if _use_reference(weight, dy, ia3_l):
-        from .ops.ia3 import ia3_bwd_ref
-        return ia3_bwd_ref(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias)
     return torch.ops.fastpeft.ia3_bwd_cuda(dy, x, weight, ia3_l, saved, bool(feedforward), bool(needs_dx),
                                            bool(has_bias))

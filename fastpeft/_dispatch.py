@@ -1,6 +1,7 @@
-"""Per-shape dispatch between the backends and their variants, from measurements.
+"""The measured dispatch table: per shape, which backend and variant was fastest.  It answers lookups;
+``fastpeft._backend.select_backend`` decides (this module chooses nothing on its own).
 
-A table maps ``(GPU name, dtype, op, shape bucket)`` to a choice: the backend (``"cuda"``, ``"triton"`` or
+A table maps ``(GPU name, dtype, op, shape bucket)`` to an entry: the backend (``"cuda"``, ``"triton"`` or
 ``"torch"``) and its variant: for triton ``"cublas"`` (the default path: cuBLAS GEMMs + skinny Triton kernels) or
 ``"fused"`` (the Triton GEMM with the adapter in its epilogue); for the LoRA forward on the cuda backend
 ``"decode"``, ``"accum"`` or ``"kaug"`` (see ``fastpeft._cuda``).  A non-default variant becomes the default for a
@@ -12,10 +13,9 @@ Sources of entries, in order of precedence:
      first call of an op on a new (GPU, dtype, bucket) times every usable backend on the real tensors (CUDA events,
      median of a few runs, forward + backward) and caches the faster one;
   2. a JSON table named by ``FASTPEFT_DISPATCH_TABLE`` (written by ``export_table`` on a GPU machine);
-  3. ``COMMITTED``: the table committed with the package.  It is **empty**: no measurement has been made on a GPU
-     yet, and no number is invented.  Until measured, ``choose`` returns None and ``fastpeft._backend`` keeps its
-     default order (triton's cublas variant > cuda extension > torch); the cuda LoRA forward variant defaults to
-     ``decode`` for M <= 16 and ``accum`` otherwise.
+  3. the table shipped with the package, the data file ``fastpeft/dispatch_table.json`` (written by
+     ``benchmarks/gpu_check.sh`` on a GPU; what it holds is said in docs/STATUS.md).  Without an entry for a shape
+     ``choose`` returns None and ``fastpeft._backend`` keeps its default order.
 
 Nothing here touches CUDA at import; ``describe()`` (shown by ``fastpeft.backend_info()``) reads the GPU name only
 when CUDA is already initialised.
@@ -32,19 +32,47 @@ from typing import Callable, Optional
 
 import torch
 
+from .ops import _registry
+
 logger = logging.getLogger("fastpeft")
 
-__all__ = ["COMMITTED", "bucket", "choose", "lora_fwd_variant", "describe", "record", "clear", "set_autotune",
+__all__ = ["committed", "bucket", "choose", "describe", "record", "clear", "set_autotune",
            "autotune_enabled", "export_table", "load_table", "table_key", "version", "VARIANTS"]
 
-# Variants an entry may name, per backend.
-VARIANTS = {"triton": ("cublas", "fused"), "cuda": ("decode", "accum", "kaug"), "torch": ()}
+# Variants an entry may name, per backend (those of any op).
+VARIANTS = {"torch": (), **{b: tuple(dict.fromkeys(v for vs in per_op.values() for v in vs))
+                            for b, per_op in _registry.VARIANTS.items()}}
 
-# (gpu, dtype, op, bucket) -> {"backend": ..., "variant": ..., "reason": ..., "timings_ms": {...}}
-# Empty on purpose: filled only from measurements (benchmarks/gpu_check.sh writes a table to commit here).
-COMMITTED: dict = {}
+# The shipped table: "gpu|dtype|op|bucket" -> {"backend": ..., "variant": ..., "reason": ..., "timings_ms": {...}}.
+_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dispatch_table.json")
+_committed: dict = {}
 
 _M_EDGES = (1, 16, 256, 2048, 8192)
+
+
+def _read_table(path: str) -> dict:
+    """The entries of a JSON table file, validated (``ValueError`` naming the file and the bad entry)."""
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a dispatch table must be a JSON object, got {type(data).__name__}")
+    out = {}
+    for key, entry in data.items():
+        if not isinstance(entry, dict) or entry.get("backend") not in VARIANTS \
+                or entry.get("variant") not in (None, *VARIANTS[entry["backend"]]):
+            raise ValueError(f"{path}: bad entry {key!r}: {entry!r}")
+        e = dict(entry)
+        e.setdefault("variant", None)
+        e.setdefault("timings_ms", {})
+        out[key] = e
+    return out
+
+
+def committed() -> dict:
+    """The table shipped with the package (``fastpeft/dispatch_table.json``), read once."""
+    if "table" not in _committed:
+        _committed["table"] = _read_table(_SHIPPED)
+    return _committed["table"]
 _lock = threading.Lock()
 _table: dict = {}
 _state = {"autotune": None, "env_loaded": False, "version": 0}
@@ -128,18 +156,10 @@ def clear() -> None:
 
 def load_table(path: str) -> int:
     """Merge a JSON table written by ``export_table`` into the in-process table; returns the number of entries."""
-    with open(path) as f:
-        data = json.load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a dispatch table must be a JSON object, got {type(data).__name__}")
+    data = _read_table(path)
     n = 0
     with _lock:
-        for key, entry in data.items():
-            if not isinstance(entry, dict) or entry.get("backend") not in ("cuda", "triton", "torch"):
-                raise ValueError(f"{path}: bad entry {key!r}: {entry!r}")
-            e = dict(entry)
-            e.setdefault("variant", None)
-            e.setdefault("timings_ms", {})
+        for key, e in data.items():
             e["reason"] = f"{e.get('reason', 'measured')} (loaded from {os.path.basename(path)})"
             _table.setdefault(key, e)
             n += 1
@@ -168,9 +188,9 @@ def _lookup(key: str) -> Optional[dict]:
                 logger.warning("fastpeft: FASTPEFT_DISPATCH_TABLE=%s not loaded: %s", path, e)
     with _lock:
         e = _table.get(key)
-    if e is None and key in COMMITTED:
-        e = dict(COMMITTED[key])
-        e["reason"] = f"{e.get('reason', 'measured')} (committed table)"
+    if e is None and key in committed():
+        e = dict(committed()[key])
+        e["reason"] = f"{e.get('reason', 'measured')} (shipped table)"
     return e
 
 
@@ -208,35 +228,23 @@ def _time_ms(fn: Callable[[], object], reps: int = 5, warmup: int = 2) -> float:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _lora_runner(backend: str, variant: Optional[str], args: tuple) -> Callable[[], object]:
+def _lora_runner(backend: str, args: tuple) -> Callable[[], object]:
     x, weight, bias, lora_A, lora_E, lora_B = args
-    from .ops.lora import _impl
-    if backend == "cuda" and variant is not None:
-        from . import _cuda
-        fold = _cuda.FOLD_KAUG if variant == "kaug" else _cuda.FOLD_ACCUM
-
-        def fwd():
-            if variant == "decode":
-                return _cuda.lora_decode_cuda(x, weight, bias, lora_A, lora_E, lora_B, 2.0, 0.0, 0)
-            return torch.ops.fastpeft.lora_fwd_cuda(x, weight, bias, lora_A, lora_E, lora_B, 2.0, 0.0, 0, fold)
-    else:
-        fwd_impl = _impl("lora_fwd", backend)
-
-        def fwd():
-            return fwd_impl(x, weight, bias, lora_A, lora_E, lora_B, 2.0, 0.0, 0)
-    bwd_impl = _impl("lora_bwd", backend)
+    impl = _registry.impl
+    fwd_impl, bwd_impl = impl("lora_fwd", backend), impl("lora_bwd", backend)
     dy = torch.randn(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
 
     def step():
-        _, s = fwd()
+        _, s = fwd_impl(x, weight, bias, lora_A, lora_E, lora_B, 2.0, 0.0, 0)
         return bwd_impl(dy, x, weight, lora_A, lora_E, lora_B, s, 2.0, 0.0, 0, True, bias is not None)
     return step
 
 
 def _ia3_runner(backend: str, args: tuple) -> Callable[[], object]:
     x, weight, bias, ia3_l, feedforward = args
-    from .ops.ia3 import _bwd_call, _impl, _wants_output
-    fwd_impl = _impl("ia3_fwd", backend)
+    impl = _registry.impl
+    from .ops.ia3 import _bwd_call, _wants_output
+    fwd_impl = impl("ia3_fwd", backend)
     dy = torch.randn(x.shape[0], weight.shape[0], device=x.device, dtype=x.dtype)
 
     def step():
@@ -248,32 +256,13 @@ def _ia3_runner(backend: str, args: tuple) -> Callable[[], object]:
     return step
 
 
-def _usable(backend: str, op: str, device: torch.device) -> bool:
-    from ._backend import _why_not
-    return _why_not(backend, op, device) is None
-
-
-def _autotune(op: str, key: str, gpu: str, x: torch.Tensor, args: tuple) -> Optional[dict]:
-    candidates: dict[str, Callable[[], object]] = {}
-    variants: dict[str, Optional[str]] = {}
-    if _usable("cuda", op, x.device):
-        if op == "lora":
-            names = (["decode"] if x.shape[0] <= 16 else []) + ["accum", "kaug"]
-            for v in names:
-                candidates[f"cuda/{v}"] = _lora_runner("cuda", v, args)
-                variants[f"cuda/{v}"] = v
-        else:
-            candidates["cuda"] = _ia3_runner("cuda", args)
-            variants["cuda"] = None
-    if _usable("triton", op, x.device):
-        for v in VARIANTS["triton"]:
-            name = f"triton:{v}"
-            candidates[name] = _lora_runner(name, None, args) if op == "lora" else _ia3_runner(name, args)
-            variants[name] = v
+def _autotune(op: str, key: str, gpu: str, x: torch.Tensor, args: tuple, candidates: tuple) -> Optional[dict]:
+    """Time every candidate (``"<backend>:<variant>"`` names the caller found usable) and record the fastest."""
     if len(candidates) < 2:
         return None  # nothing to choose between
+    runners = {c: (_lora_runner(c, args) if op == "lora" else _ia3_runner(c, args)) for c in candidates}
     timings = {}
-    for name, fn in candidates.items():
+    for name, fn in runners.items():
         try:
             timings[name] = round(_time_ms(fn), 5)
         except Exception as e:  # a candidate that fails here is simply not chosen
@@ -281,24 +270,27 @@ def _autotune(op: str, key: str, gpu: str, x: torch.Tensor, args: tuple) -> Opti
     if not timings:
         return None
     best = min(timings, key=timings.get)
-    backend = best.split("/")[0].split(":")[0]
+    backend, _, variant = best.partition(":")
     reason = "autotuned fwd+bwd: " + ", ".join(f"{k} {v:.4f} ms" for k, v in sorted(timings.items()))
-    record(gpu, x.dtype, op, key.split("|")[-1], backend, reason, variants[best], timings)
+    record(gpu, x.dtype, op, key.split("|")[-1], backend, reason, variant or None, timings)
     logger.info("fastpeft: dispatch %s -> %s (%s)", key, best, reason)
     return _lookup(key)
 
 
-def choose(op: str, x: torch.Tensor, weight: Optional[torch.Tensor] = None, *args) -> Optional[str]:
+def choose(op: str, x: torch.Tensor, weight: Optional[torch.Tensor] = None, *args,
+           candidates: Optional[Callable[[], tuple]] = None) -> Optional[str]:
     """The measured backend for `op` on this shape, or None when nothing has been measured for it.
 
     Args:
         op: ``"lora"`` or ``"ia3"``.
         x: the op's 2-D input (M, K).  weight: the base weight (N, K); without it the bucket uses N = K.
-        *args: for autotuning, the op's remaining inputs exactly as the forward takes them
-            (lora: bias, lora_A, lora_E, lora_B; ia3: bias, ia3_l, feedforward).  Without them no autotune runs.
+        *args: the op's remaining forward inputs exactly as the forward takes them (lora: bias, lora_A, lora_E,
+            lora_B; ia3: bias, ia3_l, feedforward).
+        candidates: for autotuning, a callable giving the ``"<backend>:<variant>"`` names that can run these
+            arguments (``fastpeft._backend`` passes it).  Without it (or the args) no autotune runs.
     Returns:
-        ``"cuda"``, ``"triton"``, ``"triton:<variant>"`` (or ``"torch"``), or None.  Never measures on CPU tensors,
-        while compiling, or while a CUDA graph is being captured.
+        ``"<backend>"`` or ``"<backend>:<variant>"`` as the entry names it, or None.  Never measures on CPU
+        tensors, while compiling, or while a CUDA graph is being captured.
     """
     gpu = _gpu_name(x.device)
     if gpu is None or x.dim() != 2:
@@ -308,29 +300,11 @@ def choose(op: str, x: torch.Tensor, weight: Optional[torch.Tensor] = None, *arg
     r = args[1].shape[0] if (op == "lora" and len(args) >= 2) else None
     key = table_key(gpu, x.dtype, op, bucket(m, n, k, r))
     e = _lookup(key)
-    if e is None and weight is not None and args and _can_measure(x):
-        full = (x, weight) + tuple(args)
-        e = _autotune(op, key, gpu, x, full)
+    if e is None and weight is not None and args and candidates is not None and _can_measure(x):
+        e = _autotune(op, key, gpu, x, (x, weight) + tuple(args), candidates())
     if e is None:
         return None
-    if e["backend"] == "triton" and e.get("variant") in VARIANTS["triton"]:
-        return f"triton:{e['variant']}"
-    return e["backend"]
-
-
-def lora_fwd_variant(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> str:
-    """The cuda backend's LoRA forward variant for this shape: measured if known, else decode / accum by M."""
-    gpu = _gpu_name(x.device)
-    if gpu is not None and x.dim() == 2:
-        e = _lookup(table_key(gpu, x.dtype, "lora", bucket(x.shape[0], weight.shape[0], x.shape[1],
-                                                          lora_A.shape[0])))
-        if e is not None and e.get("variant") in ("decode", "accum", "kaug"):
-            if e["variant"] != "decode" or (x.shape[0] <= 16 and weight.stride(1) == 1):
-                return e["variant"]
-    # The decode kernel streams rows of W; a transposed view (Conv1D's weight.t()) would need a copy of W per call,
-    # so it goes to cuBLASLt (which reads either layout) instead.
-    rowmajor = weight.dim() == 2 and (weight.stride(1) == 1 or weight.shape[1] <= 1)
-    return "decode" if x.shape[0] <= 16 and rowmajor else "accum"
+    return f"{e['backend']}:{e['variant']}" if e.get("variant") else e["backend"]
 
 
 def describe() -> dict:
@@ -347,11 +321,11 @@ def describe() -> dict:
         "gpu": gpu,
         "autotune": autotune_enabled(),
         "table_file": os.environ.get("FASTPEFT_DISPATCH_TABLE"),
-        "committed_entries": len(COMMITTED),
+        "committed_entries": len(committed()),
         "entries": entries,
         "default": ("no measurement for a shape -> triton (variant cublas: the frozen layer's cuBLAS GEMMs + "
                     "skinny Triton kernels) > cuda extension > torch; the fused Triton GEMM only by a measured "
                     "entry or an explicit backend='triton:fused'"),
-        "note": ("the committed table is empty: no GPU measurement has been made yet" if not COMMITTED
-                 else f"{len(COMMITTED)} committed measurements"),
+        "note": ("the shipped table (fastpeft/dispatch_table.json) is empty" if not committed()
+                 else f"{len(committed())} shipped measurements"),
     }

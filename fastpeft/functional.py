@@ -2,8 +2,9 @@
 
 The modules (``fastpeft.LoRALinear`` ...) and the model API's tuner layers call these.  Each validates its
 arguments (clear ``ValueError``/``TypeError`` naming the argument), flattens leading dimensions, applies autocast,
-picks the backend in one place (``fastpeft._backend.select_backend``) and calls the custom op, whose autograd
-formula is registered in ``fastpeft.ops``.
+has ``fastpeft._backend.select_backend`` pick the backend, and calls the op of ``fastpeft.ops`` (whose autograd
+formula is registered there) or, on the torch backend without a dropout seed, the op's torch implementation with
+autograd building the backward.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ._backend import select_backend
 from .ops import ia3 as _ia3
@@ -195,7 +195,11 @@ def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, s
     e = lora_E.reshape(r) if lora_E is not None else None
     chosen = select_backend("lora", x, backend, dispatch_args=(x2, weight, bias, lora_A, e, lora_B))
     if chosen == "torch" and (dropout_p == 0.0 or seed is None):
-        return _lora_composite(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p)
+        # The torch implementation with autograd building the backward: HF PEFT's own sequence of ops (so a
+        # fastpeft model reproduces a PEFT step bit for bit on CPU, and inductor fuses it under torch.compile);
+        # unseeded dropout draws its mask like PEFT (F.dropout, torch's RNG).  Seeded dropout goes through the op,
+        # whose backward regenerates the mask instead of keeping it.
+        return _lora.lora_fwd_ref(x, weight, bias, lora_A, e, lora_B, scaling, dropout_p, None)[0]
     # Fused backends, and seeded dropout on the torch backend (the op regenerates the mask in backward; under
     # torch.compile the custom op keeps the integer Philox rounds out of the traced graph).
     if dropout_p == 0.0:
@@ -209,23 +213,6 @@ def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, s
         seed = _check_seed(seed)
     y, _ = _lora.lora_apply(x2, weight, bias, lora_A, e, lora_B, scaling, dropout_p, seed, chosen)
     return y.reshape(*lead, n)
-
-
-def _lora_composite(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p):
-    """The torch backend: HF PEFT's own sequence of autograd ops, so autograd (or inductor, under torch.compile)
-    builds the backward.  On CPU this is as fast as PEFT's layer; the explicit backward of ``fastpeft.ops.lora``
-    (``lora_bwd_ref``, which regenerates the mask instead of saving it) is the ground truth of the fused backends
-    and is tested through the custom op.  Unseeded dropout draws its mask exactly as PEFT does (F.dropout with the
-    global RNG), so a fastpeft model reproduces a PEFT training step bit for bit.  (Seeded dropout goes through the
-    op instead.)"""
-    adt = lora_A.dtype
-    base = F.linear(x, weight, bias)
-    xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0.0 else x
-    s = xd.to(adt) @ lora_A.t()
-    if lora_E is not None:
-        s = s * lora_E.reshape(1, -1)
-    delta = (s @ lora_B.t()) * scaling
-    return (base + delta).to(x.dtype)
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -317,13 +304,10 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     x2 = x.reshape(-1, k).contiguous()
     chosen = select_backend("ia3", x, backend, dispatch_args=(x2, weight, bias, ia3_l.reshape(want), feedforward))
     if chosen == "torch":
-        # HF PEFT's own ops (autograd builds the backward; as fast as PEFT on CPU); the explicit backward of
-        # fastpeft.ops.ia3 is the ground truth of the fused backends, tested through the custom op.
-        lv = ia3_l.reshape(want)
+        # The torch implementation, HF PEFT's own ops, with autograd building the backward (as fast as PEFT on
+        # CPU); the explicit backward of fastpeft.ops.ia3 is the ground truth of the fused backends.
         with ctx:
-            if feedforward:
-                return F.linear((x.to(lv.dtype) * lv).to(x.dtype), weight, bias)
-            return (F.linear(x, weight, bias) * lv).to(x.dtype)
+            return _ia3.ia3_fwd_ref(x, weight, bias, ia3_l.reshape(want), feedforward)[0]
     with ctx:
         y, _ = _ia3.ia3_apply(x2, weight, bias, ia3_l.reshape(want), feedforward, chosen)
     return y.reshape(*lead, n)

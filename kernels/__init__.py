@@ -17,15 +17,22 @@ installed, the module makes itself look like an absent package to the two kinds 
 
 Dunder lookups keep raising ``AttributeError`` so that ``getattr(module, "__version__", default)`` still works.
 
-Modules (launchers have exactly the signatures of the torch references in ``fastpeft.ops``):
-  ``lora``     ``lora_fwd_triton`` / ``lora_bwd_triton``  (LoRA and AdaLoRA; seeded dropout regenerated, never stored)
-  ``ia3``      ``ia3_fwd_triton`` / ``ia3_bwd_triton``    (output-feature scale in the epilogue, input scale in the
-                                                          prologue)
-  ``_common``  the persistent GEMM kernel with its prologue/epilogue options, the dropout mask, autotune configs
+Nothing here imports ``fastpeft``: the package sits below it (``fastpeft.ops`` looks the launchers up lazily).
+
+Modules (launchers have exactly the signatures of the torch references in ``fastpeft.ops``, plus ``variant=`` and
+``target=``):
+  ``lora``      ``lora_fwd_triton`` / ``lora_bwd_triton``  (LoRA and AdaLoRA; seeded dropout regenerated, never stored)
+  ``ia3``       ``ia3_fwd_triton`` / ``ia3_bwd_triton``    (output-feature scale in the epilogue, input scale in the
+                                                           prologue)
+  ``_gemm``     the persistent GEMM kernel with its prologue/epilogue options and its launcher ``gemm``
+  ``_configs``  the GEMM's autotune configurations and their pruning
+  ``_philox``   the dropout keep-mask inside a kernel; ``_mask`` its host-side threshold (pure Python)
+  ``_tl``       dot precision and small ``tl`` helpers
+  ``_target``   environment knobs, the ``LaunchTarget`` a launch is sized for, block-size heuristics
+  ``_cost``     what launchers report to the cost model
 
 Environment: ``FASTPEFT_TRITON_TMA=auto|0|1`` chooses the tensor-descriptor (TMA) path of the GEMM (auto: on sm90+
-when the operands are 16-byte aligned with a unit-stride dimension).  The autotune configurations are NOT measured
-yet (written without a GPU); see ``_common``.
+when the operands are 16-byte aligned with a unit-stride dimension); ``FASTPEFT_TRITON_AUTOTUNE=0|1``.
 """
 
 if __name__ == "kernels":  # imported as a top-level package from a checkout, not as fastpeft.kernels

@@ -17,11 +17,12 @@ the frozen layer would make anyway:
   Exactness where l is 0 or tiny (|l| < ``tiny_l(dtype)``, where y / l would lose precision): input mode uses the
   l' GEMM above (those columns of G' are exactly dY W); output mode recomputes z = x Wᵀ + b for only the column
   blocks holding such entries (the kernel's K loop is empty for every other block).
-``fused``: the Triton GEMM of ``_common`` with l in its prologue / epilogue, saving z (output mode).
+``fused``: the Triton GEMM of ``_gemm`` with l in its prologue / epilogue, saving z (output mode).
 
 Launchers have the signatures and return conventions of ``fastpeft.ops.ia3.ia3_fwd_ref`` / ``ia3_bwd_ref`` (plus
-``variant=``; the cublas forward returns an empty ``saved`` in output mode, which tells the op to pass its output y
-and the bias to the backward as ``y=`` / ``bias=``).
+``variant=`` and ``target=``) and take what the registry's ``supports`` predicate admits (fp16/bf16/fp32, K >= 1,
+N >= 1).  The cublas forward returns an empty ``saved`` in output mode, which tells the op to pass its output y and
+the bias to the backward as ``y=`` / ``bias=``.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.ops.ia3 import ia3_bwd_ref, ia3_fwd_ref
-
 import torch.nn.functional as F
 
-from ._common import (SUPPORTED_DTYPES, base_precision, dot_prec, gemm, launch_ok, mma, on_input_device, scaled,
-                      skinny_blocks, split_count, target_programs)
+from ._gemm import gemm
+from ._target import (LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
+                      split_count, target_programs)
+from ._tl import base_precision, dot_prec, mma, scaled
 
 __all__ = ["ia3_fwd_triton", "ia3_bwd_triton"]
 
@@ -197,14 +198,14 @@ def _ia3_dl_in_kernel(g_ptr, x_ptr, l_ptr, dl_part_ptr, M, K, tiny,
     tl.store(dl_part_ptr + pid_s.to(tl.int64) * K + rk64, acc / tl.where(small, 1.0, lv), mask=mask_k)
 
 
-def _colsum(dy: torch.Tensor, z: Optional[torch.Tensor], l: Optional[torch.Tensor], want_db: bool
-            ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+def _colsum(dy: torch.Tensor, z: Optional[torch.Tensor], l: Optional[torch.Tensor], want_db: bool,
+            tgt: Optional[LaunchTarget]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(Σ_m dY ⊙ z, Σ_m dY[⊙ l]) as fp32 (N,) vectors (None where not asked)."""
     m, n = dy.shape
     dev = dy.device
-    bm, bn, warps = skinny_blocks(dev)
+    bm, bn, warps = skinny_blocks(tgt)
     n_blocks, m_blocks = triton.cdiv(n, bn), triton.cdiv(m, bm)
-    splits = split_count(n_blocks, m_blocks, target_programs(dev))
+    splits = split_count(n_blocks, m_blocks, target_programs(tgt))
     mb_per = triton.cdiv(m_blocks, splits)
     splits = triton.cdiv(m_blocks, mb_per)
     dl_part = torch.empty((splits, n), device=dev, dtype=torch.float32) if z is not None else None
@@ -226,18 +227,6 @@ def _launch_colsum(dy, z, l, dl_part, db_part, dummy, m, n, n_blocks, splits, mb
         num_warps=warps)
 
 
-def _supported(*tensors: Optional[torch.Tensor]) -> bool:
-    return all(t is None or t.dtype in SUPPORTED_DTYPES for t in tensors)
-
-
-VARIANTS = ("cublas", "fused")
-
-
-def _check_variant(variant: Optional[str]) -> str:
-    v = variant or "cublas"
-    if v not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    return v
 
 
 def tiny_l(dtype: torch.dtype) -> float:
@@ -246,12 +235,13 @@ def tiny_l(dtype: torch.dtype) -> float:
     return 2.0 ** -8 if dtype == torch.float16 else 2.0 ** -64
 
 
-def _scale_weight(weight: torch.Tensor, ia3_l: torch.Tensor, rows: bool, safe: bool = False) -> torch.Tensor:
+def _scale_weight(weight: torch.Tensor, ia3_l: torch.Tensor, rows: bool, tgt: Optional[LaunchTarget],
+                  safe: bool = False) -> torch.Tensor:
     """W ⊙ l as a row-major (N, K) tensor in W's dtype: rows (l: (N,)) or columns (l: (K,)); `safe`: tiny l -> 1.
     One read and one write of W (2·N·K elements)."""
     n, k = weight.shape
     out = torch.empty((n, k), device=weight.device, dtype=weight.dtype)
-    bn, bk, warps = skinny_blocks(weight.device)
+    bn, bk, warps = skinny_blocks(tgt)
     if launch_ok("ia3_scale_w", weight, bytes_read=n * k * weight.element_size() + ia3_l.numel() * ia3_l.element_size(),
                  bytes_written=n * k * weight.element_size(), flops=n * k):
         _ia3_scale_w_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
@@ -260,25 +250,25 @@ def _scale_weight(weight: torch.Tensor, ia3_l: torch.Tensor, rows: bool, safe: b
     return out
 
 
-def _splits(other_blocks: int, m: int, bm: int, dev: torch.device) -> tuple[int, int]:
+def _splits(other_blocks: int, m: int, bm: int, tgt: Optional[LaunchTarget]) -> tuple[int, int]:
     m_blocks = triton.cdiv(m, bm)
-    splits = split_count(other_blocks, m_blocks, target_programs(dev))
+    splits = split_count(other_blocks, m_blocks, target_programs(tgt))
     mb_per = triton.cdiv(m_blocks, splits)
     return triton.cdiv(m_blocks, mb_per), mb_per
 
 
-def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db):
+def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db, tgt):
     """(dl (N,) fp32, Σ_m dY (N,) fp32 or None): one pass over dY and y (M·N each); x and W only for the column
     blocks holding a tiny l."""
     m, n = dy.shape
     k = weight.shape[1]
     dev = dy.device
-    bm, bn, warps = skinny_blocks(dev)
+    bm, bn, warps = skinny_blocks(tgt)
     # The z-recompute loop runs only in blocks holding a tiny l: small K tiles and one stage keep its shared memory
     # (and so the occupancy of the main pass over dY and y) low.
     bk = min(32, bn)
     n_blocks = triton.cdiv(n, bn)
-    splits, mb_per = _splits(n_blocks, m, bm, dev)
+    splits, mb_per = _splits(n_blocks, m, bm, tgt)
     dl_part = torch.empty((splits, n), device=dev, dtype=torch.float32)
     db_part = torch.empty((splits, n) if want_db else (1,), device=dev, dtype=torch.float32)
     es = dy.element_size()
@@ -293,13 +283,13 @@ def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db):
     return dl_part.sum(0), (db_part.sum(0) if want_db else None)
 
 
-def _dl_input_mode(g, x, ia3_l, write_dx):
+def _dl_input_mode(g, x, ia3_l, write_dx, tgt):
     """dl (K,) fp32 from one pass over G' and x (M·K each); with `write_dx` G' becomes dX in place."""
     m, k = g.shape
     dev = g.device
-    bm, bk, warps = skinny_blocks(dev)
+    bm, bk, warps = skinny_blocks(tgt)
     k_blocks = triton.cdiv(k, bk)
-    splits, mb_per = _splits(k_blocks, m, bm, dev)
+    splits, mb_per = _splits(k_blocks, m, bm, tgt)
     dl_part = torch.empty((splits, k), device=dev, dtype=torch.float32)
     es = g.element_size()
     if launch_ok("ia3_dl_in", g, bytes_read=2 * m * k * es + k * ia3_l.element_size(), bytes_written=splits * k * 4,
@@ -316,7 +306,8 @@ def _scaled_bias(bias: Optional[torch.Tensor], ia3_l: torch.Tensor) -> Optional[
 
 @on_input_device
 def ia3_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
-                   feedforward: bool, variant: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   feedforward: bool, variant: Optional[str] = None, target: Optional[LaunchTarget] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton IA3 forward; the contract of ``fastpeft.ops.ia3.ia3_fwd_ref``.
 
     Passes (cublas variant): one over W (scale rows / columns by l), one cuBLAS GEMM (``F.linear``).  Fused
@@ -325,36 +316,35 @@ def ia3_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     Args:
         x: (M, K) fp16/bf16/fp32, any strides.  weight: (N, K), any strides.  bias: (N,) or None.
         ia3_l: (N,) in output mode, (K,) in input (`feedforward`) mode; its dtype may differ from x's.
-        variant: ``"cublas"`` (default) or ``"fused"``.
+        variant: ``"cublas"`` (default) or ``"fused"``.  target: the launch target (None: x's device).
     Returns:
         y: (M, N) in x's dtype; saved: empty (0,) (cublas variant: the op keeps y itself), or z = x Wᵀ + b (M, N)
         in output mode of the fused variant.
     """
-    variant = _check_variant(variant)
+    variant = check_variant(variant)
+    tgt = launch_target(x.device, target)
     m, k = x.shape
     n = weight.shape[0]
-    if not _supported(x, weight, bias, ia3_l) or n == 0 or k == 0:
-        return ia3_fwd_ref(x, weight, bias, ia3_l, feedforward)
     if variant == "cublas":
         if feedforward:
-            return F.linear(x, _scale_weight(weight, ia3_l, rows=False), bias), x.new_empty(0)
-        return F.linear(x, _scale_weight(weight, ia3_l, rows=True), _scaled_bias(bias, ia3_l)), x.new_empty(0)
+            return F.linear(x, _scale_weight(weight, ia3_l, False, tgt), bias), x.new_empty(0)
+        return F.linear(x, _scale_weight(weight, ia3_l, True, tgt), _scaled_bias(bias, ia3_l)), x.new_empty(0)
     if m == 0:
         return x.new_empty((0, n)), (x.new_empty(0) if feedforward else x.new_empty((0, n)))
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if feedforward:
-        gemm(x, weight.t(), y, prec=base_precision(x.dtype), pro=ia3_l, bias=bias)
+        gemm(x, weight.t(), y, prec=base_precision(x.dtype), pro=ia3_l, bias=bias, target=tgt)
         return y, x.new_empty(0)
     z = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    gemm(x, weight.t(), y, prec=base_precision(x.dtype), bias=bias, col=ia3_l, z=z)
+    gemm(x, weight.t(), y, prec=base_precision(x.dtype), bias=bias, col=ia3_l, z=z, target=tgt)
     return y, z
 
 
 @on_input_device
 def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l: torch.Tensor, saved: torch.Tensor,
                    feedforward: bool, needs_dx: bool, has_bias: bool, variant: Optional[str] = None,
-                   y: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   y: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
+                   target: Optional[LaunchTarget] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton IA3 backward; the contract of ``fastpeft.ops.ia3.ia3_bwd_ref``.
 
     Passes (cublas variant): output mode: one over W (l ⊙ W), dX by one cuBLAS GEMM, one pass over (dY, y) for dl
@@ -365,20 +355,18 @@ def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_
         dy: (M, N).  x: (M, K) (cublas variant and input mode; an empty placeholder in the fused output mode).
         weight: (N, K).  ia3_l: as in the forward.  saved: what the forward returned.
         variant: ``"cublas"`` (default) or ``"fused"``.  y, bias: the forward's output and bias (cublas variant,
-        output mode: dl is recovered from y, and from x W + b where l is tiny).
+        output mode: dl is recovered from y, and from x W + b where l is tiny).  target: the launch target.
     Returns:
         dx (M, K) (x's dtype in input mode, dy's in output mode; empty (0,) if not `needs_dx`), dl shaped like
         ia3_l in its dtype, dbias (N,) in weight's dtype (empty if not `has_bias`).
     """
-    variant = _check_variant(variant)
+    variant = check_variant(variant)
     m, n = dy.shape
     k = weight.shape[1]
     if variant == "cublas" and not feedforward and y is None:
         raise ValueError("ia3_bwd_triton (cublas variant, output mode) needs the forward's output y=")
-    check_saved = saved if (variant == "fused" and not feedforward) else None
-    if not _supported(dy, x if feedforward else None, weight, ia3_l, check_saved) or n == 0 or k == 0:
-        return ia3_bwd_ref(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias)
     dev = dy.device
+    tgt = launch_target(dev, target)
     empty_db = dy.new_empty(0, dtype=weight.dtype)
     if m == 0:
         dx_dtype = x.dtype if feedforward else dy.dtype
@@ -386,26 +374,27 @@ def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_
                 torch.zeros_like(ia3_l), torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
     if variant == "cublas":
         if feedforward:
-            g = torch.mm(dy, _scale_weight(weight, ia3_l, rows=False, safe=True))
-            dl = _dl_input_mode(g, x, ia3_l, needs_dx).to(ia3_l.dtype)
-            dbias = _colsum(dy, None, None, True)[1].to(weight.dtype) if has_bias else empty_db
+            g = torch.mm(dy, _scale_weight(weight, ia3_l, False, tgt, safe=True))
+            dl = _dl_input_mode(g, x, ia3_l, needs_dx, tgt).to(ia3_l.dtype)
+            dbias = _colsum(dy, None, None, True, tgt)[1].to(weight.dtype) if has_bias else empty_db
             return (g if needs_dx else x.new_empty(0)), dl, dbias
-        dl, colsum = _dl_output_mode(dy, y, ia3_l, x, weight, bias, has_bias)
+        dl, colsum = _dl_output_mode(dy, y, ia3_l, x, weight, bias, has_bias, tgt)
         dbias = (colsum * ia3_l.float()).to(weight.dtype) if has_bias else empty_db
-        dx = torch.mm(dy, _scale_weight(weight, ia3_l, rows=True)) if needs_dx else dy.new_empty(0)
+        dx = torch.mm(dy, _scale_weight(weight, ia3_l, True, tgt)) if needs_dx else dy.new_empty(0)
         return dx, dl.to(ia3_l.dtype), dbias
     if feedforward:
         dx = torch.empty((m, k), device=dev, dtype=x.dtype) if needs_dx else None
-        part = gemm(dy, weight, dx, prec=base_precision(dy.dtype), col=ia3_l if needs_dx else None, dl_x=x)
+        part = gemm(dy, weight, dx, prec=base_precision(dy.dtype), col=ia3_l if needs_dx else None, dl_x=x,
+                    target=tgt)
         dl = part.sum(0).to(ia3_l.dtype)
-        dbias = _colsum(dy, None, None, True)[1].to(weight.dtype) if has_bias else empty_db
+        dbias = _colsum(dy, None, None, True, tgt)[1].to(weight.dtype) if has_bias else empty_db
         return (dx if needs_dx else x.new_empty(0)), dl, dbias
-    dl, db = _colsum(dy, saved, ia3_l, has_bias)
+    dl, db = _colsum(dy, saved, ia3_l, has_bias, tgt)
     dl = dl.to(ia3_l.dtype)
     dbias = db.to(weight.dtype) if has_bias else empty_db
     if needs_dx:
         dx = torch.empty((m, k), device=dev, dtype=dy.dtype)
-        gemm(dy, weight, dx, prec=base_precision(dy.dtype), pro=ia3_l)
+        gemm(dy, weight, dx, prec=base_precision(dy.dtype), pro=ia3_l, target=tgt)
     else:
         dx = dy.new_empty(0)
     return dx, dl, dbias

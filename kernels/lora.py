@@ -14,15 +14,17 @@ with a fixed pass budget (the dropout mask is regenerated from (seed, m, k) wher
             ``_lora_da_kernel``      one pass over x: dA = dSᵀ drop(x)
             ``torch.mm``             dX = dY W                                     (cuBLAS)
             ``_lora_expand_kernel``  dX += mask ⊙ (dS A) · scale: one read + write of dX
-``fused``: the same skinny kernels around the Triton GEMM of ``_common`` with the rank-r term in its epilogue
+``fused``: the same skinny kernels around the Triton GEMM of ``_gemm`` with the rank-r term in its epilogue
 (y and dX written once, no extra pass, but a Triton GEMM instead of cuBLAS's); chosen only explicitly or by a
 measured entry of the dispatch table.
 
 Partial sums go to small fp32 buffers (a few MB at M = 8192) summed by torch: deterministic, no atomics.
 
 Launchers ``lora_fwd_triton`` / ``lora_bwd_triton`` have the signatures and return conventions of
-``fastpeft.ops.lora.lora_fwd_ref`` / ``lora_bwd_ref`` (plus ``variant=``).  Dtypes the kernels do not handle (fp64)
-and degenerate shapes (K = 0 or N = 0) go to the torch reference; M = 0 returns empty results without a launch.
+``fastpeft.ops.lora.lora_fwd_ref`` / ``lora_bwd_ref`` (plus ``variant=``).  They take what the registry's
+``supports`` predicate (``fastpeft/ops/_registry.py``) admits - fp16/bf16/fp32 operands, K >= 1, N >= 1 - and nothing
+else (``fastpeft._backend.select_backend`` never sends them anything else); M = 0 returns empty results without a
+launch.
 Every launch is reported to ``fastpeft._cost`` when the cost model records, and skipped for fake / meta tensors.
 """
 
@@ -36,12 +38,12 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fastpeft.ops.dropout import dropout_threshold
-from fastpeft.ops.lora import lora_bwd_ref, lora_fwd_ref
-
-from ._common import (SUPPORTED_DTYPES, base_precision, dot_prec, dropout_keep, gemm, launch_ok, on_input_device,
-                      lora_epilogue_precision, mma, pad_rank, seed_arg, skinny_blocks, skinny_precision, split_count,
-                      target_programs)
+from ._gemm import gemm
+from ._mask import dropout_threshold
+from ._philox import dropout_keep, seed_arg
+from ._target import (LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
+                      split_count, target_programs)
+from ._tl import base_precision, dot_prec, lora_epilogue_precision, mma, pad_rank, skinny_precision
 
 __all__ = ["lora_fwd_triton", "lora_bwd_triton"]
 
@@ -232,7 +234,6 @@ def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, M, N, R, scale,
 # ---------------------------------------------------------------------------------------------------------------
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-VARIANTS = ("cublas", "fused")
 
 
 def _reduce(part: torch.Tensor) -> torch.Tensor:
@@ -241,24 +242,14 @@ def _reduce(part: torch.Tensor) -> torch.Tensor:
     return part.select(0, 0) if part.shape[0] == 1 else part.sum(0)
 
 
-def _supported(*tensors: Optional[torch.Tensor]) -> bool:
-    return all(t is None or t.dtype in SUPPORTED_DTYPES for t in tensors)
-
-
-def _check_variant(variant: Optional[str]) -> str:
-    v = variant or "cublas"
-    if v not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    return v
-
-
-def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, tgt: Optional[LaunchTarget]
+            ) -> torch.Tensor:
     """S = drop(x) Aᵀ: (M, r) fp32.  One pass over x (M·K reads), A from L2; writes splits·M·r fp32 partials."""
     m, k = x.shape
     r = lora_A.shape[0]
-    bm, bk, warps = skinny_blocks(x.device, dropout_p > 0.0)
+    bm, bk, warps = skinny_blocks(tgt, dropout_p > 0.0)
     m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
-    splits = split_count(m_blocks, k_blocks, target_programs(x.device))
+    splits = split_count(m_blocks, k_blocks, target_programs(tgt))
     kb_per = triton.cdiv(k_blocks, splits)
     splits = triton.cdiv(k_blocks, kb_per)
     part = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
@@ -274,12 +265,12 @@ def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) 
 
 
 def _expand(out: torch.Tensor, L: torch.Tensor, scale: float, e: Optional[torch.Tensor], Rm: torch.Tensor,
-            dropout_p: float = 0.0, seed: int = 0) -> None:
+            tgt: Optional[LaunchTarget], dropout_p: float = 0.0, seed: int = 0) -> None:
     """out (M, N) += [mask ⊙ drop_scale ·] scale · (L ⊙ e) Rm in place.  L: (M, r) fp32; Rm: (r, N), any strides.
     One read + one write of out (2·M·N elements), L and Rm once."""
     m, n = out.shape
     r = L.shape[1]
-    bm, bn, warps = skinny_blocks(out.device, dropout_p > 0.0)
+    bm, bn, warps = skinny_blocks(tgt, dropout_p > 0.0)
     p16, drop_scale = dropout_threshold(dropout_p)
     if launch_ok("lora_expand", out, bytes_read=m * n * out.element_size() + m * r * 4 + r * n * Rm.element_size(),
                  bytes_written=m * n * out.element_size(), flops=2 * m * n * r):
@@ -294,7 +285,8 @@ def _expand(out: torch.Tensor, L: torch.Tensor, scale: float, e: Optional[torch.
 @on_input_device
 def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                     lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float,
-                    seed: int, variant: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: int, variant: Optional[str] = None, target: Optional[LaunchTarget] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton LoRA forward; the contract of ``fastpeft.ops.lora.lora_fwd_ref``.
 
     Passes (cublas variant): shrink reads x once (M·K) and writes S (M·r fp32); cuBLAS ``F.linear`` (the frozen
@@ -305,46 +297,46 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
         x: (M, K), fp16/bf16/fp32 (any strides).  weight: (N, K), any strides (e.g. Conv1D's ``weight.t()``).
         bias: (N,) or None.  lora_A: (r, K).  lora_E: (r,) or None.  lora_B: (N, r) - adapters may be fp32 on a
         16-bit base.  scaling: s.  dropout_p: in [0, 1).  seed: mask seed (``fastpeft.ops.dropout`` stream).
-        variant: ``"cublas"`` (default) or ``"fused"``.
+        variant: ``"cublas"`` (default) or ``"fused"``.  target: the launch target (None: x's device).
     Returns:
         y: (M, N) in x's dtype; S = drop(x) Aᵀ: (M, r) fp32.
     """
-    variant = _check_variant(variant)
+    variant = check_variant(variant)
     m, k = x.shape
     n = weight.shape[0]
     r = lora_A.shape[0]
-    if not _supported(x, weight, bias, lora_A, lora_E, lora_B) or n == 0 or k == 0:
-        return lora_fwd_ref(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed)
     if m == 0:
         return x.new_empty((0, n)), x.new_empty((0, r), dtype=torch.float32)
-    s = _shrink(x, lora_A, dropout_p, seed)
+    tgt = launch_target(x.device, target)
+    s = _shrink(x, lora_A, dropout_p, seed, tgt)
     if variant == "cublas":
         y = F.linear(x, weight, bias)
-        _expand(y, s, float(scaling), lora_E, lora_B.t())
+        _expand(y, s, float(scaling), lora_E, lora_B.t(), tgt)
         return y, s
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     gemm(x, weight.t(), y, prec=base_precision(x.dtype),
          lora=(s, float(scaling), lora_E, lora_B.t(), lora_epilogue_precision(x.dtype, lora_A.dtype), 0, 0, 1.0),
-         bias=bias)
+         bias=bias, target=tgt)
     return y, s
 
 
 def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Optional[torch.Tensor],
-             scaling: float, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+             scaling: float, has_bias: bool, tgt: Optional[LaunchTarget]
+             ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """One pass over dY (M·N reads) giving dSe = s · dY B (M, r) fp32, dB = s · dYᵀ (S ⊙ e) (N, r) fp32 and
     dbias = Σ_m dY (N,) fp32 (None without bias); writes n_chunks·M·r + m_chunks·N·(r+1) fp32 partials."""
     m, n = dy.shape
     r = lora_B.shape[1]
     dev = dy.device
     adt = lora_B.dtype
-    bm, bn, warps = skinny_blocks(dev)
-    tgt = target_programs(dev)
-    # Chunk counts balance the two partial buffers (m_chunks · N ≈ n_chunks · M) at about `tgt` programs.
+    bm, bn, warps = skinny_blocks(tgt)
+    programs = target_programs(tgt)
+    # Chunk counts balance the two partial buffers (m_chunks · N ≈ n_chunks · M) at about `programs` programs.
     m_blocks, n_blocks = triton.cdiv(m, bm), triton.cdiv(n, bn)
-    m_chunks = max(1, min(m_blocks, round(math.sqrt(tgt * m / n))))
+    m_chunks = max(1, min(m_blocks, round(math.sqrt(programs * m / n))))
     mb_per = triton.cdiv(m_blocks, m_chunks)
     m_chunks = triton.cdiv(m_blocks, mb_per)
-    n_chunks = split_count(m_chunks, n_blocks, tgt)
+    n_chunks = split_count(m_chunks, n_blocks, programs)
     nb_per = triton.cdiv(n_blocks, n_chunks)
     n_chunks = triton.cdiv(n_blocks, nb_per)
     dse_part = torch.empty((n_chunks, m, r), device=dev, dtype=torch.float32)
@@ -363,14 +355,15 @@ def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Op
     return _reduce(dse_part), _reduce(db_part), (_reduce(dbias_part) if has_bias else None)
 
 
-def _da_pass(x: torch.Tensor, dS: torch.Tensor, adt: torch.dtype, dropout_p: float, seed: int) -> torch.Tensor:
+def _da_pass(x: torch.Tensor, dS: torch.Tensor, adt: torch.dtype, dropout_p: float, seed: int,
+             tgt: Optional[LaunchTarget]) -> torch.Tensor:
     """One pass over x (M·K reads; the mask regenerated): dA = dSᵀ drop(x) (r, K) fp32; writes splits·r·K fp32."""
     m, k = x.shape
     r = dS.shape[1]
     dev = x.device
-    bm, bk, warps = skinny_blocks(dev, dropout_p > 0.0)
+    bm, bk, warps = skinny_blocks(tgt, dropout_p > 0.0)
     m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
-    msplits = split_count(k_blocks, m_blocks, target_programs(dev))
+    msplits = split_count(k_blocks, m_blocks, target_programs(tgt))
     mb_per = triton.cdiv(m_blocks, msplits)
     msplits = triton.cdiv(m_blocks, mb_per)
     da_part = torch.empty((msplits, r, k), device=dev, dtype=torch.float32)
@@ -388,7 +381,8 @@ def _da_pass(x: torch.Tensor, dS: torch.Tensor, adt: torch.dtype, dropout_p: flo
 @on_input_device
 def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                     lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, S: torch.Tensor, scaling: float,
-                    dropout_p: float, seed: int, needs_dx: bool, has_bias: bool, variant: Optional[str] = None
+                    dropout_p: float, seed: int, needs_dx: bool, has_bias: bool, variant: Optional[str] = None,
+                    target: Optional[LaunchTarget] = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton LoRA backward; the contract of ``fastpeft.ops.lora.lora_bwd_ref``.
 
@@ -399,16 +393,14 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     Args:
         dy: (M, N).  x: (M, K) as saved.  weight, lora_A, lora_E, lora_B, scaling, dropout_p, seed: as forward.
         S: (M, r) fp32 from the forward.  needs_dx: compute dx.  has_bias: compute dbias.
-        variant: ``"cublas"`` (default) or ``"fused"``.
+        variant: ``"cublas"`` (default) or ``"fused"``.  target: the launch target (None: dy's device).
     Returns:
         dx (M, K) x's dtype or empty (0,); dA (r, K); dE (r,) or empty (0,); dB (N, r); dbias (N,) or empty.
     """
-    variant = _check_variant(variant)
+    variant = check_variant(variant)
     m, k = x.shape
     n = weight.shape[0]
     adt = lora_A.dtype
-    if not _supported(dy, x, weight, lora_A, lora_E, lora_B) or n == 0 or k == 0:
-        return lora_bwd_ref(dy, x, weight, lora_A, lora_E, lora_B, S, scaling, dropout_p, seed, needs_dx, has_bias)
     dev = dy.device
     empty_de = dy.new_empty(0, dtype=adt)
     empty_db = dy.new_empty(0, dtype=weight.dtype)
@@ -416,7 +408,8 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         return (x.new_empty((0, k)) if needs_dx else x.new_empty(0), torch.zeros_like(lora_A),
                 torch.zeros_like(lora_E) if lora_E is not None else empty_de, torch.zeros_like(lora_B),
                 torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
-    d_se, db, dbias32 = _dy_pass(dy, lora_B, S, lora_E, scaling, has_bias)  # d_se includes s
+    tgt = launch_target(dev, target)
+    d_se, db, dbias32 = _dy_pass(dy, lora_B, S, lora_E, scaling, has_bias, tgt)  # d_se includes s
     dB = db.to(lora_B.dtype)
     dbias = dbias32.to(weight.dtype) if has_bias else empty_db
     if lora_E is not None:
@@ -424,15 +417,16 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         dE = (d_se * S).sum(0).to(lora_E.dtype)
     else:
         dS, dE = d_se, empty_de
-    dA = _da_pass(x, dS, adt, dropout_p, seed).to(adt)
+    dA = _da_pass(x, dS, adt, dropout_p, seed, tgt).to(adt)
     if not needs_dx:
         return x.new_empty(0), dA, dE, dB, dbias
     if variant == "cublas":
         dx = torch.mm(dy, weight)
-        _expand(dx, dS, 1.0, None, lora_A, dropout_p, seed)
+        _expand(dx, dS, 1.0, None, lora_A, tgt, dropout_p, seed)
         return dx, dA, dE, dB, dbias
     p16, drop_scale = dropout_threshold(dropout_p)
     dx = torch.empty((m, k), device=dev, dtype=x.dtype)
     gemm(dy, weight, dx, prec=base_precision(dy.dtype),
-         lora=(dS, 1.0, None, lora_A, lora_epilogue_precision(x.dtype, adt), p16, seed_arg(seed), drop_scale))
+         lora=(dS, 1.0, None, lora_A, lora_epilogue_precision(x.dtype, adt), p16, seed_arg(seed), drop_scale),
+         target=tgt)
     return dx, dA, dE, dB, dbias

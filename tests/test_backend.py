@@ -52,23 +52,26 @@ def test_auto_uses_measured_dispatch_on_cuda(monkeypatch):
     """On CUDA tensors, auto asks fastpeft._dispatch for the measured choice and takes it when it can run."""
     import fastpeft._dispatch as dispatch
 
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     calls = []
 
-    def fake_choose(op, *args):
+    def fake_choose(op, *args, candidates=None):
         calls.append((op, len(args)))
         return "triton"
 
     monkeypatch.setattr(dispatch, "choose", fake_choose)
     monkeypatch.setattr(_backend, "_why_not", lambda b, op, dev: None if b in ("torch", "triton") else "absent")
     dev = torch.device("cuda")
-    args = (torch.zeros(2, 3), torch.zeros(4, 3), None, torch.zeros(1, 3), None, torch.zeros(4, 1))
+    with FakeTensorMode():  # CUDA tensors without a GPU: the registry predicates read their device
+        args = tuple(torch.zeros(*s, device=dev) if s else None for s in ((2, 3), (4, 3), None, (1, 3), None, (4, 1)))
     assert _backend._auto_choice("lora", dev, args) == "triton"
     assert calls == [("lora", 6)]
     # a measured choice that cannot run here is ignored, and the default order applies
-    monkeypatch.setattr(dispatch, "choose", lambda op, *a: "cuda")
+    monkeypatch.setattr(dispatch, "choose", lambda op, *a, candidates=None: "cuda")
     assert _backend._auto_choice("lora", dev, args) == "triton"
     # nothing measured: default order (triton's cublas variant > cuda ext > torch)
-    monkeypatch.setattr(dispatch, "choose", lambda op, *a: None)
+    monkeypatch.setattr(dispatch, "choose", lambda op, *a, candidates=None: None)
     monkeypatch.setattr(_backend, "_why_not", lambda b, op, dev: None)
     assert _backend._auto_choice("lora", dev, args) == "triton"
     monkeypatch.setattr(_backend, "_why_not", lambda b, op, dev: None if b in ("torch", "cuda") else "absent")
@@ -106,11 +109,25 @@ def test_cuda_ext_has_looks_for_both_halves_of_the_op(monkeypatch):
 
 
 def test_auto_sends_float64_to_torch(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from fastpeft import _backend as B
 
-    monkeypatch.setattr(B, "_cached_auto_choice", lambda *a, **k: "cuda")  # what auto would pick on CUDA
-    assert B.select_backend("lora", torch.zeros(2, 3, dtype=torch.float32), "auto") == "cuda"
-    assert B.select_backend("lora", torch.zeros(2, 3, dtype=torch.float64), "auto") == "torch"
+    monkeypatch.setattr(B, "_why_not", lambda b, op, dev: None)  # every backend installed, as on a GPU machine
+    monkeypatch.setattr(B, "_measured_choice", lambda op, dev, args: None)
+    monkeypatch.setattr(B, "_AUTO_CACHE", {})
+    with FakeTensorMode():
+        for dt, want in ((torch.float32, "triton"), (torch.float64, "torch")):
+            x = torch.zeros(2, 3, dtype=dt, device="cuda")
+            assert B.select_backend("lora", x, "auto") == want, dt
+            args = (x, torch.zeros(4, 3, dtype=dt, device="cuda"), None, torch.zeros(1, 3, dtype=dt, device="cuda"),
+                    None, torch.zeros(4, 1, dtype=dt, device="cuda"))
+            assert B.select_backend("lora", x, "auto", dispatch_args=args) == want, dt
+            # the registry predicate refuses float64 on the fused backends, naming the argument; explicit raises
+            if dt == torch.float64:
+                for name in ("triton", "cuda"):
+                    with pytest.raises(RuntimeError, match=f"'{name}' is unavailable.*x has dtype torch.float64"):
+                        B.select_backend("lora", x, name, dispatch_args=args)
 
 
 def test_variant_names(monkeypatch):

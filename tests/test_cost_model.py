@@ -223,15 +223,18 @@ def test_default_backend_follows_select_backend():
 
 def test_tracing_a_triton_path_leaves_no_process_state():
     """An unreported launch stops the trace without passing through the launchers' fallbacks (which flip
-    process-wide state such as the TMA flag) and leaves torch.cuda as it was."""
-    common = pytest.importorskip("fastpeft.kernels._common")
-    before = dict(vars(common))
+    process-wide state) and leaves torch.cuda as it was."""
+    pytest.importorskip("triton")
+    import importlib
+    mods = [importlib.import_module(f"fastpeft.kernels.{m}") for m in ("_target", "_configs", "_gemm", "lora", "ia3")]
+    before = [dict(vars(m)) for m in mods]
     cuda_before = {n: getattr(torch.cuda, n) for n in ("get_device_properties", "current_device", "device")}
     for method in ("lora", "ia3"):
         tr = C.trace_case("fused", "q_proj", 2048, method, "fwd+bwd")
         assert tr.modelled or tr.status.startswith("unmodelled: "), tr.status
-    assert {k: v for k, v in vars(common).items() if not k.startswith("__")} == \
-        {k: v for k, v in before.items() if not k.startswith("__")}
+    for m, b in zip(mods, before):
+        assert {k: v for k, v in vars(m).items() if not k.startswith("__")} == \
+            {k: v for k, v in b.items() if not k.startswith("__")}, m.__name__
     assert cuda_before == {n: getattr(torch.cuda, n) for n in cuda_before}
 
 

@@ -123,7 +123,7 @@ def test_philox_host_known_answer(philox_host):
     got = philox_host(["w 0 0 0 0 0", f"w {(0x299F31D0 << 32) | 0xA4093822} {0x243F6A88} {0x85A308D3} {0x13198A2E} "
                                       f"{0x03707344}"])
     assert got == [[0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8], [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]]
-    assert drop_ref.philox4x32(0, torch.tensor([0]), torch.tensor([0])).tolist() == [0x6627E8D5]
+    assert drop_ref.philox4x32_10(0, *(torch.tensor([0]),) * 4)[0].tolist() == [0x6627E8D5]
 
 
 @pytest.mark.parametrize("p", [0.1, 0.05, 0.5, 0.9, 1e-7, 0.999])
@@ -364,7 +364,7 @@ def test_dispatch_table_record_lookup_export_load(tmp_path, monkeypatch):
         assert set(data) == {_dispatch.table_key("FakeGPU", torch.bfloat16, "lora", key_bucket),
                              _dispatch.table_key("FakeGPU", "bfloat16", "lora", _dispatch.bucket(1, 4096, 4096, 16))}
         desc = _dispatch.describe()
-        assert desc["entries"] and desc["committed_entries"] == len(_dispatch.COMMITTED)
+        assert desc["entries"] and desc["committed_entries"] == len(_dispatch.committed())
         _dispatch.clear()
         assert _dispatch.export_table() == {}
         assert _dispatch.load_table(str(path)) == 2
@@ -386,11 +386,8 @@ def test_dispatch_cpu_tensors_never_measured_or_chosen(monkeypatch):
     _dispatch.set_autotune(True)
     try:
         x, w = torch.randn(4, 8), torch.randn(6, 8)
-        assert _dispatch.choose("lora", x, w, None, torch.randn(2, 8), None, torch.randn(6, 2)) is None
-        assert _dispatch.lora_fwd_variant(x, w, torch.randn(2, 8)) == "decode"
-        assert _dispatch.lora_fwd_variant(torch.randn(17, 8), w, torch.randn(2, 8)) == "accum"
-        # a transposed (Conv1D) weight view is never streamed by the decode kernel
-        assert _dispatch.lora_fwd_variant(x, torch.randn(8, 6).t(), torch.randn(2, 8)) == "accum"
+        assert _dispatch.choose("lora", x, w, None, torch.randn(2, 8), None, torch.randn(6, 2),
+                                candidates=lambda: ("triton", "cuda")) is None
         assert _dispatch.export_table() == {}
     finally:
         _dispatch.set_autotune(None)
@@ -406,17 +403,45 @@ def test_backend_info_reports_cuda_reason_and_dispatch():
     assert "dispatch" in info and "default" in info["dispatch"]
 
 
-def test_wrappers_fall_back_to_reference_for_non_kernel_operands():
-    # The auto backend picks the extension for every CUDA tensor; float64 (and empty feature dims) must reach the
-    # reference, forward and backward alike, never the C++ dtype check.
-    f32, f16, f64 = torch.empty(2, 3), torch.empty(2, 3, dtype=torch.float16), torch.empty(2, 3, dtype=torch.float64)
-    assert set(_cuda.KERNEL_DTYPES) == {torch.float32, torch.float16, torch.bfloat16}
-    assert not _cuda._use_reference(f32, f32, f32, None, f32)
-    assert not _cuda._use_reference(f16, f16, f32, f32, f32)
-    assert _cuda._use_reference(f64, f64, f32)  # weight / x float64
-    assert _cuda._use_reference(f32, f32, f64, None, f64)  # float64 adapters
-    assert _cuda._use_reference(f16, f16, f16, f64)  # float64 lora_E
-    assert _cuda._use_reference(torch.empty(0, 3), f32) and _cuda._use_reference(torch.empty(3, 0), f32)
+def test_cuda_variant_and_operands_are_decided_by_select_backend(monkeypatch):
+    """The cuda LoRA forward variant is chosen in select_backend (decode for M <= 16 on a row-major weight, accum
+    otherwise: a transposed (Conv1D) weight view is never streamed by the decode kernel); float64 and empty feature
+    dims are refused by the registry predicate (auto then runs torch; an explicit backend raises) - the wrappers
+    never fall back to the reference."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastpeft import _backend
+    from fastpeft.ops._registry import KERNEL_DTYPES
+
+    assert set(KERNEL_DTYPES) == {torch.float32, torch.float16, torch.bfloat16}
+    monkeypatch.setattr(_backend, "_why_not", lambda b, op, dev: None if b.split(":")[0] in ("torch", "cuda")
+                        else "absent")
+    monkeypatch.setattr(_backend, "_measured_choice", lambda op, dev, args: None)
+    monkeypatch.setattr(_backend, "_AUTO_CACHE", {})
+
+    def args(m, w, dt=torch.float32, adt=torch.float32):
+        x = torch.empty(m, w.shape[1], dtype=dt, device="cuda")
+        return x, (x, w, None, torch.empty(2, w.shape[1], dtype=adt, device="cuda"), None,
+                   torch.empty(w.shape[0], 2, dtype=adt, device="cuda"))
+
+    with FakeTensorMode():
+        w = torch.empty(6, 8, device="cuda")
+        for m, wt, want in ((4, w, "cuda:decode"), (17, w, "cuda:accum"),
+                            (4, torch.empty(8, 6, device="cuda").t(), "cuda:accum")):
+            x, a = args(m, wt)
+            assert _backend.select_backend("lora", x, "auto", dispatch_args=a) == want
+            assert _backend.select_backend("lora", x, "cuda", dispatch_args=a) == want
+        x, a = args(17, w)
+        with pytest.raises(RuntimeError, match="decode.*at most 16 rows"):
+            _backend.select_backend("lora", x, "cuda:decode", dispatch_args=a)
+        assert _backend.select_backend("lora", x, "cuda:kaug", dispatch_args=a) == "cuda:kaug"
+        for bad, what in ((args(4, w, adt=torch.float64), "lora_A has dtype torch.float64"),
+                          (args(4, w, dt=torch.float64), "x has dtype torch.float64"),
+                          (args(4, torch.empty(0, 8, device="cuda")), "empty feature dimension")):
+            x, a = bad
+            assert _backend.select_backend("lora", x, "auto", dispatch_args=a) == "torch"
+            with pytest.raises(RuntimeError, match=what):
+                _backend.select_backend("lora", x, "cuda", dispatch_args=a)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -629,7 +654,7 @@ def test_ia3_fwd_bwd_vs_fp64(dtype, feedforward, shape, l_fp32):
         _check(y, y64, y_t, MATMUL_FACTOR, f"y {tag}")
         if not feedforward:
             _check(saved, z64, z_t, MATMUL_FACTOR, f"z {tag}")
-        y_inf = _cuda.ia3_fwd_cuda_inference(x, weight, b, l, feedforward)
+        y_inf = torch.ops.fastpeft.ia3_fwd_cuda(x, weight, b, l, feedforward, False)[0]  # the save_z=False form
         _check(y_inf, y64, y_t, MATMUL_FACTOR, f"y (inference) {tag}")
         dy = torch.randn(M, N, device="cuda", dtype=dtype)
         xx = x if feedforward else x.new_empty(0)
@@ -701,13 +726,17 @@ def test_autotune_records_a_measured_choice():
     _dispatch.set_autotune(True)
     try:
         x, weight, b, A, E, B = _lora_inputs(512, 256, 256, 8, torch.bfloat16, torch.bfloat16, True, False)
-        chosen = _dispatch.choose("lora", x, weight, b, A, E, B)
+        from fastpeft import _backend
+        args = (x, weight, b, A, E, B)
+        chosen = _dispatch.choose("lora", *args, candidates=lambda: _backend._candidates("lora", x, args))
         table = _dispatch.export_table()
         if chosen is None:  # only one backend usable here: nothing to measure, nothing recorded
             assert table == {}
         else:
             (entry,) = table.values()
-            assert entry["backend"] == chosen and entry["timings_ms"] and "autotuned" in entry["reason"]
+            backend, _, variant = chosen.partition(":")
+            assert entry["backend"] == backend and (entry["variant"] or "") == variant
+            assert entry["timings_ms"] and "autotuned" in entry["reason"]
             assert _dispatch.describe()["entries"]
     finally:
         _dispatch.set_autotune(None)

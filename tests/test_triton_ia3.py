@@ -19,7 +19,7 @@ import fastpeft.functional as FN
 from _tolerances import GRAD_FACTOR, MATMUL_ATOL, MATMUL_FACTOR, rel_err
 
 pytest.importorskip("triton")
-from fastpeft.kernels import _common as KC  # noqa: E402
+from fastpeft.kernels import _target as KT  # noqa: E402
 from fastpeft.kernels import ia3 as KI  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -86,7 +86,7 @@ CASES = {
     "in_fp32_noncontig_nobias": dict(lead=(19,), k=24, n=30, ff=True, dtype=F32, with_bias=False,
                                      x_noncontig=True),
     "out_fp16_noncontig": dict(lead=(19,), k=24, n=30, ff=False, dtype=F16, x_noncontig=True),
-    # bf16 (the interpreter upcasts bf16 dot operands to fp32: kernels._common.dot_prec), fp32 l
+    # bf16 (the interpreter upcasts bf16 dot operands to fp32: kernels._tl.dot_prec), fp32 l
     "out_bf16_fp32l": dict(lead=(13,), k=20, n=35, ff=False, dtype=torch.bfloat16, ldt=F32),
     "in_bf16": dict(lead=(13,), k=35, n=20, ff=True, dtype=torch.bfloat16),
 }
@@ -120,7 +120,7 @@ def test_ia3_triton_matches_fp64_reference(name):
 @pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
 def test_ia3_triton_tma_path(monkeypatch, ff):
     monkeypatch.setenv("FASTPEFT_TRITON_TMA", "1")
-    if not KC.use_tma(torch.randn(20, 48, device=DEV, dtype=F16), torch.randn(40, 48, device=DEV, dtype=F16)):
+    if not KT.use_tma(torch.randn(20, 48, device=DEV, dtype=F16), torch.randn(40, 48, device=DEV, dtype=F16)):
         pytest.skip("this Triton has no tensor descriptors (or this GPU cannot use them)")
     check_fa_rule(Case((20,), 48, 40, ff, F16, ldt=F32), "triton:fused")
 
@@ -142,7 +142,7 @@ def test_ia3_input_mode_dl_without_dx():
     """needs_dx=False still runs the G = dY W GEMM for dl, but stores no dx; dl is identical to the dx run's."""
     c = Case((23,), 30, 18, True, F32)
     x, w, lv, dy = (t.to(DEV, F32) for t in (c.x, c.w, c.l, c.dy))
-    for variant in KI.VARIANTS:
+    for variant in KT.VARIANTS:
         y, saved = KI.ia3_fwd_triton(x, w, None, lv, True, variant=variant)
         with_dx = KI.ia3_bwd_triton(dy, x, w, lv, saved, True, True, True, variant=variant)
         no_dx = KI.ia3_bwd_triton(dy, x, w, lv, saved, True, False, False, variant=variant)

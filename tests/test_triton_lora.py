@@ -4,7 +4,7 @@ Without a GPU, ``tests/conftest.py`` sets TRITON_INTERPRET=1 and the kernels run
 interpreter: shapes are small (the interpreter is slow) but cover several tiles, masked tails, r = 1, 3, 16, 128,
 M = 0 and 1, 3-D and non-contiguous x, a transposed-view weight, fp32, fp16 and bf16 (the interpreter's bf16
 ``tl.dot`` is broken, so in the interpreter the kernels upcast bf16 dot operands to fp32 - see
-``kernels._common.dot_prec``; the native bf16 dots run in the GPU tests), fp32 adapters on a 16-bit base, and the
+``kernels._tl.dot_prec``; the native bf16 dots run in the GPU tests), fp32 adapters on a 16-bit base, and the
 tensor-descriptor (TMA) path.
 
 Accuracy rule (FA's): err(triton, fp64 ref) <= MATMUL_FACTOR * err(torch same dtype, fp64 ref) + MATMUL_ATOL[dtype]
@@ -26,7 +26,9 @@ from _tolerances import (GRAD_FACTOR, KEEP_FRACTION_SIGMAS, MATMUL_ATOL, MATMUL_
                          TRITON_TRAINING_LOSS_RTOL, TRITON_VS_TORCH_FP32_RTOL, rel_err)
 
 pytest.importorskip("triton")
-from fastpeft.kernels import _common as KC  # noqa: E402
+from fastpeft.kernels import _configs as KCF  # noqa: E402
+from fastpeft.kernels import _gemm as KG  # noqa: E402
+from fastpeft.kernels import _target as KT  # noqa: E402
 from fastpeft.kernels import lora as KL  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -120,7 +122,7 @@ CASES = {
     # non-contiguous x, r = 16 (no padding), dropout 0.5, no bias, AdaLoRA
     "fp32_noncontig_r16_nobias": dict(lead=(21,), k=40, n=24, r=16, dtype=F32, p=0.5, with_e=True,
                                       with_bias=False, x_noncontig=True),
-    # bf16 (the interpreter runs its dots in fp32, see kernels._common.dot_prec), fp32 adapters, dropout
+    # bf16 (the interpreter runs its dots in fp32, see kernels._tl.dot_prec), fp32 adapters, dropout
     "bf16_fp32adapters_dropout": dict(lead=(3, 6), k=36, n=20, r=4, dtype=torch.bfloat16, adt=F32, p=0.2),
     "bf16_adalora": dict(lead=(17,), k=20, n=33, r=2, dtype=torch.bfloat16, with_e=True, w_t=True),
     # tall (M >> N): the one-pass dY kernel splits M into chunks whose dB / dbias partials are summed
@@ -148,7 +150,7 @@ def test_lora_triton_tma_path(monkeypatch):
     monkeypatch.setenv("FASTPEFT_TRITON_TMA", "1")
     x = torch.randn(20, 48, device=DEV, dtype=F16)
     w = torch.randn(40, 48, device=DEV, dtype=F16)
-    if not KC.use_tma(x, w):
+    if not KT.use_tma(x, w):
         pytest.skip("this Triton has no tensor descriptors (or this GPU cannot use them)")
     check_fa_rule(Case((20,), 48, 40, 8, F16, p=0.2, with_e=True), "triton:fused")
     check_fa_rule(Case((20,), 48, 40, 8, F32, w_t=True), "triton:fused")
@@ -365,27 +367,27 @@ def test_training_loss_curve_matches_torch_gpu():
 
 
 @cuda_only
-@pytest.mark.parametrize("idx", range(len(KC._gemm_autotuned.configs)))
+@pytest.mark.parametrize("idx", range(len(KG._gemm_autotuned.configs)))
 @pytest.mark.parametrize("m", [8, 300])
 def test_every_gemm_config_is_correct_gpu(monkeypatch, idx, m):
     """Each GEMM configuration on its own (the other tests run the first fitting one, FASTPEFT_TRITON_AUTOTUNE=0):
     bf16 base, fp32 adapters, dropout in the dX epilogue, M on both sides of the decode / training split."""
-    cfg = KC._gemm_autotuned.configs[idx]
-    monkeypatch.setattr(KC._gemm_autotuned, "configs", [cfg])  # one config: the autotuner runs it untimed
-    monkeypatch.setattr(KC._gemm_autotuned, "cache", {})
+    cfg = KG._gemm_autotuned.configs[idx]
+    monkeypatch.setattr(KG._gemm_autotuned, "configs", [cfg])  # one config: the autotuner runs it untimed
+    monkeypatch.setattr(KG._gemm_autotuned, "cache", {})
     check_fa_rule(Case((m,), 520, 392, 16, torch.bfloat16, adt=torch.float32, p=0.1, with_e=True))
 
 
 def test_autotune_switch(monkeypatch):
-    configs = [KC._cfg(128, 128, 64, 8, 3, 8), KC._cfg(64, 128, 64, 8, 3, 4)]
+    configs = [KCF._cfg(128, 128, 64, 8, 3, 8), KCF._cfg(64, 128, 64, 8, 3, 4)]
     a = torch.empty(1, 1, dtype=torch.float16)
     monkeypatch.setenv("FASTPEFT_TRITON_AUTOTUNE", "1")
-    assert len(KC.prune_gemm_configs(configs, {"M": 4096, "a_ptr": a})) == 2
+    assert len(KCF.prune_gemm_configs(configs, {"M": 4096, "a_ptr": a})) == 2
     monkeypatch.setenv("FASTPEFT_TRITON_AUTOTUNE", "0")
-    assert KC.prune_gemm_configs(configs, {"M": 4096, "a_ptr": a}) == configs[:1]
+    assert KCF.prune_gemm_configs(configs, {"M": 4096, "a_ptr": a}) == configs[:1]
     monkeypatch.setenv("FASTPEFT_TRITON_AUTOTUNE", "fast")
     with pytest.raises(ValueError, match="FASTPEFT_TRITON_AUTOTUNE"):
-        KC.prune_gemm_configs(configs, {"M": 4096, "a_ptr": a})
+        KCF.prune_gemm_configs(configs, {"M": 4096, "a_ptr": a})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,19 +398,19 @@ def test_autotune_switch(monkeypatch):
 def test_tma_env_rejects_bad_value(monkeypatch):
     monkeypatch.setenv("FASTPEFT_TRITON_TMA", "yes")
     with pytest.raises(ValueError, match="FASTPEFT_TRITON_TMA"):
-        KC.use_tma(torch.randn(4, 16), torch.randn(4, 16))
+        KT.use_tma(torch.randn(4, 16), torch.randn(4, 16))
 
 
-def test_tma_launch_failure_falls_back_for_that_launch_only(monkeypatch, caplog):
-    """A failed descriptor (TMA) launch falls back to the pointer path for that launch only, warning once with the
-    reason; the next launch tries TMA again (no process-wide switch)."""
+def test_tma_launch_failure_raises_with_the_way_out(monkeypatch):
+    """A failed descriptor (TMA) launch raises with the reason and the switch that selects the pointer path; nothing
+    below select_backend changes the path behind the caller's back, and no process-wide state is flipped."""
     monkeypatch.setenv("FASTPEFT_TRITON_TMA", "1")
     x = torch.randn(20, 48, device=DEV, dtype=F16)
     w = torch.randn(40, 48, device=DEV, dtype=F16)
-    if not KC.use_tma(x, w):
+    if not KT.use_tma(x, w):
         pytest.skip("this Triton has no tensor descriptors (or this GPU cannot use them)")
-    real = KC._gemm_autotuned
-    tma_calls = []
+    real = KG._gemm_autotuned
+    tma_calls, pointer_calls = [], []
 
     class FailingTMA:
         def __getitem__(self, grid):
@@ -416,50 +418,46 @@ def test_tma_launch_failure_falls_back_for_that_launch_only(monkeypatch, caplog)
                 if kwargs["USE_TMA"]:
                     tma_calls.append(1)
                     raise RuntimeError("simulated TMA compile failure")
+                pointer_calls.append(1)
                 return real[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(KC, "_gemm_autotuned", FailingTMA())
-    monkeypatch.setattr(KC, "_tma_failures", {})
-    with caplog.at_level("WARNING", logger="fastpeft"):
-        check_fa_rule(Case((20,), 48, 40, 8, F16, p=0.2), "triton:fused")
-    # every GEMM launch (2 forward + 1 backward per run, 3 runs of check_fa_rule's triton part = 1) tried TMA first
-    assert len(tma_calls) >= 2
-    assert "simulated TMA compile failure" in caplog.text and "this launch uses the pointer path" in caplog.text
-    assert caplog.text.count("simulated TMA compile failure") == 1  # warned once per reason
-    assert KC.use_tma(x, w)  # still on for later launches
+    monkeypatch.setattr(KG, "_gemm_autotuned", FailingTMA())
+    case = Case((20,), 48, 40, 8, F16, p=0.2)
+    with pytest.raises(RuntimeError, match="simulated TMA compile failure"):
+        case.run("triton:fused", F16, F16)
+    assert tma_calls == [1] and pointer_calls == []
+    assert KT.use_tma(x, w)  # still on for later launches
+    monkeypatch.setenv("FASTPEFT_TRITON_TMA", "0")  # the way out: the pointer path, and the result is right
+    check_fa_rule(case, "triton:fused")
+    assert pointer_calls and tma_calls == [1]
 
 
 # ---- GEMM configuration pruning against the device's shared memory ------------------------------------------
 
-def _hopper_style_configs():
-    """The GPU configuration list (gemm_configs() returns the interpreter's single config under TRITON_INTERPRET)."""
-    c = KC._cfg
-    return [c(128, 256, 64, 8, 3, 8), c(128, 128, 64, 8, 4, 8), c(64, 128, 64, 8, 4, 4), c(16, 64, 128, 1, 4, 4),
-            c(*KC._PORTABLE_CFG)]
-
-
 @pytest.mark.parametrize("smem,dtype,m,expect", [
     # H100/H200 (227 KB): the portable tile is never picked when a real one fits
-    (227 * 1024, torch.bfloat16, 8192, [(128, 256), (128, 128), (64, 128)]),
+    (227 * 1024, torch.bfloat16, 8192, [(128, 256), (128, 128), (128, 128), (64, 128)]),
     (227 * 1024, torch.float32, 8192, [(64, 128)]),          # fp32 128-row tiles need 262-295 KB
-    (227 * 1024, torch.bfloat16, 8, [(64, 128), (16, 64)]),
+    (227 * 1024, torch.bfloat16, 8, [(64, 128), (16, 64), (32, 32)]),
     # a 99 KB-per-block GPU (sm_86/89/120): fp32 at large M has no fitting tile but the portable one
     (99 * 1024, torch.float32, 8192, [(64, 64)]),
     (99 * 1024, torch.bfloat16, 8192, [(64, 128)]),
 ])
 def test_prune_gemm_configs_fits_shared_memory(monkeypatch, smem, dtype, m, expect):
-    monkeypatch.setattr(KC, "_aot_smem", smem)
+    """The GPU configuration list itself (``gemm_configs(interpreter=False)``; the interpreter's is one small tile)
+    pruned for a target's shared memory."""
     monkeypatch.setenv("FASTPEFT_TRITON_AUTOTUNE", "1")
     a = torch.empty(1, 1, dtype=dtype)
-    kept = KC.prune_gemm_configs(_hopper_style_configs(), {"M": m, "a_ptr": a})
+    target = KT.LaunchTarget(num_sms=132, smem_per_block=smem, capability_major=9, compile_only=True)
+    kept = KCF.prune_gemm_configs(KCF.gemm_configs(interpreter=False), {"M": m, "a_ptr": a}, target=target)
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept] == expect
     es = a.element_size()
-    assert all(KC._smem_estimate(c, es) <= smem - 1024 for c in kept)
+    assert all(KCF._smem_estimate(c, es) <= smem - 1024 for c in kept)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# production block-count structure at small sizes (kernels._common.forced_launch_shape)
+# production block-count structure at small sizes (kernels._target.forced_launch_shape)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -485,7 +483,7 @@ def test_multi_block_paths_of_production_shapes(monkeypatch):
                                                             "_lora_da_kernel")}
     for name, spy in spies.items():
         monkeypatch.setattr(KL, name, spy)
-    with KC.forced_launch_shape(blocks=(16, 16, 4), programs=8):
+    with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
         check_fa_rule(Case((96,), 80, 144, 4, F32, p=0.1, with_e=True))
     (grid, kw, args), = spies["_lora_dy_kernel"].launches
     mb_per, nb_per = args[17], args[18]
@@ -500,7 +498,7 @@ def test_single_program_reductions(monkeypatch):
     """The other extreme: one program per reduction (every M and N block of dY in one program)."""
     spy = _GridSpy(KL._lora_dy_kernel)
     monkeypatch.setattr(KL, "_lora_dy_kernel", spy)
-    with KC.forced_launch_shape(blocks=(16, 16, 4), programs=1):
+    with KT.forced_launch_shape(blocks=(16, 16, 4), programs=1):
         check_fa_rule(Case((50,), 40, 70, 3, F16, p=0.2))
     (grid, kw, args), = spy.launches
     assert grid == (1, 1) and args[17] == 4 and args[18] == 5
@@ -542,7 +540,7 @@ def test_device_seed_gives_the_int_seeds_mask_bit_for_bit():
     c = Case((21,), 40, 30, 4, F32, p=0.3)
     x, w, a, bb, dy = (t.to(DEV, F32) for t in (c.x, c.w, c.a, c.bb, c.dy))
     seed = 2 ** 40 + 5
-    for variant in KL.VARIANTS:
+    for variant in KT.VARIANTS:
         y1, s1 = KL.lora_fwd_triton(x, w, None, a, None, bb, 0.5, 0.3, seed, variant=variant)
         y2, s2 = KL.lora_fwd_triton(x, w, None, a, None, bb, 0.5, 0.3, torch.tensor([seed], device=DEV),
                                     variant=variant)

@@ -28,9 +28,11 @@ elements.  In CUDA, the same rounds are written out in ``csrc/common/philox.cuh`
 
 from __future__ import annotations
 
-import struct
-
 import torch
+
+# The threshold is part of the stream's definition and the Triton launchers need it too; it lives below them
+# (kernels/ never imports fastpeft) and is re-exported here.
+from ..kernels._mask import dropout_threshold  # noqa: F401
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
@@ -72,43 +74,6 @@ def philox4x32_10(seed: int, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tenso
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
     return c0, c1, c2, c3
-
-
-def philox4x32(seed: int, counter_lo: torch.Tensor, counter_hi: torch.Tensor) -> torch.Tensor:
-    """First output word of Philox-4x32-10 for counters ``(lo, hi, 0, 0)`` and key from ``seed``.
-
-    Args:
-        seed: int in [0, 2**63).
-        counter_lo, counter_hi: int64 tensors holding uint32 values, same shape.
-    Returns:
-        int64 tensor of uint32 values, same shape as the counters.
-    """
-    zero = torch.zeros_like(counter_lo)
-    return philox4x32_10(seed, counter_lo, counter_hi, zero, zero)[0]
-
-
-def dropout_threshold(p: float) -> tuple[int, float]:
-    """The integer threshold and the scale of the stream for drop probability ``p``.
-
-    Returns:
-        ``(p16, scale)``: ``p16 = min(round(p * 65536), 65535)`` (Python's round-half-even on the float64 product,
-        which is exact) and ``scale = fp32(65536 / (65536 - p16))``.  An element is kept when its 16-bit uniform
-        is ``>= p16``, so the effective drop probability is ``p16 / 65536``; kept values are multiplied by
-        ``scale``.  Every backend receives these two numbers from here (the CUDA extension recomputes them with
-        the same two correctly rounded IEEE operations; tests/test_cuda_ext.py checks they agree).
-    Raises:
-        ValueError: ``p`` is not a number in [0, 1).
-    """
-    try:
-        pf = float(p)
-    except (TypeError, ValueError):
-        raise ValueError(f"dropout p must be a number in [0, 1), got {p!r}") from None
-    if not 0.0 <= pf < 1.0:
-        raise ValueError(f"dropout p must be in [0, 1), got {p!r}")
-    p16 = min(round(pf * 65536.0), 65535)
-    # float64 quotient (correctly rounded) then one rounding to fp32, as the C++ side does
-    scale = struct.unpack("f", struct.pack("f", 65536.0 / (65536 - p16)))[0]
-    return p16, scale
 
 
 def dropout_uniform16(seed: int, shape: tuple[int, int], device: torch.device | str = "cpu",
@@ -154,9 +119,21 @@ def dropout_scale(p: float) -> float:
     return dropout_threshold(p)[1]
 
 
-def seeded_dropout(x2d: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Reference seeded dropout of a 2-D tensor (M, K); returns a new tensor of x2d's dtype (x2d itself if p == 0)."""
+def host_seed(seed) -> int:
+    """The seed as a host int: a device-side seed (a 1-element int64 tensor, see ``fastpeft.functional.draw_seed``)
+    is read back - only the torch implementation needs that; the Triton kernels read it on the device."""
+    return int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
+
+
+def seeded_dropout(x2d: torch.Tensor, p: float, seed) -> torch.Tensor:
+    """Seeded dropout of a 2-D tensor (M, K) by the shared stream: the torch implementation every backend matches.
+
+    Args:
+        x2d: (M, K).  p: drop probability in [0, 1).  seed: int in [0, 2**63), or a 1-element int64 tensor.
+    Returns:
+        A new (M, K) tensor of x2d's dtype (x2d itself if p == 0): kept elements times ``dropout_scale(p)``, others 0.
+    """
     if p == 0.0:
         return x2d
-    keep = dropout_keep_mask(seed, tuple(x2d.shape), p, x2d.device)
+    keep = dropout_keep_mask(host_seed(seed), tuple(x2d.shape), p, x2d.device)
     return torch.where(keep, x2d * dropout_scale(p), torch.zeros((), dtype=x2d.dtype, device=x2d.device))

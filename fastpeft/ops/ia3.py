@@ -1,4 +1,5 @@
-"""(IA)³ linear: reference, backend dispatch, custom ops and autograd.
+"""(IA)³ linear: the op's declaration - torch implementation, fake kernel, custom ops, autograd (laid out as
+``fastpeft/ops/lora.py``).
 
 The op, one name through every layer (W, b frozen; l trainable)::
 
@@ -23,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._impl import ImplTable
+from ._registry import impl as _impl
 
 
 def ia3_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
@@ -71,10 +72,6 @@ def ia3_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l: 
     return dx, dl, dbias
 
 
-# `_impl(name, backend)`: the implementation of op function `name` on `backend` (see ImplTable)
-_impl = ImplTable(globals(), {"triton": "fastpeft.kernels.ia3", "cuda": "fastpeft._cuda"})
-
-
 def _wants_output(feedforward: bool, saved: torch.Tensor) -> bool:
     """Whether the forward asked the op to keep its output y for the backward (an empty 1-D `saved` in output
     mode; z is 2-D, even with M = 0)."""
@@ -93,6 +90,44 @@ def ia3_weight_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3
     return torch.mm(dz.t(), x).to(weight.dtype)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Fake (meta) kernels: output shapes and dtypes with the shape contract checked; registered for the custom ops below
+# and for the extension's ops (``fastpeft._cuda``).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_ia3_shapes(x_features: int, weight: torch.Tensor, ia3_l: torch.Tensor, feedforward: bool) -> None:
+    n, k = weight.shape
+    torch._check(x_features == k, lambda: f"x has {x_features} features but weight is {tuple(weight.shape)}")
+    want = k if feedforward else n
+    torch._check(ia3_l.dim() == 1 and ia3_l.shape[0] == want, lambda: f"ia3_l must be ({want},), got {ia3_l.shape}")
+
+
+def ia3_fwd_meta(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
+                 feedforward: bool, save_z: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of the forward without computing them: y (M, N) in x's dtype and saved (z (M, N) in output mode
+    when `save_z`, else empty (0,)).  Checks x: (M, K), weight: (N, K), bias: (N,), ia3_l: (N,) or (K,)."""
+    _check_ia3_shapes(x.shape[1], weight, ia3_l, feedforward)
+    if bias is not None:
+        torch._check(bias.shape == (weight.shape[0],), lambda: f"bias must be ({weight.shape[0]},), got {bias.shape}")
+    m, n = x.shape[0], weight.shape[0]
+    saved = x.new_empty(m, n) if (save_z and not feedforward) else x.new_empty(0)
+    return x.new_empty(m, n), saved
+
+
+def ia3_bwd_meta(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l: torch.Tensor, feedforward: bool,
+                 needs_dx: bool, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Outputs of the backward without computing them (see ``ia3_bwd_ref``): dx (M, K) in x's dtype (input mode) or
+    dy's (output mode), dl like ia3_l, dbias (N,).  Checks dy: (M, N)."""
+    n, k = weight.shape
+    torch._check(dy.dim() == 2 and dy.shape[1] == n, lambda: f"dy must be (M, {n}), got {dy.shape}")
+    _check_ia3_shapes(x.shape[1] if feedforward else k, weight, ia3_l, feedforward)
+    dx_like = x if feedforward else dy
+    dx = dx_like.new_empty(dy.shape[0], k) if needs_dx else dx_like.new_empty(0)
+    dbias = dy.new_empty(n, dtype=weight.dtype) if has_bias else dy.new_empty(0, dtype=weight.dtype)
+    return dx, ia3_l.new_empty(ia3_l.shape), dbias
+
+
 @torch.library.custom_op("fastpeft::ia3_fwd", mutates_args=())
 def ia3_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
             feedforward: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,9 +142,7 @@ _KEEPS_OUTPUT = ("triton", "triton:cublas")
 
 @ia3_fwd.register_fake
 def _(x, weight, bias, ia3_l, feedforward, backend):
-    m, n = x.shape[0], weight.shape[0]
-    saved = x.new_empty(0) if (feedforward or backend in _KEEPS_OUTPUT) else x.new_empty(m, n)
-    return x.new_empty(m, n), saved
+    return ia3_fwd_meta(x, weight, bias, ia3_l, feedforward, save_z=backend not in _KEEPS_OUTPUT)
 
 
 @torch.library.custom_op("fastpeft::ia3_bwd", mutates_args=())
@@ -131,9 +164,7 @@ def _bwd_call(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias, back
 
 @ia3_bwd.register_fake
 def _(dy, x, weight, ia3_l, saved, feedforward, needs_dx, has_bias, backend, y=None, bias=None):
-    dx = dy.new_empty(dy.shape[0], weight.shape[1]) if needs_dx else dy.new_empty(0)
-    dbias = dy.new_empty(weight.shape[0], dtype=weight.dtype) if has_bias else dy.new_empty(0, dtype=weight.dtype)
-    return dx, ia3_l.new_empty(ia3_l.shape), dbias
+    return ia3_bwd_meta(dy, x, weight, ia3_l, feedforward, needs_dx, has_bias)
 
 
 def _ia3_save(ctx, inputs, y, saved):

@@ -1,4 +1,4 @@
-"""LoRA (and AdaLoRA) linear: reference, backend dispatch, custom ops and autograd.
+"""LoRA (and AdaLoRA) linear: the op's declaration - torch implementation, fake kernel, custom ops, autograd.
 
 The op, one name through every layer::
 
@@ -8,15 +8,19 @@ The op, one name through every layer::
 W and b are normally frozen; when either requires grad its gradient is computed (dW = dyᵀ x, db = Σ_m dy), only
 then, on every backend (dW by one cuBLAS GEMM in the op's backward, shared by all backends).
 
-Layers:
-  * ``lora_fwd_ref`` / ``lora_bwd_ref``  - pure torch; the CPU path and the ground truth.
+Pieces, in this file unless named:
+  * ``lora_fwd_ref`` / ``lora_bwd_ref``  - the torch implementation; the CPU path and the ground truth.
   * ``fastpeft.kernels.lora.lora_fwd_triton`` / ``lora_bwd_triton`` - Triton (same signature as the refs).
   * ``fastpeft._cuda.lora_fwd_cuda`` / ``lora_bwd_cuda`` - the C++/CUDA extension (same signature).
-  * custom ops ``fastpeft::lora_fwd`` / ``fastpeft::lora_bwd`` (fake kernels registered, autograd registered on
-    ``lora_fwd``), so ``torch.compile`` traces through without graph breaks.
-  * ``LoRALinearFunction`` - the same implementations and gradients as an eager ``autograd.Function``;
-    ``lora_apply`` picks it outside ``torch.compile`` and the custom op inside.
-  * ``fastpeft.functional.lora_linear`` - validation, reshaping, autocast, backend choice.
+    (``fastpeft/ops/_registry.py`` finds these by name and says which arguments each takes.)
+  * ``lora_fwd_meta`` / ``lora_bwd_meta`` - the fake kernels (shapes checked with ``torch._check``), registered for
+    the custom ops and for the extension's ops.
+  * custom ops ``fastpeft::lora_fwd`` / ``fastpeft::lora_bwd`` (autograd registered on ``lora_fwd``), so
+    ``torch.compile`` traces through without graph breaks.
+  * ``_lora_grads`` - the autograd formula, used by the custom op's registered autograd and by
+    ``LoRALinearFunction``, the eager path ``lora_apply`` takes outside ``torch.compile`` (see its docstring for why
+    it exists).
+  * ``fastpeft.functional.lora_linear`` - validation, reshaping, autocast, then ``fastpeft._backend.select_backend``.
 
 Saved for backward: x, S = drop(x)Aᵀ (M×r, fp32) and the seed - never a dropped copy of x or a mask.
 
@@ -31,35 +35,27 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._impl import ImplTable
-from .dropout import dropout_keep_mask, dropout_scale
+from ._registry import impl as _impl
+from .dropout import dropout_keep_mask, dropout_scale, host_seed, seeded_dropout
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference (torch) implementation
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def host_seed(seed) -> int:
-    """The seed as a host int: device-side seeds (a 1-element int64 tensor, see ``fastpeft.functional.draw_seed``)
-    are read back - only the torch reference needs that; the Triton kernels read them on the device."""
-    return int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
-
-
-def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    if p == 0.0:
-        return x
-    keep = dropout_keep_mask(host_seed(seed), tuple(x.shape), p, x.device)
-    return torch.where(keep, x * dropout_scale(p), torch.zeros((), dtype=x.dtype, device=x.device))
-
-
 def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                 lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int,
-                 upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference forward.
+                 lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float,
+                 seed: Optional[int], upcast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch forward: the torch backend (autograd builds its backward, or ``lora_bwd_ref`` does) and the
+    ground truth of the others.  The sequence of ops is HF PEFT's LoRA layer's, so on CPU the result is bitwise
+    PEFT's.
 
     Args:
-        x: (M, K).  weight: (N, K).  bias: (N,) or None.  lora_A: (r, K).  lora_E: (r,) or None.  lora_B: (N, r).
-        scaling: the LoRA scale s.  dropout_p: drop probability of the LoRA branch input.  seed: mask seed.
+        x: (M, K) (the torch backend also passes (..., K)).  weight: (N, K).  bias: (N,) or None.  lora_A: (r, K).
+        lora_E: (r,) or None.  lora_B: (N, r).  scaling: the LoRA scale s.  dropout_p: drop probability of the
+        LoRA branch input.  seed: mask seed of the shared stream (``fastpeft.ops.dropout``; x must be 2-D then), or
+        None: the mask drawn by ``F.dropout`` from torch's RNG, as HF PEFT draws it (``lora_bwd_ref`` cannot
+        regenerate such a mask: autograd must build the backward).
         upcast: compute everything in fp64 (or fp32 for low-precision inputs when False) - the ground truth.
     Returns:
         y: (M, N) in x's dtype (fp64 when `upcast`), and S = drop(x) Aᵀ: (M, r) in
@@ -73,7 +69,11 @@ def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         out_dtype = torch.float64
     adt = lora_A.dtype
     base = F.linear(x, weight, bias)
-    s = _dropped(x, dropout_p, seed).to(adt) @ lora_A.t()
+    if seed is None:
+        xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0.0 else x
+    else:
+        xd = seeded_dropout(x, dropout_p, seed)
+    s = xd.to(adt) @ lora_A.t()
     se = s * lora_E.to(adt) if lora_E is not None else s
     delta = (se @ lora_B.to(adt).t()) * scaling
     y = (base.to(torch.promote_types(base.dtype, delta.dtype)) + delta).to(out_dtype)
@@ -107,7 +107,7 @@ def lora_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
     dB = (dy_a.t() @ se) * scaling
     dS = d_se * e if e is not None else d_se
     dE = (d_se * Sa).sum(0) if e is not None else dy.new_empty(0, dtype=adt)
-    xd = _dropped(x, dropout_p, seed).to(adt)
+    xd = seeded_dropout(x, dropout_p, seed).to(adt)
     dA = dS.t() @ xd
     if needs_dx:
         lora_dx = dS @ lora_A  # (M, K) in adapter dtype
@@ -124,11 +124,47 @@ def lora_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Backend implementations: looked up lazily by name, so triton and the extension are imported only when used.
+# Fake (meta) kernels: shapes and dtypes of the outputs, with the shape contract checked.  One per op direction; the
+# custom ops below and the extension's ops (``fastpeft._cuda``) register these.
 # ---------------------------------------------------------------------------------------------------------------
 
-# `_impl(name, backend)`: the implementation of op function `name` on `backend` (see ImplTable)
-_impl = ImplTable(globals(), {"triton": "fastpeft.kernels.lora", "cuda": "fastpeft._cuda"})
+
+def _check_lora_shapes(x, weight, lora_A, lora_E, lora_B) -> None:
+    m, k = x.shape
+    n = weight.shape[0]
+    r = lora_A.shape[0]
+    torch._check(weight.dim() == 2 and weight.shape[1] == k, lambda: f"weight must be (N, {k}), got {weight.shape}")
+    torch._check(lora_A.dim() == 2 and lora_A.shape[1] == k, lambda: f"lora_A must be (r, {k}), got {lora_A.shape}")
+    torch._check(lora_B.dim() == 2 and lora_B.shape[0] == n and lora_B.shape[1] == r,
+                 lambda: f"lora_B must be ({n}, {r}), got {lora_B.shape}")
+    if lora_E is not None:
+        torch._check(lora_E.dim() == 1 and lora_E.shape[0] == r, lambda: f"lora_E must be ({r},), got {lora_E.shape}")
+
+
+def lora_fwd_meta(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                  lora_E: Optional[torch.Tensor], lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs of the forward without computing them: y (M, N) in x's dtype, S (M, r) in fp32 (fp64 adapters:
+    fp64).  Checks the shapes with ``torch._check`` (x: (M, K), weight: (N, K), bias: (N,), lora_A: (r, K),
+    lora_E: (r,), lora_B: (N, r))."""
+    _check_lora_shapes(x, weight, lora_A, lora_E, lora_B)
+    if bias is not None:
+        torch._check(bias.shape == (weight.shape[0],), lambda: f"bias must be ({weight.shape[0]},), got {bias.shape}")
+    m = x.shape[0]
+    s_dtype = torch.promote_types(lora_A.dtype, torch.float32)
+    return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=s_dtype)
+
+
+def lora_bwd_meta(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                  lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, S: torch.Tensor, needs_dx: bool,
+                  has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Outputs of the backward without computing them (see ``lora_bwd_ref``); checks dy: (M, N), S: (M, r)."""
+    _check_lora_shapes(x, weight, lora_A, lora_E, lora_B)
+    torch._check(dy.shape == (x.shape[0], weight.shape[0]), lambda: f"dy must be (M, N), got {dy.shape}")
+    torch._check(S.shape == (x.shape[0], lora_A.shape[0]), lambda: f"S must be (M, r), got {S.shape}")
+    dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
+    dE = lora_E.new_empty(lora_E.shape) if lora_E is not None else dy.new_empty(0, dtype=lora_A.dtype)
+    dbias = dy.new_empty(weight.shape[0], dtype=weight.dtype) if has_bias else dy.new_empty(0, dtype=weight.dtype)
+    return dx, lora_A.new_empty(lora_A.shape), dE, lora_B.new_empty(lora_B.shape), dbias
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,9 +183,7 @@ def lora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 
 @lora_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
-    m = x.shape[0]
-    s_dtype = torch.promote_types(lora_A.dtype, torch.float32)
-    return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=s_dtype)
+    return lora_fwd_meta(x, weight, bias, lora_A, lora_E, lora_B)
 
 
 @torch.library.custom_op("fastpeft::lora_bwd", mutates_args=())
@@ -165,10 +199,7 @@ def lora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
 
 @lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_E, lora_B, S, scaling, dropout_p, seed, needs_dx, has_bias, backend):
-    dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
-    dE = lora_E.new_empty(lora_E.shape) if lora_E is not None else dy.new_empty(0, dtype=lora_A.dtype)
-    dbias = dy.new_empty(weight.shape[0], dtype=weight.dtype) if has_bias else dy.new_empty(0, dtype=weight.dtype)
-    return dx, lora_A.new_empty(lora_A.shape), dE, lora_B.new_empty(lora_B.shape), dbias
+    return lora_bwd_meta(dy, x, weight, lora_A, lora_E, lora_B, S, needs_dx, has_bias)
 
 
 def _lora_save(ctx, inputs, s):
@@ -216,9 +247,10 @@ def _lora_bwd_direct(*args):
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """The eager autograd path of ``fastpeft::lora_fwd``: the same implementations, saved tensors and gradients,
-    called directly instead of through the custom-op dispatcher (whose Python wrapping costs on the order of 0.1 ms
-    per call - as much as a whole small-M layer).  Arguments and outputs as in ``lora_fwd``."""
+    """The eager autograd path of ``fastpeft::lora_fwd``: the same implementations, saved tensors and autograd
+    formula (``_lora_grads``), called directly instead of through the custom-op dispatcher, whose Python wrapping
+    costs on the order of 0.1 ms per call - as much as a whole small-M layer (docs/STATUS.md: not measured in this
+    repository).  Arguments and outputs as in ``lora_fwd``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):

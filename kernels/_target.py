@@ -1,0 +1,270 @@
+"""Launch policy of the Triton kernels: environment knobs, the launch target (the GPU a launch is sized for), device
+helpers and the block-size heuristics of the skinny kernels.
+
+Nothing here initialises CUDA at import; what asks the device something (SM count, capability, shared memory) is
+cached and called only from launchers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _cost
+
+# ---------------------------------------------------------------------------------------------------------------
+# environment knobs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _tma_env() -> str:
+    """``FASTPEFT_TRITON_TMA``: ``auto`` (default: TMA on sm90+ when the layout allows), ``0`` (never), ``1``
+    (always when the layout allows, also in the interpreter - how the tests exercise the descriptor path)."""
+    v = os.environ.get("FASTPEFT_TRITON_TMA", "auto").strip().lower() or "auto"
+    if v not in ("auto", "0", "1"):
+        raise ValueError(f"FASTPEFT_TRITON_TMA must be auto, 0 or 1, got {v!r}")
+    return v
+
+
+def autotune_enabled() -> bool:
+    """``FASTPEFT_TRITON_AUTOTUNE`` (default 1).  0 takes the first configuration that fits instead of timing all of
+    them: for correctness runs (the GPU tests set it), where tuning only costs compile and benchmark time."""
+    v = os.environ.get("FASTPEFT_TRITON_AUTOTUNE", "1").strip().lower() or "1"
+    if v not in ("0", "1"):
+        raise ValueError(f"FASTPEFT_TRITON_AUTOTUNE must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+# In-kernel tensor descriptors (TMA on Hopper) exist in triton >= 3.4 (`tl.make_tensor_descriptor`); older
+# versions and other vendors take the pointer path.  Checked once, at import, without touching a device.
+HAS_TENSOR_DESCRIPTOR = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
+
+# The variants every Triton launcher takes: "cublas" (the frozen layer's cuBLAS GEMMs + skinny kernels) and "fused"
+# (the Triton GEMM of _gemm.py with the adapter in its prologue / epilogue).
+VARIANTS = ("cublas", "fused")
+
+
+def check_variant(variant: Optional[str]) -> str:
+    """`variant` (None: ``"cublas"``), or ``ValueError`` naming the valid ones."""
+    v = variant or "cublas"
+    if v not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the launch target
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchTarget:
+    """The GPU a launch is sized for: block sizes, grids, configuration pruning and the TMA decision read it.
+
+    Launchers take ``target=None`` and resolve it with :func:`launch_target`: the tensors' own CUDA device, or
+    ``None`` for CPU tensors in the interpreter (small blocks, so tests run several tiles).  The compile check
+    (``.ci/compile_triton.py``) passes an explicit target with ``compile_only=True``: CPU tensors then stand for
+    tensors of that GPU, so what it compiles is what a real launch there would use.
+    """
+
+    num_sms: int
+    smem_per_block: int  # opt-in max dynamic shared memory per block, bytes
+    capability_major: int
+    compile_only: bool = False
+
+
+# Assumed for fake CUDA tensors when no GPU exists (the cost model traces H200 shapes on CPU): an H200.
+_FAKE_CUDA_TARGET = LaunchTarget(num_sms=132, smem_per_block=227 * 1024, capability_major=9)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_target(index: int) -> LaunchTarget:
+    props = torch.cuda.get_device_properties(index)
+    smem = int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+    return LaunchTarget(props.multi_processor_count, smem, props.major)
+
+
+def launch_target(device: torch.device, target: Optional[LaunchTarget] = None) -> Optional[LaunchTarget]:
+    """`target` when given, else that of a CUDA `device` (the fake H200 without a GPU), else None (interpreter)."""
+    if target is not None:
+        return target
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return _FAKE_CUDA_TARGET
+    return _device_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def num_sms(tgt: Optional[LaunchTarget]) -> int:
+    """Programs a persistent grid launches: the SM count on a GPU, a small number in the interpreter (so the
+    persistent tile loop runs more than once per program in tests)."""
+    return tgt.num_sms if tgt is not None else 3
+
+
+def smem_limit(tgt: Optional[LaunchTarget]) -> int:
+    """Max dynamic shared memory per block in bytes, minus a reserve for the epilogue's scratch and TMA barriers;
+    unlimited in the interpreter."""
+    return tgt.smem_per_block - 1024 if tgt is not None else 1 << 30
+
+
+# The target of the GEMM launch in progress, for the autotuner's prune hook: Triton calls the hook with the kernel's
+# arguments only, so the launcher sets it here around the launch (see ``_gemm.gemm``).
+_PRUNE_TARGET: contextvars.ContextVar = contextvars.ContextVar("fastpeft_prune_target", default=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# device helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_fake(t: torch.Tensor) -> bool:
+    """True for tensors without data (meta, or FakeTensor under FakeTensorMode): launchers report their kernels to
+    the cost model (``_cost``) and return correctly shaped outputs without launching."""
+    if t.device.type == "meta":
+        return True
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
+
+
+def span(t: torch.Tensor) -> int:
+    """Bytes of `t`'s elements (what one pass over it moves)."""
+    return t.numel() * t.element_size()
+
+
+def launch_ok(name: str, first: torch.Tensor, *, bytes_read: int, bytes_written: int, flops: int,
+              launches: int = 1) -> bool:
+    """Report one kernel launch to the cost model (when it records) and say whether to really launch it (not for
+    fake / meta tensors)."""
+    if _cost.active():
+        _cost.report(name, bytes_read=bytes_read, bytes_written=bytes_written, flops=flops, launches=launches)
+    return not is_fake(first)
+
+
+def capturing() -> bool:
+    """True while the current CUDA stream is being captured into a graph (no autotuning, no host syncs then)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def device_ctx(t: torch.Tensor):
+    """Launch on `t`'s GPU (Triton launches on the current device), a no-op for CPU and fake tensors."""
+    if t.device.type == "cuda" and not is_fake(t) and t.device.index is not None \
+            and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def on_input_device(fn):
+    """Decorator for launchers: run with the first argument's GPU as the current device."""
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        with device_ctx(first):
+            return fn(first, *args, **kwargs)
+    return wrapper
+
+
+_allocator_set = False
+
+
+def _ensure_allocator() -> None:
+    """In-kernel tensor descriptors need global scratch memory for the descriptors; Triton asks a user-set allocator
+    for it.  Set one that allocates through torch's caching allocator (once, only when a TMA kernel launches)."""
+    global _allocator_set
+    if _allocator_set:
+        return
+
+    def _alloc(size: int, alignment: int, stream):  # noqa: ARG001 (signature fixed by triton)
+        return torch.empty(size, device="cuda", dtype=torch.int8)
+
+    triton.set_allocator(_alloc)
+    _allocator_set = True
+
+
+def _tma_2d_ok(t: torch.Tensor) -> bool:
+    """A 2-D operand TMA can read: unit stride on the last dim, 16-byte aligned base and row stride."""
+    es = t.element_size()
+    return (t.dim() == 2 and t.stride(1) == 1 and (t.stride(0) * es) % 16 == 0 and t.data_ptr() % 16 == 0
+            and t.shape[1] * es >= 16)
+
+
+def use_tma(a: torch.Tensor, b_view_rowmajor: torch.Tensor | None, target: Optional[LaunchTarget] = None) -> bool:
+    """Whether the GEMM kernel reads its A operand and (row-major view of) its B operand with tensor descriptors.
+    `b_view_rowmajor` is None when B has no unit-stride dimension (then the pointer path runs)."""
+    mode = _tma_env()
+    if mode == "0" or not HAS_TENSOR_DESCRIPTOR or b_view_rowmajor is None:
+        return False
+    if not (_tma_2d_ok(a) and _tma_2d_ok(b_view_rowmajor)):
+        return False
+    tgt = launch_target(a.device, target)
+    if a.device.type == "cuda":
+        # auto: NVIDIA Hopper or newer only (ROCm also reports major 9 for gfx94x, which has no TMA engine)
+        if mode == "auto" and (torch.version.hip is not None or tgt.capability_major < 9):
+            return False
+        if not is_fake(a):
+            _ensure_allocator()
+        return True
+    compile_only = tgt is not None and tgt.compile_only
+    return mode == "1" and (interpret_mode() or compile_only)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# block sizes and program counts of the skinny (rank-r and reduction) kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def split_count(n_blocks_other: int, n_blocks_split: int, target_programs: int) -> int:
+    """How many chunks to split a reduction dimension into so that (other blocks) x (chunks) reaches about
+    `target_programs`, never more chunks than blocks."""
+    want = triton.cdiv(target_programs, max(1, n_blocks_other))
+    return max(1, min(n_blocks_split, want))
+
+
+def target_programs(tgt: Optional[LaunchTarget]) -> int:
+    """Programs the skinny kernels aim for: two waves of the SMs (the memory system needs several loads in
+    flight per SM), a handful in the interpreter."""
+    if _test_shape["programs"] is not None:
+        return _test_shape["programs"]
+    return 2 * tgt.num_sms if tgt is not None else 4
+
+
+def skinny_blocks(tgt: Optional[LaunchTarget], dropout: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) of the skinny kernels; chosen on the host, not autotuned, because their
+    partial-sum buffers are sized from them.  These kernels are memory-bound: the number of programs in flight
+    (`target_programs`) matters more than the tile, and a 64x128 tile of a 16-bit operand is a 16 KB load.  With
+    dropout the Philox state (4 words per 8 elements, plus the 16-bit lanes being interleaved) must fit in registers
+    next to the tile: 64x64 over 8 warps is 16 elements per thread.  Block sizes stay multiples of 8 (the mask's
+    Philox groups)."""
+    if _test_shape["blocks"] is not None:
+        return _test_shape["blocks"]
+    if tgt is None:
+        return 16, 16, 4
+    return (64, 64, 8) if dropout else (64, 128, 4)
+
+
+# Test hook: force the skinny kernels' block sizes and program target, so that small test shapes get the block-count
+# structure of production shapes (several N blocks per dY program, several K blocks per shrink split, splits > 1).
+_test_shape: dict = {"blocks": None, "programs": None}
+
+
+@contextlib.contextmanager
+def forced_launch_shape(blocks: tuple[int, int, int] | None = None, programs: int | None = None):
+    """Within the block, ``skinny_blocks`` returns `blocks` and ``target_programs`` returns `programs` (tests only)."""
+    old = dict(_test_shape)
+    _test_shape.update(blocks=blocks, programs=programs)
+    try:
+        yield
+    finally:
+        _test_shape.update(old)
