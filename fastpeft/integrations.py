@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from . import functional as _F
 from . import recompute as _recompute
+from ._peft_compat import peft_layer_classes
 
 __all__ = ["accelerate", "restore", "is_accelerated", "fallback_reason"]
 
@@ -35,25 +36,7 @@ _MARK = "_fastpeft_backend"
 _RANKNUM = "_fastpeft_ranknum"
 
 
-def _peft_layer_classes() -> dict[type, str]:
-    """HF PEFT layer classes we can accelerate -> kind ("lora", "adalora", "ia3").  Empty if peft is missing."""
-    classes: dict[type, str] = {}
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-        classes[LoraLinear] = "lora"
-    except ImportError:
-        pass
-    try:
-        from peft.tuners.adalora.layer import SVDLinear
-        classes[SVDLinear] = "adalora"
-    except ImportError:
-        pass
-    try:
-        from peft.tuners.ia3.layer import Linear as IA3Linear
-        classes[IA3Linear] = "ia3"
-    except ImportError:
-        pass
-    return classes
+_peft_layer_classes = peft_layer_classes
 
 
 def _conv1d_class() -> Optional[type]:

@@ -170,10 +170,10 @@ def test_adalora_ia3_parity(tiny_dir, quant, method):
         warnings.simplefilter("ignore")
         before = fp(input_ids=ids).logits
         layer = fp.base_model.model.model.layers[0].self_attn.q_proj
-        dense = fastpeft.tuners.lora_bnb.dequantize_weight(layer.base_layer) + layer.get_delta_weight("default")
+        dense = fastpeft.utils.quantization.dequantize_weight(layer.base_layer) + layer.get_delta_weight("default")
         fp.merge_adapter()
         after = fp(input_ids=ids).logits
-        requant = fastpeft.tuners.lora_bnb.dequantize_weight(layer.base_layer)
+        requant = fastpeft.utils.quantization.dequantize_weight(layer.base_layer)
     q_err = (requant - dense).abs().max().item()
     assert q_err <= 0.2 * dense.abs().max().item()  # one quantization step, not a wrong weight
     assert (after - before).abs().max().item() < 0.1 * before.abs().max().item()
@@ -243,7 +243,7 @@ def test_safe_merge_nan_leaves_layer_unchanged(tiny_dir):
 
 @needs_bnb
 def test_prepare_model_for_kbit_training_matches_peft(tiny_dir):
-    assert fastpeft.prepare_model_for_kbit_training.__module__ == "fastpeft.tuners.lora_bnb"
+    assert fastpeft.prepare_model_for_kbit_training.__module__ == "fastpeft.utils.quantization"
     states = []
     for fn in (peft.prepare_model_for_kbit_training, fastpeft.prepare_model_for_kbit_training):
         with warnings.catch_warnings():
@@ -328,7 +328,7 @@ def test_import_does_not_import_bitsandbytes():
     # peft itself imports bitsandbytes, so PEFT interop (fastpeft._peft_compat) is switched off here: the claim is
     # that fastpeft's own code never imports it
     r = _run_from_root("import os; os.environ['FASTPEFT_PEFT_INTEROP'] = '0'\n"
-                       "import sys, fastpeft, fastpeft.tuners.lora, fastpeft.tuners.lora_bnb\n"
+                       "import sys, fastpeft, fastpeft.tuners.lora.bnb, fastpeft.utils.quantization\n"
                        "fastpeft.prepare_model_for_kbit_training\n"
                        "assert 'bitsandbytes' not in sys.modules\nprint('ok')")
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

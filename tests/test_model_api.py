@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import fastpeft
 from fastpeft.config import PeftConfig, register_config
-from fastpeft.tuners.base import TUNER_CLASSES, BaseTuner, BaseTunerLayer, register_tuner
+from fastpeft.tuners.tuners_utils import TUNER_CLASSES, BaseTuner, BaseTunerLayer, register_tuner
 from _tolerances import ELEMENTWISE, PEFT_PARITY_RTOL, assert_close_rel
 
 
@@ -159,7 +159,7 @@ def test_layers_to_transform_plain_module():
 
     cfg = peft.LoraConfig(r=1, target_modules=["1"], layers_to_transform=[0, 2])
     ours = fastpeft.LoraConfig(r=1, target_modules=["1"], layers_to_transform=[0, 2])
-    from fastpeft.tuners.base import check_target_module_exists
+    from fastpeft.tuners.tuners_utils import check_target_module_exists
 
     for key in ["model.layers.0.1", "model.layers.1.1", "model.layers.2.1", "layers.0.1", "model.layers.0.0"]:
         assert bool(check_target_module_exists(ours, key)) == bool(peft_check(cfg, key)), key

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import BaseTunerLayer, ModulesToSaveWrapper
+from ...utils.other import ModulesToSaveWrapper, get_submodules
+from ..tuners_utils import BaseTunerLayer
 
 __all__ = ["TrainableTokensLayer", "inject_trainable_tokens", "token_target_layers", "SAVED_ATTR"]
 
@@ -269,7 +270,6 @@ def inject_trainable_tokens(tuner, adapter_name: str, config) -> None:
     spec = getattr(config, "trainable_token_indices", None)
     if spec is None:
         return
-    from ._utils import get_submodules
 
     model = tuner.model
     targets = token_target_layers(model, spec)
