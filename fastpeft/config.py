@@ -126,9 +126,6 @@ def _peft_type_value(v) -> Optional[str]:
     return v.value if isinstance(v, enum.Enum) else str(v)
 
 
-_jsonable = jsonable  # the name the method configs use
-
-
 # Keys every adapter_config.json has; a dict without them is not a PEFT config.
 _MIN_KEYS = {"peft_type"}
 
@@ -214,7 +211,7 @@ class PeftConfig(*CONFIG_BASES):
     # -- (de)serialisation ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """All fields as plain JSON-able values (enums -> str, sets -> sorted lists)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Write ``save_directory/adapter_config.json`` exactly as HF PEFT writes it (sorted keys, indent 2).

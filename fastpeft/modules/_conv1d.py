@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..utils.adapter_math import add_delta
+
 
 def is_conv1d(module) -> bool:
     """True if `module` is a transformers ``Conv1D`` (checked without importing transformers)."""
@@ -71,14 +73,6 @@ def check_alpha(alpha) -> float:
     if not math.isfinite(alpha):
         raise ValueError(f"lora_alpha must be finite, got {alpha}")
     return alpha
-
-
-def merge_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """Dtype merges are computed in: at least fp32 (fp16/bf16 weights merge in fp32, then round once)."""
-    dt = torch.float32
-    for d in dtypes:
-        dt = torch.promote_types(dt, d)
-    return dt
 
 
 class AdapterBase(nn.Module):
@@ -154,10 +148,8 @@ class AdapterBase(nn.Module):
     def _add_to_weight(self, delta_nk: torch.Tensor, sign: float) -> None:
         """weight += sign * delta (delta given as (out, in)), computed in >= fp32 and rounded once, in place."""
         with torch.no_grad():
-            w = self.weight
-            ct = merge_dtype(w.dtype, delta_nk.dtype)
             d = delta_nk.t() if self.fan_in_fan_out else delta_nk
-            w.copy_((w.to(ct) + sign * d.to(ct)).to(w.dtype))
+            self.weight.copy_(add_delta(self.weight, d, sign))
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the merged weight (a copy; this module is left unchanged).
@@ -221,5 +213,4 @@ class DeltaAdapterBase(AdapterBase):
             w = self.weight_nk
             if self._merged:
                 return w.detach().clone()
-            ct = merge_dtype(w.dtype, self.lora_A.dtype)
-            return (w.to(ct) + self.delta_weight().to(ct)).to(w.dtype)
+            return add_delta(w, self.delta_weight())

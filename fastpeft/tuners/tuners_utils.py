@@ -55,6 +55,7 @@ import torch.nn as nn
 from ..config import PeftConfig, PeftType
 from ..recompute import install as recompute_install
 from ..recompute import register_adapter_layer_type
+from ..utils.fused import base_layer_reason, input_reason
 from ..utils.other import ModulesToSaveWrapper, active_list, get_submodules, is_conv1d, is_linear_like
 from ._state_dict import AdapterStateDictMixin
 from ._targets import check_not_wrapped, check_target_module_exists, expand_all_linear
@@ -99,6 +100,8 @@ class BaseTunerLayer(nn.Module):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+    # False for layer types whose forward is never "base layer + one fused op" (quantized bases, embeddings, tokens)
+    _fused_capable: bool = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -109,10 +112,19 @@ class BaseTunerLayer(nn.Module):
         # per-row adapter names of the current batch; set only inside BaseTuner.mixed_batch() (layers that support
         # mixed batches read it in forward)
         self._batch_adapter_names: Optional[list[str]] = None
-        # The fused functional path replaces the base layer's own forward, so it is used only for a plain nn.Linear or
-        # transformers Conv1D (a subclass may do more in forward, e.g. quantised or hooked layers).
-        self._fusable = type(base_layer) is nn.Linear or (
-            is_conv1d(base_layer) and type(base_layer).__name__ == "Conv1D")
+
+    # -- the fused path -----------------------------------------------------------------------------------------------
+    @property
+    def _fusable(self) -> bool:
+        """True when a fused op may stand in for the base layer's forward right now (``fastpeft.utils.fused``)."""
+        return self._fused_capable and base_layer_reason(self.base_layer) is None
+
+    def _fused_reason(self, x: Any, args: tuple, kwargs: dict) -> Optional[str]:
+        """Why this call cannot go through the fused op (None when it can).  Evaluated in every forward, so hooks
+        added to the base layer after injection (accelerate offloading) and DTensor weights are seen."""
+        if not self._fused_capable:
+            return f"{type(self).__name__} has no fused path"
+        return base_layer_reason(self.base_layer) or input_reason(self.base_layer, x, args, kwargs)
 
     # -- base layer passthroughs ---------------------------------------------------------------------------------
     def get_base_layer(self) -> nn.Module:

@@ -14,10 +14,11 @@ __all__ = ["AdaLoraQuantLinear", "make_adalora_layer"]
 class AdaLoraQuantLinear(SVDLinear):
     """AdaLoRA around a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (HF PEFT's ``adalora.bnb`` layers)."""
 
+    _fused_capable = False  # the fused kernels need a dense nn.Linear weight
+
     def __init__(self, base_layer, adapter_name, r, lora_alpha, config) -> None:
         super().__init__(base_layer, adapter_name, r, lora_alpha, config)
         self.fan_in_fan_out = False
-        self._fusable = False
         self.quant_kind = quant_kind(base_layer)
 
     def update_layer(self, adapter_name, r, lora_alpha, config, ranknum=None) -> None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from ... import functional as FP
+from ...utils.adapter_math import adalora_delta, add_delta
 from ...utils.other import in_out_features, is_conv1d, linear_weight_oi, transpose
 from ..tuners_utils import BaseTunerLayer
 from .config import AdaLoraConfig
@@ -78,13 +79,14 @@ class AdaLoraLayer(BaseTunerLayer):
         A, E, B = self.lora_A[a], self.lora_E[a], self.lora_B[a]
         return transpose(B @ (A * E), self.fan_in_fan_out) * self.scaling[a] / (self.ranknum[a] + 1e-5)
 
+    def _merge_delta(self, a: str) -> torch.Tensor:
+        """The delta a merge adds, in at least fp32 (``get_delta_weight`` without rounding; no gradient)."""
+        delta = adalora_delta(self.lora_A[a], self.lora_E[a], self.lora_B[a], 1.0)
+        return transpose(delta, self.fan_in_fan_out) * self.scaling[a] / (self.ranknum[a].detach() + 1e-5)
+
     def _merge_one(self, a: str, safe_merge: bool) -> None:
         w = self.base_layer.weight
-        delta = self.get_delta_weight(a).to(w.dtype)
-        if safe_merge:
-            self._write_base_weight(w, w.data + delta, True, a)
-        else:
-            w.data += delta
+        self._write_base_weight(w, add_delta(w.data, self._merge_delta(a)), safe_merge, a)
 
     def _check_merge_finite(self, adapter_names: list[str]) -> None:
         """safe_merge's check of ``_merge_one``'s arithmetic, without writing (see BaseTunerLayer)."""
@@ -94,14 +96,15 @@ class AdaLoraLayer(BaseTunerLayer):
         acc = w.data
         with torch.no_grad():
             for a in adapter_names:
-                acc = acc + self.get_delta_weight(a).to(w.dtype)
+                acc = add_delta(acc, self._merge_delta(a))
                 if not torch.isfinite(acc).all():
                     raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken "
                                      "(the weights were not modified)")
 
     def _unmerge_one(self, a: str) -> None:
         w = self.base_layer.weight
-        w.data -= self.get_delta_weight(a).to(w.dtype)
+        with torch.no_grad():
+            w.data.copy_(add_delta(w.data, self._merge_delta(a), -1.0))
 
 
 class SVDLinear(AdaLoraLayer):
@@ -122,7 +125,7 @@ class SVDLinear(AdaLoraLayer):
         active = [a for a in self._present_active() if self.r.get(a, 0) > 0]
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if self._fusable and len(active) == 1 and not args and not kwargs:
+        if len(active) == 1 and self._fused_reason(x, args, kwargs) is None:
             a = active[0]
             drop = self.lora_dropout[a]
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from ...config import PeftType
+from ...utils.adapter_math import orth_reg_term
 from ...utils.other import get_submodules
 from ..tuners_utils import BaseTuner, register_tuner
 from .bnb import make_adalora_layer
@@ -200,9 +201,7 @@ class AdaLoraModel(BaseTuner):
             count = 0
             for n, p in self.model.named_parameters():
                 if ("lora_A" in n or "lora_B" in n) and name in n:
-                    cov = p @ p.T if "lora_A" in n else p.T @ p
-                    eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
-                    reg = reg + torch.linalg.matrix_norm(cov - eye, ord="fro")
+                    reg = reg + orth_reg_term(p, is_a="lora_A" in n)
                     count += 1
             if count:
                 outputs.loss = loss + w * (reg / count)

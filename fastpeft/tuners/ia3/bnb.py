@@ -14,10 +14,11 @@ __all__ = ["IA3QuantLinear", "make_ia3_layer"]
 class IA3QuantLinear(IA3Linear):
     """(IA)³ around a bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (HF PEFT's ``ia3.bnb`` layers)."""
 
+    _fused_capable = False  # the fused kernels need a dense nn.Linear weight
+
     def __init__(self, base_layer, adapter_name, config, is_feedforward) -> None:
         super().__init__(base_layer, adapter_name, config, is_feedforward)
         self.fan_in_fan_out = False
-        self._fusable = False
         self.quant_kind = quant_kind(base_layer)
 
     def update_layer(self, adapter_name, config) -> None:

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from ... import functional as FP
-from ...utils.other import in_out_features, is_conv1d, linear_weight_oi, transpose
+from ...utils.adapter_math import ia3_scale
+from ...utils.other import in_out_features, is_conv1d, linear_weight_oi
 from ..tuners_utils import BaseTunerLayer
 from .config import IA3Config
 
@@ -42,19 +43,14 @@ class IA3Layer(BaseTunerLayer):
 
     def _scale_weight(self, a: str, inverse: bool, safe_merge: bool = False) -> None:
         base = self.base_layer
-        vec = transpose(self.ia3_l[a].data, self.fan_in_fan_out)
-        w_dtype = base.weight.dtype
-        new_w = torch.div(base.weight.data, vec + 1e-8) if inverse else torch.mul(base.weight.data, vec)
-        new_b = None
-        if not self.is_feedforward and base.bias is not None:
-            s = self.ia3_l[a].data.reshape(base.bias.shape)
-            new_b = torch.div(base.bias.data, s + 1e-8) if inverse else torch.mul(base.bias.data, s)
+        new_w, new_b = ia3_scale(base.weight.data, base.bias.data if base.bias is not None else None,
+                                 self.ia3_l[a].data, self.is_feedforward, self.fan_in_fan_out, divide=inverse)
         if safe_merge and (not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all())):
             raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken (the "
                              "weights were not modified)")
-        base.weight.data = new_w.to(w_dtype)
+        base.weight.data = new_w
         if new_b is not None:
-            base.bias.data = new_b.to(base.bias.dtype)
+            base.bias.data = new_b
 
     def _merge_one(self, a: str, safe_merge: bool) -> None:
         zeros = int((self.ia3_l[a].data == 0).sum())
@@ -72,9 +68,8 @@ class IA3Layer(BaseTunerLayer):
         acc_w = base.weight.data
         acc_b = base.bias.data if (not self.is_feedforward and base.bias is not None) else None
         for a in adapter_names:
-            acc_w = torch.mul(acc_w, transpose(self.ia3_l[a].data, self.fan_in_fan_out))
-            if acc_b is not None:
-                acc_b = torch.mul(acc_b, self.ia3_l[a].data.reshape(acc_b.shape))
+            acc_w, acc_b = ia3_scale(acc_w, acc_b, self.ia3_l[a].data, self.is_feedforward, self.fan_in_fan_out,
+                                     divide=False)
             if not torch.isfinite(acc_w).all() or (acc_b is not None and not torch.isfinite(acc_b).all()):
                 raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken (the "
                                  "weights were not modified)")
@@ -105,7 +100,7 @@ class Linear(IA3Layer):
         active = self._present_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if self._fusable and len(active) == 1 and not args and not kwargs:
+        if len(active) == 1 and self._fused_reason(x, args, kwargs) is None:
             base = self.base_layer
             return FP.ia3_linear(x, linear_weight_oi(base), base.bias, self.ia3_l[active[0]],
                                  self.is_feedforward, backend=None)

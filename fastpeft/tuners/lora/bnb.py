@@ -21,10 +21,11 @@ class LoraQuantLinear(LoraLinear):
     Input x: (..., in_features); output (..., out_features) in the base layer's output dtype.
     """
 
+    _fused_capable = False  # the fused kernels need a dense nn.Linear weight
+
     def __init__(self, base_layer, adapter_name, r, lora_alpha, config) -> None:
         super().__init__(base_layer, adapter_name, r, lora_alpha, config)
         self.fan_in_fan_out = False
-        self._fusable = False  # the fused kernels need a dense weight
         self.quant_kind = quant_kind(base_layer)
 
     def update_layer(self, adapter_name, r, lora_alpha, config) -> None:

@@ -30,6 +30,8 @@ class Embedding(LoraLayer):
     Input x: integer ids (...); output (..., embedding_dim) in the base output's dtype.
     """
 
+    _fused_capable = False
+
     adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(self, base_layer: nn.Embedding, adapter_name: str, r: int, lora_alpha: float,
@@ -47,7 +49,6 @@ class Embedding(LoraLayer):
         self.lora_embedding_B = nn.ParameterDict({})
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
         self.fan_in_fan_out = False
-        self._fusable = False
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, r, lora_alpha, config)
 

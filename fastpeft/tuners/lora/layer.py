@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 
 from ... import functional as FP
+from ...utils.adapter_math import add_delta, lora_delta
+from ...utils.fused import is_sharded
 from ...utils.other import in_out_features, is_conv1d, linear_weight_oi, transpose
 from ..tuners_utils import BaseTunerLayer
 from .config import LoraConfig
@@ -70,13 +72,9 @@ class LoraLayer(BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``transpose(B @ A, fan_in_fan_out) * scaling`` in the base weight's layout (fp32 math for half on CPU)."""
-        A = self.lora_A[adapter_name].weight
         B = self.lora_B[adapter_name].weight
-        out_dtype = B.dtype
-        if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
-            A, B = A.float(), B.float()
-        delta = transpose(B @ A, self.fan_in_fan_out) * self.scaling[adapter_name]
-        return delta.to(out_dtype)
+        delta = lora_delta(self.lora_A[adapter_name].weight, B, self.scaling[adapter_name])
+        return transpose(delta, self.fan_in_fan_out).to(B.dtype)
 
     def _bias_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
         """``lora_B.bias * scaling`` for lora_bias adapters (None otherwise); needs a base bias to merge into."""
@@ -97,15 +95,13 @@ class LoraLayer(BaseTunerLayer):
         delta = self.get_delta_weight(adapter_name)
         if safe_merge:
             b = self.base_layer.bias
-            if bias_delta is not None and not torch.isfinite(b.data + bias_delta.to(b.dtype)).all():
+            if bias_delta is not None and not torch.isfinite(add_delta(b.data, bias_delta)).all():
                 raise ValueError(f"NaNs or infs detected in the merged bias; adapter {adapter_name!r} seems to be "
                                  "broken (the weights were not modified)")
-            self._write_base_weight(w, w.data + delta.to(w.dtype), True, adapter_name)
-        else:
-            w.data += delta.to(w.dtype)
+        self._write_base_weight(w, add_delta(w.data, delta), safe_merge, adapter_name)
         if bias_delta is not None:
             b = self.base_layer.bias
-            b.data += bias_delta.detach().to(b.dtype)
+            b.data.copy_(add_delta(b.data, bias_delta))
 
     def _check_merge_finite(self, adapter_names: list[str]) -> None:
         """safe_merge's check of ``_merge_one``'s arithmetic, without writing (see BaseTunerLayer)."""
@@ -116,9 +112,9 @@ class LoraLayer(BaseTunerLayer):
         with torch.no_grad():
             for a in adapter_names:
                 bias_delta = self._bias_delta(a)
-                acc_w = acc_w + self.get_delta_weight(a).to(w.dtype)
+                acc_w = add_delta(acc_w, self.get_delta_weight(a))
                 if bias_delta is not None:
-                    acc_b = acc_b + bias_delta.to(b.dtype)
+                    acc_b = add_delta(acc_b, bias_delta)
                 if not torch.isfinite(acc_w).all() or (bias_delta is not None and not torch.isfinite(acc_b).all()):
                     raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken "
                                      "(the weights were not modified)")
@@ -130,17 +126,11 @@ class LoraLayer(BaseTunerLayer):
             with torch.no_grad():
                 w.data.copy_(dora_unmerged_weight(self, adapter_name, w.data))
             return
-        w.data -= self.get_delta_weight(adapter_name).to(w.dtype)
-        if self.lora_bias.get(adapter_name, False):
-            b = self.base_layer.bias
-            b.data -= (self.lora_B[adapter_name].bias * self.scaling[adapter_name]).detach().to(b.dtype)
-
-
-def _is_sharded(t: torch.Tensor) -> bool:
-    """True for a DTensor: FSDP2 sharded the lora_A/lora_B leaves on their own (HF PEFT's fsdp_auto_wrap_policy),
-    so their weights are gathered only when those modules are called - the fused path, which reads the weights
-    directly, must not run; the unfused loop calls the modules."""
-    return type(t).__name__ == "DTensor"
+        with torch.no_grad():
+            w.data.copy_(add_delta(w.data, self.get_delta_weight(adapter_name), -1.0))
+            if self.lora_bias.get(adapter_name, False):
+                b = self.base_layer.bias
+                b.data.copy_(add_delta(b.data, self.lora_B[adapter_name].bias * self.scaling[adapter_name], -1.0))
 
 
 class Linear(LoraLayer):
@@ -163,8 +153,10 @@ class Linear(LoraLayer):
         active = self._present_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        fused = (self._fusable and len(active) == 1 and not args and not kwargs and not self.lora_bias[active[0]]
-                 and not _is_sharded(self.lora_A[active[0]].weight))
+        # A DTensor lora_A: FSDP2 sharded the lora_A/lora_B leaves on their own (HF PEFT's fsdp_auto_wrap_policy), so
+        # their weights are gathered only when those modules are called - the loop below calls them.
+        fused = (len(active) == 1 and not self.lora_bias[active[0]] and not is_sharded(self.lora_A[active[0]].weight)
+                 and self._fused_reason(x, args, kwargs) is None)
         if fused and active[0] in self.lora_magnitude_vector:
             # DoRA without active dropout is one LoRA call plus a column scale; with dropout it needs W·drop(x) too
             # (PEFT's extra matmul), which the loop below does
