@@ -10,22 +10,13 @@ already in ``sys.modules``.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from ..utils.adapter_math import add_delta
-
-
-def is_conv1d(module) -> bool:
-    """True if `module` is a transformers ``Conv1D`` (checked without importing transformers)."""
-    mod = sys.modules.get("transformers.pytorch_utils")
-    if mod is None:
-        return False
-    conv1d = getattr(mod, "Conv1D", None)
-    return conv1d is not None and isinstance(module, conv1d)
+from ..utils.other import is_conv1d
 
 
 def base_params(module, cls_name: str) -> tuple[nn.Parameter, Optional[nn.Parameter], int, int, bool]:

@@ -7,7 +7,7 @@ The adapters are HF PEFT's (same parameters, same saved keys); what changes with
 * the forward: the base layer is called as it is (bitsandbytes dequantizes inside its own matmul) and the adapter
   term is added in PEFT's order for these layers - the adapter output is cast to the base output's dtype *before* it
   is added (``peft/tuners/{lora,adalora,ia3}/bnb.py``).  These layers never take the fused path (their
-  ``_fusable`` is False): the fused kernels read a dense weight, and a quantized one has none;
+  ``_fused_capable`` is False): the fused kernels read a dense weight, and a quantized one has none;
 * merge / unmerge: dequantize the base weight, add (subtract) the delta in float, and quantize the result again with
   the layer's own settings (4-bit: blocksize, quant_type, double quant, storage; 8-bit: ``has_fp16_weights``), exactly
   as PEFT does, with PEFT's warning that rounding may change generations.  The new quantized weight replaces the old
