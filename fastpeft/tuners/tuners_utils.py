@@ -35,12 +35,16 @@ method):
 * ``_remove_adapter(adapter_name, unwrap_empty=True)`` undoes an injection (used to roll back a failed load).
 * All or nothing: ``inject_adapter``, ``add_adapter``, ``delete_adapter``, ``set_adapter``, ``merge_adapter``,
   ``unmerge_adapter``, ``merge_and_unload`` and ``unload`` (and a subclass's overrides of them, wrapped by
-  ``__init_subclass__``) run inside a ``_Transaction``: if they raise (KeyboardInterrupt included) the module tree,
-  every module attribute, ``requires_grad`` flag, adapter config and merged base weight is put back exactly.  A layer
+  ``__init_subclass__``) run inside a transaction (``_transaction``): if they raise (KeyboardInterrupt included) the
+  module tree, every module attribute, ``requires_grad`` flag, adapter config and merged base weight is put back
+  exactly.  A layer
   type with its own merge arithmetic can implement ``_check_merge_finite`` so that ``safe_merge`` checks it before
   any layer is written; otherwise its merge is checked as it runs and rolled back.
 * A model that already carries adapter layers (fastpeft's or HF PEFT's) cannot be wrapped again (ValueError
   pointing to ``add_adapter`` / ``unload()``).
+* A layer's forward calls the fused op (``fastpeft.functional``) only when ``_fused_reason(x, args, kwargs)`` is
+  None (``fastpeft.utils.fused``, checked in every call); otherwise it runs HF PEFT's unfused sequence, which calls
+  ``base_layer`` (and so its hooks).  Layer types without a fused path set ``_fused_capable = False``.
 """
 
 from __future__ import annotations
