@@ -151,7 +151,10 @@ setup(
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["fastpeft", "fastpeft.ops", "fastpeft.modules", "fastpeft.tuners", "fastpeft.prompt",
+    packages=["fastpeft", "fastpeft.ops", "fastpeft.modules", "fastpeft.tuners", "fastpeft.tuners.lora",
+              "fastpeft.tuners.adalora", "fastpeft.tuners.ia3", "fastpeft.tuners.prompt_tuning",
+              "fastpeft.tuners.p_tuning", "fastpeft.tuners.prefix_tuning", "fastpeft.tuners.adaption_prompt",
+              "fastpeft.tuners.bottleneck", "fastpeft.tuners.trainable_tokens", "fastpeft.utils", "fastpeft.prompt",
               "fastpeft.kernels", "fastpeft.benchmarks"],
     package_dir={"fastpeft.kernels": "kernels", "fastpeft.benchmarks": "benchmarks"},
     # The measured dispatch table is data, read by fastpeft._dispatch.

@@ -4,7 +4,7 @@ The base is a ``bitsandbytes.nn.Linear4bit`` (nf4, double quantization, compute 
 the same random weight in every provider; the adapters are HF PEFT's (fp32).  Providers:
 
 * ``base``            the quantized ``Linear4bit`` alone (the floor);
-* ``fastpeft-torch``  fastpeft's layer for quantized bases (``fastpeft.tuners.lora_bnb.LoraQuantLinear``) sharing the
+* ``fastpeft-torch``  fastpeft's layer for quantized bases (``fastpeft.tuners.lora.bnb.LoraQuantLinear``) sharing the
                       base and the adapter tensors; quantized bases always take the torch path;
 * ``peft``            HF PEFT's ``lora.bnb.Linear4bit``.
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 import fastpeft
-from fastpeft.tuners.lora_bnb import LoraQuantLinear, dequantize_weight
+from fastpeft.tuners.lora.bnb import LoraQuantLinear
+from fastpeft.utils.quantization import dequantize_weight
 
 from ._utils import peft_or_none
 from .bench_lora import LayerCase, Provider, _eval_call, _One, make_inputs

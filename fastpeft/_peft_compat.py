@@ -22,7 +22,8 @@ import warnings
 
 import torch.nn as nn
 
-__all__ = ["peft", "MODEL_BASES", "CONFIG_BASES", "interop_enabled"]
+__all__ = ["peft", "MODEL_BASES", "CONFIG_BASES", "interop_enabled", "peft_layer_classes",
+           "register_state_dict_functions"]
 
 
 def _load_peft():
@@ -78,12 +79,26 @@ def adopt_field_metadata(ours: type, peft_name: str) -> None:
 # teacher sync call exactly those functions (``from peft import ...`` at call time).  The wrappers below route a
 # fastpeft model to fastpeft's functions (same keys and tensors, strict loading) and every other model to PEFT's own
 # function unchanged.  They are installed on the three public names PEFT exports the functions under.
-def _is_fastpeft_model(model) -> bool:
-    from .peft_model import PeftModel as _FPModel
-    from .tuners.base import BaseTuner as _FPTuner
+#
+# This module sits below the rest of fastpeft: the model API registers what the routing needs
+# (``register_state_dict_functions``, called by ``fastpeft.save_load`` and ``fastpeft.peft_model`` on import).
+_FASTPEFT_MODEL_TYPES: list[type] = []
+_STATE_DICT_FUNCTIONS: dict = {}
 
+
+def register_state_dict_functions(model_type: type, get_fn=None, set_fn=None) -> None:
+    """Route PEFT's get/set_peft_model_state_dict to ``get_fn``/``set_fn`` for instances of ``model_type``."""
+    if model_type not in _FASTPEFT_MODEL_TYPES:
+        _FASTPEFT_MODEL_TYPES.append(model_type)
+    if get_fn is not None:
+        _STATE_DICT_FUNCTIONS["get"] = get_fn
+    if set_fn is not None:
+        _STATE_DICT_FUNCTIONS["set"] = set_fn
+
+
+def _is_fastpeft_model(model) -> bool:
     model = getattr(model, "_orig_mod", model)
-    return isinstance(model, (_FPModel, _FPTuner))
+    return bool(_STATE_DICT_FUNCTIONS) and isinstance(model, tuple(_FASTPEFT_MODEL_TYPES))
 
 
 def _install_state_dict_routing() -> None:
@@ -100,17 +115,13 @@ def _install_state_dict_routing() -> None:
     @functools.wraps(orig_get)
     def get_peft_model_state_dict(model, *args, **kwargs):
         if _is_fastpeft_model(model):
-            from .save_load import get_peft_model_state_dict as fp_get
-
-            return fp_get(model, *args, **kwargs)
+            return _STATE_DICT_FUNCTIONS["get"](model, *args, **kwargs)
         return orig_get(model, *args, **kwargs)
 
     @functools.wraps(orig_set)
     def set_peft_model_state_dict(model, *args, **kwargs):
         if _is_fastpeft_model(model):
-            from .save_load import set_peft_model_state_dict as fp_set
-
-            return fp_set(model, *args, **kwargs)
+            return _STATE_DICT_FUNCTIONS["set"](model, *args, **kwargs)
         return orig_set(model, *args, **kwargs)
 
     get_peft_model_state_dict._fastpeft_routed = set_peft_model_state_dict._fastpeft_routed = True
@@ -127,3 +138,26 @@ try:
 except Exception as _e:  # a PEFT layout we do not know must not break fastpeft; say so instead
     warnings.warn(f"could not route peft.get/set_peft_model_state_dict to fastpeft ({type(_e).__name__}: {_e}); "
                   "PEFT's functions will not see fastpeft adapters", UserWarning, stacklevel=2)
+
+
+def peft_layer_classes() -> dict[type, str]:
+    """HF PEFT layer classes fastpeft can accelerate -> kind ("lora", "adalora", "ia3").  Empty if peft is missing.
+
+    Looked up whether or not PEFT interop is on (``fastpeft.accelerate`` works on PEFT models either way)."""
+    classes: dict[type, str] = {}
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        classes[LoraLinear] = "lora"
+    except ImportError:
+        pass
+    try:
+        from peft.tuners.adalora.layer import SVDLinear
+        classes[SVDLinear] = "adalora"
+    except ImportError:
+        pass
+    try:
+        from peft.tuners.ia3.layer import Linear as IA3Linear
+        classes[IA3Linear] = "ia3"
+    except ImportError:
+        pass
+    return classes

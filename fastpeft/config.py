@@ -1,6 +1,11 @@
-"""Adapter configurations with Hugging Face PEFT 0.21.2's names, defaults and file format.
+"""The configuration base class and the registry: ``PeftConfig``, ``PeftType``, ``TaskType``, ``register_config``.
 
-Extension points (for methods implemented outside this file, e.g. ``fastpeft.prompt``):
+Each method's config lives in its package (``fastpeft.tuners.lora.LoraConfig``, ``fastpeft.tuners.ia3.IA3Config``,
+...) and registers itself here; this module imports no method.  Names of the method configs that were importable
+from ``fastpeft.config`` before the methods had packages (``LoraConfig``, ``AdaLoraConfig``, ``IA3Config``,
+``LoraRuntimeConfig``) still resolve, through the registry (``__getattr__`` below).
+
+Extension points (for methods implemented outside this file):
 
 * ``register_config(peft_type)`` is a class decorator.  It records the class in ``CONFIG_CLASSES`` (so
   ``PeftConfig.from_pretrained(dir)`` / ``PeftConfig.from_dict(d)`` dispatch on the ``"peft_type"`` key of a file) and
@@ -8,7 +13,8 @@ Extension points (for methods implemented outside this file, e.g. ``fastpeft.pro
   ``@dataclass`` deriving from ``PeftConfig``; if it defines ``__post_init__`` it must call ``super().__post_init__()``
   first.  Validation goes there, raising ``ValueError``/``TypeError`` that name the field and the value.
 * ``is_prompt_learning`` (property, False here) tells ``PeftModel`` / ``get_peft_model_state_dict`` that the adapter
-  weights are not named after the adapter (HF PEFT's prompt-learning layout).  Override it in a subclass.
+  weights are not named after the adapter (HF PEFT's prompt-learning layout).  Override it in a subclass
+  (``PromptLearningConfig`` below does).
 * Keys of a json file that the class does not know (written by a newer PEFT) are dropped with one warning; keys that
   the class knows but whose *value* fastpeft cannot honour are rejected by the class's own validation.
 
@@ -21,23 +27,24 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 import json
+import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from . import hub
 from ._peft_compat import CONFIG_BASES
+from .utils.adapter_files import atomic_write_bytes, jsonable, make_adapter_dir, read_json_object
+from .utils.constants import CONFIG_NAME, PEFT_FORMAT_VERSION
 
 __all__ = [
-    "PeftType", "TaskType", "PeftConfig", "LoraConfig", "AdaLoraConfig", "IA3Config", "LoraRuntimeConfig",
-    "register_config", "CONFIG_CLASSES", "CONFIG_NAME", "PEFT_FORMAT_VERSION",
+    "PeftType", "TaskType", "PeftConfig", "PromptLearningConfig", "LoraConfig", "AdaLoraConfig", "IA3Config",
+    "LoraRuntimeConfig", "register_config", "CONFIG_CLASSES", "CONFIG_NAME", "PEFT_FORMAT_VERSION",
 ]
-
-CONFIG_NAME = "adapter_config.json"
-# The HF PEFT release whose file format fastpeft writes; it goes into the file's "peft_version" key so that PEFT sees
-# a version it knows.
-PEFT_FORMAT_VERSION = "0.21.2"
 
 
 class PeftType(str, enum.Enum):
@@ -74,7 +81,7 @@ class PeftType(str, enum.Enum):
     TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
     SHIRA = "SHIRA"
     C3A = "C3A"
-    # fastpeft only: Houlsby/Pfeiffer bottleneck adapters (fastpeft.prompt.BottleneckConfig)
+    # fastpeft only: Houlsby/Pfeiffer bottleneck adapters (fastpeft.tuners.bottleneck.BottleneckConfig)
     BOTTLENECK = "BOTTLENECK"
 
     def __str__(self) -> str:  # "LORA", not "PeftType.LORA", in messages
@@ -117,21 +124,6 @@ def _peft_type_value(v) -> Optional[str]:
     if v is None:
         return None
     return v.value if isinstance(v, enum.Enum) else str(v)
-
-
-def _jsonable(v):
-    if isinstance(v, enum.Enum):
-        return v.value
-    if isinstance(v, (set, frozenset)):
-        try:
-            return sorted(v)
-        except TypeError:
-            return list(v)
-    if isinstance(v, dict):
-        return {k: _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
 
 
 # Keys every adapter_config.json has; a dict without them is not a PEFT config.
@@ -219,7 +211,7 @@ class PeftConfig(*CONFIG_BASES):
     # -- (de)serialisation ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """All fields as plain JSON-able values (enums -> str, sets -> sorted lists)."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Write ``save_directory/adapter_config.json`` exactly as HF PEFT writes it (sorted keys, indent 2).
@@ -227,8 +219,6 @@ class PeftConfig(*CONFIG_BASES):
         ``auto_mapping_dict`` (kwarg) overrides ``auto_mapping`` in the file, as in PEFT.  The JSON is built in full
         before the file is touched and replaces the old file atomically (a failure leaves the old file as it was).
         """
-        from .save_load import atomic_write_bytes, make_adapter_dir
-
         data = self._serialise(**kwargs)
         self._check_save_directory(save_directory)
         make_adapter_dir(save_directory)
@@ -286,8 +276,6 @@ class PeftConfig(*CONFIG_BASES):
     def from_json_file(cls, path: str) -> dict[str, Any]:
         """The JSON object in ``path``; a damaged file raises ``fastpeft.save_load.AdapterFileError`` (ValueError)
         naming it."""
-        from .save_load import read_json_object
-
         return read_json_object(path)
 
     @classmethod
@@ -303,11 +291,9 @@ class PeftConfig(*CONFIG_BASES):
             path = os.path.join(path, subfolder)
         if not os.path.isdir(path) and not os.path.exists(str(pretrained_model_name_or_path)):
             # a Hub id: through huggingface_hub's cache (fastpeft.hub)
-            from .hub import resolve_adapter_dir, split_hub_kwargs
-
-            hub, kwargs = split_hub_kwargs(kwargs)
-            path = resolve_adapter_dir(str(pretrained_model_name_or_path), subfolder=subfolder, need_weights=False,
-                                       **hub)
+            hub_kwargs, kwargs = hub.split_hub_kwargs(kwargs)
+            path = hub.resolve_adapter_dir(str(pretrained_model_name_or_path), subfolder=subfolder,
+                                           need_weights=False, **hub_kwargs)
         else:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "cache_dir", "token", "force_download",
                                                                     "local_files_only", "proxies")}
@@ -341,14 +327,27 @@ class PeftConfig(*CONFIG_BASES):
         return kwargs
 
 
-def _ensure_builtin_registrations() -> None:
-    """Import the modules that register the other methods' configs (prompt methods live in fastpeft.prompt)."""
-    try:
-        import importlib
+# The method packages that ship with fastpeft; each registers its config class(es) here when imported.  They are
+# loaded by name on the first lookup of a peft_type that is not registered yet (a file read before any method was
+# imported), so this module does not import them: the registry is filled from above.
+BUILTIN_METHOD_PACKAGES = "fastpeft.tuners"
 
-        importlib.import_module("fastpeft.prompt")
-    except ImportError:  # the prompt methods are optional for loading LoRA-family files
-        pass
+
+def _ensure_builtin_registrations() -> None:
+    """Import the built-in method packages so that their configs are registered (errors propagate)."""
+    importlib.import_module(BUILTIN_METHOD_PACKAGES)
+
+
+# Method configs that were importable from this module before the methods had their own packages: name -> package.
+_MOVED = {"LoraConfig": "fastpeft.tuners.lora", "LoraRuntimeConfig": "fastpeft.tuners.lora",
+          "AdaLoraConfig": "fastpeft.tuners.adalora", "IA3Config": "fastpeft.tuners.ia3"}
+
+
+def __getattr__(name: str):
+    """``fastpeft.config.LoraConfig`` etc.: the class from its method package (see ``_MOVED``)."""
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module 'fastpeft.config' has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -365,15 +364,11 @@ _MODULE_NAME_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules
 
 
 def _check_finite(name: str, v) -> None:
-    import math
-
     if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
 
 
 def _check_module_names(name: str, v) -> None:
-    import re
-
     if isinstance(v, str):
         try:
             re.compile(v)
@@ -406,7 +401,7 @@ def _validate_config_values(cfg) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# LoRA family
+# Field checks the method configs share
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -441,286 +436,49 @@ def _check_number(name: str, v) -> None:
         raise TypeError(f"{name} must be a number, got {v!r} ({type(v).__name__})")
 
 
-# LoRA fields that HF PEFT 0.21.2 has but fastpeft does not implement: (field, value meaning "off")
-_LORA_UNSUPPORTED_OFF = {
-    "use_qalora": False, "megatron_config": None,
-    "eva_config": None, "corda_config": None, "lora_ga_config": None,
-    "velora_config": None, "alora_invocation_tokens": None, "monteclora_config": None, "layer_replication": None,
-    "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
-    "ensure_weight_tying": False,
-}
-
-
-def _check_trainable_token_indices(cfg) -> None:
-    """``trainable_token_indices``: None, a list of token ids, or {module name: list of ids} (LoRA only)."""
-    v = cfg.trainable_token_indices
+def _check_opt_pos_int(name: str, v, required: bool = False) -> None:
     if v is None:
+        if required:
+            raise ValueError(f"{name} is required (a positive int), got None")
         return
-    if isinstance(cfg, AdaLoraConfig):
-        raise ValueError(f"trainable_token_indices={v!r} is not supported by fastpeft for {type(cfg).__name__} "
-                         "(only LoraConfig)")
-    groups = v.items() if isinstance(v, dict) else [("trainable_token_indices", v)]
-    if not isinstance(v, (dict, list, tuple)):
-        raise TypeError(f"trainable_token_indices must be a list of token ids or a dict {{module name: ids}}, got "
-                        f"{type(v).__name__}")
-    for name, ids in groups:
-        if not isinstance(name, str):
-            raise TypeError(f"trainable_token_indices keys must be module names (str), got {name!r}")
-        if not isinstance(ids, (list, tuple)) or not ids or \
-                any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
-            raise ValueError(f"trainable_token_indices[{name!r}] must be a non-empty list of int token ids, got "
-                             f"{ids!r}")
-
-
-def _common_lora_checks(cfg) -> None:
-    _check_module_spec("target_modules", cfg.target_modules)
-    _check_module_spec("exclude_modules", cfg.exclude_modules)
-    _check_module_spec("modules_to_save", cfg.modules_to_save, allow_str=False)
-    cfg.target_modules = _to_set(cfg.target_modules)
-    cfg.exclude_modules = _to_set(cfg.exclude_modules)
-    _check_number("lora_alpha", cfg.lora_alpha)
-    _check_number("lora_dropout", cfg.lora_dropout)
-    if not 0.0 <= float(cfg.lora_dropout) < 1.0:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
-    if cfg.bias not in ("none", "all", "lora_only"):
-        raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {cfg.bias!r}")
-    if not isinstance(cfg.fan_in_fan_out, bool):
-        raise TypeError(f"fan_in_fan_out must be a bool, got {cfg.fan_in_fan_out!r}")
-    if not isinstance(cfg.use_rslora, bool):
-        raise TypeError(f"use_rslora must be a bool, got {cfg.use_rslora!r}")
-    if cfg.peft_type == PeftType.LORA:  # the variants of fastpeft.tuners.lora_init
-        from .tuners.lora_init import check_init_lora_weights
-
-        check_init_lora_weights(cfg.init_lora_weights)
-    elif cfg.init_lora_weights not in (True, False, "gaussian"):
-        raise ValueError(f"init_lora_weights={cfg.init_lora_weights!r} is not supported by fastpeft (supported: "
-                         "True, False, 'gaussian')")
-    if not isinstance(cfg.use_dora, bool):
-        raise TypeError(f"use_dora must be a bool, got {cfg.use_dora!r}")
-    if isinstance(cfg.target_modules, str) and cfg.layers_to_transform is not None:
-        raise ValueError("layers_to_transform cannot be used when target_modules is a str (regex); got "
-                         f"target_modules={cfg.target_modules!r}, layers_to_transform={cfg.layers_to_transform!r}")
-    if isinstance(cfg.target_modules, str) and cfg.layers_pattern is not None:
-        raise ValueError("layers_pattern cannot be used when target_modules is a str (regex); got "
-                         f"target_modules={cfg.target_modules!r}, layers_pattern={cfg.layers_pattern!r}")
-    if cfg.layers_pattern and cfg.layers_to_transform is None:
-        raise ValueError(f"layers_pattern={cfg.layers_pattern!r} needs layers_to_transform to be set")
-    ltt = cfg.layers_to_transform
-    if ltt is not None:
-        items = [ltt] if isinstance(ltt, int) else ltt
-        if not isinstance(items, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in items):
-            raise TypeError(f"layers_to_transform must be an int or a list of ints, got {ltt!r}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        pat = getattr(cfg, name)
-        if pat is not None and not isinstance(pat, dict):
-            raise TypeError(f"{name} must be a dict, got {type(pat).__name__}")
-    for k, v in (cfg.alpha_pattern or {}).items():
-        _check_number(f"alpha_pattern[{k!r}]", v)
-    for fname, off in _LORA_UNSUPPORTED_OFF.items():
-        v = getattr(cfg, fname, off)
-        if v != off and not (off is None and v in ({}, [])):
-            raise ValueError(f"{fname}={v!r} is not supported by fastpeft (only {fname}={off!r})")
-    _check_trainable_token_indices(cfg)
-    if cfg.loftq_config:
-        raise ValueError(f"loftq_config={cfg.loftq_config!r} is not supported by fastpeft")
-    if not isinstance(cfg.lora_bias, bool):
-        raise TypeError(f"lora_bias must be a bool, got {cfg.lora_bias!r}")
-    if cfg.lora_bias and cfg.init_lora_weights not in (True, False):
-        raise ValueError(f"lora_bias=True needs init_lora_weights=True or False, got {cfg.init_lora_weights!r}")
-    if cfg.lora_bias and cfg.use_dora:
-        raise ValueError("lora_bias=True is not supported for DoRA, please pass use_dora=False")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {v!r} ({type(v).__name__})")
+    if v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v}")
 
 
 @dataclass
-class LoraRuntimeConfig:
-    """Settings that affect how a LoRA model runs but are never saved (HF PEFT's ``LoraRuntimeConfig``).
+class PromptLearningConfig(PeftConfig):
+    """Fields shared by prompt tuning, P-tuning and prefix tuning (HF PEFT's ``PromptLearningConfig``).
 
     Args:
-        ephemeral_gpu_offload: PEFT uses it for DoRA initialisation of CPU-offloaded layers; fastpeft accepts and
-            stores it (it changes no result).
+        num_virtual_tokens: number of virtual tokens n (required, > 0).
+        token_dim: the model's embedding width (prefix tuning: ``num_kv_heads · head_dim``); filled from the model
+            config when None.
+        num_transformer_submodules: 1 (2 for encoder-decoder; fastpeft supports decoder-only and encoder models).
+        num_attention_heads, num_layers: filled from the model config when None (prefix tuning: KV heads).
+        modules_to_save: extra modules trained and saved in full.
     """
 
-    ephemeral_gpu_offload: bool = False
-
-
-@register_config(PeftType.LORA)
-@dataclass
-class LoraConfig(PeftConfig):
-    """LoRA configuration; field names and defaults are HF PEFT 0.21.2's ``LoraConfig``.
-
-    The fields fastpeft implements: ``r``, ``target_modules`` (list: exact name or ``.``-suffix; str: regex
-    fullmatch; ``"all-linear"``; None: architecture default), ``exclude_modules``, ``lora_alpha``, ``lora_dropout``,
-    ``fan_in_fan_out``, ``bias`` ("none"/"all"/"lora_only"), ``use_rslora``, ``modules_to_save``,
-    ``init_lora_weights`` (True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora", "orthogonal";
-    ``fastpeft.tuners.lora_init``), ``use_dora`` (``fastpeft.tuners.lora_dora``), ``layers_to_transform``,
-    ``layers_pattern``, ``rank_pattern``, ``alpha_pattern``, ``lora_bias`` (a bias on ``lora_B``),
-    ``trainable_token_indices`` (list of token ids for the input embedding, or ``{module name: ids}``).
-    ``nn.Embedding`` targets get LoRA embeddings and bitsandbytes 4/8-bit linear targets their quantized-base layers
-    (``fastpeft.tuners.lora_embedding`` / ``lora_bnb``).  The remaining PEFT fields are accepted so that PEFT files
-    load, but must keep their default ("off") value; anything else raises ValueError naming the field (README, "LoRA
-    options fastpeft refuses").
-    """
-
-    r: int = 8
-    target_modules: Optional[Union[list, set, str]] = None
-    exclude_modules: Optional[Union[list, set, str]] = None
-    lora_alpha: int = 8
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
+    num_virtual_tokens: int = None
+    token_dim: int = None
+    num_transformer_submodules: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_layers: Optional[int] = None
     modules_to_save: Optional[list] = None
-    init_lora_weights: Union[bool, str] = True
-    layers_to_transform: Optional[Union[list, int]] = None
-    layers_pattern: Optional[Union[list, str]] = None
-    rank_pattern: Optional[dict] = field(default_factory=dict)
-    alpha_pattern: Optional[dict] = field(default_factory=dict)
-    megatron_config: Optional[dict] = None
-    megatron_core: Optional[str] = "megatron.core"
-    trainable_token_indices: Optional[Union[list, dict]] = None
-    loftq_config: Union[dict, Any] = field(default_factory=dict)
-    eva_config: Optional[Any] = None
-    corda_config: Optional[Any] = None
-    lora_ga_config: Optional[Any] = None
-    use_dora: bool = False
-    velora_config: Optional[Any] = None
-    alora_invocation_tokens: Optional[list] = None
-    use_qalora: bool = False
-    qalora_group_size: int = 16
-    monteclora_config: Optional[Any] = None
-    layer_replication: Optional[list] = None
-    lora_bias: bool = False
-    target_parameters: Optional[list] = None
-    use_bdlora: Optional[Any] = None
-    arrow_config: Optional[Any] = None
-    kasa_config: Optional[Any] = None
-    ensure_weight_tying: bool = False
-    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        """As ``PeftConfig.to_dict`` without ``runtime_config`` (never saved, as in PEFT)."""
-        d = super().to_dict()
-        d.pop("runtime_config", None)
-        return d
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.runtime_config, dict):
-            self.runtime_config = LoraRuntimeConfig(**self.runtime_config)
-        if CONFIG_BASES:  # HF PEFT building a model from this config uses fastpeft's ops (fastpeft.integrations)
-            from .integrations import peft_custom_modules
+        _check_opt_pos_int("num_virtual_tokens", self.num_virtual_tokens, required=True)
+        for name in ("token_dim", "num_attention_heads", "num_layers"):
+            _check_opt_pos_int(name, getattr(self, name))
+        if self.num_transformer_submodules not in (None, 1, 2):
+            raise ValueError("num_transformer_submodules must be 1, 2 or None, got "
+                             f"{self.num_transformer_submodules!r}")
+        if self.modules_to_save is not None and (isinstance(self.modules_to_save, str)
+                                                 or not all(isinstance(m, str) for m in self.modules_to_save)):
+            raise TypeError(f"modules_to_save must be a list of module names, got {self.modules_to_save!r}")
 
-            self._custom_modules = peft_custom_modules()
-        _check_pos_int("r", self.r)
-        for k, v in (self.rank_pattern or {}).items():
-            _check_pos_int(f"rank_pattern[{k!r}]", v)
-        _common_lora_checks(self)
-
-
-@register_config(PeftType.ADALORA)
-@dataclass
-class AdaLoraConfig(LoraConfig):
-    """AdaLoRA configuration (HF PEFT's ``AdaLoraConfig``): every ``LoraConfig`` field plus the rank budget schedule.
-
-    ``init_r`` is the initial rank of every adapted matrix (``r`` is ignored), ``target_r`` the average final rank,
-    ``tinit``/``tfinal`` the warm-up / final fine-tuning steps, ``deltaT`` the masking interval, ``beta1``/``beta2``
-    the EMA factors of importance/uncertainty, ``orth_reg_weight`` the weight of the orthogonal regularisation,
-    ``total_step`` (required, > 0) the number of training steps.  ``rank_pattern`` (None by default) is filled by the
-    rank allocator: ``{module_name: [bool] * init_r}``.
-    """
-
-    target_r: int = 8
-    init_r: int = 12
-    tinit: int = 0
-    tfinal: int = 0
-    deltaT: int = 1
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.5
-    total_step: Optional[int] = None
-    rank_pattern: Optional[dict] = None
-
-    def __post_init__(self):
-        PeftConfig.__post_init__(self)
-        _check_pos_int("init_r", self.init_r)
-        _check_pos_int("target_r", self.target_r)
-        _check_pos_int("deltaT", self.deltaT)
-        if self.r != 8:
-            warnings.warn("r is not used by AdaLoRA and is ignored; set init_r for the initial rank", UserWarning,
-                          stacklevel=3)
-        if self.use_dora:
-            raise ValueError("use_dora=True is not supported by AdaLoRA")
-        if self.total_step is None or isinstance(self.total_step, bool) or not isinstance(self.total_step, int) \
-                or self.total_step <= 0:
-            raise ValueError(f"AdaLoRA needs total_step > 0 (an int), got total_step={self.total_step!r}")
-        for name in ("tinit", "tfinal"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {v!r}")
-        if self.tinit >= self.total_step - self.tfinal:
-            raise ValueError(f"tinit={self.tinit} must be < total_step - tfinal = {self.total_step - self.tfinal}: "
-                             "the schedule leaves no budgeting phase")
-        for name in ("beta1", "beta2"):
-            v = getattr(self, name)
-            _check_number(name, v)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
-        _check_number("orth_reg_weight", self.orth_reg_weight)
-        if self.orth_reg_weight < 0:
-            raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}")
-        if self.rank_pattern is not None:
-            if not isinstance(self.rank_pattern, dict):
-                raise TypeError(f"rank_pattern must be a dict or None, got {type(self.rank_pattern).__name__}")
-            for k, v in self.rank_pattern.items():
-                if not isinstance(v, (list, tuple)) or not all(isinstance(b, (bool, int)) for b in v):
-                    raise TypeError(f"AdaLoRA rank_pattern[{k!r}] must be a list of bools, got {v!r}")
-        _common_lora_checks(self)
-
-
-@register_config(PeftType.IA3)
-@dataclass
-class IA3Config(PeftConfig):
-    """(IA)³ configuration (HF PEFT's ``IA3Config``).
-
-    ``target_modules`` / ``exclude_modules`` match as in LoRA.  ``feedforward_modules`` are the targets whose *input*
-    is scaled (str: regex fullmatch; list: ``name.endswith(entry)``, PEFT's rule); they must be a subset of
-    ``target_modules`` when both are lists.  ``init_ia3_weights=True`` initialises the vectors to ones.
-    """
-
-    target_modules: Optional[Union[list, set, str]] = None
-    exclude_modules: Optional[Union[list, set, str]] = None
-    feedforward_modules: Optional[Union[list, set, str]] = None
-    fan_in_fan_out: bool = False
-    modules_to_save: Optional[list] = None
-    init_ia3_weights: bool = True
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_module_spec("target_modules", self.target_modules)
-        _check_module_spec("exclude_modules", self.exclude_modules)
-        _check_module_spec("feedforward_modules", self.feedforward_modules)
-        _check_module_spec("modules_to_save", self.modules_to_save, allow_str=False)
-        self.target_modules = _to_set(self.target_modules)
-        self.exclude_modules = _to_set(self.exclude_modules)
-        self.feedforward_modules = _to_set(self.feedforward_modules)
-        if isinstance(self.feedforward_modules, set) and isinstance(self.target_modules, set):
-            extra = self.feedforward_modules - self.target_modules
-            if extra:
-                raise ValueError(f"feedforward_modules must be a subset of target_modules; {sorted(extra)} are not "
-                                 f"in target_modules={sorted(self.target_modules)}")
-        if not isinstance(self.fan_in_fan_out, bool):
-            raise TypeError(f"fan_in_fan_out must be a bool, got {self.fan_in_fan_out!r}")
-        if not isinstance(self.init_ia3_weights, bool):
-            raise TypeError(f"init_ia3_weights must be a bool, got {self.init_ia3_weights!r}")
-
-
-def _adopt_peft_metadata() -> None:
-    # When HF PEFT builds a model from a fastpeft config (TRL's SFTTrainer(peft_config=...)), it reads tags from the
-    # config's field metadata; the fields carry PEFT's.
-    from ._peft_compat import adopt_field_metadata
-
-    for cls in (LoraConfig, AdaLoraConfig, IA3Config):
-        adopt_field_metadata(cls, cls.__name__)
-
-
-_adopt_peft_metadata()
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True

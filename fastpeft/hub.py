@@ -103,7 +103,7 @@ def write_model_card(peft_model, output_dir: str) -> None:
     from huggingface_hub import ModelCard, ModelCardData
 
     from . import __version__
-    from .config import PEFT_FORMAT_VERSION
+    from .utils.constants import PEFT_FORMAT_VERSION
 
     filename = os.path.join(output_dir, "README.md")
     card = ModelCard.load(filename) if os.path.exists(filename) else ModelCard.from_template(ModelCardData())

@@ -27,6 +27,8 @@ import torch.nn as nn
 
 from . import functional as _F
 from . import recompute as _recompute
+from ._peft_compat import peft_layer_classes
+from .utils.fused import base_layer_reason, dense_base_weight, input_reason
 
 __all__ = ["accelerate", "restore", "is_accelerated", "fallback_reason"]
 
@@ -35,48 +37,8 @@ _MARK = "_fastpeft_backend"
 _RANKNUM = "_fastpeft_ranknum"
 
 
-def _peft_layer_classes() -> dict[type, str]:
-    """HF PEFT layer classes we can accelerate -> kind ("lora", "adalora", "ia3").  Empty if peft is missing."""
-    classes: dict[type, str] = {}
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-        classes[LoraLinear] = "lora"
-    except ImportError:
-        pass
-    try:
-        from peft.tuners.adalora.layer import SVDLinear
-        classes[SVDLinear] = "adalora"
-    except ImportError:
-        pass
-    try:
-        from peft.tuners.ia3.layer import Linear as IA3Linear
-        classes[IA3Linear] = "ia3"
-    except ImportError:
-        pass
-    return classes
-
-
-def _conv1d_class() -> Optional[type]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
-def _base_weight(base: nn.Module) -> Optional[torch.Tensor]:
-    """The base weight as an (out_features, in_features) tensor (a transposed view for Conv1D), or None."""
-    if type(base) is nn.Linear:
-        return base.weight
-    conv1d = _conv1d_class()
-    if conv1d is not None and type(base) is conv1d:
-        # Conv1D stores (in, out) and computes x @ W + b; its transpose is the (N, K) strided view the ops accept.
-        return base.weight.t()
-    return None
-
-
 def _kind(layer: nn.Module) -> Optional[str]:
-    return _peft_layer_classes().get(type(layer))
+    return peft_layer_classes().get(type(layer))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -98,14 +60,11 @@ def _structural_reason(layer: nn.Module, kind: str) -> Optional[str]:
         return f"{len(active)} active adapters on this layer (the fused op handles exactly one)"
     name = active[0]
     base = layer.base_layer
-    if _base_weight(base) is None:
-        return f"base layer {type(base).__name__} is not a plain nn.Linear or transformers Conv1D"
-    if base._forward_hooks or base._forward_pre_hooks or getattr(base, "_hf_hook", None) is not None:
-        return "the base layer has forward hooks (e.g. accelerate offloading)"
+    reason = base_layer_reason(base)  # the check fastpeft's own tuner layers make (fastpeft.utils.fused)
+    if reason is not None:
+        return reason
     if base.weight.requires_grad:
         return "the base weight is trainable (the fused op never computes its gradient)"
-    if base.weight.device.type == "meta":
-        return "the base weight is on the meta device"
     if kind == "ia3":
         return None
     if kind == "lora":
@@ -130,24 +89,7 @@ def _structural_reason(layer: nn.Module, kind: str) -> Optional[str]:
 
 
 def _input_reason(layer: nn.Module, x: Any, args: tuple, kwargs: dict) -> Optional[str]:
-    if args:
-        return "extra positional forward arguments"
-    extra = [k for k, v in kwargs.items() if v is not None]
-    if extra:
-        return f"extra forward keyword arguments {extra} (e.g. mixed-batch adapter_names)"
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        return "the input is not a floating-point tensor with a feature dimension"
-    weight = layer.base_layer.weight
-    dev = x.device.type
-    autocast = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
-    if x.dtype != weight.dtype and not autocast:
-        return f"input dtype {x.dtype} differs from the base weight dtype {weight.dtype}"
-    if x.device != weight.device:
-        return f"input on {x.device} but the base weight on {weight.device}"
-    in_features = weight.shape[0] if type(layer.base_layer) is not nn.Linear else weight.shape[1]
-    if x.shape[-1] != in_features:
-        return f"input has {x.shape[-1]} features, the layer expects {in_features}"
-    return None
+    return input_reason(layer.base_layer, x, args, kwargs)
 
 
 def fallback_reason(layer: nn.Module, x: Any = None, *args: Any, **kwargs: Any) -> Optional[str]:
@@ -183,7 +125,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
         return type(self).forward(self, x, *args, **kwargs)
     backend = getattr(self, _MARK)
     base = self.base_layer
-    weight = _base_weight(base)
+    weight = dense_base_weight(base)
     if kind == "ia3":
         (name,) = [a for a in self.active_adapters if a in self.ia3_l.keys()]
         return _F.ia3_linear(x, weight, base.bias, self.ia3_l[name], bool(self.is_feedforward), backend=backend)
@@ -248,7 +190,7 @@ def accelerate(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
         if not isinstance(backend, str) or backend.lower() not in ("auto", "torch", "triton", "cuda"):
             raise ValueError(f"backend must be None, 'auto', 'torch', 'triton' or 'cuda', got {backend!r}")
         backend = backend.lower()
-    classes = _peft_layer_classes()
+    classes = peft_layer_classes()
     if not classes:
         raise ImportError("fastpeft.accelerate needs Hugging Face PEFT: pip install peft")
     for module in model.modules():

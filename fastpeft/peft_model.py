@@ -1,9 +1,9 @@
 """``PeftModel``: HF PEFT's wrapper API over a fastpeft tuner.
 
 ``PeftModel`` is generic: it builds ``TUNER_CLASSES[config.peft_type]`` as ``self.base_model`` and forwards
-``forward``/``generate`` (with every argument) to it, so any registered method - LoRA, AdaLoRA, IA3, or the prompt
-methods of ``fastpeft.prompt`` - works through the same class.  Anything else is looked up on the tuner and then on
-the user model (``config``, ``generate``'s helpers, ...).
+``forward``/``generate`` (with every argument) to it, so any registered method (a package ``fastpeft.tuners.<method>``:
+LoRA, AdaLoRA, IA3, the prompt methods, bottleneck adapters) works through the same class.  Anything else is looked up
+on the tuner and then on the user model (``config``, ``generate``'s helpers, ...).
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from typing import Any, Literal, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from ._peft_compat import MODEL_BASES
+from . import hub
+from ._peft_compat import MODEL_BASES, register_state_dict_functions
 from .config import PeftConfig, TaskType
-from .save_load import (load_peft_weights, make_adapter_dir, normalise_keys, save_adapter_files,
-                        split_embedding_weights)
-from .tuners import get_tuner_class
-from .tuners.base import SEQ_CLS_HEAD_NAMES
+from .save_load import (get_peft_model_state_dict, load_peft_weights, make_adapter_dir, normalise_keys,
+                        save_adapter_files, set_peft_model_state_dict, split_embedding_weights)
+from .tuners import BaseTunerLayer, ModulesToSaveWrapper, get_tuner_class
+from .tuners.lora.init import convert_for_save
+from .utils.constants import SEQ_CLS_HEAD_NAMES
 
 __all__ = [
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification", "PeftModelForSeq2SeqLM",
@@ -81,6 +83,15 @@ class TunerModelStatus:
 
 def _irregular(vals):
     return "irregular" if len({repr(v) for v in vals}) > 1 else (vals[0] if vals else None)
+
+
+def _method_of(cls: type) -> str:
+    """The method a layer class belongs to, as PEFT names it in ``module_type`` ("lora" for
+    ``fastpeft.tuners.lora.layer.Linear``): the package under ``fastpeft.tuners``, else the module's last name."""
+    parts = cls.__module__.split(".")
+    if "tuners" in parts[:-1]:
+        return parts[parts.index("tuners") + 1]
+    return parts[-1]
 
 
 class PeftModel(*MODEL_BASES):
@@ -256,7 +267,7 @@ class PeftModel(*MODEL_BASES):
                 saves pass) instead of the live parameters.
             path_initial_model_for_weight_conversion: the directory where a PiSSA/OLoRA adapter was saved right
                 after initialisation; the adapter is then written as a plain LoRA of twice the rank that applies to
-                the original (unmodified) base model (``fastpeft.tuners.lora_init.convert_for_save``).
+                the original (unmodified) base model (``fastpeft.tuners.lora.init.convert_for_save``).
         Other keyword arguments (e.g. ``max_shard_size`` from ``push_to_hub``) are accepted and ignored, as in PEFT.
         """
         if os.path.isfile(save_directory):
@@ -280,8 +291,6 @@ class PeftModel(*MODEL_BASES):
             sd = self._adapter_state_dict_for_save(name, state_dict=state_dict,
                                                       save_embedding_layers=save_embedding_layers)
             if path_initial_model_for_weight_conversion is not None:
-                from .tuners.lora_init import convert_for_save
-
                 sd, cfg = convert_for_save(cfg, sd, str(path_initial_model_for_weight_conversion))
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
             if cfg.base_model_name_or_path is None:
@@ -301,21 +310,18 @@ class PeftModel(*MODEL_BASES):
                                         save_embedding_layers: Union[str, bool] = "auto") -> dict[str, torch.Tensor]:
         """What ``save_pretrained`` writes for ``adapter_name``: PEFT's file keys -> tensors (see
         ``fastpeft.get_peft_model_state_dict``)."""
-        from .save_load import get_peft_model_state_dict
-
         return get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=adapter_name,
                                          save_embedding_layers=save_embedding_layers)
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Create or update ``output_dir/README.md`` with PEFT's model-card metadata (``fastpeft.hub``)."""
         try:
-            from .hub import write_model_card
             import huggingface_hub  # noqa: F401
         except ImportError:
             warnings.warn("huggingface_hub is not installed: no model card (README.md) is written", UserWarning,
                           stacklevel=2)
             return
-        write_model_card(self, output_dir)
+        hub.write_model_card(self, output_dir)
 
     def _model_card_tags(self) -> list[str]:
         tags = []
@@ -343,13 +349,12 @@ class PeftModel(*MODEL_BASES):
         ``repo_id`` in one commit, creating the repository if needed.  Extra keyword arguments go to
         ``save_pretrained`` (``selected_adapters``, ``safe_serialization``, ...).  Returns huggingface_hub's
         ``CommitInfo``."""
-        from .hub import push_adapter_to_hub
 
         kwargs.pop("max_shard_size", None)
         kwargs.pop("tags", None)
-        return push_adapter_to_hub(self, repo_id, commit_message=commit_message,
-                                   commit_description=commit_description, private=private, token=token,
-                                   revision=revision, create_pr=create_pr, **kwargs)
+        return hub.push_adapter_to_hub(self, repo_id, commit_message=commit_message,
+                                       commit_description=commit_description, private=private, token=token,
+                                       revision=revision, create_pr=create_pr, **kwargs)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: Union[str, os.PathLike], adapter_name: str = "default",
@@ -369,9 +374,8 @@ class PeftModel(*MODEL_BASES):
         Raises ValueError/TypeError before anything is left changed if the config or any tensor shape does not fit:
         the model is then exactly as it was (modules, values, requires_grad).
         """
-        from .hub import resolve_adapter_dir, split_hub_kwargs
 
-        hub_kwargs, kwargs = split_hub_kwargs(kwargs)
+        hub_kwargs, kwargs = hub.split_hub_kwargs(kwargs)
         if revision is not None:
             hub_kwargs["revision"] = revision
         torch_device = kwargs.pop("torch_device", None)
@@ -380,7 +384,7 @@ class PeftModel(*MODEL_BASES):
         if kwargs:
             warnings.warn(f"from_pretrained ignores the arguments {sorted(kwargs)} (not supported by fastpeft)",
                           UserWarning, stacklevel=2)
-        path = resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
+        path = hub.resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
         if config is None:
             config = PeftConfig.from_pretrained(path)
         elif not isinstance(config, PeftConfig):
@@ -415,12 +419,11 @@ class PeftModel(*MODEL_BASES):
         from a checkpoint and loads the best one (PEFT's behaviour).  ``is_trainable=False`` puts the model in eval
         mode.  Atomic: on any error (keys, shapes, files) nothing changes.
         """
-        from .hub import resolve_adapter_dir, split_hub_kwargs
 
-        hub_kwargs, kwargs = split_hub_kwargs(kwargs)
+        hub_kwargs, kwargs = hub.split_hub_kwargs(kwargs)
         if revision is not None:
             hub_kwargs["revision"] = revision
-        path = resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
+        path = hub.resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
         if adapter_name in self.peft_config:
             weights = load_peft_weights(path, device=torch_device, allow_bin=allow_bin)
             tuner = self.base_model
@@ -537,14 +540,12 @@ class PeftModel(*MODEL_BASES):
     def get_layer_status(self) -> list[TunerLayerStatus]:
         """One ``TunerLayerStatus`` per adapter layer and modules_to_save wrapper, in module order (PEFT's fields and
         values).  ValueError for prompt-learning models, which have no adapter layers."""
-        from .tuners.base import BaseTunerLayer, ModulesToSaveWrapper
-
         out = []
         for key, mod in self.base_model.model.named_modules():
             if isinstance(mod, BaseTunerLayer):
                 containers = {a: getattr(mod, a) for a in mod.adapter_layer_names}
                 dev_containers = {a: getattr(mod, a, None) for a in mod.adapter_layer_names + mod.other_param_names}
-                module_type = f"{type(mod).__module__.split('.')[-1]}.{type(mod).__name__}"
+                module_type = f"{_method_of(type(mod))}.{type(mod).__name__}"
                 enabled, active, merged = not mod.disable_adapters, list(mod.active_adapters), \
                     list(mod.merged_adapters)
                 available = sorted(mod.adapter_names())
@@ -725,3 +726,6 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[Any, type] = {
     TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
     TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
 }
+
+# PEFT's get/set_peft_model_state_dict called on a fastpeft model (accelerate, TRL) use fastpeft's (_peft_compat).
+register_state_dict_functions(PeftModel, get_peft_model_state_dict, set_peft_model_state_dict)

@@ -44,6 +44,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._backend import select_backend
+from ._peft_compat import peft_layer_classes
+from .utils.other import linear_weight_oi
+
 __all__ = ["FAMILIES", "install", "uninstall", "set_enabled", "is_enabled", "RecomputeStats", "last_stats",
            "saved_tensor_bytes"]
 
@@ -614,8 +618,6 @@ def _ia3_base_fn(layer, x: torch.Tensor) -> Optional[Callable]:
     that is ``F.linear`` on the torch backend (the fused kernels compute it themselves, so it is kept then)."""
     if getattr(layer, "is_feedforward", True) or not hasattr(layer, "ia3_l"):
         return None
-    from ._backend import select_backend
-    from .tuners._utils import linear_weight_oi
     try:
         if select_backend("ia3", x, getattr(layer, "_fastpeft_backend", None)) != "torch":
             return None
@@ -682,15 +684,23 @@ class _Install:
         self.handles: list = []
 
 
+# Adapter layer base classes whose forwards are hooked; fastpeft's tuner layer base registers itself when its module
+# is imported (this module sits below the tuners and never imports them), HF PEFT's classes are looked up per install.
+_LAYER_TYPES: list[type] = []
+
+
+def register_adapter_layer_type(cls: type) -> None:
+    """Have ``install`` hook the layers that are instances of ``cls`` (idempotent)."""
+    if cls not in _LAYER_TYPES:
+        _LAYER_TYPES.append(cls)
+
+
 def _adapter_layer_types() -> tuple:
-    from .tuners.base import BaseTunerLayer
-    types = [BaseTunerLayer]
     try:
-        from .integrations import _peft_layer_classes
-        types.extend(_peft_layer_classes())
-    except Exception:
-        pass
-    return tuple(types)
+        peft_types = list(peft_layer_classes())
+    except Exception:  # a peft install we cannot read: its layers keep their inputs
+        peft_types = []
+    return tuple(_LAYER_TYPES + peft_types)
 
 
 def _family_of(model: nn.Module) -> Optional[str]:

@@ -16,7 +16,7 @@ from test_prompt_utils import MODELS, batch, max_abs, tiny_bert, tiny_llama, tin
 
 peft = pytest.importorskip("peft")
 import fastpeft  # noqa: E402
-from fastpeft.prompt.adaption import AdaptedAttention, adaption_attention_ref  # noqa: E402
+from fastpeft.tuners.adaption_prompt.layer import AdaptedAttention, adaption_attention_ref  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

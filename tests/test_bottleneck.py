@@ -15,7 +15,7 @@ from _tolerances import ELEMENTWISE, MATMUL_ATOL, PROMPT_EFFECT_MIN, PROMPT_FP32
 from test_prompt_utils import batch, max_abs, tiny_bert, tiny_gpt2, tiny_llama, twin
 
 import fastpeft  # noqa: E402
-from fastpeft.prompt.bottleneck import ACTIVATIONS, BottleneckLayer, bottleneck_ref  # noqa: E402
+from fastpeft.tuners.bottleneck.layer import ACTIVATIONS, BottleneckLayer, bottleneck_ref  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -179,10 +179,10 @@ def test_adalora_ia3_parity(tiny_dir, quant, method):
         warnings.simplefilter("ignore")
         before = fp(input_ids=ids).logits
         layer = fp.base_model.model.model.layers[0].self_attn.q_proj
-        dense = fastpeft.tuners.lora_bnb.dequantize_weight(layer.base_layer) + layer.get_delta_weight("default")
+        dense = fastpeft.utils.quantization.dequantize_weight(layer.base_layer) + layer.get_delta_weight("default")
         fp.merge_adapter()
         after = fp(input_ids=ids).logits
-        requant = fastpeft.tuners.lora_bnb.dequantize_weight(layer.base_layer)
+        requant = fastpeft.utils.quantization.dequantize_weight(layer.base_layer)
     q_err = (requant - dense).abs().max().item()
     assert q_err <= 0.2 * dense.abs().max().item()  # one quantization step, not a wrong weight
     assert (after - before).abs().max().item() < 0.1 * before.abs().max().item()
@@ -252,7 +252,7 @@ def test_safe_merge_nan_leaves_layer_unchanged(tiny_dir):
 
 @needs_bnb
 def test_prepare_model_for_kbit_training_matches_peft(tiny_dir):
-    assert fastpeft.prepare_model_for_kbit_training.__module__ == "fastpeft.tuners.lora_bnb"
+    assert fastpeft.prepare_model_for_kbit_training.__module__ == "fastpeft.utils.quantization"
     states = []
     for fn in (peft.prepare_model_for_kbit_training, fastpeft.prepare_model_for_kbit_training):
         with warnings.catch_warnings():
@@ -341,7 +341,7 @@ def test_import_does_not_import_bitsandbytes():
     # peft itself imports bitsandbytes, so PEFT interop (fastpeft._peft_compat) is switched off here: the claim is
     # that fastpeft's own code never imports it
     r = _run_from_root("import os; os.environ['FASTPEFT_PEFT_INTEROP'] = '0'\n"
-                       "import sys, fastpeft, fastpeft.tuners.lora, fastpeft.tuners.lora_bnb\n"
+                       "import sys, fastpeft, fastpeft.tuners.lora.bnb, fastpeft.utils.quantization\n"
                        "fastpeft.prepare_model_for_kbit_training\n"
                        "assert 'bitsandbytes' not in sys.modules\nprint('ok')")
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
@@ -382,10 +382,10 @@ def test_repacked_cpu_weight_dequantizes_and_merges(tiny_dir):
         r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
     layer = pm.base_model.model.model.layers[0].self_attn.q_proj
     w = layer.base_layer.weight
-    before = fastpeft.tuners.lora_bnb.dequantize_weight(layer.base_layer)
+    before = fastpeft.utils.quantization.dequantize_weight(layer.base_layer)
     w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu(w.data, w.quant_state)
     assert w.quant_state.packing_format_for_cpu
-    after = fastpeft.tuners.lora_bnb.dequantize_weight(layer.base_layer)
+    after = fastpeft.utils.quantization.dequantize_weight(layer.base_layer)
     assert not getattr(w.quant_state, "packing_format_for_cpu", False)
     # each block's absmax rounded to bf16 (8 significant bits): at most 2^-8 relative per element
     assert ((after - before).abs() <= before.abs() * 2.0 ** -8 + 1e-12).all()
@@ -395,5 +395,5 @@ def test_repacked_cpu_weight_dequantizes_and_merges(tiny_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm.merge_adapter()
-    merged = fastpeft.tuners.lora_bnb.dequantize_weight(layer.base_layer)
+    merged = fastpeft.utils.quantization.dequantize_weight(layer.base_layer)
     assert (merged - dense).abs().max() <= 0.2 * dense.abs().max()  # one quantization step, not a wrong weight

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import fastpeft  # noqa: E402
-from fastpeft.tuners.lora_embedding import Embedding  # noqa: E402
+from fastpeft.tuners.lora.embedding import Embedding  # noqa: E402
 
 
 def _llama(tie=False, seed=0):

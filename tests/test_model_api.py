@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import fastpeft
 from fastpeft.config import PeftConfig, register_config
-from fastpeft.tuners.base import TUNER_CLASSES, BaseTuner, BaseTunerLayer, register_tuner
+from fastpeft.tuners.tuners_utils import TUNER_CLASSES, BaseTuner, BaseTunerLayer, register_tuner
 from _tolerances import ELEMENTWISE, PEFT_PARITY_RTOL, assert_close_rel
 
 
@@ -159,7 +159,7 @@ def test_layers_to_transform_plain_module():
 
     cfg = peft.LoraConfig(r=1, target_modules=["1"], layers_to_transform=[0, 2])
     ours = fastpeft.LoraConfig(r=1, target_modules=["1"], layers_to_transform=[0, 2])
-    from fastpeft.tuners.base import check_target_module_exists
+    from fastpeft.tuners.tuners_utils import check_target_module_exists
 
     for key in ["model.layers.0.1", "model.layers.1.1", "model.layers.2.1", "layers.0.1", "model.layers.0.0"]:
         assert bool(check_target_module_exists(ours, key)) == bool(peft_check(cfg, key)), key
@@ -452,3 +452,35 @@ def test_linear_subclass_keeps_its_own_forward():
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     want = 2.0 * (x @ layer.base_layer.weight.T + layer.base_layer.bias) + (x @ A.T) @ B.T * layer.scaling["default"]
     assert_close_rel(m(x), want, PEFT_PARITY_RTOL, "subclass forward kept")
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora", "ia3"])
+def test_forward_hook_added_to_base_layer_after_injection_runs(method):
+    """A hook registered on a tuner layer's base_layer after get_peft_model (what accelerate's offloading does) runs,
+    and its effect reaches the output: the fused path, which computes the base matmul itself, must step aside."""
+    torch.manual_seed(0)
+    cfg = {"lora": fastpeft.LoraConfig(target_modules=["lin0"], r=2, init_lora_weights=False),
+           "adalora": fastpeft.AdaLoraConfig(target_modules=["lin0"], init_r=2, total_step=4,
+                                             init_lora_weights=False),
+           "ia3": fastpeft.IA3Config(target_modules=["lin0"], feedforward_modules=[], init_ia3_weights=False)}[method]
+    m = fastpeft.get_peft_model(mlp(), cfg)
+    layer = m.base_model.model.lin0
+    x = torch.randn(3, layer.base_layer.in_features)
+    with torch.no_grad():
+        plain = layer(x)
+    calls = []
+
+    def hook(module, args, out):
+        calls.append(module)
+        return out + 1.0
+
+    handle = layer.base_layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            hooked = layer(x)
+    finally:
+        handle.remove()
+    assert calls == [layer.base_layer]
+    # LoRA / AdaLoRA add the adapter to the hooked base output; IA3 (output mode) scales it by l
+    shift = layer.ia3_l["default"].reshape(-1) if method == "ia3" else 1.0
+    torch.testing.assert_close(hooked, plain + shift, rtol=1e-5, atol=1e-5)

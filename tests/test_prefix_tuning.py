@@ -17,7 +17,7 @@ MODELS = dict(MODELS, qwen2=tiny_qwen2)
 
 peft = pytest.importorskip("peft")
 import fastpeft  # noqa: E402
-from fastpeft.prompt.tuners import build_prefix_cache  # noqa: E402
+from fastpeft.tuners._prompt_learning import build_prefix_cache  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 

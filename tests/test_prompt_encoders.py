@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from _tolerances import ELEMENTWISE, PROMPT_FP32_ATOL
 from test_prompt_utils import max_abs
 
-from fastpeft.prompt.encoders import PrefixEncoder, PromptEmbedding, PromptEncoder, text_init_token_ids
+from fastpeft.tuners.p_tuning import PromptEncoder
+from fastpeft.tuners.prefix_tuning import PrefixEncoder
+from fastpeft.tuners.prompt_tuning import PromptEmbedding, text_init_token_ids
 
 peft = pytest.importorskip("peft")
 

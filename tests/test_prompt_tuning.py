@@ -438,7 +438,7 @@ def test_bert_encoder_with_token_type_ids_matches_peft(cname):
         base = fm.get_base_model()
         ext_mask = torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], dim=1)
         if cname == "PrefixTuningConfig":
-            from fastpeft.prompt.tuners import build_prefix_cache
+            from fastpeft.tuners._prompt_learning import build_prefix_cache
 
             c = fm.peft_config["default"]
             cache = build_prefix_cache(fm.base_model.prompt_encoder["default"].output(), c.num_layers,

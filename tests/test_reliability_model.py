@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from fastpeft import AdaLoraConfig, IA3Config, LoraConfig, PeftModel, get_peft_model
 from fastpeft.tuners import lora as lora_mod
-from fastpeft.tuners.base import BaseTunerLayer
+from fastpeft.tuners.tuners_utils import BaseTunerLayer
 
 
 class Tiny(nn.Module):
@@ -151,7 +151,7 @@ def test_already_merged_layer_fails_before_any_merge():
 def test_unload_failure(monkeypatch):
     m = make(lora(modules_to_save=["head"]))
     before = snapshot(m)
-    from fastpeft.tuners import base as base_mod
+    from fastpeft.tuners import tuners_utils as base_mod
 
     real = base_mod.get_submodules
     calls = []

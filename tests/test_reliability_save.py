@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft
-import fastpeft.save_load as SL
+import fastpeft.utils.adapter_files as SL  # the module that writes the files
 from fastpeft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from fastpeft.save_load import AdapterFileError, AdapterSaveError, InterruptedSaveError
 

@@ -10,20 +10,13 @@ already in ``sys.modules``.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
-
-def is_conv1d(module) -> bool:
-    """True if `module` is a transformers ``Conv1D`` (checked without importing transformers)."""
-    mod = sys.modules.get("transformers.pytorch_utils")
-    if mod is None:
-        return False
-    conv1d = getattr(mod, "Conv1D", None)
-    return conv1d is not None and isinstance(module, conv1d)
+from ..utils.adapter_math import add_delta
+from ..utils.other import is_conv1d
 
 
 def base_params(module, cls_name: str) -> tuple[nn.Parameter, Optional[nn.Parameter], int, int, bool]:
@@ -71,14 +64,6 @@ def check_alpha(alpha) -> float:
     if not math.isfinite(alpha):
         raise ValueError(f"lora_alpha must be finite, got {alpha}")
     return alpha
-
-
-def merge_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """Dtype merges are computed in: at least fp32 (fp16/bf16 weights merge in fp32, then round once)."""
-    dt = torch.float32
-    for d in dtypes:
-        dt = torch.promote_types(dt, d)
-    return dt
 
 
 class AdapterBase(nn.Module):
@@ -154,10 +139,8 @@ class AdapterBase(nn.Module):
     def _add_to_weight(self, delta_nk: torch.Tensor, sign: float) -> None:
         """weight += sign * delta (delta given as (out, in)), computed in >= fp32 and rounded once, in place."""
         with torch.no_grad():
-            w = self.weight
-            ct = merge_dtype(w.dtype, delta_nk.dtype)
             d = delta_nk.t() if self.fan_in_fan_out else delta_nk
-            w.copy_((w.to(ct) + sign * d.to(ct)).to(w.dtype))
+            self.weight.copy_(add_delta(self.weight, d, sign))
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the merged weight (a copy; this module is left unchanged).
@@ -221,5 +204,4 @@ class DeltaAdapterBase(AdapterBase):
             w = self.weight_nk
             if self._merged:
                 return w.detach().clone()
-            ct = merge_dtype(w.dtype, self.lora_A.dtype)
-            return (w.to(ct) + self.delta_weight().to(ct)).to(w.dtype)
+            return add_delta(w, self.delta_weight())

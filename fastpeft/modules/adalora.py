@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from .. import functional as FP
-from ._conv1d import DeltaAdapterBase, check_alpha, check_dropout, check_rank, merge_dtype
+from ..utils.adapter_math import adalora_delta, orth_reg_term
+from ._conv1d import DeltaAdapterBase, check_alpha, check_dropout, check_rank
 
 __all__ = ["AdaLoRALinear"]
 
@@ -81,8 +82,6 @@ class AdaLoRALinear(DeltaAdapterBase):
         self._freeze_base()
         return self
 
-    from_module = from_linear
-
     @property
     def effective_scaling(self) -> float:
         """``scaling / (ranknum + 1e-5)``: the factor the low-rank product is multiplied by."""
@@ -113,16 +112,11 @@ class AdaLoRALinear(DeltaAdapterBase):
         ``orth_reg_weight * mean over all lora_A and lora_B matrices``, i.e. the sum of ``orth_reg()`` over the
         layers divided by ``2 * n_layers``.
         """
-        eye = torch.eye(self.r, device=self.lora_A.device, dtype=self.lora_A.dtype)
-        a_term = torch.linalg.matrix_norm(self.lora_A @ self.lora_A.t() - eye)
-        b_term = torch.linalg.matrix_norm(self.lora_B.t() @ self.lora_B - eye)
-        return a_term + b_term
+        return orth_reg_term(self.lora_A, is_a=True) + orth_reg_term(self.lora_B, is_a=False)
 
     def delta_weight(self) -> torch.Tensor:
         """``B (A ⊙ E) · scaling / (ranknum + 1e-5)`` as (out_features, in_features), in >= fp32, no gradient."""
-        with torch.no_grad():
-            ct = merge_dtype(self.lora_A.dtype)
-            return (self.lora_B.to(ct) @ (self.lora_A.to(ct) * self.lora_E.to(ct))) * self.effective_scaling
+        return adalora_delta(self.lora_A, self.lora_E, self.lora_B, self.effective_scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""

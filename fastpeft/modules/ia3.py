@@ -9,12 +9,10 @@ import torch
 import torch.nn as nn
 
 from .. import functional as FP
-from ._conv1d import AdapterBase, merge_dtype
+from ..utils.adapter_math import ia3_scale
+from ._conv1d import AdapterBase
 
 __all__ = ["IA3Linear"]
-
-# HF PEFT divides by (l + 1e-8) on unmerge so that a zero entry does not produce inf.
-_UNMERGE_EPS = 1e-8
 
 
 class IA3Linear(AdapterBase):
@@ -72,8 +70,6 @@ class IA3Linear(AdapterBase):
         self._freeze_base()
         return self
 
-    from_module = from_linear
-
     def reset_parameters(self) -> None:
         """nn.Linear init of the base, then ``reset_ia3_parameters()``."""
         self.reset_base_parameters()
@@ -91,23 +87,7 @@ class IA3Linear(AdapterBase):
 
     def _scaled(self, divide: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(new weight in its stored layout, new bias or None) after multiplying (or dividing) by l."""
-        w = self.weight
-        ct = merge_dtype(w.dtype, self.ia3_l.dtype)
-        lv = self.ia3_l.detach().to(ct).reshape(-1)
-        if divide:
-            lv = lv + _UNMERGE_EPS
-        # Output mode scales the rows of the (out, in) weight, input mode its columns; a Conv1D weight is (in, out).
-        scale_rows_of_nk = not self.feedforward
-        if self.fan_in_fan_out:
-            col = lv[None, :] if scale_rows_of_nk else lv[:, None]
-        else:
-            col = lv[:, None] if scale_rows_of_nk else lv[None, :]
-        new_w = (w.to(ct) / col if divide else w.to(ct) * col).to(w.dtype)
-        new_b = None
-        if self.bias is not None and not self.feedforward:
-            b = self.bias.to(ct)
-            new_b = (b / lv if divide else b * lv).to(self.bias.dtype)
-        return new_w, new_b
+        return ia3_scale(self.weight, self.bias, self.ia3_l, self.feedforward, self.fan_in_fan_out, divide)
 
     def merge(self) -> None:
         """Fold l into the base: output mode ``W <- diag(l) W, b <- l ⊙ b``; input mode ``W <- W diag(l)``.

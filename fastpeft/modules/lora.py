@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from .. import functional as FP
-from ._conv1d import DeltaAdapterBase, check_alpha, check_dropout, check_rank, merge_dtype
+from ..utils.adapter_math import lora_delta
+from ._conv1d import DeltaAdapterBase, check_alpha, check_dropout, check_rank
 
 __all__ = ["LoRALinear"]
 
@@ -90,8 +91,6 @@ class LoRALinear(DeltaAdapterBase):
         self._freeze_base()
         return self
 
-    from_module = from_linear
-
     def reset_parameters(self) -> None:
         """Re-initialise the base weight/bias like nn.Linear, and the adapter like HF PEFT (see the class doc)."""
         self.reset_base_parameters()
@@ -114,9 +113,7 @@ class LoRALinear(DeltaAdapterBase):
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling · B A`` as (out_features, in_features), computed in >= fp32 (no gradient)."""
-        with torch.no_grad():
-            ct = merge_dtype(self.lora_A.dtype)
-            return (self.lora_B.to(ct) @ self.lora_A.to(ct)) * self.scaling
+        return lora_delta(self.lora_A, self.lora_B, self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in_features) -> (..., out_features)."""

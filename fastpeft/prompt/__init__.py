@@ -1,29 +1,20 @@
 """Prompt-style methods (prompt tuning, P-tuning, prefix tuning, adaption prompt) and bottleneck adapters.
 
-Pure PyTorch (no kernels).  The configs have HF PEFT 0.21.2's names, fields and defaults and are registered with
-``fastpeft.config.register_config``; the tuners (``fastpeft.prompt.tuners``) are registered with
-``fastpeft.tuners.base.register_tuner``, so ``fastpeft.get_peft_model`` / ``PeftModel.from_pretrained`` dispatch to
-them.  See ``docs/ARCHITECTURE.md`` and each module's docstring for the math.
+The methods live in their packages under ``fastpeft.tuners`` (``prompt_tuning``, ``p_tuning``, ``prefix_tuning``,
+``adaption_prompt``, ``bottleneck``); this package re-exports their public names where they were importable before.
 """
 
 from __future__ import annotations
 
-from .config import (  # noqa: F401
-    AdaptionPromptConfig,
-    BottleneckConfig,
-    PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptEncoderReparameterizationType,
-    PromptLearningConfig,
-    PromptTuningConfig,
-    PromptTuningInit,
-)
-from .encoders import PrefixEncoder, PromptEmbedding, PromptEncoder  # noqa: F401
+from ..config import PromptLearningConfig
+from ..tuners.adaption_prompt import AdaptionPromptConfig
+from ..tuners.bottleneck import BottleneckConfig
+from ..tuners.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from ..tuners.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from ..tuners.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 
 __all__ = [
     "AdaptionPromptConfig", "BottleneckConfig", "PrefixTuningConfig", "PromptEncoderConfig",
     "PromptEncoderReparameterizationType", "PromptLearningConfig", "PromptTuningConfig", "PromptTuningInit",
     "PromptEmbedding", "PromptEncoder", "PrefixEncoder",
 ]
-
-from . import tuners  # noqa: E402,F401  (registers the tuners with fastpeft.tuners.base.register_tuner)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tuners.base import BaseTunerLayer
+from ..tuners_utils import BaseTunerLayer
 
 # non_linearity name -> function.  "swish" and "silu" are the same function (x·sigmoid(x)).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tuners.base import BaseTunerLayer
+from ..tuners_utils import BaseTunerLayer
 
 # model_type -> (default target_modules, code path)
 SUPPORTED_MODEL_TYPES = {

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import Linear
+from .layer import Linear
 
 __all__ = ["Conv2d"]
 

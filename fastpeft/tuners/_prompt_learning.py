@@ -1,4 +1,6 @@
-"""Tuners (``BaseTuner`` subclasses, registered by peft_type) for the prompt-style methods and bottleneck adapters.
+"""What prompt tuning, P-tuning and prefix tuning share: the ``PromptLearningTuner`` base, the config preparation
+from the model config, and the KV-cache helpers.  The method packages (``fastpeft.tuners.prompt_tuning``,
+``p_tuning``, ``prefix_tuning``) hold the encoders and the registered tuners.
 
 Prompt learning (PROMPT_TUNING, P_TUNING, PREFIX_TUNING) leaves the base model untouched: the tuner owns
 ``prompt_encoder[adapter]`` and rewrites the keyword arguments of every ``forward`` / ``generate`` call:
@@ -10,44 +12,28 @@ Prompt learning (PROMPT_TUNING, P_TUNING, PREFIX_TUNING) leaves the base model u
   model's cache, ``attention_mask = [1…1; mask]``, ``position_ids + n``; labels unchanged.
 
 ``generate`` passes the same extended attention mask and a pre-filled cache to the model's own ``generate``: the
-prefix KV for prefix tuning (HF PEFT 0.21.2 loses it with transformers 5.x, peft-semantics.md §3.3), and for prompt
-tuning / P-tuning the KV of the virtual tokens (one forward over the n prompt embeddings; the virtual tokens come
-first and attend only to each other, so their keys/values do not depend on the input and are shared by all rows).
-The output is ``[input_ids, new tokens]`` as with PEFT.
+prefix KV for prefix tuning (HF PEFT 0.21.2 loses it with transformers 5.x), and for prompt tuning / P-tuning the KV
+of the virtual tokens (one forward over the n prompt embeddings; the virtual tokens come first and attend only to
+each other, so their keys/values do not depend on the input and are shared by all rows).  The output is
+``[input_ids, new tokens]`` as with PEFT.
 
 A forward call that passes a non-empty cache (incremental decoding by hand) is taken to continue a sequence whose
 cache already holds the prompt: only the attention mask (and position ids) are extended.
-
-ADAPTION_PROMPT and BOTTLENECK inject tuner layers (``AdaptedAttention``, ``BottleneckLayer``) and use the generic
-``BaseTuner`` machinery (state dict keys ``base_model.model.<path>.<param>``).
 """
 
 from __future__ import annotations
 
 import inspect
-import warnings
+from typing import Optional
 
 import torch
 from torch import nn
 
 from ..config import PeftConfig, PeftType, TaskType
-from ..tuners.base import BaseTuner, register_tuner
-from .adaption import SUPPORTED_MODEL_TYPES, AdaptedAttention
-from .bottleneck import DEFAULT_TARGETS, BottleneckLayer, module_width
-from .config import (
-    AdaptionPromptConfig, BottleneckConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
-    PromptTuningInit,
-)
-from .encoders import PrefixEncoder, PromptEmbedding, PromptEncoder, text_init_token_ids
+from .tuners_utils import BaseTuner
 
-__all__ = ["PromptLearningTuner", "PromptTuningTuner", "PromptEncoderTuner", "PrefixTuningTuner",
-           "AdaptionPromptTuner", "BottleneckTuner", "prepare_prompt_learning_config", "build_prefix_cache"]
-
-_GC_MESSAGE = ("PREFIX_TUNING does not work with gradient checkpointing: the prefixes are handed to the model as its "
-               "key/value cache, and transformers' gradient-checkpointed layers drop the cache (`cache=None`) because "
-               "the backward pass replays each layer, which would write the cache a second time; the prefix would be "
-               "lost (in transformers 5.x the forward then fails with a mask/key length mismatch).  Disable gradient "
-               "checkpointing (model.gradient_checkpointing_disable()) or use prompt tuning / P-tuning / LoRA.")
+__all__ = ["PromptLearningTuner", "EmbeddingPromptTuner", "VirtualTokenEncoder", "prepare_prompt_learning_config",
+           "build_prefix_cache"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,7 +56,7 @@ def _cfg_get(model_config, *names):
 
 def prepare_prompt_learning_config(config: PeftConfig, model: nn.Module) -> PeftConfig:
     """Fill ``num_layers``, ``token_dim``, ``num_attention_heads``, ``encoder_hidden_size`` and
-    ``num_transformer_submodules`` from the model config, in place (PEFT's rules, peft-semantics.md §1.6).
+    ``num_transformer_submodules`` from the model config, in place (PEFT's rules).
 
     For prefix tuning on a model with ``num_key_value_heads`` (grouped-query attention) ``token_dim`` becomes
     ``head_dim · num_kv_heads`` and ``num_attention_heads`` the number of KV heads.
@@ -474,7 +460,7 @@ class PromptLearningTuner(BaseTuner):
         raise NotImplementedError
 
 
-class _EmbeddingPromptTuner(PromptLearningTuner):
+class EmbeddingPromptTuner(PromptLearningTuner):
     """Prompt tuning and P-tuning: prompts prepended to the input embeddings."""
 
     def _inject_forward(self, cfg, input_ids, inputs_embeds, b, length, kwargs):
@@ -520,242 +506,72 @@ class _EmbeddingPromptTuner(PromptLearningTuner):
         return gen(input_ids=input_ids, **kwargs)
 
 
-@register_tuner(PeftType.PROMPT_TUNING)
-class PromptTuningTuner(_EmbeddingPromptTuner):
-    """Prompt tuning: ``prompt_encoder[adapter]`` is a :class:`PromptEmbedding` (n, token_dim)."""
-
-    config_cls = PromptTuningConfig
-
-    def _build_encoder(self, config: PromptTuningConfig) -> nn.Module:
-        n = config.num_virtual_tokens * config.num_transformer_submodules
-        init_weight = None
-        if not config.inference_mode:
-            emb = self.word_embeddings
-            if config.prompt_tuning_init == PromptTuningInit.SAMPLE_VOCAB:
-                ids = torch.randint(0, emb.num_embeddings, (n,), dtype=torch.long).to(emb.weight.device)
-                init_weight = emb(ids).detach()
-            elif config.prompt_tuning_init == PromptTuningInit.TEXT and not (
-                    getattr(config, "_from_saved", False) and getattr(config, "_tokenizer", None) is None
-                    and not _is_local_dir(config.tokenizer_name_or_path)):
-                # (a saved adapter loaded trainable whose tokenizer is not at hand skips the init: its saved prompt
-                # replaces it anyway; PEFT would download the tokenizer here)
-                tok = _get_tokenizer(config)
-                ids = text_init_token_ids(tok, config.prompt_tuning_init_text, n)
-                bad = [i for i in ids if not 0 <= i < emb.num_embeddings]
-                if bad:
-                    raise ValueError(f"the tokenizer produced ids {bad[:5]} outside the model's vocabulary "
-                                     f"(size {emb.num_embeddings})")
-                init_weight = emb(torch.tensor(ids, dtype=torch.long, device=emb.weight.device)).detach()
-        return PromptEmbedding(n, config.token_dim, init_weight=init_weight)
-
-
-def _is_local_dir(path) -> bool:
-    import os
-
-    return isinstance(path, str) and bool(path) and os.path.isdir(path)
-
-
-def _get_tokenizer(config: PromptTuningConfig):
-    tok = getattr(config, "_tokenizer", None)
-    if tok is not None:
-        return tok
-    import os
-
-    path = config.tokenizer_name_or_path
-    if not path or not os.path.isdir(path):
-        raise ValueError(f"prompt_tuning_init='TEXT' needs a tokenizer: tokenizer_name_or_path={path!r} is not a "
-                         "local directory (fastpeft never downloads); pass a local tokenizer directory or a tokenizer "
-                         "object")
-    from transformers import AutoTokenizer
-
-    kw = dict(config.tokenizer_kwargs or {})
-    kw.pop("trust_remote_code", None)  # a prompt-tuning config must not be able to run code
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
-
-
-@register_tuner(PeftType.P_TUNING)
-class PromptEncoderTuner(_EmbeddingPromptTuner):
-    """P-tuning: ``prompt_encoder[adapter]`` is a :class:`PromptEncoder` (MLP or LSTM head)."""
-
-    config_cls = PromptEncoderConfig
-
-    def _build_encoder(self, config: PromptEncoderConfig) -> nn.Module:
-        n = config.num_virtual_tokens * config.num_transformer_submodules
-        return PromptEncoder(n, config.token_dim, config.encoder_hidden_size,
-                             encoder_type=config.encoder_reparameterization_type,
-                             num_layers=config.encoder_num_layers, dropout=config.encoder_dropout)
-
-
-@register_tuner(PeftType.PREFIX_TUNING)
-class PrefixTuningTuner(PromptLearningTuner):
-    """Prefix tuning: ``prompt_encoder[adapter]`` is a :class:`PrefixEncoder`; prefixes go in the model's cache."""
-
-    config_cls = PrefixTuningConfig
-
-    def _gradient_checkpointing(self) -> bool:
-        with warnings.catch_warnings():  # transformers 5 deprecates is_gradient_checkpointing
-            warnings.simplefilter("ignore")
-            for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-                try:
-                    v = getattr(self.model, attr)
-                except Exception:
-                    continue
-                if v is True:
-                    return True
-        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.model.modules())
-
-    def _check_model(self, config) -> None:
-        if self._gradient_checkpointing():
-            raise ValueError(_GC_MESSAGE)
-
-    def _check_forward_state(self) -> None:
-        if self.training and torch.is_grad_enabled() and self._gradient_checkpointing():
-            raise ValueError(_GC_MESSAGE)
-
-    def _build_encoder(self, config: PrefixTuningConfig) -> nn.Module:
-        return PrefixEncoder(config.num_virtual_tokens, config.num_layers, config.token_dim,
-                             prefix_projection=config.prefix_projection and not config.inference_mode,
-                             hidden_size=config.encoder_hidden_size, zero_init=config.init_weights == "zero")
-
-    def _prefix_cache(self, cfg, rows: int, into=None):
-        dtype = getattr(self.model, "dtype", None) or self.word_embeddings.weight.dtype
-        prefix = self._prompt().to(dtype)
-        cache = build_prefix_cache(prefix, cfg.num_layers, cfg.num_attention_heads, rows,
-                                   getattr(self.model, "config", None))
-        if into is not None and hasattr(into, "update"):
-            # an empty cache object passed by the caller is filled in place (they may hold on to it)
-            for i, layer in enumerate(cache.layers):
-                into.update(layer.keys, layer.values, i)
-            return into
-        return cache
-
-    def _inject_forward(self, cfg, input_ids, inputs_embeds, b, length, kwargs):
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + cfg.num_virtual_tokens
-        kwargs[self._cache_kwarg] = self._prefix_cache(cfg, b, into=kwargs.get(self._cache_kwarg))
-        return self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
-
-    def _generate(self, gen, cfg, input_ids, inputs_embeds, rows, kwargs):
-        kwargs[self._cache_kwarg] = self._prefix_cache(cfg, rows)
-        if inputs_embeds is not None:
-            # generate() slices inputs_embeds by the cache length; n placeholder rows in front are cut off again
-            pad = inputs_embeds.new_zeros(inputs_embeds.shape[0], cfg.num_virtual_tokens, inputs_embeds.shape[2])
-            return gen(inputs_embeds=torch.cat([pad, inputs_embeds], dim=1), **kwargs)
-        return gen(input_ids=input_ids, **kwargs)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# adaption prompt
+# virtual-token encoders (the per-method encoders derive from this)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@register_tuner(PeftType.ADAPTION_PROMPT)
-class AdaptionPromptTuner(BaseTuner):
-    """LLaMA-Adapter: the top ``adapter_layers`` attention modules named ``target_modules`` become
-    :class:`AdaptedAttention` wrappers.  Supported model types: llama, mistral, qwen2, gpt2.
+class VirtualTokenEncoder(nn.Module):
+    """Common part: an ``embedding`` table, an optional head, and the direct mode used after loading a file."""
 
-    One adapter is active at a time; adapters are added inactive (``set_adapter`` switches).
-    """
+    embedding: nn.Embedding
 
-    prefix = "adaption_"
-    layer_cls = AdaptedAttention
+    def __init__(self) -> None:
+        super().__init__()
+        self.direct = False
 
-    def _model_kind(self) -> tuple[str, str]:
-        mt = getattr(getattr(self.model, "config", None), "model_type", None)
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"Unsupported model type for adaption prompt: {mt!r}. Supported model types: "
-                             f"{sorted(SUPPORTED_MODEL_TYPES)}")
-        return mt, SUPPORTED_MODEL_TYPES[mt][1]
+    @property
+    def num_tokens(self) -> int:
+        return self.embedding.num_embeddings
 
-    def _prepare_adapter_config(self, config):
-        mt, _ = self._model_kind()
-        if config.target_modules is None:
-            config.target_modules = SUPPORTED_MODEL_TYPES[mt][0]
-        return config
+    def head(self, x: torch.Tensor) -> torch.Tensor:  # overridden by encoders that have one
+        return x
 
-    def _find_targets(self, config) -> list[str]:
-        suffix = "." + config.target_modules
-        keys = []
-        for key, module in self.model.named_modules():
-            if key.endswith(suffix) and not any(key.startswith(k + ".") for k in keys):
-                keys.append(key)
-        if len(keys) < config.adapter_layers:
-            raise ValueError(f"adapter_layers={config.adapter_layers} but the model has only {len(keys)} modules "
-                             f"named '*.{config.target_modules}'")
-        return keys[-config.adapter_layers:]
+    def forward(self, indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Encode virtual tokens.
 
-    def _is_supported_target(self, module: nn.Module) -> bool:
-        return True  # checked precisely in _validate_targets
+        Args:
+            indices: (..., k) long tensor of virtual-token indices, or None for all tokens ``0..n-1``.
+        Returns:
+            (..., k, out_dim) (``(n, out_dim)`` when ``indices`` is None), in the encoder's parameter dtype.
+        """
+        if indices is None:
+            emb = self.embedding.weight
+        else:
+            emb = self.embedding(indices)
+        if self.direct:
+            return emb
+        return self.head(emb)
 
-    def _validate_targets(self, config, adapter_name, targets) -> None:
-        if not isinstance(config, AdaptionPromptConfig):
-            raise TypeError(f"AdaptionPromptTuner takes an AdaptionPromptConfig, got {type(config).__name__}")
-        _, kind = self._model_kind()
-        for key in targets:
-            m = self.model.get_submodule(key)
-            if not isinstance(m, AdaptedAttention):
-                AdaptedAttention(m, kind)  # raises TypeError for an unsuitable module, before anything changes
+    def output(self) -> torch.Tensor:
+        """The full prompt ``P``: (n, out_dim); what PEFT stores as ``prompt_embeddings``."""
+        return self.forward(None)
 
-    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
-        _, kind = self._model_kind()
-        if not isinstance(target, AdaptedAttention):
-            new = AdaptedAttention(target, kind)
-            new._active_adapter = list(self.active_adapters)
-            setattr(parent, target_name, new)
-            target = new
-        target.add_adapter(adapter_name, config.adapter_len)
+    def load_output(self, prompt: torch.Tensor) -> None:
+        """Switch to direct mode holding ``prompt`` (n, out_dim) as the encoder output (drops the head).
 
-    def _cast_adapter_dtype(self, adapter_name: str) -> None:
-        """Kept in the attention weights' dtype (PEFT's choice; the prompt goes through k_proj/v_proj)."""
+        The caller validates the shape first (so a failed load changes nothing); ``prompt`` is copied.
+        """
+        n, d = self.embedding.num_embeddings, self.out_dim
+        if tuple(prompt.shape) != (n, d):
+            raise ValueError(f"prompt_embeddings has shape {tuple(prompt.shape)}, expected {(n, d)}")
+        weight = self.embedding.weight
+        new = nn.Embedding(n, d, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(prompt.to(device=weight.device, dtype=weight.dtype))
+        new.weight.requires_grad_(weight.requires_grad)
+        self.embedding = new
+        self._drop_head()
+        self.direct = True
 
-    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        if len(names) != 1:
-            raise ValueError(f"adaption prompt can only have one active adapter, got {names}")
-        super().set_adapter(names, inference_mode=inference_mode)
+    def _drop_head(self) -> None:
+        pass
+
+    @property
+    def out_dim(self) -> int:
+        raise NotImplementedError
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# bottleneck adapters
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@register_tuner(PeftType.BOTTLENECK)
-class BottleneckTuner(BaseTuner):
-    """Houlsby / Pfeiffer bottleneck adapters on the outputs of the ``target_modules`` (nn.Linear or Conv1D)."""
-
-    prefix = "adapter_"
-    layer_cls = BottleneckLayer
-
-    def _prepare_adapter_config(self, config):
-        if not isinstance(config, BottleneckConfig):
-            raise TypeError(f"BottleneckTuner takes a BottleneckConfig, got {type(config).__name__}")
-        if config.target_modules is None:
-            mt = getattr(getattr(self.model, "config", None), "model_type", None)
-            table = DEFAULT_TARGETS.get(mt)
-            if table is None:
-                raise ValueError(f"target_modules is None and fastpeft has no default bottleneck placement for "
-                                 f"model_type={mt!r} (defaults exist for {sorted(DEFAULT_TARGETS)}); please specify "
-                                 "target_modules")
-            t = table[config.placement]
-            config.target_modules = t if isinstance(t, str) else set(t)
-        return config
-
-    def _is_supported_target(self, module: nn.Module) -> bool:
-        if isinstance(module, BottleneckLayer):
-            return True
-        try:
-            module_width(module)
-        except TypeError:
-            return False
-        return True
-
-    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
-        if not isinstance(target, BottleneckLayer):
-            new = BottleneckLayer(target)
-            new._active_adapter = list(self.active_adapters)
-            setattr(parent, target_name, new)
-            target = new
-        target.add_adapter(adapter_name, config.reduction_factor, config.non_linearity,
-                           dropout=config.adapter_dropout, init_weights=config.init_weights)
-
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import BaseTunerLayer, ModulesToSaveWrapper
+from ...utils.other import ModulesToSaveWrapper, get_submodules
+from ..tuners_utils import BaseTunerLayer
 
 __all__ = ["TrainableTokensLayer", "inject_trainable_tokens", "token_target_layers", "SAVED_ATTR"]
 
@@ -39,6 +40,8 @@ class TrainableTokensLayer(BaseTunerLayer):
     ``tied_to``: the layer whose delta this (output) layer shares; it owns no parameter and saves nothing.
     """
 
+    _fused_capable = False
+
     adapter_layer_names = ("trainable_tokens_delta",)
     other_param_names = ("token_indices", "trainable_tokens_original")
 
@@ -48,7 +51,6 @@ class TrainableTokensLayer(BaseTunerLayer):
         if not isinstance(base_layer, (nn.Embedding, nn.Linear)):
             raise TypeError(f"trainable_token_indices needs an nn.Embedding or nn.Linear layer, got "
                             f"{type(base_layer).__name__}")
-        self._fusable = False
         self._tied = [tied_to] if tied_to is not None else []  # a list: not registered as a submodule
         if tied_to is None:
             self.trainable_tokens_delta = nn.ParameterDict({})
@@ -269,7 +271,6 @@ def inject_trainable_tokens(tuner, adapter_name: str, config) -> None:
     spec = getattr(config, "trainable_token_indices", None)
     if spec is None:
         return
-    from ._utils import get_submodules
 
     model = tuner.model
     targets = token_target_layers(model, spec)

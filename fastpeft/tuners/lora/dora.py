@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._utils import transpose
+from ... import functional as FP
+from ...utils.other import linear_weight_oi, transpose
 
 __all__ = ["DoraLinearLayer", "dora_row_norm", "dora_init", "dora_forward", "dora_fused_forward", "dora_merged_weight",
            "dora_unmerged_weight", "DORA_CANCELLATION_LIMIT", "DORA_SYNC_FREE_FALLBACK_ROWS"]
@@ -211,8 +212,6 @@ def dora_fused_forward(layer, adapter_name: str, x: torch.Tensor) -> torch.Tenso
     then costs what LoRA costs plus the row norm (O(out·in·r), once per step).  Linear / Conv1D bases only.
     x: (..., in) in the base dtype -> (..., out) in x's dtype.
     """
-    from .. import functional as FP
-    from ._utils import linear_weight_oi
 
     base = layer.base_layer
     A = layer.lora_A[adapter_name].weight

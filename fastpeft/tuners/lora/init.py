@@ -27,7 +27,8 @@ import re
 import torch
 import torch.nn as nn
 
-from ._utils import is_conv1d, transpose
+from ...utils.adapter_files import load_peft_weights
+from ...utils.other import is_conv1d, transpose
 
 __all__ = ["SUPPORTED_INITS", "UNSUPPORTED_INITS", "check_init_lora_weights", "init_lora_adapter",
            "convert_mutated_init_state_dict", "converted_config", "convert_for_save"]
@@ -209,7 +210,6 @@ def convert_mutated_init_state_dict(config, state_dict: dict, path_initial: str,
         the converted {PEFT file key: tensor}.  Raises ValueError (nothing written) when the initial adapter does not
         fit.  Like PEFT, the caller writes ``config`` with ``init_lora_weights=True`` into ``path_initial``.
     """
-    from ..save_load import load_peft_weights
 
     if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
         raise ValueError("Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported "

@@ -1,4 +1,4 @@
-"""LoRA with HF PEFT's module layout (``lora_A``/``lora_B`` ModuleDicts of nn.Linear) and math.
+"""LoRA layers with HF PEFT's module layout (``lora_A``/``lora_B`` ModuleDicts of nn.Linear) and math.
 
 ``y = base(x) + Σ_active scaling[a] · B_a(A_a(dropout_a(x)))``, scaling = alpha/r (alpha/√r with rsLoRA), summed
 over the active adapters, cast back to the base output's dtype.  With exactly one active adapter the layer calls
@@ -14,25 +14,17 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .. import functional as FP
-from ..config import LoraConfig, PeftType
-from ._utils import in_out_features, is_conv1d, linear_weight_oi, pattern_key, transpose
-from .base import BaseTuner, BaseTunerLayer, register_tuner
-from .lora_dora import (dora_forward, dora_fused_forward, dora_init, dora_merged_weight, dora_unmerged_weight,
-                        unmerged_base_weight)
-from .lora_init import init_lora_adapter
+from ... import functional as FP
+from ...utils.adapter_math import add_delta, lora_delta
+from ...utils.fused import is_sharded
+from ...utils.other import in_out_features, is_conv1d, linear_weight_oi, transpose
+from ..tuners_utils import BaseTunerLayer
+from .config import LoraConfig
+from .dora import (dora_forward, dora_fused_forward, dora_init, dora_merged_weight, dora_unmerged_weight,
+                   unmerged_base_weight)
+from .init import init_lora_adapter
 
-__all__ = ["LoraLayer", "Linear", "LoraModel", "LORA_TARGET_MODULE_DEFAULTS"]
-
-# model_type -> default target_modules (HF PEFT's table, peft/utils/constants.py)
-LORA_TARGET_MODULE_DEFAULTS = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"], "t5": ["q", "v"],
-    "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"], "bloom": ["query_key_value"],
-}
-
+__all__ = ["LoraLayer", "Linear"]
 
 class LoraLayer(BaseTunerLayer):
     """Per-adapter LoRA state of one wrapped layer (HF PEFT attribute names)."""
@@ -49,7 +41,7 @@ class LoraLayer(BaseTunerLayer):
         self.lora_dropout = nn.ModuleDict({})
         self.lora_A = nn.ModuleDict({})
         self.lora_B = nn.ModuleDict({})
-        self.lora_magnitude_vector = nn.ModuleDict({})  # DoRA adapters only (fastpeft.tuners.lora_dora)
+        self.lora_magnitude_vector = nn.ModuleDict({})  # DoRA adapters only (fastpeft.tuners.lora.dora)
         self.in_features, self.out_features = in_out_features(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
 
@@ -80,13 +72,9 @@ class LoraLayer(BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``transpose(B @ A, fan_in_fan_out) * scaling`` in the base weight's layout (fp32 math for half on CPU)."""
-        A = self.lora_A[adapter_name].weight
         B = self.lora_B[adapter_name].weight
-        out_dtype = B.dtype
-        if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
-            A, B = A.float(), B.float()
-        delta = transpose(B @ A, self.fan_in_fan_out) * self.scaling[adapter_name]
-        return delta.to(out_dtype)
+        delta = lora_delta(self.lora_A[adapter_name].weight, B, self.scaling[adapter_name])
+        return transpose(delta, self.fan_in_fan_out).to(B.dtype)
 
     def _bias_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
         """``lora_B.bias * scaling`` for lora_bias adapters (None otherwise); needs a base bias to merge into."""
@@ -107,15 +95,13 @@ class LoraLayer(BaseTunerLayer):
         delta = self.get_delta_weight(adapter_name)
         if safe_merge:
             b = self.base_layer.bias
-            if bias_delta is not None and not torch.isfinite(b.data + bias_delta.to(b.dtype)).all():
+            if bias_delta is not None and not torch.isfinite(add_delta(b.data, bias_delta)).all():
                 raise ValueError(f"NaNs or infs detected in the merged bias; adapter {adapter_name!r} seems to be "
                                  "broken (the weights were not modified)")
-            self._write_base_weight(w, w.data + delta.to(w.dtype), True, adapter_name)
-        else:
-            w.data += delta.to(w.dtype)
+        self._write_base_weight(w, add_delta(w.data, delta), safe_merge, adapter_name)
         if bias_delta is not None:
             b = self.base_layer.bias
-            b.data += bias_delta.detach().to(b.dtype)
+            b.data.copy_(add_delta(b.data, bias_delta))
 
     def _check_merge_finite(self, adapter_names: list[str]) -> None:
         """safe_merge's check of ``_merge_one``'s arithmetic, without writing (see BaseTunerLayer)."""
@@ -126,9 +112,9 @@ class LoraLayer(BaseTunerLayer):
         with torch.no_grad():
             for a in adapter_names:
                 bias_delta = self._bias_delta(a)
-                acc_w = acc_w + self.get_delta_weight(a).to(w.dtype)
+                acc_w = add_delta(acc_w, self.get_delta_weight(a))
                 if bias_delta is not None:
-                    acc_b = acc_b + bias_delta.to(b.dtype)
+                    acc_b = add_delta(acc_b, bias_delta)
                 if not torch.isfinite(acc_w).all() or (bias_delta is not None and not torch.isfinite(acc_b).all()):
                     raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken "
                                      "(the weights were not modified)")
@@ -140,17 +126,11 @@ class LoraLayer(BaseTunerLayer):
             with torch.no_grad():
                 w.data.copy_(dora_unmerged_weight(self, adapter_name, w.data))
             return
-        w.data -= self.get_delta_weight(adapter_name).to(w.dtype)
-        if self.lora_bias.get(adapter_name, False):
-            b = self.base_layer.bias
-            b.data -= (self.lora_B[adapter_name].bias * self.scaling[adapter_name]).detach().to(b.dtype)
-
-
-def _is_sharded(t: torch.Tensor) -> bool:
-    """True for a DTensor: FSDP2 sharded the lora_A/lora_B leaves on their own (HF PEFT's fsdp_auto_wrap_policy),
-    so their weights are gathered only when those modules are called - the fused path, which reads the weights
-    directly, must not run; the unfused loop calls the modules."""
-    return type(t).__name__ == "DTensor"
+        with torch.no_grad():
+            w.data.copy_(add_delta(w.data, self.get_delta_weight(adapter_name), -1.0))
+            if self.lora_bias.get(adapter_name, False):
+                b = self.base_layer.bias
+                b.data.copy_(add_delta(b.data, self.lora_B[adapter_name].bias * self.scaling[adapter_name], -1.0))
 
 
 class Linear(LoraLayer):
@@ -173,8 +153,10 @@ class Linear(LoraLayer):
         active = self._present_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        fused = (self._fusable and len(active) == 1 and not args and not kwargs and not self.lora_bias[active[0]]
-                 and not _is_sharded(self.lora_A[active[0]].weight))
+        # A DTensor lora_A: FSDP2 sharded the lora_A/lora_B leaves on their own (HF PEFT's fsdp_auto_wrap_policy), so
+        # their weights are gathered only when those modules are called - the loop below calls them.
+        fused = (len(active) == 1 and not self.lora_bias[active[0]] and not is_sharded(self.lora_A[active[0]].weight)
+                 and self._fused_reason(x, args, kwargs) is None)
         if fused and active[0] in self.lora_magnitude_vector:
             # DoRA without active dropout is one LoRA call plus a column scale; with dropout it needs W·drop(x) too
             # (PEFT's extra matmul), which the loop below does
@@ -222,93 +204,3 @@ class Linear(LoraLayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names()}"
-
-
-@register_tuner(PeftType.LORA)
-class LoraModel(BaseTuner):
-    """LoRA tuner (HF PEFT's ``LoraModel``).  Usually built through ``fastpeft.get_peft_model``."""
-
-    prefix = "lora_"
-    layer_cls = LoraLayer
-    target_module_defaults = LORA_TARGET_MODULE_DEFAULTS
-    supports_mixed_batch = True
-
-    def _finish_injection(self, adapter_name: str) -> None:
-        from .trainable_tokens import inject_trainable_tokens  # trainable_token_indices (no-op when None)
-
-        inject_trainable_tokens(self, adapter_name, self.peft_config[adapter_name])
-
-    def _mark_only_adapters_as_trainable(self) -> None:
-        super()._mark_only_adapters_as_trainable()
-        from .lora_embedding import mark_token_deltas_trainable
-
-        mark_token_deltas_trainable(self)
-
-    def get_adapter_state_dict(self, adapter_name: str = "default") -> dict:
-        from .lora_embedding import with_optional_keys
-
-        return with_optional_keys(self, adapter_name, super().get_adapter_state_dict(adapter_name))
-
-    def check_adapter_state_dict(self, adapter_name: str, state_dict: dict) -> None:
-        from .lora_embedding import without_optional_keys
-
-        super().check_adapter_state_dict(adapter_name, without_optional_keys(self, adapter_name, state_dict))
-
-    def _apply_adapter_state_dict(self, adapter_name: str, state_dict: dict) -> None:
-        from .lora_embedding import apply_optional_keys, without_optional_keys
-
-        super()._apply_adapter_state_dict(adapter_name, without_optional_keys(self, adapter_name, state_dict))
-        apply_optional_keys(self, adapter_name, state_dict)
-
-    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
-        rk = pattern_key((config.rank_pattern or {}).keys(), current_key)
-        ak = pattern_key((config.alpha_pattern or {}).keys(), current_key)
-        r = config.rank_pattern[rk] if rk is not None else config.r
-        alpha = config.alpha_pattern[ak] if ak is not None else config.lora_alpha
-        if isinstance(target, LoraLayer):
-            target.update_layer(adapter_name, r, alpha, config)
-            return
-        from .lora_bnb import make_lora_layer  # bitsandbytes 4/8-bit bases (imports nothing from bitsandbytes)
-
-        new = make_lora_layer(target, adapter_name, r, alpha, config)
-        if new is None and isinstance(target, nn.Embedding):
-            from .lora_embedding import Embedding
-
-            new = Embedding(target, adapter_name, r, alpha, config)
-        if new is None and isinstance(target, nn.Conv2d):
-            from .lora_conv import Conv2d
-
-            new = Conv2d(target, adapter_name, r, alpha, config)
-        if new is None:
-            self.conv1d_fan_in_fan_out_warning(target, config)
-            new = Linear(target, adapter_name, r, alpha, config)
-        if adapter_name not in self.active_adapters:
-            new.requires_grad_(False)
-        setattr(parent, target_name, new)
-
-    def _validate_targets(self, config, adapter_name, targets) -> None:
-        from .lora_conv import check_conv2d_target
-        from .lora_init import check_init_for_target
-
-        for key in targets:
-            module = self.model.get_submodule(key)
-            if isinstance(module, LoraLayer):
-                module = module.base_layer
-            rk = pattern_key((config.rank_pattern or {}).keys(), key)
-            r = config.rank_pattern[rk] if rk is not None else config.r
-            check_init_for_target(module, r, config.init_lora_weights, key)
-            if isinstance(module, nn.Conv2d):
-                check_conv2d_target(module, r, bool(config.use_dora), key)
-
-    def _is_supported_target(self, module: nn.Module) -> bool:
-        return (super()._is_supported_target(module) or isinstance(module, nn.Embedding)
-                or type(module) is nn.Conv2d)
-
-    def _adapter_key_map(self, adapter_name: str) -> dict[str, str]:
-        # PEFT saves the DoRA magnitude as "...lora_magnitude_vector" (no ".weight", its pre-ModuleDict layout)
-        suffix = ".lora_magnitude_vector.weight"
-        from .lora_embedding import adapter_key_map  # PEFT's keys for trainable tokens and embedding base weights
-
-        keys = {(k[:-len(".weight")] if k.endswith(suffix) else k): v
-                for k, v in super()._adapter_key_map(adapter_name).items()}
-        return adapter_key_map(self, adapter_name, keys)

@@ -1,4 +1,7 @@
-"""The tuner machinery behind ``get_peft_model``: ``BaseTuner``, ``BaseTunerLayer``, ``ModulesToSaveWrapper``.
+"""The tuner machinery behind ``get_peft_model``: ``BaseTuner``, ``BaseTunerLayer`` and the tuner registry.
+
+The jobs around them live next door: target matching in ``_targets``, the all-or-nothing transactions in
+``_transaction``, the state-dict contract in ``_state_dict``, ``ModulesToSaveWrapper`` in ``fastpeft.utils.other``.
 
 Layout (HF PEFT's, so parameter names and saved keys are identical)::
 
@@ -12,7 +15,8 @@ Layout (HF PEFT's, so parameter names and saved keys are identical)::
 so a parameter is ``base_model.model.<path>.lora_A.<adapter>.weight`` and is saved as
 ``base_model.model.<path>.lora_A.weight``.
 
-Extension points (the prompt methods in ``fastpeft.prompt`` use them; nothing here needs editing to add a method):
+Extension points (every method package under ``fastpeft.tuners`` uses them; nothing here needs editing to add a
+method):
 
 * ``@register_tuner(peft_type)`` on a ``BaseTuner`` subclass puts it in ``TUNER_CLASSES``; ``PeftModel`` builds
   ``TUNER_CLASSES[config.peft_type](model, config, adapter_name, autocast_adapter_dtype=...)`` and never looks at the
@@ -25,33 +29,26 @@ Extension points (the prompt methods in ``fastpeft.prompt`` use them; nothing he
 * ``forward(*args, **kwargs)`` / ``generate(*args, **kwargs)`` receive exactly what the user passed to
   ``PeftModel.forward`` / ``PeftModel.generate`` (input_ids, attention_mask, labels, inputs_embeds, ...); the defaults
   call ``self.model``.  Prompt methods override them to prepend prompts; AdaLoRA adds its regulariser.
-* State dict contract, used by save/load:
-  ``get_adapter_state_dict(adapter_name) -> {saved_key: tensor}`` with keys exactly as in PEFT's
-  ``adapter_model.safetensors`` (adapter name stripped, ``base_model.model.`` prefix for injected tuners, bare
-  ``"prompt_embeddings"`` for prompt learning), and ``set_adapter_state_dict(adapter_name, sd)``, which checks every
-  key and shape (``check_adapter_state_dict``) before changing anything and raises ``ValueError`` listing the
-  problems.  The default implementations enumerate ``BaseTunerLayer.adapter_layer_names`` of every tuner layer, the
-  ``ModulesToSaveWrapper`` copies and the trainable biases (``bias="all"/"lora_only"``).
+* State dict contract, used by save/load: see ``fastpeft.tuners._state_dict``.
 * ``_mark_only_adapters_as_trainable()`` freezes every parameter except adapter ones (``prefix`` in the name) and
   the biases selected by ``config.bias``; ``set_adapter`` then gives ``requires_grad`` to the active adapters only.
 * ``_remove_adapter(adapter_name, unwrap_empty=True)`` undoes an injection (used to roll back a failed load).
 * All or nothing: ``inject_adapter``, ``add_adapter``, ``delete_adapter``, ``set_adapter``, ``merge_adapter``,
   ``unmerge_adapter``, ``merge_and_unload`` and ``unload`` (and a subclass's overrides of them, wrapped by
-  ``__init_subclass__``) run inside a ``_Transaction``: if they raise (KeyboardInterrupt included) the module tree,
-  every module attribute, ``requires_grad`` flag, adapter config and merged base weight is put back exactly.  A layer
+  ``__init_subclass__``) run inside a transaction (``_transaction``): if they raise (KeyboardInterrupt included) the
+  module tree, every module attribute, ``requires_grad`` flag, adapter config and merged base weight is put back
+  exactly.  A layer
   type with its own merge arithmetic can implement ``_check_merge_finite`` so that ``safe_merge`` checks it before
   any layer is written; otherwise its merge is checked as it runs and rolled back.
 * A model that already carries adapter layers (fastpeft's or HF PEFT's) cannot be wrapped again (ValueError
   pointing to ``add_adapter`` / ``unload()``).
+* A layer's forward calls the fused op (``fastpeft.functional``) only when ``_fused_reason(x, args, kwargs)`` is
+  None (``fastpeft.utils.fused``, checked in every call); otherwise it runs HF PEFT's unfused sequence, which calls
+  ``base_layer`` (and so its hooks).  Layer types without a fused path set ``_fused_capable = False``.
 """
 
 from __future__ import annotations
 
-import collections
-import copy
-import functools
-import re
-import threading
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Optional, Union
@@ -59,19 +56,22 @@ from typing import Any, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..config import PeftConfig, PeftType, TaskType
-from ..recompute import install as _recompute_install
-from ._utils import get_submodules, is_conv1d, is_linear_like
+from ..config import PeftConfig, PeftType
+from ..recompute import install as recompute_install
+from ..recompute import register_adapter_layer_type
+from ..utils.fused import base_layer_reason, input_reason
+from ..utils.other import ModulesToSaveWrapper, active_list, get_submodules, is_conv1d, is_linear_like
+from ._state_dict import AdapterStateDictMixin
+from ._targets import check_not_wrapped, check_target_module_exists, expand_all_linear
+from ._transaction import ALL_OR_NOTHING_METHODS, all_or_nothing, current_transaction
 
 __all__ = [
     "BaseTuner", "BaseTunerLayer", "ModulesToSaveWrapper", "register_tuner", "TUNER_CLASSES",
-    "check_target_module_exists", "SEQ_CLS_HEAD_NAMES",
+    "check_target_module_exists",
 ]
 
 # peft_type value -> BaseTuner subclass.  Filled by @register_tuner.
 TUNER_CLASSES: dict[str, type] = {}
-
-SEQ_CLS_HEAD_NAMES = ["classifier", "score"]  # added to modules_to_save for SEQ_CLS (PEFT's order)
 
 
 def register_tuner(peft_type: Union[str, PeftType]):
@@ -86,120 +86,6 @@ def register_tuner(peft_type: Union[str, PeftType]):
         return cls
 
     return deco
-
-
-def _active_list(names) -> list[str]:
-    return [names] if isinstance(names, str) else list(names)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# all-or-nothing model changes
-# ---------------------------------------------------------------------------------------------------------------
-
-_txn_state = threading.local()
-
-
-def _current_transaction() -> Optional["_Transaction"]:
-    return getattr(_txn_state, "txn", None)
-
-
-def _copy_value(v):
-    """(object, its contents) for the plain containers a module keeps in its __dict__ (``_modules``, ``_parameters``,
-    per-adapter dicts, ``merged_adapters`` ...), so they can be refilled in place; other objects by reference."""
-    if type(v) in (dict, collections.OrderedDict):
-        return (v, list(v.items()))
-    if type(v) in (list, set):
-        return (v, list(v))
-    return (v, None)
-
-
-def _restore_value(saved):
-    obj, contents = saved
-    if contents is None:
-        return obj
-    if isinstance(obj, dict):
-        obj.clear()
-        obj.update(contents)
-    elif isinstance(obj, list):
-        obj[:] = contents
-    else:
-        obj.clear()
-        obj.update(contents)
-    return obj
-
-
-class _Transaction:
-    """What a model-changing tuner method may touch, recorded so that a failure can put it back exactly.
-
-    Recorded up front (cheap, no tensor copies): every module's ``__dict__`` one level deep (the module tree,
-    parameter/buffer registrations, per-adapter dicts, flags such as ``merged_adapters``/``training``), every
-    parameter's ``requires_grad`` and ``.data`` tensor, and the adapter configs' fields.  Tensor *values* are copied
-    only for the base layers a merge or unmerge is about to write (``BaseTunerLayer.merge/unmerge`` call
-    ``backup``); the copies of CUDA tensors go to CPU memory.
-    """
-
-    def __init__(self, root: nn.Module) -> None:
-        self.modules: dict[int, tuple[nn.Module, dict]] = {}
-        for m in root.modules():
-            self.modules[id(m)] = (m, {k: _copy_value(v) for k, v in m.__dict__.items()})
-        self.params = [(p, p.requires_grad, p.data) for p in root.parameters()]
-        cfgs = root.__dict__.get("peft_config", {})
-        self.configs = [(c, dict(c.__dict__)) for c in (cfgs.values() if isinstance(cfgs, dict) else [])]
-        self.values: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def backup(self, module: nn.Module) -> None:
-        """Copy the values of ``module``'s parameters and buffers before they are written in place."""
-        for t in list(module.parameters()) + list(module.buffers()):
-            if id(t) not in self.values:
-                data = t.data
-                copy_ = data.detach().to("cpu", copy=True) if data.device.type != "cpu" else data.detach().clone()
-                self.values[id(t)] = (t, data, copy_)
-
-    def rollback(self) -> None:
-        for m, saved in self.modules.values():
-            d = m.__dict__
-            for k in [k for k in d if k not in saved]:
-                del d[k]
-            for k, v in saved.items():
-                d[k] = _restore_value(v)
-        with torch.no_grad():
-            for p, rg, data in self.params:
-                p.data = data
-                p.requires_grad_(rg)
-            for t, data, copy_ in self.values.values():
-                t.data = data
-                data.copy_(copy_)
-        for c, fields in self.configs:
-            c.__dict__.clear()
-            c.__dict__.update(fields)
-
-
-def _all_or_nothing(fn):
-    """Run a tuner method so that it either completes or leaves the model (and the tuner) exactly as it was."""
-    if getattr(fn, "_fastpeft_all_or_nothing", False):
-        return fn
-
-    @functools.wraps(fn)
-    def wrapper(self, *args, **kwargs):
-        if _current_transaction() is not None:  # nested call: the outer method owns the transaction
-            return fn(self, *args, **kwargs)
-        txn = _Transaction(self)
-        _txn_state.txn = txn
-        try:
-            return fn(self, *args, **kwargs)
-        except BaseException:
-            txn.rollback()
-            raise
-        finally:
-            _txn_state.txn = None
-
-    wrapper._fastpeft_all_or_nothing = True
-    return wrapper
-
-
-# BaseTuner methods (and their overrides in subclasses, wrapped by BaseTuner.__init_subclass__) that change the model
-_ALL_OR_NOTHING_METHODS = ("inject_adapter", "add_adapter", "delete_adapter", "set_adapter", "merge_adapter",
-                           "unmerge_adapter", "merge_and_unload", "unload")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -218,6 +104,8 @@ class BaseTunerLayer(nn.Module):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ()
+    # False for layer types whose forward is never "base layer + one fused op" (quantized bases, embeddings, tokens)
+    _fused_capable: bool = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -228,10 +116,19 @@ class BaseTunerLayer(nn.Module):
         # per-row adapter names of the current batch; set only inside BaseTuner.mixed_batch() (layers that support
         # mixed batches read it in forward)
         self._batch_adapter_names: Optional[list[str]] = None
-        # The fused functional path replaces the base layer's own forward, so it is used only for a plain nn.Linear or
-        # transformers Conv1D (a subclass may do more in forward, e.g. quantised or hooked layers).
-        self._fusable = type(base_layer) is nn.Linear or (
-            is_conv1d(base_layer) and type(base_layer).__name__ == "Conv1D")
+
+    # -- the fused path -----------------------------------------------------------------------------------------------
+    @property
+    def _fusable(self) -> bool:
+        """True when a fused op may stand in for the base layer's forward right now (``fastpeft.utils.fused``)."""
+        return self._fused_capable and base_layer_reason(self.base_layer) is None
+
+    def _fused_reason(self, x: Any, args: tuple, kwargs: dict) -> Optional[str]:
+        """Why this call cannot go through the fused op (None when it can).  Evaluated in every forward, so hooks
+        added to the base layer after injection (accelerate offloading) and DTensor weights are seen."""
+        if not self._fused_capable:
+            return f"{type(self).__name__} has no fused path"
+        return base_layer_reason(self.base_layer) or input_reason(self.base_layer, x, args, kwargs)
 
     # -- base layer passthroughs ---------------------------------------------------------------------------------
     def get_base_layer(self) -> nn.Module:
@@ -297,7 +194,7 @@ class BaseTunerLayer(nn.Module):
 
     def set_adapter(self, adapter_names: Union[str, list[str]], inference_mode: bool = False) -> None:
         """Make ``adapter_names`` active: they require grad (unless inference_mode), the other adapters do not."""
-        names = _active_list(adapter_names)
+        names = active_list(adapter_names)
         for attr in self.adapter_layer_names:
             container = getattr(self, attr)
             for key, item in container.items():  # item: an nn.Parameter or an nn.Module
@@ -318,7 +215,7 @@ class BaseTunerLayer(nn.Module):
 
     # -- merging -------------------------------------------------------------------------------------------------
     def _adapters_to_merge(self, adapter_names: Optional[list[str]]) -> list[str]:
-        names = self._present_active() if adapter_names is None else _active_list(adapter_names)
+        names = self._present_active() if adapter_names is None else active_list(adapter_names)
         already = [a for a in names if a in self.merged_adapters]
         if already:
             raise ValueError(f"adapter(s) {already} are already merged into this layer; call unmerge() before merging "
@@ -335,7 +232,7 @@ class BaseTunerLayer(nn.Module):
         NaN/inf before writing it (ValueError, weights untouched).
         """
         names = self._adapters_to_merge(adapter_names)
-        txn = _current_transaction()
+        txn = current_transaction()
         if txn is not None and names:
             txn.backup(self.base_layer)
         for name in names:
@@ -353,7 +250,7 @@ class BaseTunerLayer(nn.Module):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
             return
-        txn = _current_transaction()
+        txn = current_transaction()
         if txn is not None:
             txn.backup(self.base_layer)
         while self.merged_adapters:
@@ -378,209 +275,7 @@ class BaseTunerLayer(nn.Module):
         return x if x.dtype == dtype else x.to(dtype)
 
 
-class ModulesToSaveWrapper(nn.Module):
-    """Keeps a frozen ``original_module`` and a trainable deep copy per adapter in ``modules_to_save[adapter]``.
-
-    The forward runs the active adapter's copy (the original when adapters are disabled or the active adapter has no
-    copy).  Saved keys have the wrapper stripped: ``<path>.weight`` rather than ``<path>.modules_to_save.<a>.weight``.
-    """
-
-    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
-        super().__init__()
-        self.original_module = module_to_save
-        self.modules_to_save = nn.ModuleDict({})
-        self._active_adapter: list[str] = [adapter_name]
-        self._disable_adapters = False
-        self._batch_adapter_names: Optional[list[str]] = None  # set only inside BaseTuner.mixed_batch()
-        self.update(adapter_name)
-        self.original_module.requires_grad_(False)
-
-    @property
-    def active_adapter(self) -> str:
-        return self._active_adapter[0]
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
-
-    def update(self, adapter_name: str) -> None:
-        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
-        self.modules_to_save[adapter_name].requires_grad_(True)
-
-    def _current(self) -> nn.Module:
-        names = [a for a in self._active_adapter if a in self.modules_to_save]
-        if self._disable_adapters or not names:
-            return self.original_module
-        if len(names) > 1:
-            raise ValueError(f"modules_to_save cannot be used with several active adapters at once, got {names}")
-        return self.modules_to_save[names[0]]
-
-    def forward(self, *args, **kwargs):
-        names = self._batch_adapter_names
-        if names is not None and not self._disable_adapters and args:
-            return self._mixed_batch_forward(names, *args, **kwargs)
-        return self._current()(*args, **kwargs)
-
-    def _mixed_batch_forward(self, names: list[str], x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """Row i of x goes through ``modules_to_save[names[i]]`` ("__base__" or no copy: the original)."""
-        if len(names) != len(x):
-            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {len(x)} rows")
-        outs = [None] * len(x)
-        for name in dict.fromkeys(names):
-            idx = [i for i, n in enumerate(names) if n == name]
-            mod = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            y = mod(x[idx], *args, **kwargs)
-            for j, i in enumerate(idx):
-                outs[i] = y[j]
-        return torch.stack(outs)
-
-    def enable_adapters(self, enabled: bool) -> None:
-        if enabled:
-            self.set_adapter(self._active_adapter)
-            self._disable_adapters = False
-        else:
-            self.modules_to_save.requires_grad_(False)
-            self._disable_adapters = True
-
-    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
-        names = _active_list(adapter_names)
-        present = [a for a in names if a in self.modules_to_save]
-        if len(present) > 1:
-            raise ValueError(f"modules_to_save cannot be used with several active adapters at once, got {present}")
-        for key, mod in self.modules_to_save.items():
-            mod.requires_grad_(key in present and not inference_mode)
-        self.original_module.requires_grad_(False)
-        self._active_adapter = names
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.modules_to_save:
-            del self.modules_to_save[adapter_name]
-        if adapter_name in self._active_adapter:
-            rest = [a for a in self._active_adapter if a != adapter_name] or list(self.modules_to_save.keys())[:1]
-            self._active_adapter = rest or self._active_adapter
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("original_module", "modules_to_save"):
-                raise
-            return getattr(self._current(), name)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# target matching (HF PEFT's rules, peft-semantics.md §2.3)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class _Excluded:
-    """Marker for a module that matched exclude_modules / modules_to_save (falsy)."""
-
-    def __bool__(self) -> bool:
-        return False
-
-
-def check_target_module_exists(config: PeftConfig, key: str):
-    """Whether the module named ``key`` is targeted by ``config`` (True/a match, or a falsy value).
-
-    str target_modules: ``re.fullmatch``; list/set: exact name or ``"." + entry`` suffix.  exclude_modules: the same
-    rules.  Modules under a ``modules_to_save`` entry never match.  ``layers_to_transform`` keeps only matches whose
-    first numeric path segment (after ``layers_pattern`` when given) is one of the listed layer indices.
-    """
-    excl = getattr(config, "exclude_modules", None)
-    if excl:
-        if isinstance(excl, str):
-            if re.fullmatch(excl, key):
-                return _Excluded()
-        elif key in excl or any(key.endswith(f".{e}") for e in excl):
-            return _Excluded()
-    mts = getattr(config, "modules_to_save", None)
-    if mts and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in mts):
-        return _Excluded()
-    tm = getattr(config, "target_modules", None)
-    if tm is None:
-        return False
-    if isinstance(tm, str):
-        return re.fullmatch(tm, key)
-    if key in tm:
-        return True
-    found = any(key.endswith(f".{t}") for t in tm)
-    idx = getattr(config, "layers_to_transform", None)
-    using_idx = idx is not None and (len(idx) != 0 if isinstance(idx, list) else True)
-    if not (found and using_idx):
-        return found
-    pattern = getattr(config, "layers_pattern", None)
-    m = None
-    if not pattern:
-        # the FIRST numbered segment is the layer index (MoE names have more numbers further right)
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
-    else:
-        for p in ([pattern] if isinstance(pattern, str) else pattern):
-            m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
-            if m is not None:
-                break
-    if m is None:
-        return False
-    li = int(m.group("idx"))
-    return li == idx if isinstance(idx, int) else li in idx
-
-
-def _is_transformers_pretrained(model: nn.Module) -> bool:
-    import sys
-
-    mod = sys.modules.get("transformers.modeling_utils")
-    cls = getattr(mod, "PreTrainedModel", None) if mod is not None else None
-    return cls is not None and isinstance(model, cls)
-
-
-def _expand_all_linear(config: PeftConfig, model: nn.Module) -> None:
-    """``target_modules="all-linear"`` -> the set of every Linear/Conv1D name but the output layer (PEFT's rule)."""
-    names = set()
-    inside_tuner = set()
-    for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer):
-            names.add(name)
-            for sub, _ in module.named_modules():
-                if sub:
-                    inside_tuner.add(f"{name}.{sub}")
-        elif is_linear_like(module):
-            names.add(name)
-    exclude = set(inside_tuner)
-    if _is_transformers_pretrained(model):
-        out = model.get_output_embeddings()
-        if out is not None:
-            exclude.update(n for n, m in model.named_modules() if m is out)
-        elif config.task_type == TaskType.SEQ_CLS:
-            for head in ("score", "classifier"):
-                h = getattr(model, head, None)
-                if h is not None:
-                    exclude.update(n for n, m in model.named_modules() if m is h)
-                    break
-    config.target_modules = names - exclude
-
-
-def _foreign_adapter_layer(module: nn.Module) -> bool:
-    """An HF PEFT tuner layer or modules_to_save wrapper (recognised by class name; peft is never imported)."""
-    return any(c.__module__.startswith("peft.") and c.__name__ in ("BaseTunerLayer", "AuxiliaryTrainingWrapper",
-                                                                   "ModulesToSaveWrapper")
-               for c in type(module).__mro__)
-
-
-def _check_not_wrapped(model: nn.Module) -> None:
-    """ValueError when ``model`` already carries adapter layers (fastpeft's or HF PEFT's): wrapping it again would
-    swap the first model's trained layers for new ones."""
-    for name, m in model.named_modules():
-        if isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper)):
-            lib = "fastpeft"
-        elif _foreign_adapter_layer(m):
-            lib = "HF PEFT"
-        else:
-            continue
-        raise ValueError(f"the model already carries {lib} adapter layers (e.g. {name!r}: {type(m).__name__}), so "
-                         "it is already wrapped by a PeftModel (an earlier get_peft_model / from_pretrained call). "
-                         "To add another adapter use peft_model.add_adapter(name, config) (or load_adapter); to start "
-                         "afresh call peft_model.unload() (or merge_and_unload()) and wrap the model it returns. The "
-                         "existing PeftModel is unchanged.")
+register_adapter_layer_type(BaseTunerLayer)  # fastpeft.recompute hooks every tuner layer's forward
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -588,7 +283,7 @@ def _check_not_wrapped(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class BaseTuner(nn.Module):
+class BaseTuner(AdapterStateDictMixin, nn.Module):
     """Owns the user model (``self.model``) and the adapters injected into it.  See the module docstring.
 
     Class attributes for subclasses:
@@ -601,18 +296,18 @@ class BaseTuner(nn.Module):
     layer_cls: Union[type, tuple] = BaseTunerLayer
 
     def __init_subclass__(cls, **kwargs):
-        # a subclass's override of a model-changing method is all-or-nothing too (see _all_or_nothing)
+        # a subclass's override of a model-changing method is all-or-nothing too (see all_or_nothing)
         super().__init_subclass__(**kwargs)
-        for name in _ALL_OR_NOTHING_METHODS:
+        for name in ALL_OR_NOTHING_METHODS:
             fn = cls.__dict__.get(name)
             if callable(fn):
-                setattr(cls, name, _all_or_nothing(fn))
+                setattr(cls, name, all_or_nothing(fn))
     target_module_defaults: dict[str, list[str]] = {}
     peft_type: Optional[str] = None
 
     def __init__(self, model: nn.Module, peft_config: Union[PeftConfig, dict[str, PeftConfig]],
                  adapter_name: str = "default", autocast_adapter_dtype: bool = True) -> None:
-        _check_not_wrapped(model)
+        check_not_wrapped(model, (BaseTunerLayer, ModulesToSaveWrapper))
         super().__init__()
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
@@ -624,7 +319,7 @@ class BaseTuner(nn.Module):
             (adapter_name, peft_config), = peft_config.items()
             self.active_adapter = adapter_name
         self.inject_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
-        _recompute_install(model)  # adapters' saved inputs rebuilt in backward (fastpeft.recompute)
+        recompute_install(model)  # adapters' saved inputs rebuilt in backward (fastpeft.recompute)
 
     # -- attribute forwarding / forward -------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -684,7 +379,7 @@ class BaseTuner(nn.Module):
     # -- adapters ------------------------------------------------------------------------------------------------
     @property
     def active_adapters(self) -> list[str]:
-        return _active_list(self.active_adapter)
+        return active_list(self.active_adapter)
 
     def tuner_layers(self) -> Iterable[tuple[str, BaseTunerLayer]]:
         """(name relative to self.model, layer) for every tuner layer."""
@@ -740,7 +435,7 @@ class BaseTuner(nn.Module):
     def _find_targets(self, config: PeftConfig) -> list[str]:
         """Names of the modules ``config`` targets, skipping modules inside tuner layers and wrappers."""
         if isinstance(getattr(config, "target_modules", None), str) and config.target_modules.lower() == "all-linear":
-            _expand_all_linear(config, self.model)
+            expand_all_linear(config, self.model, (BaseTunerLayer,))
         skip: list[str] = []
         found = []
         for key, module in self.model.named_modules():
@@ -771,7 +466,7 @@ class BaseTuner(nn.Module):
                    f"layers_pattern={getattr(config, 'layers_pattern', None)!r} also filter.)"
         return msg
 
-    @_all_or_nothing
+    @all_or_nothing
     def inject_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
         """Add adapter ``adapter_name`` described by ``config`` to the model.
 
@@ -836,7 +531,7 @@ class BaseTuner(nn.Module):
     def _finish_injection(self, adapter_name: str) -> None:
         """Hook run after the layers of a new adapter exist (e.g. AdaLoRA builds its rank allocator)."""
 
-    @_all_or_nothing
+    @all_or_nothing
     def add_adapter(self, adapter_name: str, config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
         """Add another adapter (not activated; use ``set_adapter``)."""
         self.inject_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -901,10 +596,10 @@ class BaseTuner(nn.Module):
                     if b is not None:
                         b.requires_grad_(True)
 
-    @_all_or_nothing
+    @all_or_nothing
     def set_adapter(self, adapter_name: Union[str, list[str]], inference_mode: bool = False) -> None:
         """Activate one adapter or several (their outputs are summed), making only them trainable."""
-        names = _active_list(adapter_name)
+        names = active_list(adapter_name)
         unknown = [a for a in names if a not in self.peft_config]
         if unknown:
             raise ValueError(f"adapter(s) {unknown} not found; available: {sorted(self.peft_config)}")
@@ -949,7 +644,7 @@ class BaseTuner(nn.Module):
             for p, rg in flags:
                 p.requires_grad_(rg)
 
-    @_all_or_nothing
+    @all_or_nothing
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere.  Another adapter becomes active if the deleted one was."""
         if adapter_name not in self.peft_config:
@@ -988,21 +683,21 @@ class BaseTuner(nn.Module):
         """[(key, layer, adapters to merge)] for every tuner layer; validates every layer (unknown / already merged
         adapters raise ValueError) before anything is written."""
         if adapter_names is not None:
-            unknown = [a for a in _active_list(adapter_names) if a not in self.peft_config]
+            unknown = [a for a in active_list(adapter_names) if a not in self.peft_config]
             if unknown:
                 raise ValueError(f"adapter_names {unknown} do not exist; available: {sorted(self.peft_config)}")
         plan = []
         for key, layer in list(self.tuner_layers()):
             if unloading and layer.merged:
                 # already merged adapters stay merged; merge the remaining requested ones (that this layer has)
-                want = [a for a in (_active_list(adapter_names) if adapter_names is not None
+                want = [a for a in (active_list(adapter_names) if adapter_names is not None
                                     else layer._present_active())
                         if a not in layer.merged_adapters and a in layer.adapter_names()]
                 names = layer._adapters_to_merge(want) if want else []
             else:
                 names = adapter_names
                 if names is not None:
-                    names = [a for a in _active_list(names) if a in layer.adapter_names()]
+                    names = [a for a in active_list(names) if a in layer.adapter_names()]
                 names = layer._adapters_to_merge(names)
             plan.append((key, layer, names))
         return plan
@@ -1017,7 +712,7 @@ class BaseTuner(nn.Module):
                 except ValueError as e:
                     raise ValueError(f"{e} [layer {key!r}; no layer was merged]") from None
 
-    @_all_or_nothing
+    @all_or_nothing
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """Merge the active (or given) adapters into the base weights of every tuner layer.
 
@@ -1029,7 +724,7 @@ class BaseTuner(nn.Module):
         for _, layer, names in plan:
             layer.merge(safe_merge=safe_merge, adapter_names=names)
 
-    @_all_or_nothing
+    @all_or_nothing
     def unmerge_adapter(self) -> None:
         for _, layer in self.tuner_layers():
             if layer.merged:
@@ -1051,100 +746,18 @@ class BaseTuner(nn.Module):
             setattr(parent, name, w.modules_to_save[active[0]] if active else w.original_module)
         return self.model
 
-    @_all_or_nothing
+    @all_or_nothing
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: Optional[list[str]] = None) -> nn.Module:
         """Merge the adapters into the base weights and return the plain model (the tuner layers are removed)."""
         return self._unload(merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
-    @_all_or_nothing
+    @all_or_nothing
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original model."""
         return self._unload(merge=False)
 
-    # -- state dict contract -------------------------------------------------------------------------------------
-    def _adapter_key_map(self, adapter_name: str) -> dict[str, str]:
-        """{saved key (PEFT's file key): attribute path relative to this tuner} for one adapter."""
-        out: dict[str, str] = {}
-        for key, layer in self.tuner_layers():
-            for attr in layer.adapter_layer_names:
-                container = getattr(layer, attr)
-                if adapter_name not in container:
-                    continue
-                item = container[adapter_name]
-                if isinstance(item, nn.Parameter):
-                    out[f"base_model.model.{key}.{attr}"] = f"model.{key}.{attr}.{adapter_name}"
-                else:
-                    for pn, _ in item.named_parameters():
-                        out[f"base_model.model.{key}.{attr}.{pn}"] = f"model.{key}.{attr}.{adapter_name}.{pn}"
-        for key, w in self._wrappers():
-            if adapter_name in w.modules_to_save:
-                for pn, _ in w.modules_to_save[adapter_name].named_parameters():
-                    out[f"base_model.model.{key}.{pn}"] = f"model.{key}.modules_to_save.{adapter_name}.{pn}"
-        bias = getattr(self.peft_config.get(adapter_name), "bias", "none")
-        if bias == "all":
-            for n, _ in self.model.named_parameters():
-                if (n == "bias" or n.endswith(".bias")) and ".modules_to_save." not in n \
-                        and ".original_module." not in n and not (self.prefix and self.prefix in n):
-                    out[f"base_model.model.{n}"] = f"model.{n}"
-        elif bias.endswith("_only"):
-            for key, layer in self.tuner_layers():
-                if getattr(layer.base_layer, "bias", None) is not None:
-                    out[f"base_model.model.{key}.base_layer.bias"] = f"model.{key}.base_layer.bias"
-        return out
-
-    def _expected_adapter_shapes(self, adapter_name: str) -> dict[str, tuple[int, ...]]:
-        """{saved key: shape} that ``set_adapter_state_dict`` accepts (AdaLoRA overrides: sliced ranks)."""
-        return {k: tuple(self.get_parameter(p).shape) for k, p in self._adapter_key_map(adapter_name).items()}
-
-    def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-        """The adapter's tensors keyed exactly as in PEFT's adapter_model.safetensors (live tensors, not copies)."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} does not exist; available: {sorted(self.peft_config)}")
-        return {k: self.get_parameter(p) for k, p in self._adapter_key_map(adapter_name).items()}
-
-    def check_adapter_state_dict(self, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-        """Raise ValueError listing every missing/unexpected key and shape mismatch; changes nothing."""
-        expected = self._expected_adapter_shapes(adapter_name)
-        problems = []
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        if missing:
-            problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''} ({len(missing)})")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
-                            f"({len(unexpected)})")
-        for k in sorted(set(expected) & set(state_dict)):
-            v = state_dict[k]
-            if not isinstance(v, torch.Tensor):
-                problems.append(f"{k}: not a tensor ({type(v).__name__})")
-            elif tuple(v.shape) != tuple(expected[k]):
-                problems.append(f"{k}: shape {tuple(v.shape)} in the checkpoint, {tuple(expected[k])} in the model")
-            elif not v.is_floating_point():
-                problems.append(f"{k}: dtype {v.dtype} is not floating point")
-        if problems:
-            raise ValueError(f"the state dict does not fit adapter {adapter_name!r} of this model: "
-                             + "; ".join(problems))
-
-    def set_adapter_state_dict(self, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load ``state_dict`` (PEFT file keys) into the adapter; validates everything first (ValueError)."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} does not exist; available: {sorted(self.peft_config)}")
-        self.check_adapter_state_dict(adapter_name, state_dict)
-        self._apply_adapter_state_dict(adapter_name, state_dict)
-
-    def _apply_adapter_state_dict(self, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-        keymap = self._adapter_key_map(adapter_name)
-        with torch.no_grad():
-            for k, path in keymap.items():
-                p = self.get_parameter(path)
-                p.copy_(state_dict[k].to(device=p.device, dtype=p.dtype))
-
     # -- misc -----------------------------------------------------------------------------------------------------
-    def get_model_config(self):
-        cfg = getattr(self.model, "config", None)
-        return cfg.to_dict() if hasattr(cfg, "to_dict") else {}
-
     @staticmethod
     def conv1d_fan_in_fan_out_warning(module: nn.Module, config) -> bool:
         """PEFT sets fan_in_fan_out=True for Conv1D targets (with a warning) and False for nn.Linear."""

@@ -16,9 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import LoraConfig
-from .base import BaseTunerLayer
-from .lora import LoraLayer
+from ..trainable_tokens.layer import TrainableTokensLayer, saved_key
+from ..tuners_utils import BaseTunerLayer
+from .config import LoraConfig
+from .layer import LoraLayer
 
 __all__ = ["Embedding"]
 
@@ -28,6 +29,8 @@ class Embedding(LoraLayer):
 
     Input x: integer ids (...); output (..., embedding_dim) in the base output's dtype.
     """
+
+    _fused_capable = False
 
     adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
 
@@ -46,7 +49,6 @@ class Embedding(LoraLayer):
         self.lora_embedding_B = nn.ParameterDict({})
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
         self.fan_in_fan_out = False
-        self._fusable = False
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, r, lora_alpha, config)
 
@@ -148,7 +150,6 @@ _EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_N
 def mark_token_deltas_trainable(tuner) -> None:
     """Give the active adapters' ``trainable_tokens_delta`` requires_grad back after the tuner froze every
     parameter without its ``lora_`` prefix (inference-mode adapters stay frozen)."""
-    from .trainable_tokens import TrainableTokensLayer
 
     for _, layer in tuner.tuner_layers():
         if isinstance(layer, TrainableTokensLayer) and layer.tied_to is None:
@@ -159,7 +160,6 @@ def mark_token_deltas_trainable(tuner) -> None:
 
 def adapter_key_map(tuner, adapter_name: str, keymap: dict[str, str]) -> dict[str, str]:
     """Rename the trainable-token keys to PEFT's (``<path>.token_adapter.trainable_tokens_delta``)."""
-    from .trainable_tokens import TrainableTokensLayer, saved_key
 
     renames = {}
     for key, layer in tuner.tuner_layers():

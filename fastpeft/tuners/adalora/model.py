@@ -1,9 +1,6 @@
-"""AdaLoRA with HF PEFT's layout (``lora_A``/``lora_E``/``lora_B`` ParameterDicts + frozen ``ranknum``) and math.
+"""The AdaLoRA tuner (HF PEFT's ``AdaLoraModel``) and its rank allocator.
 
-Layer: ``y = base(x) + (drop(x) (A ⊙ E)ᵀ Bᵀ) · alpha / (ranknum + 1e-5)`` with A (r, in), E (r, 1), B (out, r);
-``ranknum`` stays at ``init_r`` even when ranks are masked or the layer is resized on load.
-
-Tuner: the forward adds ``orth_reg_weight · mean_over_matrices ||P − I||_F`` (P = A Aᵀ or Bᵀ B, not squared) to
+The forward adds ``orth_reg_weight · mean_over_matrices ||P − I||_F`` (P = A Aᵀ or Bᵀ B, not squared) to
 ``outputs.loss`` when the model returns a loss; ``update_and_allocate(global_step)`` runs the rank allocator (call it
 after ``backward()`` and before ``zero_grad()``); saving slices A/E/B by ``rank_pattern`` and loading resizes the
 layers, as PEFT does.
@@ -16,12 +13,15 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .. import functional as FP
-from ..config import AdaLoraConfig, PeftType
-from ._utils import get_submodules, in_out_features, is_conv1d, linear_weight_oi, transpose
-from .base import BaseTuner, BaseTunerLayer, register_tuner
+from ...config import PeftType
+from ...utils.adapter_math import orth_reg_term
+from ...utils.other import get_submodules
+from ..tuners_utils import BaseTuner, register_tuner
+from .bnb import make_adalora_layer
+from .config import AdaLoraConfig
+from .layer import AdaLoraLayer, SVDLinear
 
-__all__ = ["AdaLoraLayer", "SVDLinear", "AdaLoraModel", "RankAllocator", "ADALORA_TARGET_MODULE_DEFAULTS"]
+__all__ = ["AdaLoraModel", "RankAllocator", "ADALORA_TARGET_MODULE_DEFAULTS"]
 
 ADALORA_TARGET_MODULE_DEFAULTS = {
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
@@ -30,129 +30,6 @@ ADALORA_TARGET_MODULE_DEFAULTS = {
     "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"],
     "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "t5": ["q", "k", "v", "o", "wi", "wo"],
 }
-
-
-class AdaLoraLayer(BaseTunerLayer):
-    adapter_layer_names = ("lora_A", "lora_B", "lora_E")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "ranknum")
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.lora_dropout = nn.ModuleDict({})
-        # registration order = PEFT's parameter order (A, B, E, ranknum)
-        self.lora_A = nn.ParameterDict({})
-        self.lora_B = nn.ParameterDict({})
-        self.lora_E = nn.ParameterDict({})
-        self.ranknum = nn.ParameterDict({})
-        self._ranknum_value: dict[str, float] = {}  # python mirror of ranknum (no .item() in forward)
-        self.in_features, self.out_features = in_out_features(base_layer)
-        self.fan_in_fan_out = is_conv1d(base_layer)
-
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: AdaLoraConfig,
-                     ranknum: Optional[float] = None) -> None:
-        """Create the adapter with rank r (0 allowed after masking); PEFT's init and RNG order."""
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-            raise ValueError(f"r must be a non-negative int, got {r!r}")
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        p = float(config.lora_dropout)
-        self.lora_dropout[adapter_name] = nn.Dropout(p=p) if p > 0.0 else nn.Identity()
-        # same draws in the same order as PEFT: A, E, B, ranknum
-        self.lora_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
-        self.lora_E[adapter_name] = nn.Parameter(torch.randn(r, 1))
-        self.lora_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
-        rk = float(r) if ranknum is None else float(ranknum)
-        rn = nn.Parameter(torch.randn(1), requires_grad=False)
-        rn.data.fill_(rk)
-        self.ranknum[adapter_name] = rn
-        self._ranknum_value[adapter_name] = rk
-        self.scaling[adapter_name] = lora_alpha if lora_alpha > 0 else float(r)
-        if config.init_lora_weights:
-            with torch.no_grad():
-                nn.init.zeros_(self.lora_E[adapter_name])
-                nn.init.normal_(self.lora_A[adapter_name], mean=0.0, std=0.02)
-                nn.init.normal_(self.lora_B[adapter_name], mean=0.0, std=0.02)
-        w = self.base_layer.weight
-        dtype = w.dtype if w.is_floating_point() else None
-        for attr in ("lora_A", "lora_E", "lora_B", "ranknum"):
-            par = getattr(self, attr)[adapter_name]
-            par.data = par.data.to(device=w.device, dtype=dtype)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._ranknum_value.pop(adapter_name, None)
-
-    def _scale(self, a: str) -> float:
-        return self.scaling[a] / (self._ranknum_value[a] + 1e-5)
-
-    def get_delta_weight(self, a: str) -> torch.Tensor:
-        A, E, B = self.lora_A[a], self.lora_E[a], self.lora_B[a]
-        return transpose(B @ (A * E), self.fan_in_fan_out) * self.scaling[a] / (self.ranknum[a] + 1e-5)
-
-    def _merge_one(self, a: str, safe_merge: bool) -> None:
-        w = self.base_layer.weight
-        delta = self.get_delta_weight(a).to(w.dtype)
-        if safe_merge:
-            self._write_base_weight(w, w.data + delta, True, a)
-        else:
-            w.data += delta
-
-    def _check_merge_finite(self, adapter_names: list[str]) -> None:
-        """safe_merge's check of ``_merge_one``'s arithmetic, without writing (see BaseTunerLayer)."""
-        if type(self)._merge_one is not AdaLoraLayer._merge_one:
-            return
-        w = self.base_layer.weight
-        acc = w.data
-        with torch.no_grad():
-            for a in adapter_names:
-                acc = acc + self.get_delta_weight(a).to(w.dtype)
-                if not torch.isfinite(acc).all():
-                    raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken "
-                                     "(the weights were not modified)")
-
-    def _unmerge_one(self, a: str) -> None:
-        w = self.base_layer.weight
-        w.data -= self.get_delta_weight(a).to(w.dtype)
-
-
-class SVDLinear(AdaLoraLayer):
-    """AdaLoRA around ``nn.Linear`` / transformers ``Conv1D`` (HF PEFT's ``adalora.SVDLinear``).
-
-    Input x: (..., in_features); output (..., out_features).
-    """
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int, lora_alpha: float,
-                 config: AdaLoraConfig) -> None:
-        super().__init__(base_layer)
-        self._active_adapter = [adapter_name]
-        self.update_layer(adapter_name, r, lora_alpha, config)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self._base_only():
-            return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self._present_active() if self.r.get(a, 0) > 0]
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
-        if self._fusable and len(active) == 1 and not args and not kwargs:
-            a = active[0]
-            drop = self.lora_dropout[a]
-            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-            base = self.base_layer
-            return FP.adalora_linear(x, linear_weight_oi(base), base.bias, self.lora_A[a], self.lora_E[a],
-                                     self.lora_B[a], self.scaling[a], self._ranknum_value[a], p, None,
-                                     backend=None)
-        result = self.base_layer(x, *args, **kwargs)
-        for a in active:
-            A, E, B = self.lora_A[a], self.lora_E[a], self.lora_B[a]
-            xa = self._cast_input_dtype(x, A.dtype)
-            result = result + (self.lora_dropout[a](xa) @ (A * E).T @ B.T) * self.scaling[a] / (self.ranknum[a] + 1e-5)
-        return result
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names()}"
 
 
 class RankAllocator:
@@ -304,8 +181,6 @@ class AdaLoraModel(BaseTuner):
         if isinstance(target, AdaLoraLayer):
             target.update_layer(adapter_name, config.init_r, config.lora_alpha, config)
             return
-        from .lora_bnb import make_adalora_layer  # bitsandbytes 4/8-bit bases
-
         new = make_adalora_layer(target, adapter_name, config.init_r, config.lora_alpha, config)
         if new is None:
             self.conv1d_fan_in_fan_out_warning(target, config)
@@ -326,9 +201,7 @@ class AdaLoraModel(BaseTuner):
             count = 0
             for n, p in self.model.named_parameters():
                 if ("lora_A" in n or "lora_B" in n) and name in n:
-                    cov = p @ p.T if "lora_A" in n else p.T @ p
-                    eye = torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device)
-                    reg = reg + torch.linalg.matrix_norm(cov - eye, ord="fro")
+                    reg = reg + orth_reg_term(p, is_a="lora_A" in n)
                     count += 1
             if count:
                 outputs.loss = loss + w * (reg / count)

@@ -1,0 +1,73 @@
+"""The (IA)³ tuner (HF PEFT's ``IA3Model``): swaps the targeted modules for ``ia3.Linear`` (or its quantized-base
+variant), feed-forward modules scaling their input and the others their output."""
+
+from __future__ import annotations
+
+import re
+
+from ...config import PeftType
+from ..tuners_utils import BaseTuner, register_tuner
+from .bnb import make_ia3_layer
+from .config import IA3Config
+from .layer import IA3Layer, Linear
+
+__all__ = ["IA3Model", "IA3_TARGET_MODULE_DEFAULTS", "IA3_FEEDFORWARD_MODULE_DEFAULTS"]
+
+IA3_TARGET_MODULE_DEFAULTS = {
+    "llama": ["k_proj", "v_proj", "down_proj"], "mistral": ["k_proj", "v_proj", "down_proj"],
+    "mixtral": ["k_proj", "v_proj", "w2"], "qwen2": ["q_proj", "v_proj", "down_proj"],
+    "qwen3": ["q_proj", "v_proj", "down_proj"], "gemma": ["q_proj", "v_proj", "down_proj"],
+    "gemma2": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "mlp.c_proj"],
+    "bert": ["key", "value", "output.dense"], "roberta": ["key", "value", "output.dense"],
+    "opt": ["q_proj", "k_proj", "fc2"], "t5": ["k", "v", "wo"], "phi": ["q_proj", "v_proj", "fc2"],
+    "gpt_neox": ["query_key_value", "dense_4h_to_h"], "falcon": ["query_key_value", "dense_4h_to_h"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+}
+IA3_FEEDFORWARD_MODULE_DEFAULTS = {
+    "llama": ["down_proj"], "mistral": ["down_proj"], "mixtral": ["w2"], "qwen2": ["down_proj"],
+    "qwen3": ["down_proj"], "gemma": ["down_proj"], "gemma2": ["down_proj"], "gpt2": ["mlp.c_proj"],
+    "bert": ["output.dense"], "roberta": ["output.dense"], "opt": ["fc2"], "t5": ["wo"], "phi": ["fc2"],
+    "gpt_neox": ["dense_4h_to_h"], "falcon": ["dense_4h_to_h"], "bloom": ["mlp.dense_4h_to_h"],
+}
+
+
+@register_tuner(PeftType.IA3)
+class IA3Model(BaseTuner):
+    """(IA)³ tuner (HF PEFT's ``IA3Model``)."""
+
+    prefix = "ia3_"
+    layer_cls = IA3Layer
+    target_module_defaults = IA3_TARGET_MODULE_DEFAULTS
+
+    def _prepare_adapter_config(self, config: IA3Config) -> IA3Config:
+        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+        config = super()._prepare_adapter_config(config)
+        if config.feedforward_modules is None:
+            ff = IA3_FEEDFORWARD_MODULE_DEFAULTS.get(model_type)
+            if ff is None:
+                raise ValueError(f"feedforward_modules is None and fastpeft has no default for "
+                                 f"model_type={model_type!r}; please specify feedforward_modules (may be [])")
+            config.feedforward_modules = set(ff)
+        return config
+
+    @staticmethod
+    def _is_feedforward(config: IA3Config, key: str) -> bool:
+        ff = config.feedforward_modules
+        if isinstance(ff, str):
+            return bool(re.fullmatch(ff, key))
+        return any(key.endswith(t) for t in ff)  # PEFT's rule: plain suffix, no "."
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        ff = self._is_feedforward(config, current_key)
+        if isinstance(target, IA3Layer):
+            if target.is_feedforward != ff:
+                raise ValueError(f"module {current_key!r} is feed-forward for one IA3 adapter and not for another")
+            target.update_layer(adapter_name, config)
+            return
+        new = make_ia3_layer(target, adapter_name, config, ff)
+        if new is None:
+            self.conv1d_fan_in_fan_out_warning(target, config)
+            new = Linear(target, adapter_name, config, ff)
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)
+        setattr(parent, target_name, new)

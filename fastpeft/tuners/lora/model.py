@@ -1,0 +1,100 @@
+"""``LoraModel``: the LoRA tuner (HF PEFT's), which swaps the targeted modules for LoRA layers: ``Linear``
+(nn.Linear / Conv1D), ``Embedding``, ``Conv2d`` and the bitsandbytes quantized-base layers; with
+``trainable_token_indices`` it also adds trainable-token layers.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ...config import PeftType
+from ...utils.other import pattern_key
+from ..trainable_tokens import inject_trainable_tokens
+from ..tuners_utils import BaseTuner, register_tuner
+from .bnb import make_lora_layer
+from .conv import Conv2d, check_conv2d_target
+from .embedding import (Embedding, adapter_key_map, apply_optional_keys, mark_token_deltas_trainable,
+                        with_optional_keys, without_optional_keys)
+from .init import check_init_for_target
+from .layer import Linear, LoraLayer
+
+__all__ = ["LoraModel", "LORA_TARGET_MODULE_DEFAULTS"]
+
+# model_type -> default target_modules (HF PEFT's table, peft/utils/constants.py)
+LORA_TARGET_MODULE_DEFAULTS = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"], "t5": ["q", "v"],
+    "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"], "bloom": ["query_key_value"],
+}
+
+
+@register_tuner(PeftType.LORA)
+class LoraModel(BaseTuner):
+    """LoRA tuner (HF PEFT's ``LoraModel``).  Usually built through ``fastpeft.get_peft_model``."""
+
+    prefix = "lora_"
+    layer_cls = LoraLayer
+    target_module_defaults = LORA_TARGET_MODULE_DEFAULTS
+    supports_mixed_batch = True
+
+    def _finish_injection(self, adapter_name: str) -> None:
+        inject_trainable_tokens(self, adapter_name, self.peft_config[adapter_name])
+
+    def _mark_only_adapters_as_trainable(self) -> None:
+        super()._mark_only_adapters_as_trainable()
+        mark_token_deltas_trainable(self)
+
+    def get_adapter_state_dict(self, adapter_name: str = "default") -> dict:
+        return with_optional_keys(self, adapter_name, super().get_adapter_state_dict(adapter_name))
+
+    def check_adapter_state_dict(self, adapter_name: str, state_dict: dict) -> None:
+        super().check_adapter_state_dict(adapter_name, without_optional_keys(self, adapter_name, state_dict))
+
+    def _apply_adapter_state_dict(self, adapter_name: str, state_dict: dict) -> None:
+        super()._apply_adapter_state_dict(adapter_name, without_optional_keys(self, adapter_name, state_dict))
+        apply_optional_keys(self, adapter_name, state_dict)
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
+        rk = pattern_key((config.rank_pattern or {}).keys(), current_key)
+        ak = pattern_key((config.alpha_pattern or {}).keys(), current_key)
+        r = config.rank_pattern[rk] if rk is not None else config.r
+        alpha = config.alpha_pattern[ak] if ak is not None else config.lora_alpha
+        if isinstance(target, LoraLayer):
+            target.update_layer(adapter_name, r, alpha, config)
+            return
+        new = make_lora_layer(target, adapter_name, r, alpha, config)
+        if new is None and isinstance(target, nn.Embedding):
+            new = Embedding(target, adapter_name, r, alpha, config)
+        if new is None and isinstance(target, nn.Conv2d):
+            new = Conv2d(target, adapter_name, r, alpha, config)
+        if new is None:
+            self.conv1d_fan_in_fan_out_warning(target, config)
+            new = Linear(target, adapter_name, r, alpha, config)
+        if adapter_name not in self.active_adapters:
+            new.requires_grad_(False)
+        setattr(parent, target_name, new)
+
+    def _validate_targets(self, config, adapter_name, targets) -> None:
+        for key in targets:
+            module = self.model.get_submodule(key)
+            if isinstance(module, LoraLayer):
+                module = module.base_layer
+            rk = pattern_key((config.rank_pattern or {}).keys(), key)
+            r = config.rank_pattern[rk] if rk is not None else config.r
+            check_init_for_target(module, r, config.init_lora_weights, key)
+            if isinstance(module, nn.Conv2d):
+                check_conv2d_target(module, r, bool(config.use_dora), key)
+
+    def _is_supported_target(self, module: nn.Module) -> bool:
+        return (super()._is_supported_target(module) or isinstance(module, nn.Embedding)
+                or type(module) is nn.Conv2d)
+
+    def _adapter_key_map(self, adapter_name: str) -> dict[str, str]:
+        # PEFT saves the DoRA magnitude as "...lora_magnitude_vector" (no ".weight", its pre-ModuleDict layout)
+        suffix = ".lora_magnitude_vector.weight"
+
+        keys = {(k[:-len(".weight")] if k.endswith(suffix) else k): v
+                for k, v in super()._adapter_key_map(adapter_name).items()}
+        return adapter_key_map(self, adapter_name, keys)

@@ -1,0 +1,75 @@
+"""The one check "can the fused op replace this adapter layer's forward?", shared by fastpeft's tuner layers and
+``fastpeft.accelerate`` (HF PEFT layers).
+
+The fused ops (``fastpeft.functional.lora_linear`` / ``adalora_linear`` / ``ia3_linear``) read the base weight and
+compute ``base(x) + adapter(x)`` themselves, so the base layer's own ``forward`` never runs.  That is only correct
+when that forward is exactly ``F.linear`` on the weight the op reads.  The check runs at call time, in the adapter
+layer's forward, so it sees what was added after the adapter was injected: forward hooks (accelerate's CPU/disk
+offloading, user hooks), a weight turned into a DTensor by FSDP2, a base moved to the meta device.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from .other import conv1d_class
+
+__all__ = ["base_layer_reason", "input_reason", "dense_base_weight", "is_sharded"]
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for a DTensor (FSDP2 sharding): its values exist only after the owning module gathers them in its own
+    forward, which the fused path would skip."""
+    return type(t).__name__ == "DTensor"
+
+
+def dense_base_weight(base: nn.Module) -> Optional[torch.Tensor]:
+    """The base weight as (out_features, in_features) - a transposed view for transformers' Conv1D - when ``base`` is
+    exactly an ``nn.Linear`` or a transformers ``Conv1D`` (not a subclass, which may compute something else, e.g. a
+    bitsandbytes quantized layer); None otherwise."""
+    if type(base) is nn.Linear:
+        return base.weight
+    conv1d = conv1d_class()
+    if conv1d is not None and type(base) is conv1d:
+        return base.weight.t()
+    return None
+
+
+def base_layer_reason(base: nn.Module) -> Optional[str]:
+    """Why the fused op cannot stand in for ``base``'s forward (None when it can).  Cheap attribute checks only."""
+    weight = dense_base_weight(base)
+    if weight is None:
+        return f"base layer {type(base).__name__} is not a plain nn.Linear or transformers Conv1D"
+    if base._forward_hooks or base._forward_pre_hooks or getattr(base, "_hf_hook", None) is not None:
+        return "the base layer has forward hooks (e.g. accelerate offloading)"
+    if is_sharded(base.weight) or (base.bias is not None and is_sharded(base.bias)):
+        return "the base weight is sharded (DTensor)"
+    if base.weight.device.type == "meta":
+        return "the base weight is on the meta device"
+    return None
+
+
+def input_reason(base: nn.Module, x: Any, args: tuple, kwargs: dict) -> Optional[str]:
+    """Why the fused op cannot take this call's arguments where the layer's own forward would cast or reject them
+    (None when it can).  ``base`` must have passed ``base_layer_reason``."""
+    if args:
+        return "extra positional forward arguments"
+    extra = [k for k, v in kwargs.items() if v is not None]
+    if extra:
+        return f"extra forward keyword arguments {extra} (e.g. mixed-batch adapter_names)"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        return "the input is not a floating-point tensor with a feature dimension"
+    weight = base.weight
+    dev = x.device.type
+    autocast = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+    if x.dtype != weight.dtype and not autocast:
+        return f"input dtype {x.dtype} differs from the base weight dtype {weight.dtype}"
+    if x.device != weight.device:
+        return f"input on {x.device} but the base weight on {weight.device}"
+    in_features = weight.shape[0] if type(base) is not nn.Linear else weight.shape[1]
+    if x.shape[-1] != in_features:
+        return f"input has {x.shape[-1]} features, the layer expects {in_features}"
+    return None
