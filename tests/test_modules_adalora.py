@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import fastpeft
 from fastpeft.modules import AdaLoRALinear
 
-from _tolerances import ELEMENTWISE, PEFT_PARITY_RTOL, SMALL_FP32, assert_close_rel
+from testing_utils import ELEMENTWISE, PEFT_PARITY_RTOL, SMALL_FP32, assert_close_rel
 
 F64 = torch.float64
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import fastpeft
 from fastpeft.modules import IA3Linear
 
-from _tolerances import ELEMENTWISE, PEFT_PARITY_RTOL, SMALL_FP32, assert_close_rel
+from testing_utils import ELEMENTWISE, PEFT_PARITY_RTOL, SMALL_FP32, assert_close_rel
 
 F64 = torch.float64
 
