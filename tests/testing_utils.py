@@ -68,9 +68,10 @@ TRAIN_LOSS_RATIO = 0.9
 # DDP / FSDP2 (2 ranks, gloo, CPU) vs a single-process run on the same global batch (tests/test_distributed.py):
 # only the summation order of the gradient all-reduce differs, so fp32 rounding (atol, rtol).
 DIST_FP32 = (1e-6, 1e-5)
-# Convergence suite (tests/test_convergence.py): fastpeft vs HF PEFT fp32 loss curves, relative per step.  Both run
-# the same fp32 ops; only summation order may differ, and a few dozen Adam steps amplify that a little.
-CONVERGENCE_FP32_RTOL = 1e-4
+# Convergence suite (tests/test_convergence.py): fastpeft vs HF PEFT fp32 loss curves (and trained adapters), relative
+# per step.  Both run the same fp32 ops in the same order (LoRA and IA3 curves are bit-equal); AdaLoRA's allocator
+# run differs by up to ~1e-7 (observed): this bound is ten times that.
+CONVERGENCE_FP32_RTOL = 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,6 +123,19 @@ def close_small(a, b, dtype=torch.float32, what=""):
     """fp32 (or fp64) module / functional results vs fp64 math on small shapes: SMALL_FP32 (fp64: ELEMENTWISE)."""
     atol, rtol = ELEMENTWISE[F64] if dtype == F64 else SMALL_FP32
     torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what} ({dtype}): {m}")
+
+
+def randomize_module(m):
+    """Make a drop-in module's adapter non-trivial by drawing its zero / one-initialised factor: AdaLoRA's E, else
+    LoRA's B (normal), IA3's l (uniform in [0.5, 1.5]).  Returns the module."""
+    with torch.no_grad():
+        if hasattr(m, "lora_E"):
+            m.lora_E.normal_()
+        elif hasattr(m, "lora_B"):
+            m.lora_B.normal_()
+        if hasattr(m, "ia3_l"):
+            m.ia3_l.uniform_(0.5, 1.5)
+    return m
 
 
 # ---------------------------------------------------------------------------------------------------------------
