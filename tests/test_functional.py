@@ -12,14 +12,9 @@ import fastpeft.functional as FP
 from fastpeft.ops.dropout import dropout_keep_mask
 
 from testing_utils import ELEMENTWISE, PLAIN_MATMUL_TOL, SMALL_FP32
+from testing_utils import close_small as _close
 
 F64 = torch.float64
-
-
-def _close(actual, expected, dtype, what=""):
-    atol, rtol = ELEMENTWISE[F64] if dtype == F64 else SMALL_FP32
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
-                               msg=lambda m: f"{what} ({dtype}): {m}")
 
 
 def drop_scale(seed, shape2d, p):
