@@ -152,6 +152,7 @@ def make_input(method, lead=(5, 7), seed=2, noncontig=False):
 def run(model, x, backend, monkeypatch, dtype):
     """Output and the gradients (input, every trainable tensor) as a name -> tensor dict, in their own dtypes."""
     monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    model = model.to(DEV)
     model.zero_grad(set_to_none=True)
     x = x.to(DEV, dtype)
     x = x.detach().requires_grad_(True) if x.is_contiguous() else x.detach().clone(
@@ -213,7 +214,7 @@ def test_odd_shapes_fp32(method, backend, shape, monkeypatch):
 def _out(model, x, backend, monkeypatch):
     monkeypatch.setenv("FASTPEFT_BACKEND", backend)
     with torch.no_grad():
-        return model(x.to(DEV, F32)).cpu()
+        return model.to(DEV)(x.to(DEV, F32)).cpu()
 
 
 def _base_weights(model):
