@@ -16,7 +16,7 @@ from fastpeft.ops import ia3 as OI
 from fastpeft.ops import lora as OL
 from fastpeft.ops.dropout import dropout_keep_mask, dropout_scale
 
-from _tolerances import GRAD_FACTOR, MATMUL_ATOL, rel_err
+from testing_utils import GRAD_FACTOR, assert_fa_rule, rel_err  # noqa: F401
 
 F32, F64 = torch.float32, torch.float64
 HAS_TRITON = True
@@ -38,15 +38,17 @@ def _masters(m, k, n, r, seed=3):
                                                                                                   dtype=F64))
 
 
-def _lora_ref64(t, p, seed, scaling, w_t):
-    """fp64 autograd of y = x Wᵀ + b + s (drop(x) Aᵀ) Bᵀ with the shared mask stream: (dW, db)."""
+def _lora_ref64(t, p, seed, scaling, w_t, dtype=F64):
+    """Plain-torch autograd (in ``dtype``; fp64 by default) of y = x Wᵀ + b + s (drop(x) Aᵀ) Bᵀ with the shared
+    mask stream: (dW, db)."""
+    t = {k: v.to(dtype) for k, v in t.items()}
     w = t["w"].clone().requires_grad_(True)
     b = t["b"].clone().requires_grad_(True)
     x = t["x"]
     xd = x
     if p > 0:
         keep = dropout_keep_mask(seed, tuple(x.shape), p)
-        xd = torch.where(keep, x * dropout_scale(p), torch.zeros((), dtype=F64))
+        xd = torch.where(keep, x * dropout_scale(p), torch.zeros((), dtype=dtype))
     y = x @ w.t() + b + scaling * (xd @ t["a"].t()) @ t["bb"].t()
     y.backward(t["dy"])
     return w.grad, b.grad
@@ -70,8 +72,9 @@ def test_lora_base_weight_and_bias_grads(backend, p, seed, w_t):
     dw_ref, db_ref = _lora_ref64(t, p, seed, scaling, w_t)
     dw = wp.grad.t() if w_t else wp.grad
     assert dw is not None and dw.shape == dw_ref.shape
-    assert rel_err(dw, dw_ref) <= GRAD_FACTOR * 1e-6 + MATMUL_ATOL[F32] * 0.1
-    assert rel_err(b.grad, db_ref) <= GRAD_FACTOR * 1e-6
+    dw_same, db_same = _lora_ref64(t, p, seed, scaling, w_t, F32)
+    assert_fa_rule(dw, dw_ref, dw_same, GRAD_FACTOR, "dW")
+    assert_fa_rule(b.grad, db_ref, db_same, GRAD_FACTOR, "dbias")
 
 
 @pytest.mark.parametrize("backend", LORA_BACKENDS + (["triton:fused"] if HAS_TRITON else []))
@@ -146,8 +149,12 @@ def test_ia3_base_weight_and_bias_grads(backend, ff):
     b64 = t["b"].clone().requires_grad_(True)
     y64 = (t["x"] * lv64) @ w64.t() + b64 if ff else (t["x"] @ w64.t() + b64) * lv64
     y64.backward(t["dy"])
-    assert rel_err(w.grad, w64.grad) <= GRAD_FACTOR * 1e-6, backend
-    assert rel_err(b.grad, b64.grad) <= GRAD_FACTOR * 1e-6, backend
+    w32, b32, l32 = (t[k].to(F32).requires_grad_(True) for k in ("w", "b", "li" if ff else "lo"))
+    x32 = t["x"].to(F32)
+    y32 = (x32 * l32) @ w32.t() + b32 if ff else (x32 @ w32.t() + b32) * l32
+    y32.backward(t["dy"].to(F32))
+    assert_fa_rule(w.grad, w64.grad, w32.grad, GRAD_FACTOR, f"dW {backend}")
+    assert_fa_rule(b.grad, b64.grad, b32.grad, GRAD_FACTOR, f"dbias {backend}")
     # and without a trainable weight: no gradient
     w2 = t["w"].to(F32)
     FN.ia3_linear(t["x"].to(F32), w2, None, lv.detach(), ff, backend=backend.replace("torch-op", "torch")).sum()

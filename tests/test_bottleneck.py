@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _tolerances import ELEMENTWISE, MATMUL_ATOL, PROMPT_EFFECT_MIN, PROMPT_FP32_ATOL, TRAIN_LOSS_RATIO
-from test_prompt_utils import batch, max_abs, tiny_bert, tiny_gpt2, tiny_llama, twin
+from testing_utils import ELEMENTWISE, PLAIN_MATMUL_TOL, PROMPT_EFFECT_MIN, PROMPT_FP32_ATOL, TRAIN_LOSS_RATIO
+from testing_utils import batch, max_abs, tiny_bert, twin
+from testing_utils import prompt_tiny_gpt2 as tiny_gpt2, prompt_tiny_llama as tiny_llama
 
 import fastpeft  # noqa: E402
 from fastpeft.tuners.bottleneck.layer import ACTIVATIONS, BottleneckLayer, bottleneck_ref  # noqa: E402
@@ -59,7 +60,7 @@ def test_layer_fp32_noncontiguous_and_gradcheck():
     layer = _layer(dtype=torch.float32)
     x = torch.randn(13, 6)[:, :5].T  # (5, 13) non-contiguous
     assert not x.is_contiguous()
-    torch.testing.assert_close(layer(x).double(), _math(layer, x), atol=MATMUL_ATOL[torch.float32], rtol=1e-5)
+    torch.testing.assert_close(layer(x).double(), _math(layer, x), atol=PLAIN_MATMUL_TOL[torch.float32], rtol=1e-5)
     small = _layer(d_in=3, d_out=8, rf=4)
     xs = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     params = [small.adapter_down["a"].weight, small.adapter_up["a"].weight, small.adapter_up["a"].bias]

@@ -11,7 +11,7 @@ import torch._inductor.config
 import fastpeft.functional as FP
 from fastpeft.modules import AdaLoRALinear, IA3Linear, LoRALinear
 
-from _tolerances import AUTOCAST_BF16, SMALL_FP32
+from testing_utils import AUTOCAST_BF16, SMALL_FP32
 
 MODULES = {
     "lora": lambda: LoRALinear(24, 10, r=3, lora_alpha=6, backend="torch"),

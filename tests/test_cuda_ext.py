@@ -31,7 +31,7 @@ from fastpeft.ops import dropout as drop_ref
 from fastpeft.ops.ia3 import ia3_bwd_ref, ia3_fwd_ref
 from fastpeft.ops.lora import lora_bwd_ref, lora_fwd_ref
 
-from _tolerances import ELEMENTWISE, GRAD_FACTOR, MATMUL_FACTOR, rel_err
+from testing_utils import ELEMENTWISE, GRAD_FACTOR, MATMUL_FACTOR, assert_fa_rule, rel_err  # noqa: F401
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -503,19 +503,7 @@ LORA_SHAPES = [(1, 64, 48, 4), (0, 32, 16, 2), (3, 33, 70, 1), (16, 128, 96, 8),
                (300, 256, 200, 16), (65, 80, 512, 40), (70, 2312, 264, 16), (530, 2309, 136, 24)]
 
 
-def _floor(dtype):
-    # Only matters where torch's own same-dtype error is ~0; the 2x/3x-of-torch part is the real bound.
-    return ELEMENTWISE[dtype][1]
-
-
-def _check(actual, ref64, same_dtype, factor, what):
-    """FA's rule: err(impl, fp64) <= factor * err(torch in the same dtype, fp64) + a per-dtype floor."""
-    assert actual.shape == ref64.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
-    assert torch.isfinite(actual.double()).all(), f"{what}: non-finite values"
-    err = rel_err(actual, ref64)
-    base = rel_err(same_dtype, ref64)
-    bound = factor * base + _floor(actual.dtype if actual.dtype in ELEMENTWISE else torch.float32)
-    assert err <= bound, f"{what}: rel err {err:.3e} > {bound:.3e} (torch same-dtype err {base:.3e})"
+_check = assert_fa_rule
 
 
 def _lora_inputs(M, K, N, r, dtype, adt, bias, adalora, device="cuda", wt=False):

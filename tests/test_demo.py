@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from _tolerances import PEFT_PARITY_RTOL
+from testing_utils import PEFT_PARITY_RTOL
 
 from fastpeft import demo, demo_data
 from fastpeft.demo_data import (
@@ -233,17 +233,13 @@ def test_tiny_run_accelerate_engine_and_mismatch_exit_status(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("method", ["prompt", "prefix", "ptuning", "bottleneck"])
-def test_prompt_methods_clear_message_when_unavailable(method, capsys, tmp_path):
-    """Until fastpeft's model API and prompt configs land, these methods say so (exit 2); once they land the
-    engine builds (checked without running a fine-tune)."""
+def test_prompt_methods_build_their_engine(method, capsys, tmp_path):
+    """fastpeft's model API and prompt configs have landed: every prompt-style method builds its engine (checked
+    without running a fine-tune)."""
     args = demo.build_parser().parse_args(["--method", method, "--out", str(tmp_path)])
     demo.validate(args)
-    try:
-        eng = demo.fastpeft_engine(method, args)
-    except demo.NotAvailableYet as e:
-        assert "not available" in str(e) and method in str(e)
-    else:
-        assert eng.name == "fastpeft"
+    eng = demo.fastpeft_engine(method, args)
+    assert eng.name == "fastpeft"
 
 
 @needs_vader
@@ -254,10 +250,7 @@ def test_tiny_prefix_run_when_hf_peft_cannot_run_it(tmp_path, capsys):
     pytest.importorskip("peft")
     args = demo.build_parser().parse_args(["--method", "prefix"])
     demo.validate(args)
-    try:
-        demo.fastpeft_engine("prefix", args)
-    except demo.NotAvailableYet as e:
-        pytest.skip(str(e))
+    demo.fastpeft_engine("prefix", args)
     out = tmp_path / "run"
     status = demo.main(["--method", "prefix", "--steps", "2", "--batch-size", "4", "--max-examples", "12",
                         "--probe-examples", "12", "--probe-iters", "5", "--no-progress", "--out", str(out)])

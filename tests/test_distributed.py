@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from _tolerances import DIST_FP32
+from testing_utils import DIST_FP32
 
 WORLD = 2
 GLOBAL_BATCH = 8

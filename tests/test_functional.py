@@ -11,15 +11,10 @@ import torch.nn.functional as F
 import fastpeft.functional as FP
 from fastpeft.ops.dropout import dropout_keep_mask
 
-from _tolerances import ELEMENTWISE, MATMUL_ATOL, SMALL_FP32
+from testing_utils import ELEMENTWISE, PLAIN_MATMUL_TOL, SMALL_FP32
+from testing_utils import close_small as _close
 
 F64 = torch.float64
-
-
-def _close(actual, expected, dtype, what=""):
-    atol, rtol = ELEMENTWISE[F64] if dtype == F64 else SMALL_FP32
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
-                               msg=lambda m: f"{what} ({dtype}): {m}")
 
 
 def drop_scale(seed, shape2d, p):
@@ -275,7 +270,7 @@ def test_mixed_adapter_dtype_bf16_base_fp32_adapter():
     y.float().sum().backward()
     assert A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
     g_ref = (torch.ones(6, 8) @ B.detach() * 0.5).t() @ x.float()
-    torch.testing.assert_close(A.grad, g_ref, atol=MATMUL_ATOL[torch.bfloat16], rtol=ELEMENTWISE[torch.bfloat16][1])
+    torch.testing.assert_close(A.grad, g_ref, atol=PLAIN_MATMUL_TOL[torch.bfloat16], rtol=ELEMENTWISE[torch.bfloat16][1])
 
 
 def test_draw_seed_follows_manual_seed():

@@ -22,30 +22,10 @@ import fastpeft  # noqa: E402
 import fastpeft.functional as FP  # noqa: E402
 from fastpeft.integrations import is_accelerated  # noqa: E402
 
-VOCAB = 64
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                                   pad_token_id=0, eos_token_id=1, bos_token_id=3)
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def tiny_gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64,
-                                  pad_token_id=0, eos_token_id=1, bos_token_id=3)
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-def lm_dataset(n=16, seq=12, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, VOCAB, (n, seq), generator=g)
-    # an extra text column: Trainer's remove_unused_columns must keep input_ids/labels and drop only this
-    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(),
-                                       "labels": ids.tolist(), "text": ["unused"] * n})
+from testing_utils import STACK_IDS as IDS, STACK_VOCAB as VOCAB, eval_logits as logits  # noqa: E402,F401
+from testing_utils import stack_lm_dataset as lm_dataset, stack_text_dataset as text_dataset  # noqa: E402
+from testing_utils import stack_tiny_gpt2 as tiny_gpt2, stack_tiny_llama as tiny_llama  # noqa: E402
+from testing_utils import stack_tiny_tokenizer as tiny_tokenizer  # noqa: E402
 
 
 def lora_kw(make):
@@ -76,11 +56,6 @@ def losses(trainer, key="loss"):
     return [h[key] for h in trainer.state.log_history if key in h]
 
 
-def logits(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=ids).logits
-
 
 def ckpt_files(path):
     """The checkpoint's file names, less fastpeft's save record (``fastpeft_save.json``: ties the adapter's config
@@ -90,7 +65,6 @@ def ckpt_files(path):
     return sorted(f for f in os.listdir(path) if f != SAVE_RECORD_NAME)
 
 
-IDS = torch.randint(4, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,20 +175,6 @@ def test_trainer_bf16_autocast(tmp_path, mode):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, "<bos>": 3, **{f"w{i}": i + 4 for i in range(VOCAB - 4)}}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>", bos_token="<bos>")
-
-
-def text_dataset(n=8):
-    g = torch.Generator().manual_seed(2)
-    rows = [" ".join(f"w{j}" for j in torch.randint(0, VOCAB - 4, (10,), generator=g).tolist()) for _ in range(n)]
-    return datasets.Dataset.from_dict({"text": rows})
 
 
 def test_sft_trainer(tmp_path):

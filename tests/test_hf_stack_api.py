@@ -22,7 +22,9 @@ huggingface_hub = pytest.importorskip("huggingface_hub")
 
 import fastpeft  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from test_hf_stack import IDS, lm_dataset, logits, text_dataset, tiny_llama, tiny_tokenizer  # noqa: E402
+from testing_utils import STACK_IDS as IDS, eval_logits as logits, stack_lm_dataset as lm_dataset  # noqa: E402
+from testing_utils import stack_text_dataset as text_dataset, stack_tiny_llama as tiny_llama  # noqa: E402
+from testing_utils import stack_tiny_tokenizer as tiny_tokenizer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KW = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")

@@ -12,7 +12,7 @@ import torch.nn as nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from _tolerances import ELEMENTWISE, PEFT_PARITY_RTOL, rel_err  # noqa: E402
+from testing_utils import ELEMENTWISE, PEFT_PARITY_RTOL, rel_err  # noqa: E402
 
 import fastpeft  # noqa: E402
 from fastpeft import integrations  # noqa: E402

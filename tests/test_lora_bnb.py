@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from _tolerances import PEFT_PARITY_RTOL, rel_err
+from testing_utils import PEFT_PARITY_RTOL, rel_err
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

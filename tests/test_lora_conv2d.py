@@ -14,8 +14,8 @@ import torch.nn as nn
 peft = pytest.importorskip("peft")
 
 import fastpeft  # noqa: E402
-from _peft_pair import compare_grads, merged_state, randomize_trainable, wrap_pair  # noqa: E402
-from _tolerances import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
+from testing_utils import compare_grads, merged_state, randomize_trainable, wrap_pair  # noqa: E402
+from testing_utils import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
 
 
 class ConvNet(nn.Module):

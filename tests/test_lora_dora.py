@@ -14,9 +14,9 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
-from _peft_pair import (MODELS, assert_lm_parity, inputs, merged_state, randomize_trainable,  # noqa: E402
+from testing_utils import (MODELS, assert_lm_parity, inputs, merged_state, randomize_trainable,  # noqa: E402
                         tiny_gpt2, tiny_llama, wrap_pair)
-from _tolerances import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
+from testing_utils import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
 from fastpeft.tuners.lora.dora import dora_row_norm  # noqa: E402
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}

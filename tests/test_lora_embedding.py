@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from _tolerances import PEFT_PARITY_RTOL, rel_err
+from testing_utils import PEFT_PARITY_RTOL, rel_err
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

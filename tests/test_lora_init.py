@@ -14,8 +14,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
-from _peft_pair import MODELS, assert_lm_parity, inputs, randomize_trainable, tiny_llama, wrap_pair  # noqa: E402
-from _tolerances import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
+from testing_utils import MODELS, assert_lm_parity, inputs, randomize_trainable, tiny_llama, wrap_pair  # noqa: E402
+from testing_utils import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
 
 
 def both(**kw):

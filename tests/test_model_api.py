@@ -12,7 +12,7 @@ import torch.nn as nn
 import fastpeft
 from fastpeft.config import PeftConfig, register_config
 from fastpeft.tuners.tuners_utils import TUNER_CLASSES, BaseTuner, BaseTunerLayer, register_tuner
-from _tolerances import ELEMENTWISE, PEFT_PARITY_RTOL, assert_close_rel
+from testing_utils import ELEMENTWISE, PEFT_PARITY_RTOL, assert_close_rel
 
 
 class MLP(nn.Module):

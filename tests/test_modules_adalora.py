@@ -13,20 +13,10 @@ import torch.nn.functional as F
 import fastpeft
 from fastpeft.modules import AdaLoRALinear
 
-from _tolerances import ELEMENTWISE, PEFT_PARITY_RTOL, SMALL_FP32, assert_close_rel
+from testing_utils import ELEMENTWISE, PEFT_PARITY_RTOL, SMALL_FP32, assert_close_rel
+from testing_utils import close_small as _close, randomize_module as _randomize
 
 F64 = torch.float64
-
-
-def _close(a, b, dtype=torch.float32, what=""):
-    atol, rtol = ELEMENTWISE[F64] if dtype == F64 else SMALL_FP32
-    torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
-
-
-def _randomize(m):
-    with torch.no_grad():
-        m.lora_E.normal_()
-    return m
 
 
 def test_parameters_and_init():

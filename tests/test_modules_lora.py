@@ -14,20 +14,10 @@ import torch.nn.functional as F
 import fastpeft
 from fastpeft.modules import LoRALinear
 
-from _tolerances import ELEMENTWISE, PEFT_PARITY_RTOL, SMALL_FP32, assert_close_rel
+from testing_utils import ELEMENTWISE, PEFT_PARITY_RTOL, SMALL_FP32, assert_close_rel
+from testing_utils import close_small as _close, randomize_module as _randomize
 
 F64 = torch.float64
-
-
-def _close(a, b, dtype=torch.float32, what=""):
-    atol, rtol = ELEMENTWISE[F64] if dtype == F64 else SMALL_FP32
-    torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
-
-
-def _randomize(m: LoRALinear):
-    with torch.no_grad():
-        m.lora_B.normal_()
-    return m
 
 
 def _math(m: LoRALinear, x, dscale=None):
@@ -332,7 +322,7 @@ def test_matches_hf_peft_lora_linear(use_rslora, dropout, conv1d):
 
 # ---------------------------------------------------------------------------------------------------------------
 # All three modules on the fused backends (triton in the interpreter on CPU; auto on CUDA when a GPU is present):
-# FA's rule against an fp64 copy of the module, err(fused) <= MATMUL_FACTOR * err(torch backend) + MATMUL_ATOL.
+# FA's rule against an fp64 copy of the module (tests/testing_utils.py: assert_fa_rule).
 # ---------------------------------------------------------------------------------------------------------------
 
 _MODULE_MAKERS = {
@@ -381,7 +371,7 @@ def _fused_targets():
 @pytest.mark.parametrize("device,backend", _fused_targets() or [pytest.param("cpu", "triton", marks=pytest.mark.skip(
     reason="no CUDA and no triton interpreter"))])
 def test_modules_on_fused_backend(name, device, backend):
-    from _tolerances import GRAD_FACTOR, MATMUL_ATOL, MATMUL_FACTOR, rel_err
+    from testing_utils import GRAD_FACTOR, MATMUL_FACTOR, assert_fa_rule
 
     m_fused = _make_module(name, backend).to(device)
     m_torch = _make_module(name, "torch")
@@ -393,6 +383,4 @@ def test_modules_on_fused_backend(name, device, backend):
     ref = _run_module(m_ref, x.double(), dy.double())
     for i, (g, b, r) in enumerate(zip(got, base, ref)):
         factor = MATMUL_FACTOR if i == 0 else GRAD_FACTOR
-        err, err_torch = rel_err(g.cpu(), r), rel_err(b, r)
-        assert err <= factor * err_torch + MATMUL_ATOL[torch.float32], \
-            f"{name} on {device}/{backend}: tensor {i} rel err {err:.2e} vs torch {err_torch:.2e}"
+        assert_fa_rule(g.cpu(), r, b, factor, f"{name} on {device}/{backend}: tensor {i}")

@@ -18,7 +18,7 @@ from fastpeft.ops import dropout as D
 from fastpeft.ops import ia3 as I
 from fastpeft.ops import lora as L
 
-from _tolerances import ELEMENTWISE, KEEP_FRACTION_SIGMAS
+from testing_utils import ELEMENTWISE, KEEP_FRACTION_SIGMAS
 
 F64 = torch.float64
 ATOL64, RTOL64 = ELEMENTWISE[F64]

@@ -14,8 +14,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
-from _tolerances import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
-from test_peft_parity_lora import build_pair, inputs, run_loss, tiny_gpt2, tiny_llama  # noqa: E402
+from testing_utils import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
+from testing_utils import build_pair, inputs, run_loss, tiny_gpt2, tiny_llama  # noqa: E402
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 

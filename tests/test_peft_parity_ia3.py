@@ -12,9 +12,9 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
-from _tolerances import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
-from test_peft_parity_lora import (assert_parity, build_pair, inputs, randomize_trainable, tiny_gpt2,  # noqa: E402
-                                   tiny_llama)
+from testing_utils import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
+from testing_utils import (assert_parity, build_pair, inputs, randomize_trainable, tiny_gpt2,  # noqa: E402
+                           tiny_llama)
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 

@@ -18,94 +18,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
-from _tolerances import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
-
-VOCAB = 128
-
-
-def tiny_llama(cls_name: str = "LlamaForCausalLM", **kw):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   pad_token_id=0, **kw)
-    return getattr(transformers, cls_name)(cfg)
-
-
-def tiny_gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
-                                  bos_token_id=1, eos_token_id=2)
-    return transformers.GPT2LMHeadModel(cfg)
-
-
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
-
-
-def build_pair(make, peft_cfg, fast_cfg, randomize=True):
-    """(peft_model, fastpeft_model) from one base model; asserts equal parameter names and initial values."""
-    base = make if isinstance(make, torch.nn.Module) else make()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.manual_seed(1)
-        p = peft.get_peft_model(copy.deepcopy(base), peft_cfg)
-        torch.manual_seed(1)
-        f = fastpeft.get_peft_model(copy.deepcopy(base), fast_cfg)
-    sp, sf = dict(p.named_parameters()), dict(f.named_parameters())
-    assert sorted(sp) == sorted(sf), f"parameter names differ: {sorted(set(sp) ^ set(sf))[:10]}"
-    for k in sp:
-        assert sp[k].requires_grad == sf[k].requires_grad, f"requires_grad differs for {k}"
-        assert torch.equal(sp[k], sf[k]), f"initial value differs for {k}"
-    if randomize:
-        randomize_trainable(p, f)
-    return p, f
-
-
-def randomize_trainable(p, f, seed=5, scale=0.1):
-    """Give both models the same random values for every trainable tensor (B=0 would hide A's gradient)."""
-    sp, sf = dict(p.named_parameters()), dict(f.named_parameters())
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for k in sorted(sp):
-            if sp[k].requires_grad and sf[k].requires_grad:
-                v = torch.randn(sp[k].shape, generator=g, dtype=sp[k].dtype) * scale
-                sp[k].copy_(v)
-                sf[k].copy_(v)
-
-
-def inputs(batch=2, seq=7, seed=11):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, seq), generator=g)
-
-
-def run_loss(model, ids, seed=3, **kw):
-    torch.manual_seed(seed)
-    return model(input_ids=ids, labels=kw.pop("labels", ids), **kw)
-
-
-def assert_parity(p, f, train=False, ids=None, labels=None, check_grads=True):
-    """Same loss/logits and the same gradient of every trainable tensor."""
-    ids = inputs() if ids is None else ids
-    p.train(train)
-    f.train(train)
-    kw = {} if labels is None else {"labels": labels}
-    op = run_loss(p, ids, **kw)
-    of = run_loss(f, ids, **kw)
-    assert_close_rel(of.logits, op.logits, PEFT_PARITY_RTOL, "logits")
-    assert_close_rel(of.loss, op.loss, PEFT_PARITY_RTOL, "loss")
-    if not check_grads:
-        return op, of
-    op.loss.backward()
-    of.loss.backward()
-    sp, sf = dict(p.named_parameters()), dict(f.named_parameters())
-    n = 0
-    for k in sorted(sp):
-        if sp[k].requires_grad:
-            assert sf[k].grad is not None, f"no gradient for {k}"
-            assert_close_rel(sf[k].grad, sp[k].grad, PEFT_PARITY_RTOL, f"grad {k}")
-            n += 1
-    assert n > 0, "no trainable tensor compared"
-    return op, of
-
+from testing_utils import (MODELS, PEFT_PARITY_RTOL, VOCAB, assert_close_rel, assert_parity, build_pair,  # noqa: E402
+                           inputs, randomize_trainable, run_loss, tiny_gpt2, tiny_llama)
 
 def both(**kw):
     return peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw)
@@ -367,7 +281,7 @@ def test_gradient_checkpointing_dropout_train():
 
 def test_autocast_bf16_error_not_worse_than_peft():
     """Under torch.autocast(bf16) both differ from fp32; fastpeft's error must stay within FA's rule of PEFT's."""
-    from _tolerances import GRAD_FACTOR, MATMUL_FACTOR, rel_err
+    from testing_utils import GRAD_FACTOR, MATMUL_FACTOR, rel_err
 
     p, f = build_pair(tiny_llama, *both(r=4, target_modules="all-linear"))
     ids = inputs()
@@ -447,7 +361,7 @@ def test_training_loop_matches_peft():
 @pytest.mark.parametrize("autocast", [True, False])
 def test_bf16_base_adapter_dtypes_match_peft(method, autocast):
     """bf16 model: adapters upcast to fp32 by default (kept bf16 with autocast_adapter_dtype=False), as in PEFT."""
-    from _tolerances import ELEMENTWISE
+    from testing_utils import ELEMENTWISE
 
     kw = {"LoraConfig": dict(r=4, lora_dropout=0.1), "AdaLoraConfig": dict(init_r=4, total_step=5),
           "IA3Config": dict()}[method]

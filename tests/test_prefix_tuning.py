@@ -10,8 +10,9 @@ import warnings
 import pytest
 import torch
 
-from _tolerances import GENERATE_SCORES_ATOL, PROMPT_EFFECT_MIN, PROMPT_FP32_ATOL, TRAIN_LOSS_RATIO
-from test_prompt_utils import MODELS, batch, max_abs, tiny_llama, tiny_qwen2, twin
+from testing_utils import GENERATE_SCORES_ATOL, PROMPT_EFFECT_MIN, PROMPT_FP32_ATOL, TRAIN_LOSS_RATIO
+from testing_utils import PROMPT_MODELS as MODELS, batch, max_abs, tiny_qwen2, twin
+from testing_utils import prompt_tiny_llama as tiny_llama
 
 MODELS = dict(MODELS, qwen2=tiny_qwen2)
 

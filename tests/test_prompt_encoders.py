@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _tolerances import ELEMENTWISE, PROMPT_FP32_ATOL
-from test_prompt_utils import max_abs
+from testing_utils import ELEMENTWISE, PROMPT_FP32_ATOL
+from testing_utils import max_abs
 
 from fastpeft.tuners.p_tuning import PromptEncoder
 from fastpeft.tuners.prefix_tuning import PrefixEncoder

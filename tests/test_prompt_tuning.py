@@ -9,8 +9,9 @@ import warnings
 import pytest
 import torch
 
-from _tolerances import GENERATE_SCORES_ATOL, PROMPT_EFFECT_MIN, PROMPT_FP32_ATOL, TRAIN_LOSS_RATIO
-from test_prompt_utils import MODELS, VOCAB, batch, max_abs, tiny_llama, tiny_qwen2, twin
+from testing_utils import GENERATE_SCORES_ATOL, PROMPT_EFFECT_MIN, PROMPT_FP32_ATOL, TRAIN_LOSS_RATIO
+from testing_utils import PROMPT_MODELS as MODELS, VOCAB, batch, max_abs, tiny_qwen2, twin
+from testing_utils import prompt_tiny_llama as tiny_llama
 
 MODELS = dict(MODELS, qwen2=tiny_qwen2)
 
@@ -418,7 +419,7 @@ def test_seq_cls_with_score_head_matches_peft_and_files(tmp_path):
 
 @pytest.mark.parametrize("cname", ["PromptTuningConfig", "PromptEncoderConfig", "PrefixTuningConfig"])
 def test_bert_encoder_with_token_type_ids_matches_peft(cname):
-    from test_prompt_utils import tiny_bert
+    from testing_utils import tiny_bert
 
     m1, m2 = twin(tiny_bert)
     kw = dict(task_type="FEATURE_EXTRACTION", num_virtual_tokens=3)

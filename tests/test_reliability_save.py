@@ -13,28 +13,7 @@ import fastpeft
 import fastpeft.utils.adapter_files as SL  # the module that writes the files
 from fastpeft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from fastpeft.save_load import AdapterFileError, AdapterSaveError, InterruptedSaveError
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q = nn.Linear(8, 8)
-        self.v = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return self.v(torch.relu(self.q(x)))
-
-
-def base():
-    torch.manual_seed(0)
-    return Tiny()
-
-
-def make(alpha=8, seed=0):
-    b = base()
-    torch.manual_seed(seed)
-    m = get_peft_model(b, LoraConfig(r=2, lora_alpha=alpha, target_modules=["q", "v"], init_lora_weights=False))
-    return m
+from testing_utils import TinyQV as Tiny, tiny_qv as base, tiny_qv_lora as make
 
 
 def out(model, x):
@@ -320,7 +299,7 @@ def test_target_name_is_a_directory(old_and_new):
 KILL_SCRIPT = r"""
 import os, sys, torch, torch.nn as nn
 sys.path.insert(0, {tests!r})
-from test_reliability_save import make
+from testing_utils import tiny_qv_lora as make
 import fastpeft.save_load as SL
 real, calls = os.replace, []
 def dying(src, dst):

@@ -1,0 +1,349 @@
+"""Structure of the package and of the test suite.
+
+- No import cycle among fastpeft's modules (module-level and function-level imports alike), and ``kernels/``
+  (installed as ``fastpeft.kernels``) imports nothing from the rest of fastpeft.
+- The public API: every name fastpeft exported on main at c6fc26b still imports from the same place, and names that
+  were one object under two import paths still are.
+- No test module imports another test module (shared helpers live in tests/testing_utils.py).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+# source folder -> the package name it is installed as (setup.py's package_dir)
+PACKAGE_DIRS = {"fastpeft": "fastpeft", "kernels": "fastpeft.kernels"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# import graph
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _modules() -> dict[str, str]:
+    """{dotted module name: file path} for every .py file of fastpeft and kernels/."""
+    out = {}
+    for folder, pkg in PACKAGE_DIRS.items():
+        top = os.path.join(ROOT, folder)
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+            rel = os.path.relpath(dirpath, top)
+            prefix = pkg if rel == "." else pkg + "." + rel.replace(os.sep, ".")
+            for fn in filenames:
+                if fn.endswith(".py"):
+                    out[prefix if fn == "__init__.py" else prefix + "." + fn[:-3]] = os.path.join(dirpath, fn)
+    return out
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or \
+        (isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
+    """fastpeft modules that ``name`` imports anywhere in its file (module level, in functions, in try blocks; only
+    ``if TYPE_CHECKING:`` blocks are skipped, they never run).  ``from P import X`` is an edge to ``P.X`` when that is
+    a module, else to ``P``; a string constant that is exactly a fastpeft module's name (other than the bare package
+    name, which is also a logger name) counts as an import by name."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    is_pkg = os.path.basename(path) == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and _is_type_checking(node)
+            for n in ast.walk(node) if n is not node}
+    # the else branch of `if TYPE_CHECKING:` does run
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for n in node.orelse:
+                skip -= {id(m) for m in ast.walk(n)}
+    found = set()
+
+    def add(target):
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            found.add(target)
+
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value != "fastpeft" \
+                and node.value in modules and node.value != name:
+            # a module named in a string is imported by name (importlib.import_module(table[key]), lazy
+            # __getattr__ maps, implementation tables): the same dependency as an import statement
+            found.add(node.value)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name == "fastpeft" or a.name.startswith("fastpeft."):
+                    add(a.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if not (mod == "fastpeft" or mod.startswith("fastpeft.")):
+                continue
+            for a in node.names:
+                sub = f"{mod}.{a.name}"
+                add(sub if sub in modules else mod)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in sorted(modules.items())}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One shortest cycle through each strongly connected component with more than one module (or a self-loop)."""
+    index, low, stack, on, sccs, counter = {}, {}, [], set(), [], [0]
+
+    def strong(v):  # Tarjan, iterative enough for a package this size
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            sccs.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            strong(v)
+    out = []
+    for comp in sccs:
+        if len(comp) == 1 and comp[0] not in graph.get(comp[0], ()):
+            continue
+        members, start = set(comp), comp[0]
+        # breadth-first from start back to start inside the component
+        prev, frontier, seen = {}, [start], {start}
+        found = None
+        while frontier and found is None:
+            nxt = []
+            for v in frontier:
+                for w in sorted(graph[v] & members):
+                    if w == start:
+                        found = v
+                        break
+                    if w not in seen:
+                        seen.add(w)
+                        prev[w] = v
+                        nxt.append(w)
+                if found is not None:
+                    break
+            frontier = nxt
+        path = [start]
+        v = found
+        while v != start:
+            path.append(v)
+            v = prev[v]
+        path = [start] + path[1:][::-1] + [start]
+        out.append((comp, path))
+    return out
+
+
+def test_import_graph_sees_lazy_imports():
+    """The graph is built from every import statement, including those inside functions."""
+    g = import_graph()
+    assert "fastpeft.functional" in g and "fastpeft.kernels.lora" in g
+    assert g["fastpeft"], "fastpeft/__init__.py imports its submodules"
+    lazy = [m for m, path in _modules().items()
+            if any(isinstance(n, (ast.Import, ast.ImportFrom)) and "fastpeft" in ast.dump(n)
+                   for fn in ast.walk(ast.parse(open(path, encoding="utf-8").read()))
+                   if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(fn))]
+    assert lazy, "no function-level import found: the scanner is not looking inside functions"
+
+
+def test_no_import_cycles():
+    """No cycle among fastpeft modules, counting function-level (lazy) imports: a lazy import hides a cycle from the
+    interpreter, not from a reader."""
+    graph = import_graph()
+    cycles = _cycles(graph)
+    report = "\n".join(
+        f"  cycle: {' -> '.join(path)}\n    strongly connected component of {len(comp)} modules; its edges:\n"
+        + "\n".join(f"      {a} -> {b}" for a in comp for b in sorted(graph[a] & set(comp)))
+        for comp, path in cycles)
+    print(report)
+    assert not cycles, f"{len(cycles)} import cycle(s) among fastpeft modules:\n{report}"
+
+
+def test_kernels_do_not_import_upwards():
+    """kernels/ (fastpeft.kernels) is the bottom layer: it may import its own modules, never the rest of fastpeft."""
+    g = import_graph()
+    bad = {m: sorted(t for t in deps if not (t == "fastpeft.kernels" or t.startswith("fastpeft.kernels.")))
+           for m, deps in g.items() if m == "fastpeft.kernels" or m.startswith("fastpeft.kernels.")}
+    bad = {m: deps for m, deps in bad.items() if deps}
+    assert not bad, "kernels/ imports upwards:\n" + "\n".join(f"  {m} -> {', '.join(d)}" for m, d in bad.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public API (taken from main at c6fc26b)
+# ---------------------------------------------------------------------------------------------------------------
+
+PUBLIC_API = {
+    'fastpeft': [
+        'AdaLoRALinear', 'AdaLoraConfig', 'AdaptionPromptConfig', 'BottleneckConfig', 'IA3Config', 'IA3Linear',
+        'LoRALinear', 'LoraConfig', 'PeftConfig', 'PeftModel', 'PeftType', 'PrefixTuningConfig',
+        'PromptEncoderConfig', 'PromptTuningConfig', 'PromptTuningInit', 'TaskType', '__version__', 'accelerate',
+        'backend_info', 'functional', 'get_peft_model', 'get_peft_model_state_dict', 'ops',
+        'prepare_model_for_kbit_training', 'restore', 'select_backend', 'set_peft_model_state_dict'
+    ],
+    'fastpeft.modules': [
+        'AdaLoRALinear', 'IA3Linear', 'LoRALinear'
+    ],
+    'fastpeft.functional': [
+        'adalora_linear', 'draw_seed', 'ia3_linear', 'lora_linear', 'select_backend', 'set_adapter_autocast'
+    ],
+    'fastpeft.ops': [
+        'dropout', 'ia3', 'lora'
+    ],
+    'fastpeft.ops.lora': [
+        'ImplTable', 'LoRALinearFunction', 'base_weight_grad', 'dropout_keep_mask', 'dropout_scale', 'host_seed',
+        'lora_apply', 'lora_bwd_ref', 'lora_fwd_ref'
+    ],
+    'fastpeft.ops.ia3': [
+        'IA3LinearFunction', 'ImplTable', 'ia3_apply', 'ia3_bwd_ref', 'ia3_fwd_ref', 'ia3_weight_grad'
+    ],
+    'fastpeft.ops.dropout': [
+        'dropout_keep_mask', 'dropout_scale', 'dropout_threshold', 'dropout_uniform16', 'philox4x32',
+        'philox4x32_10', 'seeded_dropout'
+    ],
+    'fastpeft.recompute': [
+        'FAMILIES', 'RecomputeStats', 'install', 'is_enabled', 'last_stats', 'saved_tensor_bytes', 'set_enabled',
+        'uninstall'
+    ],
+    'fastpeft.hub': [
+        'push_adapter_to_hub', 'resolve_adapter_dir', 'split_hub_kwargs', 'write_model_card'
+    ],
+    'fastpeft.save_load': [
+        'AdapterFileError', 'AdapterSaveError', 'InterruptedSaveError', 'SAFETENSORS_WEIGHTS_NAME',
+        'SAVE_RECORD_NAME', 'WEIGHTS_NAME', 'atomic_write_bytes', 'config_fingerprint',
+        'embedding_layer_state_dict', 'get_peft_model_state_dict', 'load_peft_weights', 'save_adapter_files',
+        'save_peft_weights', 'set_peft_model_state_dict', 'split_embedding_weights'
+    ],
+    'fastpeft.prompt': [
+        'AdaptionPromptConfig', 'BottleneckConfig', 'PrefixEncoder', 'PrefixTuningConfig', 'PromptEmbedding',
+        'PromptEncoder', 'PromptEncoderConfig', 'PromptEncoderReparameterizationType', 'PromptLearningConfig',
+        'PromptTuningConfig', 'PromptTuningInit'
+    ],
+    'fastpeft.tuners': [
+        'BaseTuner', 'BaseTunerLayer', 'ModulesToSaveWrapper', 'get_tuner_class', 'register_tuner'
+    ],
+    'fastpeft.tuners.base': [
+        'BaseTuner', 'BaseTunerLayer', 'ModulesToSaveWrapper', 'SEQ_CLS_HEAD_NAMES', 'TUNER_CLASSES',
+        'check_target_module_exists', 'register_tuner'
+    ],
+    'fastpeft.config': [
+        'AdaLoraConfig', 'CONFIG_CLASSES', 'CONFIG_NAME', 'IA3Config', 'LoraConfig', 'LoraRuntimeConfig',
+        'PEFT_FORMAT_VERSION', 'PeftConfig', 'PeftType', 'TaskType', 'register_config'
+    ],
+    'fastpeft.mapping': [
+        'get_peft_model', 'get_peft_model_state_dict', 'set_peft_model_state_dict'
+    ],
+    'fastpeft.peft_model': [
+        'MODEL_TYPE_TO_PEFT_MODEL_MAPPING', 'PeftModel', 'PeftModelForCausalLM', 'PeftModelForFeatureExtraction',
+        'PeftModelForQuestionAnswering', 'PeftModelForSeq2SeqLM', 'PeftModelForSequenceClassification',
+        'PeftModelForTokenClassification', 'TunerLayerStatus', 'TunerModelStatus'
+    ],
+    'fastpeft.integrations': [
+        'accelerate', 'fallback_reason', 'is_accelerated', 'restore'
+    ],
+}
+SAME_OBJECT = [
+    ('fastpeft.AdaLoRALinear', 'fastpeft.modules.AdaLoRALinear'),
+    ('fastpeft.AdaLoraConfig', 'fastpeft.config.AdaLoraConfig'),
+    ('fastpeft.AdaptionPromptConfig', 'fastpeft.prompt.AdaptionPromptConfig'),
+    ('fastpeft.BottleneckConfig', 'fastpeft.prompt.BottleneckConfig'),
+    ('fastpeft.IA3Config', 'fastpeft.config.IA3Config'),
+    ('fastpeft.IA3Linear', 'fastpeft.modules.IA3Linear'),
+    ('fastpeft.LoRALinear', 'fastpeft.modules.LoRALinear'),
+    ('fastpeft.LoraConfig', 'fastpeft.config.LoraConfig'),
+    ('fastpeft.PeftConfig', 'fastpeft.config.PeftConfig'),
+    ('fastpeft.PeftModel', 'fastpeft.peft_model.PeftModel'),
+    ('fastpeft.PeftType', 'fastpeft.config.PeftType'),
+    ('fastpeft.PrefixTuningConfig', 'fastpeft.prompt.PrefixTuningConfig'),
+    ('fastpeft.PromptEncoderConfig', 'fastpeft.prompt.PromptEncoderConfig'),
+    ('fastpeft.PromptTuningConfig', 'fastpeft.prompt.PromptTuningConfig'),
+    ('fastpeft.PromptTuningInit', 'fastpeft.prompt.PromptTuningInit'),
+    ('fastpeft.TaskType', 'fastpeft.config.TaskType'),
+    ('fastpeft.accelerate', 'fastpeft.integrations.accelerate'),
+    ('fastpeft.get_peft_model', 'fastpeft.mapping.get_peft_model'),
+    ('fastpeft.get_peft_model_state_dict', 'fastpeft.save_load.get_peft_model_state_dict',
+     'fastpeft.mapping.get_peft_model_state_dict'),
+    ('fastpeft.restore', 'fastpeft.integrations.restore'),
+    ('fastpeft.select_backend', 'fastpeft.functional.select_backend'),
+    ('fastpeft.set_peft_model_state_dict', 'fastpeft.save_load.set_peft_model_state_dict',
+     'fastpeft.mapping.set_peft_model_state_dict'),
+    ('fastpeft.ops.lora.dropout_keep_mask', 'fastpeft.ops.dropout.dropout_keep_mask'),
+    ('fastpeft.ops.lora.dropout_scale', 'fastpeft.ops.dropout.dropout_scale'),
+    ('fastpeft.tuners.BaseTuner', 'fastpeft.tuners.base.BaseTuner'),
+    ('fastpeft.tuners.BaseTunerLayer', 'fastpeft.tuners.base.BaseTunerLayer'),
+    ('fastpeft.tuners.ModulesToSaveWrapper', 'fastpeft.tuners.base.ModulesToSaveWrapper'),
+    ('fastpeft.tuners.register_tuner', 'fastpeft.tuners.base.register_tuner'),
+]
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC_API))
+def test_public_names_import_from_the_same_place(module):
+    mod = importlib.import_module(module)
+    missing = [n for n in PUBLIC_API[module] if not hasattr(mod, n)]
+    assert not missing, f"{module} no longer exports: {missing}"
+
+
+def test_public_aliases_are_one_object():
+    def get(path):
+        module, _, name = path.rpartition(".")
+        return getattr(importlib.import_module(module), name)
+
+    split = [group for group in SAME_OBJECT if any(get(p) is not get(group[0]) for p in group[1:])]
+    assert not split, f"names that were one object are now different objects: {split}"
+
+
+def test_all_lists_only_existing_names():
+    for module in PUBLIC_API:
+        mod = importlib.import_module(module)
+        for n in getattr(mod, "__all__", ()):
+            assert hasattr(mod, n), f"{module}.__all__ names {n!r}, which it does not define"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the test suite itself
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_no_test_module_imports_another():
+    """Shared helpers live in tests/testing_utils.py; a test module importing another runs its module-level code
+    (and its importorskips) in the importer and ties two test files together.  String literals count too (a
+    subprocess script that imports a test module)."""
+    names = {fn[:-3] for fn in os.listdir(TESTS) if fn.startswith("test_") and fn.endswith(".py")}
+    pattern = re.compile(r"^\s*(?:from\s+(test_\w+)\s+import|import\s+(test_\w+))", re.M)
+    bad = []
+    for fn in sorted(os.listdir(TESTS)):
+        if fn.endswith(".py"):
+            with open(os.path.join(TESTS, fn), encoding="utf-8") as f:
+                for m in pattern.finditer(f.read()):
+                    if (m.group(1) or m.group(2)) in names:
+                        bad.append(f"{fn}: {m.group(0).strip()}")
+    assert not bad, "test modules import other test modules:\n  " + "\n  ".join(bad)
