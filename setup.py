@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def read_version() -> str:
-    with open(os.path.join(HERE, "fastpeft", "__init__.py")) as f:
+    with open(os.path.join(HERE, "fastpeft", "_version.py")) as f:
         return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from . import functional, ops  # noqa: F401,E402
 from ._backend import backend_info, select_backend  # noqa: E402
@@ -52,6 +52,10 @@ def __getattr__(name: str):
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'fastpeft' has no attribute {name!r}")
+    if mod != "fastpeft.modules":
+        # Loading the method packages fills the config and tuner registries (they register themselves, from above),
+        # so fastpeft.PeftConfig.from_pretrained and friends know every method.
+        importlib.import_module("fastpeft.tuners")
     value = getattr(importlib.import_module(mod), name)
     globals()[name] = value
     return value

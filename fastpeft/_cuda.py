@@ -38,6 +38,8 @@ from typing import Optional
 
 import torch
 
+from ._meta import ia3_bwd_meta, ia3_fwd_meta, lora_bwd_meta, lora_fwd_meta
+
 logger = logging.getLogger("fastpeft")
 
 __all__ = ["available", "unavailable_reason", "lora_fwd_cuda", "lora_bwd_cuda", "ia3_fwd_cuda", "ia3_bwd_cuda",
@@ -103,10 +105,6 @@ def _require() -> None:
 def _register_fakes() -> None:
     if _state["fakes"]:
         return
-    # The shape functions of the ops (one per op direction); imported here, not at module level, because
-    # fastpeft.ops looks this module up by name (and the registry imports it only when the cuda backend runs).
-    from .ops.ia3 import ia3_bwd_meta, ia3_fwd_meta
-    from .ops.lora import lora_bwd_meta, lora_fwd_meta
     reg = torch.library.register_fake
 
     @reg("fastpeft::lora_fwd_cuda")

@@ -1,9 +1,8 @@
 """The configuration base class and the registry: ``PeftConfig``, ``PeftType``, ``TaskType``, ``register_config``.
 
 Each method's config lives in its package (``fastpeft.tuners.lora.LoraConfig``, ``fastpeft.tuners.ia3.IA3Config``,
-...) and registers itself here; this module imports no method.  Names of the method configs that were importable
-from ``fastpeft.config`` before the methods had packages (``LoraConfig``, ``AdaLoraConfig``, ``IA3Config``,
-``LoraRuntimeConfig``) still resolve, through the registry (``__getattr__`` below).
+...) and registers itself here when imported; this module imports no method (the registry is filled from above:
+``fastpeft.<Name>``, ``fastpeft.tuners``, ``get_peft_model`` and ``PeftModel`` load every method package).
 
 Extension points (for methods implemented outside this file):
 
@@ -27,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import importlib
 import json
 import math
 import os
@@ -42,8 +40,8 @@ from .utils.adapter_files import atomic_write_bytes, jsonable, make_adapter_dir,
 from .utils.constants import CONFIG_NAME, PEFT_FORMAT_VERSION
 
 __all__ = [
-    "PeftType", "TaskType", "PeftConfig", "PromptLearningConfig", "LoraConfig", "AdaLoraConfig", "IA3Config",
-    "LoraRuntimeConfig", "register_config", "CONFIG_CLASSES", "CONFIG_NAME", "PEFT_FORMAT_VERSION",
+    "PeftType", "TaskType", "PeftConfig", "PromptLearningConfig", "register_config", "CONFIG_CLASSES", "CONFIG_NAME",
+    "PEFT_FORMAT_VERSION",
 ]
 
 
@@ -254,11 +252,11 @@ class PeftConfig(*CONFIG_BASES):
         if pt is not None:
             target = CONFIG_CLASSES.get(pt)
             if target is None:
-                _ensure_builtin_registrations()
-                target = CONFIG_CLASSES.get(pt)
-            if target is None:
+                # The method packages register their configs when imported (the registry is filled from above);
+                # every public entry point (fastpeft.<Name>, fastpeft.tuners, get_peft_model, PeftModel) loads them.
+                hint = "" if CONFIG_CLASSES else "; no method is registered yet: import fastpeft.tuners first"
                 raise ValueError(f"peft_type {pt!r} is not supported by fastpeft (supported: "
-                                 f"{sorted(CONFIG_CLASSES)})")
+                                 f"{sorted(CONFIG_CLASSES)}){hint}")
             if not issubclass(target, cls):
                 raise ValueError(f"peft_type {pt!r} is a {target.__name__}, not a {cls.__name__}")
         else:
@@ -325,29 +323,6 @@ class PeftConfig(*CONFIG_BASES):
         """Hook checking keyword arguments before a config is built (PEFT's ``check_kwargs``); returns them as they
         are.  Subclasses may override it to reject or rewrite values."""
         return kwargs
-
-
-# The method packages that ship with fastpeft; each registers its config class(es) here when imported.  They are
-# loaded by name on the first lookup of a peft_type that is not registered yet (a file read before any method was
-# imported), so this module does not import them: the registry is filled from above.
-BUILTIN_METHOD_PACKAGES = "fastpeft.tuners"
-
-
-def _ensure_builtin_registrations() -> None:
-    """Import the built-in method packages so that their configs are registered (errors propagate)."""
-    importlib.import_module(BUILTIN_METHOD_PACKAGES)
-
-
-# Method configs that were importable from this module before the methods had their own packages: name -> package.
-_MOVED = {"LoraConfig": "fastpeft.tuners.lora", "LoraRuntimeConfig": "fastpeft.tuners.lora",
-          "AdaLoraConfig": "fastpeft.tuners.adalora", "IA3Config": "fastpeft.tuners.ia3"}
-
-
-def __getattr__(name: str):
-    """``fastpeft.config.LoraConfig`` etc.: the class from its method package (see ``_MOVED``)."""
-    if name in _MOVED:
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module 'fastpeft.config' has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def write_model_card(peft_model, output_dir: str) -> None:
     "Framework versions" line (PEFT's format version and fastpeft's version)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from . import __version__
+    from ._version import __version__
     from .utils.constants import PEFT_FORMAT_VERSION
 
     filename = os.path.join(output_dir, "README.md")

@@ -3,7 +3,9 @@
 - No import cycle among fastpeft's modules (module-level and function-level imports alike), and ``kernels/``
   (installed as ``fastpeft.kernels``) imports nothing from the rest of fastpeft.
 - The public API: every name fastpeft exported on main at c6fc26b still imports from the same place, and names that
-  were one object under two import paths still are.
+  were one object under two import paths still are.  Internal paths that the one-package-per-method layout moved
+  are listed in MOVED with their new place (they are not user API: HF PEFT has no ``peft.config.LoraConfig`` either,
+  and the ops' lookup tables / the first-word Philox alias were implementation details).
 - No test module imports another test module (shared helpers live in tests/testing_utils.py).
 """
 
@@ -220,14 +222,14 @@ PUBLIC_API = {
         'dropout', 'ia3', 'lora'
     ],
     'fastpeft.ops.lora': [
-        'ImplTable', 'LoRALinearFunction', 'base_weight_grad', 'dropout_keep_mask', 'dropout_scale', 'host_seed',
+        'LoRALinearFunction', 'base_weight_grad', 'dropout_keep_mask', 'dropout_scale', 'host_seed',
         'lora_apply', 'lora_bwd_ref', 'lora_fwd_ref'
     ],
     'fastpeft.ops.ia3': [
-        'IA3LinearFunction', 'ImplTable', 'ia3_apply', 'ia3_bwd_ref', 'ia3_fwd_ref', 'ia3_weight_grad'
+        'IA3LinearFunction', 'ia3_apply', 'ia3_bwd_ref', 'ia3_fwd_ref', 'ia3_weight_grad'
     ],
     'fastpeft.ops.dropout': [
-        'dropout_keep_mask', 'dropout_scale', 'dropout_threshold', 'dropout_uniform16', 'philox4x32',
+        'dropout_keep_mask', 'dropout_scale', 'dropout_threshold', 'dropout_uniform16',
         'philox4x32_10', 'seeded_dropout'
     ],
     'fastpeft.recompute': [
@@ -251,12 +253,8 @@ PUBLIC_API = {
     'fastpeft.tuners': [
         'BaseTuner', 'BaseTunerLayer', 'ModulesToSaveWrapper', 'get_tuner_class', 'register_tuner'
     ],
-    'fastpeft.tuners.base': [
-        'BaseTuner', 'BaseTunerLayer', 'ModulesToSaveWrapper', 'SEQ_CLS_HEAD_NAMES', 'TUNER_CLASSES',
-        'check_target_module_exists', 'register_tuner'
-    ],
     'fastpeft.config': [
-        'AdaLoraConfig', 'CONFIG_CLASSES', 'CONFIG_NAME', 'IA3Config', 'LoraConfig', 'LoraRuntimeConfig',
+        'CONFIG_CLASSES', 'CONFIG_NAME',
         'PEFT_FORMAT_VERSION', 'PeftConfig', 'PeftType', 'TaskType', 'register_config'
     ],
     'fastpeft.mapping': [
@@ -271,15 +269,32 @@ PUBLIC_API = {
         'accelerate', 'fallback_reason', 'is_accelerated', 'restore'
     ],
 }
+# internal names of c6fc26b that moved: old dotted path -> new dotted path (the new one must exist)
+MOVED = {
+    "fastpeft.config.LoraConfig": "fastpeft.tuners.lora.LoraConfig",
+    "fastpeft.config.LoraRuntimeConfig": "fastpeft.tuners.lora.LoraRuntimeConfig",
+    "fastpeft.config.AdaLoraConfig": "fastpeft.tuners.adalora.AdaLoraConfig",
+    "fastpeft.config.IA3Config": "fastpeft.tuners.ia3.IA3Config",
+    "fastpeft.tuners.base.BaseTuner": "fastpeft.tuners.tuners_utils.BaseTuner",
+    "fastpeft.tuners.base.BaseTunerLayer": "fastpeft.tuners.tuners_utils.BaseTunerLayer",
+    "fastpeft.tuners.base.TUNER_CLASSES": "fastpeft.tuners.tuners_utils.TUNER_CLASSES",
+    "fastpeft.tuners.base.register_tuner": "fastpeft.tuners.tuners_utils.register_tuner",
+    "fastpeft.tuners.base.ModulesToSaveWrapper": "fastpeft.utils.other.ModulesToSaveWrapper",
+    "fastpeft.tuners.base.SEQ_CLS_HEAD_NAMES": "fastpeft.utils.constants.SEQ_CLS_HEAD_NAMES",
+    "fastpeft.tuners.base.check_target_module_exists": "fastpeft.tuners._targets.check_target_module_exists",
+    "fastpeft.ops.lora.ImplTable": "fastpeft.ops._registry.impl",
+    "fastpeft.ops.ia3.ImplTable": "fastpeft.ops._registry.impl",
+    "fastpeft.ops.dropout.philox4x32": "fastpeft.ops.dropout.philox4x32_10",
+}
 SAME_OBJECT = [
     ('fastpeft.AdaLoRALinear', 'fastpeft.modules.AdaLoRALinear'),
-    ('fastpeft.AdaLoraConfig', 'fastpeft.config.AdaLoraConfig'),
+    ('fastpeft.AdaLoraConfig', 'fastpeft.tuners.adalora.AdaLoraConfig'),
     ('fastpeft.AdaptionPromptConfig', 'fastpeft.prompt.AdaptionPromptConfig'),
     ('fastpeft.BottleneckConfig', 'fastpeft.prompt.BottleneckConfig'),
-    ('fastpeft.IA3Config', 'fastpeft.config.IA3Config'),
+    ('fastpeft.IA3Config', 'fastpeft.tuners.ia3.IA3Config'),
     ('fastpeft.IA3Linear', 'fastpeft.modules.IA3Linear'),
     ('fastpeft.LoRALinear', 'fastpeft.modules.LoRALinear'),
-    ('fastpeft.LoraConfig', 'fastpeft.config.LoraConfig'),
+    ('fastpeft.LoraConfig', 'fastpeft.tuners.lora.LoraConfig'),
     ('fastpeft.PeftConfig', 'fastpeft.config.PeftConfig'),
     ('fastpeft.PeftModel', 'fastpeft.peft_model.PeftModel'),
     ('fastpeft.PeftType', 'fastpeft.config.PeftType'),
@@ -298,10 +313,10 @@ SAME_OBJECT = [
      'fastpeft.mapping.set_peft_model_state_dict'),
     ('fastpeft.ops.lora.dropout_keep_mask', 'fastpeft.ops.dropout.dropout_keep_mask'),
     ('fastpeft.ops.lora.dropout_scale', 'fastpeft.ops.dropout.dropout_scale'),
-    ('fastpeft.tuners.BaseTuner', 'fastpeft.tuners.base.BaseTuner'),
-    ('fastpeft.tuners.BaseTunerLayer', 'fastpeft.tuners.base.BaseTunerLayer'),
-    ('fastpeft.tuners.ModulesToSaveWrapper', 'fastpeft.tuners.base.ModulesToSaveWrapper'),
-    ('fastpeft.tuners.register_tuner', 'fastpeft.tuners.base.register_tuner'),
+    ('fastpeft.tuners.BaseTuner', 'fastpeft.tuners.tuners_utils.BaseTuner'),
+    ('fastpeft.tuners.BaseTunerLayer', 'fastpeft.tuners.tuners_utils.BaseTunerLayer'),
+    ('fastpeft.tuners.ModulesToSaveWrapper', 'fastpeft.utils.other.ModulesToSaveWrapper'),
+    ('fastpeft.tuners.register_tuner', 'fastpeft.tuners.tuners_utils.register_tuner'),
 ]
 
 
@@ -319,6 +334,12 @@ def test_public_aliases_are_one_object():
 
     split = [group for group in SAME_OBJECT if any(get(p) is not get(group[0]) for p in group[1:])]
     assert not split, f"names that were one object are now different objects: {split}"
+
+
+@pytest.mark.parametrize("old", sorted(MOVED))
+def test_moved_internal_names_exist_at_their_new_place(old):
+    module, _, name = MOVED[old].rpartition(".")
+    assert hasattr(importlib.import_module(module), name), f"{old} moved to {MOVED[old]}, which does not exist"
 
 
 def test_all_lists_only_existing_names():

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._meta import ia3_bwd_meta, ia3_fwd_meta  # noqa: F401  (public here too)
 from ._registry import impl as _impl
 
 
@@ -94,38 +95,6 @@ def ia3_weight_grad(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3
 # Fake (meta) kernels: output shapes and dtypes with the shape contract checked; registered for the custom ops below
 # and for the extension's ops (``fastpeft._cuda``).
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _check_ia3_shapes(x_features: int, weight: torch.Tensor, ia3_l: torch.Tensor, feedforward: bool) -> None:
-    n, k = weight.shape
-    torch._check(x_features == k, lambda: f"x has {x_features} features but weight is {tuple(weight.shape)}")
-    want = k if feedforward else n
-    torch._check(ia3_l.dim() == 1 and ia3_l.shape[0] == want, lambda: f"ia3_l must be ({want},), got {ia3_l.shape}")
-
-
-def ia3_fwd_meta(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
-                 feedforward: bool, save_z: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs of the forward without computing them: y (M, N) in x's dtype and saved (z (M, N) in output mode
-    when `save_z`, else empty (0,)).  Checks x: (M, K), weight: (N, K), bias: (N,), ia3_l: (N,) or (K,)."""
-    _check_ia3_shapes(x.shape[1], weight, ia3_l, feedforward)
-    if bias is not None:
-        torch._check(bias.shape == (weight.shape[0],), lambda: f"bias must be ({weight.shape[0]},), got {bias.shape}")
-    m, n = x.shape[0], weight.shape[0]
-    saved = x.new_empty(m, n) if (save_z and not feedforward) else x.new_empty(0)
-    return x.new_empty(m, n), saved
-
-
-def ia3_bwd_meta(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l: torch.Tensor, feedforward: bool,
-                 needs_dx: bool, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Outputs of the backward without computing them (see ``ia3_bwd_ref``): dx (M, K) in x's dtype (input mode) or
-    dy's (output mode), dl like ia3_l, dbias (N,).  Checks dy: (M, N)."""
-    n, k = weight.shape
-    torch._check(dy.dim() == 2 and dy.shape[1] == n, lambda: f"dy must be (M, {n}), got {dy.shape}")
-    _check_ia3_shapes(x.shape[1] if feedforward else k, weight, ia3_l, feedforward)
-    dx_like = x if feedforward else dy
-    dx = dx_like.new_empty(dy.shape[0], k) if needs_dx else dx_like.new_empty(0)
-    dbias = dy.new_empty(n, dtype=weight.dtype) if has_bias else dy.new_empty(0, dtype=weight.dtype)
-    return dx, ia3_l.new_empty(ia3_l.shape), dbias
 
 
 @torch.library.custom_op("fastpeft::ia3_fwd", mutates_args=())

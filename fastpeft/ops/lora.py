@@ -35,6 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._meta import lora_bwd_meta, lora_fwd_meta  # noqa: F401  (public here too)
 from ._registry import impl as _impl
 from .dropout import dropout_keep_mask, dropout_scale, host_seed, seeded_dropout
 
@@ -127,44 +128,6 @@ def lora_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
 # Fake (meta) kernels: shapes and dtypes of the outputs, with the shape contract checked.  One per op direction; the
 # custom ops below and the extension's ops (``fastpeft._cuda``) register these.
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _check_lora_shapes(x, weight, lora_A, lora_E, lora_B) -> None:
-    m, k = x.shape
-    n = weight.shape[0]
-    r = lora_A.shape[0]
-    torch._check(weight.dim() == 2 and weight.shape[1] == k, lambda: f"weight must be (N, {k}), got {weight.shape}")
-    torch._check(lora_A.dim() == 2 and lora_A.shape[1] == k, lambda: f"lora_A must be (r, {k}), got {lora_A.shape}")
-    torch._check(lora_B.dim() == 2 and lora_B.shape[0] == n and lora_B.shape[1] == r,
-                 lambda: f"lora_B must be ({n}, {r}), got {lora_B.shape}")
-    if lora_E is not None:
-        torch._check(lora_E.dim() == 1 and lora_E.shape[0] == r, lambda: f"lora_E must be ({r},), got {lora_E.shape}")
-
-
-def lora_fwd_meta(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                  lora_E: Optional[torch.Tensor], lora_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Outputs of the forward without computing them: y (M, N) in x's dtype, S (M, r) in fp32 (fp64 adapters:
-    fp64).  Checks the shapes with ``torch._check`` (x: (M, K), weight: (N, K), bias: (N,), lora_A: (r, K),
-    lora_E: (r,), lora_B: (N, r))."""
-    _check_lora_shapes(x, weight, lora_A, lora_E, lora_B)
-    if bias is not None:
-        torch._check(bias.shape == (weight.shape[0],), lambda: f"bias must be ({weight.shape[0]},), got {bias.shape}")
-    m = x.shape[0]
-    s_dtype = torch.promote_types(lora_A.dtype, torch.float32)
-    return x.new_empty(m, weight.shape[0]), x.new_empty(m, lora_A.shape[0], dtype=s_dtype)
-
-
-def lora_bwd_meta(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                  lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, S: torch.Tensor, needs_dx: bool,
-                  has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Outputs of the backward without computing them (see ``lora_bwd_ref``); checks dy: (M, N), S: (M, r)."""
-    _check_lora_shapes(x, weight, lora_A, lora_E, lora_B)
-    torch._check(dy.shape == (x.shape[0], weight.shape[0]), lambda: f"dy must be (M, N), got {dy.shape}")
-    torch._check(S.shape == (x.shape[0], lora_A.shape[0]), lambda: f"S must be (M, r), got {S.shape}")
-    dx = x.new_empty(x.shape) if needs_dx else x.new_empty(0)
-    dE = lora_E.new_empty(lora_E.shape) if lora_E is not None else dy.new_empty(0, dtype=lora_A.dtype)
-    dbias = dy.new_empty(weight.shape[0], dtype=weight.dtype) if has_bias else dy.new_empty(0, dtype=weight.dtype)
-    return dx, lora_A.new_empty(lora_A.shape), dE, lora_B.new_empty(lora_B.shape), dbias
 
 
 # ---------------------------------------------------------------------------------------------------------------
