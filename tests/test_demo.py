@@ -252,12 +252,6 @@ def test_tiny_prefix_run_when_hf_peft_cannot_run_it(tmp_path, capsys):
     """HF PEFT 0.21.2's prefix tuning rejects BERT under transformers 5 at forward time; the demo still trains with
     fastpeft, skips the comparison and checks the saved adapter with fastpeft's loader (saying so)."""
     pytest.importorskip("peft")
-    args = demo.build_parser().parse_args(["--method", "prefix"])
-    demo.validate(args)
-    try:
-        demo.fastpeft_engine("prefix", args)
-    except demo.NotAvailableYet as e:
-        pytest.skip(str(e))
     out = tmp_path / "run"
     status = demo.main(["--method", "prefix", "--steps", "2", "--batch-size", "4", "--max-examples", "12",
                         "--probe-examples", "12", "--probe-iters", "5", "--no-progress", "--out", str(out)])
@@ -327,6 +321,29 @@ def test_backend_is_honoured_for_the_run(monkeypatch, tmp_path):
     monkeypatch.setattr(demo, "_run", fake_run)
     assert demo.main(["--backend", "torch", "--out", str(tmp_path)]) == 0
     assert seen["env"] == "torch" and "FASTPEFT_BACKEND" not in os.environ
+
+
+def test_backend_env_is_scoped_to_the_run(monkeypatch, tmp_path):
+    """The caller's FASTPEFT_BACKEND comes back after a run that fails, and a run without --backend leaves the
+    environment alone."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "auto")
+    seen = []
+
+    def failing_run(args, device, argv_used):
+        seen.append(os.environ.get("FASTPEFT_BACKEND"))
+        raise ValueError("boom")
+    monkeypatch.setattr(demo, "_run", failing_run)
+    assert demo.main(["--backend", "torch", "--out", str(tmp_path)]) == 2
+    assert demo.main(["--out", str(tmp_path)]) == 2
+    assert seen == ["torch", "auto"] and os.environ["FASTPEFT_BACKEND"] == "auto"
+
+
+@needs_minilm
+def test_loading_the_model_leaves_the_environment_alone(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = dict(os.environ)
+    demo_data.load_minilm_classifier()
+    assert dict(os.environ) == before
 
 
 def test_help_explains_every_option_without_repeating_defaults():
