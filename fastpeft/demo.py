@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import statistics
@@ -588,6 +589,11 @@ class _Quiet:
             warnings.simplefilter("ignore", cat)
         # third-party notices only; fastpeft's own warnings stay visible
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|transformers|torch|huggingface_hub)\b")
+        # bitsandbytes (imported by peft when installed) asks Hugging Face's `kernels` package for an optional CPU
+        # kernel at import, and both log warnings when that fails or is offline; the demo never uses the kernel
+        self._loggers = [(lg, lg.level) for lg in map(logging.getLogger, ("bitsandbytes", "kernels"))]
+        for lg, _ in self._loggers:
+            lg.setLevel(logging.ERROR)
         self._tf = None
         try:
             import transformers
@@ -601,6 +607,8 @@ class _Quiet:
         return self
 
     def __exit__(self, *exc):
+        for lg, level in self._loggers:
+            lg.setLevel(level)
         if self._tf is not None:
             self._tf.set_verbosity(self._verbosity)
             (self._tf.enable_progress_bar if self._bars else self._tf.disable_progress_bar)()

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -408,3 +409,19 @@ def test_tiny_runs_are_deterministic_quiet_and_consistent(tmp_path, capsys):
     assert s["table"][0].count("|") == 9 and len(s["table"]) == 3  # header, rule, one engine; 8 columns
     for line in s["table"]:
         assert line in cap.out
+
+
+@needs_vader
+@needs_minilm
+def test_fresh_process_run_prints_no_third_party_lines(tmp_path):
+    """As a user runs it (a fresh process from the clone root, where the first import of peft/bitsandbytes happens
+    inside the demo): stderr holds only the demo's own per-step lines and notes."""
+    pytest.importorskip("peft")
+    root = Path(demo.__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "fastpeft.demo", "--steps", "2", "--batch-size", "4",
+                           "--max-examples", "8", "--probe-examples", "8", "--probe-iters", "2", "--rank", "2",
+                           "--out", str(tmp_path / "run")],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    others = [line for line in proc.stderr.splitlines() if not line.startswith(("  step ", "note: "))]
+    assert others == [], others
