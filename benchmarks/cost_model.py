@@ -11,7 +11,7 @@ What is traced, per case (projection K->N, tokens M, method) and path:
                  backend is installed and the dispatch table is empty (so it follows the code, not this file).
   * ``fused``  - the Triton backend's fused-GEMM variant (``backend="triton:fused"``); ``torch`` - the reference
                  backend.
-  * ``design`` - issue 15's by-construction default as a design (``_design_case``): what the default should cost
+  * ``design`` - the default path's pass budget as a design (``_design_case``): what the default should cost
                  once built; a reference for the real ``default`` row, not a measurement or a model of code.
   fastpeft's paths are traced at the op contract (``<op>_fwd_<backend>`` then ``<op>_bwd_<backend>``, exactly what
   the autograd Function runs) on fake *CUDA* tensors, so the backends take their GPU code paths.  autograd cannot
@@ -437,7 +437,7 @@ def _fastpeft_case(backend: str, method: str, k: int, n: int, m: int, bwd: bool,
 
 def _design_case(method: str, k: int, n: int, m: int, bwd: bool, feedforward: bool):
     """Issue 15's by-construction default as a design, not code: its cuBLAS calls as torch ops (counted like any
-    op), its skinny kernels reported with the traffic the issue's pass budget gives them.  LoRA: forward
+    op), its skinny kernels reported with the traffic the design's pass budget gives them.  LoRA: forward
     y = x Wᵀ (cuBLAS), S = drop(x) Aᵀ in one pass over x (fp32 and bf16 copies of S; e and s folded in), y += S Bᵀ
     (cuBLAS, beta = 1); backward one pass over dY for dS and dB, one over x for dA (mask regenerated),
     dX = dY W (cuBLAS) plus dS A accumulated by cuBLAS (beta = 1) - with dropout the term is masked, so a kernel
@@ -534,7 +534,7 @@ def trace_case(path: str, layer: str, m: int, method: str, mode: str) -> Trace:
     elif path == "peft-bf16":
         (setup, fn), backend = _peft_case(method, k, n, m, bwd, ff, torch.bfloat16), "HF PEFT, bf16 adapters"
     elif path == "design":
-        (setup, fn), backend = _design_case(method, k, n, m, bwd, ff), "issue 15's design (pass budget, not code)"
+        (setup, fn), backend = _design_case(method, k, n, m, bwd, ff), "the design (pass budget, not code)"
     else:
         op = "ia3" if method == "ia3" else "lora"
         try:
@@ -860,10 +860,10 @@ def _target(method: str, m: int) -> Optional[float]:
 
 
 def _headline(by: dict, paths: list) -> list:
-    """The issue's targets next to the predictions: fwd+bwd at M = 2048/8192, the forward under a CUDA graph at
+    """The performance targets next to the predictions: fwd+bwd at M = 2048/8192, the forward under a CUDA graph at
     M <= 16 (decode)."""
     cols = [p for p in ("default", "design", "fused", "peft-bf16", "peft") if p in paths]
-    L = ["## Targets (issue 15) and predictions, x base", "",
+    L = ["## Targets and predictions, x base", "",
          "fwd+bwd at M >= 2048; M <= 16: the forward replayed as a CUDA graph (decode). `@2µs`: the same under the "
          "sensitivity fit (see Calibration) - for graph replays the more plausible one, since the fitted gap "
          "includes eager launch latency.", "",
