@@ -48,9 +48,9 @@ from .demo_data import (
 )
 
 METHODS = ("lora", "adalora", "ia3", "prompt", "prefix", "ptuning", "bottleneck")
-# Default learning rates, one per method, each picked so that the default run (100 steps of 32) ends above the
-# frozen linear probe.  Prompt tuning's virtual tokens take the [CLS] position the pooler reads, so a random start
-# makes the pooler's input meaningless and ends below the probe; hence its text initialisation below.
+# Default learning rates, one per method, for the default run (100 steps of 32).  Prompt tuning's virtual tokens
+# take the [CLS] position the pooler reads, so a random start makes the pooler's input meaningless and ends below the
+# frozen linear probe; hence its text initialisation below.
 PROMPT_INIT_TEXT = "Is this word positive or negative?"
 DEFAULT_LR = {"lora": 1e-3, "adalora": 3e-3, "ia3": 1e-2, "prompt": 3e-2, "prefix": 1e-2, "ptuning": 1e-2,
               "bottleneck": 1e-3}
@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "backend that cannot run here is refused")
     p.add_argument("--engine", default="auto", choices=["auto", "native", "accelerate"],
                    help="native: fastpeft.get_peft_model; accelerate: HF PEFT's model with fastpeft.accelerate "
-                        "(lora/adalora/ia3 only); auto (default): native when available")
+                        "(lora/adalora/ia3 only); auto (default) is native")
     p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison run (about half the time)")
     p.add_argument("--out", default="fastpeft_demo_out", metavar="DIR",
                    help="output folder for summary.json and adapter/ (default ./fastpeft_demo_out)")
@@ -751,7 +751,7 @@ def _run(args, device: torch.device, argv_used: Optional[list]) -> int:
     elapsed = time.perf_counter() - t_start
     print(f"total {elapsed:.0f} s")
     summary = {"method": args.method, "device": str(device), "lr": lr, "args": vars(args),
-               "command": "python -m fastpeft.demo " + " ".join(sys.argv[1:] if argv_used is None else argv_used),
+               "command": " ".join(["python -m fastpeft.demo", *(sys.argv[1:] if argv_used is None else argv_used)]),
                "commit": _git_commit(), "fastpeft": fastpeft.__version__, "torch": torch.__version__,
                "cpu_threads": torch.get_num_threads(), "elapsed_s": elapsed,
                "acc_before": acc_before, "probe_train_acc": probe_acc, "table": table, "table_notes": notes,
