@@ -11,7 +11,7 @@ What is traced, per case (projection K->N, tokens M, method) and path:
                  backend is installed and the dispatch table is empty (so it follows the code, not this file).
   * ``fused``  - the Triton backend's fused-GEMM variant (``backend="triton:fused"``); ``torch`` - the reference
                  backend.
-  * ``design`` - issue 15's by-construction default as a design (``_design_case``): what the default should cost
+  * ``design`` - the default path's pass budget as a design (``_design_case``): what the default should cost
                  once built; a reference for the real ``default`` row, not a measurement or a model of code.
   fastpeft's paths are traced at the op contract (``<op>_fwd_<backend>`` then ``<op>_bwd_<backend>``, exactly what
   the autograd Function runs) on fake *CUDA* tensors, so the backends take their GPU code paths.  autograd cannot
@@ -27,14 +27,14 @@ Counting:
     launchers report each kernel (bytes read/written, FLOPs) and skip the launch.  A launcher that does not report
     fails on the fake tensor; the path is then ``unmodelled`` (with the error), never estimated.
 
-Predicted time (H200, performance.md §1: 781 TFLOP/s bf16 dense, 4.2 TB/s copy):
+Predicted time (H200, measured peaks: 781 TFLOP/s bf16 dense, 4.2 TB/s copy):
     GEMM     t_k = max(flops / (781e12 * e_gemm), bytes / (4.2e12 * e_gemv))    (fastpeft's own GEMMs 1.15x slower)
     other    t_k = max(flops / 781e12, bytes / 4.2e12)                          (the copy ceiling)
     GPU      T_gpu  = sum_k t_k + n_launch * gap
     host     T_host = host_call + n_launch * host_launch + (host_bwd if the case has a backward)
     eager    T = max(T_gpu, T_host);   under a CUDA graph  T_graph = T_gpu
 ``e_gemm, e_gemv, gap`` are fitted (grid search, least squares in log time) to the 24 measured frozen-layer times
-of performance.md §1 and its one measured two-kernel cuBLAS sequence; ``host_*`` to those and HF PEFT's measured
+in ``MEASURED_MS`` and the one measured two-kernel cuBLAS sequence (``ANCHOR_RATIO``); ``host_*`` to those and HF PEFT's measured
 M <= 16 times (host-bound); the fit's error on the frozen layer is the calibration error.  HF PEFT's M >= 2048
 times are not used by the fit: they validate it.
 """
@@ -58,10 +58,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-PEAK_FLOPS = 781e12  # bf16 matmul 8192^3 measured on the H200 (performance.md §1)
-PEAK_BYTES = 4.2e12  # device-to-device copy, bytes read + written (performance.md §1)
-SOURCE = "performance.md §1 (one H200, torch 2.11.0+cu130, 2026-11-28)"
-# A persistent TMA Triton GEMM measured 1.15-1.75x cuBLAS's time on these shapes (performance.md §1): fastpeft's own
+PEAK_FLOPS = 781e12  # bf16 matmul 8192^3 measured on the H200 (SOURCE)
+PEAK_BYTES = 4.2e12  # device-to-device copy, bytes read + written (SOURCE)
+SOURCE = "one H200, torch 2.11.0+cu130, 2026-11-28; the times are MEASURED_MS in benchmarks/cost_model.py"
+# A persistent TMA Triton GEMM measured 1.15-1.75x cuBLAS's time on these shapes (same H200): fastpeft's own
 # GEMM kernels are predicted at the best of that range.
 TRITON_GEMM_SLOWDOWN = 1.15
 ALT_GAP_S = 2e-6  # the sensitivity run's gap between kernels (see run_model)
@@ -74,7 +74,7 @@ ALPHA = 32
 # IA3 on Llama: attention projections scale the output, feed-forward down_proj scales the input (PEFT's defaults).
 IA3_FEEDFORWARD = {"q_proj": False, "up_proj": False, "down_proj": True}
 
-# performance.md §1, ms: base fwd, PEFT LoRA fwd, base fwd+bwd, PEFT LoRA fwd+bwd, PEFT LoRA p=0.1 fwd+bwd,
+# Measured on the H200 of SOURCE, ms: base fwd, PEFT LoRA fwd, base fwd+bwd, PEFT LoRA fwd+bwd, PEFT LoRA p=0.1 fwd+bwd,
 # IA3 fwd+bwd, AdaLoRA fwd+bwd (PEFT layers, r=16, alpha=32, fp32 adapters, bf16 inputs).
 MEASURED_MS = {
     ("q_proj", 1): (0.046, 0.155, 0.212, 0.649, 0.683, 0.371, 0.993),
@@ -99,7 +99,7 @@ _PATH_BACKEND = {"fused": "triton:fused", "torch": "torch"}
 
 
 def measured_ms(layer: str, m: int, method: str, mode: str) -> Optional[float]:
-    """performance.md §1's time for (layer, M, method - ``base`` for the frozen layer - mode), or None."""
+    """The measured H200 time for (layer, M, method - ``base`` for the frozen layer - mode), or None."""
     row = MEASURED_MS.get((layer, m))
     col = _COL.get((method, mode))
     return None if row is None or col is None else row[col]
@@ -437,7 +437,7 @@ def _fastpeft_case(backend: str, method: str, k: int, n: int, m: int, bwd: bool,
 
 def _design_case(method: str, k: int, n: int, m: int, bwd: bool, feedforward: bool):
     """Issue 15's by-construction default as a design, not code: its cuBLAS calls as torch ops (counted like any
-    op), its skinny kernels reported with the traffic the issue's pass budget gives them.  LoRA: forward
+    op), its skinny kernels reported with the traffic the design's pass budget gives them.  LoRA: forward
     y = x Wᵀ (cuBLAS), S = drop(x) Aᵀ in one pass over x (fp32 and bf16 copies of S; e and s folded in), y += S Bᵀ
     (cuBLAS, beta = 1); backward one pass over dY for dS and dB, one over x for dA (mask regenerated),
     dX = dY W (cuBLAS) plus dS A accumulated by cuBLAS (beta = 1) - with dropout the term is masked, so a kernel
@@ -534,7 +534,7 @@ def trace_case(path: str, layer: str, m: int, method: str, mode: str) -> Trace:
     elif path == "peft-bf16":
         (setup, fn), backend = _peft_case(method, k, n, m, bwd, ff, torch.bfloat16), "HF PEFT, bf16 adapters"
     elif path == "design":
-        (setup, fn), backend = _design_case(method, k, n, m, bwd, ff), "issue 15's design (pass budget, not code)"
+        (setup, fn), backend = _design_case(method, k, n, m, bwd, ff), "the design (pass budget, not code)"
     else:
         op = "ia3" if method == "ia3" else "lora"
         try:
@@ -583,7 +583,7 @@ class Calibration:
 def kernel_seconds(k: Kernel, cal: Calibration) -> float:
     """One launch of `k`.  GEMMs (torch's mm family, and reported kernels of arithmetic intensity >= 32 flop/byte)
     run at the calibrated cuBLAS efficiencies - fastpeft's own Triton GEMMs TRITON_GEMM_SLOWDOWN times slower;
-    everything else streams at the copy ceiling (the 4.2 TB/s of performance.md is itself a streaming kernel)."""
+    everything else streams at the copy ceiling (the measured 4.2 TB/s is itself a streaming kernel)."""
     if k.gemm:
         slow = TRITON_GEMM_SLOWDOWN if k.source == "fastpeft" else 1.0
         return max(k.flops * slow / (PEAK_FLOPS * cal.e_gemm), k.bytes / (PEAK_BYTES * cal.e_gemv))
@@ -622,7 +622,7 @@ def _refine(grids_fn, loss_fn, coarse: list) -> tuple:
     return _argmin_grid(loss_fn, grids_fn(best))
 
 
-# performance.md §1, cuBLAS-anchored variants at M=8192 (ratio to the base GEMM, same run): `y = x@Wᵀ;
+# Measured on the same H200, cuBLAS-anchored variants at M=8192 (ratio to the base GEMM, same run): `y = x@Wᵀ;
 # y.addmm_(S, Bᵀ)` took 1.11-1.14x - the only measured multi-kernel cuBLAS sequence, so it anchors the gap.
 ANCHOR_RATIO = 1.125
 ANCHOR_LAYERS = ("q_proj", "up_proj")
@@ -745,7 +745,7 @@ def pass_bytes(layer: str, m: int) -> tuple[int, int]:
 
 
 def floor_extra_bytes(layer: str, m: int, method: str, mode: str) -> int:
-    """The fewest extra bytes over the frozen layer (performance.md §2): LoRA/AdaLoRA forward reads x once more,
+    """The fewest extra bytes over the frozen layer: LoRA/AdaLoRA forward reads x once more,
     backward reads dY once and x once more; IA3 reads or writes nothing on the M-sized tensors beyond the base
     (scaling W or the GEMM's epilogue) except the dl reduction's pass over dY (output mode) or x (input mode) in
     backward.  Adapter-sized traffic (A, B, S and their gradients, each about 2r/K of a pass in fp32) is left out:
@@ -860,10 +860,10 @@ def _target(method: str, m: int) -> Optional[float]:
 
 
 def _headline(by: dict, paths: list) -> list:
-    """The issue's targets next to the predictions: fwd+bwd at M = 2048/8192, the forward under a CUDA graph at
+    """The performance targets next to the predictions: fwd+bwd at M = 2048/8192, the forward under a CUDA graph at
     M <= 16 (decode)."""
     cols = [p for p in ("default", "design", "fused", "peft-bf16", "peft") if p in paths]
-    L = ["## Targets (issue 15) and predictions, x base", "",
+    L = ["## Targets and predictions, x base", "",
          "fwd+bwd at M >= 2048; M <= 16: the forward replayed as a CUDA graph (decode). `@2µs`: the same under the "
          "sensitivity fit (see Calibration) - for graph replays the more plausible one, since the fitted gap "
          "includes eager launch latency.", "",

@@ -20,8 +20,10 @@ used when present.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import statistics
@@ -30,7 +32,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -46,17 +48,12 @@ from .demo_data import (
 )
 
 METHODS = ("lora", "adalora", "ia3", "prompt", "prefix", "ptuning", "bottleneck")
-# Default learning rates.  Held-out accuracy of full default runs on CPU (100 steps of 32, seed 0; linear probe
-# before: 0.8567; commit 9acf2ab): lora 0.9233, ia3 0.9325, adalora 0.9148, bottleneck 0.9283, prefix 0.8904;
-# ptuning 0.8879 and prompt (random init) 0.8524 when rerun later.  Prompt tuning's virtual tokens take the [CLS]
-# position the pooler reads (at lr 1e-2 with a random init it fell to 0.8094), hence its text initialisation below.
+# Default learning rates, one per method, for the default run (100 steps of 32).  Prompt tuning's virtual tokens
+# take the [CLS] position the pooler reads, so a random start makes the pooler's input meaningless and ends below the
+# frozen linear probe; hence its text initialisation below.
 PROMPT_INIT_TEXT = "Is this word positive or negative?"
 DEFAULT_LR = {"lora": 1e-3, "adalora": 3e-3, "ia3": 1e-2, "prompt": 3e-2, "prefix": 1e-2, "ptuning": 1e-2,
               "bottleneck": 1e-3}
-
-
-class NotAvailableYet(RuntimeError):
-    """The requested method needs a part of fastpeft that is not in this build."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,16 +67,6 @@ def _peft_or_none():
     except ImportError:
         return None
     return peft
-
-
-def _fastpeft_native() -> Optional[Any]:
-    """fastpeft's own model API (``fastpeft.get_peft_model`` + configs) if it is in this build, else None."""
-    import fastpeft
-    try:
-        fastpeft.get_peft_model  # noqa: B018 - resolves the lazy export, importing fastpeft.mapping
-    except (ImportError, AttributeError):
-        return None
-    return fastpeft
 
 
 def _config_kwargs(method: str, args) -> tuple[str, dict]:
@@ -122,44 +109,35 @@ class Engine:
     build: Callable[[torch.nn.Module], torch.nn.Module]
 
 
+def _backend_label(args) -> str:
+    """The backend the run uses: set by ``validate`` from ``--backend``, else ``$FASTPEFT_BACKEND``, else auto."""
+    return getattr(args, "backend_resolved", None) or args.backend or "auto"
+
+
 def fastpeft_engine(method: str, args) -> Engine:
-    """fastpeft's model API when present; otherwise HF PEFT's model with ``fastpeft.accelerate`` (fused layers)."""
+    """fastpeft's model API (``--engine native``/``auto``), or HF PEFT's model with ``fastpeft.accelerate``
+    swapping in fastpeft's layers (``--engine accelerate``: LoRA, AdaLoRA and IA3 only)."""
+    import fastpeft
     cls_name, kwargs = _config_kwargs(method, args)
-    choice = args.engine
-    native = _fastpeft_native() if choice in ("auto", "native") else None
-    if native is not None:
-        try:
-            cfg_cls = getattr(native, cls_name)
-        except (ImportError, AttributeError) as e:
-            cfg_cls = None
-            why = f"{type(e).__name__}: {e}"
-        if cfg_cls is not None:
-            def build(base, _cls=cfg_cls):
-                return native.get_peft_model(base, _cls(**kwargs))
-            return Engine("fastpeft", f"fastpeft.get_peft_model({cls_name}), backend "
-                          f"{args.backend or os.environ.get('FASTPEFT_BACKEND', 'auto')}", build)
-        if method in ("prompt", "prefix", "ptuning", "bottleneck"):
-            raise NotAvailableYet(f"--method {method}: fastpeft.{cls_name} is not available in this build yet ({why})")
-    elif choice == "native":
-        raise NotAvailableYet("--engine native: fastpeft's model API (fastpeft.get_peft_model) is not in this build "
-                              "yet; use --engine accelerate")
+    if args.engine in ("auto", "native"):
+        cfg_cls = getattr(fastpeft, cls_name)
+
+        def build(base):
+            return fastpeft.get_peft_model(base, cfg_cls(**kwargs))
+        return Engine("fastpeft", f"fastpeft.get_peft_model({cls_name}), backend {_backend_label(args)}", build)
     if method in ("prompt", "prefix", "ptuning", "bottleneck"):
-        if choice == "accelerate":
-            raise ValueError(f"--engine accelerate speeds up HF PEFT's LoRA/AdaLoRA/IA3 layers only; --method "
-                             f"{method} needs --engine native (or auto)")
-        raise NotAvailableYet(f"--method {method} needs fastpeft's model API (fastpeft.get_peft_model and "
-                              f"fastpeft.{cls_name}), which is not available in this build yet")
+        raise ValueError(f"--engine accelerate speeds up HF PEFT's LoRA/AdaLoRA/IA3 layers only; --method "
+                         f"{method} needs --engine native (or auto)")
     peft = _peft_or_none()
     if peft is None:
-        raise MissingDependencyError("fastpeft's model API is not in this build, and the fallback "
-                                     "(fastpeft.accelerate on an HF PEFT model) needs HF PEFT. Fix: pip install peft")
-    import fastpeft
+        raise MissingDependencyError("--engine accelerate runs HF PEFT's model with fastpeft's layers and needs HF "
+                                     "PEFT. Fix: pip install peft")
 
     def build(base):
         model = peft.get_peft_model(base, getattr(peft, cls_name)(**kwargs))
-        return fastpeft.accelerate(model, backend=args.backend)
+        return fastpeft.accelerate(model, backend=_backend_label(args))
     return Engine("fastpeft", f"fastpeft.accelerate(peft.get_peft_model({cls_name})), backend "
-                  f"{args.backend or os.environ.get('FASTPEFT_BACKEND', 'auto')}", build)
+                  f"{_backend_label(args)}", build)
 
 
 def peft_engine(method: str, args) -> Optional[Engine]:
@@ -529,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "backend that cannot run here is refused")
     p.add_argument("--engine", default="auto", choices=["auto", "native", "accelerate"],
                    help="native: fastpeft.get_peft_model; accelerate: HF PEFT's model with fastpeft.accelerate "
-                        "(lora/adalora/ia3 only); auto (default): native when available")
+                        "(lora/adalora/ia3 only); auto (default) is native")
     p.add_argument("--no-peft", action="store_true", help="skip the HF PEFT comparison run (about half the time)")
     p.add_argument("--out", default="fastpeft_demo_out", metavar="DIR",
                    help="output folder for summary.json and adapter/ (default ./fastpeft_demo_out)")
@@ -611,6 +589,11 @@ class _Quiet:
             warnings.simplefilter("ignore", cat)
         # third-party notices only; fastpeft's own warnings stay visible
         warnings.filterwarnings("ignore", category=UserWarning, module=r"(peft|transformers|torch|huggingface_hub)\b")
+        # bitsandbytes (imported by peft when installed) asks Hugging Face's `kernels` package for an optional CPU
+        # kernel at import, and both log warnings when that fails or is offline; the demo never uses the kernel
+        self._loggers = [(lg, lg.level) for lg in map(logging.getLogger, ("bitsandbytes", "kernels"))]
+        for lg, _ in self._loggers:
+            lg.setLevel(logging.ERROR)
         self._tf = None
         try:
             import transformers
@@ -624,6 +607,8 @@ class _Quiet:
         return self
 
     def __exit__(self, *exc):
+        for lg, level in self._loggers:
+            lg.setLevel(level)
         if self._tf is not None:
             self._tf.set_verbosity(self._verbosity)
             (self._tf.enable_progress_bar if self._bars else self._tf.disable_progress_bar)()
@@ -631,24 +616,24 @@ class _Quiet:
         return False
 
 
-class _BackendEnv:
-    """FASTPEFT_BACKEND set to the chosen backend while the demo runs (the native model's layers read it at each
-    call), and restored afterwards."""
-
-    def __init__(self, backend: str):
-        self.backend = backend
-
-    def __enter__(self):
-        self.old = os.environ.get("FASTPEFT_BACKEND")
-        os.environ["FASTPEFT_BACKEND"] = self.backend
-        return self
-
-    def __exit__(self, *exc):
-        if self.old is None:
+@contextlib.contextmanager
+def _backend_env(backend: Optional[str]):
+    """``FASTPEFT_BACKEND`` = `backend` for the duration of the block, then the caller's value again (also on an
+    error).  The native model's layers take no backend argument: they resolve it from this variable at each call,
+    so an explicit ``--backend`` reaches them only this way.  None (no ``--backend``) leaves the environment as it
+    is - it already holds the choice."""
+    if backend is None:
+        yield
+        return
+    old = os.environ.get("FASTPEFT_BACKEND")
+    os.environ["FASTPEFT_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if old is None:
             os.environ.pop("FASTPEFT_BACKEND", None)
         else:
-            os.environ["FASTPEFT_BACKEND"] = self.old
-        return False
+            os.environ["FASTPEFT_BACKEND"] = old
 
 
 def _fmt(v, spec):
@@ -659,7 +644,7 @@ def run(args, argv_used: Optional[list] = None) -> int:
     """The demo for parsed ``args``; returns the exit status: 0 ok, 1 the adapter reloaded with HF PEFT does not
     reproduce fastpeft's predictions.  Raises ValueError (exit 2 from ``main``) for an option it cannot honour."""
     device = validate(args)
-    with _BackendEnv(args.backend_resolved):
+    with _backend_env(args.backend):
         return _run(args, device, argv_used)
 
 
@@ -766,7 +751,7 @@ def _run(args, device: torch.device, argv_used: Optional[list]) -> int:
     elapsed = time.perf_counter() - t_start
     print(f"total {elapsed:.0f} s")
     summary = {"method": args.method, "device": str(device), "lr": lr, "args": vars(args),
-               "command": "python -m fastpeft.demo " + " ".join(sys.argv[1:] if argv_used is None else argv_used),
+               "command": " ".join(["python -m fastpeft.demo", *(sys.argv[1:] if argv_used is None else argv_used)]),
                "commit": _git_commit(), "fastpeft": fastpeft.__version__, "torch": torch.__version__,
                "cpu_threads": torch.get_num_threads(), "elapsed_s": elapsed,
                "acc_before": acc_before, "probe_train_acc": probe_acc, "table": table, "table_notes": notes,
@@ -792,7 +777,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         with _Quiet():
             return run(args, argv)
-    except (MissingDependencyError, NotAvailableYet, ValueError, FileNotFoundError) as e:
+    except (MissingDependencyError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -205,7 +205,7 @@ def load_minilm_classifier(model_dir: Optional[os.PathLike | str] = None, num_la
     """
     transformers = require("transformers", "transformers", "loading all-MiniLM-L6-v2")
     model_dir = Path(model_dir) if model_dir is not None else find_minilm_dir()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # local_files_only on both loads keeps this offline without setting HF_HUB_OFFLINE in the caller's process
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     # The checkpoint is a plain BertModel: the classifier head is new (transformers reports it as missing).
     verbosity = transformers.logging.get_verbosity()

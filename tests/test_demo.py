@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -322,6 +323,29 @@ def test_backend_is_honoured_for_the_run(monkeypatch, tmp_path):
     assert seen["env"] == "torch" and "FASTPEFT_BACKEND" not in os.environ
 
 
+def test_backend_env_is_scoped_to_the_run(monkeypatch, tmp_path):
+    """The caller's FASTPEFT_BACKEND comes back after a run that fails, and a run without --backend leaves the
+    environment alone."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "auto")
+    seen = []
+
+    def failing_run(args, device, argv_used):
+        seen.append(os.environ.get("FASTPEFT_BACKEND"))
+        raise ValueError("boom")
+    monkeypatch.setattr(demo, "_run", failing_run)
+    assert demo.main(["--backend", "torch", "--out", str(tmp_path)]) == 2
+    assert demo.main(["--out", str(tmp_path)]) == 2
+    assert seen == ["torch", "auto"] and os.environ["FASTPEFT_BACKEND"] == "auto"
+
+
+@needs_minilm
+def test_loading_the_model_leaves_the_environment_alone(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = dict(os.environ)
+    demo_data.load_minilm_classifier()
+    assert dict(os.environ) == before
+
+
 def test_help_explains_every_option_without_repeating_defaults():
     parser = demo.build_parser()
     for action in parser._actions:
@@ -384,3 +408,19 @@ def test_tiny_runs_are_deterministic_quiet_and_consistent(tmp_path, capsys):
     assert s["table"][0].count("|") == 9 and len(s["table"]) == 3  # header, rule, one engine; 8 columns
     for line in s["table"]:
         assert line in cap.out
+
+
+@needs_vader
+@needs_minilm
+def test_fresh_process_run_prints_no_third_party_lines(tmp_path):
+    """As a user runs it (a fresh process from the clone root, where the first import of peft/bitsandbytes happens
+    inside the demo): stderr holds only the demo's own per-step lines and notes."""
+    pytest.importorskip("peft")
+    root = Path(demo.__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-m", "fastpeft.demo", "--steps", "2", "--batch-size", "4",
+                           "--max-examples", "8", "--probe-examples", "8", "--probe-iters", "2", "--rank", "2",
+                           "--out", str(tmp_path / "run")],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    others = [line for line in proc.stderr.splitlines() if not line.startswith(("  step ", "note: "))]
+    assert others == [], others
