@@ -36,7 +36,6 @@ from typing import Callable, Optional
 
 import torch
 
-from .recompute import saved_tensor_bytes
 from .demo_data import (
     MissingDependencyError,
     binary_sentiment_examples,
@@ -334,6 +333,9 @@ class Trainer:
             t0 = time.perf_counter()
             if measure_mem and device.type != "cuda":
                 # fastpeft.recompute's own hooks are innermost during a fastpeft forward and report what they keep
+                # (imported here: it imports peft, whose import-time notices the run's quiet context silences)
+                from .recompute import saved_tensor_bytes
+
                 with saved_tensor_bytes(exclude=model) as saved:
                     out = model(**batch)
             else:
