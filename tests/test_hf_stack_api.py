@@ -219,7 +219,7 @@ def test_lora_config_methods(tmp_path):
     c = fastpeft.LoraConfig(r=4, runtime_config={"ephemeral_gpu_offload": True})
     pc = peft.LoraConfig(r=4)
     assert c.runtime_config.ephemeral_gpu_offload is True
-    assert fastpeft.LoraConfig().runtime_config == fastpeft.config.LoraRuntimeConfig()
+    assert fastpeft.LoraConfig().runtime_config == fastpeft.tuners.lora.LoraRuntimeConfig()
     assert "runtime_config" not in c.to_dict() and "runtime_config" not in pc.to_dict()
     c.save_pretrained(str(tmp_path))
     assert "runtime_config" not in json.load(open(tmp_path / "adapter_config.json"))
