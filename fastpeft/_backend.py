@@ -31,7 +31,8 @@ from typing import Optional
 
 import torch
 
-from . import _cuda, _dispatch
+import fastpeft._cuda as _cuda
+import fastpeft._dispatch as _dispatch
 from .ops import _registry
 
 logger = logging.getLogger("fastpeft")

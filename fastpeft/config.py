@@ -34,7 +34,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from . import hub
+import fastpeft.hub as hub
 from ._peft_compat import CONFIG_BASES
 from .utils.adapter_files import atomic_write_bytes, jsonable, make_adapter_dir, read_json_object
 from .utils.constants import CONFIG_NAME, PEFT_FORMAT_VERSION

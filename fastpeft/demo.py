@@ -566,7 +566,7 @@ def validate(args) -> torch.device:
         raise ValueError(f"--device cuda: {why} (torch {torch.__version__}); use --device cpu")
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
-    from . import _backend
+    import fastpeft._backend as _backend
     backend = args.backend or os.environ.get("FASTPEFT_BACKEND", "auto").strip().lower() or "auto"
     where = "--backend" if args.backend else "FASTPEFT_BACKEND"
     if backend not in ("auto", "torch", "triton", "cuda"):

@@ -25,8 +25,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from . import functional as _F
-from . import recompute as _recompute
+import fastpeft.functional as _F
+import fastpeft.recompute as _recompute
 from ._peft_compat import peft_layer_classes
 from .utils.fused import base_layer_reason, dense_base_weight, input_reason
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from . import hub
+import fastpeft.hub as hub
 from ._peft_compat import MODEL_BASES, register_state_dict_functions
 from .config import PeftConfig, TaskType
 from .save_load import (get_peft_model_state_dict, load_peft_weights, make_adapter_dir, normalise_keys,

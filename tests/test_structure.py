@@ -52,8 +52,8 @@ def _is_type_checking(node: ast.If) -> bool:
 
 def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
     """fastpeft modules that ``name`` imports anywhere in its file (module level, in functions, in try blocks; only
-    ``if TYPE_CHECKING:`` blocks are skipped, they never run).  ``from P import X`` is an edge to ``P.X`` when that is
-    a module, else to ``P``; a string constant that is exactly a fastpeft module's name (other than the bare package
+    ``if TYPE_CHECKING:`` blocks are skipped, they never run).  ``from P import X`` is an edge to ``P`` and, when that
+    is a module, to ``P.X``; a string constant that is exactly a fastpeft module's name (other than the bare package
     name, which is also a logger name) counts as an import by name."""
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), path)
@@ -95,9 +95,14 @@ def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
                 mod = node.module or ""
             if not (mod == "fastpeft" or mod.startswith("fastpeft.")):
                 continue
+            # ``from P import X`` depends on P's __init__ as well as on P.X: counted both ways, as the stricter
+            # cycle checkers do (``from .. import functional`` inside fastpeft.modules was a cycle through the root
+            # package, whose __init__ imports functional).  A package importing its own submodules is no edge.
+            add(mod)
             for a in node.names:
                 sub = f"{mod}.{a.name}"
-                add(sub if sub in modules else mod)
+                if sub in modules:
+                    add(sub)
     return found
 
 
@@ -176,6 +181,15 @@ def test_import_graph_sees_lazy_imports():
                    for fn in ast.walk(ast.parse(open(path, encoding="utf-8").read()))
                    if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(fn))]
     assert lazy, "no function-level import found: the scanner is not looking inside functions"
+
+
+def test_from_package_import_is_an_edge_to_the_package(tmp_path):
+    """``from .. import functional`` runs the parent package's __init__ (which may import the importer back): the
+    scanner records the package itself, not only the submodule."""
+    f = tmp_path / "x.py"
+    f.write_text("from .. import functional as FP\nfrom . import lora\n", encoding="utf-8")
+    found = _imports("fastpeft.modules.x", str(f), _modules())
+    assert {"fastpeft", "fastpeft.functional", "fastpeft.modules", "fastpeft.modules.lora"} <= found
 
 
 def test_no_import_cycles():

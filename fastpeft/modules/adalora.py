@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .. import functional as FP
+import fastpeft.functional as FP
 from ..utils.adapter_math import adalora_delta, orth_reg_term
 from ._conv1d import DeltaAdapterBase, check_alpha, check_dropout, check_rank
 

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .. import functional as FP
+import fastpeft.functional as FP
 from ..utils.adapter_math import ia3_scale
 from ._conv1d import AdapterBase
 

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from .. import functional as FP
+import fastpeft.functional as FP
 from ..utils.adapter_math import lora_delta
 from ._conv1d import DeltaAdapterBase, check_alpha, check_dropout, check_rank
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ... import functional as FP
+import fastpeft.functional as FP
 from ...utils.adapter_math import adalora_delta, add_delta
 from ...utils.other import in_out_features, is_conv1d, linear_weight_oi, transpose
 from ..tuners_utils import BaseTunerLayer

@@ -11,7 +11,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from ... import functional as FP
+import fastpeft.functional as FP
 from ...utils.adapter_math import ia3_scale
 from ...utils.other import in_out_features, is_conv1d, linear_weight_oi
 from ..tuners_utils import BaseTunerLayer

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ... import functional as FP
+import fastpeft.functional as FP
 from ...utils.other import linear_weight_oi, transpose
 
 __all__ = ["DoraLinearLayer", "dora_row_norm", "dora_init", "dora_forward", "dora_fused_forward", "dora_merged_weight",

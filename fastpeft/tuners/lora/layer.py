@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ... import functional as FP
+import fastpeft.functional as FP
 from ...utils.adapter_math import add_delta, lora_delta
 from ...utils.fused import is_sharded
 from ...utils.other import in_out_features, is_conv1d, linear_weight_oi, transpose
