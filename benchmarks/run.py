@@ -379,6 +379,21 @@ def run_memory_op(args, device: torch.device, dtypes: list, requested: Optional[
 OP_RUNNERS["memory"] = run_memory_op
 
 
+def run_dispatch_op(args, device: torch.device, dtypes: list, requested: Optional[list], bar) -> list[dict]:
+    """The ``dispatch`` op: a training step through the custom op vs the eager autograd.Function
+    (``bench_dispatch.py``), the measurement behind the two entry points of ``fastpeft/ops``."""
+    from .bench_dispatch import measure
+    rows = []
+    for dt in dtypes:
+        if bar is not None:
+            bar.set_postfix_str(f"dispatch {dt}")
+        rows += measure(device, dt, args.quick)
+    return rows
+
+
+OP_RUNNERS["dispatch"] = run_dispatch_op
+
+
 def noise_warning(lines: list[str], total_groups: int, max_spread: float) -> str:
     """The warning printed when ``guard_noise`` found disturbed cases ('' when none)."""
     if not lines:

@@ -269,3 +269,17 @@ def test_bench_module_runs_from_another_directory(tmp_path):
     assert (out / "results.csv").is_file() and (out / "latest.md").is_file()
     assert list(cwd.iterdir()) == []
     assert f"results -> {out}" in proc.stdout
+
+
+def test_cli_dispatch_times_both_entry_points(tmp_path):
+    """``--op dispatch``: base, custom op and autograd.Function rows for LoRA and IA3 at every CPU case."""
+    from benchmarks.bench_dispatch import CASES
+    assert R.main(["--op", "dispatch", "--quick", "--out", str(tmp_path), "--no-plot", "--max-spread", "1e9"]) == 0
+    rows = _read(tmp_path / "results.csv")
+    assert len(rows) == 2 * 3 * len(CASES["cpu"])
+    for op in ("dispatch_lora", "dispatch_ia3"):
+        got = [r["provider"] for r in rows if r["op"] == op]
+        assert got == ["base", "custom-op", "autograd-function"] * len(CASES["cpu"])
+    assert all(float(r["p50_ms"]) > 0 for r in rows)
+    assert all("us/step" in r["note"] for r in rows if r["provider"] == "custom-op")
+

@@ -12,13 +12,11 @@ import torch
 import torch.nn as nn
 
 import fastpeft.functional as FP
+from ..tuners.adalora.layer import init_adalora_triplet
 from ..utils.adapter_math import adalora_delta, orth_reg_term
 from ._conv1d import DeltaAdapterBase, check_alpha, check_dropout, check_rank
 
 __all__ = ["AdaLoRALinear"]
-
-# HF PEFT's AdaLoRA init: E = 0 and A, B ~ N(0, 0.02).
-_INIT_STD = 0.02
 
 
 class AdaLoRALinear(DeltaAdapterBase):
@@ -98,9 +96,7 @@ class AdaLoRALinear(DeltaAdapterBase):
             raise ValueError("cannot reset the adapter of a merged AdaLoRALinear; call unmerge() first")
         with torch.no_grad():
             if self.init_lora_weights:
-                nn.init.zeros_(self.lora_E)
-                nn.init.normal_(self.lora_A, mean=0.0, std=_INIT_STD)
-                nn.init.normal_(self.lora_B, mean=0.0, std=_INIT_STD)
+                init_adalora_triplet(self.lora_A, self.lora_E, self.lora_B)
             else:
                 for p in (self.lora_A, self.lora_E, self.lora_B):
                     nn.init.normal_(p)

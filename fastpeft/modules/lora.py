@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft.functional as FP
+from ..tuners.lora.init import init_lora_pair
 from ..utils.adapter_math import lora_delta
 from ._conv1d import DeltaAdapterBase, check_alpha, check_dropout, check_rank
 
@@ -100,16 +101,13 @@ class LoRALinear(DeltaAdapterBase):
         """Re-initialise ``lora_A``/``lora_B`` per ``init_lora_weights`` (the base weight is untouched)."""
         if self._merged:
             raise ValueError("cannot reset the LoRA parameters of a merged LoRALinear; call unmerge() first")
-        with torch.no_grad():
-            if self.init_lora_weights == "gaussian":
-                nn.init.normal_(self.lora_A, std=1.0 / self.r)
-            else:
+        if self.init_lora_weights is False:
+            # What untouched nn.Linear(in, r) and nn.Linear(r, out) hold (HF PEFT's init_lora_weights=False)
+            with torch.no_grad():
                 nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            if self.init_lora_weights is False:
-                # What an untouched nn.Linear(r, out) holds: U(-1/sqrt(r), 1/sqrt(r)).
                 nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(self.lora_B)
+        else:
+            init_lora_pair(self.lora_A, self.lora_B, self.r, self.init_lora_weights)
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling · B A`` as (out_features, in_features), computed in >= fp32 (no gradient)."""

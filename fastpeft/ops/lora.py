@@ -212,8 +212,8 @@ def _lora_bwd_direct(*args):
 class LoRALinearFunction(torch.autograd.Function):
     """The eager autograd path of ``fastpeft::lora_fwd``: the same implementations, saved tensors and autograd
     formula (``_lora_grads``), called directly instead of through the custom-op dispatcher, whose Python wrapping
-    costs on the order of 0.1 ms per call - as much as a whole small-M layer (docs/STATUS.md: not measured in this
-    repository).  Arguments and outputs as in ``lora_fwd``."""
+    costs about 0.1 ms per training step, three times a small frozen layer's step (``python -m benchmarks --op
+    dispatch``; benchmarks/results/cpu-dispatch).  Arguments and outputs as in ``lora_fwd``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):

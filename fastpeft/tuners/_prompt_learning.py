@@ -188,14 +188,7 @@ class PromptLearningTuner(BaseTuner):
             self._disabled = False
         if not isinstance(config, self.config_cls):
             raise TypeError(f"{type(self).__name__} takes a {self.config_cls.__name__}, got {type(config).__name__}")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or choose another "
-                             "name")
-        if self.peft_config:
-            first = next(iter(self.peft_config.values()))
-            if str(first.peft_type) != str(config.peft_type):
-                raise ValueError(f"cannot add a {config.peft_type} adapter to a {first.peft_type} model; all "
-                                 "adapters of a PeftModel must have the same peft_type")
+        self._check_new_adapter(adapter_name, config)
         emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         if emb is None:
             raise ValueError(f"{config.peft_type} needs a model with input embeddings (get_input_embeddings()); "

@@ -392,6 +392,19 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
             if isinstance(module, ModulesToSaveWrapper):
                 yield name, module
 
+    def _check_new_adapter(self, adapter_name: str, config: PeftConfig) -> None:
+        """Refuse a bad or taken ``adapter_name`` and a ``config`` of another peft_type than the adapters present
+        (before anything is changed)."""
+        self._check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or choose another "
+                             "name")
+        if self.peft_config:
+            first = next(iter(self.peft_config.values()))
+            if str(first.peft_type) != str(config.peft_type):
+                raise ValueError(f"cannot add a {config.peft_type} adapter to a {first.peft_type} model; all "
+                                 "adapters of a PeftModel must have the same peft_type")
+
     @staticmethod
     def _check_adapter_name(adapter_name: str) -> None:
         if not isinstance(adapter_name, str) or not adapter_name.strip():
@@ -473,15 +486,7 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
         Every check (name, config, matches, module types) runs before the model is touched; if creating a layer
         fails half way, what was added is removed again.
         """
-        self._check_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"an adapter named {adapter_name!r} already exists; delete it first or choose another "
-                             "name")
-        if self.peft_config:
-            first = next(iter(self.peft_config.values()))
-            if str(first.peft_type) != str(config.peft_type):
-                raise ValueError(f"cannot add a {config.peft_type} adapter to a {first.peft_type} model; all "
-                                 "adapters of a PeftModel must have the same peft_type")
+        self._check_new_adapter(adapter_name, config)
         user_targets = getattr(config, "target_modules", None)
         user_targets = sorted(user_targets) if isinstance(user_targets, (set, frozenset, list, tuple)) else None
         config = self._prepare_adapter_config(config)

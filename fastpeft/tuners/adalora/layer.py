@@ -19,6 +19,15 @@ from .config import AdaLoraConfig
 
 __all__ = ["AdaLoraLayer", "SVDLinear"]
 
+
+def init_adalora_triplet(A: torch.Tensor, E: torch.Tensor, B: torch.Tensor) -> None:
+    """In place, no grad: E (r, 1) <- 0, A (r, in) and B (out, r) <- N(0, 0.02²) (HF PEFT's AdaLoRA init: the layer
+    starts equal to its base).  Shared by the tuner layer and ``fastpeft.AdaLoRALinear``."""
+    with torch.no_grad():
+        nn.init.zeros_(E)
+        nn.init.normal_(A, mean=0.0, std=0.02)
+        nn.init.normal_(B, mean=0.0, std=0.02)
+
 class AdaLoraLayer(BaseTunerLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_E")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "ranknum")
@@ -58,10 +67,7 @@ class AdaLoraLayer(BaseTunerLayer):
         self._ranknum_value[adapter_name] = rk
         self.scaling[adapter_name] = lora_alpha if lora_alpha > 0 else float(r)
         if config.init_lora_weights:
-            with torch.no_grad():
-                nn.init.zeros_(self.lora_E[adapter_name])
-                nn.init.normal_(self.lora_A[adapter_name], mean=0.0, std=0.02)
-                nn.init.normal_(self.lora_B[adapter_name], mean=0.0, std=0.02)
+            init_adalora_triplet(self.lora_A[adapter_name], self.lora_E[adapter_name], self.lora_B[adapter_name])
         w = self.base_layer.weight
         dtype = w.dtype if w.is_floating_point() else None
         for attr in ("lora_A", "lora_E", "lora_B", "ranknum"):

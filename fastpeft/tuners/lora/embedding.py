@@ -9,7 +9,6 @@ Merge adds ``(B A)ᵀ · scaling`` (num_embeddings, embedding_dim) to the embedd
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -37,14 +36,8 @@ class Embedding(LoraLayer):
     def __init__(self, base_layer: nn.Embedding, adapter_name: str, r: int, lora_alpha: float,
                  config: LoraConfig) -> None:
         BaseTunerLayer.__init__(self, base_layer)
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.lora_bias: dict[str, bool] = {}
-        self.lora_dropout = nn.ModuleDict({})
-        self.lora_A = nn.ModuleDict({})  # empty: PEFT's LoraLayer has them on every layer
-        self.lora_B = nn.ModuleDict({})
-        self.lora_magnitude_vector = nn.ModuleDict({})  # DoRA is refused on embeddings; LoraLayer's code reads it
+        # lora_A/lora_B/lora_magnitude_vector stay empty (PEFT's LoraLayer has them on every layer; DoRA is refused)
+        self._init_lora_state()
         self.lora_embedding_A = nn.ParameterDict({})
         self.lora_embedding_B = nn.ParameterDict({})
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
@@ -58,17 +51,11 @@ class Embedding(LoraLayer):
             raise ValueError("lora_bias=True is not supported for Embedding layers")
         if getattr(config, "use_dora", False):
             raise ValueError("use_dora=True on an nn.Embedding is not supported by fastpeft yet")
-        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        p = float(config.lora_dropout)
-        self.lora_dropout[adapter_name] = nn.Dropout(p=p) if p > 0.0 else nn.Identity()
+        self._set_adapter_hparams(adapter_name, r, lora_alpha, config)
         # drawn like PEFT (randn A, then randn B) so a model built under the same seed gets the same weights
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, self.in_features))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(self.out_features, r))
         self.lora_bias[adapter_name] = False
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
         if config.init_lora_weights is not False:
             with torch.no_grad():
                 nn.init.zeros_(self.lora_embedding_A[adapter_name])

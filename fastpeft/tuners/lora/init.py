@@ -94,16 +94,24 @@ def init_lora_adapter(layer, adapter_name: str, init) -> None:
         _needs_linear(layer, init)
         _orthogonal(layer, adapter_name)
     else:
-        with torch.no_grad():
-            if init is True:
-                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
-            elif isinstance(init, str) and init.lower() == "gaussian":
-                nn.init.normal_(A.weight, std=1 / layer.r[adapter_name])
-            else:
-                raise ValueError(f"Unknown initialization init_lora_weights={init!r}")
-            nn.init.zeros_(B.weight)
-            if layer.lora_bias.get(adapter_name, False):
+        init_lora_pair(A.weight, B.weight, layer.r[adapter_name], init)
+        if layer.lora_bias.get(adapter_name, False):
+            with torch.no_grad():
                 nn.init.zeros_(B.bias)
+
+
+def init_lora_pair(A: torch.Tensor, B: torch.Tensor, r: int, init) -> None:
+    """In place, no grad: A (r, in) <- kaiming-uniform(a=√5) (``init=True``) or N(0, 1/r) (``"gaussian"``), B (out, r)
+    <- 0, so the adapter starts as the identity.  The one implementation of LoRA's default inits (tuner layers and
+    ``fastpeft.LoRALinear``)."""
+    with torch.no_grad():
+        if init is True:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        elif isinstance(init, str) and init.lower() == "gaussian":
+            nn.init.normal_(A, std=1 / r)
+        else:
+            raise ValueError(f"Unknown initialization init_lora_weights={init!r}")
+        nn.init.zeros_(B)
 
 
 def _float_weight(layer, what: str) -> torch.Tensor:

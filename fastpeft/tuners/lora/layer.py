@@ -34,6 +34,12 @@ class LoraLayer(BaseTunerLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
+        self._init_lora_state()
+        self.in_features, self.out_features = in_out_features(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+
+    def _init_lora_state(self) -> None:
+        """The per-adapter containers every LoRA layer has (PEFT's LoraLayer attributes)."""
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -42,22 +48,24 @@ class LoraLayer(BaseTunerLayer):
         self.lora_A = nn.ModuleDict({})
         self.lora_B = nn.ModuleDict({})
         self.lora_magnitude_vector = nn.ModuleDict({})  # DoRA adapters only (fastpeft.tuners.lora.dora)
-        self.in_features, self.out_features = in_out_features(base_layer)
-        self.fan_in_fan_out = is_conv1d(base_layer)
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig) -> None:
-        """Create adapter ``adapter_name``: A (r, in), B (out, r), dropout, scaling; PEFT's init and RNG order."""
+    def _set_adapter_hparams(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig) -> None:
+        """Validate ``r`` and record r, alpha, scaling (alpha/r, alpha/√r with rsLoRA) and the dropout module."""
         if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
         p = float(config.lora_dropout)
         self.lora_dropout[adapter_name] = nn.Dropout(p=p) if p > 0.0 else nn.Identity()
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig) -> None:
+        """Create adapter ``adapter_name``: A (r, in), B (out, r), dropout, scaling; PEFT's init and RNG order."""
+        self._set_adapter_hparams(adapter_name, r, lora_alpha, config)
         # nn.Linear construction draws from the RNG exactly as PEFT's does (same modules, same order), so a model built
         # under the same seed gets the same initial A (and B when init_lora_weights=False).
         self.lora_A[adapter_name], self.lora_B[adapter_name] = self._make_lora_modules(r, bool(config.lora_bias))
         self.lora_bias[adapter_name] = bool(config.lora_bias)
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if config.use_rslora else lora_alpha / r
         init_lora_adapter(self, adapter_name, config.init_lora_weights)  # may rewrite W (PiSSA/OLoRA)
         w = self.base_layer.weight
         dtype = w.dtype if w.is_floating_point() else None
