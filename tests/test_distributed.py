@@ -129,7 +129,7 @@ def _check(what, got, want):
 
 def _is_adapter_layer(mod) -> bool:
     """A layer that holds an adapter and its frozen base: a fastpeft drop-in module or a tuner layer."""
-    from fastpeft.modules._conv1d import AdapterBase
+    from fastpeft.modules._base import AdapterBase
 
     return isinstance(mod, AdapterBase) or hasattr(mod, "lora_A") or hasattr(mod, "ia3_l")
 

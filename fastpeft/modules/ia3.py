@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import fastpeft.functional as FP
 from ..utils.adapter_math import ia3_scale
-from ._conv1d import AdapterBase
+from ._base import AdapterBase
 
 __all__ = ["IA3Linear"]
 
