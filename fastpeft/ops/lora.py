@@ -74,12 +74,18 @@ def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0.0 else x
     else:
         xd = seeded_dropout(x, dropout_p, seed)
-    s = xd.to(adt) @ lora_A.t()
-    se = s * lora_E.to(adt) if lora_E is not None else s
-    delta = (se @ lora_B.to(adt).t()) * scaling
-    y = (base.to(torch.promote_types(base.dtype, delta.dtype)) + delta).to(out_dtype)
+    # (_cast skips the no-op casts: this runs once per adapted layer per step, where Python call overhead counts)
+    s = _cast(xd, adt) @ lora_A.t()
+    se = s * _cast(lora_E, adt) if lora_E is not None else s
+    delta = (se @ _cast(lora_B, adt).t()) * scaling
+    y = _cast(_cast(base, torch.promote_types(base.dtype, delta.dtype)) + delta, out_dtype)
     # S keeps fp32 at least (fp64 adapters keep fp64, so their dB/dE do not lose precision).
-    return y, s.to(torch.promote_types(s.dtype, torch.float32))
+    return y, _cast(s, torch.promote_types(s.dtype, torch.float32))
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the call when it would return ``t`` itself."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def lora_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
