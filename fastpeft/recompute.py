@@ -861,7 +861,11 @@ def saved_tensor_bytes(exclude: Optional[nn.Module] = None):
         skip = set()
         if exclude is not None:
             for t in list(exclude.parameters()) + list(exclude.buffers()):
-                skip.add((t.untyped_storage().data_ptr(), t.device))
+                local = t.to_local() if hasattr(t, "to_local") else t  # FSDP2 / TP: a DTensor's own shard
+                try:
+                    skip.add((local.untyped_storage().data_ptr(), local.device))
+                except RuntimeError:  # a storage FSDP2 has freed (resharded): nothing of it can be counted
+                    pass
         result["bytes"] = sum(n for key, n in stats._storages.items() if key not in skip)
         result["recomputed_bytes"] = sum(st.recomputed_bytes for st in inner)
         result["ops"] = sum(st.ops for st in inner)
