@@ -261,14 +261,37 @@ class _RNG:
 
 
 class _DropoutOut(_Recipe):
-    """``F.dropout(inner, p, True)`` under the recorded RNG state (the same draw as the forward's)."""
+    """``F.dropout(inner, p, True)`` under the recorded RNG state (the same draw as the forward's).
+
+    On CPU the draw (``bernoulli_`` then ``div_``: most of a CPU dropout's time, as much as a small layer's matmuls)
+    is made once per backward and shared with the ``_DropoutNoise`` recipe of the same dropout: torch's CPU dropout
+    is ``input * noise`` with ``noise = F.dropout(ones)``, so ``inner * noise`` is its output bit for bit."""
 
     def __init__(self, inner: _Recipe, p: float, rng: _RNG) -> None:
         super().__init__(inner.dtype, inner.shape)
         self.inner, self.p, self.rng = inner, p, rng
+        self.users = 1          # recipes that take the shared CPU noise in one backward (2 with a _DropoutNoise)
+        self._noise: Optional[torch.Tensor] = None
+        self._taken = 0
+
+    def take_noise(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The forward's CPU noise ``F.dropout(ones)``, drawn again on first use and dropped once every user took it
+        (a second backward through a retained graph draws it again)."""
+        noise = self._noise
+        if noise is None:
+            with torch.no_grad(), self.rng.replay():
+                noise = F.dropout(torch.ones(shape, dtype=dtype, device=device), self.p, True)
+            self._noise, self._taken = noise, 0
+        self._taken += 1
+        if self._taken >= self.users:
+            self._noise = None
+        return noise
 
     def run(self) -> torch.Tensor:
         x = self.inner.run()
+        if self.users > 1:
+            with torch.no_grad():
+                return x * self.take_noise(x.shape, x.dtype, x.device)
         with torch.no_grad(), self.rng.replay():
             return F.dropout(x, self.p, True)
 
@@ -287,10 +310,10 @@ class _DropoutNoise(_Recipe):
 
     def run(self) -> torch.Tensor:
         d = self.drop
+        if not self.is_mask:
+            return d.take_noise(self.shape, self.dtype, self.device)
         with torch.no_grad(), d.rng.replay():
-            if self.is_mask:
-                return torch.native_dropout(d.inner.run(), d.p, True)[1]
-            return F.dropout(torch.ones(self.shape, dtype=self.dtype, device=self.device), d.p, True)
+            return torch.native_dropout(d.inner.run(), d.p, True)[1]
 
     def nsteps(self) -> int:
         return 1 + (self.drop.inner.nsteps() if self.is_mask else 0)
@@ -488,6 +511,8 @@ class _Session:
             return None
         drop = _DropoutOut(inner, frame.p, frame.rng)
         noise = _DropoutNoise(helper, drop)
+        # CPU: the output recipe shares the noise's draw (elsewhere the dropout re-runs on its own: cheap Philox)
+        drop.users = 2 if not noise.is_mask and helper.device.type == "cpu" else 1
         frame.pending.remove(pend)
         frame.dropouts += 1
         self._account(noise, helper)

@@ -19,12 +19,12 @@ transformers = pytest.importorskip("transformers")
 INDUCTOR_FP32_REL = 1e-5
 
 
-def _model():
+def _model(dropout: float = 0.0):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)
     model = fastpeft.get_peft_model(transformers.LlamaForCausalLM(cfg), fastpeft.LoraConfig(
-        r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False))
+        r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False))
     model.train()
     return model
 
@@ -49,3 +49,30 @@ def test_inductor_step_with_recompute_equals_eager():
     for n in g0:
         assert g0[n].abs().sum() > 0, n
         assert rel_err(g1[n], g0[n]) <= INDUCTOR_FP32_REL, (n, rel_err(g1[n], g0[n]))
+
+
+def test_cpu_dropout_redrawn_once_per_layer_in_backward(monkeypatch):
+    """On CPU a recomputed dropout draws its noise once per backward, shared by the two tensors that need it (the
+    noise dropout's backward keeps and the dropout output lora_A's backward keeps): ``bernoulli_`` is most of a CPU
+    dropout's cost.  And the step is still bit-equal to the one without recompute."""
+    ids = torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(3))
+    model = _model(dropout=0.1)
+    model.base_model.model.enable_input_require_grads()   # every adapter input needs grad: noise is saved too
+    lora_layers = sum(1 for m in model.modules() if hasattr(m, "lora_A") and len(m.lora_A))
+    R.set_enabled(model, False)
+    torch.manual_seed(11)
+    loss0, g0 = _step(model, model, ids)
+    R.set_enabled(model, True)
+    torch.manual_seed(11)
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    draws = []
+    real = torch.nn.functional.dropout
+    monkeypatch.setattr(torch.nn.functional, "dropout", lambda *a, **k: draws.append(1) or real(*a, **k))
+    out.loss.backward()
+    monkeypatch.undo()
+    assert 0 < len(draws) <= lora_layers, (len(draws), lora_layers)
+    assert torch.equal(out.loss.detach(), loss0)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, g0[n], rtol=1e-6, atol=1e-7, msg=n)
