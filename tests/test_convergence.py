@@ -3,9 +3,10 @@ convergence tests).
 
 A tiny Llama (GQA) and a tiny GPT-2 (Conv1D, dropout on), random init from configs, a fixed synthetic dataset, a few
 dozen AdamW steps in fp32 with the RNG reset before every step: the two libraries must give the same loss at every
-step (CONVERGENCE_FP32_RTOL), the same trained adapter, and the loss must actually go down.  LoRA on both models
-(on the default backend, which also runs the fused path when one is available), IA3 on GPT-2, AdaLoRA (with its rank
-allocator) on Llama.
+step (CONVERGENCE_FP32_RTOL), the same trained adapter, and the loss must actually go down.  LoRA and DoRA on both
+models (on the default backend, which also runs the fused path when one is available), IA3 on GPT-2, AdaLoRA (with its
+rank allocator) on Llama, and QLoRA: LoRA on a Llama whose linear layers are bitsandbytes nf4 (double quant), loaded
+twice from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ peft = pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
-from testing_utils import (CONVERGENCE_FP32_RTOL, TRAIN_LOSS_RATIO, VOCAB,  # noqa: E402
-                           assert_close_rel, tiny_gpt2, tiny_llama, wrap_pair)
+from testing_utils import (CONVERGENCE_FP32_RTOL, DORA_CONVERGENCE_FP32_RTOL, TRAIN_LOSS_RATIO,  # noqa: E402
+                           VOCAB, assert_close_rel, load_quantized, tiny_gpt2, tiny_llama, wrap_pair)
 
 STEPS = 20
 BATCH, SEQ, N_SEQ = 4, 12, 8
@@ -59,6 +60,10 @@ def _configs(kind, make):
     if kind == "lora":
         kw = dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM")
         return peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw), 1e-2
+    if kind == "dora":
+        kw = dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear", use_dora=True,
+                  task_type="CAUSAL_LM")
+        return peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw), 1e-2
     if kind == "ia3":
         kw = dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], task_type="CAUSAL_LM")
         return peft.IA3Config(**kw), fastpeft.IA3Config(**kw), 3e-1
@@ -69,7 +74,8 @@ def _configs(kind, make):
     raise ValueError(kind)
 
 
-CASES = [("llama", "lora"), ("gpt2", "lora"), ("gpt2", "ia3"), ("llama", "adalora")]
+CASES = [("llama", "lora"), ("gpt2", "lora"), ("gpt2", "ia3"), ("llama", "adalora"), ("llama", "dora"),
+         ("gpt2", "dora")]
 
 
 @pytest.mark.parametrize("arch,kind", CASES, ids=[f"{a}-{k}" for a, k in CASES])
@@ -77,15 +83,53 @@ def test_loss_curves_match_hf_peft(arch, kind):
     make = {"llama": tiny_llama, "gpt2": tiny_gpt2}[arch]
     peft_cfg, fast_cfg, lr = _configs(kind, make)
     p, f = wrap_pair(make(), peft_cfg, fast_cfg)
+    _compare_training(p, f, kind, lr)
+
+
+@pytest.fixture(scope="module")
+def nf4_llama_dir(tmp_path_factory):
+    """A tiny Llama checkpoint whose linear layers bitsandbytes' CPU kernels take (feature sizes 64 / 128)."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   pad_token_id=0)
+    d = tmp_path_factory.mktemp("nf4_llama")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return str(d)
+
+
+def test_qlora_loss_curves_match_hf_peft(nf4_llama_dir):
+    """QLoRA: both libraries train LoRA on the same nf4-quantized model (each loads it from the checkpoint)."""
+    peft_cfg, fast_cfg, lr = _configs("lora", tiny_llama)
+    nf4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+               bnb_4bit_compute_dtype=torch.float32)
+    torch.manual_seed(1)
+    p = peft.get_peft_model(load_quantized(nf4_llama_dir, **nf4), peft_cfg)
+    torch.manual_seed(1)
+    f = fastpeft.get_peft_model(load_quantized(nf4_llama_dir, **nf4), fast_cfg)
+    sp, sf = dict(p.named_parameters()), dict(f.named_parameters())
+    assert sorted(k for k in sp if sp[k].requires_grad) == sorted(k for k in sf if sf[k].requires_grad)
+    for k, v in sp.items():
+        if v.requires_grad:
+            assert torch.equal(sf[k], v), f"initial value differs for {k}"
+    _compare_training(p, f, "lora", lr)
+
+
+def _compare_training(p, f, kind, lr):
     allocate = kind == "adalora"
     lp = train(p, lr, allocate=allocate)
     lf = train(f, lr, allocate=allocate)
+    rtol = DORA_CONVERGENCE_FP32_RTOL if kind == "dora" else CONVERGENCE_FP32_RTOL
     worst = max(abs(a - b) / abs(b) for a, b in zip(lf, lp))
-    assert worst <= CONVERGENCE_FP32_RTOL, \
+    print(f"{kind}: loss curves differ by up to {worst:.2e} (relative)")
+    assert worst <= rtol, \
         f"loss curves differ by up to {worst:.2e} (relative):\n  peft     {lp}\n  fastpeft {lf}"
     ratio = IA3_LOSS_RATIO if kind == "ia3" else TRAIN_LOSS_RATIO
     assert lf[-1] < ratio * lf[0], f"loss did not go down enough: {lf[0]:.4f} -> {lf[-1]:.4f} (want < {ratio}x)"
     sp, sf = dict(p.named_parameters()), dict(f.named_parameters())
     for k, v in sp.items():
         if v.requires_grad:
-            assert_close_rel(sf[k], v, CONVERGENCE_FP32_RTOL, f"trained {k}")
+            assert_close_rel(sf[k], v, rtol, f"trained {k}")

@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch
 
-from testing_utils import PEFT_PARITY_RTOL, rel_err
+from testing_utils import PEFT_PARITY_RTOL, load_quantized, rel_err
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,18 +52,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _load(tiny_dir, quant):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = LlamaForCausalLM.from_pretrained(tiny_dir, quantization_config=BitsAndBytesConfig(**QUANT[quant]),
-                                                 dtype=torch.float32)
-    # On AVX512-BF16 CPUs bitsandbytes' eval forward repacks 4-bit weights in place for its CPU kernel (bf16 absmax),
-    # and HF PEFT's merge/unmerge then dequantize that layout as if it were the canonical one (wrong weights).  The
-    # parity tests compare against PEFT, so they run every machine on the canonical path; fastpeft's handling of
-    # repacked weights is tested by test_repacked_cpu_weight_dequantizes_and_merges.
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    return model
+    return load_quantized(tiny_dir, **QUANT[quant])   # the canonical (not AVX512-BF16 repacked) CPU path
 
 
 def _pair(tiny_dir, quant, make_cfg, seed=1):
