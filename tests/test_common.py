@@ -1,19 +1,22 @@
 """One shared tester for every weight-side method (in the spirit of HF PEFT's PeftCommonTester).
 
-Every method (LoRA, LoRA r=1, LoRA+DoRA, AdaLoRA, IA3, LoRA on GPT-2's Conv1D, LoRA on Conv2d) runs through
-``fastpeft.get_peft_model`` on every available backend (torch always; triton when it runs here: on a GPU, or in
-Triton's interpreter on CPU in fp32/fp16 only, since the interpreter's bf16 ``tl.dot`` is not usable; cuda with a
-GPU) and dtype, selected the way a user selects it: ``FASTPEFT_BACKEND``.  Checked for each:
+Every method (LoRA, LoRA r=1, LoRA+DoRA, AdaLoRA, IA3, LoRA and DoRA on GPT-2's Conv1D, LoRA on Conv2d, LoRA on
+nn.Embedding) runs through ``fastpeft.get_peft_model`` on every available backend (torch always; triton when it runs
+here: on a GPU, or in Triton's interpreter on CPU in fp32/fp16 only, since the interpreter's bf16 ``tl.dot`` is not
+usable; cuda with a GPU) and dtype, selected the way a user selects it: ``FASTPEFT_BACKEND``.  Checked for each:
 
-- forward and the gradient of the input and of every trainable tensor against an fp64 copy of the model, under the
-  accuracy rule (tests/testing_utils.py: ``assert_fa_rule``);
+- forward and the gradient of the input (token ids have none) and of every trainable tensor against an fp64 copy of
+  the model, under the accuracy rule (tests/testing_utils.py: ``assert_fa_rule``);
 - odd shapes: M = 1, M = 0, a non-contiguous input, feature sizes that are not multiples of 16 (all models), r = 1;
 - merge / unmerge round trip and merge_and_unload; save / load round trip; disable_adapter.
+
+Quantized (bitsandbytes) bases have no fp64 copy to compare with; they are tested against HF PEFT on the same
+quantized model instead (tests/test_lora_bnb.py: outputs, gradients, merges, files; tests/test_convergence.py: a
+QLoRA training run).
 
 Only public names are used (fastpeft.*, configs, fastpeft.backend_info), so moving code inside the package does not
 touch this file.
 """
-
 from __future__ import annotations
 
 import copy
@@ -74,6 +77,18 @@ class ConvNet(nn.Module):
         return self.head(h.flatten(-2))          # (..., 5, 7): the head sees the last two dims flattened
 
 
+class EmbedMLP(nn.Module):
+    """Token ids -> an embedding (29 x 23) -> a linear head: LoRA on nn.Embedding (HF PEFT's lora.Embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(29, 23)
+        self.fc2 = nn.Linear(23, 19)
+
+    def forward(self, ids):
+        return self.fc2(torch.tanh(self.emb(ids)))
+
+
 def _lora(**kw):
     return fastpeft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["fc1", "fc2"], **kw})
 
@@ -86,12 +101,16 @@ METHODS = {
                                                       target_modules=["fc1", "fc2"])),
     "ia3": (MLP, lambda: fastpeft.IA3Config(target_modules=["fc1", "fc2"], feedforward_modules=["fc2"])),
     "lora_conv1d": (GPT2Style, lambda: _lora(fan_in_fan_out=True)),
+    "dora_conv1d": (GPT2Style, lambda: _lora(fan_in_fan_out=True, use_dora=True)),
     "lora_conv2d": (ConvNet, lambda: _lora(target_modules=["conv", "head"])),
+    "lora_embedding": (EmbedMLP, lambda: _lora(target_modules=["emb", "fc2"])),
 }
+# methods whose input is token ids: no input gradient, no dtype cast of the input
+ID_INPUT = {"lora_embedding"}
 
 
 def _needs(method):
-    if method == "lora_conv1d":
+    if method.endswith("conv1d"):
         pytest.importorskip("transformers")
 
 
@@ -138,6 +157,9 @@ def build(method, seed=0):
 
 def make_input(method, lead=(5, 7), seed=2, noncontig=False):
     g = torch.Generator().manual_seed(seed)
+    if method in ID_INPUT:
+        ids = torch.randint(0, 29, lead[::-1] if noncontig else lead, generator=g)
+        return ids.t() if noncontig else ids
     tail = (3, 5, 5) if method == "lora_conv2d" else (23,)
     if method == "lora_conv2d":
         lead = lead[:1]  # conv2d takes one batch dimension
@@ -154,14 +176,16 @@ def run(model, x, backend, monkeypatch, dtype):
     monkeypatch.setenv("FASTPEFT_BACKEND", backend)
     model = model.to(DEV)
     model.zero_grad(set_to_none=True)
-    x = x.to(DEV, dtype)
-    x = x.detach().requires_grad_(True) if x.is_contiguous() else x.detach().clone(
-        memory_format=torch.preserve_format).requires_grad_(True)
+    ids = not x.is_floating_point()
+    x = x.to(DEV) if ids else x.to(DEV, dtype)
+    if not ids:   # token ids have no gradient
+        x = x.detach().requires_grad_(True) if x.is_contiguous() else x.detach().clone(
+            memory_format=torch.preserve_format).requires_grad_(True)
     y = model(x)
     g = torch.Generator().manual_seed(3)
     dy = torch.randn(y.shape, generator=g, dtype=F64).to(DEV, y.dtype)
     y.backward(dy)
-    out = {"y": y.detach(), "dx": x.grad}
+    out = {"y": y.detach()} if ids else {"y": y.detach(), "dx": x.grad}
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, f"no gradient for {name}"
@@ -214,7 +238,7 @@ def test_odd_shapes_fp32(method, backend, shape, monkeypatch):
 def _out(model, x, backend, monkeypatch):
     monkeypatch.setenv("FASTPEFT_BACKEND", backend)
     with torch.no_grad():
-        return model.to(DEV)(x.to(DEV, F32)).cpu()
+        return model.to(DEV)(x.to(DEV) if not x.is_floating_point() else x.to(DEV, F32)).cpu()
 
 
 def _base_weights(model):
