@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class RecomputeStats:
     recomputed_bytes: int = 0
     ops: int = 0
     kept_bytes: int = 0
+    mask_bytes: int = 0     # CPU only: dropout keep masks kept as bits (part of kept_bytes; 0 on accelerators)
     _storages: dict = field(default_factory=dict, repr=False)
 
     def kept(self, t: torch.Tensor) -> bool:
@@ -263,24 +265,33 @@ class _RNG:
 class _DropoutOut(_Recipe):
     """``F.dropout(inner, p, True)`` under the recorded RNG state (the same draw as the forward's).
 
-    On CPU the draw (``bernoulli_`` then ``div_``: most of a CPU dropout's time, as much as a small layer's matmuls)
-    is made once per backward and shared with the ``_DropoutNoise`` recipe of the same dropout: torch's CPU dropout
-    is ``input * noise`` with ``noise = F.dropout(ones)``, so ``inner * noise`` is its output bit for bit."""
+    On CPU the draw is not re-run: ``bernoulli_`` is most of a CPU dropout's time (as much as a small layer's
+    matmuls).  The forward's noise is kept as one bit per element (``bits``: 1/32 of an fp32 input's bytes, 1/16 of a
+    bf16 one's) and rebuilt once per backward for both tensors that need it (the noise the dropout's own backward
+    keeps, and the output lora_A's backward keeps): torch's CPU dropout is ``input * noise`` with
+    ``noise = bernoulli_(1 - p).div_(1 - p)`` in the input's dtype, so ``bits.to(dtype).div_(1 - p)`` is that noise and
+    ``inner * noise`` the output, bit for bit.  On CUDA the mask is re-drawn under the recorded RNG state (Philox,
+    cheap) and nothing is kept."""
 
     def __init__(self, inner: _Recipe, p: float, rng: _RNG) -> None:
         super().__init__(inner.dtype, inner.shape)
         self.inner, self.p, self.rng = inner, p, rng
+        self.bits: Optional[torch.Tensor] = None   # CPU: the forward's keep mask, packed
         self.users = 1          # recipes that take the shared CPU noise in one backward (2 with a _DropoutNoise)
         self._noise: Optional[torch.Tensor] = None
         self._taken = 0
 
     def take_noise(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """The forward's CPU noise ``F.dropout(ones)``, drawn again on first use and dropped once every user took it
-        (a second backward through a retained graph draws it again)."""
+        """The forward's scaled noise, rebuilt on first use (from ``bits``, else drawn again under the recorded RNG
+        state) and dropped once every user took it (a second backward through a retained graph rebuilds it)."""
         noise = self._noise
         if noise is None:
-            with torch.no_grad(), self.rng.replay():
-                noise = F.dropout(torch.ones(shape, dtype=dtype, device=device), self.p, True)
+            with torch.no_grad():
+                if self.bits is not None:
+                    noise = _unpack_bits(self.bits, shape).to(dtype).div_(1 - self.p)
+                else:
+                    with self.rng.replay():
+                        noise = F.dropout(torch.ones(shape, dtype=dtype, device=device), self.p, True)
             self._noise, self._taken = noise, 0
         self._taken += 1
         if self._taken >= self.users:
@@ -300,8 +311,8 @@ class _DropoutOut(_Recipe):
 
 
 class _DropoutNoise(_Recipe):
-    """What ``F.dropout`` saved besides its output: the CPU kernel's scaled noise ``F.dropout(ones)`` (exact:
-    ``1·v = v``), or the fused kernel's bool mask ``native_dropout(input)[1]``."""
+    """What ``F.dropout`` saved besides its output: the CPU kernel's scaled noise (rebuilt by ``_DropoutOut``), or
+    the fused (CUDA) kernel's bool mask ``native_dropout(input)[1]``."""
 
     def __init__(self, saved: torch.Tensor, drop: _DropoutOut) -> None:
         super().__init__(saved.dtype, saved.shape)
@@ -321,6 +332,25 @@ class _DropoutNoise(_Recipe):
     def sources(self) -> list:
         return self.drop.sources() if self.is_mask else []
 
+
+
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 words of 8 elements (little-endian, zero-padded): shape (ceil(numel / 8),)."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8) << _BIT_SHIFTS.to(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of ``_pack_bits``: the bool tensor of ``shape``."""
+    n = math.prod(shape)
+    flat = ((bits.view(-1, 1) >> _BIT_SHIFTS.to(bits.device)) & 1).view(-1)[:n]
+    return flat.view(shape).bool()
 
 class _Linear(_Recipe):
     """IA3 output mode's unscaled base output, re-run with the layer's own base computation."""
@@ -511,11 +541,15 @@ class _Session:
             return None
         drop = _DropoutOut(inner, frame.p, frame.rng)
         noise = _DropoutNoise(helper, drop)
-        # CPU: the output recipe shares the noise's draw (elsewhere the dropout re-runs on its own: cheap Philox)
-        drop.users = 2 if not noise.is_mask and helper.device.type == "cpu" else 1
+        if not noise.is_mask and helper.device.type == "cpu":
+            # CPU: the keep mask as bits, shared by the noise and output recipes (see _DropoutOut)
+            drop.bits, drop.users = _pack_bits(helper != 0), 2
         frame.pending.remove(pend)
         frame.dropouts += 1
         self._account(noise, helper)
+        if drop.bits is not None:
+            self.stats.keep(drop.bits)
+            self.stats.mask_bytes += drop.bits.numel()
         pend.t, pend.recipe = None, noise
         return drop
 
@@ -858,7 +892,9 @@ def is_enabled(model: nn.Module) -> bool:
 @contextlib.contextmanager
 def saved_tensor_bytes(exclude: Optional[nn.Module] = None):
     """Count the bytes autograd keeps for backward (unique storages) while the block runs, whether or not the
-    recompute hooks are active (they report what they keep).  Yields a dict; ``["bytes"]`` is filled on exit.
+    recompute hooks are active (they report what they keep).  Yields a dict; ``["bytes"]`` is filled on exit, with
+    ``["recipes"]``, ``["recomputed_bytes"]``, ``["ops"]`` and ``["mask_bytes"]`` (the part of ``bytes`` that is CPU
+    dropout keep masks stored as bits; 0 on accelerators, where the masks are re-drawn).
 
     Args:
         exclude: storages of this module's parameters and buffers are not counted (weights are not activations).
@@ -895,3 +931,4 @@ def saved_tensor_bytes(exclude: Optional[nn.Module] = None):
         result["recomputed_bytes"] = sum(st.recomputed_bytes for st in inner)
         result["ops"] = sum(st.ops for st in inner)
         result["recipes"] = sum(st.recipes for st in inner)
+        result["mask_bytes"] = sum(st.mask_bytes for st in inner)

@@ -149,10 +149,15 @@ def test_same_numerics_and_saved_bytes(family, method):
     for p in ps:
         _set_dropout(model, p)
         acc0, acc1 = _compare(model, batch)
-        ratio, before = acc1["bytes"] / ref, acc0["bytes"] / ref
-        print(f"{family} {method} p={p}: frozen {ref} B, off {before:.3f}x, on {ratio:.3f}x, "
-              f"recomputed {acc1['recomputed_bytes']} B in {acc1['ops']} ops")
+        # On CPU each recomputed dropout keeps its keep-mask as bits (mask_bytes; an accelerator re-draws it): the
+        # bound is on what an accelerator keeps, and the bits are at most 1/16 of the noise they stand for.
+        ratio, before = (acc1["bytes"] - acc1["mask_bytes"]) / ref, acc0["bytes"] / ref
+        print(f"{family} {method} p={p}: frozen {ref} B, off {before:.3f}x, on {ratio:.3f}x "
+              f"(+{acc1['mask_bytes']} B of CPU dropout bits), recomputed {acc1['recomputed_bytes']} B in "
+              f"{acc1['ops']} ops")
         assert ratio <= BOUND[method, p], (family, method, p, ratio, before)
+        assert (acc1["mask_bytes"] > 0) == (p > 0 and method != "ia3")
+        assert acc1["mask_bytes"] * 16 <= acc1["recomputed_bytes"]
 
 
 def test_bf16_with_input_grads():
@@ -166,8 +171,10 @@ def test_bf16_with_input_grads():
     off = _step(model, batch, model)[2]["bytes"]
     R.set_enabled(model, True)
     on = _step(model, batch, model)[2]
-    # the remaining 8 %: S = x·Aᵀ (M x r fp32) of the 7 adapters, r=8 on hidden 64
-    assert on["bytes"] / ref <= 1.12, (on["bytes"] / ref, off / ref)
+    # the remaining 8 %: S = x·Aᵀ (M x r fp32) of the 7 adapters, r=8 on hidden 64; plus, on CPU only, the dropout
+    # keep masks as bits (1/16 of the bf16 inputs they stand for), which an accelerator re-draws instead
+    assert (on["bytes"] - on["mask_bytes"]) / ref <= 1.12, (on["bytes"] / ref, on["mask_bytes"], off / ref)
+    assert on["mask_bytes"] > 0
     assert off / ref > 1.5
 
 
