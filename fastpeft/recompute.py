@@ -300,7 +300,7 @@ class _DropoutOut(_Recipe):
 
     def run(self) -> torch.Tensor:
         x = self.inner.run()
-        if self.users > 1:
+        if self.bits is not None:
             with torch.no_grad():
                 return x * self.take_noise(x.shape, x.dtype, x.device)
         with torch.no_grad(), self.rng.replay():
@@ -572,6 +572,32 @@ class _Session:
         r = _ToDtype(inner, b.dtype)
         return r if t is b else _View(r, t)
 
+    def _dropout_of_input(self, t: torch.Tensor, frame: _LayerFrame) -> Optional[_Recipe]:
+        """An input that needs no grad has no autograd link to its dropout either (no noise is saved then): inside a
+        layer with dropout, the x-shaped float tensor without grad it saves is ``dropout(x)`` (or its cast to the
+        adapter dtype), kept for dA.  Rebuilt like any dropout output: on CPU from the keep mask's bits, checked
+        here against ``t`` bit for bit (anything else, e.g. a cast that rounds a kept value to 0, stays saved);
+        elsewhere by re-drawing under the recorded RNG state."""
+        x = frame.x
+        if x is None or x.requires_grad or frame.dropouts > 0 or not frame.p > 0.0 or t.dtype == torch.bool:
+            return None
+        b = t if t._base is None else t._base
+        if isinstance(b, nn.Parameter) or b.shape != x.shape or not b.is_contiguous() or b.requires_grad:
+            return None
+        drop = _DropoutOut(self.recipe_of(x) or _Held(x), frame.p, frame.rng)
+        if x.device.type == "cpu":
+            with torch.no_grad():
+                bits = _pack_bits(b != 0)
+                rebuilt = x * _unpack_bits(bits, x.shape).to(x.dtype).div_(1 - frame.p)
+                if not torch.equal(rebuilt.to(b.dtype), b):
+                    return None
+            drop.bits = bits
+            self.stats.keep(bits)
+            self.stats.mask_bytes += bits.numel()
+        frame.dropouts += 1
+        r = drop if b.dtype == x.dtype else _ToDtype(drop, b.dtype)
+        return r if t is b else _View(r, t)
+
     def _account(self, recipe: _Recipe, t: torch.Tensor) -> None:
         self.stats.recipes += 1
         self.stats.recomputed_bytes += t.numel() * t.element_size()
@@ -590,11 +616,14 @@ class _Session:
         if frame is not None and not isinstance(t, nn.Parameter) and t.dim() > 0:
             r = None
             if t.dtype == torch.bool or (t.grad_fn is None and not t.requires_grad and t.is_floating_point()):
-                if frame.rng is not None and frame.x is not None and t.shape == frame.x.shape:
+                if frame.rng is not None:
+                    r = self._dropout_of_input(t, frame)
+                if r is None and frame.rng is not None and frame.x is not None and t.shape == frame.x.shape:
                     pk = _Packed(t)           # dropout noise/mask: becomes a recipe when its output is packed
                     frame.pending.append(pk)
                     return pk
-                r = self._cast_of_input(t, frame)
+                if r is None:
+                    r = self._cast_of_input(t, frame)
                 if r is None and frame.base_fn is not None and frame.x is not None and not frame.x.requires_grad \
                         and t._base is None and t.shape[:-1] == frame.x.shape[:-1] \
                         and t.shape[-1] == getattr(frame.layer, "out_features", -1) and t.dtype == frame.x.dtype:

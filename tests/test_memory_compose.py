@@ -88,3 +88,28 @@ def test_dropout_bits_round_trip(shape):
     bits = R._pack_bits(mask)
     assert bits.dtype == torch.uint8 and bits.numel() == -(-mask.numel() // 8)
     assert torch.equal(R._unpack_bits(bits, mask.shape), mask)
+
+
+def test_dropout_of_an_input_that_needs_no_grad_is_recomputed():
+    """Layer 0's q/k/v/gate/up read the norm of frozen embeddings: their input needs no grad, so autograd links
+    nothing to the dropout output lora_A keeps.  It is rebuilt all the same: every LoRA layer keeps only its
+    dropout's keep-mask bits (one bit per input element), and the step is bit-equal to the one without recompute."""
+    ids = torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(3))
+    model = _model(dropout=0.1)
+    R.set_enabled(model, False)
+    torch.manual_seed(11)
+    loss0, g0 = _step(model, model, ids)
+    R.set_enabled(model, True)
+    torch.manual_seed(11)
+    model.zero_grad(set_to_none=True)
+    with R.saved_tensor_bytes(exclude=model) as acc:
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    inputs = {n: 2 * 24 * (128 if n.endswith("down_proj") else 64) for n, m in model.named_modules()
+              if hasattr(m, "lora_A") and len(m.lora_A)}
+    assert len(inputs) == 14
+    assert acc["mask_bytes"] == sum(-(-n // 8) for n in inputs.values())   # every layer's dropout, as bits
+    assert torch.equal(out.loss.detach(), loss0)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, g0[n], rtol=1e-6, atol=1e-7, msg=n)
