@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft.functional as FP
-from ..tuners.adalora.layer import init_adalora_triplet
+from ..utils.adapter_init import init_adalora_triplet
 from ..utils.adapter_math import adalora_delta, orth_reg_term
 from ._base import DeltaAdapterBase, check_alpha, check_dropout, check_rank
 

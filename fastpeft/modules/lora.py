@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft.functional as FP
-from ..tuners.lora.init import init_lora_pair
+from ..utils.adapter_init import init_lora_pair
 from ..utils.adapter_math import lora_delta
 from ._base import DeltaAdapterBase, check_alpha, check_dropout, check_rank
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import fastpeft.functional as FP
+from ...utils.adapter_init import init_adalora_triplet
 from ...utils.adapter_math import adalora_delta, add_delta
 from ...utils.other import in_out_features, is_conv1d, linear_weight_oi, transpose
 from ..tuners_utils import BaseTunerLayer
@@ -19,14 +20,6 @@ from .config import AdaLoraConfig
 
 __all__ = ["AdaLoraLayer", "SVDLinear"]
 
-
-def init_adalora_triplet(A: torch.Tensor, E: torch.Tensor, B: torch.Tensor) -> None:
-    """In place, no grad: E (r, 1) <- 0, A (r, in) and B (out, r) <- N(0, 0.02²) (HF PEFT's AdaLoRA init: the layer
-    starts equal to its base).  Shared by the tuner layer and ``fastpeft.AdaLoRALinear``."""
-    with torch.no_grad():
-        nn.init.zeros_(E)
-        nn.init.normal_(A, mean=0.0, std=0.02)
-        nn.init.normal_(B, mean=0.0, std=0.02)
 
 class AdaLoraLayer(BaseTunerLayer):
     adapter_layer_names = ("lora_A", "lora_B", "lora_E")

@@ -21,13 +21,13 @@ takes ``True``/``False``/``"gaussian"`` only, like PEFT.  ``"eva"``, ``"corda"``
 from __future__ import annotations
 
 import copy
-import math
 import os
 import re
 import torch
 import torch.nn as nn
 
 from ...utils.adapter_files import load_peft_weights
+from ...utils.adapter_init import init_lora_pair
 from ...utils.other import is_conv1d, transpose
 
 __all__ = ["SUPPORTED_INITS", "UNSUPPORTED_INITS", "check_init_lora_weights", "init_lora_adapter",
@@ -98,20 +98,6 @@ def init_lora_adapter(layer, adapter_name: str, init) -> None:
         if layer.lora_bias.get(adapter_name, False):
             with torch.no_grad():
                 nn.init.zeros_(B.bias)
-
-
-def init_lora_pair(A: torch.Tensor, B: torch.Tensor, r: int, init) -> None:
-    """In place, no grad: A (r, in) <- kaiming-uniform(a=√5) (``init=True``) or N(0, 1/r) (``"gaussian"``), B (out, r)
-    <- 0, so the adapter starts as the identity.  The one implementation of LoRA's default inits (tuner layers and
-    ``fastpeft.LoRALinear``)."""
-    with torch.no_grad():
-        if init is True:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        elif isinstance(init, str) and init.lower() == "gaussian":
-            nn.init.normal_(A, std=1 / r)
-        else:
-            raise ValueError(f"Unknown initialization init_lora_weights={init!r}")
-        nn.init.zeros_(B)
 
 
 def _float_weight(layer, what: str) -> torch.Tensor:
