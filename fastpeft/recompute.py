@@ -574,28 +574,58 @@ class _Session:
 
     def _dropout_of_input(self, t: torch.Tensor, frame: _LayerFrame) -> Optional[_Recipe]:
         """An input that needs no grad has no autograd link to its dropout either (no noise is saved then): inside a
-        layer with dropout, the x-shaped float tensor without grad it saves is ``dropout(x)`` (or its cast to the
-        adapter dtype), kept for dA.  Rebuilt like any dropout output: on CPU from the keep mask's bits, checked
-        here against ``t`` bit for bit (anything else, e.g. a cast that rounds a kept value to 0, stays saved);
-        elsewhere by re-drawing under the recorded RNG state."""
+        layer with dropout, the x-shaped float tensor without grad it saves is its dropout output, kept for dA:
+        ``drop(x)``, or with adapters in another dtype ``drop(x).to(dt)`` (fastpeft's op) or ``drop(x.to(dt))``
+        (HF PEFT's layer).  The order is checked bit for bit against ``t``: on CPU every time, from the keep mask's
+        bits (kept; cheap next to a forward); elsewhere once per layer and dtypes, by re-drawing under the recorded
+        RNG state.  A tensor that matches no order stays saved."""
         x = frame.x
         if x is None or x.requires_grad or frame.dropouts > 0 or not frame.p > 0.0 or t.dtype == torch.bool:
             return None
-        b = t if t._base is None else t._base
+        b = t if t._base is None else t._base   # matmul keeps the flattened (M, K) view of a 3-D input
         if isinstance(b, nn.Parameter) or b.shape != x.shape or not b.is_contiguous() or b.requires_grad:
             return None
-        drop = _DropoutOut(self.recipe_of(x) or _Held(x), frame.p, frame.rng)
-        if x.device.type == "cpu":
-            with torch.no_grad():
+        inner = self.recipe_of(x)
+        if inner is None:
+            if x.element_size() > b.element_size():
+                return None   # holding x would cost more than keeping t
+            inner = _Held(x)
+        p, rng = frame.p, frame.rng
+
+        def build(order: str) -> tuple[_Recipe, _DropoutOut]:
+            if order == "cast_drop":
+                drop = _DropoutOut(_ToDtype(inner, b.dtype), p, rng)
+                return drop, drop
+            drop = _DropoutOut(inner, p, rng)
+            return (drop if order == "same" else _ToDtype(drop, b.dtype)), drop
+
+        orders = ("same",) if b.dtype == x.dtype else ("drop_cast", "cast_drop")
+        bits = None
+        with torch.no_grad():
+            if x.device.type == "cpu":
                 bits = _pack_bits(b != 0)
-                rebuilt = x * _unpack_bits(bits, x.shape).to(x.dtype).div_(1 - frame.p)
-                if not torch.equal(rebuilt.to(b.dtype), b):
-                    return None
+                keep = _unpack_bits(bits, x.shape)
+                order = None
+                for o in orders:
+                    dt = b.dtype if o == "cast_drop" else x.dtype
+                    rebuilt = x.to(dt) * keep.to(dt).div_(1 - p)
+                    if torch.equal(rebuilt.to(b.dtype), b):
+                        order = o
+                        break
+            else:
+                cache = frame.layer.__dict__.setdefault("_fastpeft_recompute_drop_order", {})
+                key = (x.dtype, b.dtype)
+                if key not in cache:
+                    cache[key] = next((o for o in orders if torch.equal(build(o)[0].run(), b)), None)
+                order = cache[key]
+        if order is None:
+            return None
+        r, drop = build(order)
+        if bits is not None:
             drop.bits = bits
             self.stats.keep(bits)
             self.stats.mask_bytes += bits.numel()
         frame.dropouts += 1
-        r = drop if b.dtype == x.dtype else _ToDtype(drop, b.dtype)
         return r if t is b else _View(r, t)
 
     def _account(self, recipe: _Recipe, t: torch.Tensor) -> None:

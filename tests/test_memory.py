@@ -248,3 +248,35 @@ def test_hf_peft_accelerate():
     assert R.is_enabled(model)
     acc0, acc1 = _compare(model, _batch("llama"))
     assert acc1["bytes"] < 0.7 * acc0["bytes"]
+
+
+def _hf_peft_lora(dtype, p):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = FAMILIES["llama"]().to(dtype)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, target_modules="all-linear", lora_dropout=p,
+                                                      init_lora_weights=False))
+    fastpeft.accelerate(model)
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("impl", ["fastpeft", "peft"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_of_input_without_grad(impl, dtype):
+    """Layer 0's input needs no grad (frozen embeddings), so its dropout has no autograd node: the dropout output
+    (fastpeft: ``drop(x).to(fp32)``, HF PEFT: ``drop(x.to(fp32))`` on a bf16 base) is still rebuilt, bit-equal, and
+    a step with dropout keeps the bytes of a step without it, plus (CPU only) the keep masks as bits."""
+    if impl == "fastpeft":
+        model = _build("llama", "lora", 0.1, dtype=dtype)[0]
+    else:
+        model = _hf_peft_lora(dtype, 0.1)
+    batch = _batch("llama")
+    _set_dropout(model, 0.1)
+    acc0, acc1 = _compare(model, batch)
+    _set_dropout(model, 0.0)
+    R.set_enabled(model, True)
+    no_drop = _step(model, batch, model)[2]
+    assert acc1["mask_bytes"] > 0
+    assert acc1["bytes"] - acc1["mask_bytes"] == no_drop["bytes"], (acc1["bytes"], acc1["mask_bytes"],
+                                                                      no_drop["bytes"], acc0["bytes"])
