@@ -31,11 +31,12 @@ from typing import Optional
 
 import torch
 
-import fastpeft._cuda as _cuda
-import fastpeft._dispatch as _dispatch
+from ._cuda import available as _cuda_available, unavailable_reason as _cuda_unavailable_reason
+from ._dispatch import choose as _dispatch_choose, describe as _dispatch_describe, version as _dispatch_version
+from ._version import __version__
 from .ops import _registry
 
-logger = logging.getLogger("fastpeft")
+logger = logging.getLogger(__package__)
 
 BACKENDS = ("torch", "triton", "cuda")
 # Explicitly selectable variants ("<backend>:<variant>"), of any op (the registry says which op has which); the
@@ -83,7 +84,7 @@ def triton_available() -> bool:
 
 def _cuda_ext_probe() -> tuple[bool, str]:
     # fastpeft._cuda loads the extension (once, and registers its fake kernels); this only caches its answer.
-    return _cached("cuda", lambda: (_cuda.available(), _cuda.unavailable_reason() or "fastpeft._C loaded"))
+    return _cached("cuda", lambda: (_cuda_available(), _cuda_unavailable_reason() or "fastpeft._C loaded"))
 
 
 def cuda_ext_available() -> bool:
@@ -157,7 +158,7 @@ def _measured_choice(op: str, device: torch.device, dispatch_args: tuple) -> Opt
         # Under torch.compile the default order is traced; the table lookup reads device properties.
         return None
     x = dispatch_args[0]
-    choice = _dispatch.choose(op, *dispatch_args, candidates=lambda: _candidates(op, x, dispatch_args))
+    choice = _dispatch_choose(op, *dispatch_args, candidates=lambda: _candidates(op, x, dispatch_args))
     if choice is not None and _why_not(choice, op, device) is None \
             and _registry.supports(op, choice, x, dispatch_args) is None:
         return choice
@@ -192,7 +193,7 @@ def _cached_auto_choice(op: str, x: torch.Tensor, dispatch_args: tuple) -> str:
         return "torch"
     if torch.compiler.is_compiling():
         return _auto_choice(op, x.device, dispatch_args)
-    key = (op, x.device, x.dtype, _args_key(dispatch_args), _dispatch.version())
+    key = (op, x.device, x.dtype, _args_key(dispatch_args), _dispatch_version())
     chosen = _AUTO_CACHE.get(key)
     if chosen is None:
         chosen = _auto_choice(op, x.device, dispatch_args)
@@ -248,8 +249,7 @@ def backend_info() -> dict:
     tri_ok, tri_reason = _triton_probe()
     ext_ok, ext_reason = _cuda_ext_probe()
     return {
-        # read when called: the package's __init__ imports this module, so not at import time
-        "fastpeft": importlib.import_module("fastpeft").__version__,
+        "fastpeft": __version__,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
@@ -262,5 +262,5 @@ def backend_info() -> dict:
             "cuda": {"available": ext_ok, "reason": ext_reason},
         },
         "FASTPEFT_BACKEND": os.environ.get("FASTPEFT_BACKEND", "auto"),
-        "dispatch": _dispatch.describe(),
+        "dispatch": _dispatch_describe(),
     }

@@ -40,7 +40,7 @@ import torch
 
 from ._meta import ia3_bwd_meta, ia3_fwd_meta, lora_bwd_meta, lora_fwd_meta
 
-logger = logging.getLogger("fastpeft")
+logger = logging.getLogger(__package__)
 
 __all__ = ["available", "unavailable_reason", "lora_fwd_cuda", "lora_bwd_cuda", "ia3_fwd_cuda", "ia3_bwd_cuda",
            "lora_decode_cuda", "FOLD_ACCUM", "FOLD_KAUG", "OPS"]

@@ -34,7 +34,7 @@ import torch
 
 from .ops import _registry
 
-logger = logging.getLogger("fastpeft")
+logger = logging.getLogger(__package__)
 
 __all__ = ["committed", "bucket", "choose", "describe", "record", "clear", "set_autotune",
            "autotune_enabled", "export_table", "load_table", "table_key", "version", "VARIANTS"]

@@ -34,7 +34,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-import fastpeft.hub as hub
+from .hub import resolve_adapter_dir, split_hub_kwargs
 from ._peft_compat import CONFIG_BASES
 from .utils.adapter_files import atomic_write_bytes, jsonable, make_adapter_dir, read_json_object
 from .utils.constants import CONFIG_NAME, PEFT_FORMAT_VERSION
@@ -289,8 +289,8 @@ class PeftConfig(*CONFIG_BASES):
             path = os.path.join(path, subfolder)
         if not os.path.isdir(path) and not os.path.exists(str(pretrained_model_name_or_path)):
             # a Hub id: through huggingface_hub's cache (fastpeft.hub)
-            hub_kwargs, kwargs = hub.split_hub_kwargs(kwargs)
-            path = hub.resolve_adapter_dir(str(pretrained_model_name_or_path), subfolder=subfolder,
+            hub_kwargs, kwargs = split_hub_kwargs(kwargs)
+            path = resolve_adapter_dir(str(pretrained_model_name_or_path), subfolder=subfolder,
                                            need_weights=False, **hub_kwargs)
         else:
             kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "cache_dir", "token", "force_download",

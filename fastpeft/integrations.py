@@ -25,8 +25,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-import fastpeft.functional as _F
-import fastpeft.recompute as _recompute
+from .functional import adalora_linear, ia3_linear, lora_linear
+from .recompute import install as _install_recompute
 from ._peft_compat import peft_layer_classes
 from .utils.fused import base_layer_reason, dense_base_weight, input_reason
 
@@ -128,14 +128,14 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     weight = dense_base_weight(base)
     if kind == "ia3":
         (name,) = [a for a in self.active_adapters if a in self.ia3_l.keys()]
-        return _F.ia3_linear(x, weight, base.bias, self.ia3_l[name], bool(self.is_feedforward), backend=backend)
+        return ia3_linear(x, weight, base.bias, self.ia3_l[name], bool(self.is_feedforward), backend=backend)
     (name,) = [a for a in self.active_adapters if a in self.lora_A.keys()]
     drop = self.lora_dropout[name]
     p = float(drop.p) if (type(drop) is nn.Dropout and drop.training) else 0.0
     if kind == "lora":
-        return _F.lora_linear(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+        return lora_linear(x, weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                               self.scaling[name], p, backend=backend)
-    return _F.adalora_linear(x, weight, base.bias, self.lora_A[name], self.lora_E[name], self.lora_B[name],
+    return adalora_linear(x, weight, base.bias, self.lora_A[name], self.lora_E[name], self.lora_B[name],
                              self.scaling[name], _ranknum(self, name), p, backend=backend)
 
 
@@ -198,7 +198,7 @@ def accelerate(model: nn.Module, backend: Optional[str] = None) -> nn.Module:
             # Instance attributes only: __dict__ entries shadow the class's forward for this object alone.
             object.__setattr__(module, _MARK, backend)
             object.__setattr__(module, "forward", types.MethodType(_fused_forward, module))
-    _recompute.install(model)  # rebuild the adapters' saved inputs in backward (fastpeft.recompute)
+    _install_recompute(model)  # rebuild the adapters' saved inputs in backward (fastpeft.recompute)
     return model
 
 

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-import fastpeft.hub as hub
+from .hub import push_adapter_to_hub, resolve_adapter_dir, split_hub_kwargs, write_model_card
 from ._peft_compat import MODEL_BASES, register_state_dict_functions
 from .config import PeftConfig, TaskType
 from .save_load import (get_peft_model_state_dict, load_peft_weights, make_adapter_dir, normalise_keys,
@@ -321,7 +321,7 @@ class PeftModel(*MODEL_BASES):
             warnings.warn("huggingface_hub is not installed: no model card (README.md) is written", UserWarning,
                           stacklevel=2)
             return
-        hub.write_model_card(self, output_dir)
+        write_model_card(self, output_dir)
 
     def _model_card_tags(self) -> list[str]:
         tags = []
@@ -352,7 +352,7 @@ class PeftModel(*MODEL_BASES):
 
         kwargs.pop("max_shard_size", None)
         kwargs.pop("tags", None)
-        return hub.push_adapter_to_hub(self, repo_id, commit_message=commit_message,
+        return push_adapter_to_hub(self, repo_id, commit_message=commit_message,
                                        commit_description=commit_description, private=private, token=token,
                                        revision=revision, create_pr=create_pr, **kwargs)
 
@@ -375,7 +375,7 @@ class PeftModel(*MODEL_BASES):
         the model is then exactly as it was (modules, values, requires_grad).
         """
 
-        hub_kwargs, kwargs = hub.split_hub_kwargs(kwargs)
+        hub_kwargs, kwargs = split_hub_kwargs(kwargs)
         if revision is not None:
             hub_kwargs["revision"] = revision
         torch_device = kwargs.pop("torch_device", None)
@@ -384,7 +384,7 @@ class PeftModel(*MODEL_BASES):
         if kwargs:
             warnings.warn(f"from_pretrained ignores the arguments {sorted(kwargs)} (not supported by fastpeft)",
                           UserWarning, stacklevel=2)
-        path = hub.resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
+        path = resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
         if config is None:
             config = PeftConfig.from_pretrained(path)
         elif not isinstance(config, PeftConfig):
@@ -420,10 +420,10 @@ class PeftModel(*MODEL_BASES):
         mode.  Atomic: on any error (keys, shapes, files) nothing changes.
         """
 
-        hub_kwargs, kwargs = hub.split_hub_kwargs(kwargs)
+        hub_kwargs, kwargs = split_hub_kwargs(kwargs)
         if revision is not None:
             hub_kwargs["revision"] = revision
-        path = hub.resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
+        path = resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
         if adapter_name in self.peft_config:
             weights = load_peft_weights(path, device=torch_device, allow_bin=allow_bin)
             tuner = self.base_model

@@ -50,8 +50,6 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
 
 def test_auto_uses_measured_dispatch_on_cuda(monkeypatch):
     """On CUDA tensors, auto asks fastpeft._dispatch for the measured choice and takes it when it can run."""
-    import fastpeft._dispatch as dispatch
-
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     calls = []
@@ -60,7 +58,7 @@ def test_auto_uses_measured_dispatch_on_cuda(monkeypatch):
         calls.append((op, len(args)))
         return "triton"
 
-    monkeypatch.setattr(dispatch, "choose", fake_choose)
+    monkeypatch.setattr(_backend, "_dispatch_choose", fake_choose)
     monkeypatch.setattr(_backend, "_why_not", lambda b, op, dev: None if b in ("torch", "triton") else "absent")
     dev = torch.device("cuda")
     with FakeTensorMode():  # CUDA tensors without a GPU: the registry predicates read their device
@@ -68,10 +66,10 @@ def test_auto_uses_measured_dispatch_on_cuda(monkeypatch):
     assert _backend._auto_choice("lora", dev, args) == "triton"
     assert calls == [("lora", 6)]
     # a measured choice that cannot run here is ignored, and the default order applies
-    monkeypatch.setattr(dispatch, "choose", lambda op, *a, candidates=None: "cuda")
+    monkeypatch.setattr(_backend, "_dispatch_choose", lambda op, *a, candidates=None: "cuda")
     assert _backend._auto_choice("lora", dev, args) == "triton"
     # nothing measured: default order (triton's cublas variant > cuda ext > torch)
-    monkeypatch.setattr(dispatch, "choose", lambda op, *a, candidates=None: None)
+    monkeypatch.setattr(_backend, "_dispatch_choose", lambda op, *a, candidates=None: None)
     monkeypatch.setattr(_backend, "_why_not", lambda b, op, dev: None)
     assert _backend._auto_choice("lora", dev, args) == "triton"
     monkeypatch.setattr(_backend, "_why_not", lambda b, op, dev: None if b in ("torch", "cuda") else "absent")

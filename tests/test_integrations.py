@@ -78,13 +78,13 @@ def _step(m, ids, seed=1):
 def _count_fused(monkeypatch):
     calls = {"n": 0}
     for name in ("lora_linear", "adalora_linear", "ia3_linear"):
-        orig = getattr(integrations._F, name)
+        orig = getattr(integrations, name)
 
         def wrapped(*a, _orig=orig, **k):
             calls["n"] += 1
             return _orig(*a, **k)
 
-        monkeypatch.setattr(integrations._F, name, wrapped)
+        monkeypatch.setattr(integrations, name, wrapped)
     return calls
 
 

@@ -1,9 +1,12 @@
 """fastpeft.recompute composes with torch.compile's inductor backend: a compiled training step of a model whose
 family the recompute knows gives the eager step's loss and adapter gradients (recompute off), up to inductor's
-reordering of fp32 sums.  (FSDP2 is covered in tests/test_distributed.py, gradient checkpointing, the eager and
-aot backends in tests/test_memory.py.)"""
+reordering of fp32 sums.  And the CPU handling of dropout under recompute: keep masks kept as bits, never re-drawn,
+also for an input that needs no grad.  (FSDP2 is covered in tests/test_distributed.py, gradient checkpointing, the
+eager and aot backends in tests/test_memory.py.)"""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -51,14 +54,10 @@ def test_inductor_step_with_recompute_equals_eager():
         assert rel_err(g1[n], g0[n]) <= INDUCTOR_FP32_REL, (n, rel_err(g1[n], g0[n]))
 
 
-def test_cpu_dropout_is_not_redrawn_in_backward(monkeypatch):
-    """On CPU a recomputed dropout does not draw again in backward (``bernoulli_`` is most of a CPU dropout's cost):
-    its keep mask is kept as bits and the noise and the output are rebuilt from them, bit-equal to the step without
-    recompute."""
-    ids = torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(3))
-    model = _model(dropout=0.1)
-    model.base_model.model.enable_input_require_grads()   # every adapter input needs grad: noise is saved too
-    lora_layers = sum(1 for m in model.modules() if hasattr(m, "lora_A") and len(m.lora_A))
+def _recompute_step_bit_equal(model, ids, backward_ctx=contextlib.nullcontext):
+    """One dropout step with recompute off, then the same step (same RNG) with it on: the loss is bit-equal and every
+    adapter gradient equal up to summation order.  ``backward_ctx()`` wraps the second step's backward.  Returns the
+    second step's ``saved_tensor_bytes`` record."""
     R.set_enabled(model, False)
     torch.manual_seed(11)
     loss0, g0 = _step(model, model, ids)
@@ -67,17 +66,34 @@ def test_cpu_dropout_is_not_redrawn_in_backward(monkeypatch):
     model.zero_grad(set_to_none=True)
     with R.saved_tensor_bytes(exclude=model) as acc:
         out = model(input_ids=ids, labels=ids)
-    assert acc["mask_bytes"] > 0 and acc["recipes"] > 0
-    draws = []
-    real = torch.nn.functional.dropout
-    monkeypatch.setattr(torch.nn.functional, "dropout", lambda *a, **k: draws.append(1) or real(*a, **k))
-    out.loss.backward()
-    monkeypatch.undo()
-    assert len(draws) == 0, (len(draws), lora_layers)
+    with backward_ctx():
+        out.loss.backward()
     assert torch.equal(out.loss.detach(), loss0)
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, g0[n], rtol=1e-6, atol=1e-7, msg=n)
+    return acc
+
+
+def test_cpu_dropout_is_not_redrawn_in_backward(monkeypatch):
+    """On CPU a recomputed dropout does not draw again in backward (``bernoulli_`` is most of a CPU dropout's cost):
+    its keep mask is kept as bits and the noise and the output are rebuilt from them, bit-equal to the step without
+    recompute."""
+    ids = torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(3))
+    model = _model(dropout=0.1)
+    model.base_model.model.enable_input_require_grads()   # every adapter input needs grad: noise is saved too
+    draws = []
+    real = torch.nn.functional.dropout
+
+    @contextlib.contextmanager
+    def count_draws():
+        monkeypatch.setattr(torch.nn.functional, "dropout", lambda *a, **k: draws.append(1) or real(*a, **k))
+        yield
+        monkeypatch.undo()
+
+    acc = _recompute_step_bit_equal(model, ids, count_draws)
+    assert acc["mask_bytes"] > 0 and acc["recipes"] > 0
+    assert len(draws) == 0, len(draws)
 
 
 @pytest.mark.parametrize("shape", [(0,), (1,), (7,), (3, 5, 7), (2, 24, 64)])
@@ -96,20 +112,8 @@ def test_dropout_of_an_input_that_needs_no_grad_is_recomputed():
     dropout's keep-mask bits (one bit per input element), and the step is bit-equal to the one without recompute."""
     ids = torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(3))
     model = _model(dropout=0.1)
-    R.set_enabled(model, False)
-    torch.manual_seed(11)
-    loss0, g0 = _step(model, model, ids)
-    R.set_enabled(model, True)
-    torch.manual_seed(11)
-    model.zero_grad(set_to_none=True)
-    with R.saved_tensor_bytes(exclude=model) as acc:
-        out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
+    acc = _recompute_step_bit_equal(model, ids)
     inputs = {n: 2 * 24 * (128 if n.endswith("down_proj") else 64) for n, m in model.named_modules()
               if hasattr(m, "lora_A") and len(m.lora_A)}
     assert len(inputs) == 14
     assert acc["mask_bytes"] == sum(-(-n // 8) for n in inputs.values())   # every layer's dropout, as bits
-    assert torch.equal(out.loss.detach(), loss0)
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(p.grad, g0[n], rtol=1e-6, atol=1e-7, msg=n)

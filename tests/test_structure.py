@@ -53,8 +53,9 @@ def _is_type_checking(node: ast.If) -> bool:
 def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
     """fastpeft modules that ``name`` imports anywhere in its file (module level, in functions, in try blocks; only
     ``if TYPE_CHECKING:`` blocks are skipped, they never run).  ``from P import X`` is an edge to ``P`` and, when that
-    is a module, to ``P.X``; a string constant that is exactly a fastpeft module's name (other than the bare package
-    name, which is also a logger name) counts as an import by name."""
+    is a module, to ``P.X``; ``import fastpeft.a.b`` is an edge to ``fastpeft``, ``fastpeft.a`` and ``fastpeft.a.b``; a
+    string constant that is exactly a fastpeft module's name counts as an import by name, and so does
+    ``import_module("fastpeft")`` (the bare name elsewhere is a label: a dict key, a logger name)."""
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), path)
     is_pkg = os.path.basename(path) == "__init__.py"
@@ -77,7 +78,11 @@ def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
     for node in ast.walk(tree):
         if id(node) in skip:
             continue
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value != "fastpeft" \
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and node.args[0].value == "fastpeft" and getattr(node.func, "attr", getattr(node.func, "id", "")) \
+                in ("import_module", "__import__"):
+            found.add("fastpeft")   # the root package imported by name
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value != "fastpeft" \
                 and node.value in modules and node.value != name:
             # a module named in a string is imported by name (importlib.import_module(table[key]), lazy
             # __getattr__ maps, implementation tables): the same dependency as an import statement
@@ -85,7 +90,10 @@ def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
         elif isinstance(node, ast.Import):
             for a in node.names:
                 if a.name == "fastpeft" or a.name.startswith("fastpeft."):
-                    add(a.name)
+                    # ``import fastpeft.x.y`` binds the root package and runs every __init__ on the way
+                    parts = a.name.split(".")
+                    for i in range(1, len(parts) + 1):
+                        add(".".join(parts[:i]))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -190,6 +198,11 @@ def test_from_package_import_is_an_edge_to_the_package(tmp_path):
     f.write_text("from .. import functional as FP\nfrom . import lora\n", encoding="utf-8")
     found = _imports("fastpeft.modules.x", str(f), _modules())
     assert {"fastpeft", "fastpeft.functional", "fastpeft.modules", "fastpeft.modules.lora"} <= found
+    # ``import fastpeft.a.b`` runs (and binds) the root package; a "fastpeft" string is the root imported by name
+    f.write_text("import fastpeft.ops.lora as L\n", encoding="utf-8")
+    assert {"fastpeft", "fastpeft.ops", "fastpeft.ops.lora"} <= _imports("fastpeft.modules.x", str(f), _modules())
+    f.write_text("import importlib\nv = importlib.import_module('fastpeft')\n", encoding="utf-8")
+    assert "fastpeft" in _imports("fastpeft.modules.x", str(f), _modules())
 
 
 def test_no_import_cycles():

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-import fastpeft.functional as FP
+from ..functional import adalora_linear
 from ..utils.adapter_init import init_adalora_triplet
 from ..utils.adapter_math import adalora_delta, orth_reg_term
 from ._base import DeltaAdapterBase, check_alpha, check_dropout, check_rank
@@ -119,7 +119,7 @@ class AdaLoRALinear(DeltaAdapterBase):
         if self._merged:
             return self._base_forward(x)
         p = self.lora_dropout if self.training else 0.0
-        return FP.adalora_linear(x, self.weight_nk, self.bias, self.lora_A, self.lora_E, self.lora_B,
+        return adalora_linear(x, self.weight_nk, self.bias, self.lora_A, self.lora_E, self.lora_B,
                                  self.scaling, self.ranknum, p, None, backend=self.backend)
 
     def extra_repr(self) -> str:

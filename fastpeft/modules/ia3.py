@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-import fastpeft.functional as FP
+from ..functional import ia3_linear
 from ..utils.adapter_math import ia3_scale
 from ._base import AdapterBase
 
@@ -137,7 +137,7 @@ class IA3Linear(AdapterBase):
         """x: (..., in_features) -> (..., out_features)."""
         if self._merged:
             return self._base_forward(x)
-        return FP.ia3_linear(x, self.weight_nk, self.bias, self.ia3_l, self.feedforward, backend=self.backend)
+        return ia3_linear(x, self.weight_nk, self.bias, self.ia3_l, self.feedforward, backend=self.backend)
 
     def extra_repr(self) -> str:
         s = f"{self._extra_base_repr()}, feedforward={self.feedforward}"

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-import fastpeft.functional as FP
+from ..functional import lora_linear
 from ..utils.adapter_init import init_lora_pair
 from ..utils.adapter_math import lora_delta
 from ._base import DeltaAdapterBase, check_alpha, check_dropout, check_rank
@@ -118,7 +118,7 @@ class LoRALinear(DeltaAdapterBase):
         if self._merged:
             return self._base_forward(x)
         p = self.lora_dropout if self.training else 0.0
-        return FP.lora_linear(x, self.weight_nk, self.bias, self.lora_A, self.lora_B, self.scaling, p, None,
+        return lora_linear(x, self.weight_nk, self.bias, self.lora_A, self.lora_B, self.scaling, p, None,
                               backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -112,7 +112,7 @@ def check_not_wrapped(model: nn.Module, own_types: tuple) -> None:
     swap the first model's trained layers for new ones.  ``own_types``: fastpeft's layer and wrapper classes."""
     for name, m in model.named_modules():
         if isinstance(m, own_types):
-            lib = "fastpeft"
+            lib = __name__.partition(".")[0]   # this package's name
         elif _foreign_adapter_layer(m):
             lib = "HF PEFT"
         else:

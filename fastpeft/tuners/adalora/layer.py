@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-import fastpeft.functional as FP
+from ...functional import adalora_linear
 from ...utils.adapter_init import init_adalora_triplet
 from ...utils.adapter_math import adalora_delta, add_delta
 from ...utils.other import in_out_features, is_conv1d, linear_weight_oi, transpose
@@ -129,7 +129,7 @@ class SVDLinear(AdaLoraLayer):
             drop = self.lora_dropout[a]
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
             base = self.base_layer
-            return FP.adalora_linear(x, linear_weight_oi(base), base.bias, self.lora_A[a], self.lora_E[a],
+            return adalora_linear(x, linear_weight_oi(base), base.bias, self.lora_A[a], self.lora_E[a],
                                      self.lora_B[a], self.scaling[a], self._ranknum_value[a], p, None,
                                      backend=None)
         result = self.base_layer(x, *args, **kwargs)

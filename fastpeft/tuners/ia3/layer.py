@@ -11,7 +11,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-import fastpeft.functional as FP
+from ...functional import ia3_linear
 from ...utils.adapter_math import ia3_scale
 from ...utils.other import in_out_features, is_conv1d, linear_weight_oi
 from ..tuners_utils import BaseTunerLayer
@@ -102,7 +102,7 @@ class Linear(IA3Layer):
             return self.base_layer(x, *args, **kwargs)
         if len(active) == 1 and self._fused_reason(x, args, kwargs) is None:
             base = self.base_layer
-            return FP.ia3_linear(x, linear_weight_oi(base), base.bias, self.ia3_l[active[0]],
+            return ia3_linear(x, linear_weight_oi(base), base.bias, self.ia3_l[active[0]],
                                  self.is_feedforward, backend=None)
         scale = 1
         dtype = x.dtype

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fastpeft.functional as FP
+from ...functional import lora_linear
 from ...utils.other import linear_weight_oi, transpose
 
 __all__ = ["DoraLinearLayer", "dora_row_norm", "dora_init", "dora_forward", "dora_fused_forward", "dora_merged_weight",
@@ -216,7 +216,7 @@ def dora_fused_forward(layer, adapter_name: str, x: torch.Tensor) -> torch.Tenso
     base = layer.base_layer
     A = layer.lora_A[adapter_name].weight
     B = layer.lora_B[adapter_name].weight
-    z = FP.lora_linear(x, linear_weight_oi(base), None, A, B, layer.scaling[adapter_name], 0.0, None, backend=None)
+    z = lora_linear(x, linear_weight_oi(base), None, A, B, layer.scaling[adapter_name], 0.0, None, backend=None)
     m = layer.lora_magnitude_vector[adapter_name].weight
     k = m / _norm_for_forward(layer, adapter_name, A.dtype)
     y = k * z

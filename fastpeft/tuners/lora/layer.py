@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-import fastpeft.functional as FP
+from ...functional import lora_linear
 from ...utils.adapter_math import add_delta, lora_delta
 from ...utils.fused import is_sharded
 from ...utils.other import in_out_features, is_conv1d, linear_weight_oi, transpose
@@ -177,7 +177,7 @@ class Linear(LoraLayer):
             drop = self.lora_dropout[a]
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
             base = self.base_layer
-            return FP.lora_linear(x, linear_weight_oi(base), base.bias, A, self.lora_B[a].weight,
+            return lora_linear(x, linear_weight_oi(base), base.bias, A, self.lora_B[a].weight,
                                   self.scaling[a], p, None, backend=None)
         # several adapters: PEFT's loop (outputs summed)
         result = self.base_layer(x, *args, **kwargs)
