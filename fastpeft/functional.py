@@ -1,4 +1,5 @@
-"""Functional entry points of the weight-side methods: ``lora_linear``, ``adalora_linear``, ``ia3_linear``.
+"""Functional entry points of the weight-side methods: ``lora_linear``, ``adalora_linear``, ``dora_linear``,
+``ia3_linear``.
 
 The modules (``fastpeft.LoRALinear`` ...) and the model API's tuner layers call these.  Each validates its
 arguments (clear ``ValueError``/``TypeError`` naming the argument), flattens leading dimensions, applies autocast,
@@ -17,10 +18,11 @@ from typing import Optional
 import torch
 
 from ._backend import select_backend
+from .ops import dora as _dora
 from .ops import ia3 as _ia3
 from .ops import lora as _lora
 
-__all__ = ["lora_linear", "adalora_linear", "ia3_linear", "draw_seed", "set_adapter_autocast"]
+__all__ = ["lora_linear", "adalora_linear", "dora_linear", "ia3_linear", "draw_seed", "set_adapter_autocast"]
 
 # How the LoRA/AdaLoRA branch runs under torch.autocast: "peft" (default) casts its operands to the autocast dtype,
 # as HF PEFT's nn.Linear adapter calls are cast, so bf16 training matches PEFT to rounding; "keep" runs it in the
@@ -154,20 +156,26 @@ def _validate_base(x, weight, bias):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _lora_impl(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
-    _validate_base_types(x, weight, bias)
-    x, weight, bias, ctx = _autocast(x, weight, bias)
+def _adapter_autocast(ctx, x, lora_A, lora_E, lora_B):
+    """HF PEFT's casting under autocast: the adapter matmuls run in the autocast dtype (see set_adapter_autocast)."""
     if isinstance(ctx, torch.autocast) and _ADAPTER_AUTOCAST != "keep" and isinstance(lora_A, torch.Tensor) \
             and lora_A.dtype != x.dtype and lora_A.is_floating_point():
-        # HF PEFT's casting: the adapter matmuls run in the autocast dtype (see set_adapter_autocast)
         lora_A = lora_A.to(x.dtype)
         lora_B = lora_B.to(x.dtype) if isinstance(lora_B, torch.Tensor) else lora_B
         lora_E = lora_E.to(x.dtype) if isinstance(lora_E, torch.Tensor) else lora_E
+    return lora_A, lora_E, lora_B
+
+
+def _lora_impl(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
+    _validate_base_types(x, weight, bias)
+    x, weight, bias, ctx = _autocast(x, weight, bias)
+    lora_A, lora_E, lora_B = _adapter_autocast(ctx, x, lora_A, lora_E, lora_B)
     with ctx:
         return _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend)
 
 
-def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
+def _check_lora_operands(x, weight, bias, lora_A, lora_E, lora_B):
+    """Shape / dtype / device checks of the LoRA operands; returns (N, K, r)."""
     n, k = _validate_base(x, weight, bias)
     _check_tensor("lora_A", lora_A, 2)
     _check_tensor("lora_B", lora_B, 2)
@@ -187,6 +195,11 @@ def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, s
         if lora_E.dtype != lora_A.dtype:
             raise ValueError(f"lora_E has dtype {lora_E.dtype} but lora_A has dtype {lora_A.dtype}")
     _check_same_device(x, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, lora_E=lora_E)
+    return n, k, r
+
+
+def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
+    n, k, r = _check_lora_operands(x, weight, bias, lora_A, lora_E, lora_B)
     scaling = _check_float("scaling", scaling)
     dropout_p = _check_dropout(dropout_p)
 
@@ -243,6 +256,47 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     then), on every backend.
     """
     return _lora_impl(x, weight, bias, lora_A, None, lora_B, scaling, dropout_p, seed, backend)
+
+
+def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                lora_B: torch.Tensor, magnitude_scale: torch.Tensor, scaling: float, *,
+                backend: Optional[str] = None) -> torch.Tensor:
+    """DoRA linear layer (no dropout): ``y = k ⊙ (x Wᵀ + scaling · (x Aᵀ) Bᵀ) + b`` with k = ``magnitude_scale``.
+
+    DoRA's k is ``m / ‖W + scaling·B·A‖`` per output row with the norm detached (HF PEFT's and the paper's choice;
+    ``fastpeft.tuners.lora.dora`` computes it); gradients reach m through k.  On the fused backends k is folded into
+    the operands (``fastpeft.ops.dora``: the LoRA op on k ⊙ W and k ⊙ B, then one column reduction for dk), so the
+    layer costs what ``lora_linear`` costs plus a pass over W each way; the torch backend (and fp16 outputs,
+    torch.compile, a trainable base weight) computes ``k ⊙ lora_linear(...) + b`` with autograd.
+
+    Args:
+        x: (..., in_features).  weight: (out_features, in_features), frozen.  bias: (out_features,) or None.
+        lora_A: (r, in_features).  lora_B: (out_features, r).  magnitude_scale: (out_features,), float.
+        scaling: the LoRA scale s.  backend: as in ``lora_linear``.
+    Returns:
+        (..., out_features) in x's dtype.
+    """
+    _validate_base_types(x, weight, bias)
+    _check_tensor("magnitude_scale", magnitude_scale, 1)
+    x, weight, bias, ctx = _autocast(x, weight, bias)
+    lora_A, _, lora_B = _adapter_autocast(ctx, x, lora_A, None, lora_B)
+    with ctx:
+        n, k, _ = _check_lora_operands(x, weight, bias, lora_A, None, lora_B)
+        if magnitude_scale.shape[0] != n:
+            raise ValueError(f"magnitude_scale must have shape (out_features,) = ({n},), got "
+                             f"{tuple(magnitude_scale.shape)}")
+        _check_same_device(x, magnitude_scale=magnitude_scale)
+        scaling = _check_float("scaling", scaling)
+        x2 = x.reshape(-1, k).contiguous()
+        chosen = select_backend("lora", x, backend, dispatch_args=(x2, weight, None, lora_A, None, lora_B))
+        if chosen == "torch" or x.dtype == torch.float16 or weight.requires_grad or torch.compiler.is_compiling():
+            z = _lora_checked(x, weight, None, lora_A, None, lora_B, scaling, 0.0, None, chosen)
+            y = magnitude_scale * z
+            if bias is not None:
+                y = y + bias
+            return y.to(z.dtype)
+        y = _dora.dora_apply(x2, weight, bias, lora_A, lora_B, magnitude_scale, scaling, chosen)
+        return y.reshape(*x.shape[:-1], n)
 
 
 def adalora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,

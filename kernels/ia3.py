@@ -198,7 +198,7 @@ def _ia3_dl_in_kernel(g_ptr, x_ptr, l_ptr, dl_part_ptr, M, K, tiny,
     tl.store(dl_part_ptr + pid_s.to(tl.int64) * K + rk64, acc / tl.where(small, 1.0, lv), mask=mask_k)
 
 
-def _colsum(dy: torch.Tensor, z: Optional[torch.Tensor], l: Optional[torch.Tensor], want_db: bool,
+def colsum(dy: torch.Tensor, z: Optional[torch.Tensor], l: Optional[torch.Tensor], want_db: bool,
             tgt: Optional[LaunchTarget]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """(Σ_m dY ⊙ z, Σ_m dY[⊙ l]) as fp32 (N,) vectors (None where not asked)."""
     m, n = dy.shape
@@ -235,7 +235,7 @@ def tiny_l(dtype: torch.dtype) -> float:
     return 2.0 ** -8 if dtype == torch.float16 else 2.0 ** -64
 
 
-def _scale_weight(weight: torch.Tensor, ia3_l: torch.Tensor, rows: bool, tgt: Optional[LaunchTarget],
+def scale_weight(weight: torch.Tensor, ia3_l: torch.Tensor, rows: bool, tgt: Optional[LaunchTarget],
                   safe: bool = False) -> torch.Tensor:
     """W ⊙ l as a row-major (N, K) tensor in W's dtype: rows (l: (N,)) or columns (l: (K,)); `safe`: tiny l -> 1.
     One read and one write of W (2·N·K elements)."""
@@ -327,8 +327,8 @@ def ia3_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     n = weight.shape[0]
     if variant == "cublas":
         if feedforward:
-            return F.linear(x, _scale_weight(weight, ia3_l, False, tgt), bias), x.new_empty(0)
-        return F.linear(x, _scale_weight(weight, ia3_l, True, tgt), _scaled_bias(bias, ia3_l)), x.new_empty(0)
+            return F.linear(x, scale_weight(weight, ia3_l, False, tgt), bias), x.new_empty(0)
+        return F.linear(x, scale_weight(weight, ia3_l, True, tgt), _scaled_bias(bias, ia3_l)), x.new_empty(0)
     if m == 0:
         return x.new_empty((0, n)), (x.new_empty(0) if feedforward else x.new_empty((0, n)))
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -374,22 +374,22 @@ def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_
                 torch.zeros_like(ia3_l), torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
     if variant == "cublas":
         if feedforward:
-            g = torch.mm(dy, _scale_weight(weight, ia3_l, False, tgt, safe=True))
+            g = torch.mm(dy, scale_weight(weight, ia3_l, False, tgt, safe=True))
             dl = _dl_input_mode(g, x, ia3_l, needs_dx, tgt).to(ia3_l.dtype)
-            dbias = _colsum(dy, None, None, True, tgt)[1].to(weight.dtype) if has_bias else empty_db
+            dbias = colsum(dy, None, None, True, tgt)[1].to(weight.dtype) if has_bias else empty_db
             return (g if needs_dx else x.new_empty(0)), dl, dbias
-        dl, colsum = _dl_output_mode(dy, y, ia3_l, x, weight, bias, has_bias, tgt)
-        dbias = (colsum * ia3_l.float()).to(weight.dtype) if has_bias else empty_db
-        dx = torch.mm(dy, _scale_weight(weight, ia3_l, True, tgt)) if needs_dx else dy.new_empty(0)
+        dl, dy_sum = _dl_output_mode(dy, y, ia3_l, x, weight, bias, has_bias, tgt)
+        dbias = (dy_sum * ia3_l.float()).to(weight.dtype) if has_bias else empty_db
+        dx = torch.mm(dy, scale_weight(weight, ia3_l, True, tgt)) if needs_dx else dy.new_empty(0)
         return dx, dl.to(ia3_l.dtype), dbias
     if feedforward:
         dx = torch.empty((m, k), device=dev, dtype=x.dtype) if needs_dx else None
         part = gemm(dy, weight, dx, prec=base_precision(dy.dtype), col=ia3_l if needs_dx else None, dl_x=x,
                     target=tgt)
         dl = part.sum(0).to(ia3_l.dtype)
-        dbias = _colsum(dy, None, None, True, tgt)[1].to(weight.dtype) if has_bias else empty_db
+        dbias = colsum(dy, None, None, True, tgt)[1].to(weight.dtype) if has_bias else empty_db
         return (dx if needs_dx else x.new_empty(0)), dl, dbias
-    dl, db = _colsum(dy, saved, ia3_l, has_bias, tgt)
+    dl, db = colsum(dy, saved, ia3_l, has_bias, tgt)
     dl = dl.to(ia3_l.dtype)
     dbias = db.to(weight.dtype) if has_bias else empty_db
     if needs_dx:

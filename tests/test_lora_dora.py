@@ -14,24 +14,13 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
-from testing_utils import (MODELS, assert_lm_parity, inputs, merged_state, randomize_trainable,  # noqa: E402
+from testing_utils import (assert_lm_parity, inputs, merged_state, randomize_trainable,  # noqa: E402
                         tiny_gpt2, tiny_llama, wrap_pair)
-from testing_utils import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
+from testing_utils import PEFT_PARITY_RTOL, assert_close_rel, dora_pair  # noqa: E402
 from fastpeft.tuners.lora.dora import dora_row_norm  # noqa: E402
-
-TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
-
 
 def both(**kw):
     return peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw)
-
-
-def dora_pair(arch, **kw):
-    cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS[arch], use_dora=True)
-    cfg.update(kw)
-    p, f = wrap_pair(MODELS[arch](), *both(**cfg))
-    randomize_trainable(p, f)
-    return p, f
 
 
 @pytest.mark.parametrize("arch,dropout", [("llama", 0.1), ("gpt2", 0.0)])

@@ -474,6 +474,19 @@ def merged_state(model) -> dict:
         return copy.deepcopy(model).merge_and_unload().state_dict()
 
 
+DORA_TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
+
+
+def dora_pair(arch, **kw):
+    """(HF PEFT, fastpeft) DoRA models (r=4, alpha=8, DORA_TARGETS[arch]) of the same tiny base, adapters
+    randomized identically; `kw` overrides the config."""
+    cfg = dict(r=4, lora_alpha=8, target_modules=DORA_TARGETS[arch], use_dora=True)
+    cfg.update(kw)
+    p, f = wrap_pair(MODELS[arch](), *both_lora(**cfg))
+    randomize_trainable(p, f)
+    return p, f
+
+
 def both_lora(**kw):
     """(peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw))."""
     import peft

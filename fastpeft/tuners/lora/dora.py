@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ...functional import lora_linear
+from ...functional import dora_linear
 from ...utils.other import linear_weight_oi, transpose
 
 __all__ = ["DoraLinearLayer", "dora_row_norm", "dora_init", "dora_forward", "dora_fused_forward", "dora_merged_weight",
@@ -208,21 +208,18 @@ def dora_fused_forward(layer, adapter_name: str, x: torch.Tensor) -> torch.Tenso
     """One active DoRA adapter and no active dropout: ``y = k ⊙ (W x + s·B A x) + b`` with ``k = m / n``.
 
     That equals PEFT's ``result + (k - 1)·(result - b) + k·s·B A x``, so the whole layer is one
-    ``fastpeft.functional.lora_linear`` call (the fused LoRA kernels on GPU) followed by a per-column scale: DoRA
-    then costs what LoRA costs plus the row norm (O(out·in·r), once per step).  Linear / Conv1D bases only.
+    ``fastpeft.functional.dora_linear`` call: on the fused backends the LoRA kernels on k-scaled operands plus one
+    column reduction for the magnitude's gradient, so DoRA costs what LoRA costs plus the row norm (O(out·in·r), once
+    per step) and a pass over W each way.  Linear / Conv1D bases only.
     x: (..., in) in the base dtype -> (..., out) in x's dtype.
     """
 
     base = layer.base_layer
     A = layer.lora_A[adapter_name].weight
     B = layer.lora_B[adapter_name].weight
-    z = lora_linear(x, linear_weight_oi(base), None, A, B, layer.scaling[adapter_name], 0.0, None, backend=None)
     m = layer.lora_magnitude_vector[adapter_name].weight
     k = m / _norm_for_forward(layer, adapter_name, A.dtype)
-    y = k * z
-    if base.bias is not None:
-        y = y + base.bias
-    return y.to(z.dtype)
+    return dora_linear(x, linear_weight_oi(base), base.bias, A, B, k, layer.scaling[adapter_name], backend=None)
 
 
 # -- merge ---------------------------------------------------------------------------------------------------------
