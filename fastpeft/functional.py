@@ -259,43 +259,56 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                lora_B: torch.Tensor, magnitude_scale: torch.Tensor, scaling: float, *,
-                backend: Optional[str] = None) -> torch.Tensor:
-    """DoRA linear layer (no dropout): ``y = k ⊙ (x Wᵀ + scaling · (x Aᵀ) Bᵀ) + b`` with k = ``magnitude_scale``.
+                lora_B: torch.Tensor, magnitude: torch.Tensor, scaling: float, *,
+                weight_sq: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """DoRA linear layer (no dropout): ``y = (m / n) ⊙ (x Wᵀ + scaling · (x Aᵀ) Bᵀ) + b``, n = ‖W + scaling·B·A‖.
 
-    DoRA's k is ``m / ‖W + scaling·B·A‖`` per output row with the norm detached (HF PEFT's and the paper's choice;
-    ``fastpeft.tuners.lora.dora`` computes it); gradients reach m through k.  On the fused backends k is folded into
+    n is taken per output row and treated as a constant (detached), as HF PEFT and the DoRA paper do; it is computed
+    without forming W + s·B·A (``fastpeft.ops.dora.dora_row_norm``).  On the fused backends k = m / n is folded into
     the operands (``fastpeft.ops.dora``: the LoRA op on k ⊙ W and k ⊙ B, then one column reduction for dk), so the
-    layer costs what ``lora_linear`` costs plus a pass over W each way; the torch backend (and fp16 outputs,
-    torch.compile, a trainable base weight) computes ``k ⊙ lora_linear(...) + b`` with autograd.
+    layer costs what ``lora_linear`` costs plus three passes over W (norm, and k ⊙ W each way) and one over (dY, y);
+    the torch backend (and fp16 outputs, torch.compile, a trainable base weight) computes
+    ``k ⊙ lora_linear(...) + b`` with autograd.
 
     Args:
         x: (..., in_features).  weight: (out_features, in_features), frozen.  bias: (out_features,) or None.
-        lora_A: (r, in_features).  lora_B: (out_features, r).  magnitude_scale: (out_features,), float.
-        scaling: the LoRA scale s.  backend: as in ``lora_linear``.
+        lora_A: (r, in_features).  lora_B: (out_features, r).  magnitude: (out_features,), DoRA's m.
+        scaling: the LoRA scale s.
+        weight_sq: optional ‖W‖² per row (out_features,), computed in fp32 (fp64 for fp64 operands) - a cache the
+            caller keeps while W does not change.
+        backend: as in ``lora_linear``.
     Returns:
         (..., out_features) in x's dtype.
     """
     _validate_base_types(x, weight, bias)
-    _check_tensor("magnitude_scale", magnitude_scale, 1)
+    _check_tensor("magnitude", magnitude, 1)
+    _check_tensor("weight_sq", weight_sq, 1, optional=True)
+    raw_w, raw_a, raw_b = weight, lora_A, lora_B
     x, weight, bias, ctx = _autocast(x, weight, bias)
     lora_A, _, lora_B = _adapter_autocast(ctx, x, lora_A, None, lora_B)
     with ctx:
         n, k, _ = _check_lora_operands(x, weight, bias, lora_A, None, lora_B)
-        if magnitude_scale.shape[0] != n:
-            raise ValueError(f"magnitude_scale must have shape (out_features,) = ({n},), got "
-                             f"{tuple(magnitude_scale.shape)}")
-        _check_same_device(x, magnitude_scale=magnitude_scale)
+        for name, t in (("magnitude", magnitude), ("weight_sq", weight_sq)):
+            if t is not None and t.shape[0] != n:
+                raise ValueError(f"{name} must have shape (out_features,) = ({n},), got {tuple(t.shape)}")
+        _check_same_device(x, magnitude=magnitude, weight_sq=weight_sq)
         scaling = _check_float("scaling", scaling)
         x2 = x.reshape(-1, k).contiguous()
         chosen = select_backend("lora", x, backend, dispatch_args=(x2, weight, None, lora_A, None, lora_B))
-        if chosen == "torch" or x.dtype == torch.float16 or weight.requires_grad or torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        fused = not (chosen == "torch" or x.dtype == torch.float16 or weight.requires_grad or compiling)
+        norm = _dora.dora_row_norm(
+            raw_w, raw_a.detach(), raw_b.detach(), scaling, w_sq=weight_sq,
+            max_fallback_rows=_dora.DORA_SYNC_FREE_FALLBACK_ROWS if compiling or x.device.type != "cpu" else None,
+            cross=_dora.dora_piece("dora_cross", chosen) if fused else _dora.dora_cross_ref)
+        col_scale = magnitude / norm.to(raw_a.dtype)
+        if not fused:
             z = _lora_checked(x, weight, None, lora_A, None, lora_B, scaling, 0.0, None, chosen)
-            y = magnitude_scale * z
+            y = col_scale * z
             if bias is not None:
                 y = y + bias
             return y.to(z.dtype)
-        y = _dora.dora_apply(x2, weight, bias, lora_A, lora_B, magnitude_scale, scaling, chosen)
+        y = _dora.dora_apply(x2, weight, bias, lora_A, lora_B, col_scale, scaling, chosen)
         return y.reshape(*x.shape[:-1], n)
 
 

@@ -242,7 +242,7 @@ def _reduce(part: torch.Tensor) -> torch.Tensor:
     return part.select(0, 0) if part.shape[0] == 1 else part.sum(0)
 
 
-def _shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, tgt: Optional[LaunchTarget]
+def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, tgt: Optional[LaunchTarget]
             ) -> torch.Tensor:
     """S = drop(x) Aᵀ: (M, r) fp32.  One pass over x (M·K reads), A from L2; writes splits·M·r fp32 partials."""
     m, k = x.shape
@@ -308,7 +308,7 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if m == 0:
         return x.new_empty((0, n)), x.new_empty((0, r), dtype=torch.float32)
     tgt = launch_target(x.device, target)
-    s = _shrink(x, lora_A, dropout_p, seed, tgt)
+    s = shrink(x, lora_A, dropout_p, seed, tgt)
     if variant == "cublas":
         y = F.linear(x, weight, bias)
         _expand(y, s, float(scaling), lora_E, lora_B.t(), tgt)

@@ -1,7 +1,7 @@
 """DoRA's linear op on the fused path (``fastpeft.ops.dora``: the LoRA op on k-scaled operands plus one column
 reduction), run on the triton backend - in Triton's interpreter without a GPU (``tests/conftest.py``).
 
-Every output and gradient (x, A, B, k, bias) against an fp64 reference, bounded by the torch backend's same-dtype
+Every output and gradient (x, A, B, magnitude, bias) against an fp64 reference, bounded by the torch backend's same-dtype
 error (2x for outputs, 3x for gradients, ``testing_utils.assert_fa_rule``), on odd shapes (M = 0 and 1, sizes not
 multiples of 16, r = 1), a transposed-view weight (Conv1D), a non-contiguous x, and k with a zero entry; the layer
 against HF PEFT's DoRA in fp32 (Llama and GPT-2), and in bf16 against PEFT's own bf16 error; the kernels each
@@ -57,7 +57,7 @@ class Case:
         return [o.detach().double().cpu() for o in outs]
 
 
-NAMES = ("y", "dx", "dA", "dB", "dk", "dbias")
+NAMES = ("y", "dx", "dA", "dB", "dm", "dbias")
 
 CASES = [
     Case(37, 48, 40, 3),
@@ -89,8 +89,8 @@ def test_dora_op_zero_rows():
 
 
 def test_dora_op_zero_magnitude_column():
-    """k = 0 in a column: the output there is (numerically) the bias, and dk is still Σ dY ⊙ z (the op runs the
-    column at ±tiny so that u / k recovers z)."""
+    """m = 0 in a column: the output there is (numerically) the bias, and dm is still Σ dY ⊙ z / n (the op runs the
+    column at k = ±tiny so that u / k recovers z)."""
     case = Case(29, 32, 24, 2, zero_k=True)
     ref = case.run("torch", F64)
     got = case.run("triton", torch.float32)
@@ -122,15 +122,38 @@ def test_dora_op_kernels_per_direction():
     assert colsum.bytes_read == 2 * m * n * 2  # dY and u, once each
 
 
-def test_dora_linear_validates_magnitude_scale():
+def test_dora_linear_kernels_include_one_pass_over_w_for_the_norm():
+    """The whole layer on triton: the row norm's cross term W·Aᵀ is one shrink over W in its own dtype (no fp32 copy
+    of W), then the op's kernels; ‖W‖² comes from the caller's cache."""
+    from fastpeft import _cost
+    case = Case(21, 40, 24, 4)
+    x = case.x.to(torch.bfloat16).requires_grad_(True)
+    w = case.w.to(torch.bfloat16)
+    a, b, m = (t.float().requires_grad_(True) for t in (case.a, case.bb, case.kv))
+    w_sq = w.float().square().sum(1)
+    with _cost.recording() as rec:
+        y = FN.dora_linear(x, w, None, a, b, m, 0.5, weight_sq=w_sq, backend="triton")
+        n_fwd = len(rec)
+        y.backward(torch.ones_like(y))
+    names = [c.name for c in rec]
+    assert names[:n_fwd] == ["lora_shrink", "ia3_scale_w", "lora_shrink", "lora_expand"], names
+    assert rec[0].bytes_read == w.numel() * 2 + a.numel() * 4  # W once, in bf16
+    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum"], names
+
+
+def test_dora_linear_validates_arguments():
     x, w = torch.randn(3, 8), torch.randn(5, 8)
     a, b = torch.randn(2, 8), torch.randn(5, 2)
-    with pytest.raises(ValueError, match="magnitude_scale must have shape"):
+    with pytest.raises(ValueError, match="magnitude must have shape"):
         FN.dora_linear(x, w, None, a, b, torch.ones(4), 1.0)
-    with pytest.raises(TypeError, match="magnitude_scale must be a floating-point"):
+    with pytest.raises(TypeError, match="magnitude must be a floating-point"):
         FN.dora_linear(x, w, None, a, b, torch.ones(5, dtype=torch.int64), 1.0)
-    with pytest.raises(TypeError, match="magnitude_scale"):
+    with pytest.raises(TypeError, match="magnitude"):
         FN.dora_linear(x, w, None, a, b, [1.0] * 5, 1.0)
+    with pytest.raises(ValueError, match="weight_sq must have shape"):
+        FN.dora_linear(x, w, None, a, b, torch.ones(5), 1.0, weight_sq=torch.ones(3))
+    with pytest.raises(ValueError, match="lora_B must have shape"):
+        FN.dora_linear(x, w, None, a, torch.randn(4, 2), torch.ones(5), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

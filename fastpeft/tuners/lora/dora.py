@@ -21,24 +21,17 @@ unmerge).
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ...functional import dora_linear
+from ...ops.dora import DORA_CANCELLATION_LIMIT, DORA_SYNC_FREE_FALLBACK_ROWS, dora_row_norm
 from ...utils.other import linear_weight_oi, transpose
 
 __all__ = ["DoraLinearLayer", "dora_row_norm", "dora_init", "dora_forward", "dora_fused_forward", "dora_merged_weight",
            "dora_unmerged_weight", "DORA_CANCELLATION_LIMIT", "DORA_SYNC_FREE_FALLBACK_ROWS"]
-
-# n² is formed from terms whose sum of magnitudes is at most this many times n² before a row is recomputed directly:
-# the expanded form's relative rounding error in n² grows with that ratio, the direct form's does not.
-DORA_CANCELLATION_LIMIT = 4.0
-# On an accelerator and under torch.compile the fallback looks at this many worst rows per layer (no host sync).
-DORA_SYNC_FREE_FALLBACK_ROWS = 32
-
 
 class DoraLinearLayer(nn.Module):
     """Holds the DoRA magnitude of one adapter as ``weight`` (PEFT's ``DoraLinearLayer`` parameter name)."""
@@ -71,44 +64,6 @@ def _weight_sq_rows(layer, w_oi: torch.Tensor) -> torch.Tensor:
     sq = w_oi.to(ct).square().sum(dim=1)
     cache["v"] = (key, sq)
     return sq
-
-
-def dora_row_norm(w_oi: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                  w_sq: Optional[torch.Tensor] = None, max_fallback_rows: Optional[int] = None) -> torch.Tensor:
-    """``‖W + s·B·A‖`` per output row without forming the (out, in) sum; no gradient.
-
-    Args:
-        w_oi: base weight (out, in).  A: (r, in).  B: (out, r).  scaling: s.
-        w_sq: optional cached ``‖W‖²`` per row (out,), fp32 or wider.
-        max_fallback_rows: None recomputes every cancelling row directly (a data-dependent branch: one host sync on
-            an accelerator, a graph break under torch.compile); an int k checks only the k rows with the worst
-            cancellation, without a sync (used on GPU and under torch.compile).
-    Returns:
-        (out,) in ``w_oi``'s dtype, computed in fp32 (or fp64 for fp64 inputs).
-    """
-    with torch.no_grad():
-        ct = torch.promote_types(w_oi.dtype, torch.float32)
-        W, A_, B_ = w_oi.to(ct), A.to(ct), B.to(ct)
-        if w_sq is None:
-            w_sq = W.square().sum(dim=1)
-        cross = (B_ * (W @ A_.t())).sum(dim=1)                     # <W_i, (BA)_i>
-        ba_sq = ((B_ @ (A_ @ A_.t())) * B_).sum(dim=1)             # ‖(BA)_i‖²
-        s = float(scaling)
-        n_sq = w_sq + (2.0 * s) * cross + (s * s) * ba_sq
-        size = w_sq + (2.0 * abs(s)) * cross.abs() + (s * s) * ba_sq
-        bad = ~(n_sq * DORA_CANCELLATION_LIMIT >= size)             # also catches n_sq <= 0 and NaN
-        n = n_sq.clamp_min(0).sqrt()
-        if max_fallback_rows is None:
-            if bool(bad.any()):
-                rows = bad.nonzero().squeeze(1)
-                n[rows] = torch.linalg.norm(W[rows] + s * (B_[rows] @ A_), dim=1)
-        else:
-            k = min(int(max_fallback_rows), n.shape[0])
-            amp = torch.where(bad, torch.full_like(size, float("inf")), size / n_sq)
-            rows = amp.topk(k).indices
-            direct = torch.linalg.norm(W[rows] + s * (B_[rows] @ A_), dim=1)
-            n[rows] = torch.where(bad[rows], direct, n[rows])
-        return n.to(w_oi.dtype)
 
 
 def _lora_weight_oi(layer, adapter_name: str) -> torch.Tensor:
@@ -150,13 +105,11 @@ def _norm_for_forward(layer, adapter_name: str, dtype: torch.dtype) -> torch.Ten
     A = layer.lora_A[adapter_name].weight
     B = layer.lora_B[adapter_name].weight
     r = A.shape[0]
-    same_math = torch.promote_types(w_oi.dtype, torch.float32) == torch.promote_types(dtype, torch.float32)
     compiling = torch.compiler.is_compiling()
     sync_free = compiling or w_oi.device.type != "cpu"
     return dora_row_norm(w_oi.to(dtype), A.detach().reshape(r, -1).to(dtype), B.detach().reshape(-1, r).to(dtype),
-                         layer.scaling[adapter_name],
-                         w_sq=_weight_sq_rows(layer, w_oi) if same_math and not compiling else None,
-                         max_fallback_rows=DORA_SYNC_FREE_FALLBACK_ROWS if sync_free else None)
+                         layer.scaling[adapter_name], w_sq=None if compiling else _weight_sq_rows(layer, w_oi),
+                         max_fallback_rows=DORA_SYNC_FREE_FALLBACK_ROWS if sync_free else None).to(dtype)
 
 
 def unmerged_base_weight(layer) -> torch.Tensor:
@@ -218,8 +171,9 @@ def dora_fused_forward(layer, adapter_name: str, x: torch.Tensor) -> torch.Tenso
     A = layer.lora_A[adapter_name].weight
     B = layer.lora_B[adapter_name].weight
     m = layer.lora_magnitude_vector[adapter_name].weight
-    k = m / _norm_for_forward(layer, adapter_name, A.dtype)
-    return dora_linear(x, linear_weight_oi(base), base.bias, A, B, k, layer.scaling[adapter_name], backend=None)
+    w_sq = None if torch.compiler.is_compiling() else _weight_sq_rows(layer, linear_weight_oi(base))
+    return dora_linear(x, linear_weight_oi(base), base.bias, A, B, m, layer.scaling[adapter_name], weight_sq=w_sq,
+                       backend=None)
 
 
 # -- merge ---------------------------------------------------------------------------------------------------------
