@@ -93,7 +93,9 @@ MEASURED_MS = {
 _COL = {("base", "fwd"): 0, ("lora", "fwd"): 1, ("base", "fwd+bwd"): 2, ("lora", "fwd+bwd"): 3,
         ("lora_p0.1", "fwd+bwd"): 4, ("ia3", "fwd+bwd"): 5, ("adalora", "fwd+bwd"): 6}
 
-METHODS = ("lora", "lora_p0.1", "ia3", "adalora")
+METHODS = ("lora", "lora_p0.1", "ia3", "adalora", "dora")
+# Issue 13's target for DoRA: the layer within this factor of fastpeft's own LoRA layer (same path, same shape).
+DORA_VS_LORA_TARGET = 1.1
 PATHS = ("base", "default", "design", "fused", "torch", "peft", "peft-bf16")
 _PATH_BACKEND = {"fused": "triton:fused", "torch": "torch"}
 
@@ -318,7 +320,7 @@ def _bf16(*shape, device, requires_grad=False):
 
 
 def _method_parts(method: str) -> tuple[str, float]:
-    """("lora" | "adalora" | "ia3", dropout p)."""
+    """("lora" | "adalora" | "ia3" | "dora", dropout p)."""
     if method.startswith("lora_p"):
         return "lora", float(method[len("lora_p"):])
     return method, 0.0
@@ -338,11 +340,12 @@ def _base_case(k: int, n: int, m: int, bwd: bool):
 
 def _peft_layer(kind: str, k: int, n: int, p: float, feedforward: bool, adapter_dtype=torch.float32):
     base = torch.nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
-    if kind == "lora":
+    if kind in ("lora", "dora"):
         from peft import LoraConfig
         from peft.tuners.lora.layer import Linear
-        layer = Linear(base, "default", config=LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p),
-                       r=RANK, lora_alpha=ALPHA)
+        layer = Linear(base, "default", config=LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=p,
+                                                          use_dora=kind == "dora"),
+                       r=RANK, lora_alpha=ALPHA, use_dora=kind == "dora")
     elif kind == "adalora":
         from peft import AdaLoraConfig
         from peft.tuners.adalora.layer import SVDLinear
@@ -354,7 +357,7 @@ def _peft_layer(kind: str, k: int, n: int, p: float, feedforward: bool, adapter_
         from peft.tuners.ia3.layer import Linear
         layer = Linear(base, "default", config=IA3Config(), is_feedforward=feedforward)
     else:
-        raise ValueError(f"method kind must be lora, adalora or ia3, got {kind!r}")
+        raise ValueError(f"method kind must be lora, adalora, ia3 or dora, got {kind!r}")
     if kind in ("lora", "adalora") and p > 0:
         layer.lora_dropout["default"] = _CudaDropout(p)
     # What PeftModel does to the layer: the base weight frozen (mark_only_adapters_as_trainable) and the adapter
@@ -399,9 +402,34 @@ def _active_fake_mode():
     return modes[-1]
 
 
+def _dora_case(backend: str, k: int, n: int, m: int, bwd: bool):
+    """fastpeft's DoRA layer on `backend` (triton variants) on fake CUDA tensors: ``fastpeft.ops.dora.dora_fwd``
+    (row norm with ‖W‖² cached, k = m / n, the LoRA forward on k-scaled operands) and ``dora_bwd`` - what
+    ``DoraLinearFunction`` runs."""
+    from fastpeft.ops import dora as D
+    if not backend.startswith("triton"):
+        raise ValueError(f"DoRA is modelled on the triton backend only, not {backend!r}")
+
+    def setup():
+        dev = "cuda"
+        f32 = dict(device=dev, dtype=torch.float32)
+        return (_bf16(m, k, device=dev), _bf16(n, k, device=dev), torch.empty(RANK, k, **f32),
+                torch.empty(n, RANK, **f32), torch.empty(n, **f32), torch.empty(n, **f32))
+
+    def run(state):
+        x, w, a, b, mag, w_sq = state
+        scaling = ALPHA / RANK
+        y, saved = D.dora_fwd(x, w, None, a, b, mag, w_sq, scaling, backend)
+        if bwd:
+            D.dora_bwd(torch.empty_like(y), x, w, a, b, saved, scaling, backend, True, True, False)
+    return setup, run
+
+
 def _fastpeft_case(backend: str, method: str, k: int, n: int, m: int, bwd: bool, feedforward: bool):
     """The op contract of `backend` on fake CUDA tensors: ``<op>_fwd_<backend>`` then ``<op>_bwd_<backend>``."""
     kind, p = _method_parts(method)
+    if kind == "dora":
+        return _dora_case(backend, k, n, m, bwd)
     op = "ia3" if kind == "ia3" else "lora"
     ops = importlib.import_module(f"fastpeft.ops.{op}")
     fwd, bwd_fn = ops._impl(f"{op}_fwd", backend), ops._impl(f"{op}_bwd", backend)
@@ -445,6 +473,8 @@ def _design_case(method: str, k: int, n: int, m: int, bwd: bool, feedforward: bo
     forward and one for dX, dl by one column reduction (output mode: over dY and y; input mode: over x and dX)."""
     from fastpeft import _cost
     kind, p = _method_parts(method)
+    if kind == "dora":
+        raise ValueError("no separate design for DoRA: its default path is the LoRA design on k-scaled operands")
     bf16, f32 = 2, 4
 
     def setup():
@@ -534,7 +564,11 @@ def trace_case(path: str, layer: str, m: int, method: str, mode: str) -> Trace:
     elif path == "peft-bf16":
         (setup, fn), backend = _peft_case(method, k, n, m, bwd, ff, torch.bfloat16), "HF PEFT, bf16 adapters"
     elif path == "design":
-        (setup, fn), backend = _design_case(method, k, n, m, bwd, ff), "the design (pass budget, not code)"
+        backend = "the design (pass budget, not code)"
+        try:
+            setup, fn = _design_case(method, k, n, m, bwd, ff)
+        except ValueError as e:
+            return Trace(status=f"unmodelled: {e}"[:200], backend=backend)
     else:
         op = "ia3" if method == "ia3" else "lora"
         try:
@@ -851,7 +885,8 @@ def _err_summary(errs: list) -> str:
 
 
 def _target(method: str, m: int) -> Optional[float]:
-    """Issue 15's targets for the default path (LoRA/AdaLoRA fwd+bwd, IA3 fwd+bwd, decode forward under a graph)."""
+    """Issue 15's targets for the default path (LoRA/AdaLoRA fwd+bwd, IA3 fwd+bwd, decode forward under a graph);
+    DoRA's is relative to LoRA (``DORA_VS_LORA_TARGET``, applied in the report)."""
     if m <= 16:
         return 1.3
     if method == "ia3":
@@ -883,7 +918,11 @@ def _headline(by: dict, paths: list) -> list:
                 return ""
             return "unmodelled" if rr["status"] != "ok" else str(rr[c])
         meas = by.get((layer, m, method, mode, "peft"), {}).get("measured_x_base", "")
-        L.append(f"| {layer} | {m} | {method} | ≤ {_target(method, m)} | " + " | ".join(cell(p) for p in cols)
+        target = f"≤ {_target(method, m)}"
+        if method == "dora":
+            lora = by.get((layer, m, "lora", mode, "default"), {}).get(col, "")
+            target = f"≤ {DORA_VS_LORA_TARGET} × lora" + (f" = {DORA_VS_LORA_TARGET * lora:.3f}" if lora != "" else "")
+        L.append(f"| {layer} | {m} | {method} | {target} | " + " | ".join(cell(p) for p in cols)
                  + f" | {cell('design', 'pred_x_base_gap2us' if m > 16 else 'pred_graph_x_base_gap2us')} | {meas} |")
     return L + [""]
 

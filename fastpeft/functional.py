@@ -297,18 +297,14 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         chosen = select_backend("lora", x, backend, dispatch_args=(x2, weight, None, lora_A, None, lora_B))
         compiling = torch.compiler.is_compiling()
         fused = not (chosen == "torch" or x.dtype == torch.float16 or weight.requires_grad or compiling)
-        norm = _dora.dora_row_norm(
-            raw_w, raw_a.detach(), raw_b.detach(), scaling, w_sq=weight_sq,
-            max_fallback_rows=_dora.DORA_SYNC_FREE_FALLBACK_ROWS if compiling or x.device.type != "cpu" else None,
-            cross=_dora.dora_piece("dora_cross", chosen) if fused else _dora.dora_cross_ref)
-        col_scale = magnitude / norm.to(raw_a.dtype)
         if not fused:
+            norm = _dora.dora_norm_ref(raw_w, raw_a.detach(), raw_b.detach(), scaling, weight_sq)
             z = _lora_checked(x, weight, None, lora_A, None, lora_B, scaling, 0.0, None, chosen)
-            y = col_scale * z
+            y = (magnitude / norm.to(raw_a.dtype)) * z
             if bias is not None:
                 y = y + bias
             return y.to(z.dtype)
-        y = _dora.dora_apply(x2, weight, bias, lora_A, lora_B, col_scale, scaling, chosen)
+        y = _dora.dora_apply(x2, weight, bias, lora_A, lora_B, magnitude, weight_sq, scaling, chosen)
         return y.reshape(*x.shape[:-1], n)
 
 

@@ -1,27 +1,128 @@
-"""Triton pieces of DoRA's linear layer (``fastpeft/ops/dora.py``): the cross term W·Aᵀ of the row norm, the row
-scale of W and the magnitude's column sums.  They are the LoRA shrink kernel (with W in place of x) and IA3's
-kernels (``fastpeft.kernels.ia3``): DoRA's k is an output-feature scale like IA3's l.
+"""Triton pieces of DoRA's linear layer (``fastpeft/ops/dora.py``): the row norm, the row scale of W and the
+magnitude's column sums.
 
-Same contracts as ``fastpeft.ops.dora.dora_cross_ref`` / ``dora_rowscale_ref`` / ``dora_colsum_ref``; every launch
-is reported to ``fastpeft._cost`` when the cost model records.
+  ``dora_prep_triton``      the per-row scale k = m / ‖W + s·B·A‖ (and k ⊙ B) in three launches: the LoRA shrink
+                            kernel over W (W Aᵀ, W read once in its own dtype), G = A Aᵀ (r x r, cuBLAS), and
+                            ``_dora_prep_kernel``, which forms n² = ‖W‖² + 2s·⟨W, BA⟩ + s²·‖BA‖² per row and
+                            recomputes directly, inside the kernel, every row where that sum cancels (no host sync,
+                            no cap on how many rows).
+  ``dora_rowscale_triton``  k ⊙ W: IA3's row-scale kernel (DoRA's k is an output-feature scale like IA3's l).
+  ``dora_colsum_triton``    Σ_m dY ⊙ u / k: IA3's column-sum kernel.
+
+Same contracts as ``fastpeft.ops.dora.dora_prep_ref`` / ``dora_rowscale_ref`` / ``dora_colsum_ref``; every launch is
+reported to ``fastpeft._cost`` when the cost model records.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import Optional
 
-from ._target import launch_target, on_input_device
+import torch
+import triton
+import triton.language as tl
+
+from ._target import launch_ok, launch_target, on_input_device
+from ._tl import dot_prec, mma, pad_rank, skinny_precision
 from .ia3 import colsum, scale_weight
 from .lora import shrink
 
-__all__ = ["dora_cross_triton", "dora_rowscale_triton", "dora_colsum_triton"]
+__all__ = ["dora_prep_triton", "dora_rowscale_triton", "dora_colsum_triton"]
+
+# Rows per program of the prep kernel: its common case reads BLOCK_N x r of the W Aᵀ partials and of B; a cancelling
+# row costs a loop over K (W's row and A in BLOCK_K chunks).  Not timed.
+PREP_BLOCK_N = 16
+PREP_BLOCK_K = 64
+
+
+@triton.jit
+def _dora_prep_kernel(cpart_ptr, b_ptr, g_ptr, wsq_ptr, w_ptr, a_ptr, m_ptr, kk_ptr, kn_ptr, bk_ptr,
+                      N, K, R, SPLITS, scaling, limit, tiny,
+                      stride_bn, stride_br, stride_wn, stride_wk, stride_ar, stride_ak,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr):
+    """Per output row i (grid: N blocks):
+         C_i = Σ_splits cpart[split, i, :]  (= W_i Aᵀ),  G = A Aᵀ (fp32)
+         n_i = sqrt(‖W_i‖² + 2s·⟨B_i, C_i⟩ + s²·⟨B_i G, B_i⟩), or ‖W_i + s·B_i A‖ directly where those terms'
+               magnitudes exceed limit·n² (or n² <= 0, NaN): a loop over K for those rows only
+         kk_i = m_i / n_i, ±tiny where |m_i / n_i| < tiny;  kn_i = kk_i · n_i;  Bk_i = round(kk_i · B_i)."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    rn64 = offs_n.to(tl.int64)
+    mask_nr = mask_n[:, None] & mask_r[None, :]
+    c = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    cptrs = cpart_ptr + rn64[:, None] * R + offs_r[None, :]
+    for _ in range(0, SPLITS):
+        c += tl.load(cptrs, mask=mask_nr, other=0.0)
+        cptrs += N * R  # the next split's (N, r) block (pointer arithmetic: 64-bit)
+    braw = tl.load(b_ptr + rn64[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=mask_nr, other=0.0)
+    b = braw.to(tl.float32)
+    g = tl.load(g_ptr + offs_r[:, None] * R + offs_r[None, :], mask=mask_r[:, None] & mask_r[None, :], other=0.0)
+    bg = mma(b, g, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), PREC)
+    ba_sq = tl.sum(bg * b, axis=1)
+    cr = tl.sum(b * c, axis=1)
+    wsq = tl.load(wsq_ptr + offs_n, mask=mask_n, other=1.0)
+    n_sq = wsq + (2.0 * scaling) * cr + (scaling * scaling) * ba_sq
+    size = wsq + (2.0 * tl.abs(scaling)) * tl.abs(cr) + (scaling * scaling) * ba_sq
+    bad = (~(n_sq * limit >= size)) & mask_n
+    n = tl.sqrt(tl.maximum(n_sq, 0.0))
+    if tl.max(bad.to(tl.int32), axis=0) > 0:
+        # direct form for the cancelling rows only (masked loads: no traffic for the others)
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            rk64 = offs_k.to(tl.int64)
+            w = tl.load(w_ptr + rn64[:, None] * stride_wn + rk64[None, :] * stride_wk,
+                        mask=bad[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + rk64[None, :] * stride_ak,
+                        mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            t = w + scaling * mma(b, a, tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32), PREC)
+            t = tl.where(bad[:, None] & mask_k[None, :], t, 0.0)
+            acc += tl.sum(t * t, axis=1)
+        n = tl.where(bad, tl.sqrt(acc), n)
+    mv = tl.load(m_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)
+    k = mv / n
+    kk = tl.where(tl.abs(k) < tiny, tl.where(k < 0, -tiny, tiny), k)
+    tl.store(kk_ptr + offs_n, kk, mask=mask_n)
+    tl.store(kn_ptr + offs_n, kk * n, mask=mask_n)
+    tl.store(bk_ptr + rn64[:, None] * R + offs_r[None, :], (b * kk[:, None]).to(braw.dtype), mask=mask_nr)
 
 
 @on_input_device
-def dora_cross_triton(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
-    """W Aᵀ: (N, r) fp32, W read once in its own dtype (no fp32 copy of W), products in A's dtype.
-    weight: (N, K), any strides; lora_A: (r, K)."""
-    return shrink(weight, lora_A, 0.0, 0, launch_target(weight.device))
+def dora_prep_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
+                     scaling: float, w_sq: Optional[torch.Tensor], limit: float, tiny: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kk, kn, B_k) of ``fastpeft.ops.dora.dora_prep_ref`` in three launches: the LoRA shrink over W (W Aᵀ
+    partials, W read once in its own dtype, no fp32 copy), G = A Aᵀ (r x r), and ``_dora_prep_kernel``.
+    weight: (N, K), any strides.  lora_A: (r, K), lora_B: (N, r), magnitude: (N,).  w_sq: ‖W‖² (N,) fp32, or None
+    (then computed here: a pass over W in fp32).  Returns kk (N,) fp32, kn (N,) fp32, B_k (N, r) in B's dtype."""
+    n, k = weight.shape
+    r = lora_A.shape[0]
+    dev = weight.device
+    with torch.no_grad():
+        tgt = launch_target(dev)
+        a32 = lora_A.detach().float()
+        if w_sq is None or w_sq.dtype != torch.float32:
+            w_sq = weight.float().square().sum(dim=1)
+        cpart = shrink(weight, a32, 0.0, 0, tgt, partials=True)  # (splits, N, r) fp32
+        gram = (a32 @ a32.t()).contiguous()
+        b = lora_B.detach()
+        kk = torch.empty(n, device=dev, dtype=torch.float32)
+        kn = torch.empty(n, device=dev, dtype=torch.float32)
+        b_k = torch.empty((n, r), device=dev, dtype=b.dtype)
+        splits = cpart.shape[0]
+        if n and launch_ok("dora_prep", weight, bytes_read=splits * n * r * 4 + n * r * b.element_size() + r * r * 4
+                           + 2 * n * 4, bytes_written=2 * n * 4 + n * r * b.element_size(),
+                           flops=2 * n * r * r + 6 * n * r):
+            _dora_prep_kernel[(triton.cdiv(n, PREP_BLOCK_N),)](
+                cpart, b, gram, w_sq, weight, a32, magnitude.detach(), kk, kn, b_k, n, k, r, splits,
+                float(scaling), float(limit), float(tiny), b.stride(0), b.stride(1),
+                weight.stride(0), weight.stride(1), a32.stride(0), a32.stride(1),
+                BLOCK_N=PREP_BLOCK_N, BLOCK_K=PREP_BLOCK_K, R_PAD=pad_rank(r),
+                PREC=dot_prec(skinny_precision(torch.float32), torch.float32))
+        return kk, kn, b_k
 
 
 @on_input_device
@@ -32,10 +133,10 @@ def dora_rowscale_triton(weight: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 @on_input_device
-def dora_colsum_triton(dy: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """dk[n] = Σ_m dY[m, n] · u[m, n] / k[n], products in k's dtype, fp32 sums.  dy, u: (M, N); k: (N,), no 0.
-    One pass over dY and u.  Returns (N,) in k's dtype."""
+def dora_colsum_triton(dy: torch.Tensor, u: torch.Tensor, kn: torch.Tensor) -> torch.Tensor:
+    """dm[n] = Σ_m dY[m, n] · u[m, n] / kn[n], fp32 products and sums.  dy, u: (M, N); kn: (N,) fp32, no 0.
+    One pass over dY and u.  Returns (N,) fp32."""
     if dy.shape[0] == 0:
-        return torch.zeros_like(k)
-    dl, _ = colsum(dy, u, k, False, launch_target(dy.device))
-    return (dl / k.float()).to(k.dtype)
+        return torch.zeros_like(kn)
+    dl, _ = colsum(dy, u, kn, False, launch_target(dy.device))
+    return dl / kn

@@ -242,9 +242,10 @@ def _reduce(part: torch.Tensor) -> torch.Tensor:
     return part.select(0, 0) if part.shape[0] == 1 else part.sum(0)
 
 
-def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, tgt: Optional[LaunchTarget]
-            ) -> torch.Tensor:
-    """S = drop(x) Aᵀ: (M, r) fp32.  One pass over x (M·K reads), A from L2; writes splits·M·r fp32 partials."""
+def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, tgt: Optional[LaunchTarget],
+           partials: bool = False) -> torch.Tensor:
+    """S = drop(x) Aᵀ: (M, r) fp32.  One pass over x (M·K reads), A from L2; writes splits·M·r fp32 partials.
+    `partials`: return the (splits, M, r) partial sums unsummed (for a consumer kernel that sums them itself)."""
     m, k = x.shape
     r = lora_A.shape[0]
     bm, bk, warps = skinny_blocks(tgt, dropout_p > 0.0)
@@ -261,7 +262,7 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, t
             kb_per, seed_arg(seed), p16, drop_scale,
             BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0,
             PREC=dot_prec(skinny_precision(lora_A.dtype), lora_A.dtype), num_warps=warps)
-    return _reduce(part)
+    return part if partials else _reduce(part)
 
 
 def _expand(out: torch.Tensor, L: torch.Tensor, scale: float, e: Optional[torch.Tensor], Rm: torch.Tensor,

@@ -100,8 +100,9 @@ def test_dora_op_zero_magnitude_column():
 
 
 def test_dora_op_kernels_per_direction():
-    """The pass budget, with fake tensors at a Llama-8B q_proj shape: forward = one pass over W (k ⊙ W) plus the
-    LoRA op's kernels; backward = W rebuilt, the LoRA backward's kernels, one column reduction (dY and u)."""
+    """The pass budget, with fake tensors at a Llama-8B q_proj shape: forward = the prep (one shrink over W, A Aᵀ,
+    one per-row kernel), one pass over W (k ⊙ W), the LoRA op's kernels; backward = W rebuilt, the LoRA backward's
+    kernels, one column reduction (dY and u)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastpeft import _cost
@@ -111,20 +112,21 @@ def test_dora_op_kernels_per_direction():
         w = torch.empty(n, k, dtype=torch.bfloat16)
         a = torch.empty(r, k, requires_grad=True)
         b = torch.empty(n, r, requires_grad=True)
-        kv = torch.empty(n, requires_grad=True)
-        y = D.dora_apply(x, w, None, a, b, kv, 2.0, "triton")
+        mag = torch.empty(n, requires_grad=True)
+        y = D.dora_apply(x, w, None, a, b, mag, torch.empty(n), 2.0, "triton")
         n_fwd = len(rec)
         y.backward(torch.empty_like(y))
     names = [c.name for c in rec]
-    assert names[:n_fwd] == ["ia3_scale_w", "lora_shrink", "lora_expand"], names
+    assert names[:n_fwd] == ["lora_shrink", "dora_prep", "ia3_scale_w", "lora_shrink", "lora_expand"], names
+    assert rec[0].bytes_read == n * k * 2 + r * k * 4  # W once, in bf16
     assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum"], names
     colsum = rec[-1]
     assert colsum.bytes_read == 2 * m * n * 2  # dY and u, once each
 
 
 def test_dora_linear_kernels_include_one_pass_over_w_for_the_norm():
-    """The whole layer on triton: the row norm's cross term W·Aᵀ is one shrink over W in its own dtype (no fp32 copy
-    of W), then the op's kernels; ‖W‖² comes from the caller's cache."""
+    """The whole layer on triton: the row norm is one shrink over W in its own dtype (W Aᵀ; no fp32 copy of W) and
+    one prep kernel (n, k = m / n, k ⊙ B), then the op's kernels; ‖W‖² comes from the caller's cache."""
     from fastpeft import _cost
     case = Case(21, 40, 24, 4)
     x = case.x.to(torch.bfloat16).requires_grad_(True)
@@ -136,7 +138,7 @@ def test_dora_linear_kernels_include_one_pass_over_w_for_the_norm():
         n_fwd = len(rec)
         y.backward(torch.ones_like(y))
     names = [c.name for c in rec]
-    assert names[:n_fwd] == ["lora_shrink", "ia3_scale_w", "lora_shrink", "lora_expand"], names
+    assert names[:n_fwd] == ["lora_shrink", "dora_prep", "ia3_scale_w", "lora_shrink", "lora_expand"], names
     assert rec[0].bytes_read == w.numel() * 2 + a.numel() * 4  # W once, in bf16
     assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum"], names
 
@@ -230,3 +232,44 @@ def test_dora_layer_bf16_on_triton_within_peft_error(monkeypatch):
         err_f, err_p = rel_err(results["fast"][key], want), rel_err(results["peft"][key], want)
         factor = 2 if key == "y" else 3
         assert err_f <= factor * err_p, (key, err_f, err_p)
+
+
+@pytest.mark.parametrize("programs", [None, 64], ids=["one_split", "K_splits"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])
+@pytest.mark.parametrize("w_t", [False, True], ids=["W", "Wt_view"])
+def test_dora_prep_triton_vs_fp64_with_many_cancelling_rows(scale, w_t, programs):
+    """The Triton prep (``kernels/dora.py``): its row norm n = kn / kk within 2x the direct fp32 norm's error
+    (PEFT's) against fp64, with 40 cancelling rows (more than the torch path's sync-free
+    DORA_SYNC_FREE_FALLBACK_ROWS): the kernel recomputes every one of them, in whichever program they fall; a bf16 W
+    with the same bound against its own direct norm; kk = m / n and B_k = kk ⊙ B to fp32 rounding.  `K_splits`
+    gives the W Aᵀ shrink several K splits (as at H200 shapes), summed inside the prep kernel."""
+    from fastpeft.kernels._target import forced_launch_shape
+    from fastpeft.kernels.dora import dora_prep_triton
+    from fastpeft.kernels.lora import shrink
+    g = torch.Generator().manual_seed(0)
+    out, inn, r, s = 150, 200, 3, 2.0
+    W = torch.randn(out, inn, generator=g, dtype=F64) * 0.05
+    A = torch.randn(r, inn, generator=g, dtype=F64) * 0.1
+    B = torch.randn(out, r, generator=g, dtype=F64) * 0.1 * scale
+    m = torch.rand(out, generator=g, dtype=F64) + 0.5
+    bad = torch.arange(0, 120, 3)  # 40 rows, spread over many programs
+    W[bad] = -s * (B[bad] @ A) + 1e-4 * W[bad]
+    eps = torch.finfo(torch.float32).eps
+    for wdt in (torch.float32, torch.bfloat16):
+        Wd = W.to(wdt)
+        ref = torch.linalg.norm(Wd.double() + s * (B @ A), dim=1)
+        direct = torch.linalg.norm(Wd.float() + s * (B.float() @ A.float()), dim=1).double()
+        w_in = Wd.t().contiguous().t() if w_t else Wd
+        with forced_launch_shape(programs=programs):
+            splits = shrink(w_in, A.float(), 0.0, 0, None, partials=True).shape[0]
+            kk, kn, b_k = dora_prep_triton(w_in, A.float(), B.float(), m.float(), s, Wd.float().square().sum(1),
+                                           D.DORA_CANCELLATION_LIMIT, D.tiny_scale(wdt))
+        assert (splits > 1) == (programs is not None), splits
+        assert kk.dtype == kn.dtype == torch.float32 and b_k.dtype == torch.float32 and b_k.shape == (out, r)
+        ours = kn.double() / kk.double()
+        err_direct = ((direct - ref).abs() / ref).max().item()
+        err_ours = ((ours - ref).abs() / ref).max().item()
+        assert err_ours <= 2 * max(err_direct, eps), (wdt, err_ours, err_direct)
+        k_ref = m / ref
+        assert ((kk.double() - k_ref).abs() / k_ref).max() <= 2 * max(err_direct, eps) + 2 * eps
+        assert torch.equal(b_k, (B.float() * kk[:, None]))

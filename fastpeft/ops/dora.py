@@ -1,26 +1,26 @@
 """DoRA's linear layer (one adapter, no dropout) on the fused backends: the LoRA op on row-scaled operands plus one
-column reduction, so DoRA costs what LoRA costs.
+column reduction, so DoRA costs what LoRA costs plus a few passes over W.
 
-    y = k ⊙ (x Wᵀ + s · (x Aᵀ) Bᵀ) + b          k = m / ‖W + s·B·A‖ per output row: (N,), the norm detached
+    y = k ⊙ (x Wᵀ + s · (x Aᵀ) Bᵀ) + b          k = m / n,  n = ‖W + s·B·A‖ per output row (N,), detached
       = x (k ⊙ W)ᵀ + s · (x Aᵀ) (k ⊙ B)ᵀ + b     (k ⊙ W scales row n of W by k[n])
 
-Forward: ``dora_rowscale`` forms W_k = k ⊙ W (one pass over W, N·K elements, not over activations) and B_k = k ⊙ B;
-the LoRA op's forward on (W_k, B_k) gives u = k ⊙ z (z = x Wᵀ + s·S Bᵀ, S = x Aᵀ); b is added after (a column of u
-must be k·z alone for the backward).  Saved: x, S (M×r), u (M×N) - u is the op's output when there is no bias.
+Forward: ``dora_prep`` gives the row norm n without forming W + s·B·A (``n² = ‖W‖² + 2s·⟨W, BA⟩ + s²·‖BA‖²``, ‖W‖²
+cached by the layer since W is frozen, ⟨W, BA⟩ = rowsum(B ⊙ W Aᵀ) from one pass over W in its own dtype, cancelling
+rows recomputed directly), kk = k (safe, below), kn = kk·n and B_k = kk ⊙ B; ``dora_rowscale`` forms
+W_k = kk ⊙ W (one pass over W, N·K elements, not over activations); the LoRA op's forward on (W_k, B_k) gives
+u = kk ⊙ z (z = x Wᵀ + s·S Bᵀ, S = x Aᵀ); b is added after (a column of u must be kk·z alone for the backward).
+Saved: x, S (M×r), u (M×N; the output itself without a bias), kk, kn, B_k.
 Backward: W_k rebuilt (one pass over W); the LoRA op's backward on (W_k, B_k) gives dx = dY W_k + dS A, dA, and the
-gradient of B_k (dB = k ⊙ that); ``dora_colsum`` gives dk = Σ_m dY ⊙ u / k (one pass over dY and u, tiled column
-sums, no atomics), from which autograd takes dm = dk / n.
+gradient of B_k (dB = kk ⊙ that); ``dora_colsum`` gives dm = Σ_m dY ⊙ z / n = Σ_m dY ⊙ u / kn (one pass over dY
+and u, tiled column sums, no atomics).
 
-Where |k| < ``tiny_scale(dtype)`` the op uses ±tiny instead of k (the sign of k, + for 0), so that u / k recovers z;
-the output then differs from k ⊙ z by at most tiny·|z| in those columns.  fp16 outputs (where tiny would be visible)
-do not take this path (``fastpeft.functional.dora_linear`` decides).
+Where |k| < ``tiny_scale(dtype)`` the op uses kk = ±tiny instead of k (the sign of k, + for 0), so that u / kk
+recovers z; the output then differs from k ⊙ z by at most tiny·|z| in those columns, dm is exact.  fp16 outputs
+(where tiny would be visible) do not take this path (``fastpeft.functional.dora_linear`` decides).
 
-The row norm n (``dora_row_norm``) is never formed from W + s·B·A: ``n² = ‖W‖² + 2s·⟨W, BA⟩ + s²·‖BA‖²`` per row, with
-‖W‖² cached by the layer (W is frozen) and ⟨W, BA⟩ = rowsum(B ⊙ W Aᵀ) - one pass over W in its own dtype.
-
-Backend pieces (looked up by name in ``fastpeft/ops/_registry.py``): ``dora_cross`` (W Aᵀ), ``dora_rowscale`` and
-``dora_colsum`` - ``*_ref`` here (torch, also used with the ``cuda`` backend, which has no such kernels), ``*_triton``
-in ``fastpeft.kernels.dora``.  The LoRA op's own ``lora_fwd`` / ``lora_bwd`` run on the chosen backend.
+Backend pieces (looked up by name in ``fastpeft/ops/_registry.py``): ``dora_prep``, ``dora_rowscale``,
+``dora_colsum`` - ``*_ref`` here (torch, also used with the ``cuda`` backend, which has no such kernels),
+``*_triton`` in ``fastpeft.kernels.dora``.  The LoRA op's own ``lora_fwd`` / ``lora_bwd`` run on the chosen backend.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ import torch
 
 from ._registry import impl as _impl
 
-__all__ = ["dora_row_norm", "dora_cross_ref", "dora_rowscale_ref", "dora_colsum_ref", "tiny_scale", "safe_scale",
-           "DoraLinearFunction", "dora_apply", "dora_piece", "DORA_CANCELLATION_LIMIT", "DORA_SYNC_FREE_FALLBACK_ROWS"]
+__all__ = ["dora_row_norm", "dora_norm_ref", "dora_cross_ref", "dora_prep_ref", "dora_rowscale_ref", "dora_colsum_ref",
+           "tiny_scale", "dora_fwd", "dora_bwd", "DoraLinearFunction", "dora_apply", "dora_piece",
+           "DORA_CANCELLATION_LIMIT", "DORA_SYNC_FREE_FALLBACK_ROWS"]
 
 # n² is formed from terms whose sum of magnitudes is at most this many times n² before a row is recomputed directly:
 # the expanded form's relative rounding error in n² grows with that ratio, the direct form's does not.
@@ -48,8 +49,7 @@ def dora_cross_ref(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
 
 
 def dora_row_norm(w_oi: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
-                  w_sq: Optional[torch.Tensor] = None, max_fallback_rows: Optional[int] = None,
-                  cross=dora_cross_ref) -> torch.Tensor:
+                  w_sq: Optional[torch.Tensor] = None, max_fallback_rows: Optional[int] = None) -> torch.Tensor:
     """``‖W + s·B·A‖`` per output row without forming the (out, in) sum; no gradient.
 
     ``n² = ‖W‖² + 2s·rowsum(B ⊙ (W Aᵀ)) + s²·rowsum((B·AAᵀ) ⊙ B)``; where that sum cancels (its terms' magnitudes
@@ -62,8 +62,6 @@ def dora_row_norm(w_oi: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
         max_fallback_rows: None recomputes every cancelling row directly (a data-dependent branch: one host sync on
             an accelerator, a graph break under torch.compile); an int k checks only the k rows with the worst
             cancellation, without a sync (used on GPU and under torch.compile).
-        cross: the function giving W Aᵀ (out, r) in the compute dtype: ``dora_cross_ref``, or a backend's
-            (``dora_cross`` in the registry: the Triton one reads W once in its own dtype).
     Returns:
         (out,) in the compute dtype: fp32, or fp64 when any input is fp64.
     """
@@ -72,7 +70,7 @@ def dora_row_norm(w_oi: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
         A_, B_ = A.to(ct), B.to(ct)
         if w_sq is None or w_sq.dtype != ct:
             w_sq = w_oi.to(ct).square().sum(dim=1)
-        cr = (B_ * cross(w_oi, A_).to(ct)).sum(dim=1)               # <W_i, (BA)_i>
+        cr = (B_ * dora_cross_ref(w_oi, A_)).sum(dim=1)             # <W_i, (BA)_i>
         ba_sq = ((B_ @ (A_ @ A_.t())) * B_).sum(dim=1)             # ‖(BA)_i‖²
         s = float(scaling)
         n_sq = w_sq + (2.0 * s) * cr + (s * s) * ba_sq
@@ -99,68 +97,114 @@ def tiny_scale(dtype: torch.dtype) -> float:
     return 2.0 ** -8 if dtype == torch.float16 else 2.0 ** -64
 
 
-def safe_scale(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """k with entries |k| < tiny replaced by ±tiny (sign of k; + for 0).  k: (N,) -> (N,), same dtype."""
-    tiny = tiny_scale(dtype)
-    return torch.where(k.abs() < tiny, torch.where(k < 0, -tiny, tiny).to(k.dtype), k)
+def dora_norm_ref(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                  w_sq: Optional[torch.Tensor], limit: float = DORA_CANCELLATION_LIMIT) -> torch.Tensor:
+    """The torch row norm of the layer (``dora_prep_ref`` and the unfused path): ``dora_row_norm`` with every
+    cancelling row recomputed on CPU (a host branch), the ``DORA_SYNC_FREE_FALLBACK_ROWS`` worst rows elsewhere and
+    under torch.compile (no sync).
+    Shapes as ``dora_row_norm``; `limit` must be ``DORA_CANCELLATION_LIMIT`` (the Triton piece takes any)."""
+    if limit != DORA_CANCELLATION_LIMIT:
+        raise ValueError(f"dora_norm_ref uses DORA_CANCELLATION_LIMIT = {DORA_CANCELLATION_LIMIT}, got limit={limit}")
+    sync_free = torch.compiler.is_compiling() or weight.device.type != "cpu"
+    return dora_row_norm(weight, lora_A, lora_B, scaling, w_sq=w_sq,
+                         max_fallback_rows=DORA_SYNC_FREE_FALLBACK_ROWS if sync_free else None)
+
+
+def dora_prep_ref(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
+                  scaling: float, w_sq: Optional[torch.Tensor], limit: float, tiny: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-row scale of DoRA's fused forward: (kk, kn, B_k).
+
+    Args:
+        weight: (N, K).  lora_A: (r, K).  lora_B: (N, r).  magnitude: (N,), m.  scaling: s.
+        w_sq: ‖W‖² per row (N,) in the compute dtype, or None.  limit: ``DORA_CANCELLATION_LIMIT`` (the torch norm
+            takes no other).  tiny: ``tiny_scale`` of the output dtype.
+    Returns:
+        kk = m / n with |kk| >= tiny (N,), kn = kk · n (N,) - both in the compute dtype (fp32, fp64 for fp64) - and
+        B_k = kk ⊙ B (N, r) in B's dtype.  No gradient.
+    """
+    with torch.no_grad():
+        n = dora_norm_ref(weight, lora_A, lora_B, scaling, w_sq, limit)
+        k = magnitude.detach().to(n.dtype) / n
+        kk = torch.where(k.abs() < tiny, torch.where(k < 0, -tiny, tiny).to(k.dtype), k)
+        return kk, kk * n, dora_rowscale_ref(lora_B, kk)
 
 
 def dora_rowscale_ref(weight: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """W_k[n, :] = W[n, :] · k[n], formed in fp32 (fp64 for fp64) and rounded once to W's dtype.
     weight: (N, K), any strides.  k: (N,).  Returns (N, K) row-major."""
     ct = torch.promote_types(torch.promote_types(weight.dtype, k.dtype), torch.float32)
-    return (weight.to(ct) * k.to(ct)[:, None]).to(weight.dtype).contiguous()
+    return (weight.to(ct) * k.to(ct).unsqueeze(1)).to(weight.dtype).contiguous()
 
 
-def dora_colsum_ref(dy: torch.Tensor, u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """dk[n] = Σ_m dY[m, n] · u[m, n] / k[n] in fp32 (fp64 for fp64).  dy, u: (M, N).  k: (N,), no entry 0.
-    Returns (N,) in k's dtype."""
-    ct = torch.promote_types(torch.promote_types(dy.dtype, k.dtype), torch.float32)
-    return ((dy.to(ct) * u.to(ct)).sum(0) / k.to(ct)).to(k.dtype)
+def dora_colsum_ref(dy: torch.Tensor, u: torch.Tensor, kn: torch.Tensor) -> torch.Tensor:
+    """dm[n] = Σ_m dY[m, n] · u[m, n] / kn[n] in fp32 (fp64 for fp64).  dy, u: (M, N).  kn: (N,), no entry 0.
+    Returns (N,) in the compute dtype."""
+    ct = torch.promote_types(torch.promote_types(dy.dtype, kn.dtype), torch.float32)
+    return (dy.to(ct) * u.to(ct)).sum(0) / kn.to(ct)
 
 
 def dora_piece(name: str, backend: str):
-    """The implementation of DoRA piece `name` (``dora_cross``, ``dora_rowscale``, ``dora_colsum``) for the LoRA op's
+    """The implementation of DoRA piece `name` (``dora_prep``, ``dora_rowscale``, ``dora_colsum``) for the LoRA op's
     chosen `backend`: Triton kernels for ``triton[:variant]``, torch otherwise."""
     base = backend.partition(":")[0]
     return _impl(name, "triton" if base == "triton" else "torch")
 
 
-class DoraLinearFunction(torch.autograd.Function):
-    """``y = k ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b`` on a fused LoRA backend (see the module docstring).
+def dora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+             lora_B: torch.Tensor, magnitude: torch.Tensor, w_sq: Optional[torch.Tensor], scaling: float,
+             backend: str) -> tuple[torch.Tensor, tuple]:
+    """The forward on `backend`: (y, saved) with y = u + b (M, N) in x's dtype and saved = (u, S, kk, kn, B_k), what
+    ``dora_bwd`` needs besides the inputs (u (M, N) in x's dtype, S = x Aᵀ (M, r) fp32).
+    x: (M, K).  weight: (N, K), frozen.  bias: (N,) or None.  lora_A: (r, K).  lora_B: (N, r).  magnitude: (N,).
+    w_sq: ‖W‖² per row (N,) or None."""
+    kk, kn, b_k = dora_piece("dora_prep", backend)(weight, lora_A, lora_B, magnitude, scaling, w_sq,
+                                                   DORA_CANCELLATION_LIMIT, tiny_scale(x.dtype))
+    w_k = dora_piece("dora_rowscale", backend)(weight, kk)
+    u, s = _impl("lora_fwd", backend)(x, w_k, None, lora_A, None, b_k, scaling, 0.0, 0)
+    return (u if bias is None else u + bias), (u, s, kk, kn, b_k)
 
-    forward(x (M, K), weight (N, K) frozen, bias (N,) or None, lora_A (r, K), lora_B (N, r), k (N,), scaling,
-    backend) -> y (M, N) in x's dtype.  Gradients: x, bias (when it requires grad), lora_A, lora_B, k."""
+
+def dora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+             saved: tuple, scaling: float, backend: str, needs_dx: bool, needs_dm: bool, needs_dbias: bool):
+    """The backward on `backend`: (dx (M, K) or None, dA (r, K), dB (N, r), dm (N,) or None, dbias (N,) or None).
+    dy: (M, N) contiguous; `saved` from ``dora_fwd``; the rest as ``dora_fwd`` took them."""
+    u, s, kk, kn, b_k = saved
+    w_k = dora_piece("dora_rowscale", backend)(weight, kk)
+    dx, dA, _, dB_k, _ = _impl("lora_bwd", backend)(dy, x, w_k, lora_A, None, b_k, s, scaling, 0.0, 0,
+                                                     needs_dx, False)
+    dB = dora_rowscale_ref(dB_k, kk).to(lora_B.dtype)
+    dm = dora_piece("dora_colsum", backend)(dy, u, kn) if needs_dm else None
+    dbias = dy.sum(0).to(dy.dtype) if needs_dbias else None
+    return (dx if needs_dx else None), dA, dB, dm, dbias
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """``y = (m / n) ⊙ (x Wᵀ + s·(x Aᵀ) Bᵀ) + b`` on a fused LoRA backend (see the module docstring): ``dora_fwd``
+    / ``dora_bwd`` under autograd.
+
+    forward(x (M, K), weight (N, K) frozen, bias (N,) or None, lora_A (r, K), lora_B (N, r), magnitude (N,),
+    w_sq (N,) or None, scaling, backend) -> y (M, N) in x's dtype.  Gradients: x, bias (when it requires grad),
+    lora_A, lora_B, magnitude."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, k, scaling, backend):
-        kk = safe_scale(k.detach(), x.dtype)
-        w_k = dora_piece("dora_rowscale", backend)(weight, kk)
-        b_k = dora_rowscale_ref(lora_B, kk)  # (N, r): small, torch on every backend
-        u, s = _impl("lora_fwd", backend)(x, w_k, None, lora_A, None, b_k, scaling, 0.0, 0)
-        del w_k
-        ctx.save_for_backward(x, weight, lora_A, lora_B, kk, s, u)
-        ctx.scaling, ctx.backend, ctx.has_bias = scaling, backend, bias is not None
-        if bias is None:
-            return u
-        return u + bias
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, backend):
+        y, saved = dora_fwd(x, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, backend)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, *saved)
+        ctx.scaling, ctx.backend, ctx.has_bias, ctx.m_dtype = scaling, backend, bias is not None, magnitude.dtype
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, kk, s, u = ctx.saved_tensors
-        dy = dy.contiguous()
-        needs_dx = ctx.needs_input_grad[0]
-        w_k = dora_piece("dora_rowscale", ctx.backend)(weight, kk)
-        b_k = dora_rowscale_ref(lora_B, kk)
-        dx, dA, _, dB_k, _ = _impl("lora_bwd", ctx.backend)(dy, x, w_k, lora_A, None, b_k, s, ctx.scaling, 0.0, 0,
-                                                             needs_dx, False)
-        dB = dora_rowscale_ref(dB_k, kk).to(lora_B.dtype)
-        dk = dora_piece("dora_colsum", ctx.backend)(dy, u, kk) if ctx.needs_input_grad[5] else None
-        dbias = dy.sum(0).to(dy.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return (dx if needs_dx else None, None, dbias, dA, dB, dk, None, None)
+        x, weight, lora_A, lora_B, *saved = ctx.saved_tensors
+        dx, dA, dB, dm, dbias = dora_bwd(dy.contiguous(), x, weight, lora_A, lora_B, tuple(saved), ctx.scaling,
+                                         ctx.backend, ctx.needs_input_grad[0], ctx.needs_input_grad[5],
+                                         ctx.has_bias and ctx.needs_input_grad[2])
+        return dx, None, dbias, dA, dB, (dm.to(ctx.m_dtype) if dm is not None else None), None, None, None
 
 
 def dora_apply(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-               lora_B: torch.Tensor, k: torch.Tensor, scaling: float, backend: str) -> torch.Tensor:
+               lora_B: torch.Tensor, magnitude: torch.Tensor, w_sq: Optional[torch.Tensor], scaling: float,
+               backend: str) -> torch.Tensor:
     """Run ``DoraLinearFunction`` (shapes as there) on an already chosen fused backend."""
-    return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, k, scaling, backend)
+    return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, backend)
