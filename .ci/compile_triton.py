@@ -150,6 +150,7 @@ def _resources(cubin: bytes) -> dict:
 def _scenarios(quick: bool, target, dtypes: list | None = None):
     """(name, callable) pairs.  M = 512 selects the large-tile configurations, M = 8 the decode ones; K = N = 512
     (16-byte aligned rows: TMA-eligible) and, outside quick mode, K = 520 / N = 392 (not multiples of 64) too."""
+    from fastpeft.kernels.dora import dora_colsum_triton, dora_prep_triton, dora_rowscale_triton
     from fastpeft.kernels.ia3 import ia3_bwd_triton, ia3_fwd_triton
     from fastpeft.kernels.lora import lora_bwd_triton, lora_fwd_triton
 
@@ -183,12 +184,22 @@ def _scenarios(quick: bool, target, dtypes: list | None = None):
                         ia3_bwd_triton(torch.randn_like(y), x, w, lv, z, ff, True, True, variant=v, y=y, bias=b,
                                        target=target)
 
+                def dora(dt=dt, m=m, k=k, n=n, r=16):
+                    # DoRA's own pieces (its LoRA part is the lora scenario's): fp32 adapters, PEFT's default
+                    w = torch.randn(n, k, dtype=dt)
+                    mag = torch.rand(n) + 0.5
+                    kk, kn, _ = dora_prep_triton(w, torch.randn(r, k), torch.randn(n, r), mag, 2.0,
+                                                 w.float().square().sum(1), 4.0, 2.0 ** -64, target=target)
+                    dora_rowscale_triton(w, kk, target=target)
+                    dora_colsum_triton(torch.randn(m, n, dtype=dt), torch.randn(m, n, dtype=dt), kn, target=target)
+
                 tag = f"{str(dt).replace('torch.', '')} M={m} K={k} N={n}"
                 out.append((f"lora dropout=0.1 bias {tag}", lora))
                 out.append((f"lora dropout=0 {tag}", lambda f=lora: f(bias=False, p=0.0)))
                 out.append((f"adalora (E) {tag}", lambda f=lora: f(e=True, bias=False, p=0.0, r=12)))
                 if dt != torch.float32 and not quick:
                     out.append((f"lora fp32 adapters r=3 {tag}", lambda f=lora: f(adt=torch.float32, r=3)))
+                out.append((f"dora pieces {tag}", dora))
                 out.append((f"ia3 output {tag}", ia3))
                 out.append((f"ia3 feedforward {tag}", lambda f=ia3: f(ff=True)))
     return out

@@ -7,11 +7,12 @@ Phases (in the order gpu_check.sh runs them, most decisive first):
   gemm         a plain Triton GEMM (fastpeft.kernels._gemm.gemm, first fitting configuration, no autotuning)
                against torch.mm at M=2048/8192 on q/up/down: whether any Triton-GEMM path can be the default.
   correctness  every available backend (torch, triton, cuda) at the production shapes against an fp32 reference:
-               LoRA p=0 / p=0.1, AdaLoRA, IA3; outputs and every gradient; the bound is 2x (3x for gradients) the
+               LoRA p=0 / p=0.1, AdaLoRA, IA3, DoRA; outputs and every gradient; the bound is 2x (3x for gradients) the
                torch backend's own bf16 error.
   ratios       layer fwd+bwd time of the default path (backend auto) and the fused path (triton) against the frozen
-               layer and HF PEFT's layer, side by side, M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA; the faster
-               fastpeft backend per shape bucket goes to OUT/dispatch_table.json (fastpeft._dispatch's format).
+               layer and HF PEFT's layer, side by side, M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA, DoRA; the faster
+               fastpeft backend per shape bucket goes to OUT/dispatch_table.json (fastpeft._dispatch's format);
+               DoRA (fastpeft's dora_linear, row norm included, vs HF PEFT's DoRA layer) last in each bucket.
   profile      a torch.profiler kernel table of one fwd+bwd per path (q_proj, M=8192, LoRA p=0 and p=0.1).
   e2e          end-to-end training step time and peak memory (benchmarks/bench_e2e.py), one provider at a time.
 """
@@ -35,7 +36,7 @@ SKIPPED = 3
 SHAPES = {"q_proj": (4096, 4096), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}
 RANK, ALPHA = 16, 32
 IA3_FEEDFORWARD = {"q_proj": False, "up_proj": False, "down_proj": True}
-METHODS = ("lora", "lora_p0.1", "ia3", "adalora")
+METHODS = ("lora", "lora_p0.1", "ia3", "adalora", "dora")
 
 
 class Rows:
@@ -146,6 +147,10 @@ def _inputs(layer: str, m: int, method: str, dev="cuda", seed=0):
         t["b"] = rnd(n, RANK, scale=0.1)
         if kind == "adalora":
             t["e"] = rnd(RANK, scale=0.5)
+        if kind == "dora":
+            # m near the row norms of W (≈ 1 here), as DoRA initialises it; ‖W‖² is the layer's cache (no grad)
+            t["mag"] = 1 + 0.1 * rnd(n)
+            t["wsq"] = t["w"].float().square().sum(1)
     return t
 
 
@@ -158,11 +163,14 @@ def _call(method: str, layer: str, t: dict, backend: Optional[str], seed: int = 
     if kind == "adalora":
         return Fn.adalora_linear(t["x"], t["w"], None, t["a"], t["e"], t["b"], ALPHA / RANK, RANK, p, seed,
                                  backend=backend)
+    if kind == "dora":
+        return Fn.dora_linear(t["x"], t["w"], None, t["a"], t["b"], t["mag"], ALPHA / RANK, weight_sq=t["wsq"],
+                              backend=backend)
     return Fn.lora_linear(t["x"], t["w"], None, t["a"], t["b"], ALPHA / RANK, p, seed, backend=backend)
 
 
 def _grads(method, layer, t, backend):
-    t = {k: (v.detach().clone().requires_grad_(k not in ("w", "gy"))) for k, v in t.items()}
+    t = {k: (v.detach().clone().requires_grad_(k not in ("w", "gy", "wsq"))) for k, v in t.items()}
     y = _call(method, layer, t, backend)
     y.backward(t["gy"])
     return {"y": y.detach(), **{f"d{k}": v.grad for k, v in t.items() if v.grad is not None}}
@@ -229,7 +237,7 @@ def _step_fn(provider: str, method: str, layer: str, t: dict) -> Callable[[], No
     if provider == "peft":
         mod = _peft_module(method, layer)
         return lambda: mod(x).backward(gy)
-    tt = {k: (v.detach().clone().requires_grad_(k not in ("w", "gy", "x"))) for k, v in t.items()}
+    tt = {k: (v.detach().clone().requires_grad_(k not in ("w", "gy", "x", "wsq"))) for k, v in t.items()}
     tt["x"] = x
     backend = None if provider == "default" else "triton"
     return lambda: _call(method, layer, tt, backend, seed=None).backward(gy)

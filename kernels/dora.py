@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._target import launch_ok, launch_target, on_input_device
+from ._target import LaunchTarget, launch_ok, launch_target, on_input_device
 from ._tl import dot_prec, mma, pad_rank, skinny_precision
 from .ia3 import colsum, scale_weight
 from .lora import shrink
@@ -92,17 +92,18 @@ def _dora_prep_kernel(cpart_ptr, b_ptr, g_ptr, wsq_ptr, w_ptr, a_ptr, m_ptr, kk_
 
 @on_input_device
 def dora_prep_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
-                     scaling: float, w_sq: Optional[torch.Tensor], limit: float, tiny: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     scaling: float, w_sq: Optional[torch.Tensor], limit: float, tiny: float,
+                     target: Optional[LaunchTarget] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kk, kn, B_k) of ``fastpeft.ops.dora.dora_prep_ref`` in three launches: the LoRA shrink over W (W Aᵀ
     partials, W read once in its own dtype, no fp32 copy), G = A Aᵀ (r x r), and ``_dora_prep_kernel``.
     weight: (N, K), any strides.  lora_A: (r, K), lora_B: (N, r), magnitude: (N,).  w_sq: ‖W‖² (N,) fp32, or None
-    (then computed here: a pass over W in fp32).  Returns kk (N,) fp32, kn (N,) fp32, B_k (N, r) in B's dtype."""
+    (then computed here: a pass over W in fp32).  target: the launch target (None: W's device).
+    Returns kk (N,) fp32, kn (N,) fp32, B_k (N, r) in B's dtype."""
     n, k = weight.shape
     r = lora_A.shape[0]
     dev = weight.device
     with torch.no_grad():
-        tgt = launch_target(dev)
+        tgt = launch_target(dev, target)
         a32 = lora_A.detach().float()
         if w_sq is None or w_sq.dtype != torch.float32:
             w_sq = weight.float().square().sum(dim=1)
@@ -126,17 +127,19 @@ def dora_prep_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
 
 
 @on_input_device
-def dora_rowscale_triton(weight: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def dora_rowscale_triton(weight: torch.Tensor, k: torch.Tensor, target: Optional[LaunchTarget] = None
+                         ) -> torch.Tensor:
     """W_k[n, :] = W[n, :] · k[n] rounded once to W's dtype.  weight: (N, K), any strides; k: (N,).
     One read and one write of W.  Returns (N, K) row-major."""
-    return scale_weight(weight, k, True, launch_target(weight.device))
+    return scale_weight(weight, k, True, launch_target(weight.device, target))
 
 
 @on_input_device
-def dora_colsum_triton(dy: torch.Tensor, u: torch.Tensor, kn: torch.Tensor) -> torch.Tensor:
+def dora_colsum_triton(dy: torch.Tensor, u: torch.Tensor, kn: torch.Tensor, target: Optional[LaunchTarget] = None
+                       ) -> torch.Tensor:
     """dm[n] = Σ_m dY[m, n] · u[m, n] / kn[n], fp32 products and sums.  dy, u: (M, N); kn: (N,) fp32, no 0.
     One pass over dY and u.  Returns (N,) fp32."""
     if dy.shape[0] == 0:
         return torch.zeros_like(kn)
-    dl, _ = colsum(dy, u, kn, False, launch_target(dy.device))
+    dl, _ = colsum(dy, u, kn, False, launch_target(dy.device, target))
     return dl / kn
