@@ -150,7 +150,7 @@ def _resources(cubin: bytes) -> dict:
 def _scenarios(quick: bool, target, dtypes: list | None = None):
     """(name, callable) pairs.  M = 512 selects the large-tile configurations, M = 8 the decode ones; K = N = 512
     (16-byte aligned rows: TMA-eligible) and, outside quick mode, K = 520 / N = 392 (not multiples of 64) too."""
-    from fastpeft.kernels.dora import dora_colsum_triton, dora_prep_triton, dora_rowscale_triton
+    from fastpeft.kernels.dora import dora_grads_triton, dora_prep_triton, dora_rowscale_triton
     from fastpeft.kernels.ia3 import ia3_bwd_triton, ia3_fwd_triton
     from fastpeft.kernels.lora import lora_bwd_triton, lora_fwd_triton
 
@@ -191,7 +191,8 @@ def _scenarios(quick: bool, target, dtypes: list | None = None):
                     kk, kn, _ = dora_prep_triton(w, torch.randn(r, k), torch.randn(n, r), mag, 2.0,
                                                  w.float().square().sum(1), 4.0, 2.0 ** -64, target=target)
                     dora_rowscale_triton(w, kk, target=target)
-                    dora_colsum_triton(torch.randn(m, n, dtype=dt), torch.randn(m, n, dtype=dt), kn, target=target)
+                    dora_grads_triton(torch.randn(m, n, dtype=dt), torch.randn(m, n, dtype=dt), kn, torch.randn(n, r),
+                                      kk, target=target)
 
                 tag = f"{str(dt).replace('torch.', '')} M={m} K={k} N={n}"
                 out.append((f"lora dropout=0.1 bias {tag}", lora))

@@ -7,9 +7,10 @@ magnitude's column sums.
                             recomputes directly, inside the kernel, every row where that sum cancels (no host sync,
                             no cap on how many rows).
   ``dora_rowscale_triton``  k ⊙ W: IA3's row-scale kernel (DoRA's k is an output-feature scale like IA3's l).
-  ``dora_colsum_triton``    Σ_m dY ⊙ u / k: IA3's column-sum kernel.
+  ``dora_grads_triton``     dm = Σ_m dY ⊙ u / kn (IA3's column-sum kernel, one pass over dY and u) and dB = kk ⊙ dB_k,
+                            finished in one small kernel.
 
-Same contracts as ``fastpeft.ops.dora.dora_prep_ref`` / ``dora_rowscale_ref`` / ``dora_colsum_ref``; every launch is
+Same contracts as ``fastpeft.ops.dora.dora_prep_ref`` / ``dora_rowscale_ref`` / ``dora_grads_ref``; every launch is
 reported to ``fastpeft._cost`` when the cost model records.
 """
 
@@ -26,7 +27,7 @@ from ._tl import dot_prec, mma, pad_rank, skinny_precision
 from .ia3 import colsum, scale_weight
 from .lora import shrink
 
-__all__ = ["dora_prep_triton", "dora_rowscale_triton", "dora_colsum_triton"]
+__all__ = ["dora_prep_triton", "dora_rowscale_triton", "dora_grads_triton"]
 
 # Rows per program of the prep kernel: its common case reads BLOCK_N x r of the W Aᵀ partials and of B; a cancelling
 # row costs a loop over K (W's row and A in BLOCK_K chunks).  Not timed.
@@ -134,12 +135,47 @@ def dora_rowscale_triton(weight: torch.Tensor, k: torch.Tensor, target: Optional
     return scale_weight(weight, k, True, launch_target(weight.device, target))
 
 
+@triton.jit
+def _dora_grads_kernel(dpart_ptr, kn_ptr, kk_ptr, dbk_ptr, dm_ptr, db_ptr, N, R, SPLITS,
+                       BLOCK_N: tl.constexpr, R_PAD: tl.constexpr):
+    """dm[i] = Σ_splits dpart[split, i] / kn[i];  dB[i, :] = round(dB_k[i, :] · kk[i]).  Grid: (N blocks,)."""
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    mask_n = offs_n < N
+    mask_nr = mask_n[:, None] & (offs_r < R)[None, :]
+    rn64 = offs_n.to(tl.int64)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dptrs = dpart_ptr + rn64
+    for _ in range(0, SPLITS):
+        acc += tl.load(dptrs, mask=mask_n, other=0.0)
+        dptrs += N
+    kn = tl.load(kn_ptr + offs_n, mask=mask_n, other=1.0)
+    tl.store(dm_ptr + offs_n, acc / kn, mask=mask_n)
+    kk = tl.load(kk_ptr + offs_n, mask=mask_n, other=0.0)
+    dbk = tl.load(dbk_ptr + rn64[:, None] * R + offs_r[None, :], mask=mask_nr, other=0.0)
+    tl.store(db_ptr + rn64[:, None] * R + offs_r[None, :], (dbk.to(tl.float32) * kk[:, None]).to(dbk.dtype),
+             mask=mask_nr)
+
+
 @on_input_device
-def dora_colsum_triton(dy: torch.Tensor, u: torch.Tensor, kn: torch.Tensor, target: Optional[LaunchTarget] = None
-                       ) -> torch.Tensor:
-    """dm[n] = Σ_m dY[m, n] · u[m, n] / kn[n], fp32 products and sums.  dy, u: (M, N); kn: (N,) fp32, no 0.
-    One pass over dY and u.  Returns (N,) fp32."""
-    if dy.shape[0] == 0:
-        return torch.zeros_like(kn)
-    dl, _ = colsum(dy, u, kn, False, launch_target(dy.device, target))
-    return dl / kn
+def dora_grads_triton(dy: torch.Tensor, u: torch.Tensor, kn: torch.Tensor, dB_k: torch.Tensor, kk: torch.Tensor,
+                      target: Optional[LaunchTarget] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dm, dB) of ``fastpeft.ops.dora.dora_grads_ref`` in two launches: IA3's column-sum kernel over (dY, u) (one
+    pass over each, partial sums per M split) and ``_dora_grads_kernel`` (sums them, divides by kn, scales dB_k).
+    dy, u: (M, N).  kn, kk: (N,) fp32.  dB_k: (N, r).  Returns dm (N,) fp32 and dB (N, r) in dB_k's dtype."""
+    m, n = dy.shape
+    r = dB_k.shape[1]
+    dev = dy.device
+    if m == 0:
+        part = torch.zeros((1, n), device=dev, dtype=torch.float32)
+    else:
+        part, _ = colsum(dy, u, kn, False, launch_target(dev, target), partials=True)
+    dm = torch.empty(n, device=dev, dtype=torch.float32)
+    dB_k = dB_k.contiguous()
+    dB = torch.empty_like(dB_k)
+    if n and launch_ok("dora_grads", dy, bytes_read=part.numel() * 4 + 2 * n * 4 + n * r * dB_k.element_size(),
+                       bytes_written=n * 4 + n * r * dB_k.element_size(), flops=n * (part.shape[0] + r + 1)):
+        _dora_grads_kernel[(triton.cdiv(n, PREP_BLOCK_N),)](
+            part, kn, kk, dB_k, dm, dB, n, r, part.shape[0], BLOCK_N=PREP_BLOCK_N, R_PAD=pad_rank(r))
+    return dm, dB

@@ -199,8 +199,10 @@ def _ia3_dl_in_kernel(g_ptr, x_ptr, l_ptr, dl_part_ptr, M, K, tiny,
 
 
 def colsum(dy: torch.Tensor, z: Optional[torch.Tensor], l: Optional[torch.Tensor], want_db: bool,
-            tgt: Optional[LaunchTarget]) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """(Σ_m dY ⊙ z, Σ_m dY[⊙ l]) as fp32 (N,) vectors (None where not asked)."""
+           tgt: Optional[LaunchTarget], partials: bool = False
+           ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(Σ_m dY ⊙ z, Σ_m dY[⊙ l]) as fp32 (N,) vectors (None where not asked); `partials`: the (splits, N) partial
+    sums unsummed (for a consumer kernel that sums them itself)."""
     m, n = dy.shape
     dev = dy.device
     bm, bn, warps = skinny_blocks(tgt)
@@ -215,6 +217,8 @@ def colsum(dy: torch.Tensor, z: Optional[torch.Tensor], l: Optional[torch.Tensor
     if launch_ok("ia3_colsum", dy, bytes_read=m * n * es * (1 + int(z is not None)),
                  bytes_written=splits * n * 4 * (int(z is not None) + int(want_db)), flops=2 * m * n):
         _launch_colsum(dy, z, l, dl_part, db_part, dummy, m, n, n_blocks, splits, mb_per, bm, bn, warps, want_db)
+    if partials:
+        return dl_part, db_part
     return (dl_part.sum(0) if dl_part is not None else None), (db_part.sum(0) if db_part is not None else None)
 
 

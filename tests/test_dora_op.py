@@ -102,7 +102,7 @@ def test_dora_op_zero_magnitude_column():
 def test_dora_op_kernels_per_direction():
     """The pass budget, with fake tensors at a Llama-8B q_proj shape: forward = the prep (one shrink over W, A Aᵀ,
     one per-row kernel), one pass over W (k ⊙ W), the LoRA op's kernels; backward = W rebuilt, the LoRA backward's
-    kernels, one column reduction (dY and u)."""
+    kernels, one column reduction (dY and u) and one small kernel finishing dm and dB."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastpeft import _cost
@@ -119,8 +119,8 @@ def test_dora_op_kernels_per_direction():
     names = [c.name for c in rec]
     assert names[:n_fwd] == ["lora_shrink", "dora_prep", "ia3_scale_w", "lora_shrink", "lora_expand"], names
     assert rec[0].bytes_read == n * k * 2 + r * k * 4  # W once, in bf16
-    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum"], names
-    colsum = rec[-1]
+    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum", "dora_grads"], names
+    colsum = rec[-2]
     assert colsum.bytes_read == 2 * m * n * 2  # dY and u, once each
 
 
@@ -140,7 +140,7 @@ def test_dora_linear_kernels_include_one_pass_over_w_for_the_norm():
     names = [c.name for c in rec]
     assert names[:n_fwd] == ["lora_shrink", "dora_prep", "ia3_scale_w", "lora_shrink", "lora_expand"], names
     assert rec[0].bytes_read == w.numel() * 2 + a.numel() * 4  # W once, in bf16
-    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum"], names
+    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum", "dora_grads"], names
 
 
 def test_dora_linear_validates_arguments():

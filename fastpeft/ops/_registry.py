@@ -4,7 +4,7 @@ the implementations below it never fall back to another backend.
 
 Ops (declared with schema, fake kernel and autograd formula in ``fastpeft/ops/lora.py`` and ``fastpeft/ops/ia3.py``):
 ``lora`` (``lora_fwd`` / ``lora_bwd``; AdaLoRA is lora with ``lora_E``) and ``ia3`` (``ia3_fwd`` / ``ia3_bwd``).
-DoRA's two extra pieces (``dora_rowscale``, ``dora_colsum``; ``fastpeft/ops/dora.py``) are looked up here too, on
+DoRA's three extra pieces (``dora_prep``, ``dora_rowscale``, ``dora_grads``; ``fastpeft/ops/dora.py``) are looked up here too, on
 the backend chosen for its ``lora`` op (torch's for ``cuda``, which has no such kernels).
 
 Backends and where their implementations live (looked up by name, imported on first use):

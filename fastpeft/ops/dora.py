@@ -11,7 +11,7 @@ W_k = kk ⊙ W (one pass over W, N·K elements, not over activations); the LoRA 
 u = kk ⊙ z (z = x Wᵀ + s·S Bᵀ, S = x Aᵀ); b is added after (a column of u must be kk·z alone for the backward).
 Saved: x, S (M×r), u (M×N; the output itself without a bias), kk, kn, B_k.
 Backward: W_k rebuilt (one pass over W); the LoRA op's backward on (W_k, B_k) gives dx = dY W_k + dS A, dA, and the
-gradient of B_k (dB = kk ⊙ that); ``dora_colsum`` gives dm = Σ_m dY ⊙ z / n = Σ_m dY ⊙ u / kn (one pass over dY
+gradient of B_k; ``dora_grads`` gives dB = kk ⊙ that and dm = Σ_m dY ⊙ z / n = Σ_m dY ⊙ u / kn (one pass over dY
 and u, tiled column sums, no atomics).
 
 Where |k| < ``tiny_scale(dtype)`` the op uses kk = ±tiny instead of k (the sign of k, + for 0), so that u / kk
@@ -19,7 +19,7 @@ recovers z; the output then differs from k ⊙ z by at most tiny·|z| in those c
 (where tiny would be visible) do not take this path (``fastpeft.functional.dora_linear`` decides).
 
 Backend pieces (looked up by name in ``fastpeft/ops/_registry.py``): ``dora_prep``, ``dora_rowscale``,
-``dora_colsum`` - ``*_ref`` here (torch, also used with the ``cuda`` backend, which has no such kernels),
+``dora_grads`` - ``*_ref`` here (torch, also used with the ``cuda`` backend, which has no such kernels),
 ``*_triton`` in ``fastpeft.kernels.dora``.  The LoRA op's own ``lora_fwd`` / ``lora_bwd`` run on the chosen backend.
 """
 
@@ -31,7 +31,7 @@ import torch
 
 from ._registry import impl as _impl
 
-__all__ = ["dora_row_norm", "dora_norm_ref", "dora_cross_ref", "dora_prep_ref", "dora_rowscale_ref", "dora_colsum_ref",
+__all__ = ["dora_row_norm", "dora_norm_ref", "dora_cross_ref", "dora_prep_ref", "dora_rowscale_ref", "dora_grads_ref",
            "tiny_scale", "dora_fwd", "dora_bwd", "DoraLinearFunction", "dora_apply", "dora_piece",
            "DORA_CANCELLATION_LIMIT", "DORA_SYNC_FREE_FALLBACK_ROWS"]
 
@@ -137,15 +137,17 @@ def dora_rowscale_ref(weight: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (weight.to(ct) * k.to(ct).unsqueeze(1)).to(weight.dtype).contiguous()
 
 
-def dora_colsum_ref(dy: torch.Tensor, u: torch.Tensor, kn: torch.Tensor) -> torch.Tensor:
-    """dm[n] = Σ_m dY[m, n] · u[m, n] / kn[n] in fp32 (fp64 for fp64).  dy, u: (M, N).  kn: (N,), no entry 0.
-    Returns (N,) in the compute dtype."""
+def dora_grads_ref(dy: torch.Tensor, u: torch.Tensor, kn: torch.Tensor, dB_k: torch.Tensor, kk: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The magnitude's and B's gradients from the LoRA backward on the scaled operands:
+    dm[n] = Σ_m dY[m, n] · u[m, n] / kn[n] and dB = kk ⊙ dB_k (in fp32, fp64 for fp64).
+    dy, u: (M, N).  kn, kk: (N,), no zero.  dB_k: (N, r).  Returns dm (N,) in the compute dtype, dB in dB_k's."""
     ct = torch.promote_types(torch.promote_types(dy.dtype, kn.dtype), torch.float32)
-    return (dy.to(ct) * u.to(ct)).sum(0) / kn.to(ct)
+    return (dy.to(ct) * u.to(ct)).sum(0) / kn.to(ct), dora_rowscale_ref(dB_k, kk)
 
 
 def dora_piece(name: str, backend: str):
-    """The implementation of DoRA piece `name` (``dora_prep``, ``dora_rowscale``, ``dora_colsum``) for the LoRA op's
+    """The implementation of DoRA piece `name` (``dora_prep``, ``dora_rowscale``, ``dora_grads``) for the LoRA op's
     chosen `backend`: Triton kernels for ``triton[:variant]``, torch otherwise."""
     base = backend.partition(":")[0]
     return _impl(name, "triton" if base == "triton" else "torch")
@@ -173,10 +175,9 @@ def dora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
     w_k = dora_piece("dora_rowscale", backend)(weight, kk)
     dx, dA, _, dB_k, _ = _impl("lora_bwd", backend)(dy, x, w_k, lora_A, None, b_k, s, scaling, 0.0, 0,
                                                      needs_dx, False)
-    dB = dora_rowscale_ref(dB_k, kk).to(lora_B.dtype)
-    dm = dora_piece("dora_colsum", backend)(dy, u, kn) if needs_dm else None
+    dm, dB = dora_piece("dora_grads", backend)(dy, u, kn, dB_k, kk)
     dbias = dy.sum(0).to(dy.dtype) if needs_dbias else None
-    return (dx if needs_dx else None), dA, dB, dm, dbias
+    return (dx if needs_dx else None), dA, dB.to(lora_B.dtype), (dm if needs_dm else None), dbias
 
 
 class DoraLinearFunction(torch.autograd.Function):
