@@ -71,6 +71,10 @@ FAMILIES: dict[str, dict[str, tuple[str, ...]]] = {
     "roberta": {"norm": ("LayerNorm",), "act": ("GELUActivation", "GELU")},
 }
 
+# How many autograd nodes back a saved tensor's layout chain (views, casts, transposes, copies) is followed to an
+# attention output: Phi-3's o_proj input is 7 deep (view, cast, view, clone, transpose, view, attention), Llama's 6.
+_MAX_LAYOUT_DEPTH = 9
+
 _ENV = "FASTPEFT_RECOMPUTE"
 _ATTR = "_fastpeft_recompute"        # on the root module: _Install
 _LAYER_MARK = "_fastpeft_recompute_layer"
@@ -472,7 +476,7 @@ class _Session:
         if name == "ToCopyBackward0" and dtype is not None and nxt and nxt[0][0] is not None:
             inner = self._resolve_node(nxt[0][0], None, shape, None, depth + 1)
             return _ToDtype(inner, dtype) if inner is not None else None
-        if shape is not None and depth < 6:
+        if shape is not None and depth < _MAX_LAYOUT_DEPTH:
             r = self._layout(node, name, nxt, dtype, shape, depth)
             if r is not None:
                 return r

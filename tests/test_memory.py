@@ -131,9 +131,11 @@ def _compare(model, batch):
 
 # Bounds on saved bytes / frozen model's (tiny models: r=8 on hidden 64 makes the M x r tensors LoRA keeps 6-12 %
 # of a layer; layer 0's dropout on an input that needs no grad is kept, see the module docstring of
-# fastpeft.recompute).  Measured here: LoRA 1.00-1.07x (dropout 0), 1.00-1.15x (0.1); IA3 0.95-1.04x; without
-# recompute 1.2-2.2x.
-BOUND = {("lora", 0.0): 1.10, ("lora", 0.1): 1.20, ("adalora", 0.0): 1.10, ("adalora", 0.2): 1.20,
+# fastpeft.recompute).  Measured here: LoRA 1.00-1.07x (dropout 0), 1.00-1.07x (0.1) except Gemma2's 1.124x (its
+# eager attention's output, o_proj's input, is kept by nothing in the frozen graph, so neither it nor its dropped
+# copy can be rebuilt from kept tensors); AdaLoRA 1.00-1.04x; IA3 0.95-1.02x; without recompute 1.2-2.2x.  Phi-3
+# was 1.198x at 0.1 before its o_proj input (7 autograd nodes from the attention output) was followed.
+BOUND = {("lora", 0.0): 1.10, ("lora", 0.1): 1.13, ("adalora", 0.0): 1.10, ("adalora", 0.2): 1.10,
          ("ia3", 0.0): 1.05}
 CASES = [(f, "lora") for f in FAMILIES] + [(f, "ia3") for f in ("llama", "gemma2", "phi3", "gpt2", "bert")]
 CASES += [("qwen2", "adalora"), ("gpt2", "adalora")]
