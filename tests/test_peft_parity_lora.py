@@ -390,3 +390,30 @@ def test_bf16_base_adapter_dtypes_match_peft(method, autocast):
     op, of = run_loss(p.train(), ids), run_loss(f.train(), ids)
     assert of.logits.dtype == op.logits.dtype == torch.bfloat16
     assert_close_rel(of.logits.float(), op.logits.float(), ELEMENTWISE[torch.bfloat16][1], "bf16 logits")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_training_step_bit_for_bit(dtype, dropout):
+    """On CPU the torch backend reproduces HF PEFT's training step bit for bit - loss and every adapter gradient,
+    fp32 adapters on an fp32 or bf16 base, with dropout (same RNG state) - even though it computes the M x N tail of
+    the layer in place (``fastpeft.ops.lora._ScaledDeltaAdd``)."""
+    from testing_utils import randomize_trainable, tiny_llama, wrap_pair
+    kw = dict(r=8, lora_alpha=16, lora_dropout=dropout,
+              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    p, f = wrap_pair(tiny_llama().to(dtype), peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw))
+    randomize_trainable(p, f)
+    ids = inputs()
+    losses = []
+    for m in (p, f):
+        m.train()
+        torch.manual_seed(3)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    gp = {n: t.grad for n, t in p.named_parameters() if t.grad is not None}
+    gf = {n: t.grad for n, t in f.named_parameters() if t.grad is not None}
+    assert sorted(gp) == sorted(gf) and len(gp) == 28
+    for n in gp:
+        assert torch.equal(gp[n], gf[n]), n
