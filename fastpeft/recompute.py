@@ -341,20 +341,37 @@ class _DropoutNoise(_Recipe):
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
 
 
-def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """A bool tensor as uint8 words of 8 elements (little-endian, zero-padded): shape (ceil(numel / 8),)."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) << _BIT_SHIFTS.to(flat.device)).sum(1, dtype=torch.uint8)
+# Elements per chunk when packing / unpacking bits: the byte-per-element temporaries of one chunk (a few MiB) instead
+# of the whole tensor's, which at 8192 x 4096 were 3 x 32 MiB on top of the mask itself in a training forward.
+_BITS_CHUNK = 1 << 21
+
+
+def _pack_bits(noise: torch.Tensor) -> torch.Tensor:
+    """The nonzero pattern of `noise` (a dropout mask or noise tensor, any dtype) as uint8 words of 8 elements
+    (little-endian, zero-padded): shape (ceil(numel / 8),).  Worked in chunks of ``_BITS_CHUNK`` elements."""
+    flat = noise.reshape(-1)
+    n = flat.numel()
+    out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=flat.device)
+    shifts = _BIT_SHIFTS.to(flat.device)
+    for lo in range(0, n, _BITS_CHUNK):
+        part = (flat[lo:lo + _BITS_CHUNK] != 0).to(torch.uint8)
+        pad = (-part.numel()) % 8   # only the last chunk (the chunk size is a multiple of 8)
+        if pad:
+            part = torch.cat([part, part.new_zeros(pad)])
+        torch.sum(part.view(-1, 8) << shifts, 1, dtype=torch.uint8, out=out[lo // 8:lo // 8 + part.numel() // 8])
+    return out
 
 
 def _unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
-    """Inverse of ``_pack_bits``: the bool tensor of ``shape``."""
+    """Inverse of ``_pack_bits``: the bool tensor of ``shape``, built in chunks of ``_BITS_CHUNK`` elements."""
     n = math.prod(shape)
-    flat = ((bits.view(-1, 1) >> _BIT_SHIFTS.to(bits.device)) & 1).view(-1)[:n]
-    return flat.view(shape).bool()
+    out = torch.empty(n, dtype=torch.bool, device=bits.device)
+    shifts = _BIT_SHIFTS.to(bits.device)
+    for lo in range(0, n, _BITS_CHUNK):
+        hi = min(n, lo + _BITS_CHUNK)
+        words = bits[lo // 8:(hi + 7) // 8]
+        out[lo:hi] = ((words.view(-1, 1) >> shifts) & 1).view(-1)[:hi - lo].bool()
+    return out.view(shape)
 
 class _Linear(_Recipe):
     """IA3 output mode's unscaled base output, re-run with the layer's own base computation."""
@@ -547,7 +564,7 @@ class _Session:
         noise = _DropoutNoise(helper, drop)
         if not noise.is_mask and helper.device.type == "cpu":
             # CPU: the keep mask as bits, shared by the noise and output recipes (see _DropoutOut)
-            drop.bits, drop.users = _pack_bits(helper != 0), 2
+            drop.bits, drop.users = _pack_bits(helper), 2
         frame.pending.remove(pend)
         frame.dropouts += 1
         self._account(noise, helper)
@@ -607,7 +624,7 @@ class _Session:
         bits = None
         with torch.no_grad():
             if x.device.type == "cpu":
-                bits = _pack_bits(b != 0)
+                bits = _pack_bits(b)
                 keep = _unpack_bits(bits, x.shape)
                 order = None
                 for o in orders:

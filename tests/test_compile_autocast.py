@@ -178,6 +178,6 @@ def test_autocast_lora_branch_runs_in_adapter_dtype(keep_adapter_dtype):
         torch.manual_seed(4)
         y = m(x)
     torch.manual_seed(4)
-    xd = torch.nn.functional.dropout(x.bfloat16().float(), 0.25, training=True)  # HF PEFT's order: cast, drop
+    xd = torch.nn.functional.dropout(x.bfloat16(), 0.25, training=True).float()  # dropped in bf16, then cast
     branch_fp32 = ((xd @ m.lora_A.detach().t()) @ m.lora_B.detach().t() * m.scaling).bfloat16()
     assert torch.equal(y, branch_fp32), f"dropout path: max diff {(y.float() - branch_fp32.float()).abs().max()}"

@@ -96,14 +96,19 @@ def test_cpu_dropout_is_not_redrawn_in_backward(monkeypatch):
     assert len(draws) == 0, len(draws)
 
 
+@pytest.mark.parametrize("chunk", [None, 16], ids=["one_chunk", "chunks_of_16"])
 @pytest.mark.parametrize("shape", [(0,), (1,), (7,), (3, 5, 7), (2, 24, 64)])
-def test_dropout_bits_round_trip(shape):
-    """The CPU keep-mask packing (8 elements per byte, zero-padded tail) gives back the mask exactly."""
+def test_dropout_bits_round_trip(shape, chunk, monkeypatch):
+    """The CPU keep-mask packing (8 elements per byte, zero-padded tail, worked in chunks) gives back the mask
+    exactly, from a bool mask or from the dropout noise itself (its nonzero pattern)."""
+    if chunk is not None:
+        monkeypatch.setattr(R, "_BITS_CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(shape, generator=g) < 0.7
-    bits = R._pack_bits(mask)
-    assert bits.dtype == torch.uint8 and bits.numel() == -(-mask.numel() // 8)
-    assert torch.equal(R._unpack_bits(bits, mask.shape), mask)
+    for src in (mask, mask.to(torch.bfloat16) * 1.25):
+        bits = R._pack_bits(src)
+        assert bits.dtype == torch.uint8 and bits.numel() == -(-mask.numel() // 8)
+        assert torch.equal(R._unpack_bits(bits, mask.shape), mask)
 
 
 def test_dropout_of_an_input_that_needs_no_grad_is_recomputed():

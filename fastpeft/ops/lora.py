@@ -54,10 +54,10 @@ def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     Args:
         x: (M, K) (the torch backend also passes (..., K)).  weight: (N, K).  bias: (N,) or None.  lora_A: (r, K).
         lora_E: (r,) or None.  lora_B: (N, r).  scaling: the LoRA scale s.  dropout_p: drop probability of the
-        LoRA branch input.  seed: mask seed of the shared stream (``fastpeft.ops.dropout``; x must be 2-D then;
-        x is dropped in its own dtype, then cast to the adapter dtype, as the kernels do), or None: x cast to the
-        adapter dtype, then dropped by ``F.dropout`` from torch's RNG, exactly as HF PEFT does (``lora_bwd_ref``
-        cannot regenerate such a mask: autograd must build the backward).
+        LoRA branch input (x is dropped in its own dtype, then cast to the adapter dtype).  seed: mask seed of the
+        shared stream (``fastpeft.ops.dropout``; x must be 2-D then), or None: the mask drawn by ``F.dropout`` from
+        torch's RNG, as HF PEFT draws it (``lora_bwd_ref`` cannot regenerate such a mask: autograd must build the
+        backward).
         upcast: compute everything in fp64 (or fp32 for low-precision inputs when False) - the ground truth.
     Returns:
         y: (M, N) in x's dtype (fp64 when `upcast`), and S = drop(x) Aᵀ: (M, r) in
@@ -71,15 +71,15 @@ def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         out_dtype = torch.float64
     adt = lora_A.dtype
     base = F.linear(x, weight, bias)
-    # (_cast skips the no-op casts: this runs once per adapted layer per step, where Python call overhead counts)
+    # Dropout before the cast to the adapter dtype, as the fused kernels do (HF PEFT casts first: with fp32 adapters
+    # on a 16-bit base its dropped copy, mask and cast are fp32 - 12 bytes per input element in a training forward
+    # where this order holds 8; the dropped values differ from PEFT's by one 16-bit rounding of x / (1 - p)).
     if seed is None:
-        # HF PEFT's order: x cast to the adapter dtype, then dropped (its mask drawn on that tensor)
-        xa = _cast(x, adt)
-        xd = F.dropout(xa, dropout_p, training=True) if dropout_p > 0.0 else xa
+        xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0.0 else x
     else:
-        # the seeded stream of the fused kernels: drop(x) in x's dtype, then the cast
-        xd = _cast(seeded_dropout(x, dropout_p, seed), adt)
-    s = xd @ lora_A.t()
+        xd = seeded_dropout(x, dropout_p, seed)
+    # (_cast skips the no-op casts: this runs once per adapted layer per step, where Python call overhead counts)
+    s = _cast(xd, adt) @ lora_A.t()
     se = s * _cast(lora_E, adt) if lora_E is not None else s
     b_a = _cast(lora_B, adt)
     if adt == torch.promote_types(base.dtype, adt):
