@@ -18,7 +18,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import fastpeft  # noqa: E402
-from testing_utils import (MODELS, PEFT_PARITY_RTOL, VOCAB, assert_close_rel, assert_parity, build_pair,  # noqa: E402
+from testing_utils import (MODELS, PEFT_PARITY_RTOL, assert_close_rel, assert_parity, build_pair,  # noqa: E402
                            inputs, randomize_trainable, run_loss, tiny_gpt2, tiny_llama)
 
 def both(**kw):
