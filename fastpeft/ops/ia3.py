@@ -30,32 +30,40 @@ from ._registry import impl as _impl
 
 class _ScaleByVector(torch.autograd.Function):
     """``(t * l).to(out_dtype)`` with l broadcast over t's last dimension - HF PEFT's IA3 scaling, bit for bit,
-    forward and backward, with fewer M x K temporaries in backward: dl from one product buffer freed before dt is
-    formed in place in the copy of dy, where autograd's ``MulBackward0`` holds both products at once (with an fp32 l
-    on a 16-bit base, four fp32 copies of the layer's input or output at the peak, 1.2-1.6x the frozen model's
-    activation memory at 4 x 256 tokens).  The sums are autograd's own (``sum_to_size``'s reduction).
+    forward and backward, with fewer M x K temporaries in backward: dl from one product buffer, which with the
+    (rebuilt) t is released before dt is formed in place in the copy of dy, where autograd's ``MulBackward0`` holds
+    the fp32 copy of dY, t and both products at once (with an fp32 l on a 16-bit base, four fp32 copies of the
+    layer's input or output at the peak, 1.2-1.6x the frozen model's activation memory at 4 x 256 tokens).  The sums
+    are autograd's own (``sum_to_size``'s reduction).
 
-    t: (..., D).  l: (D,).  Saves t and l (t is what the recompute rebuilds, as it was for ``MulBackward0``)."""
+    t: (..., D).  l: (D,).  Saves t and l (t is what the recompute rebuilds).  The forward writes the product rounded
+    once into the output (no buffer of the product's dtype, no wide copy of a 16-bit t)."""
 
     @staticmethod
     def forward(ctx, t, l, out_dtype):
         ctx.save_for_backward(t, l)
-        return (t * l).to(out_dtype)
+        # computed in promote(t, l) and rounded once into the output: (t * l).to(out_dtype) without the product's
+        # wide buffer (and without a wide copy of a 16-bit t)
+        y = torch.empty(t.shape, dtype=out_dtype, device=t.device)
+        return torch.mul(t, l, out=y)
 
     @staticmethod
     def backward(ctx, dy):
         t, l = ctx.saved_tensors
-        ct = torch.promote_types(t.dtype, l.dtype)
-        g = dy.to(ct)
+        t_dtype = t.dtype
+        ct = torch.promote_types(t_dtype, l.dtype)
         dl = None
         if ctx.needs_input_grad[1]:
-            p = g * t
+            # autograd's grad_l = dY.to(ct) * t; 16-bit operands promote exactly inside the (in-place) product, so
+            # one buffer of ct holds it (no ct copy of dY)
+            p = t * dy if t_dtype == ct else t.to(ct).mul_(dy)
             lead = tuple(range(p.dim() - l.dim()))
             dl = (p.sum(lead, keepdim=True) if lead else p).view(l.shape).to(l.dtype)
             del p
+        del t   # the rebuilt input is released before dt's buffer exists
         dt = None
         if ctx.needs_input_grad[0]:
-            dt = (g.mul_(l) if g is not dy else g * l).to(t.dtype)
+            dt = (dy.to(ct).mul_(l) if dy.dtype != ct else dy * l).to(t_dtype)
         return dt, dl, None
 
 
@@ -73,7 +81,9 @@ def ia3_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         x, weight, ia3_l = x.double(), weight.double(), ia3_l.double()
         bias = bias.double() if bias is not None else None
     if feedforward:
-        xs = _ScaleByVector.apply(x.to(ia3_l.dtype), ia3_l, x.dtype)
+        # PEFT's x.to(l.dtype) * l: the cast is exact (and left to the product) unless l is the narrower dtype
+        t = x if torch.promote_types(x.dtype, ia3_l.dtype) == ia3_l.dtype else x.to(ia3_l.dtype)
+        xs = _ScaleByVector.apply(t, ia3_l, x.dtype)
         return F.linear(xs, weight, bias), x.new_empty(0)
     z = F.linear(x, weight, bias)
     y = _ScaleByVector.apply(z, ia3_l, x.dtype)
