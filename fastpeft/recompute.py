@@ -41,6 +41,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -338,41 +339,30 @@ class _DropoutNoise(_Recipe):
 
 
 
-_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
-# Elements per chunk when packing / unpacking bits: the byte-per-element temporaries of one chunk (3 x 256 KiB)
-# instead of the whole tensor's, which at 8192 x 4096 were 3 x 32 MiB on top of the mask in a training forward (and
-# the peak of Llama's LoRA-with-dropout step at 4 x 256 tokens: 1.12x the frozen model's with 2M-element chunks).
+# Elements per chunk when packing / unpacking bits: the byte-per-element temporary of one chunk (256 KiB) instead of
+# the whole tensor's (32 MiB at 8192 x 4096, on top of the mask in a training forward: the peak of Llama's
+# LoRA-with-dropout step at 4 x 256 tokens was 1.12x the frozen model's with whole-tensor temporaries).
 _BITS_CHUNK = 1 << 18
 
 
 def _pack_bits(noise: torch.Tensor) -> torch.Tensor:
-    """The nonzero pattern of `noise` (a dropout mask or noise tensor, any dtype) as uint8 words of 8 elements
-    (little-endian, zero-padded): shape (ceil(numel / 8),).  Worked in chunks of ``_BITS_CHUNK`` elements."""
-    flat = noise.reshape(-1)
+    """The nonzero pattern of `noise` (a CPU dropout mask or noise tensor, any dtype) as uint8 words of 8 elements
+    (little-endian, zero-padded): shape (ceil(numel / 8),).  numpy's packbits on chunks of ``_BITS_CHUNK`` elements
+    (one C call each, no per-bit temporaries)."""
+    flat = noise.detach().reshape(-1)
     n = flat.numel()
-    out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=flat.device)
-    shifts = _BIT_SHIFTS.to(flat.device)
-    for lo in range(0, n, _BITS_CHUNK):
-        part = (flat[lo:lo + _BITS_CHUNK] != 0).to(torch.uint8)
-        pad = (-part.numel()) % 8   # only the last chunk (the chunk size is a multiple of 8)
-        if pad:
-            part = torch.cat([part, part.new_zeros(pad)])
-        torch.sum(part.view(-1, 8) << shifts, 1, dtype=torch.uint8, out=out[lo // 8:lo // 8 + part.numel() // 8])
-    return out
+    out = np.empty((n + 7) // 8, dtype=np.uint8)
+    for lo in range(0, n, _BITS_CHUNK):   # the chunk size is a multiple of 8: only the last chunk is padded
+        out[lo // 8:(min(n, lo + _BITS_CHUNK) + 7) // 8] = np.packbits(
+            (flat[lo:lo + _BITS_CHUNK] != 0).numpy(), bitorder="little")
+    return torch.from_numpy(out)
 
 
 def _unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
-    """Inverse of ``_pack_bits``: the bool tensor of ``shape``, built in chunks of ``_BITS_CHUNK`` elements."""
+    """Inverse of ``_pack_bits``: the bool tensor of ``shape`` (one C call)."""
     n = math.prod(shape)
-    out = torch.empty(n, dtype=torch.bool, device=bits.device)
-    shifts = _BIT_SHIFTS.to(bits.device)
-    for lo in range(0, n, _BITS_CHUNK):
-        hi = min(n, lo + _BITS_CHUNK)
-        words = bits[lo // 8:(hi + 7) // 8]
-        out[lo:hi] = ((words.view(-1, 1) >> shifts) & 1).view(-1)[:hi - lo].bool()
-    return out.view(shape)
+    flat = np.unpackbits(bits.numpy(), count=n, bitorder="little")
+    return torch.from_numpy(flat.view(np.bool_)).view(shape)
 
 class _Linear(_Recipe):
     """IA3 output mode's unscaled base output, re-run with the layer's own base computation."""
