@@ -383,3 +383,21 @@ def test_explicit_unavailable_backend_raises_runtime_error(monkeypatch):
     g = _good()
     with pytest.raises(RuntimeError, match="cuda"):
         FP.lora_linear(g["x"], g["weight"], g["bias"], g["lora_A"], g["lora_B"], 1.0, backend="cuda")
+
+
+def test_torch_path_double_backward():
+    """The torch path's autograd Functions (LoRA shrink and tail, IA3 scale) stay twice differentiable, as the plain
+    ops they replace were (gradient penalties): torch's gradgradcheck in fp64, LoRA / AdaLoRA and both IA3 modes."""
+    from torch.autograd import gradgradcheck
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    a = torch.randn(3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    assert gradgradcheck(lambda x, a, b: FP.lora_linear(x, w, None, a, b, 0.5, backend="torch"), (x, a, b))
+    assert gradgradcheck(lambda x, a, e, b: FP.adalora_linear(x, w, None, a, e, b, 2.0, 3.0, backend="torch"),
+                         (x, a, e, b))
+    for ff, n in ((True, 8), (False, 6)):
+        lv = torch.rand(n, generator=g, dtype=torch.float64).requires_grad_(True)
+        assert gradgradcheck(lambda x, lv: FP.ia3_linear(x, w, None, lv, ff, backend="torch"), (x, lv))
