@@ -62,7 +62,7 @@ def _load() -> bool:
         if _state["loaded"] is not None:
             return _state["loaded"]
         try:
-            importlib.import_module("fastpeft._C")
+            importlib.import_module("._C", __package__)  # the compiled extension, a child of this package
         except (ImportError, OSError) as e:
             if torch.version.cuda is None:
                 reason = "torch is a CPU build, so fastpeft._C was not built"

@@ -1,8 +1,12 @@
-"""The threshold of the seeded dropout stream: the one number every backend derives from the drop probability.
+"""Host-side numbers the torch references and the kernels share.
 
-The stream itself is defined in ``fastpeft/ops/dropout.py`` (torch), ``kernels/_philox.py`` (Triton) and
-``csrc/common/philox.cuh`` (CUDA); this module holds the host-side part they share.  Pure Python: importing it
-needs neither torch nor triton, so ``fastpeft.ops.dropout`` (imported by ``import fastpeft``) can re-export it.
+* The threshold of the seeded dropout stream: the one number every backend derives from the drop probability.  The
+  stream itself is defined in ``fastpeft/ops/dropout.py`` (torch), ``kernels/_philox.py`` (Triton) and
+  ``csrc/common/philox.cuh`` (CUDA).
+* ``tiny_scale``: below which magnitude a per-feature output scale (IA3's l, DoRA's k) is not divided out again.
+
+Pure Python: importing it needs neither torch nor triton, so ``fastpeft.ops`` (imported by ``import fastpeft``) can
+use it.
 """
 
 from __future__ import annotations
@@ -32,3 +36,10 @@ def dropout_threshold(p: float) -> tuple[int, float]:
     # float64 quotient (correctly rounded) then one rounding to fp32, as the C++ side does
     scale = struct.unpack("f", struct.pack("f", 65536.0 / (65536 - p16)))[0]
     return p16, scale
+
+
+def tiny_scale(dtype) -> float:
+    """|s| below which y / s would not give back the unscaled values of an output of `dtype` (a torch dtype): fp16's
+    narrow range would lose them to underflow; fp32 / bf16 keep 2⁻⁶⁴·z as a normal number for any |z| > 1e-19, far
+    below any trained scale.  Used by IA3's l (``kernels/ia3.py``) and DoRA's k (``fastpeft/ops/dora.py``)."""
+    return 2.0 ** -8 if str(dtype) == "torch.float16" else 2.0 ** -64

@@ -93,12 +93,12 @@ def _dora_prep_kernel(cpart_ptr, b_ptr, g_ptr, wsq_ptr, w_ptr, a_ptr, m_ptr, kk_
 
 @on_input_device
 def dora_prep_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
-                     scaling: float, w_sq: Optional[torch.Tensor], limit: float, tiny: float,
+                     scaling: float, w_sq: torch.Tensor, limit: float, tiny: float,
                      target: Optional[LaunchTarget] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kk, kn, B_k) of ``fastpeft.ops.dora.dora_prep_ref`` in three launches: the LoRA shrink over W (W Aᵀ
     partials, W read once in its own dtype, no fp32 copy), G = A Aᵀ (r x r), and ``_dora_prep_kernel``.
-    weight: (N, K), any strides.  lora_A: (r, K), lora_B: (N, r), magnitude: (N,).  w_sq: ‖W‖² (N,) fp32, or None
-    (then computed here: a pass over W in fp32).  target: the launch target (None: W's device).
+    weight: (N, K), any strides.  lora_A: (r, K), lora_B: (N, r), magnitude: (N,).  w_sq: ‖W‖² (N,) fp32 (the
+    layer's cache).  target: the launch target (None: W's device).
     Returns kk (N,) fp32, kn (N,) fp32, B_k (N, r) in B's dtype."""
     n, k = weight.shape
     r = lora_A.shape[0]
@@ -106,8 +106,6 @@ def dora_prep_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     with torch.no_grad():
         tgt = launch_target(dev, target)
         a32 = lora_A.detach().float()
-        if w_sq is None or w_sq.dtype != torch.float32:
-            w_sq = weight.float().square().sum(dim=1)
         cpart = shrink(weight, a32, 0.0, 0, tgt, partials=True)  # (splits, N, r) fp32
         gram = (a32 @ a32.t()).contiguous()
         b = lora_B.detach()

@@ -14,7 +14,7 @@ the frozen layer would make anyway:
             input mode: scale W by l' (l with tiny entries replaced by 1); G' = dY (W ⊙ l') (cuBLAS);
             ``_ia3_dl_in_kernel``: one pass over (G', x) gives dl = Σ_m G' ⊙ x / l' and turns G' into dX in place
             (only the tiny-l columns are rewritten); dbias = Σ_m dY (``_ia3_colsum_kernel``).
-  Exactness where l is 0 or tiny (|l| < ``tiny_l(dtype)``, where y / l would lose precision): input mode uses the
+  Exactness where l is 0 or tiny (|l| < ``tiny_scale(dtype)``, where y / l would lose precision): input mode uses the
   l' GEMM above (those columns of G' are exactly dY W); output mode recomputes z = x Wᵀ + b for only the column
   blocks holding such entries (the kernel's K loop is empty for every other block).
 ``fused``: the Triton GEMM of ``_gemm`` with l in its prologue / epilogue, saving z (output mode).
@@ -36,6 +36,7 @@ import triton.language as tl
 import torch.nn.functional as F
 
 from ._gemm import gemm
+from ._mask import tiny_scale
 from ._target import (LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
                       split_count, target_programs)
 from ._tl import base_precision, dot_prec, mma, scaled
@@ -233,12 +234,6 @@ def _launch_colsum(dy, z, l, dl_part, db_part, dummy, m, n, n_blocks, splits, mb
 
 
 
-def tiny_l(dtype: torch.dtype) -> float:
-    """|l| below which y / l (output mode) or G' / l (input mode) is not used to recover the unscaled values: fp16's
-    narrow range would lose them to underflow; fp32 / bf16 only for l far below any trained value."""
-    return 2.0 ** -8 if dtype == torch.float16 else 2.0 ** -64
-
-
 def scale_weight(weight: torch.Tensor, ia3_l: torch.Tensor, rows: bool, tgt: Optional[LaunchTarget],
                   safe: bool = False) -> torch.Tensor:
     """W ⊙ l as a row-major (N, K) tensor in W's dtype: rows (l: (N,)) or columns (l: (K,)); `safe`: tiny l -> 1.
@@ -249,7 +244,7 @@ def scale_weight(weight: torch.Tensor, ia3_l: torch.Tensor, rows: bool, tgt: Opt
     if launch_ok("ia3_scale_w", weight, bytes_read=n * k * weight.element_size() + ia3_l.numel() * ia3_l.element_size(),
                  bytes_written=n * k * weight.element_size(), flops=n * k):
         _ia3_scale_w_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
-            weight, ia3_l, out, n, k, weight.stride(0), weight.stride(1), tiny_l(weight.dtype),
+            weight, ia3_l, out, n, k, weight.stride(0), weight.stride(1), tiny_scale(weight.dtype),
             BLOCK_N=bn, BLOCK_K=bk, ROWS=rows, SAFE=safe, num_warps=warps)
     return out
 
@@ -280,7 +275,7 @@ def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db, tgt):
                  bytes_written=splits * n * 4 * (1 + int(want_db)), flops=3 * m * n):
         _ia3_dl_out_kernel[(n_blocks, splits)](
             dy, y, ia3_l, x, weight, bias if bias is not None else ia3_l, dl_part, db_part, m, n, k,
-            tiny_l(dy.dtype), dy.stride(0), dy.stride(1), y.stride(0), y.stride(1), x.stride(0), x.stride(1),
+            tiny_scale(dy.dtype), dy.stride(0), dy.stride(1), y.stride(0), y.stride(1), x.stride(0), x.stride(1),
             weight.stride(0), weight.stride(1), mb_per,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, HAS_DB=want_db,
             PREC=dot_prec(base_precision(x.dtype), x.dtype), num_warps=warps, num_stages=1)
@@ -299,7 +294,7 @@ def _dl_input_mode(g, x, ia3_l, write_dx, tgt):
     if launch_ok("ia3_dl_in", g, bytes_read=2 * m * k * es + k * ia3_l.element_size(), bytes_written=splits * k * 4,
                  flops=2 * m * k):
         _ia3_dl_in_kernel[(k_blocks, splits)](
-            g, x, ia3_l, dl_part, m, k, tiny_l(g.dtype), g.stride(0), g.stride(1), x.stride(0), x.stride(1), mb_per,
+            g, x, ia3_l, dl_part, m, k, tiny_scale(g.dtype), g.stride(0), g.stride(1), x.stride(0), x.stride(1), mb_per,
             BLOCK_M=bm, BLOCK_K=bk, WRITE_DX=write_dx, num_warps=warps)
     return dl_part.sum(0)
 

@@ -197,15 +197,10 @@ def test_dora_layer_bf16_on_triton_within_peft_error(monkeypatch):
     import copy
 
     import fastpeft
-    from testing_utils import randomize_trainable, wrap_pair, rel_err
-
-    class One(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(96, 80)
+    from testing_utils import OneLinear, randomize_trainable, rel_err, wrap_pair
 
     torch.manual_seed(0)
-    base = One()
+    base = OneLinear(96, 80)
     kw = dict(r=8, lora_alpha=16, target_modules=["proj"], use_dora=True)
     p, f = wrap_pair(base.to(torch.bfloat16), peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw))
     randomize_trainable(p, f, scale=0.3)

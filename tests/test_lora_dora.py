@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 import fastpeft  # noqa: E402
 from testing_utils import (assert_lm_parity, inputs, merged_state, randomize_trainable,  # noqa: E402
                         tiny_gpt2, tiny_llama, wrap_pair)
-from testing_utils import PEFT_PARITY_RTOL, assert_close_rel, dora_pair  # noqa: E402
+from testing_utils import OneLinear, PEFT_PARITY_RTOL, assert_close_rel, dora_pair  # noqa: E402
 from fastpeft.tuners.lora.dora import dora_row_norm  # noqa: E402
 
 def both(**kw):
@@ -198,13 +198,8 @@ def test_dora_bf16_layer_within_twice_peft_error():
     """bf16 base, fp32 adapters (PEFT's default): fastpeft's DoRA layer (eval: one LoRA call plus a column scale)
     stays within 2x the error of PEFT's DoRA layer against an fp64 reference."""
 
-    class One(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(256, 192)
-
     torch.manual_seed(0)
-    base = One()
+    base = OneLinear(256, 192)
     with torch.no_grad():
         base.proj.weight.normal_(0, 256 ** -0.5)
     p, f = wrap_pair(base.to(torch.bfloat16), *both(r=8, lora_alpha=16, target_modules=["proj"], use_dora=True))

@@ -99,20 +99,8 @@ def test_training_step_bit_for_bit(dtype):
     """On CPU the torch backend reproduces HF PEFT's IA3 training step bit for bit (loss and every l gradient; fp32
     l on an fp32 or bf16 base, output and feed-forward modes), with its leaner backward
     (``fastpeft.ops.ia3._ScaleByVector``)."""
-    from testing_utils import inputs, randomize_trainable, tiny_llama, wrap_pair
+    from testing_utils import assert_step_bit_for_bit, randomize_trainable, tiny_llama, wrap_pair
     kw = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     p, f = wrap_pair(tiny_llama().to(dtype), peft.IA3Config(**kw), fastpeft.IA3Config(**kw))
     randomize_trainable(p, f)
-    ids = inputs()
-    losses = []
-    for m in (p, f):
-        m.train()
-        loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss)
-    assert torch.equal(losses[0], losses[1])
-    gp = {n: t.grad for n, t in p.named_parameters() if t.grad is not None}
-    gf = {n: t.grad for n, t in f.named_parameters() if t.grad is not None}
-    assert sorted(gp) == sorted(gf) and len(gp) == 6
-    for n in gp:
-        assert torch.equal(gp[n], gf[n]), n
+    assert_step_bit_for_bit(p, f, n_grads=6)

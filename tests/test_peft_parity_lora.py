@@ -399,22 +399,9 @@ def test_training_step_bit_for_bit(dtype, dropout):
     fp32 adapters on an fp32 or bf16 base, with dropout in fp32 (same RNG state) - even though it computes the M x N
     tail of the layer in place (``fastpeft.ops.lora._ScaledDeltaAdd``).  (bf16 with dropout is not bit-equal by
     design: fastpeft drops x before the fp32 cast, PEFT after it - see ``lora_fwd_ref``; test_parity covers it.)"""
-    from testing_utils import randomize_trainable, tiny_llama, wrap_pair
+    from testing_utils import assert_step_bit_for_bit, randomize_trainable, tiny_llama, wrap_pair
     kw = dict(r=8, lora_alpha=16, lora_dropout=dropout,
               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     p, f = wrap_pair(tiny_llama().to(dtype), peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw))
     randomize_trainable(p, f)
-    ids = inputs()
-    losses = []
-    for m in (p, f):
-        m.train()
-        torch.manual_seed(3)
-        loss = m(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss)
-    assert torch.equal(losses[0], losses[1])
-    gp = {n: t.grad for n, t in p.named_parameters() if t.grad is not None}
-    gf = {n: t.grad for n, t in f.named_parameters() if t.grad is not None}
-    assert sorted(gp) == sorted(gf) and len(gp) == 28
-    for n in gp:
-        assert torch.equal(gp[n], gf[n]), n
+    assert_step_bit_for_bit(p, f, n_grads=28)

@@ -459,6 +459,36 @@ def assert_lm_parity(p, f, train=False, ids=None, seed=3):
     return op, of
 
 
+class OneLinear(torch.nn.Module):
+    """A model of one ``nn.Linear`` named ``proj`` (bias on): the smallest target for a layer-level parity test."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def assert_step_bit_for_bit(p, f, n_grads: int, ids=None, seed=3) -> None:
+    """One training step of HF PEFT's model `p` and fastpeft's `f` (RNG reset to `seed` before each forward): the
+    same loss and the same gradient of every trainable tensor, bit for bit (``torch.equal``); `n_grads` of them."""
+    ids = inputs() if ids is None else ids
+    losses = []
+    for m in (p, f):
+        m.train()
+        torch.manual_seed(seed)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    gp = {n: t.grad for n, t in p.named_parameters() if t.grad is not None}
+    gf = {n: t.grad for n, t in f.named_parameters() if t.grad is not None}
+    assert sorted(gp) == sorted(gf) and len(gp) == n_grads
+    for n in gp:
+        assert torch.equal(gp[n], gf[n]), n
+
+
 def assert_same_base_weights(p, f, rtol=PEFT_PARITY_RTOL):
     """Every non-adapter parameter (base weights, possibly modified by init/merge) agrees."""
     sp, sf = dict(p.named_parameters()), dict(f.named_parameters())

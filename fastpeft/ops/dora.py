@@ -29,10 +29,11 @@ from typing import Optional
 
 import torch
 
+from ..kernels._mask import tiny_scale
 from ._registry import impl as _impl
 
 __all__ = ["dora_row_norm", "dora_norm_ref", "dora_cross_ref", "dora_prep_ref", "dora_rowscale_ref", "dora_grads_ref",
-           "tiny_scale", "dora_fwd", "dora_bwd", "DoraLinearFunction", "dora_apply", "dora_piece",
+           "weight_row_sq", "tiny_scale", "dora_fwd", "dora_bwd", "DoraLinearFunction", "dora_apply", "dora_piece",
            "DORA_CANCELLATION_LIMIT", "DORA_SYNC_FREE_FALLBACK_ROWS"]
 
 # n² is formed from terms whose sum of magnitudes is at most this many times n² before a row is recomputed directly:
@@ -40,6 +41,12 @@ __all__ = ["dora_row_norm", "dora_norm_ref", "dora_cross_ref", "dora_prep_ref", 
 DORA_CANCELLATION_LIMIT = 4.0
 # On an accelerator and under torch.compile the fallback looks at this many worst rows per layer (no host sync).
 DORA_SYNC_FREE_FALLBACK_ROWS = 32
+
+
+def weight_row_sq(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """‖W_i‖² per row, computed in `dtype` (fp32 or fp64): (N,).  weight: (N, K), any strides.  The layer caches it
+    while W does not change (``fastpeft.tuners.lora.dora``)."""
+    return weight.to(dtype).square().sum(dim=1)
 
 
 def dora_cross_ref(weight: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
@@ -69,7 +76,7 @@ def dora_row_norm(w_oi: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
         ct = torch.promote_types(torch.promote_types(w_oi.dtype, A.dtype), torch.float32)
         A_, B_ = A.to(ct), B.to(ct)
         if w_sq is None or w_sq.dtype != ct:
-            w_sq = w_oi.to(ct).square().sum(dim=1)
+            w_sq = weight_row_sq(w_oi, ct)
         cr = (B_ * dora_cross_ref(w_oi, A_)).sum(dim=1)             # <W_i, (BA)_i>
         ba_sq = ((B_ @ (A_ @ A_.t())) * B_).sum(dim=1)             # ‖(BA)_i‖²
         s = float(scaling)
@@ -91,20 +98,11 @@ def dora_row_norm(w_oi: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling:
 
 
 
-def tiny_scale(dtype: torch.dtype) -> float:
-    """|k| below which u / k would not recover z in an output of `dtype` (bf16 / fp32 keep 2⁻⁶⁴·z as a normal number
-    for any |z| > 1e-19; fp16 would not)."""
-    return 2.0 ** -8 if dtype == torch.float16 else 2.0 ** -64
-
-
 def dora_norm_ref(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                  w_sq: Optional[torch.Tensor], limit: float = DORA_CANCELLATION_LIMIT) -> torch.Tensor:
+                  w_sq: Optional[torch.Tensor]) -> torch.Tensor:
     """The torch row norm of the layer (``dora_prep_ref`` and the unfused path): ``dora_row_norm`` with every
     cancelling row recomputed on CPU (a host branch), the ``DORA_SYNC_FREE_FALLBACK_ROWS`` worst rows elsewhere and
-    under torch.compile (no sync).
-    Shapes as ``dora_row_norm``; `limit` must be ``DORA_CANCELLATION_LIMIT`` (the Triton piece takes any)."""
-    if limit != DORA_CANCELLATION_LIMIT:
-        raise ValueError(f"dora_norm_ref uses DORA_CANCELLATION_LIMIT = {DORA_CANCELLATION_LIMIT}, got limit={limit}")
+    under torch.compile (no sync).  Shapes as ``dora_row_norm``."""
     sync_free = torch.compiler.is_compiling() or weight.device.type != "cpu"
     return dora_row_norm(weight, lora_A, lora_B, scaling, w_sq=w_sq,
                          max_fallback_rows=DORA_SYNC_FREE_FALLBACK_ROWS if sync_free else None)
@@ -117,14 +115,17 @@ def dora_prep_ref(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tens
 
     Args:
         weight: (N, K).  lora_A: (r, K).  lora_B: (N, r).  magnitude: (N,), m.  scaling: s.
-        w_sq: ‖W‖² per row (N,) in the compute dtype, or None.  limit: ``DORA_CANCELLATION_LIMIT`` (the torch norm
-            takes no other).  tiny: ``tiny_scale`` of the output dtype.
+        w_sq: ‖W‖² per row (N,) in the compute dtype (``weight_row_sq``).  limit: ``DORA_CANCELLATION_LIMIT`` (the
+            torch norm takes no other).  tiny: ``tiny_scale`` of the output dtype.
     Returns:
         kk = m / n with |kk| >= tiny (N,), kn = kk · n (N,) - both in the compute dtype (fp32, fp64 for fp64) - and
         B_k = kk ⊙ B (N, r) in B's dtype.  No gradient.
     """
+    if limit != DORA_CANCELLATION_LIMIT:
+        raise ValueError(f"the torch row norm uses DORA_CANCELLATION_LIMIT = {DORA_CANCELLATION_LIMIT}, got "
+                         f"limit={limit}")
     with torch.no_grad():
-        n = dora_norm_ref(weight, lora_A, lora_B, scaling, w_sq, limit)
+        n = dora_norm_ref(weight, lora_A, lora_B, scaling, w_sq)
         k = magnitude.detach().to(n.dtype) / n
         kk = torch.where(k.abs() < tiny, torch.where(k < 0, -tiny, tiny).to(k.dtype), k)
         return kk, kk * n, dora_rowscale_ref(lora_B, kk)
@@ -160,6 +161,9 @@ def dora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     ``dora_bwd`` needs besides the inputs (u (M, N) in x's dtype, S = x Aᵀ (M, r) fp32).
     x: (M, K).  weight: (N, K), frozen.  bias: (N,) or None.  lora_A: (r, K).  lora_B: (N, r).  magnitude: (N,).
     w_sq: ‖W‖² per row (N,) or None."""
+    if w_sq is None:
+        w_sq = weight_row_sq(weight, torch.promote_types(torch.promote_types(weight.dtype, lora_A.dtype),
+                                                         torch.float32))
     kk, kn, b_k = dora_piece("dora_prep", backend)(weight, lora_A, lora_B, magnitude, scaling, w_sq,
                                                    DORA_CANCELLATION_LIMIT, tiny_scale(x.dtype))
     w_k = dora_piece("dora_rowscale", backend)(weight, kk)

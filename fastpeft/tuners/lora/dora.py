@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...functional import dora_linear
-from ...ops.dora import DORA_CANCELLATION_LIMIT, DORA_SYNC_FREE_FALLBACK_ROWS, dora_row_norm
+from ...ops.dora import (DORA_CANCELLATION_LIMIT, DORA_SYNC_FREE_FALLBACK_ROWS, dora_norm_ref, dora_row_norm,
+                         weight_row_sq)
 from ...utils.other import linear_weight_oi, transpose
 
 __all__ = ["DoraLinearLayer", "dora_row_norm", "dora_init", "dora_forward", "dora_fused_forward", "dora_merged_weight",
@@ -60,8 +61,7 @@ def _weight_sq_rows(layer, w_oi: torch.Tensor) -> torch.Tensor:
     hit = cache.get("v")
     if hit is not None and hit[0] == key:
         return hit[1]
-    ct = torch.promote_types(w_oi.dtype, torch.float32)
-    sq = w_oi.to(ct).square().sum(dim=1)
+    sq = weight_row_sq(w_oi, torch.promote_types(w_oi.dtype, torch.float32))
     cache["v"] = (key, sq)
     return sq
 
@@ -105,11 +105,9 @@ def _norm_for_forward(layer, adapter_name: str, dtype: torch.dtype) -> torch.Ten
     A = layer.lora_A[adapter_name].weight
     B = layer.lora_B[adapter_name].weight
     r = A.shape[0]
-    compiling = torch.compiler.is_compiling()
-    sync_free = compiling or w_oi.device.type != "cpu"
-    return dora_row_norm(w_oi.to(dtype), A.detach().reshape(r, -1).to(dtype), B.detach().reshape(-1, r).to(dtype),
-                         layer.scaling[adapter_name], w_sq=None if compiling else _weight_sq_rows(layer, w_oi),
-                         max_fallback_rows=DORA_SYNC_FREE_FALLBACK_ROWS if sync_free else None).to(dtype)
+    w_sq = None if torch.compiler.is_compiling() else _weight_sq_rows(layer, w_oi)
+    return dora_norm_ref(w_oi.to(dtype), A.detach().reshape(r, -1).to(dtype), B.detach().reshape(-1, r).to(dtype),
+                         layer.scaling[adapter_name], w_sq).to(dtype)
 
 
 def unmerged_base_weight(layer) -> torch.Tensor:
