@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from ._gemm import gemm
 from ._mask import tiny_scale
+from ._partials import sum_partials
 from ._target import (LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
                       split_count, target_programs)
 from ._tl import base_precision, dot_prec, mma, scaled
@@ -122,7 +123,7 @@ def _ia3_dl_out_kernel(dy_ptr, y_ptr, l_ptr, x_ptr, w_ptr, b_ptr, dl_part_ptr, d
          dl_part[split, n] = Σ_m dY · y / l[n]                      (|l[n]| >= tiny)
                            = Σ_m dY · (x Wᵀ)[m, n] + b[n] Σ_m dY     (|l[n]| <  tiny: z recomputed; the K loop
                                                                       runs only in blocks holding such a column)
-         db_part[split, n] = Σ_m dY                                  (HAS_DB)"""
+         db_part[split, n] = l[n] Σ_m dY                             (HAS_DB: dbias's partials)"""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -164,7 +165,7 @@ def _ia3_dl_out_kernel(dy_ptr, y_ptr, l_ptr, x_ptr, w_ptr, b_ptr, dl_part_ptr, d
     dl = tl.where(small, acc_z, acc_dl / tl.where(small, 1.0, lv))
     tl.store(dl_part_ptr + pid_s.to(tl.int64) * N + rn64, dl, mask=mask_n)
     if HAS_DB:
-        tl.store(db_part_ptr + pid_s.to(tl.int64) * N + rn64, acc_db, mask=mask_n)
+        tl.store(db_part_ptr + pid_s.to(tl.int64) * N + rn64, acc_db * lv, mask=mask_n)
 
 
 @triton.jit
@@ -257,8 +258,8 @@ def _splits(other_blocks: int, m: int, bm: int, tgt: Optional[LaunchTarget]) -> 
 
 
 def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db, tgt):
-    """(dl (N,) fp32, Σ_m dY (N,) fp32 or None): one pass over dY and y (M·N each); x and W only for the column
-    blocks holding a tiny l."""
+    """The partial sums (splits, N) fp32 of dl and of dbias = l ⊙ Σ_m dY (None without `want_db`): one pass over dY
+    and y (M·N each); x and W only for the column blocks holding a tiny l."""
     m, n = dy.shape
     k = weight.shape[1]
     dev = dy.device
@@ -279,11 +280,12 @@ def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db, tgt):
             weight.stride(0), weight.stride(1), mb_per,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, HAS_DB=want_db,
             PREC=dot_prec(base_precision(x.dtype), x.dtype), num_warps=warps, num_stages=1)
-    return dl_part.sum(0), (db_part.sum(0) if want_db else None)
+    return dl_part, (db_part if want_db else None)
 
 
 def _dl_input_mode(g, x, ia3_l, write_dx, tgt):
-    """dl (K,) fp32 from one pass over G' and x (M·K each); with `write_dx` G' becomes dX in place."""
+    """dl's partial sums (splits, K) fp32 from one pass over G' and x (M·K each); with `write_dx` G' becomes dX in
+    place."""
     m, k = g.shape
     dev = g.device
     bm, bk, warps = skinny_blocks(tgt)
@@ -296,7 +298,7 @@ def _dl_input_mode(g, x, ia3_l, write_dx, tgt):
         _ia3_dl_in_kernel[(k_blocks, splits)](
             g, x, ia3_l, dl_part, m, k, tiny_scale(g.dtype), g.stride(0), g.stride(1), x.stride(0), x.stride(1), mb_per,
             BLOCK_M=bm, BLOCK_K=bk, WRITE_DX=write_dx, num_warps=warps)
-    return dl_part.sum(0)
+    return dl_part
 
 
 def _scaled_bias(bias: Optional[torch.Tensor], ia3_l: torch.Tensor) -> Optional[torch.Tensor]:
@@ -371,29 +373,33 @@ def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_
         dx_dtype = x.dtype if feedforward else dy.dtype
         return (dy.new_empty((0, k), dtype=dx_dtype) if needs_dx else dy.new_empty(0, dtype=dx_dtype),
                 torch.zeros_like(ia3_l), torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
+    # Every path ends with the partial sums of dl (and dbias) summed and cast by one launch (sum_partials).
+    db_job = []
     if variant == "cublas":
         if feedforward:
             g = torch.mm(dy, scale_weight(weight, ia3_l, False, tgt, safe=True))
-            dl = _dl_input_mode(g, x, ia3_l, needs_dx, tgt).to(ia3_l.dtype)
-            dbias = colsum(dy, None, None, True, tgt)[1].to(weight.dtype) if has_bias else empty_db
-            return (g if needs_dx else x.new_empty(0)), dl, dbias
-        dl, dy_sum = _dl_output_mode(dy, y, ia3_l, x, weight, bias, has_bias, tgt)
-        dbias = (dy_sum * ia3_l.float()).to(weight.dtype) if has_bias else empty_db
-        dx = torch.mm(dy, scale_weight(weight, ia3_l, True, tgt)) if needs_dx else dy.new_empty(0)
-        return dx, dl.to(ia3_l.dtype), dbias
-    if feedforward:
+            dl_part = _dl_input_mode(g, x, ia3_l, needs_dx, tgt)
+            if has_bias:
+                db_job = [(colsum(dy, None, None, True, tgt, partials=True)[1], weight.dtype)]
+            dx = g if needs_dx else x.new_empty(0)
+        else:
+            dl_part, db_part = _dl_output_mode(dy, y, ia3_l, x, weight, bias, has_bias, tgt)
+            db_job = [(db_part, weight.dtype)] if has_bias else []
+            dx = torch.mm(dy, scale_weight(weight, ia3_l, True, tgt)) if needs_dx else dy.new_empty(0)
+    elif feedforward:
         dx = torch.empty((m, k), device=dev, dtype=x.dtype) if needs_dx else None
-        part = gemm(dy, weight, dx, prec=base_precision(dy.dtype), col=ia3_l if needs_dx else None, dl_x=x,
-                    target=tgt)
-        dl = part.sum(0).to(ia3_l.dtype)
-        dbias = colsum(dy, None, None, True, tgt)[1].to(weight.dtype) if has_bias else empty_db
-        return (dx if needs_dx else x.new_empty(0)), dl, dbias
-    dl, db = colsum(dy, saved, ia3_l, has_bias, tgt)
-    dl = dl.to(ia3_l.dtype)
-    dbias = db.to(weight.dtype) if has_bias else empty_db
-    if needs_dx:
-        dx = torch.empty((m, k), device=dev, dtype=dy.dtype)
-        gemm(dy, weight, dx, prec=base_precision(dy.dtype), pro=ia3_l, target=tgt)
+        dl_part = gemm(dy, weight, dx, prec=base_precision(dy.dtype), col=ia3_l if needs_dx else None, dl_x=x,
+                       target=tgt)
+        if has_bias:
+            db_job = [(colsum(dy, None, None, True, tgt, partials=True)[1], weight.dtype)]
+        dx = dx if needs_dx else x.new_empty(0)
     else:
-        dx = dy.new_empty(0)
-    return dx, dl, dbias
+        dl_part, db_part = colsum(dy, saved, ia3_l, has_bias, tgt, partials=True)
+        db_job = [(db_part, weight.dtype)] if has_bias else []
+        if needs_dx:
+            dx = torch.empty((m, k), device=dev, dtype=dy.dtype)
+            gemm(dy, weight, dx, prec=base_precision(dy.dtype), pro=ia3_l, target=tgt)
+        else:
+            dx = dy.new_empty(0)
+    outs = sum_partials([(dl_part, ia3_l.dtype)] + db_job, dy)
+    return dx, outs[0], (outs[1] if has_bias else empty_db)

@@ -9,16 +9,20 @@ Two variants (``fastpeft._backend.select_backend`` names them: ``"triton"`` = ``
 with a fixed pass budget (the dropout mask is regenerated from (seed, m, k) wherever needed, never stored):
   forward   ``_lora_shrink_kernel``  one pass over x: S = drop(x) Aᵀ (M, r) fp32 (split over K when M is small)
             ``F.linear``             y = x Wᵀ + b                                  (cuBLAS)
-            ``_lora_expand_kernel``  y += s · (S ⊙ e) Bᵀ: one read + write of y    (cuBLAS beta=1 traffic)
+            ``_lora_expand_kernel``  y += s · (S ⊙ e) Bᵀ: one read + write of y    (cuBLAS beta=1 traffic);
+                                     sums S's split partials as it loads them and stores S for backward
   backward  ``_lora_dy_kernel``      one pass over dY: dSe = s · dY B, dB = s · dYᵀ (S ⊙ e), dbias = Σ_m dY
-            ``_lora_da_kernel``      one pass over x: dA = dSᵀ drop(x)
+            ``_lora_da_kernel``      one pass over x: dA = dSᵀ drop(x) (dS = dSe ⊙ e summed on load; dE's partials)
             ``torch.mm``             dX = dY W                                     (cuBLAS)
             ``_lora_expand_kernel``  dX += mask ⊙ (dS A) · scale: one read + write of dX
+            ``sum_partials``         dB, dbias, dA, dE: their split partials summed and cast, one launch
 ``fused``: the same skinny kernels around the Triton GEMM of ``_gemm`` with the rank-r term in its epilogue
 (y and dX written once, no extra pass, but a Triton GEMM instead of cuBLAS's); chosen only explicitly or by a
 measured entry of the dispatch table.
 
-Partial sums go to small fp32 buffers (a few MB at M = 8192) summed by torch: deterministic, no atomics.
+Split reductions write partial sums to small fp32 buffers (a few MB at M = 8192), summed in a fixed order by the
+kernel that consumes them (S by the expand, dSe by the dA pass and the dX expand) or by ``_partials.sum_partials``:
+deterministic, no atomics, no zero-fill, and no launch that only sums (5 + 2 cuBLAS launches per training step).
 
 Launchers ``lora_fwd_triton`` / ``lora_bwd_triton`` have the signatures and return conventions of
 ``fastpeft.ops.lora.lora_fwd_ref`` / ``lora_bwd_ref`` (plus ``variant=``).  They take what the registry's
@@ -40,6 +44,8 @@ import triton.language as tl
 
 from ._gemm import gemm
 from ._mask import dropout_threshold
+from ._partials import TILE as PARTIALS_TILE
+from ._partials import PartialsPlan, plan_partials, sum_partials, sum_partials_tile
 from ._philox import dropout_keep, seed_arg
 from ._target import (LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
                       split_count, target_programs)
@@ -153,14 +159,31 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
         tl.debug_barrier()
 
 
+@triton.jit
+def _sum_parts(ptr, n_parts, M, R, offs_m, offs_r, mask, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
+    """Σ_p ptr[p, m, r] over the `n_parts` partial sums of a contiguous (n_parts, M, R) fp32 buffer, in order
+    p = 0, 1, ... (deterministic): the consumer of a split reduction sums it as it loads it (the partials are a few
+    MB, L2-resident) instead of a separate launch summing them."""
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    rows = offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+    for _ in range(n_parts):
+        acc += tl.load(ptr + rows, mask=mask, other=0.0)
+        ptr += M * R  # 64-bit pointer arithmetic: no overflow of p·M·R
+    return acc
+
+
 # The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
 @triton.jit(do_not_specialize=["seed"])
-def _lora_da_kernel(x_ptr, ds_ptr, part_ptr, M, K, R,
-                    stride_xm, stride_xk, stride_dsm, stride_dsr,
+def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, M, K, R, n_dse_parts,
+                    stride_xm, stride_xk, stride_sm, stride_sr,
                     mb_per_split, seed, p16, drop_scale,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr, A_DTYPE: tl.constexpr):
-    """part[split, r, k] = Σ_{m in split} dS[m, r] drop(x)[m, k]; grid (K blocks, M splits)."""
+                    HAS_DROPOUT: tl.constexpr, HAS_E: tl.constexpr, PREC: tl.constexpr, A_DTYPE: tl.constexpr):
+    """part[split, r, k] = Σ_{m in split} dS[m, r] drop(x)[m, k]; grid (K blocks, M splits).
+
+    dS = dSe ⊙ e is formed on load: dSe arrives as the dY pass's `n_dse_parts` partial sums (n_dse_parts, M, R)
+    fp32, summed here.  With e (AdaLoRA) the programs of the first K block also write
+    de_part[split, r] = Σ_{m in split} dSe[m, r] S[m, r] (dE's partials; S: (M, R) fp32)."""
     tl.static_assert(BLOCK_K % 8 == 0, "BLOCK_K must be a multiple of the dropout mask's Philox group (8)")
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -170,6 +193,9 @@ def _lora_da_kernel(x_ptr, ds_ptr, part_ptr, M, K, R,
     mask_r = offs_r < R
     rk64 = offs_k.to(tl.int64)
     acc = tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32)
+    if HAS_E:
+        e = tl.load(e_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        acc_de = tl.zeros((R_PAD,), dtype=tl.float32)
     mb0 = pid_s * mb_per_split
     mb1 = tl.minimum(mb0 + mb_per_split, tl.cdiv(M, BLOCK_M))
     for mb in range(mb0, mb1):
@@ -181,26 +207,33 @@ def _lora_da_kernel(x_ptr, ds_ptr, part_ptr, M, K, R,
         if HAS_DROPOUT:
             keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, p16, BLOCK_K)
             x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
-        ds = tl.load(ds_ptr + rm64[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
-                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        mask_mr = mask_m[:, None] & mask_r[None, :]
+        ds = _sum_parts(dse_ptr, n_dse_parts, M, R, offs_m, offs_r, mask_mr, BLOCK_M, R_PAD)
+        if HAS_E:
+            if pid_k == 0:
+                sv = tl.load(s_ptr + rm64[:, None] * stride_sm + offs_r[None, :] * stride_sr, mask=mask_mr,
+                             other=0.0)
+                acc_de += tl.sum(ds * sv, axis=0)
+            ds = ds * e[None, :]
         acc = mma(tl.trans(ds.to(A_DTYPE)), x.to(A_DTYPE), acc, PREC)
     out = part_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None].to(tl.int64) * K + rk64[None, :]
     tl.store(out, acc, mask=mask_r[:, None] & mask_k[None, :])
+    if HAS_E:
+        if pid_k == 0:
+            tl.store(de_part_ptr + pid_s * R + offs_r, acc_de, mask=mask_r)
 
 
-# The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
-@triton.jit(do_not_specialize=["seed"])
-def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, M, N, R, scale,
-                        stride_om, stride_on, stride_lm, stride_lr, stride_rr, stride_rn,
-                        seed, p16, drop_scale,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-                        HAS_E: tl.constexpr, HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    """out[m, n] += [keep(m, n) · drop_scale ·] scale · Σ_r L[m, r] e[r] Rm[r, n]; grid (M blocks, N blocks).
+@triton.jit
+def _expand_tile(pid_m, pid_n, out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, n_parts, scale,
+                 stride_om, stride_on, stride_rr, stride_rn, seed, p16, drop_scale,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+                 HAS_E: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_LSUM: tl.constexpr, PREC: tl.constexpr):
+    """out[m, n] += [keep(m, n) · drop_scale ·] scale · Σ_r L[m, r] e[r] Rm[r, n] for tile (pid_m, pid_n).
 
-    One read and one write of `out` (coalesced along n), L (M, r) fp32 and Rm (r, N) from L2.  The rank-r product
+    L arrives as `n_parts` partial sums (n_parts, M, R) fp32 (a split reduction's output), summed on load; with
+    STORE_LSUM the programs of the first N block write that sum to lsum (M, R) fp32 (the forward's S, for backward).
+    One read and one write of `out` (coalesced along n), L's partials and Rm (r, N) from L2.  The rank-r product
     runs in Rm's dtype with fp32 accumulation and is added to the fp32 value of `out`, rounded once."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
@@ -209,8 +242,12 @@ def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, M, N, R, scale,
     mask_r = offs_r < R
     rm64 = offs_m.to(tl.int64)
     rn64 = offs_n.to(tl.int64)
-    lt = tl.load(l_ptr + rm64[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                 mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(tl.float32) * scale
+    mask_mr = mask_m[:, None] & mask_r[None, :]
+    lsum = _sum_parts(l_ptr, n_parts, M, R, offs_m, offs_r, mask_mr, BLOCK_M, R_PAD)
+    if STORE_LSUM:
+        if pid_n == 0:
+            tl.store(lsum_ptr + rm64[:, None] * R + offs_r[None, :], lsum, mask=mask_mr)
+    lt = lsum * scale
     if HAS_E:
         e = tl.load(e_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
         lt = lt * e[None, :]
@@ -227,6 +264,35 @@ def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, M, N, R, scale,
     mask = mask_m[:, None] & mask_n[None, :]
     o = tl.load(ptrs, mask=mask, other=0.0)
     tl.store(ptrs, (o.to(tl.float32) + t).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
+@triton.jit(do_not_specialize=["seed"])
+def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, n_parts, scale,
+                        stride_om, stride_on, stride_rr, stride_rn, seed, p16, drop_scale,
+                        f_p0, f_o0, f_P0, f_L0, f_p1, f_o1, f_P1, f_L1, f_p2, f_o2, f_P2, f_L2,
+                        f_p3, f_o3, f_P3, f_L3, f_t1, f_t2, f_t3, m_blocks,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+                        HAS_E: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_LSUM: tl.constexpr,
+                        PREC: tl.constexpr, FINISH: tl.constexpr, FINISH_TILE: tl.constexpr):
+    """Grid (m_blocks [+ finishing rows], N blocks): ``_expand_tile`` for pid_m < m_blocks.  With FINISH the
+    programs of the rows past m_blocks run the backward's last split reductions instead (the f_* arguments, tiles
+    of ``kernels._partials.sum_partials_tile``, numbered row-major), so the dX expand - the backward's last
+    launch - also finishes dB, dA, dbias and dE: no launch of its own for them."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if FINISH:  # constexpr: without FINISH the grid has m_blocks rows and no finishing code is compiled
+        finishing = pid_m >= m_blocks
+    else:
+        finishing = False
+    if finishing:
+        sum_partials_tile(f_p0, f_o0, f_P0, f_L0, f_p1, f_o1, f_P1, f_L1, f_p2, f_o2, f_P2, f_L2,
+                          f_p3, f_o3, f_P3, f_L3, f_t1, f_t2, f_t3,
+                          (pid_m - m_blocks) * tl.num_programs(1) + pid_n, FINISH_TILE)
+    else:
+        _expand_tile(pid_m, pid_n, out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, n_parts, scale,
+                     stride_om, stride_on, stride_rr, stride_rn, seed, p16, drop_scale,
+                     BLOCK_M, BLOCK_N, R_PAD, HAS_E, HAS_DROPOUT, STORE_LSUM, PREC)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,22 +331,36 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, t
     return part if partials else _reduce(part)
 
 
-def _expand(out: torch.Tensor, L: torch.Tensor, scale: float, e: Optional[torch.Tensor], Rm: torch.Tensor,
-            tgt: Optional[LaunchTarget], dropout_p: float = 0.0, seed: int = 0) -> None:
-    """out (M, N) += [mask ⊙ drop_scale ·] scale · (L ⊙ e) Rm in place.  L: (M, r) fp32; Rm: (r, N), any strides.
-    One read + one write of out (2·M·N elements), L and Rm once."""
+def _expand(out: torch.Tensor, L_parts: torch.Tensor, scale: float, e: Optional[torch.Tensor], Rm: torch.Tensor,
+            tgt: Optional[LaunchTarget], dropout_p: float = 0.0, seed: int = 0,
+            l_sum: Optional[torch.Tensor] = None, finish: Optional[PartialsPlan] = None) -> None:
+    """out (M, N) += [mask ⊙ drop_scale ·] scale · (L ⊙ e) Rm in place, L = Σ_p L_parts[p].
+
+    L_parts: (P, M, r) fp32 contiguous partial sums (P = 1: L itself); Rm: (r, N), any strides.  `l_sum`: an
+    (M, r) fp32 buffer that receives L (written by the first N block's programs), or None.  `finish`: split
+    reductions (``kernels._partials.plan_partials``) run by extra rows of programs in the same launch, or None.
+    One read + one write of out (2·M·N elements), L's partials and Rm once."""
     m, n = out.shape
-    r = L.shape[1]
+    parts, r = L_parts.shape[0], L_parts.shape[2]
     bm, bn, warps = skinny_blocks(tgt, dropout_p > 0.0)
     p16, drop_scale = dropout_threshold(dropout_p)
-    if launch_ok("lora_expand", out, bytes_read=m * n * out.element_size() + m * r * 4 + r * n * Rm.element_size(),
-                 bytes_written=m * n * out.element_size(), flops=2 * m * n * r):
-        _lora_expand_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            out, L, e if e is not None else L, Rm, m, n, r, float(scale),
-            out.stride(0), out.stride(1), L.stride(0), L.stride(1), Rm.stride(0), Rm.stride(1),
-            seed_arg(seed), p16, drop_scale,
+    m_blocks, n_blocks = triton.cdiv(m, bm), triton.cdiv(n, bn)
+    fin = finish is not None and finish.tiles > 0
+    extra_rows = triton.cdiv(finish.tiles, n_blocks) if fin else 0
+    f_args = finish.args if fin else [out, out, 0, 0] * 4 + [0, 0, 0]
+    if launch_ok("lora_expand", out, bytes_read=m * n * out.element_size() + parts * m * r * 4
+                 + r * n * Rm.element_size() + (finish.bytes_read if fin else 0),
+                 bytes_written=m * n * out.element_size() + (m * r * 4 if l_sum is not None else 0)
+                 + (finish.bytes_written if fin else 0),
+                 flops=2 * m * n * r + (finish.flops if fin else 0)):
+        _lora_expand_kernel[(m_blocks + extra_rows, n_blocks)](
+            out, L_parts, e if e is not None else L_parts, Rm, l_sum if l_sum is not None else L_parts,
+            m, n, r, parts, float(scale), out.stride(0), out.stride(1), Rm.stride(0), Rm.stride(1),
+            seed_arg(seed), p16, drop_scale, *f_args, m_blocks,
             BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=e is not None, HAS_DROPOUT=p16 > 0,
-            PREC=dot_prec(lora_epilogue_precision(out.dtype, Rm.dtype), Rm.dtype), num_warps=warps)
+            STORE_LSUM=l_sum is not None,
+            PREC=dot_prec(lora_epilogue_precision(out.dtype, Rm.dtype), Rm.dtype), FINISH=fin,
+            FINISH_TILE=PARTIALS_TILE, num_warps=warps)
 
 
 @on_input_device
@@ -309,11 +389,15 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if m == 0:
         return x.new_empty((0, n)), x.new_empty((0, r), dtype=torch.float32)
     tgt = launch_target(x.device, target)
-    s = shrink(x, lora_A, dropout_p, seed, tgt)
+    s_part = shrink(x, lora_A, dropout_p, seed, tgt, partials=True)
     if variant == "cublas":
         y = F.linear(x, weight, bias)
-        _expand(y, s, float(scaling), lora_E, lora_B.t(), tgt)
+        # the expand sums the shrink's split partials as it reads them and stores S: no launch for the sum
+        s = s_part.select(0, 0) if s_part.shape[0] == 1 else torch.empty((m, r), device=x.device,
+                                                                          dtype=torch.float32)
+        _expand(y, s_part, float(scaling), lora_E, lora_B.t(), tgt, l_sum=None if s_part.shape[0] == 1 else s)
         return y, s
+    s = _reduce(s_part)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     gemm(x, weight.t(), y, prec=base_precision(x.dtype),
          lora=(s, float(scaling), lora_E, lora_B.t(), lora_epilogue_precision(x.dtype, lora_A.dtype), 0, 0, 1.0),
@@ -324,8 +408,9 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Optional[torch.Tensor],
              scaling: float, has_bias: bool, tgt: Optional[LaunchTarget]
              ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """One pass over dY (M·N reads) giving dSe = s · dY B (M, r) fp32, dB = s · dYᵀ (S ⊙ e) (N, r) fp32 and
-    dbias = Σ_m dY (N,) fp32 (None without bias); writes n_chunks·M·r + m_chunks·N·(r+1) fp32 partials."""
+    """One pass over dY (M·N reads) giving, as unsummed partials (consumers sum them), dSe = s · dY B
+    (n_chunks, M, r) fp32, dB = s · dYᵀ (S ⊙ e) (m_chunks, N, r) fp32 and dbias = Σ_m dY (m_chunks, N) fp32
+    (None without bias)."""
     m, n = dy.shape
     r = lora_B.shape[1]
     dev = dy.device
@@ -353,14 +438,16 @@ def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Op
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
             mb_per, nb_per, BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=lora_E is not None,
             HAS_BIAS=has_bias, PREC=dot_prec(skinny_precision(adt), adt), num_warps=warps)
-    return _reduce(dse_part), _reduce(db_part), (_reduce(dbias_part) if has_bias else None)
+    return dse_part, db_part, (dbias_part if has_bias else None)
 
 
-def _da_pass(x: torch.Tensor, dS: torch.Tensor, adt: torch.dtype, dropout_p: float, seed: int,
-             tgt: Optional[LaunchTarget]) -> torch.Tensor:
-    """One pass over x (M·K reads; the mask regenerated): dA = dSᵀ drop(x) (r, K) fp32; writes splits·r·K fp32."""
+def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Tensor], S: torch.Tensor,
+             adt: torch.dtype, dropout_p: float, seed: int, tgt: Optional[LaunchTarget]
+             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One pass over x (M·K reads; the mask regenerated): dA = dSᵀ drop(x) with dS = (Σ_p dse_part[p]) ⊙ e.
+    Returns dA's partials (splits, r, K) fp32 and, with e, dE's (splits, r) fp32 (dE = Σ_m dSe ⊙ S) or None."""
     m, k = x.shape
-    r = dS.shape[1]
+    parts, r = dse_part.shape[0], dse_part.shape[2]
     dev = x.device
     bm, bk, warps = skinny_blocks(tgt, dropout_p > 0.0)
     m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
@@ -368,15 +455,18 @@ def _da_pass(x: torch.Tensor, dS: torch.Tensor, adt: torch.dtype, dropout_p: flo
     mb_per = triton.cdiv(m_blocks, msplits)
     msplits = triton.cdiv(m_blocks, mb_per)
     da_part = torch.empty((msplits, r, k), device=dev, dtype=torch.float32)
+    has_e = lora_E is not None
+    de_part = torch.empty((msplits, r), device=dev, dtype=torch.float32) if has_e else None
     p16, drop_scale = dropout_threshold(dropout_p)
-    if launch_ok("lora_da", x, bytes_read=m * k * x.element_size() + m * r * 4, bytes_written=msplits * r * k * 4,
-                 flops=2 * m * k * r):
+    if launch_ok("lora_da", x, bytes_read=m * k * x.element_size() + parts * m * r * 4 + (m * r * 4 if has_e else 0),
+                 bytes_written=msplits * r * k * 4, flops=2 * m * k * r):
         _lora_da_kernel[(k_blocks, msplits)](
-            x, dS, da_part, m, k, r, x.stride(0), x.stride(1), dS.stride(0), dS.stride(1),
+            x, dse_part, lora_E if has_e else dse_part, S, da_part, de_part if has_e else da_part,
+            m, k, r, parts, x.stride(0), x.stride(1), S.stride(0), S.stride(1),
             mb_per, seed_arg(seed), p16, drop_scale,
-            BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0,
+            BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0, HAS_E=has_e,
             PREC=dot_prec(skinny_precision(adt), adt), A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
-    return _reduce(da_part)
+    return da_part, de_part
 
 
 @on_input_device
@@ -410,24 +500,35 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
                 torch.zeros_like(lora_E) if lora_E is not None else empty_de, torch.zeros_like(lora_B),
                 torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
     tgt = launch_target(dev, target)
-    d_se, db, dbias32 = _dy_pass(dy, lora_B, S, lora_E, scaling, has_bias, tgt)  # d_se includes s
-    dB = db.to(lora_B.dtype)
-    dbias = dbias32.to(weight.dtype) if has_bias else empty_db
+    # dSe, dB, dbias stay as the dY pass's partial sums: the dA pass and the dX expand sum dSe as they load it,
+    # and one launch sums the rest (dB, dbias, dA, dE) into their dtypes.
+    dse_part, db_part, dbias_part = _dy_pass(dy, lora_B, S, lora_E, scaling, has_bias, tgt)  # dSe includes s
+    da_part, de_part = _da_pass(x, dse_part, lora_E, S, adt, dropout_p, seed, tgt)
+    jobs = [(db_part, lora_B.dtype), (da_part, adt)]
+    if has_bias:
+        jobs.append((dbias_part, weight.dtype))
     if lora_E is not None:
-        dS = d_se * lora_E.float()
-        dE = (d_se * S).sum(0).to(lora_E.dtype)
-    else:
-        dS, dE = d_se, empty_de
-    dA = _da_pass(x, dS, adt, dropout_p, seed, tgt).to(adt)
-    if not needs_dx:
-        return x.new_empty(0), dA, dE, dB, dbias
-    if variant == "cublas":
+        jobs.append((de_part, lora_E.dtype))
+    if needs_dx and variant == "cublas":
         dx = torch.mm(dy, weight)
-        _expand(dx, dS, 1.0, None, lora_A, tgt, dropout_p, seed)
-        return dx, dA, dE, dB, dbias
-    p16, drop_scale = dropout_threshold(dropout_p)
-    dx = torch.empty((m, k), device=dev, dtype=x.dtype)
-    gemm(dy, weight, dx, prec=base_precision(dy.dtype),
-         lora=(dS, 1.0, None, lora_A, lora_epilogue_precision(x.dtype, adt), p16, seed_arg(seed), drop_scale),
-         target=tgt)
+        # the dX expand is the last launch: spare rows of its grid finish the reductions (no launch of their own)
+        plan = plan_partials(jobs, dy)
+        _expand(dx, dse_part, 1.0, lora_E, lora_A, tgt, dropout_p, seed, finish=plan)
+        outs = plan.outs
+    elif needs_dx:
+        dS = _reduce(dse_part)
+        if lora_E is not None:
+            dS = dS * lora_E.float()
+        p16, drop_scale = dropout_threshold(dropout_p)
+        dx = torch.empty((m, k), device=dev, dtype=x.dtype)
+        gemm(dy, weight, dx, prec=base_precision(dy.dtype),
+             lora=(dS, 1.0, None, lora_A, lora_epilogue_precision(x.dtype, adt), p16, seed_arg(seed), drop_scale),
+             target=tgt)
+        outs = sum_partials(jobs, dy)
+    else:
+        dx = x.new_empty(0)
+        outs = sum_partials(jobs, dy)
+    dB, dA = outs[0], outs[1]
+    dbias = outs[2] if has_bias else empty_db
+    dE = outs[-1] if lora_E is not None else empty_de
     return dx, dA, dE, dB, dbias

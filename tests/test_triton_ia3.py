@@ -193,7 +193,7 @@ def test_ia3_bf16_parity_gpu(ff, ldt):
 
 def test_ia3_launchers_report_kernels_and_skip_fake_tensors():
     """Cost model: with fake tensors at an H200 shape the launchers report their kernels (one pass over W per call,
-    one column reduction in the backward) and return correctly shaped outputs without launching."""
+    one column reduction in the backward, one launch summing dl's and dbias's partials into their dtypes) and return correctly shaped outputs without launching."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastpeft import _cost
@@ -208,7 +208,7 @@ def test_ia3_launchers_report_kernels_and_skip_fake_tensors():
             dx, dl, db = KI.ia3_bwd_triton(torch.empty_like(y), x, w, lv, saved, ff, True, True, y=y, bias=b)
         assert y.shape == (m, n) and dx.shape == (m, k) and dl.shape == lv.shape and db.shape == (n,)
         names = [c.name for c in rec]
-        want = (["ia3_scale_w", "ia3_scale_w", "ia3_dl_in", "ia3_colsum"] if ff
-                else ["ia3_scale_w", "ia3_dl_out", "ia3_scale_w"])
+        want = (["ia3_scale_w", "ia3_scale_w", "ia3_dl_in", "ia3_colsum", "sum_partials"] if ff
+                else ["ia3_scale_w", "ia3_dl_out", "ia3_scale_w", "sum_partials"])
         assert names == want, names
         assert rec[0].bytes_read >= n * k * 2 and rec[0].bytes_written == n * k * 2  # one pass over W

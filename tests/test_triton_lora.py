@@ -474,7 +474,7 @@ def test_multi_block_paths_of_production_shapes(monkeypatch):
     reduction over K / M with several blocks per split.  Small blocks and a small program target give the same
     structure here (M = 96: 6 M blocks; N = 144: 9 N blocks), and the results still match the fp64 reference."""
     spies = {name: _GridSpy(getattr(KL, name)) for name in ("_lora_shrink_kernel", "_lora_dy_kernel",
-                                                            "_lora_da_kernel")}
+                                                            "_lora_da_kernel", "_lora_expand_kernel")}
     for name, spy in spies.items():
         monkeypatch.setattr(KL, name, spy)
     with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
@@ -485,7 +485,25 @@ def test_multi_block_paths_of_production_shapes(monkeypatch):
     (grid, kw, args), = spies["_lora_shrink_kernel"].launches
     assert grid[1] > 1 and args[10] > 1, (grid, args[10])  # K splits, several K blocks per split
     (grid, kw, args), = spies["_lora_da_kernel"].launches
-    assert grid[1] > 1 and args[10] > 1, (grid, args[10])  # M splits, several M blocks per split
+    assert grid[1] > 1 and args[14] > 1, (grid, args[14])  # M splits, several M blocks per split
+    assert args[9] > 1, args[9]  # dSe arrives as several partial sums, summed on load
+    (grid, kw, args), = spies["_lora_expand_kernel"].launches[:1]  # the forward's: S from several K splits
+    assert args[8] > 1 and kw["STORE_LSUM"], (args[8], kw)
+
+
+def test_dx_expand_finishes_the_reductions_in_spare_rows(monkeypatch):
+    """The backward's last launch (the dX expand) also sums dB, dbias, dA and dE's split partials, in rows of
+    programs past dX's own: here more finishing tiles (dB is 300 x 4 = 1200 elements, two tiles) than dX has
+    column blocks (K = 20: two), so several spare rows, one tile past the end (a no-op), and every gradient
+    still matches the fp64 reference."""
+    spy = _GridSpy(KL._lora_expand_kernel)
+    monkeypatch.setattr(KL, "_lora_expand_kernel", spy)
+    with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
+        check_fa_rule(Case((200,), 20, 300, 4, F32, p=0.1, with_e=True))
+    (grid, kw, args), = [launch for launch in spy.launches if launch[1]["FINISH"]]
+    m_blocks = args[-1]
+    assert m_blocks == 13 and grid == (m_blocks + 3, 2), grid  # 5 tiles over 2 columns: 3 spare rows
+    assert args[19] > 1 and args[23] > 1, (args[19], args[23])  # dB and dA arrive as several partials
 
 
 def test_single_program_reductions(monkeypatch):
@@ -501,25 +519,49 @@ def test_single_program_reductions(monkeypatch):
 def test_launchers_report_kernels_and_skip_fake_tensors():
     """Under the cost model (fastpeft._cost.recording) with fake tensors at production shapes, the launchers report
     each Triton kernel with its traffic and return correctly shaped outputs without launching; the default path's
-    pass budget is visible: forward shrink + expand, backward dY + dA + expand."""
+    pass budget is visible: forward shrink + expand, backward dY + dA + expand (whose spare programs finish the
+    split reductions) - and no torch op besides the two cuBLAS GEMMs (no separate sums or casts)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from fastpeft import _cost
+
+    class _Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
     m, k, n, r = 8192, 4096, 4096, 16
-    with FakeTensorMode(), _cost.recording() as rec:
+    with FakeTensorMode():
         x = torch.empty(m, k, dtype=torch.bfloat16)
         w = torch.empty(n, k, dtype=torch.bfloat16)
+        bias = torch.empty(n, dtype=torch.bfloat16)
         a = torch.empty(r, k, dtype=torch.float32)
         bb = torch.empty(n, r, dtype=torch.float32)
-        y, s = KL.lora_fwd_triton(x, w, None, a, None, bb, 2.0, 0.1, 7)
-        outs = KL.lora_bwd_triton(torch.empty_like(y), x, w, a, None, bb, s, 2.0, 0.1, 7, True, False)
-    assert y.shape == (m, n) and s.shape == (m, r) and outs[0].shape == (m, k) and outs[1].shape == (r, k)
-    names = [c.name for c in rec]
-    assert names == ["lora_shrink", "lora_expand", "lora_dy", "lora_da", "lora_expand"], names
+        e = torch.empty(r, dtype=torch.float32)
+        for lora_e, b in ((None, None), (e, bias)):  # LoRA; AdaLoRA with a bias
+            with _cost.recording() as rec, _Ops() as ops:
+                y, s = KL.lora_fwd_triton(x, w, b, a, lora_e, bb, 2.0, 0.1, 7)
+                outs = KL.lora_bwd_triton(torch.empty_like(y), x, w, a, lora_e, bb, s, 2.0, 0.1, 7, True,
+                                          b is not None)
+            assert y.shape == (m, n) and s.shape == (m, r) and outs[0].shape == (m, k) and outs[1].shape == (r, k)
+            assert outs[3].shape == (n, r) and (b is None or outs[4].shape == (n,))
+            assert lora_e is None or outs[2].shape == (r,)
+            names = [c.name for c in rec]
+            assert names == ["lora_shrink", "lora_expand", "lora_dy", "lora_da", "lora_expand"], names
+            compute = [o for o in ops.names if o not in ("empty", "select", "t", "transpose", "empty_like",
+                                                         "new_empty", "view", "as_strided", "detach", "device")]
+            assert compute == [("addmm" if b is not None else "mm"), "mm"], compute
     by = {c.name: c for c in rec}
     assert by["lora_shrink"].bytes_read >= m * k * 2 and by["lora_da"].bytes_read >= m * k * 2
     assert by["lora_dy"].bytes_read >= m * n * 2
-    assert rec[1].bytes_read >= m * n * 2 and rec[1].bytes_written == m * n * 2  # y read + written once
+    # y read + written once (and S, M x r fp32, stored beside it)
+    assert rec[1].bytes_read >= m * n * 2 and m * n * 2 <= rec[1].bytes_written <= m * n * 2 + m * r * 4
     assert all(c.flops > 0 for c in rec)
 
 
