@@ -2,12 +2,11 @@
 
 The skinny kernels split a reduction over M (or K) across programs and write fp32 partial sums to small buffers
 (deterministic: no atomics, no zero-fill).  Where a later kernel reads the result it sums the partials as it loads
-them; what is left - the parameters' gradients (LoRA's dB, dA, dE, dbias; IA3's dl, dbias) - is summed here, every
+them (``sum_parts``); what is left - the parameters' gradients (LoRA's dB, dA, dE, dbias; IA3's dl, dbias) - is summed here, every
 buffer of one backward in one launch, and cast to its parameter's dtype, instead of a ``sum`` and a cast per buffer.
 """
 
 from __future__ import annotations
-
 
 import dataclasses
 
@@ -17,7 +16,20 @@ import triton.language as tl
 
 from ._target import launch_ok
 
-__all__ = ["sum_partials", "plan_partials", "sum_partials_tile", "TILE"]
+__all__ = ["sum_partials", "plan_partials", "sum_partials_tile", "sum_parts", "TILE"]
+
+
+@triton.jit
+def sum_parts(ptr, n_parts, M, R, offs_m, offs_r, mask, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
+    """Σ_p ptr[p, m, r] over the `n_parts` partial sums of a contiguous (n_parts, M, R) fp32 buffer, in order
+    p = 0, 1, ... (deterministic): the consumer of a split reduction sums it as it loads it (the partials are a few
+    MB, L2-resident) instead of a separate launch summing them."""
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    rows = offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+    for _ in range(n_parts):
+        acc += tl.load(ptr + rows, mask=mask, other=0.0)
+        ptr += M * R  # 64-bit pointer arithmetic: no overflow of p·M·R
+    return acc
 
 
 @triton.jit

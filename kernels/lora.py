@@ -14,8 +14,8 @@ with a fixed pass budget (the dropout mask is regenerated from (seed, m, k) wher
   backward  ``_lora_dy_kernel``      one pass over dY: dSe = s · dY B, dB = s · dYᵀ (S ⊙ e), dbias = Σ_m dY
             ``_lora_da_kernel``      one pass over x: dA = dSᵀ drop(x) (dS = dSe ⊙ e summed on load; dE's partials)
             ``torch.mm``             dX = dY W                                     (cuBLAS)
-            ``_lora_expand_kernel``  dX += mask ⊙ (dS A) · scale: one read + write of dX
-            ``sum_partials``         dB, dbias, dA, dE: their split partials summed and cast, one launch
+            ``_lora_expand_kernel``  dX += mask ⊙ (dS A) · scale: one read + write of dX; spare rows of its grid
+                                     finish dB, dbias, dA, dE (their split partials summed and cast)
 ``fused``: the same skinny kernels around the Triton GEMM of ``_gemm`` with the rank-r term in its epilogue
 (y and dX written once, no extra pass, but a Triton GEMM instead of cuBLAS's); chosen only explicitly or by a
 measured entry of the dispatch table.
@@ -45,7 +45,7 @@ import triton.language as tl
 from ._gemm import gemm
 from ._mask import dropout_threshold
 from ._partials import TILE as PARTIALS_TILE
-from ._partials import PartialsPlan, plan_partials, sum_partials, sum_partials_tile
+from ._partials import PartialsPlan, plan_partials, sum_partials, sum_parts, sum_partials_tile
 from ._philox import dropout_keep, seed_arg
 from ._target import (LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
                       split_count, target_programs)
@@ -159,19 +159,6 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
         tl.debug_barrier()
 
 
-@triton.jit
-def _sum_parts(ptr, n_parts, M, R, offs_m, offs_r, mask, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
-    """Σ_p ptr[p, m, r] over the `n_parts` partial sums of a contiguous (n_parts, M, R) fp32 buffer, in order
-    p = 0, 1, ... (deterministic): the consumer of a split reduction sums it as it loads it (the partials are a few
-    MB, L2-resident) instead of a separate launch summing them."""
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    rows = offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
-    for _ in range(n_parts):
-        acc += tl.load(ptr + rows, mask=mask, other=0.0)
-        ptr += M * R  # 64-bit pointer arithmetic: no overflow of p·M·R
-    return acc
-
-
 # The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
 @triton.jit(do_not_specialize=["seed"])
 def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, M, K, R, n_dse_parts,
@@ -208,7 +195,7 @@ def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, M, K, R
             keep = dropout_keep(seed, offs_m, pid_k * BLOCK_K, p16, BLOCK_K)
             x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
         mask_mr = mask_m[:, None] & mask_r[None, :]
-        ds = _sum_parts(dse_ptr, n_dse_parts, M, R, offs_m, offs_r, mask_mr, BLOCK_M, R_PAD)
+        ds = sum_parts(dse_ptr, n_dse_parts, M, R, offs_m, offs_r, mask_mr, BLOCK_M, R_PAD)
         if HAS_E:
             if pid_k == 0:
                 sv = tl.load(s_ptr + rm64[:, None] * stride_sm + offs_r[None, :] * stride_sr, mask=mask_mr,
@@ -243,7 +230,7 @@ def _expand_tile(pid_m, pid_n, out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, 
     rm64 = offs_m.to(tl.int64)
     rn64 = offs_n.to(tl.int64)
     mask_mr = mask_m[:, None] & mask_r[None, :]
-    lsum = _sum_parts(l_ptr, n_parts, M, R, offs_m, offs_r, mask_mr, BLOCK_M, R_PAD)
+    lsum = sum_parts(l_ptr, n_parts, M, R, offs_m, offs_r, mask_mr, BLOCK_M, R_PAD)
     if STORE_LSUM:
         if pid_n == 0:
             tl.store(lsum_ptr + rm64[:, None] * R + offs_r[None, :], lsum, mask=mask_mr)
@@ -345,18 +332,18 @@ def _expand(out: torch.Tensor, L_parts: torch.Tensor, scale: float, e: Optional[
     bm, bn, warps = skinny_blocks(tgt, dropout_p > 0.0)
     p16, drop_scale = dropout_threshold(dropout_p)
     m_blocks, n_blocks = triton.cdiv(m, bm), triton.cdiv(n, bn)
-    fin = finish is not None and finish.tiles > 0
-    extra_rows = triton.cdiv(finish.tiles, n_blocks) if fin else 0
-    f_args = finish.args if fin else [out, out, 0, 0] * 4 + [0, 0, 0]
+    finish = finish if finish is not None else plan_partials([], out)  # no segments: no finishing rows
+    fin = finish.tiles > 0
+    extra_rows = triton.cdiv(finish.tiles, n_blocks)
     if launch_ok("lora_expand", out, bytes_read=m * n * out.element_size() + parts * m * r * 4
-                 + r * n * Rm.element_size() + (finish.bytes_read if fin else 0),
+                 + r * n * Rm.element_size() + finish.bytes_read,
                  bytes_written=m * n * out.element_size() + (m * r * 4 if l_sum is not None else 0)
-                 + (finish.bytes_written if fin else 0),
-                 flops=2 * m * n * r + (finish.flops if fin else 0)):
+                 + finish.bytes_written,
+                 flops=2 * m * n * r + finish.flops):
         _lora_expand_kernel[(m_blocks + extra_rows, n_blocks)](
             out, L_parts, e if e is not None else L_parts, Rm, l_sum if l_sum is not None else L_parts,
             m, n, r, parts, float(scale), out.stride(0), out.stride(1), Rm.stride(0), Rm.stride(1),
-            seed_arg(seed), p16, drop_scale, *f_args, m_blocks,
+            seed_arg(seed), p16, drop_scale, *finish.args, m_blocks,
             BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=e is not None, HAS_DROPOUT=p16 > 0,
             STORE_LSUM=l_sum is not None,
             PREC=dot_prec(lora_epilogue_precision(out.dtype, Rm.dtype), Rm.dtype), FINISH=fin,
