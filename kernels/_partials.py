@@ -20,15 +20,16 @@ __all__ = ["sum_partials", "plan_partials", "sum_partials_tile", "sum_parts", "T
 
 
 @triton.jit
-def sum_parts(ptr, n_parts, M, R, offs_m, offs_r, mask, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
-    """Σ_p ptr[p, m, r] over the `n_parts` partial sums of a contiguous (n_parts, M, R) fp32 buffer, in order
-    p = 0, 1, ... (deterministic): the consumer of a split reduction sums it as it loads it (the partials are a few
-    MB, L2-resident) instead of a separate launch summing them."""
+def sum_parts(ptr, n_parts, M, LD, offs_m, offs_r, mask, BLOCK_M: tl.constexpr, R_PAD: tl.constexpr):
+    """Σ_p ptr[p, m, r] over the `n_parts` partial sums of an (n_parts, M, LD) fp32 buffer (contiguous; `ptr` may
+    point at a column offset, e.g. one sibling's columns of a shared buffer: rows LD apart, parts M·LD apart), in
+    order p = 0, 1, ... (deterministic): the consumer of a split reduction sums it as it loads it (the partials are
+    a few MB, L2-resident) instead of a separate launch summing them."""
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    rows = offs_m.to(tl.int64)[:, None] * R + offs_r[None, :]
+    rows = offs_m.to(tl.int64)[:, None] * LD + offs_r[None, :]
     for _ in range(n_parts):
         acc += tl.load(ptr + rows, mask=mask, other=0.0)
-        ptr += M * R  # 64-bit pointer arithmetic: no overflow of p·M·R
+        ptr += M * LD  # 64-bit pointer arithmetic: no overflow of p·M·LD
     return acc
 
 

@@ -98,7 +98,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, part_ptr, M, K, R,
 
 @triton.jit
 def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbias_part_ptr,
-                    M, N, R, scaling,
+                    M, N, R, scaling, dse_ld,
                     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
                     mb_per_split, nb_per_split,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
@@ -109,7 +109,9 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
          dbias_part[i, n]   = Σ_{m in chunk i} dY[m, n]
     dB and dbias accumulate in registers over the inner M loop; dSe accumulates across the outer N loop in the
     program's own rows of dse_part (L2-resident; a barrier orders each pass's stores before the next pass's loads).
-    Partial buffers are (chunks x M x r) and (chunks x N x r): a few MB where dY is hundreds."""
+    Partial buffers are (chunks x M x r) and (chunks x N x r): a few MB where dY is hundreds.  dse_part's rows are
+    `dse_ld` apart (r, or a sibling group's total rank: its columns of a shared buffer); a program whose N chunk is
+    empty (a group's chunk count, set by its narrowest member) stores zeros in its dse_part rows."""
     pid_mc = tl.program_id(0)
     pid_nc = tl.program_id(1)
     offs_r = tl.arange(0, R_PAD)
@@ -145,7 +147,7 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
             acc_b = mma(tl.trans(dya), se, acc_b, PREC)
             dse = mma(dya, bt, tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), PREC) * scaling
             mask_mr = mask_m[:, None] & mask_r[None, :]
-            dse_ptrs = dse_part_ptr + pid_nc.to(tl.int64) * M * R + rm64[:, None] * R + offs_r[None, :]
+            dse_ptrs = dse_part_ptr + pid_nc.to(tl.int64) * M * dse_ld + rm64[:, None] * dse_ld + offs_r[None, :]
             not_first = (tl.zeros((BLOCK_M, R_PAD), dtype=tl.int32) + nb) > nb0  # the first N block only stores
             dse += tl.load(dse_ptrs, mask=mask_mr & not_first, other=0.0)
             tl.store(dse_ptrs, dse, mask=mask_mr)
@@ -157,6 +159,12 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
             tl.store(dbias_part_ptr + pid_mc.to(tl.int64) * N + rn64, acc_bias, mask=mask_n)
         # the next N block re-reads this program's dse_part rows, possibly in other threads of the CTA
         tl.debug_barrier()
+    if nb0 >= nb1:
+        for mb in range(mb0, mb1):
+            offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+            tl.store(dse_part_ptr + pid_nc.to(tl.int64) * M * dse_ld + offs_m.to(tl.int64)[:, None] * dse_ld
+                     + offs_r[None, :], tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32),
+                     mask=(offs_m < M)[:, None] & mask_r[None, :])
 
 
 # The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
@@ -211,14 +219,15 @@ def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, M, K, R
 
 
 @triton.jit
-def _expand_tile(pid_m, pid_n, out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, n_parts, scale,
+def _expand_tile(pid_m, pid_n, out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, l_ld, n_parts, scale,
                  stride_om, stride_on, stride_rr, stride_rn, seed, p16, drop_scale,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
                  HAS_E: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_LSUM: tl.constexpr, PREC: tl.constexpr):
     """out[m, n] += [keep(m, n) · drop_scale ·] scale · Σ_r L[m, r] e[r] Rm[r, n] for tile (pid_m, pid_n).
 
-    L arrives as `n_parts` partial sums (n_parts, M, R) fp32 (a split reduction's output), summed on load; with
-    STORE_LSUM the programs of the first N block write that sum to lsum (M, R) fp32 (the forward's S, for backward).
+    L arrives as `n_parts` partial sums (n_parts, M, ·) fp32 (a split reduction's output), summed on load; with
+    STORE_LSUM the programs of the first N block write that sum to lsum (M, ·) fp32 (the forward's S, for backward).
+    Rows of both are `l_ld` apart (R, or a sibling group's total rank when L is one member's columns).
     One read and one write of `out` (coalesced along n), L's partials and Rm (r, N) from L2.  The rank-r product
     runs in Rm's dtype with fp32 accumulation and is added to the fp32 value of `out`, rounded once."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -230,10 +239,10 @@ def _expand_tile(pid_m, pid_n, out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, 
     rm64 = offs_m.to(tl.int64)
     rn64 = offs_n.to(tl.int64)
     mask_mr = mask_m[:, None] & mask_r[None, :]
-    lsum = sum_parts(l_ptr, n_parts, M, R, offs_m, offs_r, mask_mr, BLOCK_M, R_PAD)
+    lsum = sum_parts(l_ptr, n_parts, M, l_ld, offs_m, offs_r, mask_mr, BLOCK_M, R_PAD)
     if STORE_LSUM:
         if pid_n == 0:
-            tl.store(lsum_ptr + rm64[:, None] * R + offs_r[None, :], lsum, mask=mask_mr)
+            tl.store(lsum_ptr + rm64[:, None] * l_ld + offs_r[None, :], lsum, mask=mask_mr)
     lt = lsum * scale
     if HAS_E:
         e = tl.load(e_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
@@ -255,7 +264,7 @@ def _expand_tile(pid_m, pid_n, out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, 
 
 # The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
 @triton.jit(do_not_specialize=["seed"])
-def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, n_parts, scale,
+def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, l_ld, n_parts, scale,
                         stride_om, stride_on, stride_rr, stride_rn, seed, p16, drop_scale,
                         f_p0, f_o0, f_P0, f_L0, f_p1, f_o1, f_P1, f_L1, f_p2, f_o2, f_P2, f_L2,
                         f_p3, f_o3, f_P3, f_L3, f_t1, f_t2, f_t3, m_blocks,
@@ -277,7 +286,7 @@ def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, n_parts
                           f_p3, f_o3, f_P3, f_L3, f_t1, f_t2, f_t3,
                           (pid_m - m_blocks) * tl.num_programs(1) + pid_n, FINISH_TILE)
     else:
-        _expand_tile(pid_m, pid_n, out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, n_parts, scale,
+        _expand_tile(pid_m, pid_n, out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, l_ld, n_parts, scale,
                      stride_om, stride_on, stride_rr, stride_rn, seed, p16, drop_scale,
                      BLOCK_M, BLOCK_N, R_PAD, HAS_E, HAS_DROPOUT, STORE_LSUM, PREC)
 
@@ -323,12 +332,16 @@ def _expand(out: torch.Tensor, L_parts: torch.Tensor, scale: float, e: Optional[
             l_sum: Optional[torch.Tensor] = None, finish: Optional[PartialsPlan] = None) -> None:
     """out (M, N) += [mask ⊙ drop_scale ·] scale · (L ⊙ e) Rm in place, L = Σ_p L_parts[p].
 
-    L_parts: (P, M, r) fp32 contiguous partial sums (P = 1: L itself); Rm: (r, N), any strides.  `l_sum`: an
-    (M, r) fp32 buffer that receives L (written by the first N block's programs), or None.  `finish`: split
+    L_parts: (P, M, r) fp32 partial sums (P = 1: L itself), contiguous or r columns of a contiguous (P, M, R)
+    buffer (a sibling group's); Rm: (r, N), any strides.  `l_sum`: an (M, r) fp32 buffer with L_parts' row stride
+    that receives L (written by the first N block's programs), or None.  `finish`: split
     reductions (``kernels._partials.plan_partials``) run by extra rows of programs in the same launch, or None.
     One read + one write of out (2·M·N elements), L's partials and Rm once."""
     m, n = out.shape
     parts, r = L_parts.shape[0], L_parts.shape[2]
+    l_ld = L_parts.stride(1) if m > 0 else r
+    assert L_parts.stride(2) == 1 and (parts == 1 or L_parts.stride(0) == m * l_ld), "L_parts: (P, M, ld) layout"
+    assert l_sum is None or tuple(l_sum.stride()) == (l_ld, 1), "l_sum: L_parts' row stride"
     bm, bn, warps = skinny_blocks(tgt, dropout_p > 0.0)
     p16, drop_scale = dropout_threshold(dropout_p)
     m_blocks, n_blocks = triton.cdiv(m, bm), triton.cdiv(n, bn)
@@ -342,7 +355,7 @@ def _expand(out: torch.Tensor, L_parts: torch.Tensor, scale: float, e: Optional[
                  flops=2 * m * n * r + finish.flops):
         _lora_expand_kernel[(m_blocks + extra_rows, n_blocks)](
             out, L_parts, e if e is not None else L_parts, Rm, l_sum if l_sum is not None else L_parts,
-            m, n, r, parts, float(scale), out.stride(0), out.stride(1), Rm.stride(0), Rm.stride(1),
+            m, n, r, l_ld, parts, float(scale), out.stride(0), out.stride(1), Rm.stride(0), Rm.stride(1),
             seed_arg(seed), p16, drop_scale, *finish.args, m_blocks,
             BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=e is not None, HAS_DROPOUT=p16 > 0,
             STORE_LSUM=l_sum is not None,
@@ -392,27 +405,40 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return y, s
 
 
-def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Optional[torch.Tensor],
-             scaling: float, has_bias: bool, tgt: Optional[LaunchTarget]
-             ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """One pass over dY (M·N reads) giving, as unsummed partials (consumers sum them), dSe = s · dY B
-    (n_chunks, M, r) fp32, dB = s · dYᵀ (S ⊙ e) (m_chunks, N, r) fp32 and dbias = Σ_m dY (m_chunks, N) fp32
-    (None without bias)."""
-    m, n = dy.shape
-    r = lora_B.shape[1]
-    dev = dy.device
-    adt = lora_B.dtype
-    bm, bn, warps = skinny_blocks(tgt)
+def dy_split(m: int, n: int, tgt: Optional[LaunchTarget]) -> tuple[int, int, int]:
+    """The dY pass's grid over an (m, n) dY: (M chunks, M blocks per chunk, N chunks).  The chunk counts balance the
+    two partial buffers (m_chunks · N ≈ n_chunks · M) at about one program per SM slot."""
+    bm, bn, _ = skinny_blocks(tgt)
     programs = target_programs(tgt)
-    # Chunk counts balance the two partial buffers (m_chunks · N ≈ n_chunks · M) at about `programs` programs.
     m_blocks, n_blocks = triton.cdiv(m, bm), triton.cdiv(n, bn)
     m_chunks = max(1, min(m_blocks, round(math.sqrt(programs * m / n))))
     mb_per = triton.cdiv(m_blocks, m_chunks)
     m_chunks = triton.cdiv(m_blocks, mb_per)
     n_chunks = split_count(m_chunks, n_blocks, programs)
     nb_per = triton.cdiv(n_blocks, n_chunks)
-    n_chunks = triton.cdiv(n_blocks, nb_per)
-    dse_part = torch.empty((n_chunks, m, r), device=dev, dtype=torch.float32)
+    return m_chunks, mb_per, triton.cdiv(n_blocks, nb_per)
+
+
+def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Optional[torch.Tensor],
+             scaling: float, has_bias: bool, tgt: Optional[LaunchTarget], dse_out: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """One pass over dY (M·N reads) giving, as unsummed partials (consumers sum them), dSe = s · dY B
+    (n_chunks, M, r) fp32, dB = s · dYᵀ (S ⊙ e) (m_chunks, N, r) fp32 and dbias = Σ_m dY (m_chunks, N) fp32
+    (None without bias).  `dse_out`: write dSe there instead - r columns of a contiguous (P, M, R) buffer shared by
+    a sibling group, whose P (at most this layer's N block count) sets n_chunks; returned as given."""
+    m, n = dy.shape
+    r = lora_B.shape[1]
+    dev = dy.device
+    adt = lora_B.dtype
+    bm, bn, warps = skinny_blocks(tgt)
+    m_chunks, mb_per, n_chunks = dy_split(m, n, tgt)
+    n_blocks = triton.cdiv(n, bn)
+    if dse_out is None:
+        dse_part = torch.empty((n_chunks, m, r), device=dev, dtype=torch.float32)
+    else:  # the group's chunk count; a chunk past this layer's last N block is stored as zeros by its programs
+        dse_part, n_chunks = dse_out, dse_out.shape[0]
+        assert dse_part.stride(2) == 1 and dse_part.stride(0) == m * dse_part.stride(1), "dse_out: (P, M, ld)"
+    nb_per = triton.cdiv(n_blocks, n_chunks)
     db_part = torch.empty((m_chunks, n, r), device=dev, dtype=torch.float32)
     dbias_part = torch.empty((m_chunks, n) if has_bias else (1,), device=dev, dtype=torch.float32)
     if launch_ok("lora_dy", dy, bytes_read=m * n * dy.element_size() + n_chunks * m * r * (4 + 4) * (nb_per - 1)
@@ -421,7 +447,7 @@ def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Op
                  flops=4 * m * n * r):
         _lora_dy_kernel[(m_chunks, n_chunks)](
             dy, lora_B, S, lora_E if lora_E is not None else S, dse_part, db_part, dbias_part,
-            m, n, r, float(scaling),
+            m, n, r, float(scaling), dse_part.stride(1),
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
             mb_per, nb_per, BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=lora_E is not None,
             HAS_BIAS=has_bias, PREC=dot_prec(skinny_precision(adt), adt), num_warps=warps)

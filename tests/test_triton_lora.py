@@ -480,7 +480,7 @@ def test_multi_block_paths_of_production_shapes(monkeypatch):
     with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
         check_fa_rule(Case((96,), 80, 144, 4, F32, p=0.1, with_e=True))
     (grid, kw, args), = spies["_lora_dy_kernel"].launches
-    mb_per, nb_per = args[17], args[18]
+    mb_per, nb_per = args[18], args[19]
     assert grid[0] > 1 and grid[1] > 1 and mb_per > 1 and nb_per > 1, (grid, mb_per, nb_per)
     (grid, kw, args), = spies["_lora_shrink_kernel"].launches
     assert grid[1] > 1 and args[10] > 1, (grid, args[10])  # K splits, several K blocks per split
@@ -488,7 +488,7 @@ def test_multi_block_paths_of_production_shapes(monkeypatch):
     assert grid[1] > 1 and args[14] > 1, (grid, args[14])  # M splits, several M blocks per split
     assert args[9] > 1, args[9]  # dSe arrives as several partial sums, summed on load
     (grid, kw, args), = spies["_lora_expand_kernel"].launches[:1]  # the forward's: S from several K splits
-    assert args[8] > 1 and kw["STORE_LSUM"], (args[8], kw)
+    assert args[9] > 1 and kw["STORE_LSUM"], (args[9], kw)
 
 
 def test_dx_expand_finishes_the_reductions_in_spare_rows(monkeypatch):
@@ -503,7 +503,7 @@ def test_dx_expand_finishes_the_reductions_in_spare_rows(monkeypatch):
     (grid, kw, args), = [launch for launch in spy.launches if launch[1]["FINISH"]]
     m_blocks = args[-1]
     assert m_blocks == 13 and grid == (m_blocks + 3, 2), grid  # 5 tiles over 2 columns: 3 spare rows
-    assert args[19] > 1 and args[23] > 1, (args[19], args[23])  # dB and dA arrive as several partials
+    assert args[20] > 1 and args[24] > 1, (args[20], args[24])  # dB and dA arrive as several partials
 
 
 def test_single_program_reductions(monkeypatch):
@@ -513,7 +513,7 @@ def test_single_program_reductions(monkeypatch):
     with KT.forced_launch_shape(blocks=(16, 16, 4), programs=1):
         check_fa_rule(Case((50,), 40, 70, 3, F16, p=0.2))
     (grid, kw, args), = spy.launches
-    assert grid == (1, 1) and args[17] == 4 and args[18] == 5
+    assert grid == (1, 1) and args[18] == 4 and args[19] == 5
 
 
 def test_launchers_report_kernels_and_skip_fake_tensors():
