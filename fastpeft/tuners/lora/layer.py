@@ -23,6 +23,7 @@ from .config import LoraConfig
 from .dora import (dora_forward, dora_fused_forward, dora_init, dora_merged_weight, dora_unmerged_weight,
                    unmerged_base_weight)
 from .init import init_lora_adapter
+from .siblings import shared_forward
 
 __all__ = ["LoraLayer", "Linear"]
 
@@ -176,6 +177,11 @@ class Linear(LoraLayer):
             A = self.lora_A[a].weight
             drop = self.lora_dropout[a]
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            if p == 0.0:
+                # q/k/v, gate/up: siblings called with this same x share one shrink (``siblings.py``)
+                y = shared_forward(self, x, _shared_spec)
+                if y is not None:
+                    return y
             base = self.base_layer
             return lora_linear(x, linear_weight_oi(base), base.bias, A, self.lora_B[a].weight,
                                   self.scaling[a], p, None, backend=None)
@@ -190,6 +196,23 @@ class Linear(LoraLayer):
             else:
                 result = result + self.lora_B[a](A(self.lora_dropout[a](xa))) * self.scaling[a]
         return result.to(out_dtype)
+
+    def _shared_spec(self, x: torch.Tensor) -> Optional[tuple]:
+        """(weight (N, K), bias, lora_A (r, K), lora_B (N, r), scaling) when this layer can join a sibling group for
+        input x (one plain LoRA adapter, no active dropout, fused-capable), else None."""
+        if self._base_only() or self._batch_adapter_names is not None:
+            return None
+        active = self._present_active()
+        if len(active) != 1:
+            return None
+        a = active[0]
+        drop = self.lora_dropout[a]
+        if (self.lora_bias[a] or a in self.lora_magnitude_vector or is_sharded(self.lora_A[a].weight)
+                or (isinstance(drop, nn.Dropout) and drop.training and drop.p > 0)
+                or self._fused_reason(x, (), {}) is not None):
+            return None
+        base = self.base_layer
+        return linear_weight_oi(base), base.bias, self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a]
 
     def _mixed_batch_forward(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
         """Row i uses adapter names[i] ("__base__" or an adapter this layer lacks: base only); PEFT's math."""
@@ -212,3 +235,8 @@ class Linear(LoraLayer):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, adapters={self.adapter_names()}"
+
+
+def _shared_spec(module, x: torch.Tensor) -> Optional[tuple]:
+    """``Linear._shared_spec`` for a sibling-group member (None for any other module type)."""
+    return module._shared_spec(x) if type(module) is Linear else None
