@@ -13,13 +13,18 @@ recompute rebuilds per step (bytes, recipe steps).
 
 Default case (the issue's): 2 layers, hidden 512, batch 4 x 256 tokens, bf16 base, fp32 adapters, LoRA r=16 on
 every linear layer (dropout 0 and 0.05), AdaLoRA r=16, IA3 on (k, v, down).
+
+Provider ``fastpeft-triton`` (opt-in: ``--providers frozen,fastpeft-triton``) runs fastpeft's default GPU path - the
+frozen layer's GEMMs plus the Triton kernels, dropout masks generated in-kernel - whose tensors differ from the torch
+path's: on a GPU it is what ``fastpeft`` measures already; on a CPU it needs ``TRITON_INTERPRET=1`` and is slow (the
+interpreter takes seconds per launch: use ``--quick``).
 Writes ``memory.csv`` (appended) and ``memory.md`` (the latest table) under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import csv
 import ctypes
 import datetime as _dt
@@ -37,6 +42,7 @@ from fastpeft import recompute as R
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "bert")
 METHODS = ("lora", "lora_dropout0.05", "adalora", "ia3")
 PROVIDERS = ("frozen", "peft", "fastpeft", "fastpeft-norecompute")
+OPT_IN_PROVIDERS = ("fastpeft-triton",)
 COLUMNS = ["timestamp", "family", "method", "provider", "dtype", "batch", "seq", "hidden", "layers", "peak_mib",
            "ratio_to_frozen", "saved_mib", "saved_ratio_to_frozen", "recomputed_mib", "recompute_ops", "mem_kind",
            "note"]
@@ -162,7 +168,7 @@ def make_model(family: str, method: str, provider: str, dtype, device, hidden: i
         model = peft.get_peft_model(base, adapter_config(peft, family, method))
     else:
         model = fastpeft.get_peft_model(base, adapter_config(fastpeft, family, method))
-        R.set_enabled(model, provider == "fastpeft")
+        R.set_enabled(model, provider != "fastpeft-norecompute")
     return model, model
 
 
@@ -171,7 +177,29 @@ def make_model(family: str, method: str, provider: str, dtype, device, hidden: i
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _provider_backend(provider: str):
+    """``fastpeft-triton``: every op on the triton backend (the backend is read from the environment per call)."""
+    if provider != "fastpeft-triton":
+        yield
+        return
+    old = os.environ.get("FASTPEFT_BACKEND")
+    os.environ["FASTPEFT_BACKEND"] = "triton"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FASTPEFT_BACKEND"]
+        else:
+            os.environ["FASTPEFT_BACKEND"] = old
+
+
 def run_case(family, method, provider, dtype, device, batch, seq, hidden, layers) -> dict:
+    with _provider_backend(provider):
+        return _run_case(family, method, provider, dtype, device, batch, seq, hidden, layers)
+
+
+def _run_case(family, method, provider, dtype, device, batch, seq, hidden, layers) -> dict:
     model, params = make_model(family, method, provider, dtype, device, hidden, layers)
     model.train()
     g = torch.Generator().manual_seed(1)
@@ -212,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def markdown(rows: list[dict]) -> str:
     """One line per (family, method): peak growth relative to the frozen model for each provider."""
+    tri = any(r["provider"] == "fastpeft-triton" for r in rows)
     lines = ["| family | method | HF PEFT | fastpeft (recompute off) | fastpeft | saved for backward, fastpeft / "
-             "frozen | recomputed per step |", "|---|---|---|---|---|---|---|"]
+             "frozen | recomputed per step |" + (" fastpeft, triton path | saved, triton path |" if tri else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if tri else "")]
     seen = []
     for r in rows:
         if r["provider"] != "frozen" and (r["family"], r["method"]) not in seen:
@@ -227,7 +257,9 @@ def markdown(rows: list[dict]) -> str:
         fp = by.get("fastpeft", {})
         rec = f"{float(fp['recomputed_mib']):.1f} MiB, {fp['recompute_ops']} ops" if fp else "-"
         lines.append(f"| {fam} | {meth} | {cell('peft')} | {cell('fastpeft-norecompute')} | {cell('fastpeft')} | "
-                     f"{cell('fastpeft', 'saved_ratio_to_frozen')} | {rec} |")
+                     f"{cell('fastpeft', 'saved_ratio_to_frozen')} | {rec} |"
+                     + (f" {cell('fastpeft-triton')} | {cell('fastpeft-triton', 'saved_ratio_to_frozen')} |"
+                        if tri else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -241,6 +273,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     fams = [f.strip() for f in args.families.split(",") if f.strip()]
     meths = [m.strip() for m in args.methods.split(",") if m.strip()]
     provs = [p.strip() for p in args.providers.split(",") if p.strip()]
+    unknown = [p for p in provs if p not in PROVIDERS + OPT_IN_PROVIDERS]
+    if unknown:
+        raise SystemExit(f"--providers: unknown {', '.join(unknown)}; choose from "
+                         f"{', '.join(PROVIDERS + OPT_IN_PROVIDERS)}")
+    if "fastpeft-triton" in provs and device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        print("fastpeft-triton on a CPU needs TRITON_INTERPRET=1: skipped", file=sys.stderr)
+        provs.remove("fastpeft-triton")
     if "peft" in provs:
         try:
             import peft  # noqa: F401

@@ -1,4 +1,4 @@
-"""Sibling LoRA layers that read the same input share one shrink: the ``lora_group`` op (``fastpeft/ops/lora_group.py``).
+"""Sibling LoRA layers that read one input share one shrink: the ``lora_group`` op (``fastpeft/ops/lora_group.py``).
 
 q_proj / k_proj / v_proj (and gate_proj / up_proj, BERT's query / key / value) are called one after another with the
 very same tensor x.  Each alone reads x twice per training step for its adapter (the shrink forward, dA backward);
