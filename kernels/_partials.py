@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ._target import launch_ok
 
-__all__ = ["sum_partials", "plan_partials", "sum_partials_tile", "sum_parts", "TILE"]
+__all__ = ["sum_partials", "plan_partials", "sum_partials_tile", "sum_parts", "TILE", "SEGMENTS"]
 
 
 @triton.jit
@@ -73,7 +73,7 @@ def _sum_partials_kernel(p0, o0, P0, L0, p1, o1, P1, L1, p2, o2, P2, L2, p3, o3,
 # Elements of a result one program sums: a 1024-wide fp32 tile (4 KB per partial, coalesced).  The buffers are at
 # most a few MB at production shapes, so the grid is a few hundred programs (chosen by arithmetic, not timed).
 TILE = 1024
-_SEGMENTS = 4
+SEGMENTS = 4  # buffers needing work that one launch (or one plan) finishes
 
 
 @dataclasses.dataclass
@@ -101,12 +101,12 @@ def plan_partials(jobs: list[tuple[torch.Tensor, torch.dtype]], like: torch.Tens
         out = torch.empty(part.shape[1:], device=part.device, dtype=dtype)
         outs.append(out)
         work.append((part, out))
-    if len(work) > _SEGMENTS:
-        raise ValueError(f"sum_partials takes at most {_SEGMENTS} buffers needing work, got {len(work)}")
+    if len(work) > SEGMENTS:
+        raise ValueError(f"sum_partials takes at most {SEGMENTS} buffers needing work, got {len(work)}")
     args: list = []
     bounds: list[int] = []
     tiles = 0
-    for i in range(_SEGMENTS):
+    for i in range(SEGMENTS):
         if i < len(work):
             part, out = work[i]
             length = out.numel()

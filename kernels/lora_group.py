@@ -22,14 +22,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._partials import SEGMENTS as _SEGMENTS
 from ._partials import plan_partials, sum_partials
 from ._target import LaunchTarget, launch_target, on_input_device
 from .lora import _da_pass, _dy_pass, _expand, dy_split, shrink
 
 __all__ = ["lora_group_fwd_triton", "lora_group_bwd_triton"]
-
-# plan_partials / sum_partials take at most this many buffers needing work per launch
-_SEGMENTS = 4
 
 
 def _offsets(ranks: list[int]) -> list[int]:

@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from ..._backend import select_backend
+from ...ops import _registry
 
 __all__ = ["shared_forward", "enabled"]
 
@@ -88,8 +89,8 @@ def shared_forward(layer, x: torch.Tensor, spec: Callable[[object, torch.Tensor]
     `spec(module, x)` gives a layer's ``(weight (N, K), bias, lora_A (r, K), lora_B (N, r), scaling)`` when it can
     take part (one adapter, no active dropout, no DoRA, fused-capable), else None.  x: (..., K).
     """
-    if not enabled() or torch.compiler.is_compiling():
-        return None
+    if not enabled() or torch.compiler.is_compiling() or _registry.supports("lora", "triton", x) is not None:
+        return None   # (the check is cheap, and spares the torch path - every CPU call - the bookkeeping below)
     st = _state
     backward = _in_backward()
     pend = st.pending
