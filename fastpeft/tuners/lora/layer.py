@@ -162,29 +162,22 @@ class Linear(LoraLayer):
         active = self._present_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        # A DTensor lora_A: FSDP2 sharded the lora_A/lora_B leaves on their own (HF PEFT's fsdp_auto_wrap_policy), so
-        # their weights are gathered only when those modules are called - the loop below calls them.
-        fused = (len(active) == 1 and not self.lora_bias[active[0]] and not is_sharded(self.lora_A[active[0]].weight)
-                 and self._fused_reason(x, args, kwargs) is None)
-        if fused and active[0] in self.lora_magnitude_vector:
+        a = self._fused_adapter(active, x, args, kwargs)
+        if a is not None and a in self.lora_magnitude_vector:
             # DoRA without active dropout is one LoRA call plus a column scale; with dropout it needs W·drop(x) too
             # (PEFT's extra matmul), which the loop below does
-            if isinstance(self.lora_dropout[active[0]], nn.Identity) or not self.training:
-                return dora_fused_forward(self, active[0], x)
-            fused = False
-        if fused:
-            a = active[0]
-            A = self.lora_A[a].weight
-            drop = self.lora_dropout[a]
-            p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+            if self._dropout_p(a) == 0.0:
+                return dora_fused_forward(self, a, x)
+            a = None
+        if a is not None:
+            p = self._dropout_p(a)
             if p == 0.0:
                 # q/k/v, gate/up: siblings called with this same x share one shrink (``siblings.py``)
                 y = shared_forward(self, x, _shared_spec)
                 if y is not None:
                     return y
-            base = self.base_layer
-            return lora_linear(x, linear_weight_oi(base), base.bias, A, self.lora_B[a].weight,
-                                  self.scaling[a], p, None, backend=None)
+            weight, bias, A, B, scaling = self._op_operands(a)
+            return lora_linear(x, weight, bias, A, B, scaling, p, None, backend=None)
         # several adapters: PEFT's loop (outputs summed)
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
@@ -197,22 +190,34 @@ class Linear(LoraLayer):
                 result = result + self.lora_B[a](A(self.lora_dropout[a](xa))) * self.scaling[a]
         return result.to(out_dtype)
 
-    def _shared_spec(self, x: torch.Tensor) -> Optional[tuple]:
-        """(weight (N, K), bias, lora_A (r, K), lora_B (N, r), scaling) when this layer can join a sibling group for
-        input x (one plain LoRA adapter, no active dropout, fused-capable), else None."""
-        if self._base_only() or self._batch_adapter_names is not None:
-            return None
-        active = self._present_active()
-        if len(active) != 1:
-            return None
-        a = active[0]
+    def _fused_adapter(self, active: list[str], x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
+        """The one active adapter when this call can take the fused op (or DoRA's fused path), else None."""
+        # A DTensor lora_A: FSDP2 sharded the lora_A/lora_B leaves on their own (HF PEFT's fsdp_auto_wrap_policy), so
+        # their weights are gathered only when those modules are called - PEFT's loop calls them.
+        if (len(active) == 1 and not self.lora_bias[active[0]] and not is_sharded(self.lora_A[active[0]].weight)
+                and self._fused_reason(x, args, kwargs) is None):
+            return active[0]
+        return None
+
+    def _dropout_p(self, a: str) -> float:
+        """Adapter `a`'s active dropout probability (0 in eval mode or without dropout)."""
         drop = self.lora_dropout[a]
-        if (self.lora_bias[a] or a in self.lora_magnitude_vector or is_sharded(self.lora_A[a].weight)
-                or (isinstance(drop, nn.Dropout) and drop.training and drop.p > 0)
-                or self._fused_reason(x, (), {}) is not None):
-            return None
+        return drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+
+    def _op_operands(self, a: str) -> tuple:
+        """(weight (N, K), bias, lora_A (r, K), lora_B (N, r), scaling) of adapter `a`, as the LoRA op takes them."""
         base = self.base_layer
         return linear_weight_oi(base), base.bias, self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a]
+
+    def _shared_spec(self, x: torch.Tensor) -> Optional[tuple]:
+        """``_op_operands`` when this layer can join a sibling group for input x (one plain LoRA adapter, no active
+        dropout, fused-capable), else None."""
+        if self._base_only() or self._batch_adapter_names is not None:
+            return None
+        a = self._fused_adapter(self._present_active(), x, (), {})
+        if a is None or a in self.lora_magnitude_vector or self._dropout_p(a) > 0.0:
+            return None
+        return self._op_operands(a)
 
     def _mixed_batch_forward(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
         """Row i uses adapter names[i] ("__base__" or an adapter this layer lacks: base only); PEFT's math."""
