@@ -3,13 +3,19 @@
 ``python -m benchmarks.bench_memory [--out DIR] [--families llama,gpt2] [--methods lora,ia3] [--quick]``
 (also ``python -m benchmarks --op memory``).
 
-The measure (device-independent; activation memory on a GPU follows the same tensors): growth of the C heap -
-glibc ``mallinfo2()``, ``uordblks + hblkhd`` - sampled after every ATen op of one forward + backward through a
-``TorchDispatchMode``, above its level just before the step, after two warm-up steps.  On CUDA,
-``torch.cuda.max_memory_allocated`` growth over the step instead.  The frozen reference is the same model with every
-weight frozen and the input embeddings trainable (so activations need grad).  Also reported: the bytes autograd
-keeps for backward (unique storages, weights excluded; ``fastpeft.recompute.saved_tensor_bytes``) and what the
-recompute rebuilds per step (bytes, recipe steps).
+The measure (device-independent; activation memory on a GPU follows the same tensors): the peak of torch's own
+allocations during one forward + backward, above the level just before it, after two warm-up steps.  On a CPU it is
+the running sum of the profiler's allocation events (``torch.profiler``, ``profile_memory=True``: every CPU
+allocation and free, in order); on CUDA ``torch.cuda.max_memory_allocated`` growth over the step.  The frozen
+reference is the same model with every weight frozen and the input embeddings trainable (so activations need grad).
+
+Also reported, on a CPU, the measure the memory issue was filed with: growth of the C heap (glibc ``mallinfo2()``,
+``uordblks + hblkhd``) sampled after every ATen op through a ``TorchDispatchMode``.  It overstates what adapters
+cost: while a Python dispatch mode is active torch treats every tensor as a subclass and autograd stops summing a
+tensor's gradients in place (each sum of two M x K gradients - an adapter's input gets one from the frozen layer and
+one from the adapter - takes a third buffer); it also counts whatever else mallocs (the Triton interpreter's numpy
+copies).  Hence the first measure.  Also: the bytes autograd keeps for backward (unique storages, weights excluded;
+``fastpeft.recompute.saved_tensor_bytes``) and what the recompute rebuilds per step (bytes, recipe steps).
 
 Default case (the issue's): 2 layers, hidden 512, batch 4 x 256 tokens, bf16 base, fp32 adapters, LoRA r=16 on
 every linear layer (dropout 0 and 0.05), AdaLoRA r=16, IA3 on (k, v, down).
@@ -45,7 +51,7 @@ PROVIDERS = ("frozen", "peft", "fastpeft", "fastpeft-norecompute")
 OPT_IN_PROVIDERS = ("fastpeft-triton",)
 COLUMNS = ["timestamp", "family", "method", "provider", "dtype", "batch", "seq", "hidden", "layers", "peak_mib",
            "ratio_to_frozen", "saved_mib", "saved_ratio_to_frozen", "recomputed_mib", "recompute_ops", "mem_kind",
-           "note"]
+           "heap_mode_mib", "heap_mode_ratio_to_frozen", "note"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -86,7 +92,7 @@ class _PeakHeap(TorchDispatchMode):
 
 
 def _measure(step: Callable[[], None], device: torch.device) -> tuple[float, str]:
-    """Peak growth (MiB) of one step over the level just before it."""
+    """Peak growth (MiB) of torch's allocations during one step over the level just before it."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -94,15 +100,31 @@ def _measure(step: Callable[[], None], device: torch.device) -> tuple[float, str
         step()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2 ** 20, "cuda_max_allocated"
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    cpu = torch._C._autograd.DeviceType.CPU
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == cpu), key=lambda e: e.start_ns())
+    level = peak = 0
+    for e in events:
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak / 2 ** 20, "torch CPU allocations (profiler)"
+
+
+def _measure_heap_mode(step: Callable[[], None]) -> float:
+    """The issue's measure (see the module docstring): peak C-heap growth (MiB) sampled after every ATen op through
+    a dispatch mode; NaN without glibc's mallinfo2."""
     read = _heap_reader()
     if read is None:
-        return float("nan"), "unavailable (no glibc mallinfo2)"
+        return float("nan")
     mode = _PeakHeap(read)
     before = read()
     mode.peak = before
     with mode:
         step()
-    return (mode.peak - before) / 2 ** 20, "mallinfo2"
+    return (mode.peak - before) / 2 ** 20
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,10 +237,14 @@ def _run_case(family, method, provider, dtype, device, batch, seq, hidden, layer
         model.zero_grad(set_to_none=True)
     peak, kind = _measure(step, device)
     model.zero_grad(set_to_none=True)
+    heap = ""
+    if device.type == "cpu":
+        heap = _measure_heap_mode(step)
+        model.zero_grad(set_to_none=True)
     with R.saved_tensor_bytes(exclude=params) as acc:
         out = model(input_ids=ids, labels=ids)
     del out
-    return {"peak_mib": peak, "mem_kind": kind, "saved_mib": acc["bytes"] / 2 ** 20,
+    return {"peak_mib": peak, "heap_mode_mib": heap, "mem_kind": kind, "saved_mib": acc["bytes"] / 2 ** 20,
             "recomputed_mib": acc["recomputed_bytes"] / 2 ** 20, "recompute_ops": acc["ops"]}
 
 
@@ -241,9 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
 def markdown(rows: list[dict]) -> str:
     """One line per (family, method): peak growth relative to the frozen model for each provider."""
     tri = any(r["provider"] == "fastpeft-triton" for r in rows)
+    heap = any(r.get("heap_mode_ratio_to_frozen", "") != "" for r in rows)
     lines = ["| family | method | HF PEFT | fastpeft (recompute off) | fastpeft | saved for backward, fastpeft / "
-             "frozen | recomputed per step |" + (" fastpeft, triton path | saved, triton path |" if tri else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|" if tri else "")]
+             "frozen | recomputed per step |" + (" fastpeft, triton path | saved, triton path |" if tri else "")
+             + (" heap + dispatch mode: HF PEFT / fastpeft |" if heap else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if tri else "") + ("---|" if heap else "")]
     seen = []
     for r in rows:
         if r["provider"] != "frozen" and (r["family"], r["method"]) not in seen:
@@ -259,7 +287,9 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {fam} | {meth} | {cell('peft')} | {cell('fastpeft-norecompute')} | {cell('fastpeft')} | "
                      f"{cell('fastpeft', 'saved_ratio_to_frozen')} | {rec} |"
                      + (f" {cell('fastpeft-triton')} | {cell('fastpeft-triton', 'saved_ratio_to_frozen')} |"
-                        if tri else ""))
+                        if tri else "")
+                     + (f" {cell('peft', 'heap_mode_ratio_to_frozen')} / "
+                        f"{cell('fastpeft', 'heap_mode_ratio_to_frozen')} |" if heap else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -304,12 +334,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 if res:
                     row["ratio_to_frozen"] = res["peak_mib"] / frozen["peak_mib"]
                     row["saved_ratio_to_frozen"] = res["saved_mib"] / frozen["saved_mib"]
+                    if res["heap_mode_mib"] != "":
+                        row["heap_mode_ratio_to_frozen"] = res["heap_mode_mib"] / frozen["heap_mode_mib"]
                 rows.append(row)
                 print(f"{fam:8s} {meth:18s} {prov:22s} peak {res.get('peak_mib', float('nan')):8.2f} MiB "
                       f"({row.get('ratio_to_frozen', float('nan')):.2f}x frozen) {note}", file=sys.stderr)
     common = {"timestamp": ts, "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "hidden": args.hidden,
               "layers": args.layers}
     path = out / "memory.csv"
+    if path.exists() and path.read_text().split("\n", 1)[0] != ",".join(COLUMNS):
+        path.rename(path.with_name(f"memory-before-{ts.replace(':', '')}.csv"))  # rows of an older column set
     new = not path.exists()
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")

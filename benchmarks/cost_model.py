@@ -68,6 +68,10 @@ ALT_GAP_S = 2e-6  # the sensitivity run's gap between kernels (see run_model)
 GEMM_INTENSITY = 32  # flop/byte: a reported kernel at least this intense is a GEMM (the LoRA extras are ~r = 16)
 
 SHAPES = {"q_proj": (4096, 4096), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}
+# Llama-3-8B's sibling groups, (K, (N of each member)): the layers that read the same normed x, which
+# ``fastpeft.tuners.lora.siblings`` runs as one ``lora_group`` op on the triton backend (no active dropout).
+GROUPS = {"q/k/v": (4096, (4096, 1024, 1024)), "gate/up": (4096, (14336, 14336))}
+GROUP_MS = (2048, 8192)
 MS = (1, 16, 2048, 8192)
 RANK = 16
 ALPHA = 32
@@ -270,9 +274,13 @@ class _KernelCounter(TorchDispatchMode):
             return out
         out_ids = {id(t) for t in outs}
         ins = [t for t in _tensors((args, kwargs)) if id(t) not in out_ids or func._schema.is_mutable]
-        flops, gemm = 0, func.overloadpacket in flop_registry
+        # an in-place GEMM (addmm_, baddbmm_) is its out-of-place formula: flop_registry lists only the latter
+        packet = func.overloadpacket
+        if packet not in flop_registry and name.endswith("_") and hasattr(torch.ops.aten, name[:-1]):
+            packet = getattr(torch.ops.aten, name[:-1])
+        flops, gemm = 0, packet in flop_registry
         if gemm:
-            flops = int(flop_registry[func.overloadpacket](*args, **kwargs, out_val=out))
+            flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
         self.kernels.append(Kernel(f"{func.namespace}.{name}", "torch", sum(_span_bytes(t) for t in ins),
                                    sum(_span_bytes(t) for t in outs), flops, 1, gemm))
         return out
@@ -461,6 +469,79 @@ def _fastpeft_case(backend: str, method: str, k: int, n: int, m: int, bwd: bool,
         if bwd:
             bwd_fn(torch.empty_like(y), x, w, a, e, b, s, scaling, p, 1234, True, False)
     return setup, run
+
+
+def _group_case(backend: str, k: int, ns: tuple, m: int):
+    """fwd+bwd of the ``lora_group`` op contract on `backend` (fake CUDA tensors): one group of LoRA layers
+    (r = RANK, dropout 0) reading one x (M, K), member i writing (M, ns[i])."""
+    from fastpeft.ops import lora_group as ops
+    fwd, bwd = ops._impl("lora_group_fwd", backend), ops._impl("lora_group_bwd", backend)
+    g = len(ns)
+
+    def setup():
+        dev = "cuda"
+        return (_bf16(m, k, device=dev), [_bf16(n, k, device=dev) for n in ns],
+                [torch.empty(RANK, k, device=dev, dtype=torch.float32) for _ in ns],
+                [torch.empty(n, RANK, device=dev, dtype=torch.float32) for n in ns])
+
+    def run(state):
+        x, ws, As, Bs = state
+        sc = [ALPHA / RANK] * g
+        ys, s = fwd(x, ws, [None] * g, As, Bs, sc)
+        bwd(x, [torch.empty_like(y) for y in ys], ws, As, Bs, s, sc, True, [False] * g)
+    return setup, run
+
+
+def _traced(setup_run, backend: str) -> Trace:
+    from torch._subclasses import FakeTensorMode
+    setup, fn = setup_run
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        tr = trace(fn, setup)
+    tr.backend = backend
+    return tr
+
+
+def _eager_seconds(traces: list, cal: Calibration) -> float:
+    """Predicted eager fwd+bwd of layer calls run back to back: max(their GPU time, their host time) (the host runs
+    ahead across calls); the ``autograd`` trace (the dX sums) costs GPU time only."""
+    return max(sum(gpu_seconds(t, cal) for t in traces),
+               sum(host_seconds(t, cal, True) for t in traces if t.backend != "autograd"))
+
+
+def group_rows(cal: Calibration) -> list:
+    """Predicted fwd+bwd of each sibling group (GROUPS, at GROUP_MS), LoRA r = 16 without dropout: the group op
+    (``group``), its members as single layers on the default path (``default``) and HF PEFT's members (``peft``),
+    each summed over the members and x the frozen members' sum; the paths run one by one include autograd's sums
+    of the members' dX (the group sums them inside its backward).  A row per (group, M, path)."""
+    backend = default_backend("lora")
+    rows = []
+    for name, (k, ns) in GROUPS.items():
+        for m in GROUP_MS:
+            members = {
+                "base": [_traced(_base_case(k, n, m, True), "torch (frozen nn.Linear)") for n in ns],
+                "group": [_traced(_group_case(backend.partition(":")[0], k, ns, m), backend + ", lora_group")],
+                "default": [_traced(_fastpeft_case(backend, "lora", k, n, m, True, False), backend) for n in ns],
+                "peft": [_traced(_peft_case("lora", k, n, m, True, False), "HF PEFT, fp32 adapters") for n in ns],
+            }
+            # one by one, autograd sums the members' dX (bf16, M x K): G - 1 adds, each reading two and writing one
+            dx_sums = Trace(kernels=[Kernel("add (autograd: the members' dX)", "torch", 2 * 2 * m * k, 2 * m * k,
+                                            m * k, launches=len(ns) - 1)], backend="autograd")
+            for path in ("base", "default", "peft"):
+                members[path].append(dx_sums)
+            base_s = _eager_seconds(members["base"], cal)
+            base_b = sum(t.bytes for t in members["base"])
+            for path, trs in members.items():
+                bad = [t.status for t in trs if not t.modelled]
+                row = dict(group=name, K=k, N="/".join(map(str, ns)), M=m, path=path, backend=trs[0].backend,
+                           status=bad[0] if bad else "ok", launches="", bytes="", extra_bytes="", pred_ms="",
+                           pred_x_base="")
+                if not bad:
+                    t = _eager_seconds(trs, cal)
+                    b = sum(tr.bytes for tr in trs)
+                    row.update(launches=sum(tr.launches for tr in trs), bytes=b, extra_bytes=b - base_b,
+                               pred_ms=round(t * 1e3, 4), pred_x_base=round(t / base_s, 3))
+                rows.append(row)
+    return rows
 
 
 def _design_case(method: str, k: int, n: int, m: int, bwd: bool, feedforward: bool):
@@ -869,9 +950,10 @@ def run_model(out_dir, quick: bool = False, paths: Iterable[str] = PATHS, log=pr
                            pred_ms=round(p * 1e3, 4), pred_graph_ms=round(g * 1e3, 4),
                            pred_x_base=round(p / b_pred, 3), pred_graph_x_base=round(g / b_graph, 3))
             rows.append(row)
-    _write(out_dir, cal, rows, traces, quick, paths, cal_alt)
+    groups = group_rows(cal) if "default" in paths else []
+    _write(out_dir, cal, rows, traces, quick, paths, cal_alt, groups)
     log(f"wrote {out_dir / 'cost_model.md'}, cost_model.csv, cost_model_kernels.csv")
-    return {"calibration": cal, "rows": rows, "kernels": traces}
+    return {"calibration": cal, "rows": rows, "kernels": traces, "groups": groups}
 
 
 def _fmt_bytes(b: int) -> str:
@@ -927,8 +1009,37 @@ def _headline(by: dict, paths: list) -> list:
     return L + [""]
 
 
+GROUP_COLUMNS = ["group", "K", "N", "M", "path", "backend", "status", "launches", "bytes", "extra_bytes", "pred_ms",
+                 "pred_x_base"]
+
+
+def _group_section(groups: list) -> list:
+    if not groups:
+        return []
+    by = {(g["group"], g["M"], g["path"]): g for g in groups}
+    L = ["## Sibling groups (q/k/v, gate/up), fwd+bwd, predicted x the frozen members", "",
+         "Llama-3-8B's layers that read one normed x, LoRA r=16 without dropout (the only case grouped): the "
+         "`lora_group` op (one shrink with the A's stacked, one dA pass over x for all, dX summed in place by "
+         "cuBLAS) against the same members run one by one on the default path, and HF PEFT's members. Each is the "
+         "sum over the members, x the frozen members' sum (`cost_model_groups.csv`).", "",
+         "| group | N | M | group op | members one by one | HF PEFT | launches: group / one by one | "
+         "extra bytes: group / one by one |", "|---|---|---|---|---|---|---|---|"]
+    for (name, m, path), g in by.items():
+        if path != "base":
+            continue
+
+        def c(p, col="pred_x_base"):
+            r = by.get((name, m, p), {})
+            return "unmodelled" if r.get("status", "ok") != "ok" else str(r.get(col, ""))
+        eb = [by.get((name, m, p), {}).get("extra_bytes", "") for p in ("group", "default")]
+        L.append(f"| {name} | {g['N']} | {m} | {c('group')} | {c('default')} | {c('peft')} | "
+                 f"{c('group', 'launches')} / {c('default', 'launches')} | "
+                 + " / ".join(_fmt_bytes(b) if b != "" else "-" for b in eb) + " |")
+    return L + [""]
+
+
 def _write(out_dir: Path, cal: Calibration, rows: list, traces: dict, quick: bool, paths: list,
-           cal_alt: Calibration) -> None:
+           cal_alt: Calibration, groups: Optional[list] = None) -> None:
     with open(out_dir / "cost_model.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
@@ -941,6 +1052,11 @@ def _write(out_dir: Path, cal: Calibration, rows: list, traces: dict, quick: boo
             for k in tr.kernels:
                 w.writerow([layer, m, method, mode, path, k.name, k.source, int(k.gemm), k.launches, k.bytes_read,
                             k.bytes_written, k.flops, round(kernel_seconds(k, cal) * 1e6, 2)])
+    if groups:
+        with open(out_dir / "cost_model_groups.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=GROUP_COLUMNS)
+            w.writeheader()
+            w.writerows(groups)
     by = {(r["layer"], r["M"], r["method"], r["mode"], r["path"]): r for r in rows}
     backends = {p: next((r["backend"] for r in rows if r["path"] == p), "") for p in paths}
     L = ["# Cost model: predicted H200 time of one layer, x the frozen layer", "",
@@ -952,6 +1068,7 @@ def _write(out_dir: Path, cal: Calibration, rows: list, traces: dict, quick: boo
          "path does not report its kernels to `fastpeft._cost` (the error is in cost_model.csv); no number is "
          "estimated for it.", ""]
     L += _headline(by, paths)
+    L += _group_section(groups or [])
     L += ["## Calibration", "",
          f"Peaks: {PEAK_FLOPS / 1e12:.0f} TFLOP/s bf16 and {PEAK_BYTES / 1e12:.1f} TB/s ({SOURCE}). Streaming "
          "kernels run at the copy ceiling; fastpeft's own GEMMs at 1/" f"{TRITON_GEMM_SLOWDOWN} of cuBLAS's "

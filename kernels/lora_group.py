@@ -64,7 +64,7 @@ def lora_group_fwd_triton(x: torch.Tensor, weights: list[torch.Tensor], biases: 
         y = F.linear(x, w, b)
         # each member's expand sums its columns of S's partials and stores them into S (the group's S is complete
         # once every member's expand ran)
-        _expand(y, s_part[:, :, o:o + r], float(sc), None, B.t(), tgt, l_sum=None if one else s[:, o:o + r])
+        _expand(y, s_part.narrow(2, o, r), float(sc), None, B.t(), tgt, l_sum=None if one else s.narrow(1, o, r))
         ys.append(y)
     return ys, s
 
@@ -112,8 +112,8 @@ def lora_group_bwd_triton(x: torch.Tensor, dys: list[Optional[torch.Tensor]], we
     jobs, slots = [], []
     for i, o in zip(live, live_offs):
         r = ranks[i]
-        _, db_part, dbias_part = _dy_pass(dys[i], lora_Bs[i], S[:, offs[i]:offs[i] + r], None, scalings[i],
-                                          has_bias[i], tgt, dse_out=dse[:, :, o:o + r])
+        _, db_part, dbias_part = _dy_pass(dys[i], lora_Bs[i], S.narrow(1, offs[i], r), None, scalings[i],
+                                          has_bias[i], tgt, dse_out=dse.narrow(2, o, r))
         jobs.append((db_part, lora_Bs[i].dtype))
         slots.append(("B", i))
         if has_bias[i]:
@@ -142,7 +142,7 @@ def lora_group_bwd_triton(x: torch.Tensor, dys: list[Optional[torch.Tensor]], we
     for (kind, i), t in zip(slots, outs):
         if kind == "A":
             for j, o in zip(live, live_offs):
-                dA[j] = t[o:o + ranks[j]]
+                dA[j] = t.narrow(0, o, ranks[j])
         elif kind == "B":
             dB[i] = t
         else:

@@ -201,6 +201,21 @@ def test_dispatch_counting_bytes_and_views():
     assert red.bytes_read == 2 * 64 * 32 and red.flops == 0
 
 
+def test_in_place_gemm_counts_as_a_gemm():
+    """``addmm_`` (cuBLAS beta = 1: the sibling group sums its members' dX in place) has addmm's FLOPs and runs at
+    GEMM efficiency; torch's flop registry lists only the out-of-place op."""
+    from torch._subclasses import FakeTensorMode
+
+    def run(state):
+        c, a, b = state
+        c.addmm_(a, b)
+
+    with FakeTensorMode():
+        tr = C.trace(run, lambda: (torch.empty(64, 48), torch.empty(64, 32), torch.empty(32, 48)))
+    (k,) = tr.kernels
+    assert k.name == "aten.addmm_" and k.gemm and k.flops == 2 * 64 * 32 * 48
+
+
 def test_prediction_formula():
     cal = C.Calibration(e_gemm=0.9, e_gemv=0.5, gap_s=2e-6, host_call_s=10e-6, host_launch_s=5e-6, host_bwd_s=50e-6)
     gemm = C.Kernel("aten.mm", "torch", 10 ** 9, 10 ** 8, 10 ** 13, gemm=True)
@@ -299,3 +314,24 @@ def test_dora_default_path_is_lora_plus_passes_over_w(model_run):
     m = 8192
     passes = 2 * n * k * (1 + 2 * 2) + 2 * (2 * m * n)  # W read once (prep), read+written twice; dY and u read
     assert passes <= int(dora["bytes"]) - int(lora["bytes"]) <= 1.02 * passes
+
+
+def test_sibling_groups_are_modelled_and_cheaper_than_their_members(model_run):
+    """The q/k/v and gate/up groups (``lora_group``) are traced like any path, and the model shows what the design
+    says: fewer bytes than the members one by one (x read once for all shrinks and once for all dA; dX summed in
+    place, where one by one autograd adds the members' dX), hence a lower predicted time."""
+    d, _, _ = model_run
+    with open(d / "cost_model_groups.csv") as f:
+        rows = list(csv.DictReader(f))
+    by = {(r["group"], int(r["M"]), r["path"]): r for r in rows}
+    assert {g for g, _, _ in by} == set(C.GROUPS) and {m for _, m, _ in by} == set(C.GROUP_MS)
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows if r["status"] != "ok"]
+    for (g, m, p), r in by.items():
+        if p != "group":
+            continue
+        one = by[(g, m, "default")]
+        k, members = int(r["K"]), len(r["N"].split("/"))
+        # at least (G - 1) passes over x saved each way
+        assert int(one["bytes"]) - int(r["bytes"]) >= (members - 1) * 2 * (2 * m * k)
+        assert float(r["pred_x_base"]) < float(one["pred_x_base"]) < float(by[(g, m, "peft")]["pred_x_base"])
+    assert "Sibling groups" in (d / "cost_model.md").read_text()

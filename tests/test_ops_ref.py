@@ -461,3 +461,49 @@ def test_custom_op_lora_fwd_equals_ref_and_autograd():
     _close64(A.grad, Ae.grad, "dA")
     _close64(B.grad, Be.grad, "dB")
     _close64(e.grad, ee.grad, "dE")
+
+
+@pytest.mark.parametrize("m,k,r", [(513, 1408, 16), (2049, 300, 1), (1000, 17, 16), (600, 64, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lora_torch_path_chunks_are_bit_equal_to_autograd(m, k, r, dtype):
+    """The torch path's shrink and tail (``fastpeft.ops.lora._Shrink`` / ``_ScaledDeltaAdd``) cast a 16-bit input in
+    row / column chunks instead of whole; every output and gradient equals autograd on PEFT's op sequence
+    (``x.to(fp32) @ Aᵀ``; ``(base.to(fp32) + (se @ Bᵀ) * s).to(dtype)``) bit for bit - shapes with several chunks,
+    a remainder chunk, r = 1 (CPU BLAS runs a one-column GEMM as a GEMV)."""
+    from fastpeft.ops._chunks import spans
+    from fastpeft.ops.lora import _ScaledDeltaAdd, _Shrink
+    assert len(spans(m)) > 1
+    g = torch.Generator().manual_seed(m + k + r)
+    x = torch.randn(m, k, generator=g).to(dtype).requires_grad_()
+    a = torch.randn(r, k, generator=g, requires_grad=True)
+    ds = torch.randn(m, r, generator=g)
+    want = x.to(torch.float32) @ a.t()
+    got = _Shrink.apply(x, a)
+    assert torch.equal(got, want)
+    for w, v in zip(torch.autograd.grad(want, (x, a), ds), torch.autograd.grad(got, (x, a), ds)):
+        assert torch.equal(w, v)
+    base = torch.randn(m, k, generator=g).to(dtype).requires_grad_()
+    se = torch.randn(m, r, generator=g, requires_grad=True)
+    b = torch.randn(k, r, generator=g, requires_grad=True)
+    dy = torch.randn(m, k, generator=g).to(dtype)
+    want = (base.to(torch.float32) + (se @ b.t()) * 2.0).to(dtype)
+    got = _ScaledDeltaAdd.apply(base, se, b, 2.0, dtype)
+    assert torch.equal(got, want)
+    for w, v in zip(torch.autograd.grad(want, (base, se, b), dy), torch.autograd.grad(got, (base, se, b), dy)):
+        assert torch.equal(w, v)
+
+
+@pytest.mark.parametrize("shape", [(4, 256, 1408), (3000, 17), (2049, 600), (7, 5)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ia3_torch_path_chunks_are_bit_equal_to_autograd(shape, dtype):
+    """IA3's scaling on the torch path (``fastpeft.ops.ia3._ScaleByVector``) forms dl in column chunks and dt in row
+    chunks; output and both gradients equal autograd on PEFT's ``(t * l).to(dtype)`` bit for bit."""
+    g = torch.Generator().manual_seed(sum(shape))
+    t = torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+    lv = torch.randn(shape[-1], generator=g, requires_grad=True)
+    dy = torch.randn(*shape, generator=g).to(dtype)
+    want = (t * lv).to(dtype)
+    got = I._ScaleByVector.apply(t, lv, dtype)
+    assert torch.equal(got, want)
+    for w, v in zip(torch.autograd.grad(want, (t, lv), dy), torch.autograd.grad(got, (t, lv), dy)):
+        assert torch.equal(w, v)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .._meta import ia3_bwd_meta, ia3_fwd_meta  # noqa: F401  (public here too)
 from ._registry import impl as _impl
+from ._chunks import spans
 
 
 class _ScaleByVector(torch.autograd.Function):
@@ -37,15 +38,20 @@ class _ScaleByVector(torch.autograd.Function):
     are autograd's own (``sum_to_size``'s reduction).
 
     t: (..., D).  l: (D,).  Saves t and l (t is what the recompute rebuilds).  The forward writes the product rounded
-    once into the output (no buffer of the product's dtype, no wide copy of a 16-bit t)."""
+    once into the output (no buffer of the product's dtype); a 16-bit t is cast in row chunks (``_chunks.spans``:
+    a mixed-dtype ``mul`` copies its narrower operand whole)."""
 
     @staticmethod
     def forward(ctx, t, l, out_dtype):
         ctx.save_for_backward(t, l)
-        # computed in promote(t, l) and rounded once into the output: (t * l).to(out_dtype) without the product's
-        # wide buffer (and without a wide copy of a 16-bit t)
         y = torch.empty(t.shape, dtype=out_dtype, device=t.device)
-        return torch.mul(t, l, out=y)
+        ct = torch.promote_types(t.dtype, l.dtype)
+        if t.dtype == ct:
+            return torch.mul(t, l, out=y)
+        y2, t2 = y.view(-1, y.shape[-1]), t.reshape(-1, t.shape[-1])
+        for rows in spans(t2.shape[0]):
+            y2[rows] = t2[rows].to(ct).mul_(l)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
@@ -54,16 +60,30 @@ class _ScaleByVector(torch.autograd.Function):
         ct = torch.promote_types(t_dtype, l.dtype)
         dl = None
         if ctx.needs_input_grad[1]:
-            # autograd's grad_l = dY.to(ct) * t; 16-bit operands promote exactly inside the (in-place) product, so
-            # one buffer of ct holds it (no ct copy of dY)
-            p = t * dy if t_dtype == ct else t.to(ct).mul_(dy)
-            lead = tuple(range(p.dim() - l.dim()))
-            dl = (p.sum(lead, keepdim=True) if lead else p).view(l.shape).to(l.dtype)
-            del p
+            # autograd's grad_l = (dY.to(ct) * t).sum over the leading dimensions; for 16-bit operands in column
+            # chunks (the sum runs down each column, which chunking columns does not reorder): a chunk's two ct
+            # casts instead of two whole ones (an in-place mixed-dtype mul_ copies its 16-bit operand whole)
+            lead = tuple(range(t.dim() - l.dim()))
+            if t_dtype == ct and dy.dtype == ct:
+                p = t * dy
+                dl = (p.sum(lead, keepdim=True) if lead else p).view(l.shape).to(l.dtype)
+                del p
+            else:
+                dl = l.new_empty(l.shape, dtype=ct)
+                for cols in spans(t.shape[-1]):
+                    p = t[..., cols].to(ct).mul_(dy[..., cols].to(ct))
+                    dl[cols] = (p.sum(lead, keepdim=True) if lead else p).view(-1)
+                dl = dl.to(l.dtype)
         del t   # the rebuilt input is released before dt's buffer exists
         dt = None
         if ctx.needs_input_grad[0]:
-            dt = (dy.to(ct).mul_(l) if dy.dtype != ct else dy * l).to(t_dtype)
+            if dy.dtype == ct:
+                dt = (dy * l).to(t_dtype)
+            else:  # (dY.to(ct) * l).to(t.dtype) in row chunks, straight into dt
+                dt = dy.new_empty(dy.shape, dtype=t_dtype)
+                dt2, dy2 = dt.view(-1, dt.shape[-1]), dy.reshape(-1, dy.shape[-1])
+                for rows in spans(dy2.shape[0]):
+                    dt2[rows] = dy2[rows].to(ct).mul_(l)
         return dt, dl, None
 
 

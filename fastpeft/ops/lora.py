@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .._meta import lora_bwd_meta, lora_fwd_meta  # noqa: F401  (public here too)
 from ._registry import impl as _impl
+from ._chunks import spans
 from .dropout import dropout_keep_mask, dropout_scale, host_seed, seeded_dropout
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -78,13 +79,8 @@ def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         xd = F.dropout(x, dropout_p, training=True) if dropout_p > 0.0 else x
     else:
         xd = seeded_dropout(x, dropout_p, seed)
-    # (_cast skips the no-op casts: this runs once per adapted layer per step, where Python call overhead counts)
-    xa = _cast(xd, adt)
-    # The dropped copy in x's dtype is dead once cast: released here, not at return, so it is gone while the shrink
-    # and the expand run (GPT-2's LoRA-with-dropout step at 4 x 256 tokens: peak 1.16x -> 1.15x the frozen model's).
+    s = _Shrink.apply(xd, lora_A)
     del xd
-    s = _Shrink.apply(xa, lora_A)
-    del xa
     se = s * _cast(lora_E, adt) if lora_E is not None else s
     b_a = _cast(lora_B, adt)
     if adt == torch.promote_types(base.dtype, adt):
@@ -97,60 +93,101 @@ def lora_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 
 class _Shrink(torch.autograd.Function):
-    """``S = x Aᵀ`` - HF PEFT's ``lora_A(x)``, bit for bit, forward and backward (the same GEMM calls autograd makes
-    for the folded matmul), with the backward ordered so that the (rebuilt) input x and its gradient are never held
-    together: dA = dSᵀ x first, x released, then dx = dS A.  autograd's ``MmBackward0`` holds both; with fp32 adapters
-    on a 16-bit base those are two fp32 copies of the layer's input at once, the peak of BERT's LoRA step on its
-    intermediate layer (1.20x the frozen model's activation memory at 4 x 256 tokens).
+    """``S = x.to(A.dtype) Aᵀ`` - HF PEFT's ``lora_A(x.to(A.dtype))``, bit for bit, forward and backward (the GEMM
+    calls autograd makes for the folded matmul, and the cast's backward), without PEFT's M x K temporaries: x is
+    saved in its own dtype (what the recompute rebuilds), a cast input is cast in chunks (``_chunks.spans``), and dA is
+    formed before dx, with the (rebuilt) input released in between.
 
-    x: (..., K) in the adapter dtype.  A: (r, K).  Saves x (what the recompute rebuilds) and A."""
+    x: (..., K), any float dtype.  A: (r, K).  Returns S: (..., r) in A's dtype."""
 
     @staticmethod
     def forward(ctx, x, lora_A):
         ctx.save_for_backward(x, lora_A)
-        return (x.reshape(-1, x.shape[-1]).mm(lora_A.t())).view(*x.shape[:-1], lora_A.shape[0])
+        x2, at = x.reshape(-1, x.shape[-1]), lora_A.t()
+        if x.dtype == lora_A.dtype:
+            s = x2.mm(at)
+        else:
+            s = x2.new_empty(x2.shape[0], at.shape[1], dtype=lora_A.dtype)
+            for rows in spans(x2.shape[0]):
+                s[rows] = x2[rows].to(lora_A.dtype).mm(at)
+        return s.view(*x.shape[:-1], lora_A.shape[0])
 
     @staticmethod
     def backward(ctx, ds):
         x, a = ctx.saved_tensors
-        ds2 = ds.reshape(-1, ds.shape[-1])
-        # mm's backward for its column-major second operand Aᵀ: (dSᵀ x), transposed twice (torch's mm_mat2_backward)
-        da = ds2.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        del x
-        dx = ds2.mm(a).view(*ds.shape[:-1], a.shape[1]) if ctx.needs_input_grad[0] else None
+        ds2, x2 = ds.reshape(-1, ds.shape[-1]), x.reshape(-1, x.shape[-1])
+        da = None
+        if ctx.needs_input_grad[1]:
+            # mm's backward for its column-major second operand Aᵀ: (dSᵀ x), transposed twice (torch's
+            # mm_mat2_backward); a cast x in column chunks
+            if x.dtype == a.dtype:
+                da = ds2.t().mm(x2)
+            else:
+                da = a.new_empty(a.shape)
+                for cols in spans(x2.shape[1]):
+                    da[:, cols] = ds2.t().mm(x2[:, cols].to(a.dtype))
+        x_shape, x_dtype = x.shape, x.dtype
+        del x, x2
+        if not ctx.needs_input_grad[0]:
+            return None, da
+        if x_dtype == a.dtype:
+            return ds2.mm(a).view(x_shape), da
+        # (dS A).to(x.dtype), the cast's backward, chunk by chunk into a tensor of x's shape: not a view, so autograd
+        # can add the base branch's dx into it in place (a view would cost one more M x K buffer for the sum)
+        dx = ds2.new_empty(x_shape, dtype=x_dtype)
+        dx2 = dx.view(-1, x_shape[-1])
+        for rows in spans(ds2.shape[0]):
+            dx2[rows] = ds2[rows].mm(a)
         return dx, da
 
 
 class _ScaledDeltaAdd(torch.autograd.Function):
     """``y = (base + (se Bᵀ) · scaling).to(out_dtype)`` - the tail of HF PEFT's LoRA forward, bit for bit, forward
-    and backward, with one M x N buffer of the adapter dtype each way instead of four (forward: PEFT's product,
-    scaled copy, cast of base and sum) and three (backward: the fp32 copy of dY, its scaled copy, dY cast back for
-    the base branch).  With fp32 adapters on a 16-bit base those were 16 and 10 bytes per output element, the peak
-    of a training step on wide layers (Phi-3's gate_up_proj: 1.37x the frozen model's activation memory at 4 x 256
-    tokens, the recomputed inputs notwithstanding).  IEEE sums and products are commutative, so the in-place
-    versions give PEFT's values; dse and dB are the very GEMM calls autograd makes for ``se @ Bᵀ``.
+    and backward, without PEFT's M x N temporaries (forward: the product, its scaled copy, base's cast and the sum;
+    backward: dY's cast, its scaled copy, dY cast back for the base branch): on a base of the adapter dtype one
+    buffer each way, on a narrower base chunks of one (``_chunks.spans``).  IEEE sums and products are commutative,
+    so the in-place versions give PEFT's values; dse and dB are the very GEMM calls autograd makes for ``se @ Bᵀ``.
 
     base: (..., N), any float dtype.  se: (..., r) and B: (N, r) in the adapter dtype, which is base's or wider.
     Saves se and B only."""
 
     @staticmethod
     def forward(ctx, base, se, lora_B, scaling, out_dtype):
-        delta = (se @ lora_B.t()).mul_(scaling)
         ctx.save_for_backward(se, lora_B)
         ctx.scaling, ctx.base_dtype = scaling, base.dtype
-        return _cast(delta.add_(base), out_dtype)
+        bt = lora_B.t()
+        if out_dtype == lora_B.dtype:
+            return (se @ bt).mul_(scaling).add_(base)
+        se2, base2 = se.reshape(-1, se.shape[-1]), base.reshape(-1, base.shape[-1])
+        y = base.new_empty(base.shape, dtype=out_dtype)
+        y2 = y.view(-1, y.shape[-1])
+        for rows in spans(se2.shape[0]):
+            y2[rows] = se2[rows].mm(bt).mul_(scaling).add_(base2[rows])
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         se, b = ctx.saved_tensors
-        adt = b.dtype
-        g = dy.to(adt).mul_(ctx.scaling) if dy.dtype != adt else dy * ctx.scaling
-        g2 = g.reshape(-1, g.shape[-1])
-        d_se = (g2.mm(b)).view(*g.shape[:-1], b.shape[1]) if ctx.needs_input_grad[1] else None
-        # mm's backward for its column-major second operand Bᵀ: (gᵀ se), transposed twice (torch's mm_mat2_backward)
-        d_b = g2.t().mm(se.reshape(-1, se.shape[-1])) if ctx.needs_input_grad[2] else None
+        adt, sc = b.dtype, ctx.scaling
+        dy2, se2 = dy.reshape(-1, dy.shape[-1]), se.reshape(-1, se.shape[-1])
+        d_se = d_b = None
+        if dy.dtype == adt:
+            g2 = dy2 * sc
+            d_se = g2.mm(b) if ctx.needs_input_grad[1] else None
+            # mm's backward for its column-major second operand Bᵀ: (gᵀ se), transposed twice (mm_mat2_backward)
+            d_b = g2.t().mm(se2) if ctx.needs_input_grad[2] else None
+            del g2
+        else:  # g = dY.to(adt) · scaling, formed in row chunks for dse (sums over N) and column chunks for dB (over M)
+            if ctx.needs_input_grad[1]:
+                d_se = se2.new_empty(se2.shape)
+                for rows in spans(dy2.shape[0]):
+                    d_se[rows] = dy2[rows].to(adt).mul_(sc).mm(b)
+            if ctx.needs_input_grad[2]:
+                d_b = b.new_empty(b.shape)
+                for cols in spans(dy2.shape[1]):
+                    d_b[cols] = dy2[:, cols].to(adt).mul_(sc).t().mm(se2)
         d_base = _cast(dy, ctx.base_dtype) if ctx.needs_input_grad[0] else None
-        return d_base, d_se, d_b, None, None
+        return d_base, None if d_se is None else d_se.view(se.shape), d_b, None, None
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
