@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
+
 # `spans` cuts a dimension into at most 8 chunks of at least _SPAN_MIN, each starting at a multiple of _SPAN_ALIGN.
 # Chunking a GEMM's output rows or columns leaves every element's sum as it is (the bit-for-bit PEFT tests hold), so
 # long as no chunk turns into another kernel: CPU BLAS runs a 1-row (or, for r = 1, a 1-column) GEMM as a GEMV that
@@ -19,3 +23,12 @@ def spans(n: int) -> list:
         return [slice(0, n)]
     step = -(-(-(-n // chunks)) // _SPAN_ALIGN) * _SPAN_ALIGN
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def fill_rows(out: torch.Tensor, fn: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """``out`` (..., D) viewed as (M, D), written chunk by chunk: rows ``s`` get ``fn(s)`` ((len, D), any dtype: cast on
+    assignment) for each ``s`` of ``spans(M)``.  Returns out."""
+    out2 = out.view(-1, out.shape[-1])
+    for rows in spans(out2.shape[0]):
+        out2[rows] = fn(rows)
+    return out

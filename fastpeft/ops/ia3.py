@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .._meta import ia3_bwd_meta, ia3_fwd_meta  # noqa: F401  (public here too)
 from ._registry import impl as _impl
-from ._chunks import spans
+from ._chunks import fill_rows, spans
 
 
 class _ScaleByVector(torch.autograd.Function):
@@ -48,10 +48,8 @@ class _ScaleByVector(torch.autograd.Function):
         ct = torch.promote_types(t.dtype, l.dtype)
         if t.dtype == ct:
             return torch.mul(t, l, out=y)
-        y2, t2 = y.view(-1, y.shape[-1]), t.reshape(-1, t.shape[-1])
-        for rows in spans(t2.shape[0]):
-            y2[rows] = t2[rows].to(ct).mul_(l)
-        return y
+        t2 = t.reshape(-1, t.shape[-1])
+        return fill_rows(y, lambda rows: t2[rows].to(ct).mul_(l))
 
     @staticmethod
     def backward(ctx, dy):
@@ -80,10 +78,8 @@ class _ScaleByVector(torch.autograd.Function):
             if dy.dtype == ct:
                 dt = (dy * l).to(t_dtype)
             else:  # (dY.to(ct) * l).to(t.dtype) in row chunks, straight into dt
-                dt = dy.new_empty(dy.shape, dtype=t_dtype)
-                dt2, dy2 = dt.view(-1, dt.shape[-1]), dy.reshape(-1, dy.shape[-1])
-                for rows in spans(dy2.shape[0]):
-                    dt2[rows] = dy2[rows].to(ct).mul_(l)
+                dy2 = dy.reshape(-1, dy.shape[-1])
+                dt = fill_rows(dy.new_empty(dy.shape, dtype=t_dtype), lambda rows: dy2[rows].to(ct).mul_(l))
         return dt, dl, None
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .._meta import lora_bwd_meta, lora_fwd_meta  # noqa: F401  (public here too)
 from ._registry import impl as _impl
-from ._chunks import spans
+from ._chunks import fill_rows, spans
 from .dropout import dropout_keep_mask, dropout_scale, host_seed, seeded_dropout
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -107,9 +107,8 @@ class _Shrink(torch.autograd.Function):
         if x.dtype == lora_A.dtype:
             s = x2.mm(at)
         else:
-            s = x2.new_empty(x2.shape[0], at.shape[1], dtype=lora_A.dtype)
-            for rows in spans(x2.shape[0]):
-                s[rows] = x2[rows].to(lora_A.dtype).mm(at)
+            s = fill_rows(x2.new_empty(x2.shape[0], at.shape[1], dtype=lora_A.dtype),
+                          lambda rows: x2[rows].to(lora_A.dtype).mm(at))
         return s.view(*x.shape[:-1], lora_A.shape[0])
 
     @staticmethod
@@ -134,11 +133,7 @@ class _Shrink(torch.autograd.Function):
             return ds2.mm(a).view(x_shape), da
         # (dS A).to(x.dtype), the cast's backward, chunk by chunk into a tensor of x's shape: not a view, so autograd
         # can add the base branch's dx into it in place (a view would cost one more M x K buffer for the sum)
-        dx = ds2.new_empty(x_shape, dtype=x_dtype)
-        dx2 = dx.view(-1, x_shape[-1])
-        for rows in spans(ds2.shape[0]):
-            dx2[rows] = ds2[rows].mm(a)
-        return dx, da
+        return fill_rows(ds2.new_empty(x_shape, dtype=x_dtype), lambda rows: ds2[rows].mm(a)), da
 
 
 class _ScaledDeltaAdd(torch.autograd.Function):
@@ -159,11 +154,8 @@ class _ScaledDeltaAdd(torch.autograd.Function):
         if out_dtype == lora_B.dtype:
             return (se @ bt).mul_(scaling).add_(base)
         se2, base2 = se.reshape(-1, se.shape[-1]), base.reshape(-1, base.shape[-1])
-        y = base.new_empty(base.shape, dtype=out_dtype)
-        y2 = y.view(-1, y.shape[-1])
-        for rows in spans(se2.shape[0]):
-            y2[rows] = se2[rows].mm(bt).mul_(scaling).add_(base2[rows])
-        return y
+        return fill_rows(base.new_empty(base.shape, dtype=out_dtype),
+                         lambda rows: se2[rows].mm(bt).mul_(scaling).add_(base2[rows]))
 
     @staticmethod
     def backward(ctx, dy):
@@ -179,9 +171,7 @@ class _ScaledDeltaAdd(torch.autograd.Function):
             del g2
         else:  # g = dY.to(adt) · scaling, formed in row chunks for dse (sums over N) and column chunks for dB (over M)
             if ctx.needs_input_grad[1]:
-                d_se = se2.new_empty(se2.shape)
-                for rows in spans(dy2.shape[0]):
-                    d_se[rows] = dy2[rows].to(adt).mul_(sc).mm(b)
+                d_se = fill_rows(se2.new_empty(se2.shape), lambda rows: dy2[rows].to(adt).mul_(sc).mm(b))
             if ctx.needs_input_grad[2]:
                 d_b = b.new_empty(b.shape)
                 for cols in spans(dy2.shape[1]):
