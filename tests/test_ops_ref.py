@@ -493,11 +493,15 @@ def test_lora_torch_path_chunks_are_bit_equal_to_autograd(m, k, r, dtype):
         assert torch.equal(w, v)
 
 
-@pytest.mark.parametrize("shape", [(4, 256, 1408), (3000, 17), (2049, 600), (7, 5)])
+@pytest.mark.parametrize("shape", [(4, 256, 1408), (3000, 17), (2049, 600), (7, 5), (2, 129, 1000), (1, 3001)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_ia3_torch_path_chunks_are_bit_equal_to_autograd(shape, dtype):
-    """IA3's scaling on the torch path (``fastpeft.ops.ia3._ScaleByVector``) forms dl in column chunks and dt in row
-    chunks; output and both gradients equal autograd on PEFT's ``(t * l).to(dtype)`` bit for bit."""
+    """IA3's scaling on the torch path (``fastpeft.ops.ia3._ScaleByVector``) forms dl in fine column chunks and y / dt
+    in fine row chunks (``spans(n, fine=True)``: up to 32, of >= 64, remainders); output and both gradients equal
+    autograd on PEFT's ``(t * l).to(dtype)`` bit for bit."""
+    from fastpeft.ops._chunks import spans
+    if shape[-1] >= 128:     # several column chunks (and, with >= 128 rows, row chunks) are driven
+        assert len(spans(shape[-1], fine=True)) > 1
     g = torch.Generator().manual_seed(sum(shape))
     t = torch.randn(*shape, generator=g).to(dtype).requires_grad_()
     lv = torch.randn(shape[-1], generator=g, requires_grad=True)

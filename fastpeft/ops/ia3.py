@@ -49,7 +49,7 @@ class _ScaleByVector(torch.autograd.Function):
         if t.dtype == ct:
             return torch.mul(t, l, out=y)
         t2 = t.reshape(-1, t.shape[-1])
-        return fill_rows(y, lambda rows: t2[rows].to(ct).mul_(l))
+        return fill_rows(y, lambda rows: t2[rows].to(ct).mul_(l), fine=True)
 
     @staticmethod
     def backward(ctx, dy):
@@ -68,9 +68,10 @@ class _ScaleByVector(torch.autograd.Function):
                 del p
             else:
                 dl = l.new_empty(l.shape, dtype=ct)
-                for cols in spans(t.shape[-1]):
+                for cols in spans(t.shape[-1], fine=True):
                     p = t[..., cols].to(ct).mul_(dy[..., cols].to(ct))
                     dl[cols] = (p.sum(lead, keepdim=True) if lead else p).view(-1)
+                    del p   # before the next chunk's casts exist
                 dl = dl.to(l.dtype)
         del t   # the rebuilt input is released before dt's buffer exists
         dt = None
@@ -79,7 +80,8 @@ class _ScaleByVector(torch.autograd.Function):
                 dt = (dy * l).to(t_dtype)
             else:  # (dY.to(ct) * l).to(t.dtype) in row chunks, straight into dt
                 dy2 = dy.reshape(-1, dy.shape[-1])
-                dt = fill_rows(dy.new_empty(dy.shape, dtype=t_dtype), lambda rows: dy2[rows].to(ct).mul_(l))
+                dt = fill_rows(dy.new_empty(dy.shape, dtype=t_dtype), lambda rows: dy2[rows].to(ct).mul_(l),
+                               fine=True)
         return dt, dl, None
 
 
