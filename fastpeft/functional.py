@@ -300,10 +300,11 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         if not fused:
             norm = _dora.dora_norm_ref(raw_w, raw_a.detach(), raw_b.detach(), scaling, weight_sq)
             z = _lora_checked(x, weight, None, lora_A, None, lora_B, scaling, 0.0, None, chosen)
-            y = (magnitude / norm.to(raw_a.dtype)) * z
-            if bias is not None:
-                y = y + bias
-            return y.to(z.dtype)
+            kvec = magnitude / norm.to(raw_a.dtype)
+            if bias is None:
+                # (k * z).to(z.dtype) bit for bit, its fp32 copies of the 16-bit M x N z formed in chunks
+                return _ia3._ScaleByVector.apply(z, kvec, z.dtype)
+            return (kvec * z + bias).to(z.dtype)
         y = _dora.dora_apply(x2, weight, bias, lora_A, lora_B, magnitude, weight_sq, scaling, chosen)
         return y.reshape(*x.shape[:-1], n)
 

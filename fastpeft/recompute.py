@@ -14,7 +14,8 @@ Recipes (the per-family knowledge is only the table of producer modules, ``FAMIL
   re-run on the tensor its own autograd saved (HF's RMSNorm keeps its fp32 upcast input, ``nn.LayerNorm`` its
   input);
 * activation-module output (GPT-2's ``c_proj`` input ``act(c_fc(x))``, BERT's ``output.dense`` input): the
-  activation re-run on its input, which it saved itself;
+  activation re-run on its input, which it saved itself - or, when the activation ends in a product of two tensors
+  its node saved (GPT-2's gelu_new), that one product;
 * a product ``a * b`` whose autograd node saved both factors (the gated MLP's ``act(gate) * up`` feeding
   ``down_proj``): the product of the saved factors;
 * ``x.to(dtype)`` of any of these (fp32 adapters on a bf16 model);
@@ -185,6 +186,17 @@ class _Mul(_Recipe):
 
     def sources(self) -> list:
         return [self.a, self.b]
+
+
+def _product_of(node, out: torch.Tensor) -> Optional[_Mul]:
+    """``a * b`` from a MulBackward0 node that saved both factors (both needing grad, so the frozen graph keeps
+    them), when that product is ``out``'s shape and dtype; else None."""
+    a, b = getattr(node, "_saved_self", None), getattr(node, "_saved_other", None)
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.requires_grad and b.requires_grad \
+            and torch.broadcast_shapes(a.shape, b.shape) == out.shape \
+            and torch.promote_types(a.dtype, b.dtype) == out.dtype:
+        return _Mul(a, b)
+    return None
 
 
 class _ToDtype(_Recipe):
@@ -437,6 +449,7 @@ class _Session:
 
     def __init__(self) -> None:
         self.recipes: dict[int, tuple] = {}     # id(tensor) -> (weakref(tensor), recipe)
+        self.products: dict[int, tuple] = {}    # id(activation output) -> (weakref, its MulBackward0, fallback)
         self.nodes: dict[int, tuple] = {}       # id(grad_fn) -> (grad_fn, weakref(tensor)) of adapter-layer inputs
         self.layer: Optional[_LayerFrame] = None
         self.producers: list[_ProducerFrame] = []
@@ -447,6 +460,12 @@ class _Session:
         hit = self.recipes.get(id(t))
         if hit is not None and hit[0]() is t:
             return hit[1]
+        hit = self.products.pop(id(t), None)
+        if hit is not None and hit[0]() is t:
+            r = _product_of(hit[1], t) or hit[2]
+            if r is not None:
+                self.recipes[id(t)] = (hit[0], r)
+            return r
         return None
 
     def tensor_of_node(self, node) -> Optional[torch.Tensor]:
@@ -728,24 +747,21 @@ def _producer_post(module, args, out):
     pf = s.producers.pop()
     if not isinstance(out, torch.Tensor) or s.layer is not None:
         return
-    node = out.grad_fn
-    if node is not None and node.name() == "MulBackward0":
-        # a composite activation ending in a product (GPT-2's gelu_new: 0.5·x · (1 + tanh(...))): re-running that
-        # one product on the two factors its node saved anyway is the same op on the same tensors, where replaying
-        # the module would hold several output-sized temporaries at once (GPT-2 IA3: 3 x 4 MiB at its peak)
-        a, b = getattr(node, "_saved_self", None), getattr(node, "_saved_other", None)
-        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.requires_grad and b.requires_grad \
-                and torch.broadcast_shapes(a.shape, b.shape) == out.shape \
-                and torch.promote_types(a.dtype, b.dtype) == out.dtype:
-            s.recipes[id(out)] = (weakref.ref(out), _Mul(a, b))
-            return
     src = pf.source
     if src is None and not pf.x.requires_grad:
         src = pf.x   # nothing upstream needs grad: holding the input costs at most what the frozen model keeps
-    if src is None:
+    replay = _ModuleReplay(module, src, pf.x.dtype, out, _autocast_state(out.device)) if src is not None else None
+    node = out.grad_fn
+    if node is not None and node.name() == "MulBackward0":
+        # a composite activation ending in a product (GPT-2's gelu_new: 0.5·x · (1 + tanh(...))): that one product
+        # of the two factors its node saved anyway, where replaying the module holds several output-sized
+        # temporaries at once (GPT-2 IA3: 3 x 4 MiB at its peak).  The factors are read when an adapter layer's
+        # save asks for the recipe (``recipe_of``), not here: inside a checkpointed block the node's saved tensors
+        # belong to checkpoint's hooks, and reading them now would run its recomputation mid-forward.
+        s.products[id(out)] = (weakref.ref(out), node, replay)
         return
-    r = _ModuleReplay(module, src, pf.x.dtype, out, _autocast_state(out.device))
-    s.recipes[id(out)] = (weakref.ref(out), r)
+    if replay is not None:
+        s.recipes[id(out)] = (weakref.ref(out), replay)
 
 
 def _layer_dropout_p(layer) -> float:
@@ -896,6 +912,7 @@ def _root_post(model, args, kwargs=None, out=None):
     # (norm inputs, an activation's factors) past the node that frees them in the frozen graph (GPT-2 IA3: +8 MiB
     # per layer still held at layer 0's backward)
     _SESSION.recipes.clear()
+    _SESSION.products.clear()
     _SESSION.nodes.clear()
     _SESSION.producers.clear()
     _SESSION.layer = None

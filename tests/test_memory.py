@@ -214,11 +214,12 @@ def test_switch_env_and_unknown_family(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing(reentrant):
-    model, _ = _build("llama", "lora", 0.1)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])   # gpt2: an activation rebuilt from its node's factors
+def test_gradient_checkpointing(reentrant, family):
+    model, _ = _build(family, "lora", 0.1)
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.base_model.model.enable_input_require_grads()
-    batch = _batch("llama")
+    batch = _batch(family)
     R.set_enabled(model, False)
     loss0, g0, _ = _step(model, batch, model)
     R.set_enabled(model, True)

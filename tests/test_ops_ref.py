@@ -511,3 +511,30 @@ def test_ia3_torch_path_chunks_are_bit_equal_to_autograd(shape, dtype):
     assert torch.equal(got, want)
     for w, v in zip(torch.autograd.grad(want, (t, lv), dy), torch.autograd.grad(got, (t, lv), dy)):
         assert torch.equal(w, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dora_torch_path_scales_in_chunks_bit_equal_to_autograd(dtype):
+    """DoRA on the torch backend without a bias: ``k ⊙ z`` through ``_ScaleByVector`` (fp32 copies of z in chunks)
+    gives the output and every gradient (x, A, B, magnitude) of the plain ``(k * z).to(dtype)`` bit for bit."""
+    import fastpeft.functional as FN
+    from fastpeft.ops import dora as D
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 300, 96, generator=g).to(dtype)
+    w = torch.randn(640, 96, generator=g).to(dtype)
+    a = (torch.randn(4, 96, generator=g) * 0.1).requires_grad_()
+    b = (torch.randn(640, 4, generator=g) * 0.1).requires_grad_()
+    m = (torch.rand(640, generator=g) + 0.5).requires_grad_()
+    dy = torch.randn(2, 300, 640, generator=g).to(dtype)
+
+    def run(plain):
+        xx = x.clone().requires_grad_()
+        if plain:
+            norm = D.dora_norm_ref(w, a.detach(), b.detach(), 2.0, None)
+            z = FN.lora_linear(xx, w, None, a, b, 2.0, backend="torch")
+            y = ((m / norm.to(a.dtype)) * z).to(z.dtype)
+        else:
+            y = FN.dora_linear(xx, w, None, a, b, m, 2.0, backend="torch")
+        return (y, *torch.autograd.grad(y, (xx, a, b, m), dy))
+    for want, got in zip(run(True), run(False)):
+        assert want.dtype == got.dtype and torch.equal(want, got)
