@@ -46,7 +46,7 @@ import fastpeft
 from fastpeft import recompute as R
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "bert")
-METHODS = ("lora", "lora_dropout0.05", "adalora", "ia3")
+METHODS = ("lora", "lora_dropout0.05", "adalora", "ia3", "dora")
 PROVIDERS = ("frozen", "peft", "fastpeft", "fastpeft-norecompute")
 OPT_IN_PROVIDERS = ("fastpeft-triton",)
 COLUMNS = ["timestamp", "family", "method", "provider", "dtype", "batch", "seq", "hidden", "layers", "peak_mib",
@@ -170,6 +170,8 @@ def adapter_config(lib, family: str, method: str, r: int = 16):
     if method.startswith("lora"):
         p = float(method.split("dropout")[1]) if "dropout" in method else 0.0
         return lib.LoraConfig(r=r, lora_alpha=2 * r, target_modules=tm, lora_dropout=p)
+    if method == "dora":
+        return lib.LoraConfig(r=r, lora_alpha=2 * r, target_modules=tm, use_dora=True)
     if method == "adalora":
         return lib.AdaLoraConfig(init_r=r, target_r=r // 2, total_step=100, target_modules=tm)
     if method == "ia3":
