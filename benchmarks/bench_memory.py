@@ -18,13 +18,18 @@ copies).  Hence the first measure.  Also: the bytes autograd keeps for backward 
 ``fastpeft.recompute.saved_tensor_bytes``) and what the recompute rebuilds per step (bytes, recipe steps).
 
 Default case (the issue's): 2 layers, hidden 512, batch 4 x 256 tokens, bf16 base, fp32 adapters, LoRA r=16 on
-every linear layer (dropout 0 and 0.05), AdaLoRA r=16, IA3 on (k, v, down).
+every linear layer (dropout 0 and 0.05), AdaLoRA r=16, IA3 on (k, v, down), DoRA (LoRA r=16, use_dora) on every linear
+layer.
 
 Provider ``fastpeft-triton`` (opt-in: ``--providers frozen,fastpeft-triton``) runs fastpeft's default GPU path - the
 frozen layer's GEMMs plus the Triton kernels, dropout masks generated in-kernel - whose tensors differ from the torch
 path's: on a GPU it is what ``fastpeft`` measures already; on a CPU it needs ``TRITON_INTERPRET=1`` and is slow (the
 interpreter takes seconds per launch: use ``--quick``).
 Writes ``memory.csv`` (appended) and ``memory.md`` (the latest table) under ``--out``.
+
+Provider ``fastpeft-gemm`` (opt-in) turns on the recompute's GEMM rebuilds (``set_enabled(model, True, gemm=True)``,
+``FASTPEFT_RECOMPUTE=all``): DoRA's output, kept for the magnitude's gradient, re-run from the rebuilt input in
+backward (a forward GEMM per DoRA layer); for the other methods it is the same as ``fastpeft``.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from fastpeft import recompute as R
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "bert")
 METHODS = ("lora", "lora_dropout0.05", "adalora", "ia3", "dora")
 PROVIDERS = ("frozen", "peft", "fastpeft", "fastpeft-norecompute")
-OPT_IN_PROVIDERS = ("fastpeft-triton",)
+OPT_IN_PROVIDERS = ("fastpeft-triton", "fastpeft-gemm")
 COLUMNS = ["timestamp", "family", "method", "provider", "dtype", "batch", "seq", "hidden", "layers", "peak_mib",
            "ratio_to_frozen", "saved_mib", "saved_ratio_to_frozen", "recomputed_mib", "recompute_ops", "mem_kind",
            "heap_mode_mib", "heap_mode_ratio_to_frozen", "note"]
@@ -192,7 +197,7 @@ def make_model(family: str, method: str, provider: str, dtype, device, hidden: i
         model = peft.get_peft_model(base, adapter_config(peft, family, method))
     else:
         model = fastpeft.get_peft_model(base, adapter_config(fastpeft, family, method))
-        R.set_enabled(model, provider != "fastpeft-norecompute")
+        R.set_enabled(model, provider != "fastpeft-norecompute", gemm=provider == "fastpeft-gemm")
     return model, model
 
 
@@ -269,11 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
 def markdown(rows: list[dict]) -> str:
     """One line per (family, method): peak growth relative to the frozen model for each provider."""
     tri = any(r["provider"] == "fastpeft-triton" for r in rows)
+    gemm = any(r["provider"] == "fastpeft-gemm" for r in rows)
     heap = any(r.get("heap_mode_ratio_to_frozen", "") != "" for r in rows)
     lines = ["| family | method | HF PEFT | fastpeft (recompute off) | fastpeft | saved for backward, fastpeft / "
              "frozen | recomputed per step |" + (" fastpeft, triton path | saved, triton path |" if tri else "")
+             + (" fastpeft, GEMM rebuilds on |" if gemm else "")
              + (" heap + dispatch mode: HF PEFT / fastpeft |" if heap else ""),
-             "|---|---|---|---|---|---|---|" + ("---|---|" if tri else "") + ("---|" if heap else "")]
+             "|---|---|---|---|---|---|---|" + ("---|---|" if tri else "") + ("---|" if gemm else "")
+             + ("---|" if heap else "")]
     seen = []
     for r in rows:
         if r["provider"] != "frozen" and (r["family"], r["method"]) not in seen:
@@ -290,6 +298,7 @@ def markdown(rows: list[dict]) -> str:
                      f"{cell('fastpeft', 'saved_ratio_to_frozen')} | {rec} |"
                      + (f" {cell('fastpeft-triton')} | {cell('fastpeft-triton', 'saved_ratio_to_frozen')} |"
                         if tri else "")
+                     + (f" {cell('fastpeft-gemm')} |" if gemm else "")
                      + (f" {cell('peft', 'heap_mode_ratio_to_frozen')} / "
                         f"{cell('fastpeft', 'heap_mode_ratio_to_frozen')} |" if heap else ""))
     return "\n".join(lines) + "\n"

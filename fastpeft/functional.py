@@ -21,6 +21,7 @@ from ._backend import select_backend
 from .ops import dora as _dora
 from .ops import ia3 as _ia3
 from .ops import lora as _lora
+from .ops._rebuild import rebuild_with as _rebuild_with
 
 __all__ = ["lora_linear", "adalora_linear", "dora_linear", "ia3_linear", "draw_seed", "set_adapter_autocast"]
 
@@ -300,12 +301,19 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         if not fused:
             norm = _dora.dora_norm_ref(raw_w, raw_a.detach(), raw_b.detach(), scaling, weight_sq)
             z = _lora_checked(x, weight, None, lora_A, None, lora_B, scaling, 0.0, None, chosen)
+            if not torch.is_autocast_enabled(x.device.type):
+                # z (M x N) is kept for the magnitude's gradient; the opt-in GEMM recompute may rebuild it from x
+                _rebuild_with(z, lambda xx: _lora_checked(xx, weight, None, lora_A, None, lora_B, scaling, 0.0, None,
+                                                          chosen))
             kvec = magnitude / norm.to(raw_a.dtype)
-            if bias is None:
-                # (k * z).to(z.dtype) bit for bit, its fp32 copies of the 16-bit M x N z formed in chunks
-                return _ia3._ScaleByVector.apply(z, kvec, z.dtype)
-            return (kvec * z + bias).to(z.dtype)
-        y = _dora.dora_apply(x2, weight, bias, lora_A, lora_B, magnitude, weight_sq, scaling, chosen)
+            # (k * z + b).to(z.dtype) bit for bit, its fp32 copies of the 16-bit M x N z formed in chunks
+            return _ia3._ScaleByVector.apply(z, kvec, z.dtype, bias)
+        def mark(u):   # u (M x N), kept for dm: the opt-in GEMM recompute may rebuild it from x
+            _rebuild_with(u, lambda xx: _dora.dora_fwd(
+                xx.reshape(-1, k).contiguous(), weight, bias, lora_A, lora_B, magnitude, weight_sq, scaling,
+                chosen)[1][0])
+        y = _dora.dora_apply(x2, weight, bias, lora_A, lora_B, magnitude, weight_sq, scaling, chosen,
+                             None if torch.is_autocast_enabled(x.device.type) else mark)
         return y.reshape(*x.shape[:-1], n)
 
 

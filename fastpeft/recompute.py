@@ -48,11 +48,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._backend import select_backend
+from .ops import _rebuild
+from .ops._rebuild import rebuild_with
 from ._peft_compat import peft_layer_classes
 from .utils.other import linear_weight_oi
 
 __all__ = ["FAMILIES", "install", "uninstall", "set_enabled", "is_enabled", "RecomputeStats", "last_stats",
-           "saved_tensor_bytes"]
+           "saved_tensor_bytes", "rebuild_with"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,10 @@ _PRODUCER_MARK = "_fastpeft_recompute_producer"
 
 def _env_enabled() -> bool:
     return os.environ.get(_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _env_gemm() -> bool:
+    return os.environ.get(_ENV, "1").strip().lower() == "all"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,7 +383,8 @@ def _unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
     return torch.from_numpy(flat.view(np.bool_)).view(shape)
 
 class _Linear(_Recipe):
-    """IA3 output mode's unscaled base output, re-run with the layer's own base computation."""
+    """An output-sized tensor re-run from the layer's input with the layer's own computation: IA3 output mode's
+    unscaled base output, or (opt-in) what an op marked with ``rebuild_with``."""
 
     def __init__(self, inner: _Recipe, fn: Callable, out: torch.Tensor) -> None:
         super().__init__(out.dtype, out.shape)
@@ -385,7 +392,7 @@ class _Linear(_Recipe):
 
     def run(self) -> torch.Tensor:
         with torch.no_grad():
-            return self.fn(self.inner.run())
+            return self.fn(self.inner.run()).view(self.shape)
 
     def sources(self) -> list:
         return self.inner.sources()
@@ -454,6 +461,7 @@ class _Session:
         self.layer: Optional[_LayerFrame] = None
         self.producers: list[_ProducerFrame] = []
         self.stats = RecomputeStats()
+        self.gemm = False     # rebuild what ``rebuild_with`` offers (costs a GEMM per use)
 
     # -- recipe lookup ------------------------------------------------------------------------------------------
     def recipe_of(self, t: torch.Tensor) -> Optional[_Recipe]:
@@ -659,6 +667,29 @@ class _Session:
         frame.dropouts += 1
         return r if t is b else _View(r, t)
 
+    def _rebuilt(self, t: torch.Tensor, frame: _LayerFrame) -> Optional[_Recipe]:
+        """A tensor an op marked with ``rebuild_with``: re-run from the layer's (rebuilt, else held) input, once
+        checked bit-equal for this layer, shape and dtype."""
+        fn = t.__dict__.pop(_rebuild.ATTR, None)
+        x = frame.x
+        if fn is None or x is None:
+            return None
+        inner = self.resolve(x) if x.requires_grad else (self.recipe_of(x) or _Held(x))
+        if inner is None:
+            if not self.stats.kept(x):
+                return None
+            inner = _Held(x)
+        r = _Linear(inner, fn, t)
+        checked = frame.layer.__dict__.setdefault("_fastpeft_recompute_rebuild_ok", {})
+        key = (t.dtype, tuple(t.shape), x.dtype, tuple(x.shape))
+        if key not in checked:
+            with torch.no_grad():
+                checked[key] = bool(torch.equal(r.run(), t))
+            if not checked[key]:
+                logger.warning("fastpeft.recompute: %s's output rebuilt from its input differs from the saved one; "
+                               "it stays saved for this layer and shape", type(frame.layer).__name__)
+        return r if checked[key] else None
+
     def _account(self, recipe: _Recipe, t: torch.Tensor) -> None:
         self.stats.recipes += 1
         self.stats.recomputed_bytes += t.numel() * t.element_size()
@@ -675,7 +706,12 @@ class _Session:
                                   and _is_input_node(t.grad_fn.next_functions[0][0], pf.x))):
                 pf.source = t
         if frame is not None and not isinstance(t, nn.Parameter) and t.dim() > 0:
-            r = None
+            r = self._rebuilt(t, frame) if self.gemm else None
+            if r is not None:
+                self._account(r, t)
+                for s in r.sources():
+                    self.stats.keep(s)
+                return _Packed(None, r)
             if t.dtype == torch.bool or (t.grad_fn is None and not t.requires_grad and t.is_floating_point()):
                 if frame.rng is not None:
                     r = self._dropout_of_input(t, frame)
@@ -838,6 +874,7 @@ class _Install:
         self.family = family
         self.layer_types = layer_types
         self.enabled = True
+        self.gemm = False
         self.nmodules = -1
         self.ctx = None
         self.handles: list = []
@@ -893,6 +930,7 @@ def _root_pre(model, args, kwargs=None):
         return
     _hook_modules(model, inst)
     _SESSION = _Session()
+    _SESSION.gemm = _rebuild.wanted = inst.gemm or _env_gemm()
     inst.ctx = torch.autograd.graph.saved_tensors_hooks(_SESSION.pack, _Session.unpack)
     inst.ctx.__enter__()
 
@@ -911,6 +949,7 @@ def _root_post(model, args, kwargs=None, out=None):
     # releases it, so the lookup tables must not outlive the forward: their recipes would hold each recipe's sources
     # (norm inputs, an activation's factors) past the node that frees them in the frozen graph (GPT-2 IA3: +8 MiB
     # per layer still held at layer 0's backward)
+    _rebuild.wanted = False
     _SESSION.recipes.clear()
     _SESSION.products.clear()
     _SESSION.nodes.clear()
@@ -978,11 +1017,17 @@ def _find_install(model: nn.Module) -> Optional[_Install]:
     return None
 
 
-def set_enabled(model: nn.Module, enabled: bool) -> None:
+def set_enabled(model: nn.Module, enabled: bool, *, gemm: Optional[bool] = None) -> None:
     """The switch: ``set_enabled(peft_model, False)`` makes the adapters keep their inputs (as without fastpeft);
-    ``True`` (the default) rebuilds them in backward.  ``FASTPEFT_RECOMPUTE=0`` turns it off process-wide."""
+    ``True`` (the default) rebuilds them in backward.  ``FASTPEFT_RECOMPUTE=0`` turns it off process-wide.
+
+    ``gemm=True`` (off by default; ``FASTPEFT_RECOMPUTE=all`` process-wide) also rebuilds what costs a re-run of the
+    layer's forward GEMM in backward: DoRA's M x N output (kept for the magnitude's gradient) - about half a frozen
+    layer's fwd+bwd more per DoRA layer, for activation memory at LoRA's.  None leaves it as it is."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    if gemm is not None and not isinstance(gemm, bool):
+        raise TypeError(f"gemm must be a bool or None, got {type(gemm).__name__}")
     inst = _find_install(model)
     if inst is None:
         if enabled:
@@ -990,6 +1035,8 @@ def set_enabled(model: nn.Module, enabled: bool) -> None:
                              "not a fastpeft/accelerated PEFT model)")
         return
     inst.enabled = enabled
+    if gemm is not None:
+        inst.gemm = gemm
 
 
 def is_enabled(model: nn.Module) -> bool:

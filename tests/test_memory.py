@@ -62,6 +62,9 @@ def _config(family: str, method: str, p: float):
     if method == "lora":
         return fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=ALL.get(family, "all-linear"),
                                    lora_dropout=p, init_lora_weights=False)
+    if method == "dora":
+        return fastpeft.LoraConfig(r=8, lora_alpha=16, target_modules=ALL.get(family, "all-linear"),
+                                   use_dora=True, init_lora_weights=False)
     if method == "adalora":
         return fastpeft.AdaLoraConfig(init_r=6, target_r=4, total_step=10, lora_dropout=p,
                                       target_modules=ALL.get(family, ["q_proj", "v_proj", "up_proj", "down_proj"]))
@@ -317,3 +320,33 @@ def test_recipes_die_with_the_nodes_that_use_them(monkeypatch):
     assert all(not s.recipes and not s.nodes and not s.producers and s.layer is None for s in sessions)
     out.loss.backward()
     assert seen["alive"] == [True, False]   # block 0's still needed, block 1's released with its node
+
+
+@pytest.mark.parametrize("family,backend", [("llama", "torch"), ("phi3", "torch"), ("gpt2", "torch"),
+                                            ("bert", "torch"), ("llama", "triton")])
+def test_dora_output_rebuilt_when_gemm_rebuilds_are_on(monkeypatch, family, backend):
+    """DoRA keeps its M x N output for the magnitude's gradient unless GEMM rebuilds are switched on
+    (``set_enabled(model, True, gemm=True)``): then it is re-run from the layer's rebuilt input in backward, and
+    what autograd keeps drops to what LoRA keeps in the same model (+ DoRA's per-layer vectors and k-scaled B, which
+    do not grow with the tokens); loss and every gradient unchanged either way.  ``triton``: the fused DoRA op
+    (``DoraLinearFunction``, through the interpreter), whose saved u is offered by its ``mark``."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    fused = backend == "triton"    # the interpreter is slow: two adapted layers per block, fewer tokens
+    ids = torch.randint(1, V, (2, 48) if fused else (4, 48), generator=torch.Generator().manual_seed(3))
+    batch = dict(input_ids=ids, labels=ids)
+
+    def saved(method, gemm):
+        if fused:
+            torch.manual_seed(0)
+            model = fastpeft.get_peft_model(FAMILIES[family](), fastpeft.LoraConfig(
+                r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=method == "dora",
+                init_lora_weights=False))
+            model.train()
+        else:
+            model, _ = _build(family, method, 0.0)
+        R.set_enabled(model, True, gemm=gemm)
+        acc0, acc1 = _compare(model, batch)
+        return acc1["bytes"] - acc1["mask_bytes"]
+    lora, kept, rebuilt = saved("lora", False), saved("dora", False), saved("dora", True)
+    print(f"{family} {backend}: saved bytes, DoRA / LoRA: {kept / lora:.3f}, with GEMM rebuilds {rebuilt / lora:.3f}")
+    assert rebuilt <= 1.08 * lora and kept >= 1.07 * rebuilt

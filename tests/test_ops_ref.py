@@ -513,10 +513,12 @@ def test_ia3_torch_path_chunks_are_bit_equal_to_autograd(shape, dtype):
         assert torch.equal(w, v)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_dora_torch_path_scales_in_chunks_bit_equal_to_autograd(dtype):
-    """DoRA on the torch backend without a bias: ``k ⊙ z`` through ``_ScaleByVector`` (fp32 copies of z in chunks)
-    gives the output and every gradient (x, A, B, magnitude) of the plain ``(k * z).to(dtype)`` bit for bit."""
+def test_dora_torch_path_scales_in_chunks_bit_equal_to_autograd(dtype, with_bias):
+    """DoRA on the torch backend: ``k ⊙ z (+ b)`` through ``_ScaleByVector`` (fp32 copies of z in chunks) gives the
+    output and every gradient (x, A, B, magnitude, a trainable bias) of the plain ``(k * z + b).to(dtype)`` bit for
+    bit."""
     import fastpeft.functional as FN
     from fastpeft.ops import dora as D
     g = torch.Generator().manual_seed(5)
@@ -525,6 +527,7 @@ def test_dora_torch_path_scales_in_chunks_bit_equal_to_autograd(dtype):
     a = (torch.randn(4, 96, generator=g) * 0.1).requires_grad_()
     b = (torch.randn(640, 4, generator=g) * 0.1).requires_grad_()
     m = (torch.rand(640, generator=g) + 0.5).requires_grad_()
+    bias = torch.randn(640, generator=g).to(dtype).requires_grad_() if with_bias else None
     dy = torch.randn(2, 300, 640, generator=g).to(dtype)
 
     def run(plain):
@@ -532,9 +535,26 @@ def test_dora_torch_path_scales_in_chunks_bit_equal_to_autograd(dtype):
         if plain:
             norm = D.dora_norm_ref(w, a.detach(), b.detach(), 2.0, None)
             z = FN.lora_linear(xx, w, None, a, b, 2.0, backend="torch")
-            y = ((m / norm.to(a.dtype)) * z).to(z.dtype)
+            y = (m / norm.to(a.dtype)) * z
+            y = (y if bias is None else y + bias).to(z.dtype)
         else:
-            y = FN.dora_linear(xx, w, None, a, b, m, 2.0, backend="torch")
-        return (y, *torch.autograd.grad(y, (xx, a, b, m), dy))
+            y = FN.dora_linear(xx, w, bias, a, b, m, 2.0, backend="torch")
+        return (y, *torch.autograd.grad(y, (xx, a, b, m) + ((bias,) if with_bias else ()), dy))
     for want, got in zip(run(True), run(False)):
         assert want.dtype == got.dtype and torch.equal(want, got)
+
+
+def test_ia3_scaling_leaves_its_saved_input_intact():
+    """dl's column chunks multiply out of place: with t already in the compute dtype (IA3 input mode: x cast to
+    fp32 l's dtype) and a 16-bit dY, an in-place product would overwrite the saved t, and a second backward
+    (``retain_graph=True``) would get another dl."""
+    g = torch.Generator().manual_seed(9)
+    t = torch.randn(300, 200, generator=g).requires_grad_()        # fp32 = the compute dtype
+    lv = torch.randn(200, generator=g, requires_grad=True)
+    dy = torch.randn(300, 200, generator=g).to(torch.bfloat16)
+    y = I._ScaleByVector.apply(t, lv, torch.bfloat16)
+    first = torch.autograd.grad(y, (t, lv), dy, retain_graph=True)
+    second = torch.autograd.grad(y, (t, lv), dy)
+    want = torch.autograd.grad((t * lv).to(torch.bfloat16), (t, lv), dy)
+    for a, b, w in zip(first, second, want):
+        assert torch.equal(a, b) and torch.equal(a, w)

@@ -193,8 +193,10 @@ class DoraLinearFunction(torch.autograd.Function):
     lora_A, lora_B, magnitude."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, backend):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, backend, mark=None):
         y, saved = dora_fwd(x, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, backend)
+        if mark is not None:
+            mark(saved[0])    # u, before it is saved (the activation recompute may offer to rebuild it)
         ctx.save_for_backward(x, weight, lora_A, lora_B, *saved)
         ctx.scaling, ctx.backend, ctx.has_bias, ctx.m_dtype = scaling, backend, bias is not None, magnitude.dtype
         return y
@@ -205,11 +207,12 @@ class DoraLinearFunction(torch.autograd.Function):
         dx, dA, dB, dm, dbias = dora_bwd(dy.contiguous(), x, weight, lora_A, lora_B, tuple(saved), ctx.scaling,
                                          ctx.backend, ctx.needs_input_grad[0], ctx.needs_input_grad[5],
                                          ctx.has_bias and ctx.needs_input_grad[2])
-        return dx, None, dbias, dA, dB, (dm.to(ctx.m_dtype) if dm is not None else None), None, None, None
+        return dx, None, dbias, dA, dB, (dm.to(ctx.m_dtype) if dm is not None else None), None, None, None, None
 
 
 def dora_apply(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                lora_B: torch.Tensor, magnitude: torch.Tensor, w_sq: Optional[torch.Tensor], scaling: float,
-               backend: str) -> torch.Tensor:
-    """Run ``DoraLinearFunction`` (shapes as there) on an already chosen fused backend."""
-    return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, backend)
+               backend: str, mark=None) -> torch.Tensor:
+    """Run ``DoraLinearFunction`` (shapes as there) on an already chosen fused backend.  ``mark``: None, or a
+    callable given u (M, N) before the op saves it."""
+    return DoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, backend, mark)

@@ -37,25 +37,41 @@ class _ScaleByVector(torch.autograd.Function):
     layer's input or output at the peak, 1.2-1.6x the frozen model's activation memory at 4 x 256 tokens).  The sums
     are autograd's own (``sum_to_size``'s reduction).
 
-    t: (..., D).  l: (D,).  Saves t and l (t is what the recompute rebuilds).  The forward writes the product rounded
-    once into the output (no buffer of the product's dtype); a 16-bit t is cast in row chunks (``_chunks.spans``:
-    a mixed-dtype ``mul`` copies its narrower operand whole)."""
+    t: (..., D).  l: (D,).  bias: None or (D,), added after the product, before the cast (DoRA's ``k ⊙ z + b``:
+    ``(t * l + bias).to(out_dtype)``).  Saves t and l (t is what the recompute rebuilds).  The forward writes the
+    result rounded once into the output (no buffer of the product's dtype); a 16-bit t is cast in row chunks
+    (``_chunks.spans``: a mixed-dtype ``mul`` copies its narrower operand whole)."""
 
     @staticmethod
-    def forward(ctx, t, l, out_dtype):
+    def forward(ctx, t, l, out_dtype, bias=None):
         ctx.save_for_backward(t, l)
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         y = torch.empty(t.shape, dtype=out_dtype, device=t.device)
         ct = torch.promote_types(t.dtype, l.dtype)
-        if t.dtype == ct:
+        if bias is not None:
+            ct = torch.promote_types(ct, bias.dtype)
+        if t.dtype == ct and bias is None:
             return torch.mul(t, l, out=y)
         t2 = t.reshape(-1, t.shape[-1])
-        return fill_rows(y, lambda rows: t2[rows].to(ct).mul_(l), fine=True)
+        if bias is None:
+            return fill_rows(y, lambda rows: t2[rows].to(ct).mul_(l), fine=True)
+        # out of place first: when t already has dtype ct, .to(ct) is t itself
+        return fill_rows(y, lambda rows: torch.mul(t2[rows].to(ct), l).add_(bias), fine=True)
 
     @staticmethod
     def backward(ctx, dy):
         t, l = ctx.saved_tensors
         t_dtype = t.dtype
         ct = torch.promote_types(t_dtype, l.dtype)
+        dbias = None
+        if ctx.bias_dtype is not None:
+            ct = torch.promote_types(ct, ctx.bias_dtype)
+            if ctx.needs_input_grad[3]:   # autograd's dy.to(ct).sum over the leading dimensions, by column chunks
+                lead = tuple(range(dy.dim() - 1))
+                dbias = dy.new_empty(dy.shape[-1], dtype=ct)
+                for cols in spans(dy.shape[-1], fine=True):
+                    dbias[cols] = dy[..., cols].to(ct).sum(lead) if lead else dy[..., cols].to(ct)
+                dbias = dbias.to(ctx.bias_dtype)
         dl = None
         if ctx.needs_input_grad[1]:
             # autograd's grad_l = (dY.to(ct) * t).sum over the leading dimensions; for 16-bit operands in column
@@ -69,7 +85,8 @@ class _ScaleByVector(torch.autograd.Function):
             else:
                 dl = l.new_empty(l.shape, dtype=ct)
                 for cols in spans(t.shape[-1], fine=True):
-                    p = t[..., cols].to(ct).mul_(dy[..., cols].to(ct))
+                    # out of place: one of the two .to(ct) is a view of t or dy when it has dtype ct already
+                    p = torch.mul(t[..., cols].to(ct), dy[..., cols].to(ct))
                     dl[cols] = (p.sum(lead, keepdim=True) if lead else p).view(-1)
                     del p   # before the next chunk's casts exist
                 dl = dl.to(l.dtype)
@@ -82,7 +99,7 @@ class _ScaleByVector(torch.autograd.Function):
                 dy2 = dy.reshape(-1, dy.shape[-1])
                 dt = fill_rows(dy.new_empty(dy.shape, dtype=t_dtype), lambda rows: dy2[rows].to(ct).mul_(l),
                                fine=True)
-        return dt, dl, None
+        return dt, dl, None, dbias
 
 
 def ia3_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
