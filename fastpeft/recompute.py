@@ -25,6 +25,9 @@ Recipes (the per-family knowledge is only the table of producer modules, ``FAMIL
 
 * ``x.to(adapter dtype)`` of an input that needs no grad (layer 0 with frozen embeddings), in the known linear
   layer classes without dropout and autocast (no autograd link exists there; see ``_Session._cast_of_input``).
+* opt-in (``FASTPEFT_RECOMPUTE=all`` or ``set_enabled(model, True, gemm=True)``), because each use re-runs a
+  layer's forward GEMM: an output-sized tensor an op offered through ``fastpeft.ops._rebuild.rebuild_with`` (DoRA's
+  M×N output, kept for the magnitude's gradient), re-run from the layer's rebuilt input once checked bit-equal.
 
 Still saved: ``S = drop(x)·Aᵀ`` (M×r per LoRA layer, ~3 % of a layer's activations at r=16, hidden 4096), and the
 dropout copies of an input that needs no grad.  Anything else is saved as usual.  The mechanism is off for model types missing from ``FAMILIES`` (one log line
