@@ -25,7 +25,8 @@ Provider ``fastpeft-triton`` (opt-in: ``--providers frozen,fastpeft-triton``) ru
 frozen layer's GEMMs plus the Triton kernels, dropout masks generated in-kernel - whose tensors differ from the torch
 path's: on a GPU it is what ``fastpeft`` measures already; on a CPU it needs ``TRITON_INTERPRET=1`` and is slow (the
 interpreter takes seconds per launch: use ``--quick``).
-Writes ``memory.csv`` (appended) and ``memory.md`` (the latest table) under ``--out``.
+Writes ``memory.csv`` (appended), ``memory.md`` (the latest table) and ``memory.png`` (the same as bars; needs
+matplotlib, skipped with a message without it or with ``--no-plot``) under ``--out``.
 
 Provider ``fastpeft-gemm`` (opt-in) turns on the recompute's GEMM rebuilds (``set_enabled(model, True, gemm=True)``,
 ``FASTPEFT_RECOMPUTE=all``): DoRA's output, kept for the magnitude's gradient, re-run from the rebuilt input in
@@ -268,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="batch 2 x 64 tokens, hidden 256")
+    p.add_argument("--no-plot", action="store_true", help="skip memory.png")
     return p
 
 
@@ -302,6 +304,49 @@ def markdown(rows: list[dict]) -> str:
                      + (f" {cell('peft', 'heap_mode_ratio_to_frozen')} / "
                         f"{cell('fastpeft', 'heap_mode_ratio_to_frozen')} |" if heap else ""))
     return "\n".join(lines) + "\n"
+
+
+_PLOT_PROVIDERS = {"peft": "HF PEFT", "fastpeft-norecompute": "fastpeft, recompute off", "fastpeft": "fastpeft",
+                   "fastpeft-gemm": "fastpeft, GEMM rebuilds on", "fastpeft-triton": "fastpeft, triton path"}
+
+
+def plot(rows: list[dict], path: Path, title: str) -> Optional[Path]:
+    """``rows`` (memory.csv rows) as bars: peak x the frozen model per family, one panel per method, one bar per
+    provider; lines at 1.0 (the frozen model) and 1.10 (the target).  Returns the PNG's path, or None without
+    matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("memory.png skipped: matplotlib is not installed (pip install matplotlib)", file=sys.stderr)
+        return None
+    rows = [r for r in rows if r["provider"] in _PLOT_PROVIDERS and r.get("ratio_to_frozen") not in (None, "")]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    if not methods:
+        return None
+    fig, axes = plt.subplots(len(methods), 1, figsize=(11, 2.6 * len(methods)), squeeze=False)
+    for ax, meth in zip(axes[:, 0], methods):
+        sel = [r for r in rows if r["method"] == meth]
+        fams = list(dict.fromkeys(r["family"] for r in sel))
+        provs = [p for p in _PLOT_PROVIDERS if any(r["provider"] == p for r in sel)]
+        w = 0.8 / max(1, len(provs))
+        for i, prov in enumerate(provs):
+            vals = {r["family"]: float(r["ratio_to_frozen"]) for r in sel if r["provider"] == prov}
+            ax.bar([j + i * w for j in range(len(fams))], [vals.get(f, 0.0) for f in fams], width=w,
+                   label=_PLOT_PROVIDERS[prov])
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1.1, color="k", lw=0.8, ls="--")
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(fams))])
+        ax.set_xticklabels(fams, fontsize=8)
+        ax.set_ylabel("peak / frozen")
+        ax.set_title(meth, fontsize=9)
+        ax.legend(fontsize=7, ncol=len(provs))
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -366,6 +411,8 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{args.hidden}, batch {args.batch} x {args.seq}, {args.dtype} base, fp32 adapters, r=16; "
           f"{rows[0].get('mem_kind', '')} on {device.type}; {ts})\n\n" + markdown(rows))
     (out / "memory.md").write_text(md)
+    if not args.no_plot:
+        plot(rows, out / "memory.png", md.split("\n", 1)[0])
     print(md)
     return 0
 

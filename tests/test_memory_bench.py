@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 
 from benchmarks import bench_memory
@@ -71,3 +72,15 @@ def test_cpu_measure_keeps_in_place_gradient_sums():
     with Ops() as ops:
         step()
     assert "aten.add.Tensor" in ops.names and "aten.add_.Tensor" not in ops.names  # out of place under a mode
+
+
+def test_plot_draws_one_panel_per_method(tmp_path):
+    """memory.png: bars of peak x frozen per family, a panel per method (only with matplotlib)."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import bench_memory
+    rows = [{"family": f, "method": m, "provider": p, "ratio_to_frozen": str(v)}
+            for f in ("llama", "bert") for m, v in (("lora", 1.0), ("dora", 1.4))
+            for p in ("peft", "fastpeft", "fastpeft-gemm")] + [
+        {"family": "llama", "method": "-", "provider": "frozen", "ratio_to_frozen": ""}]
+    path = bench_memory.plot(rows, tmp_path / "memory.png", "test")
+    assert path == tmp_path / "memory.png" and path.stat().st_size > 1000
