@@ -334,16 +334,27 @@ def phase_e2e(out: Path, deadline: float) -> None:
     from benchmarks.bench_e2e import run_e2e
     rows = Rows(out / "e2e.csv", ["model", "provider", "label", "p50_ms", "p20_ms", "p80_ms", "tokens_per_s",
                                   "mem_mib", "mem_kind", "eval_loss", "note"])
-    for provider in ("base", "fastpeft", "peft"):
+    # fastpeft twice: with the activation recompute (the default) and without it (FASTPEFT_RECOMPUTE=0), the
+    # recompute's cost on a GPU side by side (memory issue: it should cost <= 2% of a step)
+    for provider, recompute in (("base", None), ("fastpeft", None), ("fastpeft", "0"), ("peft", None)):
         if time.time() > deadline:
             return
+        name = provider if recompute is None else f"{provider} FASTPEFT_RECOMPUTE={recompute}"
+        old = os.environ.get("FASTPEFT_RECOMPUTE")
+        if recompute is not None:
+            os.environ["FASTPEFT_RECOMPUTE"] = recompute
         try:
             (r,) = run_e2e("llama3-8b-4l", torch.bfloat16, torch.device("cuda"), [provider], steps=3)
-            rows.add(model="llama3-8b-4l", provider=provider, label=r.label, p50_ms=r.p50, p20_ms=r.p20,
+            rows.add(model="llama3-8b-4l", provider=name, label=r.label, p50_ms=r.p50, p20_ms=r.p20,
                      p80_ms=r.p80, tokens_per_s=r.tokens_per_s, mem_mib=r.mem_mib, mem_kind=r.mem_kind,
                      eval_loss=r.eval_loss)
         except Exception as e:  # noqa: BLE001
-            rows.add(model="llama3-8b-4l", provider=provider, note=f"failed: {type(e).__name__}: {e}"[:300])
+            rows.add(model="llama3-8b-4l", provider=name, note=f"failed: {type(e).__name__}: {e}"[:300])
+        finally:
+            if old is None:
+                os.environ.pop("FASTPEFT_RECOMPUTE", None)
+            else:
+                os.environ["FASTPEFT_RECOMPUTE"] = old
         torch.cuda.empty_cache()
 
 
