@@ -197,15 +197,18 @@ class _Mul(_Recipe):
         return [self.a, self.b]
 
 
-def _product_of(node, out: torch.Tensor) -> Optional[_Mul]:
+def _product_of(node, shape: Optional[tuple], dtype: Optional[torch.dtype]) -> Optional[_Mul]:
     """``a * b`` from a MulBackward0 node that saved both factors (both needing grad, so the frozen graph keeps
-    them), when that product is ``out``'s shape and dtype; else None."""
+    them) - the gated MLP's ``act(gate) * up``, GPT-2's gelu_new - when that product has ``shape`` and ``dtype``
+    (each unchecked when None); else None."""
     a, b = getattr(node, "_saved_self", None), getattr(node, "_saved_other", None)
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.requires_grad and b.requires_grad \
-            and torch.broadcast_shapes(a.shape, b.shape) == out.shape \
-            and torch.promote_types(a.dtype, b.dtype) == out.dtype:
-        return _Mul(a, b)
-    return None
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.requires_grad and b.requires_grad):
+        return None
+    if shape is not None and tuple(torch.broadcast_shapes(a.shape, b.shape)) != tuple(shape):
+        return None
+    if dtype is not None and torch.promote_types(a.dtype, b.dtype) != dtype:
+        return None
+    return _Mul(a, b)
 
 
 class _ToDtype(_Recipe):
@@ -464,7 +467,6 @@ class _Session:
         self.layer: Optional[_LayerFrame] = None
         self.producers: list[_ProducerFrame] = []
         self.stats = RecomputeStats()
-        self.gemm = False     # rebuild what ``rebuild_with`` offers (costs a GEMM per use)
 
     # -- recipe lookup ------------------------------------------------------------------------------------------
     def recipe_of(self, t: torch.Tensor) -> Optional[_Recipe]:
@@ -473,7 +475,7 @@ class _Session:
             return hit[1]
         hit = self.products.pop(id(t), None)
         if hit is not None and hit[0]() is t:
-            r = _product_of(hit[1], t) or hit[2]
+            r = _product_of(hit[1], t.shape, t.dtype) or hit[2]
             if r is not None:
                 self.recipes[id(t)] = (hit[0], r)
             return r
@@ -524,10 +526,7 @@ class _Session:
             if drop is not None:
                 return drop
             if name == "MulBackward0":
-                a, b = getattr(node, "_saved_self", None), getattr(node, "_saved_other", None)
-                if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.requires_grad \
-                        and b.requires_grad:
-                    return _Mul(a, b)
+                return _product_of(node, shape, dtype)
         return None
 
     def _layout(self, node, name, nxt, dtype, shape, depth) -> Optional[_Recipe]:
@@ -673,9 +672,12 @@ class _Session:
     def _rebuilt(self, t: torch.Tensor, frame: _LayerFrame) -> Optional[_Recipe]:
         """A tensor an op marked with ``rebuild_with``: re-run from the layer's (rebuilt, else held) input, once
         checked bit-equal for this layer, shape and dtype."""
-        fn = t.__dict__.pop(_rebuild.ATTR, None)
+        fn = getattr(t, _rebuild.ATTR, None)
+        if fn is None:
+            return None
+        delattr(t, _rebuild.ATTR)
         x = frame.x
-        if fn is None or x is None:
+        if x is None:
             return None
         inner = self.resolve(x) if x.requires_grad else (self.recipe_of(x) or _Held(x))
         if inner is None:
@@ -709,7 +711,7 @@ class _Session:
                                   and _is_input_node(t.grad_fn.next_functions[0][0], pf.x))):
                 pf.source = t
         if frame is not None and not isinstance(t, nn.Parameter) and t.dim() > 0:
-            r = self._rebuilt(t, frame) if self.gemm else None
+            r = self._rebuilt(t, frame)   # only tensors an op marked (while _rebuild.wanted) carry the offer
             if r is not None:
                 self._account(r, t)
                 for s in r.sources():
@@ -933,7 +935,7 @@ def _root_pre(model, args, kwargs=None):
         return
     _hook_modules(model, inst)
     _SESSION = _Session()
-    _SESSION.gemm = _rebuild.wanted = inst.gemm or _env_gemm()
+    _rebuild.wanted = inst.gemm or _env_gemm()
     inst.ctx = torch.autograd.graph.saved_tensors_hooks(_SESSION.pack, _Session.unpack)
     inst.ctx.__enter__()
 
