@@ -9,7 +9,43 @@ from __future__ import annotations
 
 import importlib
 
+import importlib.abc
+import importlib.util
+import os
+import sys
+
 from ._version import __version__  # noqa: E402
+
+
+class _CheckoutFinder(importlib.abc.MetaPathFinder):
+    """``fastpeft.kernels`` and ``fastpeft.benchmarks`` for a source checkout that was never installed (the
+    repository on ``PYTHONPATH`` or the working directory, e.g. ``benchmarks/gpu_check.sh`` while its ``pip install
+    -e .`` is still building): setup.py maps them from the top-level ``kernels/`` and ``benchmarks/`` folders
+    (``package_dir``), a mapping only an install creates.  Sits last on ``sys.meta_path``, so any install's own
+    finder answers first; the folders are imported lazily, like any submodule."""
+
+    def __init__(self, folders: dict):
+        self.folders = folders
+
+    def find_spec(self, name, path=None, target=None):  # noqa: ARG002 (the finder protocol's signature)
+        folder = self.folders.get(name)
+        if folder is None:
+            return None
+        return importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+
+
+def _register_checkout_finder() -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isfile(os.path.join(root, "setup.py")):
+        return  # an installed package: its own layout (or finder) provides the subpackages
+    folders = {f"fastpeft.{sub}": os.path.join(root, sub) for sub in ("kernels", "benchmarks")
+               if os.path.isfile(os.path.join(root, sub, "__init__.py"))}
+    if folders and not any(type(f).__name__ == "_CheckoutFinder" for f in sys.meta_path):  # once, even on reload
+        sys.meta_path.append(_CheckoutFinder(folders))
+
+
+_register_checkout_finder()
 
 from . import functional, ops  # noqa: F401,E402
 from ._backend import backend_info, select_backend  # noqa: E402

@@ -81,3 +81,36 @@ def test_import_and_use_without_triton():
     assert r["triton_available"] is False and "triton" in r["triton_reason"], r
     assert r["torch_ok"] and r["grad_ok"]
 
+
+
+_NO_INSTALL = """
+import json, sys
+# What a checkout that was never installed sees: no install's finder for fastpeft (this test environment has an
+# editable install, whose finder maps fastpeft.kernels -> kernels/), the repository first on sys.path.
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, "__module__", "").startswith("__editable__")]
+sys.path_importer_cache.clear()
+sys.path.insert(0, REPO)
+import fastpeft
+from fastpeft.kernels import _mask
+from fastpeft.ops.dropout import dropout_threshold
+import fastpeft.benchmarks
+print(json.dumps({"fastpeft": fastpeft.__file__, "mask": _mask.__file__, "same": dropout_threshold is _mask.dropout_threshold,
+                  "benchmarks": fastpeft.benchmarks.__path__[0], "triton": "triton" in sys.modules}))
+"""
+
+
+def test_import_from_a_checkout_that_was_never_installed():
+    """setup.py installs kernels/ and benchmarks/ as fastpeft.kernels / fastpeft.benchmarks (package_dir).  From a
+    bare checkout (the repository on PYTHONPATH, as benchmarks/gpu_check.sh runs its phases while `pip install -e .`
+    still builds the extension) fastpeft must import all the same: its finder maps the two folders."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    code = f"REPO = {REPO!r}\n" + textwrap.dedent(_NO_INSTALL)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(REPO))
+    assert proc.returncode == 0, f"child failed:\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["fastpeft"] == os.path.join(REPO, "fastpeft", "__init__.py"), r
+    assert r["mask"] == os.path.join(REPO, "kernels", "_mask.py") and r["same"], r
+    assert r["benchmarks"] == os.path.join(REPO, "benchmarks") and r["triton"] is False, r
