@@ -9,8 +9,9 @@ Two variants, as for LoRA (``"triton"`` = ``"triton:cublas"``, ``"triton:fused"`
 output mode, columns in input mode; ~N·K elements, a few µs at 4096²), so every pass over activations is a cuBLAS GEMM
 the frozen layer would make anyway:
   forward   scale W (and b ⊙ l); ``F.linear``.                                   Saved: x and y (the output).
-  backward  output mode: scale W; dX = dY (l ⊙ W) (cuBLAS); ``_ia3_dl_out_kernel``: one pass over (dY, y) gives
-            dl = Σ_m dY ⊙ y / l and Σ_m dY (dbias = l ⊙ Σ_m dY).
+  backward  output mode: ``_ia3_dl_out_kernel``: one pass over (dY, y) gives the split partial sums of
+            dl = Σ_m dY ⊙ y / l and of dbias = l ⊙ Σ_m dY; scale W (spare programs of that launch sum and cast dl
+            and dbias); dX = dY (l ⊙ W) (cuBLAS).
             input mode: scale W by l' (l with tiny entries replaced by 1); G' = dY (W ⊙ l') (cuBLAS);
             ``_ia3_dl_in_kernel``: one pass over (G', x) gives dl = Σ_m G' ⊙ x / l' and turns G' into dX in place
             (only the tiny-l columns are rewritten); dbias = Σ_m dY (``_ia3_colsum_kernel``).
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 
 from ._gemm import gemm
 from ._mask import tiny_scale
-from ._partials import sum_partials
+from ._partials import TILE as PARTIALS_TILE
+from ._partials import PartialsPlan, plan_partials, sum_partials, sum_partials_tile
 from ._target import (LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
                       split_count, target_programs)
 from ._tl import base_precision, dot_prec, mma, scaled
@@ -87,30 +89,45 @@ def _ia3_colsum_kernel(dy_ptr, z_ptr, l_ptr, dl_part_ptr, db_part_ptr, M, N,
 
 @triton.jit
 def _ia3_scale_w_kernel(w_ptr, l_ptr, out_ptr, N, K, stride_wn, stride_wk, tiny,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, SAFE: tl.constexpr):
+                        f_p0, f_o0, f_P0, f_L0, f_p1, f_o1, f_P1, f_L1, f_p2, f_o2, f_P2, f_L2,
+                        f_p3, f_o3, f_P3, f_L3, f_t1, f_t2, f_t3, n_blocks,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, SAFE: tl.constexpr,
+                        FINISH: tl.constexpr, FINISH_TILE: tl.constexpr):
     """out[n, k] = round(W[n, k] · l[n])  (ROWS)  or  round(W[n, k] · l[k]); out is row-major (N, K).
-    SAFE: l entries with |l| < tiny count as 1 (the backward's l').  One read and one write of W."""
+    SAFE: l entries with |l| < tiny count as 1 (the backward's l').  One read and one write of W.
+    Grid (n_blocks [+ finishing rows], K blocks).  With FINISH the programs of the rows past n_blocks sum split
+    reductions instead (the f_* arguments: tiles of ``kernels._partials.sum_partials_tile``, numbered row-major):
+    the output-mode backward's dl and dbias, whose partials the pass over (dY, y) wrote before this launch."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_n = offs_n < N
-    mask_k = offs_k < K
-    rn64 = offs_n.to(tl.int64)
-    rk64 = offs_k.to(tl.int64)
-    mask = mask_n[:, None] & mask_k[None, :]
-    w = tl.load(w_ptr + rn64[:, None] * stride_wn + rk64[None, :] * stride_wk, mask=mask, other=0.0)
-    if ROWS:
-        lv = tl.load(l_ptr + offs_n, mask=mask_n, other=1.0)
+    if FINISH:  # constexpr: without FINISH the grid has n_blocks rows and no finishing code is compiled
+        finishing = pid_n >= n_blocks
     else:
-        lv = tl.load(l_ptr + offs_k, mask=mask_k, other=1.0)
-    if SAFE:
-        lv = tl.where(tl.abs(lv.to(tl.float32)) < tiny, 1.0, lv.to(tl.float32)).to(lv.dtype)
-    if ROWS:
-        ws = scaled(w.to(lv.dtype), lv[:, None])
+        finishing = False
+    if finishing:
+        sum_partials_tile(f_p0, f_o0, f_P0, f_L0, f_p1, f_o1, f_P1, f_L1, f_p2, f_o2, f_P2, f_L2,
+                          f_p3, f_o3, f_P3, f_L3, f_t1, f_t2, f_t3,
+                          (pid_n - n_blocks) * tl.num_programs(1) + pid_k, FINISH_TILE)
     else:
-        ws = scaled(w.to(lv.dtype), lv[None, :])
-    tl.store(out_ptr + rn64[:, None] * K + rk64[None, :], ws.to(out_ptr.dtype.element_ty), mask=mask)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_n = offs_n < N
+        mask_k = offs_k < K
+        rn64 = offs_n.to(tl.int64)
+        rk64 = offs_k.to(tl.int64)
+        mask = mask_n[:, None] & mask_k[None, :]
+        w = tl.load(w_ptr + rn64[:, None] * stride_wn + rk64[None, :] * stride_wk, mask=mask, other=0.0)
+        if ROWS:
+            lv = tl.load(l_ptr + offs_n, mask=mask_n, other=1.0)
+        else:
+            lv = tl.load(l_ptr + offs_k, mask=mask_k, other=1.0)
+        if SAFE:
+            lv = tl.where(tl.abs(lv.to(tl.float32)) < tiny, 1.0, lv.to(tl.float32)).to(lv.dtype)
+        if ROWS:
+            ws = scaled(w.to(lv.dtype), lv[:, None])
+        else:
+            ws = scaled(w.to(lv.dtype), lv[None, :])
+        tl.store(out_ptr + rn64[:, None] * K + rk64[None, :], ws.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -236,17 +253,22 @@ def _launch_colsum(dy, z, l, dl_part, db_part, dummy, m, n, n_blocks, splits, mb
 
 
 def scale_weight(weight: torch.Tensor, ia3_l: torch.Tensor, rows: bool, tgt: Optional[LaunchTarget],
-                  safe: bool = False) -> torch.Tensor:
+                 safe: bool = False, finish: Optional[PartialsPlan] = None) -> torch.Tensor:
     """W ⊙ l as a row-major (N, K) tensor in W's dtype: rows (l: (N,)) or columns (l: (K,)); `safe`: tiny l -> 1.
-    One read and one write of W (2·N·K elements)."""
+    One read and one write of W (2·N·K elements).  `finish`: split reductions (``kernels._partials.plan_partials``)
+    run by extra rows of programs in the same launch, or None."""
     n, k = weight.shape
     out = torch.empty((n, k), device=weight.device, dtype=weight.dtype)
     bn, bk, warps = skinny_blocks(tgt)
-    if launch_ok("ia3_scale_w", weight, bytes_read=n * k * weight.element_size() + ia3_l.numel() * ia3_l.element_size(),
-                 bytes_written=n * k * weight.element_size(), flops=n * k):
-        _ia3_scale_w_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+    n_blocks, k_blocks = triton.cdiv(n, bn), triton.cdiv(k, bk)
+    finish = finish if finish is not None else plan_partials([], weight)  # no segments: no finishing rows
+    if launch_ok("ia3_scale_w", weight, bytes_read=n * k * weight.element_size() + ia3_l.numel() * ia3_l.element_size()
+                 + finish.bytes_read, bytes_written=n * k * weight.element_size() + finish.bytes_written,
+                 flops=n * k + finish.flops):
+        _ia3_scale_w_kernel[(n_blocks + triton.cdiv(finish.tiles, k_blocks), k_blocks)](
             weight, ia3_l, out, n, k, weight.stride(0), weight.stride(1), tiny_scale(weight.dtype),
-            BLOCK_N=bn, BLOCK_K=bk, ROWS=rows, SAFE=safe, num_warps=warps)
+            *finish.args, n_blocks, BLOCK_N=bn, BLOCK_K=bk, ROWS=rows, SAFE=safe, FINISH=finish.tiles > 0,
+            FINISH_TILE=PARTIALS_TILE, num_warps=warps)
     return out
 
 
@@ -373,7 +395,8 @@ def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_
         dx_dtype = x.dtype if feedforward else dy.dtype
         return (dy.new_empty((0, k), dtype=dx_dtype) if needs_dx else dy.new_empty(0, dtype=dx_dtype),
                 torch.zeros_like(ia3_l), torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
-    # Every path ends with the partial sums of dl (and dbias) summed and cast by one launch (sum_partials).
+    # Every path ends with the partial sums of dl (and dbias) summed and cast by one launch (sum_partials), or by
+    # spare programs of its last launch (output mode with dX: the W scaling).
     db_job = []
     if variant == "cublas":
         if feedforward:
@@ -385,7 +408,14 @@ def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_
         else:
             dl_part, db_part = _dl_output_mode(dy, y, ia3_l, x, weight, bias, has_bias, tgt)
             db_job = [(db_part, weight.dtype)] if has_bias else []
-            dx = torch.mm(dy, scale_weight(weight, ia3_l, True, tgt)) if needs_dx else dy.new_empty(0)
+            if not needs_dx:
+                dx = dy.new_empty(0)
+            else:
+                # the W scaling runs after the pass over (dY, y): spare rows of its grid finish dl and dbias
+                # (no launch of their own)
+                plan = plan_partials([(dl_part, ia3_l.dtype)] + db_job, dy)
+                dx = torch.mm(dy, scale_weight(weight, ia3_l, True, tgt, finish=plan))
+                return dx, plan.outs[0], (plan.outs[1] if has_bias else empty_db)
     elif feedforward:
         dx = torch.empty((m, k), device=dev, dtype=x.dtype) if needs_dx else None
         dl_part = gemm(dy, weight, dx, prec=base_precision(dy.dtype), col=ia3_l if needs_dx else None, dl_x=x,

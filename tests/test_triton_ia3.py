@@ -193,7 +193,9 @@ def test_ia3_bf16_parity_gpu(ff, ldt):
 
 def test_ia3_launchers_report_kernels_and_skip_fake_tensors():
     """Cost model: with fake tensors at an H200 shape the launchers report their kernels (one pass over W per call,
-    one column reduction in the backward, one launch summing dl's and dbias's partials into their dtypes) and return correctly shaped outputs without launching."""
+    one column reduction in the backward; dl's and dbias's partials summed into their dtypes by one launch in input
+    mode, by spare programs of the backward's W scaling in output mode) and return correctly shaped outputs without
+    launching."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastpeft import _cost
@@ -209,6 +211,39 @@ def test_ia3_launchers_report_kernels_and_skip_fake_tensors():
         assert y.shape == (m, n) and dx.shape == (m, k) and dl.shape == lv.shape and db.shape == (n,)
         names = [c.name for c in rec]
         want = (["ia3_scale_w", "ia3_scale_w", "ia3_dl_in", "ia3_colsum", "sum_partials"] if ff
-                else ["ia3_scale_w", "ia3_dl_out", "ia3_scale_w", "sum_partials"])
+                else ["ia3_scale_w", "ia3_dl_out", "ia3_scale_w"])
         assert names == want, names
         assert rec[0].bytes_read >= n * k * 2 and rec[0].bytes_written == n * k * 2  # one pass over W
+        if not ff:  # the backward's W scaling also sums dbias's partials (fp32) into W's dtype (dl: one split here)
+            assert rec[2].bytes_written == n * k * 2 + n * 2 and rec[2].bytes_read >= n * k * 2 + n * 4, rec[2]
+
+
+class _Spy:
+    """Wraps a jitted kernel: records (grid, keyword args) of every launch, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((tuple(grid), kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("ldt", [F32, F16], ids=["fp32l", "fp16l"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_ia3_output_mode_w_scaling_finishes_dl_and_dbias(monkeypatch, ldt, with_bias):
+    """Output mode: the backward's W scaling sums dl's and dbias's split partials in spare rows of its grid.  With
+    the production block-count structure forced at a small size (several M splits, so several partials; several
+    finishing tiles), dl and dbias still meet the accuracy rule, and the finishing rows really ran."""
+    spy = _Spy(KI._ia3_scale_w_kernel)
+    monkeypatch.setattr(KI, "_ia3_scale_w_kernel", spy)
+    with KT.forced_launch_shape(blocks=(16, 16, 4), programs=1024):
+        # N = 2100 columns: 3 finishing tiles of 1024 for dl alone; M = 70: 5 M blocks, each its own split
+        check_fa_rule(Case((70,), 24, 2100, False, F16, ldt=ldt, with_bias=with_bias))
+    finishing = [(grid, kw) for grid, kw in spy.launches if kw["FINISH"]]
+    assert finishing, "no W scaling ran finishing rows"
+    for grid, kw in finishing:
+        n_blocks = -(-2100 // 16)
+        assert grid[0] > n_blocks
