@@ -198,6 +198,8 @@ def _scenarios(quick: bool, target, dtypes: list | None = None):
                 out.append((f"lora dropout=0.1 bias {tag}", lora))
                 out.append((f"lora dropout=0 {tag}", lambda f=lora: f(bias=False, p=0.0)))
                 out.append((f"adalora (E) {tag}", lambda f=lora: f(e=True, bias=False, p=0.0, r=12)))
+                if dt == torch.bfloat16:  # PEFT's default precision: the rank-r products split in bf16 pieces
+                    out.append((f"lora fp32 adapters {tag}", lambda f=lora: f(adt=torch.float32, variant="cublas")))
                 if dt != torch.float32 and not quick:
                     out.append((f"lora fp32 adapters r=3 {tag}", lambda f=lora: f(adt=torch.float32, r=3)))
                 out.append((f"dora pieces {tag}", dora))

@@ -30,6 +30,9 @@ Counting:
 Predicted time (H200, measured peaks: 781 TFLOP/s bf16 dense, 4.2 TB/s copy):
     GEMM     t_k = max(flops / (781e12 * e_gemm), bytes / (4.2e12 * e_gemv))    (fastpeft's own GEMMs 1.15x slower)
     other    t_k = max(flops / 781e12, bytes / 4.2e12)                          (the copy ceiling)
+    ieee fp32 dot products (fma_flops: torch's fp32 GEMMs without tf32, fastpeft's kernels at "ieee") run on the
+    CUDA cores: they add fma_flops / 67e12 (/ e_gemm for a GEMM) to the max (67 TFLOP/s fp32: NVIDIA's H200
+    datasheet, not measured).
     GPU      T_gpu  = sum_k t_k + n_launch * gap
     host     T_host = host_call + n_launch * host_launch + (host_bwd if the case has a backward)
     eager    T = max(T_gpu, T_host);   under a CUDA graph  T_graph = T_gpu
@@ -60,12 +63,18 @@ from torch.utils.flop_counter import flop_registry
 
 PEAK_FLOPS = 781e12  # bf16 matmul 8192^3 measured on the H200 (SOURCE)
 PEAK_BYTES = 4.2e12  # device-to-device copy, bytes read + written (SOURCE)
+# ieee fp32 dot products run on the CUDA cores, not the tensor cores: NVIDIA's H200 datasheet, FP32 67 TFLOP/s (a
+# datasheet peak, not measured here; what fp32 adapters' products cost where a kernel does them exactly).
+PEAK_FMA_FLOPS = 67e12
 SOURCE = "one H200, torch 2.11.0+cu130, 2026-11-28; the times are MEASURED_MS in benchmarks/cost_model.py"
 # A persistent TMA Triton GEMM measured 1.15-1.75x cuBLAS's time on these shapes (same H200): fastpeft's own
 # GEMM kernels are predicted at the best of that range.
 TRITON_GEMM_SLOWDOWN = 1.15
 ALT_GAP_S = 2e-6  # the sensitivity run's gap between kernels (see run_model)
-GEMM_INTENSITY = 32  # flop/byte: a reported kernel at least this intense is a GEMM (the LoRA extras are ~r = 16)
+# flop/byte: a reported kernel at least this intense is a GEMM.  The rank-r kernels stay below it: ~r = 16 flop/byte,
+# at most 48 with the three-piece split products of fp32 adapters (3 x 2r flops per 2-byte element of x or dY);
+# fastpeft's Triton GEMM is at ~1000 at M = 2048.
+GEMM_INTENSITY = 128
 
 SHAPES = {"q_proj": (4096, 4096), "up_proj": (4096, 14336), "down_proj": (14336, 4096)}
 # Llama-3-8B's sibling groups, (K, (N of each member)): the layers that read the same normed x, which
@@ -127,6 +136,7 @@ class Kernel:
     flops: int
     launches: int = 1
     gemm: bool = False  # runs at GEMM efficiency (see kernel_seconds)
+    fma_flops: int = 0  # ieee fp32 dot products, on the CUDA cores (see kernel_seconds)
 
     @property
     def bytes(self) -> int:
@@ -155,7 +165,7 @@ class Trace:
 
     @property
     def flops(self) -> int:
-        return sum(k.flops * k.launches for k in self.kernels)
+        return sum((k.flops + k.fma_flops) * k.launches for k in self.kernels)
 
 
 # Ops that launch no kernel: allocations and metadata (views are recognised by their schema).
@@ -255,8 +265,9 @@ class _KernelCounter(TorchDispatchMode):
 
     def flush_reported(self) -> None:
         for c in self._reported[self._seen:]:
-            gemm = c.flops >= GEMM_INTENSITY * max(1, c.bytes_read + c.bytes_written)
-            self.kernels.append(Kernel(c.name, "fastpeft", c.bytes_read, c.bytes_written, c.flops, c.launches, gemm))
+            gemm = c.flops + c.fma_flops >= GEMM_INTENSITY * max(1, c.bytes_read + c.bytes_written)
+            self.kernels.append(Kernel(c.name, "fastpeft", c.bytes_read, c.bytes_written, c.flops, c.launches, gemm,
+                                       c.fma_flops))
         self._seen = len(self._reported)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -278,11 +289,13 @@ class _KernelCounter(TorchDispatchMode):
         packet = func.overloadpacket
         if packet not in flop_registry and name.endswith("_") and hasattr(torch.ops.aten, name[:-1]):
             packet = getattr(torch.ops.aten, name[:-1])
-        flops, gemm = 0, packet in flop_registry
+        flops, fma, gemm = 0, 0, packet in flop_registry
         if gemm:
             flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
+            if not torch.backends.cuda.matmul.allow_tf32 and all(t.dtype == torch.float32 for t in outs):
+                flops, fma = 0, flops  # cuBLAS's fp32 SGEMM: the CUDA cores
         self.kernels.append(Kernel(f"{func.namespace}.{name}", "torch", sum(_span_bytes(t) for t in ins),
-                                   sum(_span_bytes(t) for t in outs), flops, 1, gemm))
+                                   sum(_span_bytes(t) for t in outs), flops, 1, gemm, fma))
         return out
 
 
@@ -701,8 +714,9 @@ def kernel_seconds(k: Kernel, cal: Calibration) -> float:
     everything else streams at the copy ceiling (the measured 4.2 TB/s is itself a streaming kernel)."""
     if k.gemm:
         slow = TRITON_GEMM_SLOWDOWN if k.source == "fastpeft" else 1.0
-        return max(k.flops * slow / (PEAK_FLOPS * cal.e_gemm), k.bytes / (PEAK_BYTES * cal.e_gemv))
-    return max(k.flops / PEAK_FLOPS, k.bytes / PEAK_BYTES)
+        return max(k.flops * slow / (PEAK_FLOPS * cal.e_gemm), k.fma_flops * slow / (PEAK_FMA_FLOPS * cal.e_gemm),
+                   k.bytes / (PEAK_BYTES * cal.e_gemv))
+    return max(k.flops / PEAK_FLOPS, k.fma_flops / PEAK_FMA_FLOPS, k.bytes / PEAK_BYTES)
 
 
 def gpu_seconds(tr: Trace, cal: Calibration) -> float:
@@ -1047,11 +1061,11 @@ def _write(out_dir: Path, cal: Calibration, rows: list, traces: dict, quick: boo
     with open(out_dir / "cost_model_kernels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["layer", "M", "method", "mode", "path", "kernel", "source", "gemm", "launches", "bytes_read",
-                    "bytes_written", "flops", "pred_us"])
+                    "bytes_written", "flops", "fma_flops", "pred_us"])
         for (layer, m, method, mode, path), tr in traces.items():
             for k in tr.kernels:
                 w.writerow([layer, m, method, mode, path, k.name, k.source, int(k.gemm), k.launches, k.bytes_read,
-                            k.bytes_written, k.flops, round(kernel_seconds(k, cal) * 1e6, 2)])
+                            k.bytes_written, k.flops, k.fma_flops, round(kernel_seconds(k, cal) * 1e6, 2)])
     if groups:
         with open(out_dir / "cost_model_groups.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=GROUP_COLUMNS)

@@ -20,13 +20,15 @@ __all__ = ["KernelCost", "active", "recording", "report"]
 
 @dataclass
 class KernelCost:
-    """One kernel launch: ``name`` (kernel name), bytes read and written from global memory, floating-point ops."""
+    """One kernel launch: ``name`` (kernel name), bytes read and written from global memory, floating-point ops
+    (``flops``: tensor-core or elementwise; ``fma_flops``: ieee fp32 dot products, on the CUDA cores)."""
 
     name: str
     bytes_read: int
     bytes_written: int
     flops: int
     launches: int = 1
+    fma_flops: int = 0
 
 
 _stack: List[List[KernelCost]] = []
@@ -37,11 +39,12 @@ def active() -> bool:
     return bool(_stack)
 
 
-def report(name: str, *, bytes_read: int, bytes_written: int, flops: int, launches: int = 1) -> None:
+def report(name: str, *, bytes_read: int, bytes_written: int, flops: int, launches: int = 1,
+           fma_flops: int = 0) -> None:
     """Record one kernel (or ``launches`` identical ones) in every open :func:`recording` block."""
     if not _stack:
         return
-    cost = KernelCost(name, int(bytes_read), int(bytes_written), int(flops), int(launches))
+    cost = KernelCost(name, int(bytes_read), int(bytes_written), int(flops), int(launches), int(fma_flops))
     for rec in _stack:
         rec.append(cost)
 

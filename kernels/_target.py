@@ -146,11 +146,13 @@ def span(t: torch.Tensor) -> int:
 
 
 def launch_ok(name: str, first: torch.Tensor, *, bytes_read: int, bytes_written: int, flops: int,
-              launches: int = 1) -> bool:
+              launches: int = 1, fma_flops: int = 0) -> bool:
     """Report one kernel launch to the cost model (when it records) and say whether to really launch it (not for
-    fake / meta tensors)."""
+    fake / meta tensors).  `flops`: tensor-core (or elementwise) work; `fma_flops`: ieee fp32 dots, which run on the
+    CUDA cores (``kernels._tl.dot_flops`` splits a dot's flops)."""
     if _cost.active():
-        _cost.report(name, bytes_read=bytes_read, bytes_written=bytes_written, flops=flops, launches=launches)
+        _cost.report(name, bytes_read=bytes_read, bytes_written=bytes_written, flops=flops, launches=launches,
+                     fma_flops=fma_flops)
     return not is_fake(first)
 
 

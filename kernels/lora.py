@@ -49,7 +49,8 @@ from ._partials import PartialsPlan, plan_partials, sum_partials, sum_parts, sum
 from ._philox import dropout_keep, seed_arg
 from ._target import (LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
                       split_count, target_programs)
-from ._tl import base_precision, dot_prec, lora_epilogue_precision, mma, pad_rank, skinny_precision
+from ._tl import (adapter_operand, base_precision, dot_flops, dot_prec, lora_epilogue_precision, mma, pad_rank,
+                  skinny_precision)
 
 __all__ = ["lora_fwd_triton", "lora_bwd_triton"]
 
@@ -91,7 +92,7 @@ def _lora_shrink_kernel(x_ptr, a_ptr, part_ptr, M, K, R,
             x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
         at = tl.load(a_ptr + offs_r[None, :] * stride_ar + rk64[:, None] * stride_ak,
                      mask=mask_r[None, :] & mask_k[:, None], other=0.0)
-        acc = mma(x.to(a_dtype), at, acc, PREC)
+        acc = mma(adapter_operand(x, a_dtype, PREC), at, acc, PREC)
     out = part_ptr + pid_s.to(tl.int64) * M * R + rm64[:, None] * R + offs_r[None, :]
     tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
 
@@ -143,7 +144,7 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
             if HAS_E:
                 se = se * e[None, :]
             se = (se * scaling).to(b_dtype)
-            dya = dy.to(b_dtype)
+            dya = adapter_operand(dy, b_dtype, PREC)
             acc_b = mma(tl.trans(dya), se, acc_b, PREC)
             dse = mma(dya, bt, tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), PREC) * scaling
             mask_mr = mask_m[:, None] & mask_r[None, :]
@@ -210,7 +211,7 @@ def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, M, K, R
                              other=0.0)
                 acc_de += tl.sum(ds * sv, axis=0)
             ds = ds * e[None, :]
-        acc = mma(tl.trans(ds.to(A_DTYPE)), x.to(A_DTYPE), acc, PREC)
+        acc = mma(tl.trans(ds.to(A_DTYPE)), adapter_operand(x, A_DTYPE, PREC), acc, PREC)
     out = part_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None].to(tl.int64) * K + rk64[None, :]
     tl.store(out, acc, mask=mask_r[:, None] & mask_k[None, :])
     if HAS_E:
@@ -317,13 +318,15 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, t
     splits = triton.cdiv(k_blocks, kb_per)
     part = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
     p16, drop_scale = dropout_threshold(dropout_p)
+    prec = skinny_precision(lora_A.dtype, x.dtype)
+    tc_flops, fma_flops = dot_flops(prec, 2 * m * k * r)
     if launch_ok("lora_shrink", x, bytes_read=m * k * x.element_size() + r * k * lora_A.element_size(),
-                 bytes_written=splits * m * r * 4, flops=2 * m * k * r):
+                 bytes_written=splits * m * r * 4, flops=tc_flops, fma_flops=fma_flops):
         _lora_shrink_kernel[(m_blocks, splits)](
             x, lora_A, part, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
             kb_per, seed_arg(seed), p16, drop_scale,
             BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0,
-            PREC=dot_prec(skinny_precision(lora_A.dtype), lora_A.dtype), num_warps=warps)
+            PREC=dot_prec(prec, lora_A.dtype), num_warps=warps)
     return part if partials else _reduce(part)
 
 
@@ -348,18 +351,20 @@ def _expand(out: torch.Tensor, L_parts: torch.Tensor, scale: float, e: Optional[
     finish = finish if finish is not None else plan_partials([], out)  # no segments: no finishing rows
     fin = finish.tiles > 0
     extra_rows = triton.cdiv(finish.tiles, n_blocks)
+    prec = lora_epilogue_precision(out.dtype, Rm.dtype)
+    tc_flops, fma_flops = dot_flops(prec, 2 * m * n * r)
     if launch_ok("lora_expand", out, bytes_read=m * n * out.element_size() + parts * m * r * 4
                  + r * n * Rm.element_size() + finish.bytes_read,
                  bytes_written=m * n * out.element_size() + (m * r * 4 if l_sum is not None else 0)
                  + finish.bytes_written,
-                 flops=2 * m * n * r + finish.flops):
+                 flops=tc_flops + finish.flops, fma_flops=fma_flops):
         _lora_expand_kernel[(m_blocks + extra_rows, n_blocks)](
             out, L_parts, e if e is not None else L_parts, Rm, l_sum if l_sum is not None else L_parts,
             m, n, r, l_ld, parts, float(scale), out.stride(0), out.stride(1), Rm.stride(0), Rm.stride(1),
             seed_arg(seed), p16, drop_scale, *finish.args, m_blocks,
             BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=e is not None, HAS_DROPOUT=p16 > 0,
             STORE_LSUM=l_sum is not None,
-            PREC=dot_prec(lora_epilogue_precision(out.dtype, Rm.dtype), Rm.dtype), FINISH=fin,
+            PREC=dot_prec(prec, Rm.dtype), FINISH=fin,
             FINISH_TILE=PARTIALS_TILE, num_warps=warps)
 
 
@@ -441,16 +446,18 @@ def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Op
     nb_per = triton.cdiv(n_blocks, n_chunks)
     db_part = torch.empty((m_chunks, n, r), device=dev, dtype=torch.float32)
     dbias_part = torch.empty((m_chunks, n) if has_bias else (1,), device=dev, dtype=torch.float32)
+    prec = skinny_precision(adt, dy.dtype)
+    tc_flops, fma_flops = dot_flops(prec, 4 * m * n * r)
     if launch_ok("lora_dy", dy, bytes_read=m * n * dy.element_size() + n_chunks * m * r * (4 + 4) * (nb_per - 1)
                  + n * r * lora_B.element_size() + m * r * 4,
                  bytes_written=n_chunks * m * r * 4 * nb_per + m_chunks * n * (r + int(has_bias)) * 4,
-                 flops=4 * m * n * r):
+                 flops=tc_flops, fma_flops=fma_flops):
         _lora_dy_kernel[(m_chunks, n_chunks)](
             dy, lora_B, S, lora_E if lora_E is not None else S, dse_part, db_part, dbias_part,
             m, n, r, float(scaling), dse_part.stride(1),
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
             mb_per, nb_per, BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=lora_E is not None,
-            HAS_BIAS=has_bias, PREC=dot_prec(skinny_precision(adt), adt), num_warps=warps)
+            HAS_BIAS=has_bias, PREC=dot_prec(prec, adt), num_warps=warps)
     return dse_part, db_part, (dbias_part if has_bias else None)
 
 
@@ -471,14 +478,16 @@ def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Ten
     has_e = lora_E is not None
     de_part = torch.empty((msplits, r), device=dev, dtype=torch.float32) if has_e else None
     p16, drop_scale = dropout_threshold(dropout_p)
+    prec = skinny_precision(adt, x.dtype)
+    tc_flops, fma_flops = dot_flops(prec, 2 * m * k * r)
     if launch_ok("lora_da", x, bytes_read=m * k * x.element_size() + parts * m * r * 4 + (m * r * 4 if has_e else 0),
-                 bytes_written=msplits * r * k * 4, flops=2 * m * k * r):
+                 bytes_written=msplits * r * k * 4, flops=tc_flops, fma_flops=fma_flops):
         _lora_da_kernel[(k_blocks, msplits)](
             x, dse_part, lora_E if has_e else dse_part, S, da_part, de_part if has_e else da_part,
             m, k, r, parts, x.stride(0), x.stride(1), S.stride(0), S.stride(1),
             mb_per, seed_arg(seed), p16, drop_scale,
             BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0, HAS_E=has_e,
-            PREC=dot_prec(skinny_precision(adt), adt), A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
+            PREC=dot_prec(prec, adt), A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
     return da_part, de_part
 
 

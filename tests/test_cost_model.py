@@ -210,10 +210,45 @@ def test_in_place_gemm_counts_as_a_gemm():
         c, a, b = state
         c.addmm_(a, b)
 
+    bf = dict(dtype=torch.bfloat16)
     with FakeTensorMode():
-        tr = C.trace(run, lambda: (torch.empty(64, 48), torch.empty(64, 32), torch.empty(32, 48)))
+        tr = C.trace(run, lambda: (torch.empty(64, 48, **bf), torch.empty(64, 32, **bf), torch.empty(32, 48, **bf)))
+        tr32 = C.trace(run, lambda: (torch.empty(64, 48), torch.empty(64, 32), torch.empty(32, 48)))
     (k,) = tr.kernels
-    assert k.name == "aten.addmm_" and k.gemm and k.flops == 2 * 64 * 32 * 48
+    assert k.name == "aten.addmm_" and k.gemm and k.flops == 2 * 64 * 32 * 48 and k.fma_flops == 0
+    # fp32 without tf32: cuBLAS's SGEMM, on the CUDA cores
+    (k32,) = tr32.kernels
+    assert k32.gemm and k32.flops == 0 and k32.fma_flops == 2 * 64 * 32 * 48 and tr32.flops == 2 * 64 * 32 * 48
+
+
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16])
+def test_fp32_adapter_products_are_priced_where_they_run(act):
+    """The skinny LoRA kernels' products with fp32 adapters are exact in fp32: on a bf16 activation through the
+    tensor cores (three bf16 pieces, reported as 3x the flops), on an fp16 one in ieee fp32 on the CUDA cores
+    (reported as fma_flops, priced at the fp32 peak)."""
+    from torch._subclasses import FakeTensorMode
+    from fastpeft import _cost
+    from fastpeft.kernels import lora as KL
+
+    m, k, n, r = 8192, 4096, 4096, 16
+    with FakeTensorMode(), _cost.recording() as rec:
+        x = torch.empty(m, k, dtype=act, device="cuda")
+        w = torch.empty(n, k, dtype=act, device="cuda")
+        a, bm = torch.empty(r, k, device="cuda"), torch.empty(n, r, device="cuda")
+        y, s = KL.lora_fwd_triton(x, w, None, a, None, bm, 2.0, 0.0, 0)
+        KL.lora_bwd_triton(torch.empty_like(y), x, w, a, None, bm, s, 2.0, 0.0, 0, True, False)
+    by = {c.name: c for c in rec}
+    work = {"lora_shrink": 2 * m * k * r, "lora_dy": 4 * m * n * r, "lora_da": 2 * m * k * r}
+    for name, f in work.items():
+        c = by[name]
+        assert (c.flops, c.fma_flops) == ((3 * f, 0) if act == torch.bfloat16 else (0, f)), (name, c)
+    cal = C.Calibration(e_gemm=0.9, e_gemv=0.5, gap_s=2e-6, host_call_s=10e-6, host_launch_s=5e-6, host_bwd_s=50e-6)
+    dy = C.Kernel("lora_dy", "fastpeft", by["lora_dy"].bytes_read, by["lora_dy"].bytes_written, by["lora_dy"].flops,
+                  fma_flops=by["lora_dy"].fma_flops)
+    want = max(dy.flops / C.PEAK_FLOPS, dy.fma_flops / C.PEAK_FMA_FLOPS, dy.bytes / C.PEAK_BYTES)
+    assert C.kernel_seconds(dy, cal) == pytest.approx(want)
+    if act == torch.float16:  # 2.1 GFLOP on the CUDA cores outweigh the 64 MiB pass over dY
+        assert C.kernel_seconds(dy, cal) == pytest.approx(dy.fma_flops / C.PEAK_FMA_FLOPS)
 
 
 def test_prediction_formula():

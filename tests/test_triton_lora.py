@@ -614,3 +614,58 @@ def test_device_seed_advances_and_reproduces():
     xt = x.clone().requires_grad_(True)
     FN.lora_linear(xt, w, None, a, bb, 1.0, 0.5, int(seed_used.item()), backend="torch").sum().backward()
     assert rel_err(xr.grad, xt.grad) <= TRITON_VS_TORCH_FP32_RTOL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fp32 adapters on a bf16 base: products through the tensor cores, the fp32 operand split in three bf16 pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fastpeft.kernels._tl import split3  # noqa: E402
+
+
+@triton.jit
+def _pieces(v_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    hi, mid, lo = split3(tl.load(v_ptr + offs))
+    tl.store(out_ptr + offs, hi.to(tl.float32))
+    tl.store(out_ptr + N + offs, mid.to(tl.float32))
+    tl.store(out_ptr + 2 * N + offs, lo.to(tl.float32))
+
+
+def test_split3_pieces_sum_exactly_to_the_fp32_value():
+    """``kernels._tl.split3``: hi + mid + lo == v for fp32 values over many magnitudes (tiny, huge, negative, zero),
+    each piece a bf16 value - so every product of a piece with a bf16 activation is exact in fp32."""
+    g = torch.Generator().manual_seed(0)
+    n = 1024
+    v = torch.randn(n, generator=g) * torch.pow(2.0, torch.randint(-100, 100, (n,), generator=g).float())
+    v[:4] = torch.tensor([0.0, -1.0, 1.0 + 2.0 ** -23, -(2.0 ** -100) * (1 + 2.0 ** -20)])
+    v = v.to(DEV)
+    out = torch.empty(3 * n, device=DEV)
+    _pieces[(1,)](v, out, N=n)
+    hi, mid, lo = out.view(3, n).double()
+    for piece in (hi, mid, lo):  # each a bf16 value
+        assert torch.equal(piece, piece.to(torch.bfloat16).double())
+    assert torch.equal(hi + mid + lo, v.double())
+
+
+def test_bf16_base_fp32_adapters_take_the_split_products(monkeypatch):
+    """The default precision of a bf16 base with fp32 adapters (PEFT's default) is the three-piece split in the
+    shrink, dY and dA kernels (the CPU interpreter runs the same pieces, upcast), with the production block-count
+    structure; output and every gradient within the accuracy rule, dropout and AdaLoRA included."""
+    from fastpeft.kernels import _tl
+
+    spies = {name: _GridSpy(getattr(KL, name)) for name in ("_lora_shrink_kernel", "_lora_dy_kernel",
+                                                            "_lora_da_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(KL, name, spy)
+    with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
+        check_fa_rule(Case((96,), 80, 144, 4, torch.bfloat16, adt=F32, p=0.1, with_e=True))
+        check_fa_rule(Case((40,), 48, 33, 1, torch.bfloat16, adt=F32))
+    for name, spy in spies.items():
+        assert spy.launches and all(kw["PREC"] == _tl.SPLIT3_UPCAST for _, kw, _ in spy.launches), name
+    assert _tl.skinny_precision(F32, torch.bfloat16) == _tl.SPLIT3
+    assert _tl.skinny_precision(F32, F16) == "ieee" and _tl.skinny_precision(torch.bfloat16, torch.bfloat16) == \
+        "default"
