@@ -350,3 +350,24 @@ def test_dora_output_rebuilt_when_gemm_rebuilds_are_on(monkeypatch, family, back
     lora, kept, rebuilt = saved("lora", False), saved("dora", False), saved("dora", True)
     print(f"{family} {backend}: saved bytes, DoRA / LoRA: {kept / lora:.3f}, with GEMM rebuilds {rebuilt / lora:.3f}")
     assert rebuilt <= 1.08 * lora and kept >= 1.07 * rebuilt
+
+
+def test_layers_added_after_the_first_forward_are_hooked():
+    """The hooks follow the module tree: an adapter injected into new modules after training started (here a second
+    adapter on o_proj) is hooked at the next training forward (``_hook_modules`` compares the tree's module count,
+    ``_module_count``, with the last one's), so its input is rebuilt like the others'."""
+    torch.manual_seed(0)
+    base = FAMILIES["llama"]()
+    model = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=4, target_modules=["q_proj"]))
+    model.train()
+    batch = _batch("llama")
+    model(**batch).loss.backward()
+    o_proj = model.base_model.model.model.layers[0].self_attn.o_proj
+    assert not getattr(o_proj, R._LAYER_MARK, False)
+    count = R._module_count(model)
+    assert count == sum(1 for _ in model.modules())  # no module is shared in this tree
+    model.add_adapter("second", fastpeft.LoraConfig(r=4, target_modules=["o_proj"]))
+    o_proj = model.base_model.model.model.layers[0].self_attn.o_proj
+    assert R._module_count(model) > count
+    model(**batch).loss.backward()
+    assert getattr(o_proj, R._LAYER_MARK, False)
