@@ -170,16 +170,19 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
 
 # The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
 @triton.jit(do_not_specialize=["seed"])
-def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, M, K, R, n_dse_parts,
+def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, dse_sum_ptr, M, K, R, n_dse_parts,
                     stride_xm, stride_xk, stride_sm, stride_sr,
                     mb_per_split, seed, p16, drop_scale,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, HAS_E: tl.constexpr, PREC: tl.constexpr, A_DTYPE: tl.constexpr):
+                    HAS_DROPOUT: tl.constexpr, HAS_E: tl.constexpr, STORE_SUM: tl.constexpr, PREC: tl.constexpr,
+                    A_DTYPE: tl.constexpr):
     """part[split, r, k] = Σ_{m in split} dS[m, r] drop(x)[m, k]; grid (K blocks, M splits).
 
     dS = dSe ⊙ e is formed on load: dSe arrives as the dY pass's `n_dse_parts` partial sums (n_dse_parts, M, R)
     fp32, summed here.  With e (AdaLoRA) the programs of the first K block also write
-    de_part[split, r] = Σ_{m in split} dSe[m, r] S[m, r] (dE's partials; S: (M, R) fp32)."""
+    de_part[split, r] = Σ_{m in split} dSe[m, r] S[m, r] (dE's partials; S: (M, R) fp32).  With STORE_SUM they
+    also write the summed dSe to dse_sum (M, R) fp32, so the dX expand reads one buffer instead of every partial
+    once per column block of dX."""
     tl.static_assert(BLOCK_K % 8 == 0, "BLOCK_K must be a multiple of the dropout mask's Philox group (8)")
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -205,6 +208,9 @@ def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, M, K, R
             x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
         mask_mr = mask_m[:, None] & mask_r[None, :]
         ds = sum_parts(dse_ptr, n_dse_parts, M, R, offs_m, offs_r, mask_mr, BLOCK_M, R_PAD)
+        if STORE_SUM:
+            if pid_k == 0:
+                tl.store(dse_sum_ptr + rm64[:, None] * R + offs_r[None, :], ds, mask=mask_mr)
         if HAS_E:
             if pid_k == 0:
                 sv = tl.load(s_ptr + rm64[:, None] * stride_sm + offs_r[None, :] * stride_sr, mask=mask_mr,
@@ -462,10 +468,11 @@ def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Op
 
 
 def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Tensor], S: torch.Tensor,
-             adt: torch.dtype, dropout_p: float, seed: int, tgt: Optional[LaunchTarget]
-             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+             adt: torch.dtype, dropout_p: float, seed: int, tgt: Optional[LaunchTarget],
+             dse_sum: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One pass over x (M·K reads; the mask regenerated): dA = dSᵀ drop(x) with dS = (Σ_p dse_part[p]) ⊙ e.
-    Returns dA's partials (splits, r, K) fp32 and, with e, dE's (splits, r) fp32 (dE = Σ_m dSe ⊙ S) or None."""
+    Returns dA's partials (splits, r, K) fp32 and, with e, dE's (splits, r) fp32 (dE = Σ_m dSe ⊙ S) or None.
+    `dse_sum`: a contiguous (M, r) fp32 buffer that receives Σ_p dse_part[p] (for the dX expand), or None."""
     m, k = x.shape
     parts, r = dse_part.shape[0], dse_part.shape[2]
     dev = x.device
@@ -480,13 +487,17 @@ def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Ten
     p16, drop_scale = dropout_threshold(dropout_p)
     prec = skinny_precision(adt, x.dtype)
     tc_flops, fma_flops = dot_flops(prec, 2 * m * k * r)
+    assert dse_sum is None or (dse_sum.shape == (m, r) and dse_sum.is_contiguous()), "dse_sum: contiguous (M, r)"
     if launch_ok("lora_da", x, bytes_read=m * k * x.element_size() + parts * m * r * 4 + (m * r * 4 if has_e else 0),
-                 bytes_written=msplits * r * k * 4, flops=tc_flops, fma_flops=fma_flops):
+                 bytes_written=msplits * r * k * 4 + (m * r * 4 if dse_sum is not None else 0),
+                 flops=tc_flops, fma_flops=fma_flops):
         _lora_da_kernel[(k_blocks, msplits)](
             x, dse_part, lora_E if has_e else dse_part, S, da_part, de_part if has_e else da_part,
+            dse_sum if dse_sum is not None else dse_part,
             m, k, r, parts, x.stride(0), x.stride(1), S.stride(0), S.stride(1),
             mb_per, seed_arg(seed), p16, drop_scale,
             BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0, HAS_E=has_e,
+            STORE_SUM=dse_sum is not None,
             PREC=dot_prec(prec, adt), A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
     return da_part, de_part
 
@@ -525,7 +536,13 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     # dSe, dB, dbias stay as the dY pass's partial sums: the dA pass and the dX expand sum dSe as they load it,
     # and one launch sums the rest (dB, dbias, dA, dE) into their dtypes.
     dse_part, db_part, dbias_part = _dy_pass(dy, lora_B, S, lora_E, scaling, has_bias, tgt)  # dSe includes s
-    da_part, de_part = _da_pass(x, dse_part, lora_E, S, adt, dropout_p, seed, tgt)
+    # with dX, the dA pass also stores dSe summed: the dX step then reads one (M, r) buffer, not every partial
+    dse_sum = None
+    if needs_dx:
+        dse_sum = dse_part.select(0, 0) if dse_part.shape[0] == 1 else torch.empty((m, dse_part.shape[2]), device=dev,
+                                                                                   dtype=torch.float32)
+    da_part, de_part = _da_pass(x, dse_part, lora_E, S, adt, dropout_p, seed, tgt,
+                                dse_sum=dse_sum if dse_part.shape[0] > 1 else None)
     jobs = [(db_part, lora_B.dtype), (da_part, adt)]
     if has_bias:
         jobs.append((dbias_part, weight.dtype))
@@ -535,10 +552,10 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         dx = torch.mm(dy, weight)
         # the dX expand is the last launch: spare rows of its grid finish the reductions (no launch of their own)
         plan = plan_partials(jobs, dy)
-        _expand(dx, dse_part, 1.0, lora_E, lora_A, tgt, dropout_p, seed, finish=plan)
+        _expand(dx, dse_sum.unsqueeze(0), 1.0, lora_E, lora_A, tgt, dropout_p, seed, finish=plan)
         outs = plan.outs
     elif needs_dx:
-        dS = _reduce(dse_part)
+        dS = dse_sum
         if lora_E is not None:
             dS = dS * lora_E.float()
         p16, drop_scale = dropout_threshold(dropout_p)

@@ -95,7 +95,8 @@ import fastpeft
 from fastpeft.kernels import _mask
 from fastpeft.ops.dropout import dropout_threshold
 import fastpeft.benchmarks
-print(json.dumps({"fastpeft": fastpeft.__file__, "mask": _mask.__file__, "same": dropout_threshold is _mask.dropout_threshold,
+print(json.dumps({"fastpeft": fastpeft.__file__, "mask": _mask.__file__,
+                  "same": dropout_threshold is _mask.dropout_threshold,
                   "benchmarks": fastpeft.benchmarks.__path__[0], "triton": "triton" in sys.modules}))
 """
 

@@ -485,10 +485,14 @@ def test_multi_block_paths_of_production_shapes(monkeypatch):
     (grid, kw, args), = spies["_lora_shrink_kernel"].launches
     assert grid[1] > 1 and args[10] > 1, (grid, args[10])  # K splits, several K blocks per split
     (grid, kw, args), = spies["_lora_da_kernel"].launches
-    assert grid[1] > 1 and args[14] > 1, (grid, args[14])  # M splits, several M blocks per split
-    assert args[9] > 1, args[9]  # dSe arrives as several partial sums, summed on load
-    (grid, kw, args), = spies["_lora_expand_kernel"].launches[:1]  # the forward's: S from several K splits
+    assert grid[1] > 1 and args[15] > 1, (grid, args[15])  # M splits, several M blocks per split
+    assert args[10] > 1, args[10]  # dSe arrives as several partial sums, summed on load
+    assert kw["STORE_SUM"]  # ... and stored summed once, for the dX expand
+    fwd_expand, dx_expand = spies["_lora_expand_kernel"].launches
+    (grid, kw, args) = fwd_expand  # the forward's: S from several K splits
     assert args[9] > 1 and kw["STORE_LSUM"], (args[9], kw)
+    (grid, kw, args) = dx_expand  # the backward's: dSe as the dA pass's one summed buffer
+    assert args[9] == 1 and grid[1] > 1, (args[9], grid)
 
 
 def test_dx_expand_finishes_the_reductions_in_spare_rows(monkeypatch):
@@ -554,7 +558,7 @@ def test_launchers_report_kernels_and_skip_fake_tensors():
             assert lora_e is None or outs[2].shape == (r,)
             names = [c.name for c in rec]
             assert names == ["lora_shrink", "lora_expand", "lora_dy", "lora_da", "lora_expand"], names
-            compute = [o for o in ops.names if o not in ("empty", "select", "t", "transpose", "empty_like",
+            compute = [o for o in ops.names if o not in ("empty", "select", "t", "transpose", "empty_like", "unsqueeze",
                                                          "new_empty", "view", "as_strided", "detach", "device")]
             assert compute == [("addmm" if b is not None else "mm"), "mm"], compute
     by = {c.name: c for c in rec}
