@@ -35,6 +35,10 @@ import time
 import traceback
 
 os.environ.pop("TRITON_INTERPRET", None)  # must be unset before triton is imported: this compiles for real
+# Run as a script, only .ci/ is on sys.path: the checkout's root goes last, so a checkout that was never installed
+# (benchmarks/gpu_check.sh runs this while its `pip install -e .` is still building) finds fastpeft, and an
+# installed fastpeft still wins.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import triton  # noqa: E402

@@ -115,3 +115,23 @@ def test_import_from_a_checkout_that_was_never_installed():
     assert r["fastpeft"] == os.path.join(REPO, "fastpeft", "__init__.py"), r
     assert r["mask"] == os.path.join(REPO, "kernels", "_mask.py") and r["same"], r
     assert r["benchmarks"] == os.path.join(REPO, "benchmarks") and r["triton"] is False, r
+
+
+def test_compile_check_script_finds_a_checkout_that_was_never_installed():
+    """``.ci/compile_triton.py`` run as a script (only ``.ci/`` on sys.path, no install - how gpu_check.sh's
+    Triton precompile runs while its ``pip install -e .`` builds) still imports the checkout's fastpeft."""
+    code = f"REPO = {REPO!r}\n" + textwrap.dedent("""
+        import runpy, sys
+        sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+        sys.path_importer_cache.clear()
+        sys.path[0] = REPO + "/.ci"
+        runpy.run_path(REPO + "/.ci/compile_triton.py", run_name="not_main")
+        import fastpeft.kernels.lora as KL
+        print(KL.__file__)
+        """)
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=os.path.dirname(REPO))
+    assert proc.returncode == 0, f"child failed:\nSTDOUT:\n{proc.stdout}\nSTDERR:\n{proc.stderr}"
+    assert proc.stdout.strip().splitlines()[-1] == os.path.join(REPO, "kernels", "lora.py")
