@@ -47,8 +47,8 @@ from ._mask import dropout_threshold
 from ._partials import TILE as PARTIALS_TILE
 from ._partials import PartialsPlan, plan_partials, sum_partials, sum_parts, sum_partials_tile
 from ._philox import dropout_keep, seed_arg
-from ._target import (LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
-                      split_count, target_programs)
+from ._target import (LaunchTarget, check_variant, da_blocks, launch_ok, launch_target, on_input_device,
+                      skinny_blocks, split_count, target_programs)
 from ._tl import (adapter_operand, base_precision, dot_flops, dot_prec, lora_epilogue_precision, mma, pad_rank,
                   skinny_precision)
 
@@ -476,7 +476,7 @@ def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Ten
     m, k = x.shape
     parts, r = dse_part.shape[0], dse_part.shape[2]
     dev = x.device
-    bm, bk, warps = skinny_blocks(tgt, dropout_p > 0.0)
+    bm, bk, warps = da_blocks(tgt, dropout_p > 0.0)
     m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
     msplits = split_count(k_blocks, m_blocks, target_programs(tgt))
     mb_per = triton.cdiv(m_blocks, msplits)

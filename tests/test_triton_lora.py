@@ -673,3 +673,16 @@ def test_bf16_base_fp32_adapters_take_the_split_products(monkeypatch):
     assert _tl.skinny_precision(F32, torch.bfloat16) == _tl.SPLIT3
     assert _tl.skinny_precision(F32, F16) == "ieee" and _tl.skinny_precision(torch.bfloat16, torch.bfloat16) == \
         "default"
+
+
+def test_da_pass_tiles():
+    """The dA pass's tiles (``kernels._target.da_blocks``): 256 columns wide on a GPU target (its re-reads of the dY
+    pass's partials scale with K / BLOCK_K), 8 warps with dropout; the interpreter and forced test shapes keep the
+    skinny kernels' blocks, so the CPU tests drive the same code paths."""
+    h200 = KT.LaunchTarget(num_sms=132, smem_per_block=227 * 1024, capability_major=9)
+    assert KT.da_blocks(h200) == (64, 256, 4) and KT.da_blocks(h200, dropout=True) == (64, 256, 8)
+    assert KT.da_blocks(None) == KT.skinny_blocks(None)
+    with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
+        assert KT.da_blocks(h200, dropout=True) == (16, 16, 4)
+    bm, bk, _ = KT.da_blocks(h200, dropout=True)
+    assert bk % 8 == 0 and bk >= KT.skinny_blocks(h200, True)[1]  # the mask's Philox groups; never narrower
