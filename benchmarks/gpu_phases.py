@@ -9,7 +9,7 @@ Phases (in the order gpu_check.sh runs them, most decisive first):
   correctness  every available backend (torch, triton, cuda) at the production shapes against an fp32 reference:
                LoRA p=0 / p=0.1, AdaLoRA, IA3, DoRA; outputs and every gradient; the bound is 2x (3x for gradients) the
                torch backend's own bf16 error.
-  ratios       layer fwd+bwd time of the default path (backend auto) and the fused path (triton) against the frozen
+  ratios       layer fwd+bwd time of the default path (backend auto) and the fused path (triton:fused) against the frozen
                layer and HF PEFT's layer, side by side, M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA, DoRA; the faster
                fastpeft backend per shape bucket goes to OUT/dispatch_table.json (fastpeft._dispatch's format);
                DoRA (fastpeft's dora_linear, row norm included, vs HF PEFT's DoRA layer) last in each bucket.
@@ -37,6 +37,9 @@ SHAPES = {"q_proj": (4096, 4096), "up_proj": (4096, 14336), "down_proj": (14336,
 RANK, ALPHA = 16, 32
 IA3_FEEDFORWARD = {"q_proj": False, "up_proj": False, "down_proj": True}
 METHODS = ("lora", "lora_p0.1", "ia3", "adalora", "dora")
+# The fused path's backend name: the Triton GEMM with the adapter in its epilogue ("triton" alone is the default,
+# cuBLAS-anchored variant).
+FUSED = "triton:fused"
 
 
 class Rows:
@@ -229,7 +232,8 @@ def _peft_module(method: str, layer: str):
 
 
 def _step_fn(provider: str, method: str, layer: str, t: dict) -> Callable[[], None]:
-    """fwd+bwd of one provider: base (frozen F.linear), default (backend auto), fused (triton), peft."""
+    """fwd+bwd of one provider: base (frozen F.linear), default (backend auto), fused (``FUSED``: the Triton GEMM
+    with the adapter in its epilogue), peft."""
     x = t["x"].detach().clone().requires_grad_(True)
     gy = t["gy"]
     if provider == "base":
@@ -239,7 +243,7 @@ def _step_fn(provider: str, method: str, layer: str, t: dict) -> Callable[[], No
         return lambda: mod(x).backward(gy)
     tt = {k: (v.detach().clone().requires_grad_(k not in ("w", "gy", "x", "wsq"))) for k, v in t.items()}
     tt["x"] = x
-    backend = None if provider == "default" else "triton"
+    backend = None if provider == "default" else FUSED
     return lambda: _call(method, layer, tt, backend, seed=None).backward(gy)
 
 
@@ -247,15 +251,18 @@ def _record_dispatch(out: Path, op: str, layer: str, m: int, times: dict, backen
     """The measured dispatch entry of this shape bucket (fastest fastpeft backend, fwd+bwd), then the whole table
     rewritten to OUT/dispatch_table.json (atomically) - the file to commit as fastpeft's measured table."""
     from fastpeft import _dispatch
-    cands = {backends[p]: times[p] for p in ("default", "fused") if p in times and backends[p] in
-             ("cuda", "triton", "torch")}
+    # backend names as select_backend takes them: "triton", "triton:fused", "cuda", "cuda:decode", "torch"
+    cands = {backends[p]: times[p] for p in ("default", "fused") if p in times and
+             backends[p].partition(":")[0] in ("cuda", "triton", "torch")}
     if not cands:
         return
     k, n = SHAPES[layer]
     win = min(cands, key=cands.get)
-    _dispatch.record(_gpu_name(), torch.bfloat16, op, _dispatch.bucket(m, n, k, RANK if op == "lora" else None), win,
-                     "measured by benchmarks/gpu_check.sh (layer fwd+bwd, bf16, fp32 adapters): " +
-                     ", ".join(f"{b} {t:.4f} ms" for b, t in sorted(cands.items())), timings_ms=cands)
+    backend, _, variant = win.partition(":")
+    _dispatch.record(_gpu_name(), torch.bfloat16, op, _dispatch.bucket(m, n, k, RANK if op == "lora" else None),
+                     backend, "measured by benchmarks/gpu_check.sh (layer fwd+bwd, bf16, fp32 adapters): " +
+                     ", ".join(f"{b} {t:.4f} ms" for b, t in sorted(cands.items())), variant=variant or None,
+                     timings_ms=cands)
     tmp = out / ".dispatch_table.json.tmp"
     _dispatch.export_table(str(tmp))
     os.replace(tmp, out / "dispatch_table.json")
@@ -277,7 +284,7 @@ def phase_ratios(out: Path, deadline: float) -> None:
                 op = "ia3" if method == "ia3" else "lora"
                 times, backends = {}, {}
                 for provider in ("base", "peft", "default", "fused"):
-                    backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": "triton"}.get(provider)
+                    backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": FUSED}.get(provider)
                     if provider == "default":
                         backend = select_backend(op, t["x"], None)
                     backends[provider] = backend

@@ -88,11 +88,34 @@ def test_phase_helpers_run_on_cpu_at_tiny_shapes(monkeypatch):
             res = G._grads(method, layer, {k: v.float() for k, v in t.items()}, "torch")
             assert set(res) == set(ref) and {"y", "dx"} <= set(res)
             assert all(G.rel_err(res[k], ref[k]) < 1e-5 for k in ref)
-            for provider in ("base", "default", "peft"):
+            for provider in ("base", "default", "peft") + (("fused",) if _has_triton() else ()):
                 t32 = {k: v.float() for k, v in t.items()}
                 if provider == "peft":
                     monkeypatch.setattr(G, "_peft_module", lambda m, lay: _cpu_peft(G, m, lay))
                 G._step_fn(provider, method, layer, t32)()
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_fused_provider_runs_the_fused_variant(monkeypatch):
+    """The ratios / profile phases' "fused" provider is the Triton GEMM with the adapter in its epilogue
+    (backend "triton:fused"), not "triton" (the default, cuBLAS-anchored variant): otherwise the GPU run would
+    time the default path twice and the fused path never."""
+    import torch
+
+    from benchmarks import gpu_phases as G
+    seen = []
+    monkeypatch.setattr(G, "_call", lambda method, layer, t, backend, seed=1234: seen.append(backend) or t["x"] * 2)
+    t = {"x": torch.zeros(2, 3), "gy": torch.zeros(2, 3), "w": torch.zeros(3, 3)}
+    G._step_fn("fused", "lora", "q_proj", t)()
+    G._step_fn("default", "lora", "q_proj", t)()
+    assert G.FUSED == "triton:fused" and seen == ["triton:fused", None], seen
 
 
 def _cpu_peft(G, method, layer):
@@ -110,11 +133,16 @@ def test_measured_dispatch_entry_is_written_atomically(tmp_path):
     from fastpeft import _dispatch
     try:
         G._record_dispatch(tmp_path, "lora", "q_proj", 8192, {"base": 0.7, "default": 0.9, "fused": 0.8},
-                           {"base": "torch (frozen)", "default": "cuda", "fused": "triton"})
+                           {"base": "torch (frozen)", "default": "triton", "fused": "triton:fused"})
         table = json.loads((tmp_path / "dispatch_table.json").read_text())
+        (key, entry), = table.items()
+        assert "lora" in key and entry["backend"] == "triton" and entry["variant"] == "fused"
+        assert entry["timings_ms"] == {"triton": 0.9, "triton:fused": 0.8}
+        assert [p.name for p in tmp_path.iterdir()] == ["dispatch_table.json"]
+        # the default path faster: the entry names it, without a variant
+        G._record_dispatch(tmp_path, "lora", "q_proj", 8192, {"base": 0.7, "default": 0.75, "fused": 0.8},
+                           {"base": "torch (frozen)", "default": "triton", "fused": "triton:fused"})
+        (key, entry), = json.loads((tmp_path / "dispatch_table.json").read_text()).items()
+        assert entry["backend"] == "triton" and entry["variant"] is None
     finally:
         _dispatch.clear()
-    (key, entry), = table.items()
-    assert "lora" in key and entry["backend"] == "triton"
-    assert entry["timings_ms"] == {"cuda": 0.9, "triton": 0.8}
-    assert [p.name for p in tmp_path.iterdir()] == ["dispatch_table.json"]
