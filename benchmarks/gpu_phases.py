@@ -6,11 +6,11 @@ killed by its time limit leaves everything it finished.  Exit status: 0 done, 3 
 Phases (in the order gpu_check.sh runs them, most decisive first):
   gemm         a plain Triton GEMM (fastpeft.kernels._gemm.gemm, first fitting configuration, no autotuning)
                against torch.mm at M=2048/8192 on q/up/down: whether any Triton-GEMM path can be the default.
-  correctness  every available backend (torch, triton, cuda) at the production shapes against an fp32 reference:
-               LoRA p=0 / p=0.1, AdaLoRA, IA3, DoRA; outputs and every gradient; the bound is 2x (3x for gradients) the
-               torch backend's own bf16 error.
-  ratios       layer fwd+bwd time of the default path (backend auto) and the fused path (triton:fused) against the frozen
-               layer and HF PEFT's layer, side by side, M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA, DoRA; the faster
+  correctness  every available backend (torch, triton, triton:fused, cuda) at the production shapes against an fp32
+               reference: LoRA p=0 / p=0.1, AdaLoRA, IA3, DoRA; outputs and every gradient; the bound is 2x (3x for
+               gradients) the torch backend's own bf16 error.
+  ratios       layer fwd+bwd time of the default path (backend auto) and the fused path (triton:fused) against the
+               frozen layer and HF PEFT's layer, side by side, M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA, DoRA; the faster
                fastpeft backend per shape bucket goes to OUT/dispatch_table.json (fastpeft._dispatch's format);
                DoRA (fastpeft's dora_linear, row norm included, vs HF PEFT's DoRA layer) last in each bucket.
   profile      a torch.profiler kernel table of one fwd+bwd per path (q_proj, M=8192, LoRA p=0 and p=0.1).
@@ -200,8 +200,8 @@ def phase_correctness(out: Path, deadline: float) -> None:
                 t = _inputs(layer, m, method)
                 ref = _grads(method, layer, {k: v.float() for k, v in t.items()}, "torch")
                 torch_res = _grads(method, layer, t, "torch")
-                for backend in ("torch", "triton", "cuda"):
-                    why = avail[backend][op]
+                for backend in ("torch", "triton", FUSED, "cuda"):
+                    why = avail[backend.partition(":")[0]][op]
                     if why is not None:
                         rows.add(backend=backend, layer=layer, M=m, method=method, note=f"skipped: {why}"[:200])
                         continue
