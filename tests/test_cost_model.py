@@ -370,3 +370,42 @@ def test_sibling_groups_are_modelled_and_cheaper_than_their_members(model_run):
         assert int(one["bytes"]) - int(r["bytes"]) >= (members - 1) * 2 * (2 * m * k)
         assert float(r["pred_x_base"]) < float(one["pred_x_base"]) < float(by[(g, m, "peft")]["pred_x_base"])
     assert "Sibling groups" in (d / "cost_model.md").read_text()
+
+
+def test_compare_measured_with_a_gpu_runs_ratios(tmp_path):
+    """``python -m benchmarks.cost_model --compare ratios.csv``: each measured row of a GPU run beside the model's
+    prediction for the same layer, M, method and path, with the relative errors, written as CSV and markdown."""
+    import csv
+
+    model_csv = tmp_path / "cost-model" / "cost_model.csv"
+    model_csv.parent.mkdir()
+    cols = ["layer", "M", "method", "mode", "path", "status", "pred_ms", "pred_x_base", "pred_x_base_gap2us"]
+    with open(model_csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for path, ms, xb in (("base", 0.75, 1.0), ("default", 0.97, 1.29), ("fused", 1.03, 1.37)):
+            w.writerow(dict(layer="q_proj", M=8192, method="lora", mode="fwd+bwd", path=path, status="ok",
+                            pred_ms=ms, pred_x_base=xb, pred_x_base_gap2us=xb - 0.1))
+        w.writerow(dict(layer="q_proj", M=8192, method="lora", mode="fwd", path="default", status="ok",
+                        pred_ms=0.5, pred_x_base=1.2, pred_x_base_gap2us=1.1))
+    ratios = tmp_path / "ratios.csv"
+    with open(ratios, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["layer", "M", "method", "provider", "backend", "ms", "x_base", "note"])
+        w.writeheader()
+        w.writerow(dict(layer="q_proj", M=8192, method="lora", provider="base", backend="torch", ms=0.75, x_base=1.0))
+        w.writerow(dict(layer="q_proj", M=8192, method="lora", provider="default", backend="triton", ms=0.86,
+                        x_base=1.15))
+        w.writerow(dict(layer="q_proj", M=8192, method="lora", provider="fused", backend="triton:fused", ms="",
+                        note="failed: RuntimeError"))
+        w.writerow(dict(layer="up_proj", M=8192, method="lora", provider="default", backend="triton", ms=3.0,
+                        x_base=1.1))  # not in the model: skipped
+    assert C.main(["--out", str(tmp_path), "--compare", str(ratios)]) == 0
+    rows, summary = C.compare_measured(ratios, model_csv)
+    assert [(r["path"], r["M"]) for r in rows] == [("base", 8192), ("default", 8192)]
+    d = rows[1]
+    assert d["ms_err"] == pytest.approx(0.97 / 0.86 - 1) and d["x_err"] == pytest.approx(1.29 / 1.15 - 1)
+    assert d["x_err_gap2us"] == pytest.approx(1.19 / 1.15 - 1)
+    assert set(summary) == {"default", "default @2us"}
+    md = (tmp_path / "cost-model" / "measured_vs_predicted.md").read_text()
+    assert "| q_proj | 8192 | lora | default |" in md and "+12.2%" in md
+    assert (tmp_path / "cost-model" / "measured_vs_predicted.csv").exists()
