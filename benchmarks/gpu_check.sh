@@ -12,9 +12,11 @@
 #                  each kernel, which is what FASTPEFT_TRITON_AUTOTUNE=0 runs)
 #                  -> its log appended to phases.log when it ends, errors and tail in summary.txt
 #   b gemm         plain Triton GEMM vs torch.mm, M=2048/8192, q/up/down, fixed configuration        -> gemm.csv
+#   b2 launch      host µs per launch (eager), GPU µs per kernel (CUDA graph): the model's gap  -> launch.csv
 #   c correctness  every backend vs an fp32 reference at the production shapes (waits for a)         -> correctness.csv
 #   d ratios       default and fused paths vs the frozen layer and HF PEFT, M=1/16/2048/8192,
 #                  LoRA p=0/0.1, IA3, AdaLoRA                        -> ratios.csv, dispatch_table.json
+#   d2 decode      LoRA forward at M=1/16, eager and under a CUDA graph (the decode target)         -> decode.csv
 #   e profile      torch.profiler kernel table, one fwd+bwd per path                                 -> profile.csv
 #   f e2e          end-to-end training step time and memory                                          -> e2e.csv
 #   g tests        the GPU test suite                                                                -> phases.log
@@ -124,11 +126,15 @@ wait_build() {  # wait_build LIMIT: until the background build ends or LIMIT sec
 
 # ---- b. Triton GEMM vs cuBLAS (runs while the extension builds) ----------------------------------------------
 gpu_phase gemm 60 --budget 50
+# ---- b2. what a launch costs (a few seconds; pins the cost model's least determined constant) ------------------
+gpu_phase launch 30 --budget 20
 # ---- c. correctness of every backend (needs the extension: waits for the build) -------------------------------
 wait_build 240
 gpu_phase correctness 80 --budget 70
 # ---- d. layer ratios ------------------------------------------------------------------------------------------
 gpu_phase ratios 120 --budget 105
+# ---- d2. decode under a CUDA graph ----------------------------------------------------------------------------
+gpu_phase decode 40 --budget 30
 # ---- e. profiler kernel table ---------------------------------------------------------------------------------
 gpu_phase profile 40 --budget 30
 # ---- f. end to end --------------------------------------------------------------------------------------------

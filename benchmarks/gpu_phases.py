@@ -6,13 +6,18 @@ killed by its time limit leaves everything it finished.  Exit status: 0 done, 3 
 Phases (in the order gpu_check.sh runs them, most decisive first):
   gemm         a plain Triton GEMM (fastpeft.kernels._gemm.gemm, first fitting configuration, no autotuning)
                against torch.mm at M=2048/8192 on q/up/down: whether any Triton-GEMM path can be the default.
+  launch       what one launch costs (host µs eager, GPU µs per kernel in a CUDA graph): a tiny fastpeft Triton
+               kernel, a tiny torch op, the frozen q_proj forward at M=16 - the cost model's fitted gap, measured.
   correctness  every available backend (torch, triton, triton:fused, cuda) at the production shapes against an fp32
                reference: LoRA p=0 / p=0.1, AdaLoRA, IA3, DoRA; outputs and every gradient; the bound is 2x (3x for
                gradients) the torch backend's own bf16 error.
   ratios       layer fwd+bwd time of the default path (backend auto) and the fused path (triton:fused) against the
-               frozen layer and HF PEFT's layer, side by side, M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA, DoRA; the faster
-               fastpeft backend per shape bucket goes to OUT/dispatch_table.json (fastpeft._dispatch's format);
+               frozen layer and HF PEFT's layer, side by side, M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA, DoRA;
+               the faster fastpeft backend per shape bucket goes to OUT/dispatch_table.json (fastpeft._dispatch's
+               format);
                DoRA (fastpeft's dora_linear, row norm included, vs HF PEFT's DoRA layer) last in each bucket.
+  decode       the LoRA forward (no grad, p=0) at M=1/16, eager and replayed as a CUDA graph, against the frozen
+               layer and HF PEFT's: the decode target (<= 1.3x under a graph) and that the paths are capturable.
   profile      a torch.profiler kernel table of one fwd+bwd per path (q_proj, M=8192, LoRA p=0 and p=0.1).
   e2e          end-to-end training step time and peak memory (benchmarks/bench_e2e.py), one provider at a time.
 """
@@ -365,8 +370,107 @@ def phase_e2e(out: Path, deadline: float) -> None:
         torch.cuda.empty_cache()
 
 
-PHASES = {"gemm": phase_gemm, "correctness": phase_correctness, "ratios": phase_ratios,
-          "profile": phase_profile, "e2e": phase_e2e}
+def _graph_ms(fn: Callable[[], object], calls: int = 1) -> float:
+    """Median ms of replaying a CUDA graph of `calls` calls of ``fn`` (warmed up on a side stream first, as torch's
+    capture rules ask), per call."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return bench_ms(g.replay) / calls
+
+
+def _host_us(fn: Callable[[], object], calls: int = 500) -> float:
+    """Wall µs per call of ``fn`` issued back to back (one sync at the end): the host's cost per launch when the GPU
+    work is tiny."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def phase_launch(out: Path, deadline: float) -> None:
+    """What one launch costs, the cost model's least determined constant (its fitted 17.5 µs GPU gap): a tiny
+    Triton kernel of fastpeft's (one sum_partials tile, output allocated per call like every launcher's) and a tiny
+    torch op, each issued eagerly (host µs per launch) and replayed as a CUDA graph of 100 (GPU µs per kernel:
+    launch latency plus the tiny kernel itself); and the frozen q_proj forward at M = 16 both ways."""
+    from fastpeft.kernels._partials import sum_partials
+    rows = Rows(out / "launch.csv", ["what", "mode", "us_per_call", "note"])
+    part = torch.randn(1, 1024, device="cuda")
+    small = torch.zeros(1024, device="cuda")
+    k, n = SHAPES["q_proj"]
+    x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+    cases = [("triton sum_partials, 1 tile", lambda: sum_partials([(part, torch.bfloat16)], part), 100),
+             ("torch add_, 1024 fp32", lambda: small.add_(1.0), 100),
+             ("frozen q_proj fwd, M=16 (F.linear)", lambda: F.linear(x, w), 1)]
+    for what, fn, calls in cases:
+        if time.time() > deadline:
+            return
+        for mode in ("eager host", "graph"):
+            try:
+                us = _host_us(fn) if mode == "eager host" else _graph_ms(fn, calls) * 1e3
+                rows.add(what=what, mode=mode, us_per_call=us)
+            except Exception as e:  # noqa: BLE001
+                rows.add(what=what, mode=mode, note=f"failed: {type(e).__name__}: {e}"[:300])
+
+
+def phase_decode(out: Path, deadline: float) -> None:
+    """The decode target (issue 15: LoRA forward at M <= 16 within 1.3x the frozen layer under a CUDA graph): the
+    forward (no grad, p = 0) of the frozen layer, the default and fused paths and HF PEFT's layer at M = 1 and 16,
+    eager and replayed as a CUDA graph (capture also checks that the path is capturable)."""
+    rows = Rows(out / "decode.csv", ["layer", "M", "provider", "backend", "eager_ms", "graph_ms", "x_base_eager",
+                                     "x_base_graph", "note"])
+    from fastpeft._backend import select_backend
+    for m in (16, 1):
+        for layer in SHAPES:
+            t = _inputs(layer, m, "lora")
+            x, w = t["x"].detach(), t["w"]
+            base = {}
+            for provider in ("base", "default", "fused", "peft"):
+                if time.time() > deadline:
+                    return
+                backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": FUSED}.get(provider)
+                if provider == "default":
+                    backend = select_backend("lora", x, None)
+                if provider == "base":
+                    fn = (lambda: F.linear(x, w))
+                elif provider == "peft":
+                    mod = _peft_module("lora", layer)
+                    fn = (lambda mod=mod: mod(x))
+                else:
+                    tt = {kk: v.detach() for kk, v in t.items()}
+                    fn = (lambda tt=tt, b=(None if provider == "default" else FUSED): _call("lora", layer, tt, b))
+                res, note = {}, ""
+                with torch.no_grad():
+                    for mode in ("eager", "graph"):
+                        try:
+                            res[mode] = bench_ms(fn) if mode == "eager" else _graph_ms(fn)
+                        except Exception as e:  # noqa: BLE001
+                            note += f"{mode} failed: {type(e).__name__}: {e}"[:200] + "; "
+                if provider == "base":
+                    base = res
+                rows.add(layer=layer, M=m, provider=provider, backend=backend, eager_ms=res.get("eager", ""),
+                         graph_ms=res.get("graph", ""),
+                         x_base_eager=res["eager"] / base["eager"] if "eager" in res and "eager" in base else "",
+                         x_base_graph=res["graph"] / base["graph"] if "graph" in res and "graph" in base else "",
+                         note=note)
+            del t
+            torch.cuda.empty_cache()
+
+
+PHASES = {"gemm": phase_gemm, "launch": phase_launch, "correctness": phase_correctness, "ratios": phase_ratios,
+          "decode": phase_decode, "profile": phase_profile, "e2e": phase_e2e}
 
 
 def main(argv: Optional[list] = None) -> int:

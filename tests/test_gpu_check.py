@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-PHASES = ["build", "gemm", "correctness", "ratios", "profile", "e2e", "tests"]
+PHASES = ["build", "gemm", "launch", "correctness", "ratios", "decode", "profile", "e2e", "tests"]
 
 
 def _run(tmp_path, **env):
@@ -44,7 +44,7 @@ def test_a_phase_over_its_limit_is_killed_and_the_next_ones_run(tmp_path):
     gemm = next(line for line in lines if line.startswith("gemm:"))
     assert gemm.startswith("gemm: timed out after 1 s")
     after = [line.split(":")[0] for line in lines[lines.index(gemm) + 1:]]
-    assert after[:5] == ["correctness", "ratios", "profile", "e2e", "tests"]
+    assert after[:7] == ["launch", "correctness", "ratios", "decode", "profile", "e2e", "tests"]
 
 
 def test_phases_skip_without_gpu(tmp_path, monkeypatch):
@@ -146,3 +146,29 @@ def test_measured_dispatch_entry_is_written_atomically(tmp_path):
         assert entry["backend"] == "triton" and entry["variant"] is None
     finally:
         _dispatch.clear()
+
+
+def test_decode_phase_cases_run_on_cpu_at_tiny_shapes(tmp_path, monkeypatch):
+    """The decode phase's per-case code (frozen, default, fused and HF PEFT forwards; rows with both ratios) on CPU
+    tensors at tiny shapes, with the timers replaced by one call each."""
+    pytest.importorskip("peft")
+    import csv
+
+    from benchmarks import gpu_phases as G
+    monkeypatch.setattr(G, "SHAPES", {"q_proj": (32, 24)})
+    monkeypatch.setattr(G, "IA3_FEEDFORWARD", {"q_proj": False})
+    inputs = G._inputs
+    monkeypatch.setattr(G, "_inputs", lambda layer, m, method, dev="cpu", seed=0:
+                        {k: v.float() for k, v in inputs(layer, m, method, dev="cpu", seed=seed).items()})
+    calls = []
+    monkeypatch.setattr(G, "bench_ms", lambda fn: calls.append(fn()) or 1.0)
+    monkeypatch.setattr(G, "_graph_ms", lambda fn, n=1: calls.append(fn()) or 2.0)
+    monkeypatch.setattr(G, "_peft_module", lambda m, lay: _cpu_peft(G, m, lay))
+    if not _has_triton():
+        monkeypatch.setattr(G, "FUSED", "torch")
+    G.phase_decode(tmp_path, deadline=float("inf"))
+    rows = list(csv.DictReader(open(tmp_path / "decode.csv")))
+    assert [(r["M"], r["provider"]) for r in rows] == [(m, p) for m in ("16", "1")
+                                                       for p in ("base", "default", "fused", "peft")]
+    assert all(r["note"] == "" and float(r["x_base_graph"]) == 1.0 for r in rows), rows
+    assert all(c.shape[-1] == 24 for c in calls)  # every provider's forward ran and gave (M, N)
