@@ -1147,61 +1147,75 @@ def _write(out_dir: Path, cal: Calibration, rows: list, traces: dict, quick: boo
 _MEASURED_PATHS = {"base": "base", "default": "default", "fused": "fused", "peft": "peft"}
 
 
-def compare_measured(ratios_csv: Path, model_csv: Path) -> tuple[list, dict]:
-    """Predicted against measured: each row of a GPU run's ``ratios.csv`` (``benchmarks/gpu_check.sh``, layer fwd+bwd
-    in ms per provider) beside the model's row for the same layer, M, method and path (``cost_model.csv``, fwd+bwd).
+def compare_measured(measured: Path, model_csv: Path) -> tuple[list, dict]:
+    """Predicted against measured, for a GPU run of ``benchmarks/gpu_check.sh``: `measured` is its ``ratios.csv`` or
+    its output folder (then ``ratios.csv`` and ``decode.csv``, whichever exist).  Each ``ratios.csv`` row (layer
+    fwd+bwd, ms per provider) is put beside the model's fwd+bwd row for the same layer, M, method and path
+    (``cost_model.csv``); each ``decode.csv`` row (LoRA forward replayed as a CUDA graph) beside the model's
+    forward under a graph (``pred_graph_ms``, ``pred_graph_x_base``).
 
-    Returns (rows, summary): rows with the measured and predicted ms and x-base ratios and the relative errors
-    (predicted / measured - 1) of the time (fitted gap) and of the ratio (fitted gap and 2 µs); summary: per path,
-    the ``_err_summary`` of the ratio errors.  Rows the model lacks (or failed measurements) are skipped."""
+    Returns (rows, summary): rows with mode, the measured and predicted ms and x-base ratios and the relative errors
+    (predicted / measured - 1) of the time (fitted gap) and of the ratio (fitted gap and 2 µs); summary: per path
+    and mode, the ``_err_summary`` of the ratio errors.  Rows the model lacks (or failed measurements) are skipped."""
     model = {}
     with open(model_csv, newline="") as f:
         for r in csv.DictReader(f):
-            if r["mode"] == "fwd+bwd" and r["status"] == "ok":
-                model[(r["layer"], int(r["M"]), r["method"], r["path"])] = r
+            if r["status"] == "ok":
+                model[(r["layer"], int(r["M"]), r["method"], r["mode"], r["path"])] = r
+    measured = Path(measured)
+    files = [measured] if measured.is_file() else [measured / "ratios.csv", measured / "decode.csv"]
+    # (mode, measured ms column, measured ratio column, predicted ms column, predicted ratio columns)
+    kinds = {"ratios.csv": ("fwd+bwd", "ms", "x_base", "pred_ms", "pred_x_base", "pred_x_base_gap2us"),
+             "decode.csv": ("fwd graph", "graph_ms", "x_base_graph", "pred_graph_ms", "pred_graph_x_base",
+                            "pred_graph_x_base_gap2us")}
     rows, errs = [], {}
-    with open(ratios_csv, newline="") as f:
-        for r in csv.DictReader(f):
-            path = _MEASURED_PATHS.get(r.get("provider", ""))
-            if path is None or not r.get("ms"):
-                continue
-            pr = model.get((r["layer"], int(r["M"]), r["method"], path))
-            if pr is None:
-                continue
-            ms, pred_ms = float(r["ms"]), float(pr["pred_ms"])
-            row = dict(layer=r["layer"], M=int(r["M"]), method=r["method"], path=path, backend=r.get("backend", ""),
-                       measured_ms=ms, pred_ms=pred_ms, ms_err=pred_ms / ms - 1)
-            if r.get("x_base") and path != "base":
-                xb = float(r["x_base"])
-                row.update(measured_x_base=xb, pred_x_base=float(pr["pred_x_base"]),
-                           pred_x_base_gap2us=float(pr["pred_x_base_gap2us"]),
-                           x_err=float(pr["pred_x_base"]) / xb - 1, x_err_gap2us=float(pr["pred_x_base_gap2us"]) / xb - 1)
-                errs.setdefault(path, []).append(row["x_err"])
-                errs.setdefault(path + " @2us", []).append(row["x_err_gap2us"])
-            rows.append(row)
+    for path_csv in files:
+        if not path_csv.exists():
+            continue
+        mode, ms_col, xb_col, pms_col, pxb_col, pxb2_col = kinds.get(path_csv.name, kinds["ratios.csv"])
+        with open(path_csv, newline="") as f:
+            for r in csv.DictReader(f):
+                path = _MEASURED_PATHS.get(r.get("provider", ""))
+                if path is None or not r.get(ms_col):
+                    continue
+                method = r.get("method") or "lora"  # the decode phase measures LoRA only
+                pr = model.get((r["layer"], int(r["M"]), method, mode.split()[0], path))
+                if pr is None or not pr.get(pms_col):
+                    continue
+                ms, pred_ms = float(r[ms_col]), float(pr[pms_col])
+                row = dict(layer=r["layer"], M=int(r["M"]), method=method, mode=mode, path=path,
+                           backend=r.get("backend", ""), measured_ms=ms, pred_ms=pred_ms, ms_err=pred_ms / ms - 1)
+                if r.get(xb_col) and path != "base":
+                    xb, pxb, pxb2 = float(r[xb_col]), float(pr[pxb_col]), float(pr[pxb2_col])
+                    row.update(measured_x_base=xb, pred_x_base=pxb, pred_x_base_gap2us=pxb2, x_err=pxb / xb - 1,
+                               x_err_gap2us=pxb2 / xb - 1)
+                    errs.setdefault(f"{path}, {mode}", []).append(row["x_err"])
+                    errs.setdefault(f"{path}, {mode} @2us", []).append(row["x_err_gap2us"])
+                rows.append(row)
     return rows, {k: _err_summary(v) for k, v in sorted(errs.items())}
 
 
-def write_comparison(ratios_csv: Path, model_csv: Path, out_dir: Path) -> Path:
+def write_comparison(measured: Path, model_csv: Path, out_dir: Path) -> Path:
     """``compare_measured`` written as ``measured_vs_predicted.csv`` and ``.md`` in `out_dir`; returns the .md."""
-    rows, summary = compare_measured(ratios_csv, model_csv)
+    rows, summary = compare_measured(measured, model_csv)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cols = ["layer", "M", "method", "path", "backend", "measured_ms", "pred_ms", "ms_err", "measured_x_base",
+    cols = ["layer", "M", "method", "mode", "path", "backend", "measured_ms", "pred_ms", "ms_err", "measured_x_base",
             "pred_x_base", "x_err", "pred_x_base_gap2us", "x_err_gap2us"]
     with open(out_dir / "measured_vs_predicted.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
     f3 = (lambda v: "" if v == "" or v is None else (f"{v:+.1%}" if isinstance(v, float) and abs(v) < 10 else v))
-    L = ["# Cost model: predicted vs measured (layer fwd+bwd)", "",
-         f"Measured: `{ratios_csv}` (benchmarks/gpu_check.sh); predicted: `{model_csv}`. Error = predicted / "
-         "measured - 1; `@2us`: the sensitivity fit's ratios.", "", "Ratio errors (x base) per path:", ""]
+    L = ["# Cost model: predicted vs measured", "",
+         f"Measured: `{measured}` (benchmarks/gpu_check.sh: layer fwd+bwd, and the decode forward under a CUDA "
+         f"graph); predicted: `{model_csv}`. Error = predicted / measured - 1; `@2us`: the sensitivity fit's ratios.",
+         "", "Ratio errors (x base) per path and mode:", ""]
     L += [f"- {k}: {v}" for k, v in summary.items()] or ["- no comparable rows"]
-    L += ["", "| layer | M | method | path | measured ms | predicted ms | error | measured x base | predicted "
-          "x base | error | @2us | error |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    L += ["", "| layer | M | method | mode | path | measured ms | predicted ms | error | measured x base | "
+          "predicted x base | error | @2us | error |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         L.append("| " + " | ".join(str(x) for x in (
-            r["layer"], r["M"], r["method"], r["path"], f"{r['measured_ms']:.4f}", f"{r['pred_ms']:.4f}",
+            r["layer"], r["M"], r["method"], r["mode"], r["path"], f"{r['measured_ms']:.4f}", f"{r['pred_ms']:.4f}",
             f3(r["ms_err"]), f"{r['measured_x_base']:.3f}" if "measured_x_base" in r else "",
             f"{r['pred_x_base']:.3f}" if "pred_x_base" in r else "", f3(r.get("x_err", "")),
             f"{r['pred_x_base_gap2us']:.3f}" if "pred_x_base_gap2us" in r else "", f3(r.get("x_err_gap2us", ""))))
@@ -1217,9 +1231,10 @@ def main(argv: Optional[list] = None) -> int:
                    help="folder; results go to OUT/cost-model/")
     p.add_argument("--quick", action="store_true", help="q_proj and down_proj at M=16 and 8192 only")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma list among {PATHS} (any backend name too)")
-    p.add_argument("--compare", metavar="RATIOS_CSV",
-                   help="instead of predicting: compare a GPU run's ratios.csv (benchmarks/gpu_check.sh) with the "
-                        "predictions in OUT/cost-model/cost_model.csv; writes measured_vs_predicted.{csv,md} there")
+    p.add_argument("--compare", metavar="GPU_CHECK_OUT",
+                   help="instead of predicting: compare a GPU run (benchmarks/gpu_check.sh's output folder, or its "
+                        "ratios.csv) with the predictions in OUT/cost-model/cost_model.csv; writes "
+                        "measured_vs_predicted.{csv,md} there")
     args = p.parse_args(argv)
     if args.compare:
         md = write_comparison(Path(args.compare), Path(args.out) / "cost-model" / "cost_model.csv",

@@ -379,7 +379,8 @@ def test_compare_measured_with_a_gpu_runs_ratios(tmp_path):
 
     model_csv = tmp_path / "cost-model" / "cost_model.csv"
     model_csv.parent.mkdir()
-    cols = ["layer", "M", "method", "mode", "path", "status", "pred_ms", "pred_x_base", "pred_x_base_gap2us"]
+    cols = ["layer", "M", "method", "mode", "path", "status", "pred_ms", "pred_x_base", "pred_x_base_gap2us",
+            "pred_graph_ms", "pred_graph_x_base", "pred_graph_x_base_gap2us"]
     with open(model_csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
@@ -388,6 +389,15 @@ def test_compare_measured_with_a_gpu_runs_ratios(tmp_path):
                             pred_ms=ms, pred_x_base=xb, pred_x_base_gap2us=xb - 0.1))
         w.writerow(dict(layer="q_proj", M=8192, method="lora", mode="fwd", path="default", status="ok",
                         pred_ms=0.5, pred_x_base=1.2, pred_x_base_gap2us=1.1))
+        w.writerow(dict(layer="q_proj", M=16, method="lora", mode="fwd", path="default", status="ok",
+                        pred_ms=0.08, pred_x_base=2.2, pred_x_base_gap2us=1.3, pred_graph_ms=0.06,
+                        pred_graph_x_base=2.27, pred_graph_x_base_gap2us=1.25))
+    with open(tmp_path / "decode.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["layer", "M", "provider", "backend", "eager_ms", "graph_ms",
+                                          "x_base_eager", "x_base_graph", "note"])
+        w.writeheader()
+        w.writerow(dict(layer="q_proj", M=16, provider="default", backend="triton", eager_ms=0.09, graph_ms=0.03,
+                        x_base_eager=1.9, x_base_graph=1.25))
     ratios = tmp_path / "ratios.csv"
     with open(ratios, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["layer", "M", "method", "provider", "backend", "ms", "x_base", "note"])
@@ -399,13 +409,20 @@ def test_compare_measured_with_a_gpu_runs_ratios(tmp_path):
                         note="failed: RuntimeError"))
         w.writerow(dict(layer="up_proj", M=8192, method="lora", provider="default", backend="triton", ms=3.0,
                         x_base=1.1))  # not in the model: skipped
-    assert C.main(["--out", str(tmp_path), "--compare", str(ratios)]) == 0
-    rows, summary = C.compare_measured(ratios, model_csv)
+    rows, summary = C.compare_measured(ratios, model_csv)  # the ratios file alone
     assert [(r["path"], r["M"]) for r in rows] == [("base", 8192), ("default", 8192)]
     d = rows[1]
     assert d["ms_err"] == pytest.approx(0.97 / 0.86 - 1) and d["x_err"] == pytest.approx(1.29 / 1.15 - 1)
     assert d["x_err_gap2us"] == pytest.approx(1.19 / 1.15 - 1)
-    assert set(summary) == {"default", "default @2us"}
+    assert set(summary) == {"default, fwd+bwd", "default, fwd+bwd @2us"}
+    # the run's folder: ratios.csv and decode.csv (the forward under a CUDA graph against the graph predictions)
+    assert C.main(["--out", str(tmp_path), "--compare", str(tmp_path)]) == 0
+    rows, summary = C.compare_measured(tmp_path, model_csv)
+    dec = rows[-1]
+    assert (dec["mode"], dec["M"], dec["path"]) == ("fwd graph", 16, "default")
+    assert dec["ms_err"] == pytest.approx(0.06 / 0.03 - 1) and dec["x_err"] == pytest.approx(2.27 / 1.25 - 1)
+    assert "default, fwd graph" in summary
     md = (tmp_path / "cost-model" / "measured_vs_predicted.md").read_text()
-    assert "| q_proj | 8192 | lora | default |" in md and "+12.2%" in md
+    assert "| q_proj | 8192 | lora | fwd+bwd | default |" in md and "+12.2%" in md
+    assert "| q_proj | 16 | lora | fwd graph | default |" in md
     assert (tmp_path / "cost-model" / "measured_vs_predicted.csv").exists()
