@@ -269,6 +269,29 @@ def da_blocks(tgt: Optional[LaunchTarget], dropout: bool = False) -> tuple[int, 
     return (64, 256, 8) if dropout else (64, 256, 4)
 
 
+def shrink_expand_blocks(tgt: Optional[LaunchTarget], m: int, n: int, dropout: bool = False
+                         ) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, N splits) of the LoRA forward's single launch after the GEMM
+    (``kernels.lora._lora_shrink_expand_kernel``: S for a block of rows over all of K, then y += S Bᵀ over its N
+    range).  Each program computes S once for its rows, so rows, not K, carry the parallelism: BLOCK_M is the
+    largest of 64 / 32 / 16 whose row blocks cover the SMs; where even 16-row blocks do not (M < 16·SMs), the N
+    range is split too, and each split re-reads its rows of x (an L2 hit: a row block's splits are adjacent in
+    launch order).  BLOCK_K / warps are the skinny kernels' (the shrink's x tile), BLOCK_N the expand's.  In tests
+    (``forced_launch_shape``) BLOCK_M is the forced one and the splits fill ``target_programs``."""
+    bm, bk, warps = skinny_blocks(tgt, dropout)
+    bn = skinny_blocks(tgt)[1]
+    n_blocks = triton.cdiv(max(n, 1), bn)
+    if _test_shape["blocks"] is None and tgt is not None:
+        want = tgt.num_sms
+        while bm > 16 and triton.cdiv(m, bm) < want:
+            bm //= 2
+    else:
+        want = target_programs(tgt)
+    splits = max(1, min(n_blocks, triton.cdiv(want, triton.cdiv(max(m, 1), bm))))
+    nb_per = triton.cdiv(n_blocks, splits)
+    return bm, bk, bn, warps, triton.cdiv(n_blocks, nb_per)
+
+
 # Test hook: force the skinny kernels' block sizes and program target, so that small test shapes get the block-count
 # structure of production shapes (several N blocks per dY program, several K blocks per shrink split, splits > 1).
 _test_shape: dict = {"blocks": None, "programs": None}

@@ -7,10 +7,11 @@ Two variants (``fastpeft._backend.select_backend`` names them: ``"triton"`` = ``
 ``cublas`` (the default): the base GEMMs are the very cuBLAS calls the frozen layer makes (``F.linear``,
 ``torch.mm``), so the base part can be no slower than the layer itself; the LoRA extras are skinny Triton kernels
 with a fixed pass budget (the dropout mask is regenerated from (seed, m, k) wherever needed, never stored):
-  forward   ``_lora_shrink_kernel``  one pass over x: S = drop(x) Aᵀ (M, r) fp32 (split over K when M is small)
-            ``F.linear``             y = x Wᵀ + b                                  (cuBLAS)
-            ``_lora_expand_kernel``  y += s · (S ⊙ e) Bᵀ: one read + write of y    (cuBLAS beta=1 traffic);
-                                     sums S's split partials as it loads them and stores S for backward
+  forward   ``F.linear``             y = x Wᵀ + b                                  (cuBLAS)
+            ``_lora_shrink_expand_kernel``  one launch: S = drop(x) Aᵀ (M, r) fp32 for a block of rows (one pass
+                                     over x; stored for backward), then y += s · (S ⊙ e) Bᵀ over those rows
+                                     (one read + write of y, cuBLAS beta=1 traffic).  Rows carry the
+                                     parallelism (the N range is split, x re-read, only where M < 16·SMs).
   backward  ``_lora_dy_kernel``      one pass over dY: dSe = s · dY B, dB = s · dYᵀ (S ⊙ e), dbias = Σ_m dY
             ``_lora_da_kernel``      one pass over x: dA = dSᵀ drop(x) (dS = dSe ⊙ e summed on load; dE's partials)
             ``torch.mm``             dX = dY W                                     (cuBLAS)
@@ -21,8 +22,9 @@ with a fixed pass budget (the dropout mask is regenerated from (seed, m, k) wher
 measured entry of the dispatch table.
 
 Split reductions write partial sums to small fp32 buffers (a few MB at M = 8192), summed in a fixed order by the
-kernel that consumes them (S by the expand, dSe by the dA pass and the dX expand) or by ``_partials.sum_partials``:
-deterministic, no atomics, no zero-fill, and no launch that only sums (5 + 2 cuBLAS launches per training step).
+kernel that consumes them (S by a sibling group's expands, dSe by the dA pass and the dX expand) or by
+``_partials.sum_partials``: deterministic, no atomics, no zero-fill, and no launch that only sums (4 + 2 cuBLAS
+launches per training step).
 
 Launchers ``lora_fwd_triton`` / ``lora_bwd_triton`` have the signatures and return conventions of
 ``fastpeft.ops.lora.lora_fwd_ref`` / ``lora_bwd_ref`` (plus ``variant=``).  They take what the registry's
@@ -48,7 +50,7 @@ from ._partials import TILE as PARTIALS_TILE
 from ._partials import PartialsPlan, plan_partials, sum_partials, sum_parts, sum_partials_tile
 from ._philox import dropout_keep, seed_arg
 from ._target import (LaunchTarget, check_variant, da_blocks, launch_ok, launch_target, on_input_device,
-                      skinny_blocks, split_count, target_programs)
+                      shrink_expand_blocks, skinny_blocks, split_count, target_programs)
 from ._tl import (adapter_operand, base_precision, dot_flops, dot_prec, lora_epilogue_precision, mma, pad_rank,
                   skinny_precision)
 
@@ -298,6 +300,65 @@ def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, l_ld, n
                      BLOCK_M, BLOCK_N, R_PAD, HAS_E, HAS_DROPOUT, STORE_LSUM, PREC)
 
 
+# The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
+@triton.jit(do_not_specialize=["seed"])
+def _lora_shrink_expand_kernel(x_ptr, a_ptr, e_ptr, r_ptr, y_ptr, s_ptr, M, N, K, R, scale,
+                               stride_xm, stride_xk, stride_ar, stride_ak, stride_rr, stride_rn,
+                               stride_ym, stride_yn, nb_per_split, seed, p16, drop_scale,
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                               R_PAD: tl.constexpr, HAS_E: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                               PREC_S: tl.constexpr, PREC_Y: tl.constexpr):
+    """The forward's rank-r work in one launch after the GEMM; grid (N splits, M blocks).  Program (j, i):
+         S[rows] = drop(x)[rows] Aᵀ over all of K (the shrink; stored to s (M, R) fp32 by split 0),
+         y[rows, n] += scale · (S ⊙ e)[rows] Rm[:, n]   for the N blocks of split j (the expand; Rm = Bᵀ (r, N)).
+    Each sum runs in the order of the two-launch path with one K split (``_lora_shrink_kernel`` then
+    ``_expand_tile``): the same S, and the same y from it."""
+    tl.static_assert(BLOCK_K % 8 == 0, "BLOCK_K must be a multiple of the dropout mask's Philox group (8)")
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    rm64 = offs_m.to(tl.int64)
+    a_dtype = a_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        rk64 = offs_k.to(tl.int64)
+        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, offs_m, kb * BLOCK_K, p16, BLOCK_K)
+            x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + rk64[:, None] * stride_ak,
+                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)
+        acc = mma(adapter_operand(x, a_dtype, PREC_S), at, acc, PREC_S)
+    mask_mr = mask_m[:, None] & mask_r[None, :]
+    if pid_n == 0:
+        tl.store(s_ptr + rm64[:, None] * R + offs_r[None, :], acc, mask=mask_mr)
+    lt = acc * scale
+    if HAS_E:
+        e = tl.load(e_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        lt = lt * e[None, :]
+    r_dtype = r_ptr.dtype.element_ty
+    lt = lt.to(r_dtype)
+    nb0 = pid_n * nb_per_split
+    nb1 = tl.minimum(nb0 + nb_per_split, tl.cdiv(N, BLOCK_N))
+    for nb in range(nb0, nb1):
+        offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        rn64 = offs_n.to(tl.int64)
+        rt = tl.load(r_ptr + offs_r[:, None] * stride_rr + rn64[None, :] * stride_rn,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        t = mma(lt, rt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC_Y)
+        ptrs = y_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn
+        mask = mask_m[:, None] & mask_n[None, :]
+        o = tl.load(ptrs, mask=mask, other=0.0)
+        tl.store(ptrs, (o.to(tl.float32) + t).to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,6 +435,38 @@ def _expand(out: torch.Tensor, L_parts: torch.Tensor, scale: float, e: Optional[
             FINISH_TILE=PARTIALS_TILE, num_warps=warps)
 
 
+def shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_E: Optional[torch.Tensor],
+                  lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int, tgt: Optional[LaunchTarget]
+                  ) -> torch.Tensor:
+    """y (M, N) += s · ((drop(x) Aᵀ) ⊙ e) Bᵀ in place, in one launch; returns S = drop(x) Aᵀ (M, r) fp32.
+    x: (M, K); lora_A: (r, K); lora_E: (r,) or None; lora_B: (N, r); any strides.  Reads x once per N split
+    (``shrink_expand_blocks``), y once, writes y and S."""
+    m, k = x.shape
+    n = y.shape[1]
+    r = lora_A.shape[0]
+    s = torch.empty((m, r), device=x.device, dtype=torch.float32)
+    bm, bk, bn, warps, splits = shrink_expand_blocks(tgt, m, n, dropout_p > 0.0)
+    nb_per = triton.cdiv(triton.cdiv(n, bn), splits)
+    p16, drop_scale = dropout_threshold(dropout_p)
+    prec_s = skinny_precision(lora_A.dtype, x.dtype)
+    prec_y = lora_epilogue_precision(y.dtype, lora_B.dtype)
+    tc_s, fma_s = dot_flops(prec_s, 2 * m * k * r)
+    tc_y, fma_y = dot_flops(prec_y, 2 * m * n * r)
+    rm = lora_B.t()
+    if launch_ok("lora_shrink_expand", x, bytes_read=splits * m * k * x.element_size() + r * k * lora_A.element_size()
+                 + m * n * y.element_size() + r * n * lora_B.element_size(),
+                 bytes_written=m * n * y.element_size() + m * r * 4,
+                 flops=tc_s + tc_y, fma_flops=fma_s + fma_y):
+        _lora_shrink_expand_kernel[(splits, triton.cdiv(m, bm))](
+            x, lora_A, lora_E if lora_E is not None else s, rm, y, s, m, n, k, r, float(scaling),
+            x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), rm.stride(0), rm.stride(1),
+            y.stride(0), y.stride(1), nb_per, seed_arg(seed), p16, drop_scale,
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=lora_E is not None,
+            HAS_DROPOUT=p16 > 0, PREC_S=dot_prec(prec_s, lora_A.dtype), PREC_Y=dot_prec(prec_y, lora_B.dtype),
+            num_warps=warps)
+    return s
+
+
 @on_input_device
 def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                     lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float,
@@ -381,9 +474,9 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton LoRA forward; the contract of ``fastpeft.ops.lora.lora_fwd_ref``.
 
-    Passes (cublas variant): shrink reads x once (M·K) and writes S (M·r fp32); cuBLAS ``F.linear`` (the frozen
-    layer's own GEMM); expand reads and writes y once (2·M·N).  Fused variant: shrink, then one Triton GEMM whose
-    epilogue adds the rank-r term (y written once).
+    Passes (cublas variant): cuBLAS ``F.linear`` (the frozen layer's own GEMM), then one launch that reads x once
+    (M·K), writes S (M·r fp32) and reads and writes y once (2·M·N).  Fused variant: shrink, then one Triton GEMM
+    whose epilogue adds the rank-r term (y written once).
 
     Args:
         x: (M, K), fp16/bf16/fp32 (any strides).  weight: (N, K), any strides (e.g. Conv1D's ``weight.t()``).
@@ -400,15 +493,10 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if m == 0:
         return x.new_empty((0, n)), x.new_empty((0, r), dtype=torch.float32)
     tgt = launch_target(x.device, target)
-    s_part = shrink(x, lora_A, dropout_p, seed, tgt, partials=True)
     if variant == "cublas":
         y = F.linear(x, weight, bias)
-        # the expand sums the shrink's split partials as it reads them and stores S: no launch for the sum
-        s = s_part.select(0, 0) if s_part.shape[0] == 1 else torch.empty((m, r), device=x.device,
-                                                                          dtype=torch.float32)
-        _expand(y, s_part, float(scaling), lora_E, lora_B.t(), tgt, l_sum=None if s_part.shape[0] == 1 else s)
-        return y, s
-    s = _reduce(s_part)
+        return y, shrink_expand(y, x, lora_A, lora_E, lora_B, float(scaling), dropout_p, seed, tgt)
+    s = shrink(x, lora_A, dropout_p, seed, tgt)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     gemm(x, weight.t(), y, prec=base_precision(x.dtype),
          lora=(s, float(scaling), lora_E, lora_B.t(), lora_epilogue_precision(x.dtype, lora_A.dtype), 0, 0, 1.0),

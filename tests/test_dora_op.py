@@ -117,7 +117,7 @@ def test_dora_op_kernels_per_direction():
         n_fwd = len(rec)
         y.backward(torch.empty_like(y))
     names = [c.name for c in rec]
-    assert names[:n_fwd] == ["lora_shrink", "dora_prep", "ia3_scale_w", "lora_shrink", "lora_expand"], names
+    assert names[:n_fwd] == ["lora_shrink", "dora_prep", "ia3_scale_w", "lora_shrink_expand"], names
     assert rec[0].bytes_read == n * k * 2 + r * k * 4  # W once, in bf16
     assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum", "dora_grads"], names
     colsum = rec[-2]
@@ -138,7 +138,7 @@ def test_dora_linear_kernels_include_one_pass_over_w_for_the_norm():
         n_fwd = len(rec)
         y.backward(torch.ones_like(y))
     names = [c.name for c in rec]
-    assert names[:n_fwd] == ["lora_shrink", "dora_prep", "ia3_scale_w", "lora_shrink", "lora_expand"], names
+    assert names[:n_fwd] == ["lora_shrink", "dora_prep", "ia3_scale_w", "lora_shrink_expand"], names
     assert rec[0].bytes_read == w.numel() * 2 + a.numel() * 4  # W once, in bf16
     assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum", "dora_grads"], names
 

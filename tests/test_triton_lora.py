@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import fastpeft.functional as FN
-from fastpeft.ops import lora as L
 from fastpeft.ops.dropout import dropout_keep_mask, dropout_scale
 
 from testing_utils import (GRAD_FACTOR, KEEP_FRACTION_SIGMAS, MATMUL_FACTOR, TRITON_DROPOUT_FD_RTOL, assert_fa_rule,
@@ -470,11 +469,13 @@ class _GridSpy:
 
 def test_multi_block_paths_of_production_shapes(monkeypatch):
     """At M = 8192, N = 4096 on an H200 the one-pass dY kernel gives each program 6 M blocks x 3 N blocks (its dSe
-    partial rows are accumulated across N blocks through global memory), and the shrink / dA kernels split their
-    reduction over K / M with several blocks per split.  Small blocks and a small program target give the same
-    structure here (M = 96: 6 M blocks; N = 144: 9 N blocks), and the results still match the fp64 reference."""
+    partial rows are accumulated across N blocks through global memory), the dA kernel splits its reduction over M
+    with several blocks per split, and the forward's single launch walks several N blocks per program (N split where
+    rows are too few).  Small blocks and a small program target give the same structure here (M = 96: 6 M blocks;
+    N = 144: 9 N blocks), and the results still match the fp64 reference."""
     spies = {name: _GridSpy(getattr(KL, name)) for name in ("_lora_shrink_kernel", "_lora_dy_kernel",
-                                                            "_lora_da_kernel", "_lora_expand_kernel")}
+                                                            "_lora_da_kernel", "_lora_expand_kernel",
+                                                            "_lora_shrink_expand_kernel")}
     for name, spy in spies.items():
         monkeypatch.setattr(KL, name, spy)
     with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
@@ -482,17 +483,40 @@ def test_multi_block_paths_of_production_shapes(monkeypatch):
     (grid, kw, args), = spies["_lora_dy_kernel"].launches
     mb_per, nb_per = args[18], args[19]
     assert grid[0] > 1 and grid[1] > 1 and mb_per > 1 and nb_per > 1, (grid, mb_per, nb_per)
-    (grid, kw, args), = spies["_lora_shrink_kernel"].launches
-    assert grid[1] > 1 and args[10] > 1, (grid, args[10])  # K splits, several K blocks per split
+    assert not spies["_lora_shrink_kernel"].launches  # the default forward's shrink runs inside its one launch
+    (grid, kw, args), = spies["_lora_shrink_expand_kernel"].launches
+    assert grid == (2, 6) and args[19] == 5, (grid, args[19])  # 2 N splits of 5 (and 4) N blocks, 6 row blocks
     (grid, kw, args), = spies["_lora_da_kernel"].launches
     assert grid[1] > 1 and args[15] > 1, (grid, args[15])  # M splits, several M blocks per split
     assert args[10] > 1, args[10]  # dSe arrives as several partial sums, summed on load
     assert kw["STORE_SUM"]  # ... and stored summed once, for the dX expand
-    fwd_expand, dx_expand = spies["_lora_expand_kernel"].launches
-    (grid, kw, args) = fwd_expand  # the forward's: S from several K splits
-    assert args[9] > 1 and kw["STORE_LSUM"], (args[9], kw)
-    (grid, kw, args) = dx_expand  # the backward's: dSe as the dA pass's one summed buffer
+    (grid, kw, args), = spies["_lora_expand_kernel"].launches  # the backward's: dSe as one summed buffer
     assert args[9] == 1 and grid[1] > 1, (args[9], grid)
+
+
+def test_forward_single_launch_matches_the_two_launch_path(monkeypatch):
+    """The default forward's one launch (``_lora_shrink_expand_kernel``) against the shrink + expand it replaces
+    (which sibling groups still run): S and y bit-equal with one K split, on every grid shape the block chooser
+    gives (one row block with N split across programs - decode; many row blocks, no split; a ragged last row
+    block), with dropout, e, a bias, fp32 adapters on fp16 activations and non-contiguous x / B."""
+    torch.manual_seed(0)
+    for m, k, n, r, programs in ((1, 40, 100, 1, 8), (16, 72, 48, 4, 1), (37, 24, 130, 3, 4), (0, 8, 8, 2, 4)):
+        x = torch.randn(k, m, dtype=F16).t()  # non-contiguous
+        w = (torch.randn(n, k) / k ** 0.5).to(F16)
+        a = torch.randn(r, k) / k ** 0.5
+        bb = torch.randn(r, n).t()  # (N, r), non-contiguous
+        e = torch.randn(r)
+        bias = torch.randn(n, dtype=F16)
+        for p, lora_e in ((0.0, None), (0.25, e)):
+            with KT.forced_launch_shape(blocks=(16, 16, 4), programs=programs):
+                y1, s1 = KL.lora_fwd_triton(x, w, bias, a, lora_e, bb, 0.7, p, 11)
+            with KT.forced_launch_shape(blocks=(16, 16, 4), programs=1):  # one K split
+                y2 = torch.nn.functional.linear(x, w, bias)
+                s_part = KL.shrink(x, a, p, 11, None, partials=True)
+                assert s_part.shape[0] == 1
+                KL._expand(y2, s_part, 0.7, lora_e, bb.t(), None)
+            assert y1.shape == (m, n) and s1.shape == (m, r)
+            assert torch.equal(s1, s_part[0]) and torch.equal(y1, y2), (m, k, n, r, p)
 
 
 def test_dx_expand_finishes_the_reductions_in_spare_rows(monkeypatch):
@@ -557,15 +581,17 @@ def test_launchers_report_kernels_and_skip_fake_tensors():
             assert outs[3].shape == (n, r) and (b is None or outs[4].shape == (n,))
             assert lora_e is None or outs[2].shape == (r,)
             names = [c.name for c in rec]
-            assert names == ["lora_shrink", "lora_expand", "lora_dy", "lora_da", "lora_expand"], names
+            assert names == ["lora_shrink_expand", "lora_dy", "lora_da", "lora_expand"], names
             compute = [o for o in ops.names if o not in ("empty", "select", "t", "transpose", "empty_like", "unsqueeze",
                                                          "new_empty", "view", "as_strided", "detach", "device")]
             assert compute == [("addmm" if b is not None else "mm"), "mm"], compute
     by = {c.name: c for c in rec}
-    assert by["lora_shrink"].bytes_read >= m * k * 2 and by["lora_da"].bytes_read >= m * k * 2
-    assert by["lora_dy"].bytes_read >= m * n * 2
-    # y read + written once (and S, M x r fp32, stored beside it)
-    assert rec[1].bytes_read >= m * n * 2 and m * n * 2 <= rec[1].bytes_written <= m * n * 2 + m * r * 4
+    assert by["lora_da"].bytes_read >= m * k * 2 and by["lora_dy"].bytes_read >= m * n * 2
+    # the forward's launch: x read once (rows fill the H200's SMs at M = 8192: no N split), y read + written once,
+    # and S (M x r fp32) stored beside it
+    fwd = by["lora_shrink_expand"]
+    assert m * (k + n) * 2 <= fwd.bytes_read <= m * (k + n) * 2 + r * (k + n) * 4
+    assert fwd.bytes_written == m * n * 2 + m * r * 4
     assert all(c.flops > 0 for c in rec)
 
 
@@ -657,11 +683,11 @@ def test_split3_pieces_sum_exactly_to_the_fp32_value():
 
 def test_bf16_base_fp32_adapters_take_the_split_products(monkeypatch):
     """The default precision of a bf16 base with fp32 adapters (PEFT's default) is the three-piece split in the
-    shrink, dY and dA kernels (the CPU interpreter runs the same pieces, upcast), with the production block-count
-    structure; output and every gradient within the accuracy rule, dropout and AdaLoRA included."""
+    forward's shrink, dY and dA kernels (the CPU interpreter runs the same pieces, upcast), with the production
+    block-count structure; output and every gradient within the accuracy rule, dropout and AdaLoRA included."""
     from fastpeft.kernels import _tl
 
-    spies = {name: _GridSpy(getattr(KL, name)) for name in ("_lora_shrink_kernel", "_lora_dy_kernel",
+    spies = {name: _GridSpy(getattr(KL, name)) for name in ("_lora_shrink_expand_kernel", "_lora_dy_kernel",
                                                             "_lora_da_kernel")}
     for name, spy in spies.items():
         monkeypatch.setattr(KL, name, spy)
@@ -670,7 +696,8 @@ def test_bf16_base_fp32_adapters_take_the_split_products(monkeypatch):
         check_fa_rule(Case((40,), 48, 33, 1, torch.bfloat16, adt=F32))
     want = _tl.SPLIT3_UPCAST if KT.interpret_mode() else _tl.SPLIT3  # the interpreter upcasts the pieces' products
     for name, spy in spies.items():
-        assert spy.launches and all(kw["PREC"] == want for _, kw, _ in spy.launches), name
+        key = "PREC_S" if name == "_lora_shrink_expand_kernel" else "PREC"
+        assert spy.launches and all(kw[key] == want for _, kw, _ in spy.launches), name
     assert _tl.skinny_precision(F32, torch.bfloat16) == _tl.SPLIT3
     assert _tl.skinny_precision(F32, F16) == "ieee" and _tl.skinny_precision(torch.bfloat16, torch.bfloat16) == \
         "default"
@@ -687,3 +714,19 @@ def test_da_pass_tiles():
         assert KT.da_blocks(h200, dropout=True) == (16, 16, 4)
     bm, bk, _ = KT.da_blocks(h200, dropout=True)
     assert bk % 8 == 0 and bk >= KT.skinny_blocks(h200, True)[1]  # the mask's Philox groups; never narrower
+
+
+def test_shrink_expand_blocks():
+    """The forward's single launch (``kernels._target.shrink_expand_blocks``) on an H200: row blocks as large as
+    still cover the 132 SMs (64 -> 32 -> 16), the N range split only where 16-row blocks are too few (then each
+    split re-reads its rows of x); with dropout the skinny kernels' narrower x tile."""
+    h200 = KT.LaunchTarget(num_sms=132, smem_per_block=227 * 1024, capability_major=9)
+    assert KT.shrink_expand_blocks(h200, 8192 * 2, 4096) == (64, 128, 128, 4, 1)
+    assert KT.shrink_expand_blocks(h200, 8192, 4096) == (32, 128, 128, 4, 1)
+    assert KT.shrink_expand_blocks(h200, 2048, 4096) == (16, 128, 128, 4, 2)
+    assert KT.shrink_expand_blocks(h200, 16, 4096) == (16, 128, 128, 4, 32)  # decode: one row block, 32 splits
+    assert KT.shrink_expand_blocks(h200, 1, 14336) == (16, 128, 128, 4, 112)
+    assert KT.shrink_expand_blocks(h200, 2048, 4096, dropout=True) == (16, 64, 128, 8, 2)
+    assert KT.shrink_expand_blocks(h200, 0, 4096)[4] >= 1
+    with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
+        assert KT.shrink_expand_blocks(h200, 96, 144) == (16, 16, 16, 4, 2)
