@@ -302,7 +302,7 @@ def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, l_ld, n
 
 # The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
 @triton.jit(do_not_specialize=["seed"])
-def _lora_shrink_expand_kernel(x_ptr, a_ptr, e_ptr, r_ptr, y_ptr, s_ptr, M, N, K, R, scale,
+def _lora_shrink_expand_kernel(x_ptr, a_ptr, e_ptr, r_ptr, y_ptr, s_ptr, M, N, K, R, R_EXP, scale,
                                stride_xm, stride_xk, stride_ar, stride_ak, stride_rr, stride_rn,
                                stride_ym, stride_yn, nb_per_split, seed, p16, drop_scale,
                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -310,9 +310,11 @@ def _lora_shrink_expand_kernel(x_ptr, a_ptr, e_ptr, r_ptr, y_ptr, s_ptr, M, N, K
                                PREC_S: tl.constexpr, PREC_Y: tl.constexpr):
     """The forward's rank-r work in one launch after the GEMM; grid (N splits, M blocks).  Program (j, i):
          S[rows] = drop(x)[rows] Aᵀ over all of K (the shrink; stored to s (M, R) fp32 by split 0),
-         y[rows, n] += scale · (S ⊙ e)[rows] Rm[:, n]   for the N blocks of split j (the expand; Rm = Bᵀ (r, N)).
-    Each sum runs in the order of the two-launch path with one K split (``_lora_shrink_kernel`` then
-    ``_expand_tile``): the same S, and the same y from it."""
+         y[rows, n] += scale · (S ⊙ e)[rows, :R_EXP] Rm[:, n]   for the N blocks of split j (the expand;
+                                                                 Rm = Bᵀ (R_EXP, N), R_EXP <= R).
+    R_EXP < R: a sibling group's first member, whose S columns lead the group's stacked A (R rows).  Each sum runs
+    in the order of the two-launch path with one K split (``_lora_shrink_kernel`` then ``_expand_tile``): the same
+    S, and the same y from it."""
     tl.static_assert(BLOCK_K % 8 == 0, "BLOCK_K must be a multiple of the dropout mask's Philox group (8)")
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -338,9 +340,10 @@ def _lora_shrink_expand_kernel(x_ptr, a_ptr, e_ptr, r_ptr, y_ptr, s_ptr, M, N, K
     mask_mr = mask_m[:, None] & mask_r[None, :]
     if pid_n == 0:
         tl.store(s_ptr + rm64[:, None] * R + offs_r[None, :], acc, mask=mask_mr)
-    lt = acc * scale
+    mask_x = offs_r < R_EXP
+    lt = tl.where(mask_x[None, :], acc * scale, 0.0)
     if HAS_E:
-        e = tl.load(e_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
+        e = tl.load(e_ptr + offs_r, mask=mask_x, other=0.0).to(tl.float32)
         lt = lt * e[None, :]
     r_dtype = r_ptr.dtype.element_ty
     lt = lt.to(r_dtype)
@@ -351,7 +354,7 @@ def _lora_shrink_expand_kernel(x_ptr, a_ptr, e_ptr, r_ptr, y_ptr, s_ptr, M, N, K
         mask_n = offs_n < N
         rn64 = offs_n.to(tl.int64)
         rt = tl.load(r_ptr + offs_r[:, None] * stride_rr + rn64[None, :] * stride_rn,
-                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                     mask=mask_x[:, None] & mask_n[None, :], other=0.0)
         t = mma(lt, rt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC_Y)
         ptrs = y_ptr + rm64[:, None] * stride_ym + rn64[None, :] * stride_yn
         mask = mask_m[:, None] & mask_n[None, :]
@@ -438,12 +441,15 @@ def _expand(out: torch.Tensor, L_parts: torch.Tensor, scale: float, e: Optional[
 def shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_E: Optional[torch.Tensor],
                   lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int, tgt: Optional[LaunchTarget]
                   ) -> torch.Tensor:
-    """y (M, N) += s · ((drop(x) Aᵀ) ⊙ e) Bᵀ in place, in one launch; returns S = drop(x) Aᵀ (M, r) fp32.
-    x: (M, K); lora_A: (r, K); lora_E: (r,) or None; lora_B: (N, r); any strides.  Reads x once per N split
+    """y (M, N) += s · ((drop(x) Aᵀ) ⊙ e)[:, :r_B] Bᵀ in place, in one launch; returns S = drop(x) Aᵀ (M, r) fp32.
+    x: (M, K); lora_A: (r, K); lora_E: (r,) or None; lora_B: (N, r_B) with r_B <= r (r_B < r: the first member
+    of a sibling group, whose columns of S lead the stacked A); any strides.  Reads x once per N split
     (``shrink_expand_blocks``), y once, writes y and S."""
     m, k = x.shape
     n = y.shape[1]
     r = lora_A.shape[0]
+    r_b = lora_B.shape[1]
+    assert r_b <= r, "lora_B: at most lora_A's rank"
     s = torch.empty((m, r), device=x.device, dtype=torch.float32)
     bm, bk, bn, warps, splits = shrink_expand_blocks(tgt, m, n, dropout_p > 0.0)
     nb_per = triton.cdiv(triton.cdiv(n, bn), splits)
@@ -451,14 +457,14 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_E
     prec_s = skinny_precision(lora_A.dtype, x.dtype)
     prec_y = lora_epilogue_precision(y.dtype, lora_B.dtype)
     tc_s, fma_s = dot_flops(prec_s, 2 * m * k * r)
-    tc_y, fma_y = dot_flops(prec_y, 2 * m * n * r)
+    tc_y, fma_y = dot_flops(prec_y, 2 * m * n * r_b)
     rm = lora_B.t()
     if launch_ok("lora_shrink_expand", x, bytes_read=splits * m * k * x.element_size() + r * k * lora_A.element_size()
-                 + m * n * y.element_size() + r * n * lora_B.element_size(),
+                 + m * n * y.element_size() + r_b * n * lora_B.element_size(),
                  bytes_written=m * n * y.element_size() + m * r * 4,
                  flops=tc_s + tc_y, fma_flops=fma_s + fma_y):
         _lora_shrink_expand_kernel[(splits, triton.cdiv(m, bm))](
-            x, lora_A, lora_E if lora_E is not None else s, rm, y, s, m, n, k, r, float(scaling),
+            x, lora_A, lora_E if lora_E is not None else s, rm, y, s, m, n, k, r, r_b, float(scaling),
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), rm.stride(0), rm.stride(1),
             y.stride(0), y.stride(1), nb_per, seed_arg(seed), p16, drop_scale,
             BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=lora_E is not None,

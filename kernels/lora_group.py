@@ -4,9 +4,10 @@
     y_i = x W_iᵀ + b_i + s_i · (x A_iᵀ) B_iᵀ        x: (M, K)  W_i: (N_i, K)  A_i: (r_i, K)  B_i: (N_i, r_i)
 
 Per training step, against G separate ``lora`` ops (``kernels/lora.py``, whose kernels these reuse):
-  forward   one ``_lora_shrink_kernel`` over x with the A_i stacked (R = Σ r_i rows; one small copy of the A_i),
-            then per member its cuBLAS ``F.linear`` and ``_lora_expand_kernel`` (reading its columns of S):
-            1 pass over x instead of G.
+  forward   the first member's cuBLAS ``F.linear`` and one ``_lora_shrink_expand_kernel`` over x with the A_i
+            stacked (R = Σ r_i rows; one small copy of the A_i): S for every member, the first member's term added;
+            then per other member its ``F.linear`` and ``_lora_expand_kernel`` (reading its columns of S):
+            1 pass over x instead of G, G Triton launches.
   backward  per member ``_lora_dy_kernel`` (its dSe written into its columns of one shared (P, M, R) buffer, P
             the group's chunk count), one ``_lora_da_kernel`` over x for every dA_i, dX = Σ_i dY_i W_i by cuBLAS
             (``torch.mm`` then ``addmm_`` accumulating in place: no M×K sum of G gradients by autograd), and one
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from ._partials import SEGMENTS as _SEGMENTS
 from ._partials import plan_partials, sum_partials
 from ._target import LaunchTarget, launch_target, on_input_device
-from .lora import _da_pass, _dy_pass, _expand, dy_split, shrink
+from .lora import _da_pass, _dy_pass, _expand, dy_split, shrink_expand
 
 __all__ = ["lora_group_fwd_triton", "lora_group_bwd_triton"]
 
@@ -56,15 +57,13 @@ def lora_group_fwd_triton(x: torch.Tensor, weights: list[torch.Tensor], biases: 
     if m == 0:
         return [x.new_empty((0, w.shape[0])) for w in weights], x.new_empty((0, total), dtype=torch.float32)
     tgt = launch_target(x.device, target)
-    s_part = shrink(x, torch.cat(lora_As), 0.0, 0, tgt, partials=True)  # (P, M, R)
-    one = s_part.shape[0] == 1
-    s = s_part.select(0, 0) if one else torch.empty((m, total), device=x.device, dtype=torch.float32)
-    ys = []
-    for w, b, B, sc, r, o in zip(weights, biases, lora_Bs, scalings, ranks, _offsets(ranks)):
+    y = F.linear(x, weights[0], biases[0])
+    # S of every member (the stacked A's rows in member order), the first member's term added in the same launch
+    s = shrink_expand(y, x, torch.cat(lora_As), None, lora_Bs[0], float(scalings[0]), 0.0, 0, tgt)
+    ys = [y]
+    for w, b, B, sc, r, o in zip(weights[1:], biases[1:], lora_Bs[1:], scalings[1:], ranks[1:], _offsets(ranks)[1:]):
         y = F.linear(x, w, b)
-        # each member's expand sums its columns of S's partials and stores them into S (the group's S is complete
-        # once every member's expand ran)
-        _expand(y, s_part.narrow(2, o, r), float(sc), None, B.t(), tgt, l_sum=None if one else s.narrow(1, o, r))
+        _expand(y, s.narrow(1, o, r).unsqueeze(0), float(sc), None, B.t(), tgt)
         ys.append(y)
     return ys, s
 

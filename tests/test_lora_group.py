@@ -100,3 +100,30 @@ def test_group_chunk_count_set_by_narrowest_member():
                     and triton.cdiv(triton.cdiv(n, 16), triton.cdiv(triton.cdiv(n, 16), p)) < p)
         assert p > 1
         check(Group(m, k, (wide, narrow), (2, 3), F32))
+
+
+def test_group_forward_is_one_launch_per_member(monkeypatch):
+    """The group's forward: the first member's GEMM, then one launch computing every member's S (the A's stacked)
+    and adding the first member's term (its columns lead S), then per other member its GEMM and one expand reading
+    its columns of S - G Triton launches, one pass over x; no separate shrink.  Outputs and S still match the
+    members run one by one (fp64 reference in ``check``)."""
+    launches = []
+    for name in ("_lora_shrink_kernel", "_lora_shrink_expand_kernel", "_lora_expand_kernel"):
+        kernel = getattr(KL, name)
+
+        class _Spy:
+            def __init__(self, k, n):
+                self.k, self.n = k, n
+
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    launches.append((self.n, args))
+                    return self.k[grid](*args, **kwargs)
+                return launch
+        monkeypatch.setattr(KL, name, _Spy(kernel, name))
+    g = Group(33, 24, (20, 12, 12), (4, 2, 3), F32)
+    check(g)
+    fwd = launches[:3]
+    assert [n for n, _ in fwd] == ["_lora_shrink_expand_kernel", "_lora_expand_kernel", "_lora_expand_kernel"]
+    args = fwd[0][1]
+    assert (args[9], args[10]) == (9, 4)  # R = 4 + 2 + 3 stacked rows, the first member's 4 expanded

@@ -485,7 +485,7 @@ def test_multi_block_paths_of_production_shapes(monkeypatch):
     assert grid[0] > 1 and grid[1] > 1 and mb_per > 1 and nb_per > 1, (grid, mb_per, nb_per)
     assert not spies["_lora_shrink_kernel"].launches  # the default forward's shrink runs inside its one launch
     (grid, kw, args), = spies["_lora_shrink_expand_kernel"].launches
-    assert grid == (2, 6) and args[19] == 5, (grid, args[19])  # 2 N splits of 5 (and 4) N blocks, 6 row blocks
+    assert grid == (2, 6) and args[20] == 5, (grid, args[20])  # 2 N splits of 5 (and 4) N blocks, 6 row blocks
     (grid, kw, args), = spies["_lora_da_kernel"].launches
     assert grid[1] > 1 and args[15] > 1, (grid, args[15])  # M splits, several M blocks per split
     assert args[10] > 1, args[10]  # dSe arrives as several partial sums, summed on load
