@@ -11,7 +11,7 @@ import triton.language as tl
 
 from ._configs import gemm_configs, m_bucket, prune_gemm_configs
 from ._philox import dropout_keep, seed_arg
-from ._target import _PRUNE_TARGET, LaunchTarget, interpret_mode, launch_ok, launch_target, num_sms, span, use_tma
+from ._target import cdiv, _PRUNE_TARGET, LaunchTarget, interpret_mode, launch_ok, launch_target, num_sms, span, use_tma
 from ._tl import dot_prec, mma, pad_rank, scaled
 
 
@@ -74,7 +74,6 @@ def _gemm_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
-    c_dtype = c_ptr.dtype.element_ty
 
     if USE_TMA:
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_am, 1],
@@ -314,10 +313,10 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
         # BLOCK_M a config kept for this M has; rows a larger tile leaves unwritten stay zero.
         min_bm = min(cfg.kwargs["BLOCK_M"] for cfg in prune_gemm_configs(gemm_configs(), {"M": m, "a_ptr": a},
                                                                               target=tgt))
-        part = torch.zeros((triton.cdiv(m, min_bm), n), device=dev, dtype=torch.float32)
+        part = torch.zeros((cdiv(m, min_bm), n), device=dev, dtype=torch.float32)
 
     def grid(meta):
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
         return (max(1, min(nsm, tiles)),)
 
     args = (

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._target import launch_ok
+from ._target import cdiv, launch_ok
 
 __all__ = ["sum_partials", "plan_partials", "sum_partials_tile", "sum_parts", "TILE", "SEGMENTS"]
 
@@ -116,7 +116,7 @@ def plan_partials(jobs: list[tuple[torch.Tensor, torch.dtype]], like: torch.Tens
             args += [like, like, 0, 0]
         if i > 0:
             bounds.append(tiles)
-        tiles += triton.cdiv(length, TILE)
+        tiles += cdiv(length, TILE)
     return PartialsPlan(outs, args + bounds, tiles, sum(p.numel() * 4 for p, _ in work),
                         sum(o.numel() * o.element_size() for _, o in work), sum(p.numel() for p, _ in work))
 

@@ -134,7 +134,9 @@ _PRUNE_TARGET: contextvars.ContextVar = contextvars.ContextVar("fastpeft_prune_t
 def is_fake(t: torch.Tensor) -> bool:
     """True for tensors without data (meta, or FakeTensor under FakeTensorMode): launchers report their kernels to
     the cost model (``_cost``) and return correctly shaped outputs without launching."""
-    if t.device.type == "meta":
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:  # the launch path's common case, checked cheaply
+        return t.is_meta
+    if t.is_meta:
         return True
     from torch._subclasses.fake_tensor import FakeTensor
     return isinstance(t, FakeTensor)
@@ -227,10 +229,17 @@ def use_tma(a: torch.Tensor, b_view_rowmajor: torch.Tensor | None, target: Optio
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints.  The launchers' grid arithmetic uses this, not ``triton.cdiv``: since Triton 3.7
+    that is a constexpr function whose host call unwraps its arguments (~1.5 µs a call on this repo's CI machine,
+    ~30 calls per LoRA training step)."""
+    return -(-a // b)
+
+
 def split_count(n_blocks_other: int, n_blocks_split: int, target_programs: int) -> int:
     """How many chunks to split a reduction dimension into so that (other blocks) x (chunks) reaches about
     `target_programs`, never more chunks than blocks."""
-    want = triton.cdiv(target_programs, max(1, n_blocks_other))
+    want = cdiv(target_programs, max(1, n_blocks_other))
     return max(1, min(n_blocks_split, want))
 
 
@@ -280,16 +289,16 @@ def shrink_expand_blocks(tgt: Optional[LaunchTarget], m: int, n: int, dropout: b
     (``forced_launch_shape``) BLOCK_M is the forced one and the splits fill ``target_programs``."""
     bm, bk, warps = skinny_blocks(tgt, dropout)
     bn = skinny_blocks(tgt)[1]
-    n_blocks = triton.cdiv(max(n, 1), bn)
+    n_blocks = cdiv(max(n, 1), bn)
     if _test_shape["blocks"] is None and tgt is not None:
         want = tgt.num_sms
-        while bm > 16 and triton.cdiv(m, bm) < want:
+        while bm > 16 and cdiv(m, bm) < want:
             bm //= 2
     else:
         want = target_programs(tgt)
-    splits = max(1, min(n_blocks, triton.cdiv(want, triton.cdiv(max(m, 1), bm))))
-    nb_per = triton.cdiv(n_blocks, splits)
-    return bm, bk, bn, warps, triton.cdiv(n_blocks, nb_per)
+    splits = max(1, min(n_blocks, cdiv(want, cdiv(max(m, 1), bm))))
+    nb_per = cdiv(n_blocks, splits)
+    return bm, bk, bn, warps, cdiv(n_blocks, nb_per)
 
 
 # Test hook: force the skinny kernels' block sizes and program target, so that small test shapes get the block-count

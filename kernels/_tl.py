@@ -143,5 +143,6 @@ def scaled(v, s):
 
 
 def pad_rank(r: int) -> int:
-    """tl.dot needs every dimension >= 16 and power-of-two blocks: pad r to max(16, next power of two)."""
-    return max(16, triton.next_power_of_2(int(r)))
+    """tl.dot needs every dimension >= 16 and power-of-two blocks: pad r to max(16, next power of two).  Plain
+    integer arithmetic: ``triton.next_power_of_2`` is a constexpr function, slow to call from the host."""
+    return max(16, 1 << max(int(r) - 1, 0).bit_length())

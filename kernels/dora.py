@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._target import LaunchTarget, launch_ok, launch_target, on_input_device
+from ._target import cdiv, LaunchTarget, launch_ok, launch_target, on_input_device
 from ._tl import dot_prec, mma, pad_rank, skinny_precision
 from .ia3 import colsum, scale_weight
 from .lora import shrink
@@ -116,7 +116,7 @@ def dora_prep_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
         if n and launch_ok("dora_prep", weight, bytes_read=splits * n * r * 4 + n * r * b.element_size() + r * r * 4
                            + 2 * n * 4, bytes_written=2 * n * 4 + n * r * b.element_size(),
                            flops=2 * n * r * r + 6 * n * r):
-            _dora_prep_kernel[(triton.cdiv(n, PREP_BLOCK_N),)](
+            _dora_prep_kernel[(cdiv(n, PREP_BLOCK_N),)](
                 cpart, b, gram, w_sq, weight, a32, magnitude.detach(), kk, kn, b_k, n, k, r, splits,
                 float(scaling), float(limit), float(tiny), b.stride(0), b.stride(1),
                 weight.stride(0), weight.stride(1), a32.stride(0), a32.stride(1),
@@ -174,6 +174,6 @@ def dora_grads_triton(dy: torch.Tensor, u: torch.Tensor, kn: torch.Tensor, dB_k:
     dB = torch.empty_like(dB_k)
     if n and launch_ok("dora_grads", dy, bytes_read=part.numel() * 4 + 2 * n * 4 + n * r * dB_k.element_size(),
                        bytes_written=n * 4 + n * r * dB_k.element_size(), flops=n * (part.shape[0] + r + 1)):
-        _dora_grads_kernel[(triton.cdiv(n, PREP_BLOCK_N),)](
+        _dora_grads_kernel[(cdiv(n, PREP_BLOCK_N),)](
             part, kn, kk, dB_k, dm, dB, n, r, part.shape[0], BLOCK_N=PREP_BLOCK_N, R_PAD=pad_rank(r))
     return dm, dB

@@ -40,7 +40,7 @@ from ._gemm import gemm
 from ._mask import tiny_scale
 from ._partials import TILE as PARTIALS_TILE
 from ._partials import PartialsPlan, plan_partials, sum_partials, sum_partials_tile
-from ._target import (LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
+from ._target import (cdiv, LaunchTarget, check_variant, launch_ok, launch_target, on_input_device, skinny_blocks,
                       split_count, target_programs)
 from ._tl import base_precision, dot_prec, mma, scaled
 
@@ -225,10 +225,10 @@ def colsum(dy: torch.Tensor, z: Optional[torch.Tensor], l: Optional[torch.Tensor
     m, n = dy.shape
     dev = dy.device
     bm, bn, warps = skinny_blocks(tgt)
-    n_blocks, m_blocks = triton.cdiv(n, bn), triton.cdiv(m, bm)
+    n_blocks, m_blocks = cdiv(n, bn), cdiv(m, bm)
     splits = split_count(n_blocks, m_blocks, target_programs(tgt))
-    mb_per = triton.cdiv(m_blocks, splits)
-    splits = triton.cdiv(m_blocks, mb_per)
+    mb_per = cdiv(m_blocks, splits)
+    splits = cdiv(m_blocks, mb_per)
     dl_part = torch.empty((splits, n), device=dev, dtype=torch.float32) if z is not None else None
     db_part = torch.empty((splits, n), device=dev, dtype=torch.float32) if want_db else None
     dummy = torch.empty(1, device=dev, dtype=torch.float32)
@@ -260,12 +260,12 @@ def scale_weight(weight: torch.Tensor, ia3_l: torch.Tensor, rows: bool, tgt: Opt
     n, k = weight.shape
     out = torch.empty((n, k), device=weight.device, dtype=weight.dtype)
     bn, bk, warps = skinny_blocks(tgt)
-    n_blocks, k_blocks = triton.cdiv(n, bn), triton.cdiv(k, bk)
+    n_blocks, k_blocks = cdiv(n, bn), cdiv(k, bk)
     finish = finish if finish is not None else plan_partials([], weight)  # no segments: no finishing rows
     if launch_ok("ia3_scale_w", weight, bytes_read=n * k * weight.element_size() + ia3_l.numel() * ia3_l.element_size()
                  + finish.bytes_read, bytes_written=n * k * weight.element_size() + finish.bytes_written,
                  flops=n * k + finish.flops):
-        _ia3_scale_w_kernel[(n_blocks + triton.cdiv(finish.tiles, k_blocks), k_blocks)](
+        _ia3_scale_w_kernel[(n_blocks + cdiv(finish.tiles, k_blocks), k_blocks)](
             weight, ia3_l, out, n, k, weight.stride(0), weight.stride(1), tiny_scale(weight.dtype),
             *finish.args, n_blocks, BLOCK_N=bn, BLOCK_K=bk, ROWS=rows, SAFE=safe, FINISH=finish.tiles > 0,
             FINISH_TILE=PARTIALS_TILE, num_warps=warps)
@@ -273,10 +273,10 @@ def scale_weight(weight: torch.Tensor, ia3_l: torch.Tensor, rows: bool, tgt: Opt
 
 
 def _splits(other_blocks: int, m: int, bm: int, tgt: Optional[LaunchTarget]) -> tuple[int, int]:
-    m_blocks = triton.cdiv(m, bm)
+    m_blocks = cdiv(m, bm)
     splits = split_count(other_blocks, m_blocks, target_programs(tgt))
-    mb_per = triton.cdiv(m_blocks, splits)
-    return triton.cdiv(m_blocks, mb_per), mb_per
+    mb_per = cdiv(m_blocks, splits)
+    return cdiv(m_blocks, mb_per), mb_per
 
 
 def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db, tgt):
@@ -289,7 +289,7 @@ def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db, tgt):
     # The z-recompute loop runs only in blocks holding a tiny l: small K tiles and one stage keep its shared memory
     # (and so the occupancy of the main pass over dY and y) low.
     bk = min(32, bn)
-    n_blocks = triton.cdiv(n, bn)
+    n_blocks = cdiv(n, bn)
     splits, mb_per = _splits(n_blocks, m, bm, tgt)
     dl_part = torch.empty((splits, n), device=dev, dtype=torch.float32)
     db_part = torch.empty((splits, n) if want_db else (1,), device=dev, dtype=torch.float32)
@@ -311,7 +311,7 @@ def _dl_input_mode(g, x, ia3_l, write_dx, tgt):
     m, k = g.shape
     dev = g.device
     bm, bk, warps = skinny_blocks(tgt)
-    k_blocks = triton.cdiv(k, bk)
+    k_blocks = cdiv(k, bk)
     splits, mb_per = _splits(k_blocks, m, bm, tgt)
     dl_part = torch.empty((splits, k), device=dev, dtype=torch.float32)
     es = g.element_size()

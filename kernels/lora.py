@@ -49,7 +49,7 @@ from ._mask import dropout_threshold
 from ._partials import TILE as PARTIALS_TILE
 from ._partials import PartialsPlan, plan_partials, sum_partials, sum_parts, sum_partials_tile
 from ._philox import dropout_keep, seed_arg
-from ._target import (LaunchTarget, check_variant, da_blocks, launch_ok, launch_target, on_input_device,
+from ._target import (cdiv, LaunchTarget, check_variant, da_blocks, launch_ok, launch_target, on_input_device,
                       shrink_expand_blocks, skinny_blocks, split_count, target_programs)
 from ._tl import (adapter_operand, base_precision, dot_flops, dot_prec, lora_epilogue_precision, mma, pad_rank,
                   skinny_precision)
@@ -382,10 +382,10 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, t
     m, k = x.shape
     r = lora_A.shape[0]
     bm, bk, warps = skinny_blocks(tgt, dropout_p > 0.0)
-    m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
+    m_blocks, k_blocks = cdiv(m, bm), cdiv(k, bk)
     splits = split_count(m_blocks, k_blocks, target_programs(tgt))
-    kb_per = triton.cdiv(k_blocks, splits)
-    splits = triton.cdiv(k_blocks, kb_per)
+    kb_per = cdiv(k_blocks, splits)
+    splits = cdiv(k_blocks, kb_per)
     part = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
     p16, drop_scale = dropout_threshold(dropout_p)
     prec = skinny_precision(lora_A.dtype, x.dtype)
@@ -417,10 +417,10 @@ def _expand(out: torch.Tensor, L_parts: torch.Tensor, scale: float, e: Optional[
     assert l_sum is None or tuple(l_sum.stride()) == (l_ld, 1), "l_sum: L_parts' row stride"
     bm, bn, warps = skinny_blocks(tgt, dropout_p > 0.0)
     p16, drop_scale = dropout_threshold(dropout_p)
-    m_blocks, n_blocks = triton.cdiv(m, bm), triton.cdiv(n, bn)
+    m_blocks, n_blocks = cdiv(m, bm), cdiv(n, bn)
     finish = finish if finish is not None else plan_partials([], out)  # no segments: no finishing rows
     fin = finish.tiles > 0
-    extra_rows = triton.cdiv(finish.tiles, n_blocks)
+    extra_rows = cdiv(finish.tiles, n_blocks)
     prec = lora_epilogue_precision(out.dtype, Rm.dtype)
     tc_flops, fma_flops = dot_flops(prec, 2 * m * n * r)
     if launch_ok("lora_expand", out, bytes_read=m * n * out.element_size() + parts * m * r * 4
@@ -441,7 +441,8 @@ def _expand(out: torch.Tensor, L_parts: torch.Tensor, scale: float, e: Optional[
 def shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_E: Optional[torch.Tensor],
                   lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int, tgt: Optional[LaunchTarget]
                   ) -> torch.Tensor:
-    """y (M, N) += s · ((drop(x) Aᵀ) ⊙ e)[:, :r_B] Bᵀ in place, in one launch; returns S = drop(x) Aᵀ (M, r) fp32.
+    """y (M, N) += s · ((drop(x) Aᵀ) ⊙ e)[:, :r_B] Bᵀ in place, in one launch; returns S = drop(x) Aᵀ: (M, r)
+    fp32.
     x: (M, K); lora_A: (r, K); lora_E: (r,) or None; lora_B: (N, r_B) with r_B <= r (r_B < r: the first member
     of a sibling group, whose columns of S lead the stacked A); any strides.  Reads x once per N split
     (``shrink_expand_blocks``), y once, writes y and S."""
@@ -452,18 +453,19 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_E
     assert r_b <= r, "lora_B: at most lora_A's rank"
     s = torch.empty((m, r), device=x.device, dtype=torch.float32)
     bm, bk, bn, warps, splits = shrink_expand_blocks(tgt, m, n, dropout_p > 0.0)
-    nb_per = triton.cdiv(triton.cdiv(n, bn), splits)
+    nb_per = cdiv(cdiv(n, bn), splits)
     p16, drop_scale = dropout_threshold(dropout_p)
     prec_s = skinny_precision(lora_A.dtype, x.dtype)
     prec_y = lora_epilogue_precision(y.dtype, lora_B.dtype)
     tc_s, fma_s = dot_flops(prec_s, 2 * m * k * r)
     tc_y, fma_y = dot_flops(prec_y, 2 * m * n * r_b)
     rm = lora_B.t()
-    if launch_ok("lora_shrink_expand", x, bytes_read=splits * m * k * x.element_size() + r * k * lora_A.element_size()
+    if launch_ok("lora_shrink_expand", x,
+                 bytes_read=splits * m * k * x.element_size() + r * k * lora_A.element_size()
                  + m * n * y.element_size() + r_b * n * lora_B.element_size(),
                  bytes_written=m * n * y.element_size() + m * r * 4,
                  flops=tc_s + tc_y, fma_flops=fma_s + fma_y):
-        _lora_shrink_expand_kernel[(splits, triton.cdiv(m, bm))](
+        _lora_shrink_expand_kernel[(splits, cdiv(m, bm))](
             x, lora_A, lora_E if lora_E is not None else s, rm, y, s, m, n, k, r, r_b, float(scaling),
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), rm.stride(0), rm.stride(1),
             y.stride(0), y.stride(1), nb_per, seed_arg(seed), p16, drop_scale,
@@ -515,13 +517,13 @@ def dy_split(m: int, n: int, tgt: Optional[LaunchTarget]) -> tuple[int, int, int
     two partial buffers (m_chunks · N ≈ n_chunks · M) at about one program per SM slot."""
     bm, bn, _ = skinny_blocks(tgt)
     programs = target_programs(tgt)
-    m_blocks, n_blocks = triton.cdiv(m, bm), triton.cdiv(n, bn)
+    m_blocks, n_blocks = cdiv(m, bm), cdiv(n, bn)
     m_chunks = max(1, min(m_blocks, round(math.sqrt(programs * m / n))))
-    mb_per = triton.cdiv(m_blocks, m_chunks)
-    m_chunks = triton.cdiv(m_blocks, mb_per)
+    mb_per = cdiv(m_blocks, m_chunks)
+    m_chunks = cdiv(m_blocks, mb_per)
     n_chunks = split_count(m_chunks, n_blocks, programs)
-    nb_per = triton.cdiv(n_blocks, n_chunks)
-    return m_chunks, mb_per, triton.cdiv(n_blocks, nb_per)
+    nb_per = cdiv(n_blocks, n_chunks)
+    return m_chunks, mb_per, cdiv(n_blocks, nb_per)
 
 
 def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Optional[torch.Tensor],
@@ -537,13 +539,13 @@ def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Op
     adt = lora_B.dtype
     bm, bn, warps = skinny_blocks(tgt)
     m_chunks, mb_per, n_chunks = dy_split(m, n, tgt)
-    n_blocks = triton.cdiv(n, bn)
+    n_blocks = cdiv(n, bn)
     if dse_out is None:
         dse_part = torch.empty((n_chunks, m, r), device=dev, dtype=torch.float32)
     else:  # the group's chunk count; a chunk past this layer's last N block is stored as zeros by its programs
         dse_part, n_chunks = dse_out, dse_out.shape[0]
         assert dse_part.stride(2) == 1 and dse_part.stride(0) == m * dse_part.stride(1), "dse_out: (P, M, ld)"
-    nb_per = triton.cdiv(n_blocks, n_chunks)
+    nb_per = cdiv(n_blocks, n_chunks)
     db_part = torch.empty((m_chunks, n, r), device=dev, dtype=torch.float32)
     dbias_part = torch.empty((m_chunks, n) if has_bias else (1,), device=dev, dtype=torch.float32)
     prec = skinny_precision(adt, dy.dtype)
@@ -571,10 +573,10 @@ def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Ten
     parts, r = dse_part.shape[0], dse_part.shape[2]
     dev = x.device
     bm, bk, warps = da_blocks(tgt, dropout_p > 0.0)
-    m_blocks, k_blocks = triton.cdiv(m, bm), triton.cdiv(k, bk)
+    m_blocks, k_blocks = cdiv(m, bm), cdiv(k, bk)
     msplits = split_count(k_blocks, m_blocks, target_programs(tgt))
-    mb_per = triton.cdiv(m_blocks, msplits)
-    msplits = triton.cdiv(m_blocks, mb_per)
+    mb_per = cdiv(m_blocks, msplits)
+    msplits = cdiv(m_blocks, mb_per)
     da_part = torch.empty((msplits, r, k), device=dev, dtype=torch.float32)
     has_e = lora_E is not None
     de_part = torch.empty((msplits, r), device=dev, dtype=torch.float32) if has_e else None
