@@ -131,16 +131,18 @@ def _ia3_scale_w_kernel(w_ptr, l_ptr, out_ptr, N, K, stride_wn, stride_wk, tiny,
 
 
 @triton.jit
-def _ia3_dl_out_kernel(dy_ptr, y_ptr, l_ptr, x_ptr, w_ptr, b_ptr, dl_part_ptr, db_part_ptr, M, N, K, tiny,
+def _ia3_dl_out_kernel(dy_ptr, y_ptr, l_ptr, x_ptr, w_ptr, b_ptr, dl_part_ptr, db_part_ptr, dys_ptr, M, N, K, tiny,
                        stride_dym, stride_dyn, stride_ym, stride_yn, stride_xm, stride_xk, stride_wn, stride_wk,
                        mb_per_split,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr, PREC: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr, WRITE_DYS: tl.constexpr, PREC: tl.constexpr):
     """Output mode, grid (N blocks, M splits), one pass over dY and y:
          dl_part[split, n] = Σ_m dY · y / l[n]                      (|l[n]| >= tiny)
                            = Σ_m dY · (x Wᵀ)[m, n] + b[n] Σ_m dY     (|l[n]| <  tiny: z recomputed; the K loop
                                                                       runs only in blocks holding such a column)
-         db_part[split, n] = l[n] Σ_m dY                             (HAS_DB: dbias's partials)"""
+         db_part[split, n] = l[n] Σ_m dY                             (HAS_DB: dbias's partials)
+         dys[m, n]         = round(dY[m, n] · l[n])                  (WRITE_DYS: dX's GEMM operand; (M, N)
+                                                                      row-major in dY's dtype)"""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -165,6 +167,9 @@ def _ia3_dl_out_kernel(dy_ptr, y_ptr, l_ptr, x_ptr, w_ptr, b_ptr, dl_part_ptr, d
                      other=0.0).to(tl.float32)
         acc_dl += tl.sum(dy * yv, axis=0)
         acc_db += tl.sum(dy, axis=0)
+        if WRITE_DYS:
+            tl.store(dys_ptr + rm64[:, None] * N + rn64[None, :],
+                     (dy * lv[None, :]).to(dys_ptr.dtype.element_ty), mask=mask)
         z = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(k_hi, BLOCK_K)):
             offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -188,11 +193,13 @@ def _ia3_dl_out_kernel(dy_ptr, y_ptr, l_ptr, x_ptr, w_ptr, b_ptr, dl_part_ptr, d
 @triton.jit
 def _ia3_dl_in_kernel(g_ptr, x_ptr, l_ptr, dl_part_ptr, M, K, tiny,
                       stride_gm, stride_gk, stride_xm, stride_xk, mb_per_split,
-                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_DX: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_DX: tl.constexpr,
+                      UNSCALED: tl.constexpr):
     """Input mode, grid (K blocks, M splits), one pass over G' = dY (W ⊙ l') and x:
          dl_part[split, k] = Σ_m G'[m, k] · x[m, k] / l'[k]
     and with WRITE_DX, in place, G'[:, k] <- round(G'[:, k] · l[k]) for the columns with |l[k]| < tiny (l' = 1 there;
-    every other column of G' already is dX)."""
+    every other column of G' already is dX).  UNSCALED: G' is G = dY W itself (l' = 1 everywhere): dl has no
+    division and WRITE_DX rewrites every column."""
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -200,7 +207,10 @@ def _ia3_dl_in_kernel(g_ptr, x_ptr, l_ptr, dl_part_ptr, M, K, tiny,
     rk64 = offs_k.to(tl.int64)
     lraw = tl.load(l_ptr + offs_k, mask=mask_k, other=1.0)
     lv = lraw.to(tl.float32)
-    small = tl.abs(lv) < tiny
+    if UNSCALED:
+        small = mask_k  # every column: G holds no l
+    else:
+        small = tl.abs(lv) < tiny
     acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
     mb0 = pid_s * mb_per_split
     mb1 = tl.minimum(mb0 + mb_per_split, tl.cdiv(M, BLOCK_M))
@@ -214,7 +224,10 @@ def _ia3_dl_in_kernel(g_ptr, x_ptr, l_ptr, dl_part_ptr, M, K, tiny,
         acc += tl.sum(g.to(tl.float32) * xv.to(tl.float32), axis=0)
         if WRITE_DX:
             tl.store(g_ptrs, scaled(g.to(lraw.dtype), lraw[None, :]).to(g.dtype), mask=mask & small[None, :])
-    tl.store(dl_part_ptr + pid_s.to(tl.int64) * K + rk64, acc / tl.where(small, 1.0, lv), mask=mask_k)
+    if UNSCALED:
+        tl.store(dl_part_ptr + pid_s.to(tl.int64) * K + rk64, acc, mask=mask_k)
+    else:
+        tl.store(dl_part_ptr + pid_s.to(tl.int64) * K + rk64, acc / tl.where(small, 1.0, lv), mask=mask_k)
 
 
 def colsum(dy: torch.Tensor, z: Optional[torch.Tensor], l: Optional[torch.Tensor], want_db: bool,
@@ -279,9 +292,10 @@ def _splits(other_blocks: int, m: int, bm: int, tgt: Optional[LaunchTarget]) -> 
     return cdiv(m_blocks, mb_per), mb_per
 
 
-def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db, tgt):
+def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db, tgt, dys=None):
     """The partial sums (splits, N) fp32 of dl and of dbias = l ⊙ Σ_m dY (None without `want_db`): one pass over dY
-    and y (M·N each); x and W only for the column blocks holding a tiny l."""
+    and y (M·N each); x and W only for the column blocks holding a tiny l.  `dys`: a contiguous (M, N) buffer in
+    dY's dtype that receives round(dY ⊙ l) in the same pass (dX's GEMM operand), or None."""
     m, n = dy.shape
     k = weight.shape[1]
     dev = dy.device
@@ -294,20 +308,24 @@ def _dl_output_mode(dy, y, ia3_l, x, weight, bias, want_db, tgt):
     dl_part = torch.empty((splits, n), device=dev, dtype=torch.float32)
     db_part = torch.empty((splits, n) if want_db else (1,), device=dev, dtype=torch.float32)
     es = dy.element_size()
+    assert dys is None or (dys.is_contiguous() and dys.shape == dy.shape and dys.dtype == dy.dtype), "dys"
     if launch_ok("ia3_dl_out", dy, bytes_read=2 * m * n * es + n * ia3_l.element_size(),
-                 bytes_written=splits * n * 4 * (1 + int(want_db)), flops=3 * m * n):
+                 bytes_written=splits * n * 4 * (1 + int(want_db)) + (m * n * es if dys is not None else 0),
+                 flops=3 * m * n + (m * n if dys is not None else 0)):
         _ia3_dl_out_kernel[(n_blocks, splits)](
-            dy, y, ia3_l, x, weight, bias if bias is not None else ia3_l, dl_part, db_part, m, n, k,
+            dy, y, ia3_l, x, weight, bias if bias is not None else ia3_l, dl_part, db_part,
+            dys if dys is not None else dl_part, m, n, k,
             tiny_scale(dy.dtype), dy.stride(0), dy.stride(1), y.stride(0), y.stride(1), x.stride(0), x.stride(1),
             weight.stride(0), weight.stride(1), mb_per,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=bias is not None, HAS_DB=want_db,
-            PREC=dot_prec(base_precision(x.dtype), x.dtype), num_warps=warps, num_stages=1)
+            WRITE_DYS=dys is not None, PREC=dot_prec(base_precision(x.dtype), x.dtype), num_warps=warps,
+            num_stages=1)
     return dl_part, (db_part if want_db else None)
 
 
-def _dl_input_mode(g, x, ia3_l, write_dx, tgt):
+def _dl_input_mode(g, x, ia3_l, write_dx, tgt, unscaled=False):
     """dl's partial sums (splits, K) fp32 from one pass over G' and x (M·K each); with `write_dx` G' becomes dX in
-    place."""
+    place.  `unscaled`: G' is dY W (no l folded into W): every column is scaled into dX (one more write of M·K)."""
     m, k = g.shape
     dev = g.device
     bm, bk, warps = skinny_blocks(tgt)
@@ -315,12 +333,24 @@ def _dl_input_mode(g, x, ia3_l, write_dx, tgt):
     splits, mb_per = _splits(k_blocks, m, bm, tgt)
     dl_part = torch.empty((splits, k), device=dev, dtype=torch.float32)
     es = g.element_size()
-    if launch_ok("ia3_dl_in", g, bytes_read=2 * m * k * es + k * ia3_l.element_size(), bytes_written=splits * k * 4,
-                 flops=2 * m * k):
+    rewrite = m * k * es if (write_dx and unscaled) else 0  # else only the tiny-l columns (not counted)
+    if launch_ok("ia3_dl_in", g, bytes_read=2 * m * k * es + k * ia3_l.element_size(),
+                 bytes_written=splits * k * 4 + rewrite, flops=2 * m * k + rewrite // es):
         _ia3_dl_in_kernel[(k_blocks, splits)](
             g, x, ia3_l, dl_part, m, k, tiny_scale(g.dtype), g.stride(0), g.stride(1), x.stride(0), x.stride(1), mb_per,
-            BLOCK_M=bm, BLOCK_K=bk, WRITE_DX=write_dx, num_warps=warps)
+            BLOCK_M=bm, BLOCK_K=bk, WRITE_DX=write_dx, UNSCALED=unscaled, num_warps=warps)
     return dl_part
+
+
+def scales_activations(m: int, w_other: int, backward: bool = False) -> bool:
+    """Fold l into the activations rather than into W, where that moves fewer bytes; `w_other`: W's dimension that l
+    does not index (K in output mode, N in input mode).  Output mode: forward y *= l after the GEMM reads and
+    writes y (2·M·N) against W's 2·N·K, so when M < K; backward the pass over (dY, y) also writes dY ⊙ l (M·N more)
+    against W's 2·N·K, so when M < 2K.  Input mode: forward x ⊙ l read and written (2·M·K) against W's, so when
+    M < N; backward the pass over (G = dY W, x) also writes dX = G ⊙ l (M·K more) against W's, so when M < 2N.
+    Either way the GEMMs are the frozen layer's, on the operands HF PEFT's own layer rounds the same way
+    (round(z · l), round(dY · l) W; round(x · l), round((dY W) · l)), and no y / l is ever formed."""
+    return m < (2 * w_other if backward else w_other)
 
 
 def _scaled_bias(bias: Optional[torch.Tensor], ia3_l: torch.Tensor) -> Optional[torch.Tensor]:
@@ -333,8 +363,10 @@ def ia3_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton IA3 forward; the contract of ``fastpeft.ops.ia3.ia3_fwd_ref``.
 
-    Passes (cublas variant): one over W (scale rows / columns by l), one cuBLAS GEMM (``F.linear``).  Fused
-    variant: one Triton GEMM with l in its prologue (input mode) or epilogue (output mode, also writing z).
+    Passes (cublas variant): one over W (scale rows / columns by l), one cuBLAS GEMM (``F.linear``); where the
+    activations are smaller than W (``scales_activations``) l scales them instead: output mode the GEMM, then
+    y *= l in place; input mode x ⊙ l into a temporary, then the GEMM.  Fused variant: one Triton GEMM with l in its prologue (input mode) or epilogue (output mode, also
+    writing z).
 
     Args:
         x: (M, K) fp16/bf16/fp32, any strides.  weight: (N, K), any strides.  bias: (N,) or None.
@@ -350,7 +382,16 @@ def ia3_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     n = weight.shape[0]
     if variant == "cublas":
         if feedforward:
+            if scales_activations(m, n):
+                # the product in the wider dtype, rounded once into x's; PEFT's x.to(l.dtype) where l is narrower
+                t = x if torch.promote_types(x.dtype, ia3_l.dtype) == ia3_l.dtype else x.to(ia3_l.dtype)
+                xs = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+                torch.mul(t, ia3_l, out=xs)
+                return F.linear(xs, weight, bias), x.new_empty(0)
             return F.linear(x, scale_weight(weight, ia3_l, False, tgt), bias), x.new_empty(0)
+        if scales_activations(m, k):
+            # torch's in-place mul: the product in the wider dtype, rounded once into y
+            return F.linear(x, weight, bias).mul_(ia3_l), x.new_empty(0)
         return F.linear(x, scale_weight(weight, ia3_l, True, tgt), _scaled_bias(bias, ia3_l)), x.new_empty(0)
     if m == 0:
         return x.new_empty((0, n)), (x.new_empty(0) if feedforward else x.new_empty((0, n)))
@@ -371,7 +412,9 @@ def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_
     """Triton IA3 backward; the contract of ``fastpeft.ops.ia3.ia3_bwd_ref``.
 
     Passes (cublas variant): output mode: one over W (l ⊙ W), dX by one cuBLAS GEMM, one pass over (dY, y) for dl
-    and dbias; input mode: one over W (W ⊙ l'), one cuBLAS GEMM G' = dY (W ⊙ l'), one pass over (G', x) for dl
+    and dbias - with M < 2K (``scales_activations``) that pass also writes dY ⊙ l, dX = (dY ⊙ l) W, and W is not
+    touched; input mode (with M < 2N: G = dY W, then one pass over (G, x) for dl that turns G into dX = G ⊙ l in
+    place, W not touched; else): one over W (W ⊙ l'), one cuBLAS GEMM G' = dY (W ⊙ l'), one pass over (G', x) for dl
     (G' becomes dX in place), one over dY for dbias (only with a bias).
 
     Args:
@@ -400,16 +443,25 @@ def ia3_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_
     db_job = []
     if variant == "cublas":
         if feedforward:
-            g = torch.mm(dy, scale_weight(weight, ia3_l, False, tgt, safe=True))
-            dl_part = _dl_input_mode(g, x, ia3_l, needs_dx, tgt)
+            if scales_activations(m, n, backward=True):
+                g = torch.mm(dy, weight)
+                dl_part = _dl_input_mode(g, x, ia3_l, needs_dx, tgt, unscaled=True)
+            else:
+                g = torch.mm(dy, scale_weight(weight, ia3_l, False, tgt, safe=True))
+                dl_part = _dl_input_mode(g, x, ia3_l, needs_dx, tgt)
             if has_bias:
                 db_job = [(colsum(dy, None, None, True, tgt, partials=True)[1], weight.dtype)]
             dx = g if needs_dx else x.new_empty(0)
         else:
-            dl_part, db_part = _dl_output_mode(dy, y, ia3_l, x, weight, bias, has_bias, tgt)
+            dys = None
+            if needs_dx and scales_activations(m, k, backward=True):
+                dys = torch.empty((m, n), device=dev, dtype=dy.dtype)
+            dl_part, db_part = _dl_output_mode(dy, y, ia3_l, x, weight, bias, has_bias, tgt, dys=dys)
             db_job = [(db_part, weight.dtype)] if has_bias else []
             if not needs_dx:
                 dx = dy.new_empty(0)
+            elif dys is not None:
+                dx = torch.mm(dys, weight)
             else:
                 # the W scaling runs after the pass over (dY, y): spare rows of its grid finish dl and dbias
                 # (no launch of their own)

@@ -93,12 +93,15 @@ def test_ia3_triton_fused_variant_matches_fp64_reference(name):
     check_fa_rule(Case(**CASES[name]), "triton:fused")
 
 
+@pytest.mark.parametrize("activations", [True, False], ids=["fold_activations", "fold_w"])
 @pytest.mark.parametrize("ff", [False, True], ids=["output", "input"])
 @pytest.mark.parametrize("dtype", [F32, F16], ids=["fp32", "fp16"])
-def test_ia3_zero_and_tiny_scale_entries_are_exact(ff, dtype):
+def test_ia3_zero_and_tiny_scale_entries_are_exact(monkeypatch, ff, dtype, activations):
     """l entries of 0 (and, in fp16, below tiny_l) where y / l or G' / l cannot recover the unscaled values: output
-    mode recomputes z for those column blocks only, input mode runs the backward GEMM with l' = 1 there.  Every
-    gradient still matches the fp64 reference, and dl of a zero entry is Σ_m dy ⊙ z (not 0, not NaN)."""
+    mode recomputes z for those column blocks only, input mode runs the backward GEMM with l' = 1 there (folding l
+    into W), or never divides by l (folding it into x / dX).  Every gradient still matches the fp64 reference,
+    and dl of a zero entry is Σ_m dy ⊙ z (not 0, not NaN)."""
+    monkeypatch.setattr(KI, "scales_activations", lambda m, other, backward=False: activations)
     n_feat = 40 if ff else 45
     tiny = (3, 17) if dtype == F16 else ()
     def case():
@@ -247,3 +250,76 @@ def test_ia3_output_mode_w_scaling_finishes_dl_and_dbias(monkeypatch, ldt, with_
     for grid, kw in finishing:
         n_blocks = -(-2100 // 16)
         assert grid[0] > n_blocks
+
+
+@pytest.mark.parametrize("activations", [True, False], ids=["fold_activations", "fold_w"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_ia3_both_foldings_match_fp64_reference(monkeypatch, name, activations):
+    """l is folded into the activations (output mode: y *= l, dY ⊙ l written by the dl pass; input mode: x ⊙ l,
+    and G = dY W turned into dX by the dl pass) where that moves fewer bytes than scaling W
+    (``kernels.ia3.scales_activations``), else into W; each way, on every case, the output and every gradient meet
+    the accuracy rule."""
+    monkeypatch.setattr(KI, "scales_activations", lambda m, other, backward=False: activations)
+    check_fa_rule(Case(**CASES[name]))
+
+
+@pytest.mark.parametrize("dtype, ldt", [(F16, F32), (torch.bfloat16, torch.bfloat16)], ids=["fp16_fp32l", "bf16"])
+def test_ia3_input_mode_activation_folding_is_peft_exact(monkeypatch, dtype, ldt):
+    """Where M < N the cublas forward is round(x ⊙ l) then F.linear (HF PEFT's operand), and the backward (M < 2N)
+    is G = dY W, then one pass over (G, x) giving dl = Σ_m G ⊙ x (no division by l) and dX = round(G ⊙ l) in place;
+    no launch over W.  (In the interpreter the kernel's fp32 -> bf16 rounding is toward zero; see below.)"""
+    spy = _Spy(KI._ia3_scale_w_kernel)
+    monkeypatch.setattr(KI, "_ia3_scale_w_kernel", spy)
+    g = torch.Generator().manual_seed(4)
+    m, k, n = 21, 45, 40
+    assert KI.scales_activations(m, n) and KI.scales_activations(m, n, backward=True)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    l = (1 + 0.5 * torch.randn(k, generator=g)).to(ldt)
+    l[3] = 0.0
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    y, saved = KI.ia3_fwd_triton(x, w, b, l, True)
+    xs = (x.to(torch.float32) * l.to(torch.float32)).to(dtype)
+    assert torch.equal(y, torch.nn.functional.linear(xs, w, b))
+    dx, dl, db = KI.ia3_bwd_triton(dy, x, w, l, saved, True, True, True)
+    gm = torch.mm(dy, w)
+    want = gm.to(torch.float32) * l.to(torch.float32)
+    if dtype == torch.bfloat16 and KT.interpret_mode():
+        want = (want.view(torch.int32) & -65536).view(torch.float32)
+    assert torch.equal(dx, want.to(dtype)) and not spy.launches
+    ref_dl = (gm.double() * x.double()).sum(0)
+    assert rel_err(dl.double(), ref_dl) <= (1e-5 if ldt == F32 else 1e-2) and dl[3] != 0  # dl in l's dtype
+
+
+@pytest.mark.parametrize("dtype, ldt", [(F16, F32), (torch.bfloat16, torch.bfloat16)], ids=["fp16_fp32l", "bf16"])
+def test_ia3_output_mode_activation_folding_is_peft_exact(monkeypatch, dtype, ldt):
+    """Where M < K the cublas forward is F.linear then y *= l (HF PEFT's own rounding: round(z · l)), and the backward
+    (M < 2K) is one pass over (dY, y) that also writes round(dY ⊙ l), then dX = that @ W: bit for bit the operands
+    PEFT's layer rounds, with no launch over W (``scale_w`` never runs).  (Triton's CPU interpreter rounds fp32 ->
+    bf16 toward zero, where a GPU rounds to nearest even: there the bf16 reference operand is truncated too.)"""
+    spy = _Spy(KI._ia3_scale_w_kernel)
+    monkeypatch.setattr(KI, "_ia3_scale_w_kernel", spy)
+    dl_spy = _Spy(KI._ia3_dl_out_kernel)
+    monkeypatch.setattr(KI, "_ia3_dl_out_kernel", dl_spy)
+    g = torch.Generator().manual_seed(3)
+    m, k, n = 21, 40, 45
+    assert KI.scales_activations(m, k) and KI.scales_activations(m, k, backward=True)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    l = (1 + 0.5 * torch.randn(n, generator=g)).to(ldt)
+    dy = torch.randn(m, n, generator=g).to(dtype)
+    y, saved = KI.ia3_fwd_triton(x, w, b, l, False)
+    z = torch.nn.functional.linear(x, w, b)
+    assert torch.equal(y, (z.to(torch.float32) * l.to(torch.float32)).to(dtype))
+    dx, dl, db = KI.ia3_bwd_triton(dy, x, w, l, saved, False, True, True, y=y, bias=b)
+    dys = dy.to(torch.float32) * l.to(torch.float32)
+    if dtype == torch.bfloat16 and KT.interpret_mode():
+        dys = (dys.view(torch.int32) & -65536).view(torch.float32)  # toward zero: exact in bf16
+    assert torch.equal(dx, torch.mm(dys.to(dtype), w))
+    assert not spy.launches
+    (grid, kw), = dl_spy.launches
+    assert kw["WRITE_DYS"]
+    ref_dl = (dy.double() * z.double()).sum(0)
+    assert rel_err(dl.double(), ref_dl) <= 1e-2 and rel_err(db.double(), (dy.double() * l.double()).sum(0)) <= 1e-2
