@@ -565,13 +565,19 @@ def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Op
 
 def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Tensor], S: torch.Tensor,
              adt: torch.dtype, dropout_p: float, seed: int, tgt: Optional[LaunchTarget],
-             dse_sum: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+             want_sum: bool = False
+             ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One pass over x (M·K reads; the mask regenerated): dA = dSᵀ drop(x) with dS = (Σ_p dse_part[p]) ⊙ e.
-    Returns dA's partials (splits, r, K) fp32 and, with e, dE's (splits, r) fp32 (dE = Σ_m dSe ⊙ S) or None.
-    `dse_sum`: a contiguous (M, r) fp32 buffer that receives Σ_p dse_part[p] (for the dX expand), or None."""
+    Returns dA's partials (splits, r, K) fp32; with e, dE's (splits, r) fp32 (dE = Σ_m dSe ⊙ S), else None; with
+    `want_sum`, Σ_p dse_part[p] as a contiguous (M, r) fp32 tensor (for the dX expand: stored by this pass when
+    there are several partials, dse_part[0] itself when one), else None."""
     m, k = x.shape
     parts, r = dse_part.shape[0], dse_part.shape[2]
     dev = x.device
+    dse_sum = None
+    if want_sum:
+        dse_sum = dse_part.select(0, 0) if parts == 1 else torch.empty((m, r), device=dev, dtype=torch.float32)
+    store_sum = want_sum and parts > 1
     bm, bk, warps = da_blocks(tgt, dropout_p > 0.0)
     m_blocks, k_blocks = cdiv(m, bm), cdiv(k, bk)
     msplits = split_count(k_blocks, m_blocks, target_programs(tgt))
@@ -583,19 +589,18 @@ def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Ten
     p16, drop_scale = dropout_threshold(dropout_p)
     prec = skinny_precision(adt, x.dtype)
     tc_flops, fma_flops = dot_flops(prec, 2 * m * k * r)
-    assert dse_sum is None or (dse_sum.shape == (m, r) and dse_sum.is_contiguous()), "dse_sum: contiguous (M, r)"
     if launch_ok("lora_da", x, bytes_read=m * k * x.element_size() + parts * m * r * 4 + (m * r * 4 if has_e else 0),
-                 bytes_written=msplits * r * k * 4 + (m * r * 4 if dse_sum is not None else 0),
+                 bytes_written=msplits * r * k * 4 + (m * r * 4 if store_sum else 0),
                  flops=tc_flops, fma_flops=fma_flops):
         _lora_da_kernel[(k_blocks, msplits)](
             x, dse_part, lora_E if has_e else dse_part, S, da_part, de_part if has_e else da_part,
-            dse_sum if dse_sum is not None else dse_part,
+            dse_sum if store_sum else dse_part,
             m, k, r, parts, x.stride(0), x.stride(1), S.stride(0), S.stride(1),
             mb_per, seed_arg(seed), p16, drop_scale,
             BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0, HAS_E=has_e,
-            STORE_SUM=dse_sum is not None,
+            STORE_SUM=store_sum,
             PREC=dot_prec(prec, adt), A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
-    return da_part, de_part
+    return da_part, de_part, dse_sum
 
 
 @on_input_device
@@ -633,12 +638,7 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     # and one launch sums the rest (dB, dbias, dA, dE) into their dtypes.
     dse_part, db_part, dbias_part = _dy_pass(dy, lora_B, S, lora_E, scaling, has_bias, tgt)  # dSe includes s
     # with dX, the dA pass also stores dSe summed: the dX step then reads one (M, r) buffer, not every partial
-    dse_sum = None
-    if needs_dx:
-        dse_sum = dse_part.select(0, 0) if dse_part.shape[0] == 1 else torch.empty((m, dse_part.shape[2]), device=dev,
-                                                                                   dtype=torch.float32)
-    da_part, de_part = _da_pass(x, dse_part, lora_E, S, adt, dropout_p, seed, tgt,
-                                dse_sum=dse_sum if dse_part.shape[0] > 1 else None)
+    da_part, de_part, dse_sum = _da_pass(x, dse_part, lora_E, S, adt, dropout_p, seed, tgt, want_sum=needs_dx)
     jobs = [(db_part, lora_B.dtype), (da_part, adt)]
     if has_bias:
         jobs.append((dbias_part, weight.dtype))

@@ -120,8 +120,7 @@ def lora_group_bwd_triton(x: torch.Tensor, dys: list[Optional[torch.Tensor]], we
             slots.append(("bias", i))
     a_live = lora_As[live[0]] if len(live) == 1 else torch.cat([lora_As[i] for i in live])
     # with dX, the dA pass also stores dSe summed, so the dX expand reads one buffer instead of all p partials
-    dse_sum = torch.empty((m, dse.shape[2]), device=x.device, dtype=torch.float32) if needs_dx and p > 1 else None
-    da_part, _ = _da_pass(x, dse, None, S, adt, 0.0, 0, tgt, dse_sum=dse_sum)
+    da_part, _, dse_sum = _da_pass(x, dse, None, S, adt, 0.0, 0, tgt, want_sum=needs_dx)
     jobs.insert(0, (da_part, adt))
     slots.insert(0, ("A", -1))
     outs: list = []
@@ -132,7 +131,7 @@ def lora_group_bwd_triton(x: torch.Tensor, dys: list[Optional[torch.Tensor]], we
             dx.addmm_(dys[i], weights[i])  # cuBLAS beta = 1: the members' dX summed in place
         # the dX expand is the backward's last launch: its spare rows finish the first jobs, one launch the rest
         plan = plan_partials(jobs[:_SEGMENTS], dys[first])
-        _expand(dx, dse if dse_sum is None else dse_sum.unsqueeze(0), 1.0, None, a_live, tgt, finish=plan)
+        _expand(dx, dse_sum.unsqueeze(0), 1.0, None, a_live, tgt, finish=plan)
         outs += plan.outs
         done = _SEGMENTS
     else:

@@ -10,7 +10,7 @@ import torch
 
 from fastpeft.ops.lora_group import lora_group_apply
 
-from testing_utils import GRAD_FACTOR, MATMUL_FACTOR, assert_fa_rule
+from testing_utils import GRAD_FACTOR, MATMUL_FACTOR, LaunchSpy, assert_fa_rule
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -109,18 +109,7 @@ def test_group_forward_is_one_launch_per_member(monkeypatch):
     members run one by one (fp64 reference in ``check``)."""
     launches = []
     for name in ("_lora_shrink_kernel", "_lora_shrink_expand_kernel", "_lora_expand_kernel"):
-        kernel = getattr(KL, name)
-
-        class _Spy:
-            def __init__(self, k, n):
-                self.k, self.n = k, n
-
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    launches.append((self.n, args))
-                    return self.k[grid](*args, **kwargs)
-                return launch
-        monkeypatch.setattr(KL, name, _Spy(kernel, name))
+        monkeypatch.setattr(KL, name, LaunchSpy(getattr(KL, name), launches, name))
     g = Group(33, 24, (20, 12, 12), (4, 2, 3), F32)
     check(g)
     fwd = launches[:3]

@@ -17,7 +17,7 @@ import torch
 
 import fastpeft.functional as FN
 
-from testing_utils import GRAD_FACTOR, MATMUL_FACTOR, PLAIN_MATMUL_TOL, assert_fa_rule, rel_err  # noqa: F401
+from testing_utils import GRAD_FACTOR, LaunchSpy, MATMUL_FACTOR, PLAIN_MATMUL_TOL, assert_fa_rule, rel_err  # noqa: F401
 
 pytest.importorskip("triton")
 from fastpeft.kernels import _target as KT  # noqa: E402
@@ -221,31 +221,18 @@ def test_ia3_launchers_report_kernels_and_skip_fake_tensors():
             assert rec[2].bytes_written == n * k * 2 + n * 2 and rec[2].bytes_read >= n * k * 2 + n * 4, rec[2]
 
 
-class _Spy:
-    """Wraps a jitted kernel: records (grid, keyword args) of every launch, then launches it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append((tuple(grid), kwargs))
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 @pytest.mark.parametrize("ldt", [F32, F16], ids=["fp32l", "fp16l"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
 def test_ia3_output_mode_w_scaling_finishes_dl_and_dbias(monkeypatch, ldt, with_bias):
     """Output mode: the backward's W scaling sums dl's and dbias's split partials in spare rows of its grid.  With
     the production block-count structure forced at a small size (several M splits, so several partials; several
     finishing tiles), dl and dbias still meet the accuracy rule, and the finishing rows really ran."""
-    spy = _Spy(KI._ia3_scale_w_kernel)
+    spy = LaunchSpy(KI._ia3_scale_w_kernel)
     monkeypatch.setattr(KI, "_ia3_scale_w_kernel", spy)
     with KT.forced_launch_shape(blocks=(16, 16, 4), programs=1024):
         # N = 2100 columns: 3 finishing tiles of 1024 for dl alone; M = 70: 5 M blocks, each its own split
         check_fa_rule(Case((70,), 24, 2100, False, F16, ldt=ldt, with_bias=with_bias))
-    finishing = [(grid, kw) for grid, kw in spy.launches if kw["FINISH"]]
+    finishing = [(grid, kw) for grid, kw, _ in spy.launches if kw["FINISH"]]
     assert finishing, "no W scaling ran finishing rows"
     for grid, kw in finishing:
         n_blocks = -(-2100 // 16)
@@ -268,7 +255,7 @@ def test_ia3_input_mode_activation_folding_is_peft_exact(monkeypatch, dtype, ldt
     """Where M < N the cublas forward is round(x ⊙ l) then F.linear (HF PEFT's operand), and the backward (M < 2N)
     is G = dY W, then one pass over (G, x) giving dl = Σ_m G ⊙ x (no division by l) and dX = round(G ⊙ l) in place;
     no launch over W.  (In the interpreter the kernel's fp32 -> bf16 rounding is toward zero; see below.)"""
-    spy = _Spy(KI._ia3_scale_w_kernel)
+    spy = LaunchSpy(KI._ia3_scale_w_kernel)
     monkeypatch.setattr(KI, "_ia3_scale_w_kernel", spy)
     g = torch.Generator().manual_seed(4)
     m, k, n = 21, 45, 40
@@ -298,9 +285,9 @@ def test_ia3_output_mode_activation_folding_is_peft_exact(monkeypatch, dtype, ld
     (M < 2K) is one pass over (dY, y) that also writes round(dY ⊙ l), then dX = that @ W: bit for bit the operands
     PEFT's layer rounds, with no launch over W (``scale_w`` never runs).  (Triton's CPU interpreter rounds fp32 ->
     bf16 toward zero, where a GPU rounds to nearest even: there the bf16 reference operand is truncated too.)"""
-    spy = _Spy(KI._ia3_scale_w_kernel)
+    spy = LaunchSpy(KI._ia3_scale_w_kernel)
     monkeypatch.setattr(KI, "_ia3_scale_w_kernel", spy)
-    dl_spy = _Spy(KI._ia3_dl_out_kernel)
+    dl_spy = LaunchSpy(KI._ia3_dl_out_kernel)
     monkeypatch.setattr(KI, "_ia3_dl_out_kernel", dl_spy)
     g = torch.Generator().manual_seed(3)
     m, k, n = 21, 40, 45
@@ -319,7 +306,7 @@ def test_ia3_output_mode_activation_folding_is_peft_exact(monkeypatch, dtype, ld
         dys = (dys.view(torch.int32) & -65536).view(torch.float32)  # toward zero: exact in bf16
     assert torch.equal(dx, torch.mm(dys.to(dtype), w))
     assert not spy.launches
-    (grid, kw), = dl_spy.launches
+    (grid, kw, _), = dl_spy.launches
     assert kw["WRITE_DYS"]
     ref_dl = (dy.double() * z.double()).sum(0)
     assert rel_err(dl.double(), ref_dl) <= 1e-2 and rel_err(db.double(), (dy.double() * l.double()).sum(0)) <= 1e-2

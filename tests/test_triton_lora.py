@@ -21,8 +21,8 @@ import torch
 import fastpeft.functional as FN
 from fastpeft.ops.dropout import dropout_keep_mask, dropout_scale
 
-from testing_utils import (GRAD_FACTOR, KEEP_FRACTION_SIGMAS, MATMUL_FACTOR, TRITON_DROPOUT_FD_RTOL, assert_fa_rule,
-                         TRITON_TRAINING_LOSS_RTOL, TRITON_VS_TORCH_FP32_RTOL, rel_err)
+from testing_utils import (GRAD_FACTOR, KEEP_FRACTION_SIGMAS, MATMUL_FACTOR, TRITON_DROPOUT_FD_RTOL, LaunchSpy,
+                           assert_fa_rule, TRITON_TRAINING_LOSS_RTOL, TRITON_VS_TORCH_FP32_RTOL, rel_err)
 
 pytest.importorskip("triton")
 from fastpeft.kernels import _configs as KCF  # noqa: E402
@@ -454,26 +454,13 @@ def test_prune_gemm_configs_fits_shared_memory(monkeypatch, smem, dtype, m, expe
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class _GridSpy:
-    """Wraps a jitted kernel: records (grid, keyword args, positional args) of every launch, then launches it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append((tuple(grid), kwargs, args))
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 def test_multi_block_paths_of_production_shapes(monkeypatch):
     """At M = 8192, N = 4096 on an H200 the one-pass dY kernel gives each program 6 M blocks x 3 N blocks (its dSe
     partial rows are accumulated across N blocks through global memory), the dA kernel splits its reduction over M
     with several blocks per split, and the forward's single launch walks several N blocks per program (N split where
     rows are too few).  Small blocks and a small program target give the same structure here (M = 96: 6 M blocks;
     N = 144: 9 N blocks), and the results still match the fp64 reference."""
-    spies = {name: _GridSpy(getattr(KL, name)) for name in ("_lora_shrink_kernel", "_lora_dy_kernel",
+    spies = {name: LaunchSpy(getattr(KL, name)) for name in ("_lora_shrink_kernel", "_lora_dy_kernel",
                                                             "_lora_da_kernel", "_lora_expand_kernel",
                                                             "_lora_shrink_expand_kernel")}
     for name, spy in spies.items():
@@ -524,7 +511,7 @@ def test_dx_expand_finishes_the_reductions_in_spare_rows(monkeypatch):
     programs past dX's own: here more finishing tiles (dB is 300 x 4 = 1200 elements, two tiles) than dX has
     column blocks (K = 20: two), so several spare rows, one tile past the end (a no-op), and every gradient
     still matches the fp64 reference."""
-    spy = _GridSpy(KL._lora_expand_kernel)
+    spy = LaunchSpy(KL._lora_expand_kernel)
     monkeypatch.setattr(KL, "_lora_expand_kernel", spy)
     with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
         check_fa_rule(Case((200,), 20, 300, 4, F32, p=0.1, with_e=True))
@@ -536,7 +523,7 @@ def test_dx_expand_finishes_the_reductions_in_spare_rows(monkeypatch):
 
 def test_single_program_reductions(monkeypatch):
     """The other extreme: one program per reduction (every M and N block of dY in one program)."""
-    spy = _GridSpy(KL._lora_dy_kernel)
+    spy = LaunchSpy(KL._lora_dy_kernel)
     monkeypatch.setattr(KL, "_lora_dy_kernel", spy)
     with KT.forced_launch_shape(blocks=(16, 16, 4), programs=1):
         check_fa_rule(Case((50,), 40, 70, 3, F16, p=0.2))
@@ -687,7 +674,7 @@ def test_bf16_base_fp32_adapters_take_the_split_products(monkeypatch):
     block-count structure; output and every gradient within the accuracy rule, dropout and AdaLoRA included."""
     from fastpeft.kernels import _tl
 
-    spies = {name: _GridSpy(getattr(KL, name)) for name in ("_lora_shrink_expand_kernel", "_lora_dy_kernel",
+    spies = {name: LaunchSpy(getattr(KL, name)) for name in ("_lora_shrink_expand_kernel", "_lora_dy_kernel",
                                                             "_lora_da_kernel")}
     for name, spy in spies.items():
         monkeypatch.setattr(KL, name, spy)

@@ -128,6 +128,23 @@ def close_small(a, b, dtype=torch.float32, what=""):
     torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what} ({dtype}): {m}")
 
 
+class LaunchSpy:
+    """Wraps a jitted Triton kernel (monkeypatched over the module attribute its launcher calls): records
+    (grid, keyword args, positional args) of every launch in ``launches`` - and ``(name, args)`` in the shared list
+    `log`, when given, to see the order across kernels - then launches it."""
+
+    def __init__(self, kernel, log: list | None = None, name: str = ""):
+        self.kernel, self.launches, self.log, self.name = kernel, [], log, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((tuple(grid), kwargs, args))
+            if self.log is not None:
+                self.log.append((self.name, args))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
 def randomize_module(m):
     """Make a drop-in module's adapter non-trivial by drawing its zero / one-initialised factor: AdaLoRA's E, else
     LoRA's B (normal), IA3's l (uniform in [0.5, 1.5]).  Returns the module."""
