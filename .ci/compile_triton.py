@@ -120,10 +120,8 @@ def _jsonable(d: dict) -> dict:
 
 
 def _flags(meta: dict) -> str:
-    """The feature switches a kernel was compiled with, as one string."""
-    return " ".join(f for f in ("HAS_PRO", "HAS_LORA", "HAS_RS", "HAS_DROPOUT", "HAS_BIAS", "WRITE_Z", "HAS_DL",
-                                "HAS_COL", "HAS_E", "HAS_Z", "HAS_L", "HAS_DB", "USE_TMA")
-                    if meta.get(f) in (True, "True"))
+    """The feature switches a kernel was compiled with (its upper-case constexprs that are True), as one string."""
+    return " ".join(f for f, v in meta.items() if f.isupper() and v in (True, "True"))
 
 
 def _resources(cubin: bytes) -> dict:
@@ -153,7 +151,9 @@ def _resources(cubin: bytes) -> dict:
 
 def _scenarios(quick: bool, target, dtypes: list | None = None):
     """(name, callable) pairs.  M = 512 selects the large-tile configurations, M = 8 the decode ones; K = N = 512
-    (16-byte aligned rows: TMA-eligible) and, outside quick mode, K = 520 / N = 392 (not multiples of 64) too."""
+    (16-byte aligned rows: TMA-eligible) and, outside quick mode, K = 520 / N = 392 (not multiples of 64) too.
+    LoRA also at M = 4224 and 8448, where the forward's single launch takes 32- and 64-row blocks
+    (``shrink_expand_blocks``: rows enough for every SM), as at M = 8192 on an H200."""
     from fastpeft.kernels.dora import dora_grads_triton, dora_prep_triton, dora_rowscale_triton
     from fastpeft.kernels.ia3 import ia3_bwd_triton, ia3_fwd_triton
     from fastpeft.kernels.lora import lora_bwd_triton, lora_fwd_triton
@@ -199,6 +199,12 @@ def _scenarios(quick: bool, target, dtypes: list | None = None):
                                       kk, target=target)
 
                 tag = f"{str(dt).replace('torch.', '')} M={m} K={k} N={n}"
+                if m == ms[0]:
+                    for big in (4224, 8448):  # the single-launch forward's 32- and 64-row blocks
+                        btag = tag.replace(f"M={m}", f"M={big}")
+                        out.append((f"lora dropout=0.1 bias {btag}", lambda f=lora, big=big: f(m=big, variant="cublas")))
+                        out.append((f"lora fp32 adapters {btag}",
+                                    lambda f=lora, big=big: f(m=big, adt=torch.float32, p=0.0, variant="cublas")))
                 out.append((f"lora dropout=0.1 bias {tag}", lora))
                 out.append((f"lora dropout=0 {tag}", lambda f=lora: f(bias=False, p=0.0)))
                 out.append((f"adalora (E) {tag}", lambda f=lora: f(e=True, bias=False, p=0.0, r=12)))
