@@ -386,7 +386,8 @@ def ia3_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
                 # the product in the wider dtype, rounded once into x's; PEFT's x.to(l.dtype) where l is narrower
                 t = x if torch.promote_types(x.dtype, ia3_l.dtype) == ia3_l.dtype else x.to(ia3_l.dtype)
                 xs = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-                torch.mul(t, ia3_l, out=xs)
+                with torch.no_grad():  # a launcher returns plain tensors (and out= refuses autograd inputs)
+                    torch.mul(t, ia3_l, out=xs)
                 return F.linear(xs, weight, bias), x.new_empty(0)
             return F.linear(x, scale_weight(weight, ia3_l, False, tgt), bias), x.new_empty(0)
         if scales_activations(m, k):

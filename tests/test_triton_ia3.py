@@ -310,3 +310,15 @@ def test_ia3_output_mode_activation_folding_is_peft_exact(monkeypatch, dtype, ld
     assert kw["WRITE_DYS"]
     ref_dl = (dy.double() * z.double()).sum(0)
     assert rel_err(dl.double(), ref_dl) <= 1e-2 and rel_err(db.double(), (dy.double() * l.double()).sum(0)) <= 1e-2
+
+
+def test_ia3_activation_folding_launchers_outside_autograd_function():
+    """The launchers are called below autograd (the op's Function, the custom op); called directly in grad mode on
+    inputs that require grad (the compile check, a user's own Function) the activation folding still runs."""
+    x = torch.randn(5, 12, requires_grad=True)
+    w = torch.randn(8, 12)
+    for ff, n_l in ((True, 12), (False, 8)):
+        l = torch.randn(n_l, requires_grad=True)
+        y, _ = KI.ia3_fwd_triton(x, w, None, l, ff)
+        want = torch.nn.functional.linear(x * l, w) if ff else torch.nn.functional.linear(x, w) * l
+        assert y.shape == (5, 8) and rel_err(y.detach(), want.detach()) <= 1e-6
