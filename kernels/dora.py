@@ -1,11 +1,11 @@
 """Triton pieces of DoRA's linear layer (``fastpeft/ops/dora.py``): the row norm, the row scale of W and the
 magnitude's column sums.
 
-  ``dora_prep_triton``      the per-row scale k = m / ‖W + s·B·A‖ (and k ⊙ B) in three launches: the LoRA shrink
-                            kernel over W (W Aᵀ, W read once in its own dtype), G = A Aᵀ (r x r, cuBLAS), and
-                            ``_dora_prep_kernel``, which forms n² = ‖W‖² + 2s·⟨W, BA⟩ + s²·‖BA‖² per row and
-                            recomputes directly, inside the kernel, every row where that sum cancels (no host sync,
-                            no cap on how many rows).
+  ``dora_prep_triton``      the per-row scale k = m / ‖W + s·B·A‖ (and k ⊙ B) in one launch,
+                            ``_dora_prep_kernel``: per block of rows one pass over W in its own dtype giving W Aᵀ
+                            (and G = A Aᵀ from the A tiles it loads anyway), then n² = ‖W‖² + 2s·⟨W, BA⟩ + s²·‖BA‖²
+                            per row, recomputed directly, inside the kernel, for every row where that sum cancels
+                            (no host sync, no cap on how many rows).
   ``dora_rowscale_triton``  k ⊙ W: IA3's row-scale kernel (DoRA's k is an output-feature scale like IA3's l).
   ``dora_grads_triton``     dm = Σ_m dY ⊙ u / kn (IA3's column-sum kernel, one pass over dY and u) and dB = kk ⊙ dB_k,
                             finished in one small kernel.
@@ -22,28 +22,35 @@ import torch
 import triton
 import triton.language as tl
 
-from ._target import cdiv, LaunchTarget, launch_ok, launch_target, on_input_device
-from ._tl import dot_prec, mma, pad_rank, skinny_precision
+from ._target import cdiv, LaunchTarget, launch_ok, launch_target, on_input_device, skinny_blocks
+from ._tl import adapter_operand, dot_flops, dot_prec, mma, pad_rank, skinny_precision
 from .ia3 import colsum, scale_weight
-from .lora import shrink
 
 __all__ = ["dora_prep_triton", "dora_rowscale_triton", "dora_grads_triton"]
 
-# Rows per program of the prep kernel: its common case reads BLOCK_N x r of the W Aᵀ partials and of B; a cancelling
-# row costs a loop over K (W's row and A in BLOCK_K chunks).  Not timed.
+# Rows per program of the grads kernel (BLOCK_N x r of dB_k and B).  Not timed.
 PREP_BLOCK_N = 16
-PREP_BLOCK_K = 64
+
+
+def prep_blocks(tgt: Optional[LaunchTarget]) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of ``_dora_prep_kernel``: a block of W's rows streamed over all of K (the
+    skinny kernels' x tile turned on its side: half the rows, the same 128-column tiles, 8 KiB per bf16 load), so
+    N / 32 programs - 128 at N = 4096, 448 at N = 14336 on an H200's 132 SMs.  Chosen by that arithmetic and the
+    compile check (registers, no spills), not timed.  The interpreter keeps the skinny kernels' small blocks."""
+    bm, bk, warps = skinny_blocks(tgt)
+    return max(16, bm // 2), bk, warps
 
 
 @triton.jit
-def _dora_prep_kernel(cpart_ptr, b_ptr, g_ptr, wsq_ptr, w_ptr, a_ptr, m_ptr, kk_ptr, kn_ptr, bk_ptr,
-                      N, K, R, SPLITS, scaling, limit, tiny,
-                      stride_bn, stride_br, stride_wn, stride_wk, stride_ar, stride_ak,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr):
-    """Per output row i (grid: N blocks):
-         C_i = Σ_splits cpart[split, i, :]  (= W_i Aᵀ),  G = A Aᵀ (fp32)
+def _dora_prep_kernel(w_ptr, a_ptr, b_ptr, wsq_ptr, m_ptr, kk_ptr, kn_ptr, bk_ptr,
+                      N, K, R, scaling, limit, tiny,
+                      stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr,
+                      PREC_C: tl.constexpr):
+    """Per output row i (grid: N blocks), from one pass over the block's rows of W (its own dtype; A fp32):
+         C_i = W_i Aᵀ (PREC_C: the LoRA shrink's product of that pair),  G = A Aᵀ (fp32, from the same A tiles)
          n_i = sqrt(‖W_i‖² + 2s·⟨B_i, C_i⟩ + s²·⟨B_i G, B_i⟩), or ‖W_i + s·B_i A‖ directly where those terms'
-               magnitudes exceed limit·n² (or n² <= 0, NaN): a loop over K for those rows only
+               magnitudes exceed limit·n² (or n² <= 0, NaN): a second loop over K for those rows only
          kk_i = m_i / n_i, ±tiny where |m_i / n_i| < tiny;  kn_i = kk_i · n_i;  Bk_i = round(kk_i · B_i)."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,13 +60,19 @@ def _dora_prep_kernel(cpart_ptr, b_ptr, g_ptr, wsq_ptr, w_ptr, a_ptr, m_ptr, kk_
     rn64 = offs_n.to(tl.int64)
     mask_nr = mask_n[:, None] & mask_r[None, :]
     c = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
-    cptrs = cpart_ptr + rn64[:, None] * R + offs_r[None, :]
-    for _ in range(0, SPLITS):
-        c += tl.load(cptrs, mask=mask_nr, other=0.0)
-        cptrs += N * R  # the next split's (N, r) block (pointer arithmetic: 64-bit)
+    g = tl.zeros((R_PAD, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        rk64 = offs_k.to(tl.int64)
+        w = tl.load(w_ptr + rn64[:, None] * stride_wn + rk64[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + rk64[:, None] * stride_ak,
+                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)
+        c = mma(adapter_operand(w, tl.float32, PREC_C), at, c, PREC_C)
+        g = mma(tl.trans(at), at, g, PREC)
     braw = tl.load(b_ptr + rn64[:, None] * stride_bn + offs_r[None, :] * stride_br, mask=mask_nr, other=0.0)
     b = braw.to(tl.float32)
-    g = tl.load(g_ptr + offs_r[:, None] * R + offs_r[None, :], mask=mask_r[:, None] & mask_r[None, :], other=0.0)
     bg = mma(b, g, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), PREC)
     ba_sq = tl.sum(bg * b, axis=1)
     cr = tl.sum(b * c, axis=1)
@@ -95,8 +108,8 @@ def _dora_prep_kernel(cpart_ptr, b_ptr, g_ptr, wsq_ptr, w_ptr, a_ptr, m_ptr, kk_
 def dora_prep_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
                      scaling: float, w_sq: torch.Tensor, limit: float, tiny: float,
                      target: Optional[LaunchTarget] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kk, kn, B_k) of ``fastpeft.ops.dora.dora_prep_ref`` in three launches: the LoRA shrink over W (W Aᵀ
-    partials, W read once in its own dtype, no fp32 copy), G = A Aᵀ (r x r), and ``_dora_prep_kernel``.
+    """(kk, kn, B_k) of ``fastpeft.ops.dora.dora_prep_ref`` in one launch (``_dora_prep_kernel``: W read once in its
+    own dtype, no fp32 copy; W Aᵀ and A Aᵀ formed as it streams).
     weight: (N, K), any strides.  lora_A: (r, K), lora_B: (N, r), magnitude: (N,).  w_sq: ‖W‖² (N,) fp32 (the
     layer's cache).  target: the launch target (None: W's device).
     Returns kk (N,) fp32, kn (N,) fp32, B_k (N, r) in B's dtype."""
@@ -106,22 +119,25 @@ def dora_prep_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
     with torch.no_grad():
         tgt = launch_target(dev, target)
         a32 = lora_A.detach().float()
-        cpart = shrink(weight, a32, 0.0, 0, tgt, partials=True)  # (splits, N, r) fp32
-        gram = (a32 @ a32.t()).contiguous()
         b = lora_B.detach()
         kk = torch.empty(n, device=dev, dtype=torch.float32)
         kn = torch.empty(n, device=dev, dtype=torch.float32)
         b_k = torch.empty((n, r), device=dev, dtype=b.dtype)
-        splits = cpart.shape[0]
-        if n and launch_ok("dora_prep", weight, bytes_read=splits * n * r * 4 + n * r * b.element_size() + r * r * 4
-                           + 2 * n * 4, bytes_written=2 * n * 4 + n * r * b.element_size(),
-                           flops=2 * n * r * r + 6 * n * r):
-            _dora_prep_kernel[(cdiv(n, PREP_BLOCK_N),)](
-                cpart, b, gram, w_sq, weight, a32, magnitude.detach(), kk, kn, b_k, n, k, r, splits,
-                float(scaling), float(limit), float(tiny), b.stride(0), b.stride(1),
-                weight.stride(0), weight.stride(1), a32.stride(0), a32.stride(1),
-                BLOCK_N=PREP_BLOCK_N, BLOCK_K=PREP_BLOCK_K, R_PAD=pad_rank(r),
-                PREC=dot_prec(skinny_precision(torch.float32), torch.float32))
+        bn, bk, warps = prep_blocks(tgt)
+        prec_c = skinny_precision(torch.float32, weight.dtype)
+        prec = skinny_precision(torch.float32)
+        tc_c, fma_c = dot_flops(prec_c, 2 * n * k * r)
+        tc_g, fma_g = dot_flops(prec, 2 * cdiv(n, bn) * k * r * r)  # each program forms G from its A tiles
+        if n and launch_ok("dora_prep", weight, bytes_read=n * k * weight.element_size() + r * k * 4
+                           + n * r * b.element_size() + 2 * n * 4,
+                           bytes_written=2 * n * 4 + n * r * b.element_size(),
+                           flops=tc_c + tc_g + 2 * n * r * r + 6 * n * r, fma_flops=fma_c + fma_g):
+            _dora_prep_kernel[(cdiv(n, bn),)](
+                weight, a32, b, w_sq, magnitude.detach(), kk, kn, b_k, n, k, r,
+                float(scaling), float(limit), float(tiny), weight.stride(0), weight.stride(1),
+                a32.stride(0), a32.stride(1), b.stride(0), b.stride(1),
+                BLOCK_N=bn, BLOCK_K=bk, R_PAD=pad_rank(r), PREC=dot_prec(prec, torch.float32),
+                PREC_C=dot_prec(prec_c, torch.float32), num_warps=warps)
         return kk, kn, b_k
 
 

@@ -100,9 +100,9 @@ def test_dora_op_zero_magnitude_column():
 
 
 def test_dora_op_kernels_per_direction():
-    """The pass budget, with fake tensors at a Llama-8B q_proj shape: forward = the prep (one shrink over W, A Aᵀ,
-    one per-row kernel), one pass over W (k ⊙ W), the LoRA op's kernels; backward = W rebuilt, the LoRA backward's
-    kernels, one column reduction (dY and u) and one small kernel finishing dm and dB."""
+    """The pass budget, with fake tensors at a Llama-8B q_proj shape: forward = the prep (one launch: one pass over W
+    for W Aᵀ and A Aᵀ, then the per-row norm), one pass over W (k ⊙ W), the LoRA op's kernels; backward = W rebuilt,
+    the LoRA backward's kernels, one column reduction (dY and u) and one small kernel finishing dm and dB."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastpeft import _cost
@@ -117,16 +117,16 @@ def test_dora_op_kernels_per_direction():
         n_fwd = len(rec)
         y.backward(torch.empty_like(y))
     names = [c.name for c in rec]
-    assert names[:n_fwd] == ["lora_shrink", "dora_prep", "ia3_scale_w", "lora_shrink_expand"], names
-    assert rec[0].bytes_read == n * k * 2 + r * k * 4  # W once, in bf16
+    assert names[:n_fwd] == ["dora_prep", "ia3_scale_w", "lora_shrink_expand"], names
+    assert n * k * 2 + r * k * 4 <= rec[0].bytes_read <= n * k * 2 + r * k * 4 + n * (r * 4 + 8)  # W once, in bf16
     assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum", "dora_grads"], names
     colsum = rec[-2]
     assert colsum.bytes_read == 2 * m * n * 2  # dY and u, once each
 
 
 def test_dora_linear_kernels_include_one_pass_over_w_for_the_norm():
-    """The whole layer on triton: the row norm is one shrink over W in its own dtype (W Aᵀ; no fp32 copy of W) and
-    one prep kernel (n, k = m / n, k ⊙ B), then the op's kernels; ‖W‖² comes from the caller's cache."""
+    """The whole layer on triton: the row norm is one prep launch streaming W in its own dtype (W Aᵀ, A Aᵀ; no fp32
+    copy of W) and giving n, k = m / n and k ⊙ B, then the op's kernels; ‖W‖² comes from the caller's cache."""
     from fastpeft import _cost
     case = Case(21, 40, 24, 4)
     x = case.x.to(torch.bfloat16).requires_grad_(True)
@@ -138,8 +138,9 @@ def test_dora_linear_kernels_include_one_pass_over_w_for_the_norm():
         n_fwd = len(rec)
         y.backward(torch.ones_like(y))
     names = [c.name for c in rec]
-    assert names[:n_fwd] == ["lora_shrink", "dora_prep", "ia3_scale_w", "lora_shrink_expand"], names
-    assert rec[0].bytes_read == w.numel() * 2 + a.numel() * 4  # W once, in bf16
+    assert names[:n_fwd] == ["dora_prep", "ia3_scale_w", "lora_shrink_expand"], names
+    n, r = w.shape[0], a.shape[0]
+    assert w.numel() * 2 + a.numel() * 4 <= rec[0].bytes_read <= w.numel() * 2 + a.numel() * 4 + n * (r * 4 + 8)
     assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum", "dora_grads"], names
 
 
@@ -229,18 +230,17 @@ def test_dora_layer_bf16_on_triton_within_peft_error(monkeypatch):
         assert err_f <= factor * err_p, (key, err_f, err_p)
 
 
-@pytest.mark.parametrize("programs", [None, 64], ids=["one_split", "K_splits"])
+@pytest.mark.parametrize("blocks", [None, (32, 64, 4)], ids=["tiles16", "tiles16x64"])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 30.0])
 @pytest.mark.parametrize("w_t", [False, True], ids=["W", "Wt_view"])
-def test_dora_prep_triton_vs_fp64_with_many_cancelling_rows(scale, w_t, programs):
-    """The Triton prep (``kernels/dora.py``): its row norm n = kn / kk within 2x the direct fp32 norm's error
-    (PEFT's) against fp64, with 40 cancelling rows (more than the torch path's sync-free
+def test_dora_prep_triton_vs_fp64_with_many_cancelling_rows(scale, w_t, blocks):
+    """The Triton prep (``kernels/dora.py``, one launch): its row norm n = kn / kk within 2x the direct fp32 norm's
+    error (PEFT's) against fp64, with 40 cancelling rows (more than the torch path's sync-free
     DORA_SYNC_FREE_FALLBACK_ROWS): the kernel recomputes every one of them, in whichever program they fall; a bf16 W
-    with the same bound against its own direct norm; kk = m / n and B_k = kk ⊙ B to fp32 rounding.  `K_splits`
-    gives the W Aᵀ shrink several K splits (as at H200 shapes), summed inside the prep kernel."""
+    with the same bound against its own direct norm; kk = m / n and B_k = kk ⊙ B to fp32 rounding.  Each program
+    streams its rows of W over several K tiles (13 of 16 columns; 4 of 64, the last ragged) forming W Aᵀ and A Aᵀ."""
     from fastpeft.kernels._target import forced_launch_shape
-    from fastpeft.kernels.dora import dora_prep_triton
-    from fastpeft.kernels.lora import shrink
+    from fastpeft.kernels.dora import dora_prep_triton, prep_blocks
     g = torch.Generator().manual_seed(0)
     out, inn, r, s = 150, 200, 3, 2.0
     W = torch.randn(out, inn, generator=g, dtype=F64) * 0.05
@@ -255,11 +255,11 @@ def test_dora_prep_triton_vs_fp64_with_many_cancelling_rows(scale, w_t, programs
         ref = torch.linalg.norm(Wd.double() + s * (B @ A), dim=1)
         direct = torch.linalg.norm(Wd.float() + s * (B.float() @ A.float()), dim=1).double()
         w_in = Wd.t().contiguous().t() if w_t else Wd
-        with forced_launch_shape(programs=programs):
-            splits = shrink(w_in, A.float(), 0.0, 0, None, partials=True).shape[0]
+        with forced_launch_shape(blocks=blocks):
+            bn, bk, _ = prep_blocks(None)
             kk, kn, b_k = dora_prep_triton(w_in, A.float(), B.float(), m.float(), s, Wd.float().square().sum(1),
                                            D.DORA_CANCELLATION_LIMIT, D.tiny_scale(wdt))
-        assert (splits > 1) == (programs is not None), splits
+        assert bn == 16 and bk == (16 if blocks is None else 64) and -(-inn // bk) > 1, (bn, bk)
         assert kk.dtype == kn.dtype == torch.float32 and b_k.dtype == torch.float32 and b_k.shape == (out, r)
         ours = kn.double() / kk.double()
         err_direct = ((direct - ref).abs() / ref).max().item()
@@ -268,3 +268,13 @@ def test_dora_prep_triton_vs_fp64_with_many_cancelling_rows(scale, w_t, programs
         k_ref = m / ref
         assert ((kk.double() - k_ref).abs() / k_ref).max() <= 2 * max(err_direct, eps) + 2 * eps
         assert torch.equal(b_k, (B.float() * kk[:, None]))
+
+
+def test_dora_prep_blocks():
+    """The prep's tiles (``kernels.dora.prep_blocks``): on an H200 32 rows x 128 columns of W per load, so N / 32
+    programs (128 at N = 4096); the interpreter keeps small tiles so tests cross several K tiles."""
+    from fastpeft.kernels._target import LaunchTarget
+    from fastpeft.kernels.dora import prep_blocks
+    h200 = LaunchTarget(num_sms=132, smem_per_block=227 * 1024, capability_major=9)
+    assert prep_blocks(h200) == (32, 128, 4)
+    assert prep_blocks(None) == (16, 16, 4)
