@@ -197,6 +197,11 @@ def _scenarios(quick: bool, target, dtypes: list | None = None):
                     dora_rowscale_triton(w, kk, target=target)
                     dora_grads_triton(torch.randn(m, n, dtype=dt), torch.randn(m, n, dtype=dt), kn, torch.randn(n, r),
                                       kk, target=target)
+                    # the LoRA backward as DoRA runs it: its pass over dY also sums dY ⊙ u (HAS_U)
+                    x, a = torch.randn(m, k, dtype=dt), torch.randn(r, k)
+                    y, s = lora_fwd_triton(x, w, None, a, None, torch.randn(n, r), 2.0, 0.0, 0, target=target)
+                    lora_bwd_triton(torch.randn_like(y), x, w, a, None, torch.randn(n, r), s, 2.0, 0.0, 0, True, False,
+                                    target=target, dy_u=torch.randn_like(y))
 
                 tag = f"{str(dt).replace('torch.', '')} M={m} K={k} N={n}"
                 if m == ms[0]:

@@ -7,8 +7,9 @@ magnitude's column sums.
                             per row, recomputed directly, inside the kernel, for every row where that sum cancels
                             (no host sync, no cap on how many rows).
   ``dora_rowscale_triton``  k ⊙ W: IA3's row-scale kernel (DoRA's k is an output-feature scale like IA3's l).
-  ``dora_grads_triton``     dm = Σ_m dY ⊙ u / kn (IA3's column-sum kernel, one pass over dY and u) and dB = kk ⊙ dB_k,
-                            finished in one small kernel.
+  ``dora_grads_triton``     dm = Σ_m dY ⊙ u / kn and dB = kk ⊙ dB_k, finished in one small kernel, from partial
+                            sums the LoRA backward's pass over dY formed (``dy_u``), else from IA3's column-sum
+                            kernel (one pass over dY and u).
 
 Same contracts as ``fastpeft.ops.dora.dora_prep_ref`` / ``dora_rowscale_ref`` / ``dora_grads_ref``; every launch is
 reported to ``fastpeft._cost`` when the cost model records.
@@ -174,14 +175,19 @@ def _dora_grads_kernel(dpart_ptr, kn_ptr, kk_ptr, dbk_ptr, dm_ptr, db_ptr, N, R,
 
 @on_input_device
 def dora_grads_triton(dy: torch.Tensor, u: torch.Tensor, kn: torch.Tensor, dB_k: torch.Tensor, kk: torch.Tensor,
-                      target: Optional[LaunchTarget] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dm, dB) of ``fastpeft.ops.dora.dora_grads_ref`` in two launches: IA3's column-sum kernel over (dY, u) (one
-    pass over each, partial sums per M split) and ``_dora_grads_kernel`` (sums them, divides by kn, scales dB_k).
-    dy, u: (M, N).  kn, kk: (N,) fp32.  dB_k: (N, r).  Returns dm (N,) fp32 and dB (N, r) in dB_k's dtype."""
+                      target: Optional[LaunchTarget] = None, dm_part: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dm, dB) of ``fastpeft.ops.dora.dora_grads_ref``: IA3's column-sum kernel over (dY, u) (one pass over each,
+    partial sums per M split) - skipped when `dm_part`, those partial sums (P, N) fp32, came from the LoRA
+    backward's own pass over dY (``lora_bwd_triton(dy_u=u)``) - and ``_dora_grads_kernel`` (sums them, divides by
+    kn, scales dB_k).  dy, u: (M, N).  kn, kk: (N,) fp32.  dB_k: (N, r).  Returns dm (N,) fp32 and dB (N, r) in
+    dB_k's dtype."""
     m, n = dy.shape
     r = dB_k.shape[1]
     dev = dy.device
-    if m == 0:
+    if dm_part is not None:
+        part = dm_part
+    elif m == 0:
         part = torch.zeros((1, n), device=dev, dtype=torch.float32)
     else:
         part, _ = colsum(dy, u, kn, False, launch_target(dev, target), partials=True)

@@ -100,17 +100,18 @@ def _lora_shrink_kernel(x_ptr, a_ptr, part_ptr, M, K, R,
 
 
 @triton.jit
-def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbias_part_ptr,
+def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbias_part_ptr, u_ptr, du_part_ptr,
                     M, N, R, scaling, dse_ld,
-                    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
+                    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr, stride_um, stride_un,
                     mb_per_split, nb_per_split,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-                    HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
+                    HAS_E: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_U: tl.constexpr, PREC: tl.constexpr):
     """One pass over dY.  Program (M chunk i, N chunk j) reads its dY block once and writes
          dse_part[j, m, r]  = s · Σ_{n in chunk j} dY[m, n] B[n, r]           (m in chunk i)
          db_part[i, n, r]   = s · Σ_{m in chunk i} dY[m, n] (S ⊙ e)[m, r]     (n in chunk j)
          dbias_part[i, n]   = Σ_{m in chunk i} dY[m, n]
-    dB and dbias accumulate in registers over the inner M loop; dSe accumulates across the outer N loop in the
+         du_part[i, n]      = Σ_{m in chunk i} dY[m, n] · u[m, n]             (HAS_U: DoRA's dm, fp32 products)
+    dB, dbias and du accumulate in registers over the inner M loop; dSe accumulates across the outer N loop in the
     program's own rows of dse_part (L2-resident; a barrier orders each pass's stores before the next pass's loads).
     Partial buffers are (chunks x M x r) and (chunks x N x r): a few MB where dY is hundreds.  dse_part's rows are
     `dse_ld` apart (r, or a sibling group's total rank: its columns of a shared buffer); a program whose N chunk is
@@ -134,6 +135,7 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
                      mask=mask_n[:, None] & mask_r[None, :], other=0.0)
         acc_b = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
         acc_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for mb in range(mb0, mb1):
             offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
             mask_m = offs_m < M
@@ -156,10 +158,16 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
             tl.store(dse_ptrs, dse, mask=mask_mr)
             if HAS_BIAS:
                 acc_bias += tl.sum(dy.to(tl.float32), axis=0)
+            if HAS_U:
+                uv = tl.load(u_ptr + rm64[:, None] * stride_um + rn64[None, :] * stride_un,
+                             mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+                acc_u += tl.sum(dy.to(tl.float32) * uv.to(tl.float32), axis=0)
         tl.store(db_part_ptr + pid_mc.to(tl.int64) * N * R + rn64[:, None] * R + offs_r[None, :], acc_b,
                  mask=mask_n[:, None] & mask_r[None, :])
         if HAS_BIAS:
             tl.store(dbias_part_ptr + pid_mc.to(tl.int64) * N + rn64, acc_bias, mask=mask_n)
+        if HAS_U:
+            tl.store(du_part_ptr + pid_mc.to(tl.int64) * N + rn64, acc_u, mask=mask_n)
         # the next N block re-reads this program's dse_part rows, possibly in other threads of the CTA
         tl.debug_barrier()
     if nb0 >= nb1:
@@ -527,12 +535,14 @@ def dy_split(m: int, n: int, tgt: Optional[LaunchTarget]) -> tuple[int, int, int
 
 
 def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Optional[torch.Tensor],
-             scaling: float, has_bias: bool, tgt: Optional[LaunchTarget], dse_out: Optional[torch.Tensor] = None
-             ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+             scaling: float, has_bias: bool, tgt: Optional[LaunchTarget], dse_out: Optional[torch.Tensor] = None,
+             u: Optional[torch.Tensor] = None
+             ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One pass over dY (M·N reads) giving, as unsummed partials (consumers sum them), dSe = s · dY B
-    (n_chunks, M, r) fp32, dB = s · dYᵀ (S ⊙ e) (m_chunks, N, r) fp32 and dbias = Σ_m dY (m_chunks, N) fp32
-    (None without bias).  `dse_out`: write dSe there instead - r columns of a contiguous (P, M, R) buffer shared by
-    a sibling group, whose P (at most this layer's N block count) sets n_chunks; returned as given."""
+    (n_chunks, M, r) fp32, dB = s · dYᵀ (S ⊙ e) (m_chunks, N, r) fp32, dbias = Σ_m dY (m_chunks, N) fp32
+    (None without bias) and, with `u` (M, N), Σ_m dY ⊙ u (m_chunks, N) fp32 (else None; u read once more).
+    `dse_out`: write dSe there instead - r columns of a contiguous (P, M, R) buffer shared by a sibling group, whose
+    P (at most this layer's N block count) sets n_chunks; returned as given."""
     m, n = dy.shape
     r = lora_B.shape[1]
     dev = dy.device
@@ -548,19 +558,23 @@ def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Op
     nb_per = cdiv(n_blocks, n_chunks)
     db_part = torch.empty((m_chunks, n, r), device=dev, dtype=torch.float32)
     dbias_part = torch.empty((m_chunks, n) if has_bias else (1,), device=dev, dtype=torch.float32)
+    du_part = torch.empty((m_chunks, n), device=dev, dtype=torch.float32) if u is not None else None
     prec = skinny_precision(adt, dy.dtype)
     tc_flops, fma_flops = dot_flops(prec, 4 * m * n * r)
+    has_u = u is not None
     if launch_ok("lora_dy", dy, bytes_read=m * n * dy.element_size() + n_chunks * m * r * (4 + 4) * (nb_per - 1)
-                 + n * r * lora_B.element_size() + m * r * 4,
-                 bytes_written=n_chunks * m * r * 4 * nb_per + m_chunks * n * (r + int(has_bias)) * 4,
-                 flops=tc_flops, fma_flops=fma_flops):
+                 + n * r * lora_B.element_size() + m * r * 4 + (m * n * u.element_size() if has_u else 0),
+                 bytes_written=n_chunks * m * r * 4 * nb_per + m_chunks * n * (r + int(has_bias) + int(has_u)) * 4,
+                 flops=tc_flops + (2 * m * n if has_u else 0), fma_flops=fma_flops):
         _lora_dy_kernel[(m_chunks, n_chunks)](
             dy, lora_B, S, lora_E if lora_E is not None else S, dse_part, db_part, dbias_part,
+            u if has_u else dy, du_part if has_u else dbias_part,
             m, n, r, float(scaling), dse_part.stride(1),
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
+            (u.stride(0) if has_u else 0), (u.stride(1) if has_u else 0),
             mb_per, nb_per, BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=lora_E is not None,
-            HAS_BIAS=has_bias, PREC=dot_prec(prec, adt), num_warps=warps)
-    return dse_part, db_part, (dbias_part if has_bias else None)
+            HAS_BIAS=has_bias, HAS_U=has_u, PREC=dot_prec(prec, adt), num_warps=warps)
+    return dse_part, db_part, (dbias_part if has_bias else None), du_part
 
 
 def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Tensor], S: torch.Tensor,
@@ -607,8 +621,7 @@ def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Ten
 def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                     lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, S: torch.Tensor, scaling: float,
                     dropout_p: float, seed: int, needs_dx: bool, has_bias: bool, variant: Optional[str] = None,
-                    target: Optional[LaunchTarget] = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    target: Optional[LaunchTarget] = None, dy_u: Optional[torch.Tensor] = None) -> tuple:
     """Triton LoRA backward; the contract of ``fastpeft.ops.lora.lora_bwd_ref``.
 
     Passes: one over dY (dSe, dB, dbias together), one over x (dA, mask regenerated); with `needs_dx` the cublas
@@ -619,8 +632,11 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         dy: (M, N).  x: (M, K) as saved.  weight, lora_A, lora_E, lora_B, scaling, dropout_p, seed: as forward.
         S: (M, r) fp32 from the forward.  needs_dx: compute dx.  has_bias: compute dbias.
         variant: ``"cublas"`` (default) or ``"fused"``.  target: the launch target (None: dy's device).
+        dy_u: (M, N) or None.  Given (DoRA's output u), the pass over dY also forms Σ_m dY ⊙ u (DoRA's dm before
+            its division) and a sixth output returns it as unsummed partials (P, N) fp32 - no pass of its own.
     Returns:
-        dx (M, K) x's dtype or empty (0,); dA (r, K); dE (r,) or empty (0,); dB (N, r); dbias (N,) or empty.
+        dx (M, K) x's dtype or empty (0,); dA (r, K); dE (r,) or empty (0,); dB (N, r); dbias (N,) or empty
+        [; the Σ_m dY ⊙ u partials (P, N) fp32, with `dy_u`].
     """
     variant = check_variant(variant)
     m, k = x.shape
@@ -630,13 +646,15 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     empty_de = dy.new_empty(0, dtype=adt)
     empty_db = dy.new_empty(0, dtype=weight.dtype)
     if m == 0:
-        return (x.new_empty((0, k)) if needs_dx else x.new_empty(0), torch.zeros_like(lora_A),
+        outs = (x.new_empty((0, k)) if needs_dx else x.new_empty(0), torch.zeros_like(lora_A),
                 torch.zeros_like(lora_E) if lora_E is not None else empty_de, torch.zeros_like(lora_B),
                 torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
+        return outs if dy_u is None else outs + (torch.zeros((1, n), device=dev, dtype=torch.float32),)
     tgt = launch_target(dev, target)
     # dSe, dB, dbias stay as the dY pass's partial sums: the dA pass and the dX expand sum dSe as they load it,
     # and one launch sums the rest (dB, dbias, dA, dE) into their dtypes.
-    dse_part, db_part, dbias_part = _dy_pass(dy, lora_B, S, lora_E, scaling, has_bias, tgt)  # dSe includes s
+    dse_part, db_part, dbias_part, du_part = _dy_pass(dy, lora_B, S, lora_E, scaling, has_bias, tgt,
+                                                      u=dy_u)  # dSe includes s
     # with dX, the dA pass also stores dSe summed: the dX step then reads one (M, r) buffer, not every partial
     da_part, de_part, dse_sum = _da_pass(x, dse_part, lora_E, S, adt, dropout_p, seed, tgt, want_sum=needs_dx)
     jobs = [(db_part, lora_B.dtype), (da_part, adt)]
@@ -666,4 +684,4 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     dB, dA = outs[0], outs[1]
     dbias = outs[2] if has_bias else empty_db
     dE = outs[-1] if lora_E is not None else empty_de
-    return dx, dA, dE, dB, dbias
+    return (dx, dA, dE, dB, dbias) if dy_u is None else (dx, dA, dE, dB, dbias, du_part)

@@ -111,8 +111,8 @@ def lora_group_bwd_triton(x: torch.Tensor, dys: list[Optional[torch.Tensor]], we
     jobs, slots = [], []
     for i, o in zip(live, live_offs):
         r = ranks[i]
-        _, db_part, dbias_part = _dy_pass(dys[i], lora_Bs[i], S.narrow(1, offs[i], r), None, scalings[i],
-                                          has_bias[i], tgt, dse_out=dse.narrow(2, o, r))
+        _, db_part, dbias_part, _ = _dy_pass(dys[i], lora_Bs[i], S.narrow(1, offs[i], r), None, scalings[i],
+                                             has_bias[i], tgt, dse_out=dse.narrow(2, o, r))
         jobs.append((db_part, lora_Bs[i].dtype))
         slots.append(("B", i))
         if has_bias[i]:

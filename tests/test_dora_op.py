@@ -102,7 +102,8 @@ def test_dora_op_zero_magnitude_column():
 def test_dora_op_kernels_per_direction():
     """The pass budget, with fake tensors at a Llama-8B q_proj shape: forward = the prep (one launch: one pass over W
     for W Aᵀ and A Aᵀ, then the per-row norm), one pass over W (k ⊙ W), the LoRA op's kernels; backward = W rebuilt,
-    the LoRA backward's kernels, one column reduction (dY and u) and one small kernel finishing dm and dB."""
+    the LoRA backward's kernels (whose pass over dY also reads u for dm's column sums) and one small kernel
+    finishing dm and dB."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from fastpeft import _cost
@@ -119,9 +120,10 @@ def test_dora_op_kernels_per_direction():
     names = [c.name for c in rec]
     assert names[:n_fwd] == ["dora_prep", "ia3_scale_w", "lora_shrink_expand"], names
     assert n * k * 2 + r * k * 4 <= rec[0].bytes_read <= n * k * 2 + r * k * 4 + n * (r * 4 + 8)  # W once, in bf16
-    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum", "dora_grads"], names
-    colsum = rec[-2]
-    assert colsum.bytes_read == 2 * m * n * 2  # dY and u, once each
+    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "dora_grads"], names
+    # dY and u read once each, in LoRA's pass over dY (dm's column sums ride along); the finishing kernel reads
+    # only (P, N) partials and (N, r) vectors
+    assert rec[n_fwd + 1].bytes_read >= 2 * m * n * 2 and rec[-1].bytes_read < m * n
 
 
 def test_dora_linear_kernels_include_one_pass_over_w_for_the_norm():
@@ -141,7 +143,7 @@ def test_dora_linear_kernels_include_one_pass_over_w_for_the_norm():
     assert names[:n_fwd] == ["dora_prep", "ia3_scale_w", "lora_shrink_expand"], names
     n, r = w.shape[0], a.shape[0]
     assert w.numel() * 2 + a.numel() * 4 <= rec[0].bytes_read <= w.numel() * 2 + a.numel() * 4 + n * (r * 4 + 8)
-    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "ia3_colsum", "dora_grads"], names
+    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "dora_grads"], names
 
 
 def test_dora_linear_validates_arguments():

@@ -468,7 +468,7 @@ def test_multi_block_paths_of_production_shapes(monkeypatch):
     with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
         check_fa_rule(Case((96,), 80, 144, 4, F32, p=0.1, with_e=True))
     (grid, kw, args), = spies["_lora_dy_kernel"].launches
-    mb_per, nb_per = args[18], args[19]
+    mb_per, nb_per = args[22], args[23]
     assert grid[0] > 1 and grid[1] > 1 and mb_per > 1 and nb_per > 1, (grid, mb_per, nb_per)
     assert not spies["_lora_shrink_kernel"].launches  # the default forward's shrink runs inside its one launch
     (grid, kw, args), = spies["_lora_shrink_expand_kernel"].launches
@@ -528,7 +528,7 @@ def test_single_program_reductions(monkeypatch):
     with KT.forced_launch_shape(blocks=(16, 16, 4), programs=1):
         check_fa_rule(Case((50,), 40, 70, 3, F16, p=0.2))
     (grid, kw, args), = spy.launches
-    assert grid == (1, 1) and args[18] == 4 and args[19] == 5
+    assert grid == (1, 1) and args[22] == 4 and args[23] == 5
 
 
 def test_launchers_report_kernels_and_skip_fake_tensors():
@@ -728,3 +728,23 @@ def test_host_grid_arithmetic_matches_triton():
         for b in (1, 3, 16, 64, 128, 256):
             assert KT.cdiv(a, b) == triton.cdiv(a, b) == -(-a // b)
     assert all(pad_rank(r) == max(16, triton.next_power_of_2(r)) for r in range(1, 600))
+
+
+def test_dy_pass_column_sums_of_dy_times_u():
+    """``lora_bwd_triton(dy_u=u)`` (DoRA's dm): the pass over dY also sums dY ⊙ u per column, as a sixth output of
+    unsummed partials (several M chunks here) equal to Σ_m dY ⊙ u in fp32; the five usual outputs are bit-equal to
+    the call without it; M = 0 gives one zero partial row."""
+    c = Case((70,), 24, 50, 4, F16, adt=F32)
+    x, w, dy = (t.to(DEV, F16) for t in (c.x, c.w, c.dy))
+    a, bb = c.a.to(DEV, F32), c.bb.to(DEV, F32)
+    u = torch.randn(70, 50, generator=torch.Generator().manual_seed(1)).to(DEV, F16)
+    with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
+        y, s = KL.lora_fwd_triton(x, w, None, a, None, bb, 0.5, 0.0, 0)
+        plain = KL.lora_bwd_triton(dy, x, w, a, None, bb, s, 0.5, 0.0, 0, True, False)
+        *five, part = KL.lora_bwd_triton(dy, x, w, a, None, bb, s, 0.5, 0.0, 0, True, False, dy_u=u)
+    assert all(torch.equal(p, q) for p, q in zip(plain, five))
+    assert part.dtype == F32 and part.shape[0] > 1 and part.shape[1] == 50
+    want = (dy.double() * u.double()).sum(0)
+    assert rel_err(part.double().sum(0), want) <= 1e-6
+    empty = KL.lora_bwd_triton(dy[:0], x[:0], w, a, None, bb, s[:0], 0.5, 0.0, 0, True, False, dy_u=u[:0])
+    assert len(empty) == 6 and torch.equal(empty[5], torch.zeros(1, 50, device=DEV))

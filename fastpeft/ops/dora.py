@@ -11,8 +11,8 @@ W_k = kk ⊙ W (one pass over W, N·K elements, not over activations); the LoRA 
 u = kk ⊙ z (z = x Wᵀ + s·S Bᵀ, S = x Aᵀ); b is added after (a column of u must be kk·z alone for the backward).
 Saved: x, S (M×r), u (M×N; the output itself without a bias), kk, kn, B_k.
 Backward: W_k rebuilt (one pass over W); the LoRA op's backward on (W_k, B_k) gives dx = dY W_k + dS A, dA, and the
-gradient of B_k; ``dora_grads`` gives dB = kk ⊙ that and dm = Σ_m dY ⊙ z / n = Σ_m dY ⊙ u / kn (one pass over dY
-and u, tiled column sums, no atomics).
+gradient of B_k; ``dora_grads`` gives dB = kk ⊙ that and dm = Σ_m dY ⊙ z / n = Σ_m dY ⊙ u / kn (tiled column
+sums, no atomics; on triton formed in the LoRA backward's own pass over dY, which then also reads u).
 
 Where |k| < ``tiny_scale(dtype)`` the op uses kk = ±tiny instead of k (the sign of k, + for 0), so that u / kk
 recovers z; the output then differs from k ⊙ z by at most tiny·|z| in those columns, dm is exact.  fp16 outputs
@@ -177,9 +177,15 @@ def dora_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: to
     dy: (M, N) contiguous; `saved` from ``dora_fwd``; the rest as ``dora_fwd`` took them."""
     u, s, kk, kn, b_k = saved
     w_k = dora_piece("dora_rowscale", backend)(weight, kk)
-    dx, dA, _, dB_k, _ = _impl("lora_bwd", backend)(dy, x, w_k, lora_A, None, b_k, s, scaling, 0.0, 0,
-                                                     needs_dx, False)
-    dm, dB = dora_piece("dora_grads", backend)(dy, u, kn, dB_k, kk)
+    if backend.partition(":")[0] == "triton":
+        # the LoRA backward's pass over dY also sums dY ⊙ u for dm: no pass over dY of its own
+        dx, dA, _, dB_k, _, dm_part = _impl("lora_bwd", backend)(dy, x, w_k, lora_A, None, b_k, s, scaling, 0.0, 0,
+                                                                 needs_dx, False, dy_u=u)
+        dm, dB = dora_piece("dora_grads", backend)(dy, u, kn, dB_k, kk, dm_part=dm_part)
+    else:
+        dx, dA, _, dB_k, _ = _impl("lora_bwd", backend)(dy, x, w_k, lora_A, None, b_k, s, scaling, 0.0, 0,
+                                                         needs_dx, False)
+        dm, dB = dora_piece("dora_grads", backend)(dy, u, kn, dB_k, kk)
     dbias = dy.sum(0).to(dy.dtype) if needs_dbias else None
     return (dx if needs_dx else None), dA, dB.to(lora_B.dtype), (dm if needs_dm else None), dbias
 
