@@ -481,13 +481,16 @@ def test_multi_block_paths_of_production_shapes(monkeypatch):
     assert args[9] == 1 and grid[1] > 1, (args[9], grid)
 
 
-def test_forward_single_launch_matches_the_two_launch_path(monkeypatch):
+@pytest.mark.parametrize("blocks", [(16, 16, 4), (32, 16, 4), (64, 32, 8)], ids=["rows16", "rows32", "rows64"])
+def test_forward_single_launch_matches_the_two_launch_path(monkeypatch, blocks):
     """The default forward's one launch (``_lora_shrink_expand_kernel``) against the shrink + expand it replaces
     (which sibling groups still run): S and y bit-equal with one K split, on every grid shape the block chooser
     gives (one row block with N split across programs - decode; many row blocks, no split; a ragged last row
-    block), with dropout, e, a bias, fp32 adapters on fp16 activations and non-contiguous x / B."""
+    block), with dropout, e, a bias, fp32 adapters on fp16 activations and non-contiguous x / B; with the 16-, 32-
+    and 64-row blocks a GPU takes (M < 16·SMs, M = 8192, M > 8448 on an H200)."""
     torch.manual_seed(0)
-    for m, k, n, r, programs in ((1, 40, 100, 1, 8), (16, 72, 48, 4, 1), (37, 24, 130, 3, 4), (0, 8, 8, 2, 4)):
+    for m, k, n, r, programs in ((1, 40, 100, 1, 8), (16, 72, 48, 4, 1), (37, 24, 130, 3, 4), (0, 8, 8, 2, 4),
+                                 (70, 40, 20, 2, 2)):
         x = torch.randn(k, m, dtype=F16).t()  # non-contiguous
         w = (torch.randn(n, k) / k ** 0.5).to(F16)
         a = torch.randn(r, k) / k ** 0.5
@@ -495,9 +498,9 @@ def test_forward_single_launch_matches_the_two_launch_path(monkeypatch):
         e = torch.randn(r)
         bias = torch.randn(n, dtype=F16)
         for p, lora_e in ((0.0, None), (0.25, e)):
-            with KT.forced_launch_shape(blocks=(16, 16, 4), programs=programs):
+            with KT.forced_launch_shape(blocks=blocks, programs=programs):
                 y1, s1 = KL.lora_fwd_triton(x, w, bias, a, lora_e, bb, 0.7, p, 11)
-            with KT.forced_launch_shape(blocks=(16, 16, 4), programs=1):  # one K split
+            with KT.forced_launch_shape(blocks=blocks, programs=1):  # one K split
                 y2 = torch.nn.functional.linear(x, w, bias)
                 s_part = KL.shrink(x, a, p, 11, None, partials=True)
                 assert s_part.shape[0] == 1
