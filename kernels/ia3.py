@@ -365,8 +365,8 @@ def ia3_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
     Passes (cublas variant): one over W (scale rows / columns by l), one cuBLAS GEMM (``F.linear``); where the
     activations are smaller than W (``scales_activations``) l scales them instead: output mode the GEMM, then
-    y *= l in place; input mode x ⊙ l into a temporary, then the GEMM.  Fused variant: one Triton GEMM with l in its prologue (input mode) or epilogue (output mode, also
-    writing z).
+    y *= l in place; input mode x ⊙ l into a temporary, then the GEMM.  Fused variant: one Triton GEMM with l in
+    its prologue (input mode) or epilogue (output mode, also writing z).
 
     Args:
         x: (M, K) fp16/bf16/fp32, any strides.  weight: (N, K), any strides.  bias: (N,) or None.
