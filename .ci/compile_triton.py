@@ -192,8 +192,9 @@ def _scenarios(quick: bool, target, dtypes: list | None = None):
                     # DoRA's own pieces (its LoRA part is the lora scenario's): fp32 adapters, PEFT's default
                     w = torch.randn(n, k, dtype=dt)
                     mag = torch.rand(n) + 0.5
-                    kk, kn, _ = dora_prep_triton(w, torch.randn(r, k), torch.randn(n, r), mag, 2.0,
-                                                 w.float().square().sum(1), 4.0, 2.0 ** -64, target=target)
+                    kk, kn, _, _ = dora_prep_triton(w, torch.randn(r, k), torch.randn(n, r), mag, 2.0,
+                                                    w.float().square().sum(1), 4.0, 2.0 ** -64, target=target,
+                                                    want_wk=True)  # as the forward runs it
                     dora_rowscale_triton(w, kk, target=target)
                     dora_grads_triton(torch.randn(m, n, dtype=dt), torch.randn(m, n, dtype=dt), kn, torch.randn(n, r),
                                       kk, target=target)

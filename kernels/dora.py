@@ -43,16 +43,18 @@ def prep_blocks(tgt: Optional[LaunchTarget]) -> tuple[int, int, int]:
 
 
 @triton.jit
-def _dora_prep_kernel(w_ptr, a_ptr, b_ptr, wsq_ptr, m_ptr, kk_ptr, kn_ptr, bk_ptr,
+def _dora_prep_kernel(w_ptr, a_ptr, b_ptr, wsq_ptr, m_ptr, kk_ptr, kn_ptr, bk_ptr, wk_ptr,
                       N, K, R, scaling, limit, tiny,
                       stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, PREC: tl.constexpr,
-                      PREC_C: tl.constexpr):
+                      PREC_C: tl.constexpr, WRITE_WK: tl.constexpr):
     """Per output row i (grid: N blocks), from one pass over the block's rows of W (its own dtype; A fp32):
          C_i = W_i Aᵀ (PREC_C: the LoRA shrink's product of that pair),  G = A Aᵀ (fp32, from the same A tiles)
          n_i = sqrt(‖W_i‖² + 2s·⟨B_i, C_i⟩ + s²·⟨B_i G, B_i⟩), or ‖W_i + s·B_i A‖ directly where those terms'
                magnitudes exceed limit·n² (or n² <= 0, NaN): a second loop over K for those rows only
-         kk_i = m_i / n_i, ±tiny where |m_i / n_i| < tiny;  kn_i = kk_i · n_i;  Bk_i = round(kk_i · B_i)."""
+         kk_i = m_i / n_i, ±tiny where |m_i / n_i| < tiny;  kn_i = kk_i · n_i;  Bk_i = round(kk_i · B_i)
+         Wk_i = round(kk_i · W_i)   (WRITE_WK: the forward's k ⊙ W, (N, K) row-major in W's dtype; the block's
+                                     rows of W read again right after the first pass, mostly from L2)"""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
@@ -103,17 +105,27 @@ def _dora_prep_kernel(w_ptr, a_ptr, b_ptr, wsq_ptr, m_ptr, kk_ptr, kn_ptr, bk_pt
     tl.store(kk_ptr + offs_n, kk, mask=mask_n)
     tl.store(kn_ptr + offs_n, kk * n, mask=mask_n)
     tl.store(bk_ptr + rn64[:, None] * R + offs_r[None, :], (b * kk[:, None]).to(braw.dtype), mask=mask_nr)
+    if WRITE_WK:  # as ``_ia3_scale_w_kernel`` with ROWS: one fp32 product rounded once
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            rk64 = offs_k.to(tl.int64)
+            mask = mask_n[:, None] & mask_k[None, :]
+            w = tl.load(w_ptr + rn64[:, None] * stride_wn + rk64[None, :] * stride_wk, mask=mask, other=0.0)
+            tl.store(wk_ptr + rn64[:, None] * K + rk64[None, :],
+                     (w.to(tl.float32) * kk[:, None]).to(wk_ptr.dtype.element_ty), mask=mask)
 
 
 @on_input_device
 def dora_prep_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, magnitude: torch.Tensor,
                      scaling: float, w_sq: torch.Tensor, limit: float, tiny: float,
-                     target: Optional[LaunchTarget] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     target: Optional[LaunchTarget] = None, want_wk: bool = False) -> tuple:
     """(kk, kn, B_k) of ``fastpeft.ops.dora.dora_prep_ref`` in one launch (``_dora_prep_kernel``: W read once in its
     own dtype, no fp32 copy; W Aᵀ and A Aᵀ formed as it streams).
     weight: (N, K), any strides.  lora_A: (r, K), lora_B: (N, r), magnitude: (N,).  w_sq: ‖W‖² (N,) fp32 (the
-    layer's cache).  target: the launch target (None: W's device).
-    Returns kk (N,) fp32, kn (N,) fp32, B_k (N, r) in B's dtype."""
+    layer's cache).  target: the launch target (None: W's device).  want_wk: also return W_k = kk ⊙ W, written by
+    the same launch (what ``dora_rowscale_triton(weight, kk)`` gives, bit for bit).
+    Returns kk (N,) fp32, kn (N,) fp32, B_k (N, r) in B's dtype [, W_k (N, K) row-major in W's dtype]."""
     n, k = weight.shape
     r = lora_A.shape[0]
     dev = weight.device
@@ -124,22 +136,25 @@ def dora_prep_triton(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.T
         kk = torch.empty(n, device=dev, dtype=torch.float32)
         kn = torch.empty(n, device=dev, dtype=torch.float32)
         b_k = torch.empty((n, r), device=dev, dtype=b.dtype)
+        w_k = torch.empty((n, k), device=dev, dtype=weight.dtype) if want_wk else None
         bn, bk, warps = prep_blocks(tgt)
         prec_c = skinny_precision(torch.float32, weight.dtype)
         prec = skinny_precision(torch.float32)
         tc_c, fma_c = dot_flops(prec_c, 2 * n * k * r)
         tc_g, fma_g = dot_flops(prec, 2 * cdiv(n, bn) * k * r * r)  # each program forms G from its A tiles
-        if n and launch_ok("dora_prep", weight, bytes_read=n * k * weight.element_size() + r * k * 4
-                           + n * r * b.element_size() + 2 * n * 4,
-                           bytes_written=2 * n * 4 + n * r * b.element_size(),
-                           flops=tc_c + tc_g + 2 * n * r * r + 6 * n * r, fma_flops=fma_c + fma_g):
+        es = weight.element_size()
+        if n and launch_ok("dora_prep", weight,
+                           bytes_read=n * k * es * (2 if want_wk else 1) + r * k * 4 + n * r * b.element_size() + 2 * n * 4,
+                           bytes_written=2 * n * 4 + n * r * b.element_size() + (n * k * es if want_wk else 0),
+                           flops=tc_c + tc_g + 2 * n * r * r + 6 * n * r + (n * k if want_wk else 0),
+                           fma_flops=fma_c + fma_g):
             _dora_prep_kernel[(cdiv(n, bn),)](
-                weight, a32, b, w_sq, magnitude.detach(), kk, kn, b_k, n, k, r,
+                weight, a32, b, w_sq, magnitude.detach(), kk, kn, b_k, w_k if want_wk else b_k, n, k, r,
                 float(scaling), float(limit), float(tiny), weight.stride(0), weight.stride(1),
                 a32.stride(0), a32.stride(1), b.stride(0), b.stride(1),
                 BLOCK_N=bn, BLOCK_K=bk, R_PAD=pad_rank(r), PREC=dot_prec(prec, torch.float32),
-                PREC_C=dot_prec(prec_c, torch.float32), num_warps=warps)
-        return kk, kn, b_k
+                PREC_C=dot_prec(prec_c, torch.float32), WRITE_WK=want_wk, num_warps=warps)
+        return (kk, kn, b_k, w_k) if want_wk else (kk, kn, b_k)
 
 
 @on_input_device

@@ -101,7 +101,7 @@ def test_dora_op_zero_magnitude_column():
 
 def test_dora_op_kernels_per_direction():
     """The pass budget, with fake tensors at a Llama-8B q_proj shape: forward = the prep (one launch: one pass over W
-    for W Aᵀ and A Aᵀ, then the per-row norm), one pass over W (k ⊙ W), the LoRA op's kernels; backward = W rebuilt,
+    for W Aᵀ and A Aᵀ, then the per-row norm and k ⊙ W written), the LoRA op's kernels; backward = W rebuilt,
     the LoRA backward's kernels (whose pass over dY also reads u for dm's column sums) and one small kernel
     finishing dm and dB."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -118,8 +118,10 @@ def test_dora_op_kernels_per_direction():
         n_fwd = len(rec)
         y.backward(torch.empty_like(y))
     names = [c.name for c in rec]
-    assert names[:n_fwd] == ["dora_prep", "ia3_scale_w", "lora_shrink_expand"], names
-    assert n * k * 2 + r * k * 4 <= rec[0].bytes_read <= n * k * 2 + r * k * 4 + n * (r * 4 + 8)  # W once, in bf16
+    assert names[:n_fwd] == ["dora_prep", "lora_shrink_expand"], names
+    # W read (twice: the second right after the first, for k ⊙ W) and k ⊙ W written, in bf16
+    assert 2 * n * k * 2 + r * k * 4 <= rec[0].bytes_read <= 2 * n * k * 2 + r * k * 4 + n * (r * 4 + 8)
+    assert n * k * 2 <= rec[0].bytes_written <= n * k * 2 + n * (r * 4 + 8)
     assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "dora_grads"], names
     # dY and u read once each, in LoRA's pass over dY (dm's column sums ride along); the finishing kernel reads
     # only (P, N) partials and (N, r) vectors
@@ -128,7 +130,8 @@ def test_dora_op_kernels_per_direction():
 
 def test_dora_linear_kernels_include_one_pass_over_w_for_the_norm():
     """The whole layer on triton: the row norm is one prep launch streaming W in its own dtype (W Aᵀ, A Aᵀ; no fp32
-    copy of W) and giving n, k = m / n and k ⊙ B, then the op's kernels; ‖W‖² comes from the caller's cache."""
+    copy of W) and giving n, k = m / n, k ⊙ B and k ⊙ W, then the op's kernels; ‖W‖² comes from the caller's
+    cache."""
     from fastpeft import _cost
     case = Case(21, 40, 24, 4)
     x = case.x.to(torch.bfloat16).requires_grad_(True)
@@ -140,9 +143,9 @@ def test_dora_linear_kernels_include_one_pass_over_w_for_the_norm():
         n_fwd = len(rec)
         y.backward(torch.ones_like(y))
     names = [c.name for c in rec]
-    assert names[:n_fwd] == ["dora_prep", "ia3_scale_w", "lora_shrink_expand"], names
+    assert names[:n_fwd] == ["dora_prep", "lora_shrink_expand"], names
     n, r = w.shape[0], a.shape[0]
-    assert w.numel() * 2 + a.numel() * 4 <= rec[0].bytes_read <= w.numel() * 2 + a.numel() * 4 + n * (r * 4 + 8)
+    assert 2 * w.numel() * 2 + a.numel() * 4 <= rec[0].bytes_read <= 2 * w.numel() * 2 + a.numel() * 4 + n * (r * 4 + 8)
     assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "dora_grads"], names
 
 
@@ -280,3 +283,22 @@ def test_dora_prep_blocks():
     h200 = LaunchTarget(num_sms=132, smem_per_block=227 * 1024, capability_major=9)
     assert prep_blocks(h200) == (32, 128, 4)
     assert prep_blocks(None) == (16, 16, 4)
+
+
+@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16, torch.float16])
+def test_dora_prep_writes_the_row_scaled_weight(wdt):
+    """``dora_prep_triton(want_wk=True)``: the prep's launch also writes k ⊙ W, bit for bit what the row-scale piece
+    (``dora_rowscale_triton``) gives from the same kk, for a transposed-view W too; kk, kn, B_k unchanged."""
+    from fastpeft.kernels._target import forced_launch_shape
+    from fastpeft.kernels.dora import dora_prep_triton, dora_rowscale_triton
+    g = torch.Generator().manual_seed(5)
+    n, k, r = 37, 70, 3
+    w = (torch.randn(k, n, generator=g) * 0.1).to(wdt).t()
+    a, b = torch.randn(r, k, generator=g) * 0.1, torch.randn(n, r, generator=g) * 0.1
+    m = torch.rand(n, generator=g) + 0.5
+    args = (w, a, b, m, 2.0, w.float().square().sum(1), D.DORA_CANCELLATION_LIMIT, D.tiny_scale(wdt))
+    with forced_launch_shape(blocks=(32, 16, 4)):
+        plain = dora_prep_triton(*args)
+        kk, kn, b_k, w_k = dora_prep_triton(*args, want_wk=True)
+    assert all(torch.equal(p, q) for p, q in zip(plain, (kk, kn, b_k)))
+    assert w_k.dtype == wdt and w_k.is_contiguous() and torch.equal(w_k, dora_rowscale_triton(w, kk))

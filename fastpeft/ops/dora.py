@@ -164,9 +164,15 @@ def dora_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     if w_sq is None:
         w_sq = weight_row_sq(weight, torch.promote_types(torch.promote_types(weight.dtype, lora_A.dtype),
                                                          torch.float32))
-    kk, kn, b_k = dora_piece("dora_prep", backend)(weight, lora_A, lora_B, magnitude, scaling, w_sq,
-                                                   DORA_CANCELLATION_LIMIT, tiny_scale(x.dtype))
-    w_k = dora_piece("dora_rowscale", backend)(weight, kk)
+    prep = dora_piece("dora_prep", backend)
+    if backend.partition(":")[0] == "triton":
+        # the prep's launch also writes k ⊙ W (its rows of W were just read): no launch of its own
+        kk, kn, b_k, w_k = prep(weight, lora_A, lora_B, magnitude, scaling, w_sq, DORA_CANCELLATION_LIMIT,
+                                tiny_scale(x.dtype), want_wk=True)
+    else:
+        kk, kn, b_k = prep(weight, lora_A, lora_B, magnitude, scaling, w_sq, DORA_CANCELLATION_LIMIT,
+                           tiny_scale(x.dtype))
+        w_k = dora_piece("dora_rowscale", backend)(weight, kk)
     u, s = _impl("lora_fwd", backend)(x, w_k, None, lora_A, None, b_k, scaling, 0.0, 0)
     return (u if bias is None else u + bias), (u, s, kk, kn, b_k)
 
