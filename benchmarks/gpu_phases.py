@@ -13,11 +13,15 @@ Phases (in the order gpu_check.sh runs them, most decisive first):
                gradients) the torch backend's own bf16 error.
   ratios       layer fwd+bwd time of the default path (backend auto) and the fused path (triton:fused) against the
                frozen layer and HF PEFT's layer, side by side, M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA, DoRA;
+               IA3 also with the other folding of l (``fold-flipped``: W where the default scales the activations,
+               and back - kernels/ia3.py ``scales_activations`` decides by bytes; this row checks that by time);
                the faster fastpeft backend per shape bucket goes to OUT/dispatch_table.json (fastpeft._dispatch's
                format);
                DoRA (fastpeft's dora_linear, row norm included, vs HF PEFT's DoRA layer) last in each bucket.
   decode       the LoRA forward (no grad, p=0) at M=1/16, eager and replayed as a CUDA graph, against the frozen
-               layer and HF PEFT's: the decode target (<= 1.3x under a graph) and that the paths are capturable.
+               layer and HF PEFT's: the decode target (<= 1.3x under a graph) and that the paths are capturable;
+               also ``two-launch``, the forward before git d4444e4 (split-K shrink, F.linear, expand), against the
+               default's single launch, whose per-program K loop is serial latency at decode (not in the model).
   profile      a torch.profiler kernel table of one fwd+bwd per path (q_proj, M=8192, LoRA p=0 and p=0.1).
   e2e          end-to-end training step time and peak memory (benchmarks/bench_e2e.py), one provider at a time.
 """
@@ -248,8 +252,48 @@ def _step_fn(provider: str, method: str, layer: str, t: dict) -> Callable[[], No
         return lambda: mod(x).backward(gy)
     tt = {k: (v.detach().clone().requires_grad_(k not in ("w", "gy", "x", "wsq"))) for k, v in t.items()}
     tt["x"] = x
+    if provider == "fold-flipped":
+        return _fold_flipped(lambda: _call(method, layer, tt, "triton", seed=None).backward(gy))
     backend = None if provider == "default" else FUSED
     return lambda: _call(method, layer, tt, backend, seed=None).backward(gy)
+
+
+def _fold_flipped(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` run with IA3's folding of l flipped (``kernels.ia3.scales_activations`` negated: W where the default
+    folds into the activations, and the other way round)."""
+    from fastpeft.kernels import ia3 as KI
+    orig = KI.scales_activations
+
+    def run():
+        KI.scales_activations = lambda m, other, backward=False: not orig(m, other, backward)
+        try:
+            fn()
+        finally:
+            KI.scales_activations = orig
+    return run
+
+
+def _two_launch_fwd(t: dict) -> Callable[[], torch.Tensor]:
+    """The LoRA forward (p = 0, no grad) as the default ran it before git d4444e4: a split-K shrink, the frozen
+    layer's F.linear, and an expand that sums the shrink's partials (``kernels.lora.shrink`` / ``_expand``)."""
+    from fastpeft.kernels import lora as KL
+    x, w, a, b = t["x"].detach(), t["w"], t["a"].detach(), t["b"].detach()
+    tgt = KL.launch_target(x.device, None)
+
+    def fn():
+        s_part = KL.shrink(x, a, 0.0, 0, tgt, partials=True)
+        y = F.linear(x, w)
+        KL._expand(y, s_part, ALPHA / RANK, None, b.t(), tgt)
+        return y
+    return fn
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _record_dispatch(out: Path, op: str, layer: str, m: int, times: dict, backends: dict) -> None:
@@ -288,8 +332,10 @@ def phase_ratios(out: Path, deadline: float) -> None:
                 t = _inputs(layer, m, method)
                 op = "ia3" if method == "ia3" else "lora"
                 times, backends = {}, {}
-                for provider in ("base", "peft", "default", "fused"):
-                    backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": FUSED}.get(provider)
+                extra = ("fold-flipped",) if method == "ia3" and _has_triton() else ()
+                for provider in ("base", "peft", "default", "fused") + extra:
+                    backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": FUSED,
+                               "fold-flipped": "triton, IA3's folding of l flipped"}.get(provider)
                     if provider == "default":
                         backend = select_backend(op, t["x"], None)
                     backends[provider] = backend
@@ -437,10 +483,11 @@ def phase_decode(out: Path, deadline: float) -> None:
             t = _inputs(layer, m, "lora")
             x, w = t["x"].detach(), t["w"]
             base = {}
-            for provider in ("base", "default", "fused", "peft"):
+            for provider in ("base", "default", "fused", "peft") + (("two-launch",) if _has_triton() else ()):
                 if time.time() > deadline:
                     return
-                backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": FUSED}.get(provider)
+                backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": FUSED,
+                           "two-launch": "triton, shrink + F.linear + expand (before git d4444e4)"}.get(provider)
                 if provider == "default":
                     backend = select_backend("lora", x, None)
                 if provider == "base":
@@ -448,6 +495,8 @@ def phase_decode(out: Path, deadline: float) -> None:
                 elif provider == "peft":
                     mod = _peft_module("lora", layer)
                     fn = (lambda mod=mod: mod(x))
+                elif provider == "two-launch":
+                    fn = _two_launch_fwd(t)
                 else:
                     tt = {kk: v.detach() for kk, v in t.items()}
                     fn = (lambda tt=tt, b=(None if provider == "default" else FUSED): _call("lora", layer, tt, b))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -88,7 +89,8 @@ def test_phase_helpers_run_on_cpu_at_tiny_shapes(monkeypatch):
             res = G._grads(method, layer, {k: v.float() for k, v in t.items()}, "torch")
             assert set(res) == set(ref) and {"y", "dx"} <= set(res)
             assert all(G.rel_err(res[k], ref[k]) < 1e-5 for k in ref)
-            for provider in ("base", "default", "peft") + (("fused",) if _has_triton() else ()):
+            extra = ("fused",) + (("fold-flipped",) if method == "ia3" else ()) if _has_triton() else ()
+            for provider in ("base", "default", "peft") + extra:
                 t32 = {k: v.float() for k, v in t.items()}
                 if provider == "peft":
                     monkeypatch.setattr(G, "_peft_module", lambda m, lay: _cpu_peft(G, m, lay))
@@ -149,8 +151,9 @@ def test_measured_dispatch_entry_is_written_atomically(tmp_path):
 
 
 def test_decode_phase_cases_run_on_cpu_at_tiny_shapes(tmp_path, monkeypatch):
-    """The decode phase's per-case code (frozen, default, fused and HF PEFT forwards; rows with both ratios) on CPU
-    tensors at tiny shapes, with the timers replaced by one call each."""
+    """The decode phase's per-case code (frozen, default, fused and HF PEFT forwards, and the two-launch forward the
+    default replaced; rows with both ratios) on CPU tensors at tiny shapes, with the timers replaced by one call
+    each; the two-launch forward gives the default's output."""
     pytest.importorskip("peft")
     import csv
 
@@ -168,7 +171,11 @@ def test_decode_phase_cases_run_on_cpu_at_tiny_shapes(tmp_path, monkeypatch):
         monkeypatch.setattr(G, "FUSED", "torch")
     G.phase_decode(tmp_path, deadline=float("inf"))
     rows = list(csv.DictReader(open(tmp_path / "decode.csv")))
-    assert [(r["M"], r["provider"]) for r in rows] == [(m, p) for m in ("16", "1")
-                                                       for p in ("base", "default", "fused", "peft")]
+    providers = ("base", "default", "fused", "peft") + (("two-launch",) if _has_triton() else ())
+    assert [(r["M"], r["provider"]) for r in rows] == [(m, p) for m in ("16", "1") for p in providers]
     assert all(r["note"] == "" and float(r["x_base_graph"]) == 1.0 for r in rows), rows
     assert all(c.shape[-1] == 24 for c in calls)  # every provider's forward ran and gave (M, N)
+    if _has_triton():
+        t = {k: v.float() for k, v in inputs("q_proj", 5, "lora", dev="cpu").items()}
+        want = G._call("lora", "q_proj", t, "triton")
+        assert torch.allclose(G._two_launch_fwd(t)(), want, rtol=1e-5, atol=1e-5)
