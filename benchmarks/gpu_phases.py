@@ -289,11 +289,8 @@ def _two_launch_fwd(t: dict) -> Callable[[], torch.Tensor]:
 
 
 def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    from fastpeft._backend import triton_available
+    return triton_available()
 
 
 def _record_dispatch(out: Path, op: str, layer: str, m: int, times: dict, backends: dict) -> None:

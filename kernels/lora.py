@@ -62,26 +62,17 @@ __all__ = ["lora_fwd_triton", "lora_bwd_triton"]
 # ---------------------------------------------------------------------------------------------------------------
 
 
-# The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
-@triton.jit(do_not_specialize=["seed"])
-def _lora_shrink_kernel(x_ptr, a_ptr, part_ptr, M, K, R,
-                        stride_xm, stride_xk, stride_ar, stride_ak,
-                        kb_per_split, seed, p16, drop_scale,
-                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-                        HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    """part[split, m, r] = Σ_{k in split} drop(x)[m, k] A[r, k]; grid (M blocks, K splits)."""
+@triton.jit
+def _shrink_rows(x_ptr, a_ptr, offs_m, offs_r, mask_m, mask_r, kb0, kb1, K, stride_xm, stride_xk, stride_ar,
+                 stride_ak, seed, p16, drop_scale,
+                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Σ_{k in K blocks kb0..kb1} drop(x)[m, k] A[r, k] for the rows offs_m: (BLOCK_M, R_PAD) fp32.  The shrink's K
+    loop, shared by ``_lora_shrink_kernel`` (one K split) and ``_lora_shrink_expand_kernel`` (all of K)."""
     tl.static_assert(BLOCK_K % 8 == 0, "BLOCK_K must be a multiple of the dropout mask's Philox group (8)")
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r = tl.arange(0, R_PAD)
-    mask_m = offs_m < M
-    mask_r = offs_r < R
     rm64 = offs_m.to(tl.int64)
     a_dtype = a_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    kb0 = pid_s * kb_per_split
-    kb1 = tl.minimum(kb0 + kb_per_split, tl.cdiv(K, BLOCK_K))
     for kb in range(kb0, kb1):
         offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -95,6 +86,28 @@ def _lora_shrink_kernel(x_ptr, a_ptr, part_ptr, M, K, R,
         at = tl.load(a_ptr + offs_r[None, :] * stride_ar + rk64[:, None] * stride_ak,
                      mask=mask_r[None, :] & mask_k[:, None], other=0.0)
         acc = mma(adapter_operand(x, a_dtype, PREC), at, acc, PREC)
+    return acc
+
+
+# The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
+@triton.jit(do_not_specialize=["seed"])
+def _lora_shrink_kernel(x_ptr, a_ptr, part_ptr, M, K, R,
+                        stride_xm, stride_xk, stride_ar, stride_ak,
+                        kb_per_split, seed, p16, drop_scale,
+                        BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+                        HAS_DROPOUT: tl.constexpr, PREC: tl.constexpr):
+    """part[split, m, r] = Σ_{k in split} drop(x)[m, k] A[r, k]; grid (M blocks, K splits)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    rm64 = offs_m.to(tl.int64)
+    kb0 = pid_s * kb_per_split
+    kb1 = tl.minimum(kb0 + kb_per_split, tl.cdiv(K, BLOCK_K))
+    acc = _shrink_rows(x_ptr, a_ptr, offs_m, offs_r, mask_m, mask_r, kb0, kb1, K, stride_xm, stride_xk,
+                       stride_ar, stride_ak, seed, p16, drop_scale, BLOCK_M, BLOCK_K, R_PAD, HAS_DROPOUT, PREC)
     out = part_ptr + pid_s.to(tl.int64) * M * R + rm64[:, None] * R + offs_r[None, :]
     tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
 
@@ -323,7 +336,6 @@ def _lora_shrink_expand_kernel(x_ptr, a_ptr, e_ptr, r_ptr, y_ptr, s_ptr, M, N, K
     R_EXP < R: a sibling group's first member, whose S columns lead the group's stacked A (R rows).  Each sum runs
     in the order of the two-launch path with one K split (``_lora_shrink_kernel`` then ``_expand_tile``): the same
     S, and the same y from it."""
-    tl.static_assert(BLOCK_K % 8 == 0, "BLOCK_K must be a multiple of the dropout mask's Philox group (8)")
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -331,20 +343,9 @@ def _lora_shrink_expand_kernel(x_ptr, a_ptr, e_ptr, r_ptr, y_ptr, s_ptr, M, N, K
     mask_m = offs_m < M
     mask_r = offs_r < R
     rm64 = offs_m.to(tl.int64)
-    a_dtype = a_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        rk64 = offs_k.to(tl.int64)
-        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rk64[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, offs_m, kb * BLOCK_K, p16, BLOCK_K)
-            x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
-        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + rk64[:, None] * stride_ak,
-                     mask=mask_r[None, :] & mask_k[:, None], other=0.0)
-        acc = mma(adapter_operand(x, a_dtype, PREC_S), at, acc, PREC_S)
+    acc = _shrink_rows(x_ptr, a_ptr, offs_m, offs_r, mask_m, mask_r, 0, tl.cdiv(K, BLOCK_K), K, stride_xm,
+                       stride_xk, stride_ar, stride_ak, seed, p16, drop_scale, BLOCK_M, BLOCK_K, R_PAD, HAS_DROPOUT,
+                       PREC_S)
     mask_mr = mask_m[:, None] & mask_r[None, :]
     if pid_n == 0:
         tl.store(s_ptr + rm64[:, None] * R + offs_r[None, :], acc, mask=mask_mr)

@@ -250,6 +250,25 @@ def test_ia3_both_foldings_match_fp64_reference(monkeypatch, name, activations):
     check_fa_rule(Case(**CASES[name]))
 
 
+def _folding_inputs(m, k, n, n_l, dtype, ldt, seed):
+    """x (M, K), W (N, K), b (N,), dY (M, N) in `dtype`; l (n_l,) near 1 in `ldt`."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    l = (1 + 0.5 * torch.randn(n_l, generator=g)).to(ldt)
+    return x, w, b, l, torch.randn(m, n, generator=g).to(dtype)
+
+
+def _kernel_rounded(t: torch.Tensor, l: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """round(t ⊙ l) into `dtype` as a Triton kernel rounds it: to nearest even on a GPU; toward zero for bf16 in
+    the CPU interpreter (its fp32 -> bf16 cast truncates)."""
+    prod = t.to(torch.float32) * l.to(torch.float32)
+    if dtype == torch.bfloat16 and KT.interpret_mode():
+        prod = (prod.view(torch.int32) & -65536).view(torch.float32)  # toward zero: exact in bf16
+    return prod.to(dtype)
+
+
 @pytest.mark.parametrize("dtype, ldt", [(F16, F32), (torch.bfloat16, torch.bfloat16)], ids=["fp16_fp32l", "bf16"])
 def test_ia3_input_mode_activation_folding_is_peft_exact(monkeypatch, dtype, ldt):
     """Where M < N the cublas forward is round(x ⊙ l) then F.linear (HF PEFT's operand), and the backward (M < 2N)
@@ -257,24 +276,16 @@ def test_ia3_input_mode_activation_folding_is_peft_exact(monkeypatch, dtype, ldt
     no launch over W.  (In the interpreter the kernel's fp32 -> bf16 rounding is toward zero; see below.)"""
     spy = LaunchSpy(KI._ia3_scale_w_kernel)
     monkeypatch.setattr(KI, "_ia3_scale_w_kernel", spy)
-    g = torch.Generator().manual_seed(4)
     m, k, n = 21, 45, 40
     assert KI.scales_activations(m, n) and KI.scales_activations(m, n, backward=True)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype)
-    l = (1 + 0.5 * torch.randn(k, generator=g)).to(ldt)
+    x, w, b, l, dy = _folding_inputs(m, k, n, k, dtype, ldt, seed=4)
     l[3] = 0.0
-    dy = torch.randn(m, n, generator=g).to(dtype)
     y, saved = KI.ia3_fwd_triton(x, w, b, l, True)
     xs = (x.to(torch.float32) * l.to(torch.float32)).to(dtype)
     assert torch.equal(y, torch.nn.functional.linear(xs, w, b))
     dx, dl, db = KI.ia3_bwd_triton(dy, x, w, l, saved, True, True, True)
     gm = torch.mm(dy, w)
-    want = gm.to(torch.float32) * l.to(torch.float32)
-    if dtype == torch.bfloat16 and KT.interpret_mode():
-        want = (want.view(torch.int32) & -65536).view(torch.float32)
-    assert torch.equal(dx, want.to(dtype)) and not spy.launches
+    assert torch.equal(dx, _kernel_rounded(gm, l, dtype)) and not spy.launches
     ref_dl = (gm.double() * x.double()).sum(0)
     assert rel_err(dl.double(), ref_dl) <= (1e-5 if ldt == F32 else 1e-2) and dl[3] != 0  # dl in l's dtype
 
@@ -289,22 +300,14 @@ def test_ia3_output_mode_activation_folding_is_peft_exact(monkeypatch, dtype, ld
     monkeypatch.setattr(KI, "_ia3_scale_w_kernel", spy)
     dl_spy = LaunchSpy(KI._ia3_dl_out_kernel)
     monkeypatch.setattr(KI, "_ia3_dl_out_kernel", dl_spy)
-    g = torch.Generator().manual_seed(3)
     m, k, n = 21, 40, 45
     assert KI.scales_activations(m, k) and KI.scales_activations(m, k, backward=True)
-    x = torch.randn(m, k, generator=g).to(dtype)
-    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype)
-    l = (1 + 0.5 * torch.randn(n, generator=g)).to(ldt)
-    dy = torch.randn(m, n, generator=g).to(dtype)
+    x, w, b, l, dy = _folding_inputs(m, k, n, n, dtype, ldt, seed=3)
     y, saved = KI.ia3_fwd_triton(x, w, b, l, False)
     z = torch.nn.functional.linear(x, w, b)
     assert torch.equal(y, (z.to(torch.float32) * l.to(torch.float32)).to(dtype))
     dx, dl, db = KI.ia3_bwd_triton(dy, x, w, l, saved, False, True, True, y=y, bias=b)
-    dys = dy.to(torch.float32) * l.to(torch.float32)
-    if dtype == torch.bfloat16 and KT.interpret_mode():
-        dys = (dys.view(torch.int32) & -65536).view(torch.float32)  # toward zero: exact in bf16
-    assert torch.equal(dx, torch.mm(dys.to(dtype), w))
+    assert torch.equal(dx, torch.mm(_kernel_rounded(dy, l, dtype), w))
     assert not spy.launches
     (grid, kw, _), = dl_spy.launches
     assert kw["WRITE_DYS"]
