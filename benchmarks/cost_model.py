@@ -32,7 +32,9 @@ Predicted time (H200, measured peaks: 781 TFLOP/s bf16 dense, 4.2 TB/s copy):
     other    t_k = max(flops / 781e12, bytes / 4.2e12)                          (the copy ceiling)
     ieee fp32 dot products (fma_flops: torch's fp32 GEMMs without tf32, fastpeft's kernels at "ieee") run on the
     CUDA cores: they add fma_flops / 67e12 (/ e_gemm for a GEMM) to the max (67 TFLOP/s fp32: NVIDIA's H200
-    datasheet, not measured).
+    datasheet, not measured).  Integer lane instructions (int_ops: the dropout mask's Philox rounds, counted in the
+    sm_90 SASS, ``kernels._mask.mask_int_ops``) run at 64/clock/SM: int_ops / 16.7e12 joins a streaming kernel's max
+    and adds to a GEMM's time (its epilogue's mask follows the main loop).
     GPU      T_gpu  = sum_k t_k + n_launch * gap
     host     T_host = host_call + n_launch * host_launch + (host_bwd if the case has a backward)
     eager    T = max(T_gpu, T_host);   under a CUDA graph  T_graph = T_gpu
@@ -66,6 +68,12 @@ PEAK_BYTES = 4.2e12  # device-to-device copy, bytes read + written (SOURCE)
 # ieee fp32 dot products run on the CUDA cores, not the tensor cores: NVIDIA's H200 datasheet, FP32 67 TFLOP/s (a
 # datasheet peak, not measured here; what fp32 adapters' products cost where a kernel does them exactly).
 PEAK_FMA_FLOPS = 67e12
+# Integer lane instructions per second: the CUDA C++ Programming Guide's throughput of 32-bit integer add, multiply
+# and bitwise ops on compute capability 9.0 (64 per clock per SM) x the H200's 132 SMs x its 1.98 GHz boost clock - a
+# datasheet rate, not measured here (IMAD also issues on the FP32 pipe, so the mix of the dropout mask's SASS - about
+# a third multiplies - could run up to ~1.4x faster).  What the dropout mask's Philox rounds cost
+# (``kernels._mask.mask_int_ops``); the GPU script's dropout rows measure it.
+PEAK_INT_OPS = 64 * 132 * 1.98e9
 SOURCE = "one H200, torch 2.11.0+cu130, 2026-11-28; the times are MEASURED_MS in benchmarks/cost_model.py"
 # A persistent TMA Triton GEMM measured 1.15-1.75x cuBLAS's time on these shapes (same H200): fastpeft's own
 # GEMM kernels are predicted at the best of that range.
@@ -137,6 +145,7 @@ class Kernel:
     launches: int = 1
     gemm: bool = False  # runs at GEMM efficiency (see kernel_seconds)
     fma_flops: int = 0  # ieee fp32 dot products, on the CUDA cores (see kernel_seconds)
+    int_ops: int = 0  # integer lane instructions: the dropout mask's Philox rounds (see kernel_seconds)
 
     @property
     def bytes(self) -> int:
@@ -267,7 +276,7 @@ class _KernelCounter(TorchDispatchMode):
         for c in self._reported[self._seen:]:
             gemm = c.flops + c.fma_flops >= GEMM_INTENSITY * max(1, c.bytes_read + c.bytes_written)
             self.kernels.append(Kernel(c.name, "fastpeft", c.bytes_read, c.bytes_written, c.flops, c.launches, gemm,
-                                       c.fma_flops))
+                                       c.fma_flops, c.int_ops))
         self._seen = len(self._reported)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -566,6 +575,7 @@ def _design_case(method: str, k: int, n: int, m: int, bwd: bool, feedforward: bo
     adds it (one read and write of dX).  IA3: W scaled once per call (rows or columns: one pass over W), one GEMM
     forward and one for dX, dl by one column reduction (output mode: over dY and y; input mode: over x and dX)."""
     from fastpeft import _cost
+    from fastpeft.kernels._mask import mask_int_ops
     kind, p = _method_parts(method)
     if kind == "dora":
         raise ValueError("no separate design for DoRA: its default path is the LoRA design on k-scaled operands")
@@ -593,8 +603,9 @@ def _design_case(method: str, k: int, n: int, m: int, bwd: bool, feedforward: bo
                 del dx
             return
         y = F.linear(x, w)
+        mask_ops = mask_int_ops(m * k) if p > 0 else 0  # the mask of x, generated in each pass that reads x
         _cost.report("lora_shrink", bytes_read=bf16 * m * k + f32 * r * k, bytes_written=(f32 + bf16) * m * r,
-                     flops=2 * m * k * r)
+                     flops=2 * m * k * r, int_ops=mask_ops)
         s16 = torch.empty(m, r, device=x.device, dtype=torch.bfloat16)
         y.addmm_(s16, b16.t())
         if not bwd:
@@ -603,14 +614,14 @@ def _design_case(method: str, k: int, n: int, m: int, bwd: bool, feedforward: bo
         _cost.report("lora_dy_pass", bytes_read=bf16 * m * n + f32 * (n * r + m * r),
                      bytes_written=(f32 + bf16) * m * r + f32 * n * r, flops=4 * m * n * r)
         _cost.report("lora_da_pass", bytes_read=bf16 * m * k + f32 * m * r, bytes_written=f32 * r * k,
-                     flops=2 * m * k * r)
+                     flops=2 * m * k * r, int_ops=mask_ops)
         dx = dy @ w
         ds16 = torch.empty(m, r, device=x.device, dtype=torch.bfloat16)
         if p == 0:
             dx.addmm_(ds16, a16)
         else:
             _cost.report("lora_dx_masked_accumulate", bytes_read=bf16 * (m * k + m * r + r * k),
-                         bytes_written=bf16 * m * k, flops=2 * m * k * r)
+                         bytes_written=bf16 * m * k, flops=2 * m * k * r, int_ops=mask_ops)
     return setup, run
 
 
@@ -714,9 +725,11 @@ def kernel_seconds(k: Kernel, cal: Calibration) -> float:
     everything else streams at the copy ceiling (the measured 4.2 TB/s is itself a streaming kernel)."""
     if k.gemm:
         slow = TRITON_GEMM_SLOWDOWN if k.source == "fastpeft" else 1.0
+        # a GEMM's integer work (the dropout mask of its epilogue) runs after its tiles' main loops: added
         return max(k.flops * slow / (PEAK_FLOPS * cal.e_gemm), k.fma_flops * slow / (PEAK_FMA_FLOPS * cal.e_gemm),
-                   k.bytes / (PEAK_BYTES * cal.e_gemv))
-    return max(k.flops / PEAK_FLOPS, k.fma_flops / PEAK_FMA_FLOPS, k.bytes / PEAK_BYTES)
+                   k.bytes / (PEAK_BYTES * cal.e_gemv)) + k.int_ops / PEAK_INT_OPS
+    # a streaming kernel's loads are in flight while it computes: the slowest of its resources decides
+    return max(k.flops / PEAK_FLOPS, k.fma_flops / PEAK_FMA_FLOPS, k.bytes / PEAK_BYTES, k.int_ops / PEAK_INT_OPS)
 
 
 def gpu_seconds(tr: Trace, cal: Calibration) -> float:
@@ -1117,11 +1130,12 @@ def _write(out_dir: Path, cal: Calibration, rows: list, traces: dict, quick: boo
     with open(out_dir / "cost_model_kernels.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["layer", "M", "method", "mode", "path", "kernel", "source", "gemm", "launches", "bytes_read",
-                    "bytes_written", "flops", "fma_flops", "pred_us"])
+                    "bytes_written", "flops", "fma_flops", "int_ops", "pred_us"])
         for (layer, m, method, mode, path), tr in traces.items():
             for k in tr.kernels:
                 w.writerow([layer, m, method, mode, path, k.name, k.source, int(k.gemm), k.launches, k.bytes_read,
-                            k.bytes_written, k.flops, k.fma_flops, round(kernel_seconds(k, cal) * 1e6, 2)])
+                            k.bytes_written, k.flops, k.fma_flops, k.int_ops,
+                            round(kernel_seconds(k, cal) * 1e6, 2)])
     if groups:
         with open(out_dir / "cost_model_groups.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=GROUP_COLUMNS)

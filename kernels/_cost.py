@@ -21,7 +21,9 @@ __all__ = ["KernelCost", "active", "recording", "report"]
 @dataclass
 class KernelCost:
     """One kernel launch: ``name`` (kernel name), bytes read and written from global memory, floating-point ops
-    (``flops``: tensor-core or elementwise; ``fma_flops``: ieee fp32 dot products, on the CUDA cores)."""
+    (``flops``: tensor-core or elementwise; ``fma_flops``: ieee fp32 dot products, on the CUDA cores) and
+    ``int_ops``: integer lane instructions that bound a kernel on the SM's integer pipes rather than on memory (the
+    dropout mask's Philox rounds, ``kernels._mask.mask_int_ops``)."""
 
     name: str
     bytes_read: int
@@ -29,6 +31,7 @@ class KernelCost:
     flops: int
     launches: int = 1
     fma_flops: int = 0
+    int_ops: int = 0
 
 
 _stack: List[List[KernelCost]] = []
@@ -40,11 +43,12 @@ def active() -> bool:
 
 
 def report(name: str, *, bytes_read: int, bytes_written: int, flops: int, launches: int = 1,
-           fma_flops: int = 0) -> None:
+           fma_flops: int = 0, int_ops: int = 0) -> None:
     """Record one kernel (or ``launches`` identical ones) in every open :func:`recording` block."""
     if not _stack:
         return
-    cost = KernelCost(name, int(bytes_read), int(bytes_written), int(flops), int(launches), int(fma_flops))
+    cost = KernelCost(name, int(bytes_read), int(bytes_written), int(flops), int(launches), int(fma_flops),
+                      int(int_ops))
     for rec in _stack:
         rec.append(cost)
 

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ._configs import gemm_configs, m_bucket, prune_gemm_configs
+from ._mask import mask_int_ops
 from ._philox import dropout_keep, seed_arg
 from ._target import cdiv, _PRUNE_TARGET, LaunchTarget, interpret_mode, launch_ok, launch_target, num_sms, span, use_tma
 from ._tl import dot_prec, mma, pad_rank, scaled
@@ -346,7 +347,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
     extra_written = (span(z) if z is not None else 0) + (span(part) if part is not None else 0)
     if not launch_ok("triton_gemm", a, bytes_read=(m * k + k * n) * a.element_size() + extra_read,
                      bytes_written=(m * n * c.element_size() if out is not None else 0) + extra_written,
-                     flops=2 * m * n * k + (2 * m * n * r if has_lora else 0)):
+                     flops=2 * m * n * k + (2 * m * n * r if has_lora else 0),
+                     int_ops=mask_int_ops(m * n) if has_lora and p16 > 0 else 0):
         return part
     # A failing TMA launch raises (FASTPEFT_TRITON_TMA=0 selects the pointer path): nothing below select_backend
     # changes the path a launch takes behind the caller's back.

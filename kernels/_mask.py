@@ -43,3 +43,25 @@ def tiny_scale(dtype) -> float:
     narrow range would lose them to underflow; fp32 / bf16 keep 2⁻⁶⁴·z as a normal number for any |z| > 1e-19, far
     below any trained scale.  Used by IA3's l (``kernels/ia3.py``) and DoRA's k (``fastpeft/ops/dora.py``)."""
     return 2.0 ** -8 if str(dtype) == "torch.float16" else 2.0 ** -64
+
+
+# Integer lane instructions per element of a regenerated dropout mask, counted in the sm_90 SASS that triton 3.9
+# builds for the LoRA kernels (``.ci/dropout_sass.py``: a kernel's instruction count with dropout minus the same
+# kernel and configuration without, per element a thread masks; results in
+# benchmarks/results/triton-compile-sm90/dropout_sass.csv): shrink-expand 19.0, dA pass 15.4, dX expand 21.5 with
+# bf16 adapters (16.5 / 17.9 / 22.0 with fp32 ones).  One Philox-4x32-10 call - ten rounds of two 32x32->64-bit
+# multiplies and two three-way XORs - serves 8 elements; each element adds its 16-bit extraction, compare, select
+# and scale.
+MASK_INT_OPS_PER_ELEMENT = 19
+
+
+def mask_int_ops(elements: int, tile: tuple[int, int, int] | None = None) -> int:
+    """Integer lane instructions a kernel spends regenerating the dropout mask of `elements` elements:
+    ``MASK_INT_OPS_PER_ELEMENT`` each.  `tile`: (rows, cols, warps) of the kernel's masked tile; a tile with fewer
+    Philox groups (rows x cols / 8) than threads has each call computed by several threads, which multiplies the
+    count (at 16 x 64 over 8 warps the SASS counts 48 per element).  None: a tile with enough groups."""
+    replication = 1
+    if tile is not None:
+        rows, cols, warps = tile
+        replication = max(1, (32 * warps * 8) // max(1, rows * cols))
+    return int(elements) * MASK_INT_OPS_PER_ELEMENT * replication

@@ -148,13 +148,14 @@ def span(t: torch.Tensor) -> int:
 
 
 def launch_ok(name: str, first: torch.Tensor, *, bytes_read: int, bytes_written: int, flops: int,
-              launches: int = 1, fma_flops: int = 0) -> bool:
+              launches: int = 1, fma_flops: int = 0, int_ops: int = 0) -> bool:
     """Report one kernel launch to the cost model (when it records) and say whether to really launch it (not for
     fake / meta tensors).  `flops`: tensor-core (or elementwise) work; `fma_flops`: ieee fp32 dots, which run on the
-    CUDA cores (``kernels._tl.dot_flops`` splits a dot's flops)."""
+    CUDA cores (``kernels._tl.dot_flops`` splits a dot's flops); `int_ops`: integer lane instructions (the dropout
+    mask's, ``kernels._mask.mask_int_ops``)."""
     if _cost.active():
         _cost.report(name, bytes_read=bytes_read, bytes_written=bytes_written, flops=flops, launches=launches,
-                     fma_flops=fma_flops)
+                     fma_flops=fma_flops, int_ops=int_ops)
     return not is_fake(first)
 
 
@@ -285,7 +286,9 @@ def shrink_expand_blocks(tgt: Optional[LaunchTarget], m: int, n: int, dropout: b
     range).  Each program computes S once for its rows, so rows, not K, carry the parallelism: BLOCK_M is the
     largest of 64 / 32 / 16 whose row blocks cover the SMs; where even 16-row blocks do not (M < 16·SMs), the N
     range is split too, and each split re-reads its rows of x (an L2 hit: a row block's splits are adjacent in
-    launch order).  BLOCK_K / warps are the skinny kernels' (the shrink's x tile), BLOCK_N the expand's.  In tests
+    launch order).  BLOCK_K / warps are the skinny kernels' (the shrink's x tile; with dropout fewer warps for a
+    16-row tile), BLOCK_N the expand's.  With dropout and more than one split, ``kernels.lora.shrink_expand`` runs
+    the shrink and the expand as two launches instead (each split would regenerate its rows' mask).  In tests
     (``forced_launch_shape``) BLOCK_M is the forced one and the splits fill ``target_programs``."""
     bm, bk, warps = skinny_blocks(tgt, dropout)
     bn = skinny_blocks(tgt)[1]
@@ -294,6 +297,11 @@ def shrink_expand_blocks(tgt: Optional[LaunchTarget], m: int, n: int, dropout: b
         want = tgt.num_sms
         while bm > 16 and cdiv(m, bm) < want:
             bm //= 2
+        if dropout:
+            # at least one Philox group (8 elements of a row) per thread: a smaller tile has each call computed by
+            # several threads (16 x 64 over 8 warps: 48 integer instructions per element in the sm_90 SASS, 19 at
+            # 32 x 64 - kernels._mask.mask_int_ops)
+            warps = max(1, min(warps, bm * bk // (8 * 32)))
     else:
         want = target_programs(tgt)
     splits = max(1, min(n_blocks, cdiv(want, cdiv(max(m, 1), bm))))

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from ._gemm import gemm
-from ._mask import dropout_threshold
+from ._mask import dropout_threshold, mask_int_ops
 from ._partials import TILE as PARTIALS_TILE
 from ._partials import PartialsPlan, plan_partials, sum_partials, sum_parts, sum_partials_tile
 from ._philox import dropout_keep, seed_arg
@@ -400,7 +400,8 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, t
     prec = skinny_precision(lora_A.dtype, x.dtype)
     tc_flops, fma_flops = dot_flops(prec, 2 * m * k * r)
     if launch_ok("lora_shrink", x, bytes_read=m * k * x.element_size() + r * k * lora_A.element_size(),
-                 bytes_written=splits * m * r * 4, flops=tc_flops, fma_flops=fma_flops):
+                 bytes_written=splits * m * r * 4, flops=tc_flops, fma_flops=fma_flops,
+                 int_ops=mask_int_ops(m * k, (bm, bk, warps)) if p16 > 0 else 0):
         _lora_shrink_kernel[(m_blocks, splits)](
             x, lora_A, part, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
             kb_per, seed_arg(seed), p16, drop_scale,
@@ -436,7 +437,8 @@ def _expand(out: torch.Tensor, L_parts: torch.Tensor, scale: float, e: Optional[
                  + r * n * Rm.element_size() + finish.bytes_read,
                  bytes_written=m * n * out.element_size() + (m * r * 4 if l_sum is not None else 0)
                  + finish.bytes_written,
-                 flops=tc_flops + finish.flops, fma_flops=fma_flops):
+                 flops=tc_flops + finish.flops, fma_flops=fma_flops,
+                 int_ops=mask_int_ops(m * n, (bm, bn, warps)) if p16 > 0 else 0):
         _lora_expand_kernel[(m_blocks + extra_rows, n_blocks)](
             out, L_parts, e if e is not None else L_parts, Rm, l_sum if l_sum is not None else L_parts,
             m, n, r, l_ld, parts, float(scale), out.stride(0), out.stride(1), Rm.stride(0), Rm.stride(1),
@@ -460,8 +462,8 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_E
     r = lora_A.shape[0]
     r_b = lora_B.shape[1]
     assert r_b <= r, "lora_B: at most lora_A's rank"
-    s = torch.empty((m, r), device=x.device, dtype=torch.float32)
     bm, bk, bn, warps, splits = shrink_expand_blocks(tgt, m, n, dropout_p > 0.0)
+    s = torch.empty((m, r), device=x.device, dtype=torch.float32)
     nb_per = cdiv(cdiv(n, bn), splits)
     p16, drop_scale = dropout_threshold(dropout_p)
     prec_s = skinny_precision(lora_A.dtype, x.dtype)
@@ -473,7 +475,8 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_E
                  bytes_read=splits * m * k * x.element_size() + r * k * lora_A.element_size()
                  + m * n * y.element_size() + r_b * n * lora_B.element_size(),
                  bytes_written=m * n * y.element_size() + m * r * 4,
-                 flops=tc_s + tc_y, fma_flops=fma_s + fma_y):
+                 flops=tc_s + tc_y, fma_flops=fma_s + fma_y,
+                 int_ops=mask_int_ops(splits * m * k, (bm, bk, warps)) if p16 > 0 else 0):
         _lora_shrink_expand_kernel[(splits, cdiv(m, bm))](
             x, lora_A, lora_E if lora_E is not None else s, rm, y, s, m, n, k, r, r_b, float(scaling),
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), rm.stride(0), rm.stride(1),
@@ -606,7 +609,8 @@ def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Ten
     tc_flops, fma_flops = dot_flops(prec, 2 * m * k * r)
     if launch_ok("lora_da", x, bytes_read=m * k * x.element_size() + parts * m * r * 4 + (m * r * 4 if has_e else 0),
                  bytes_written=msplits * r * k * 4 + (m * r * 4 if store_sum else 0),
-                 flops=tc_flops, fma_flops=fma_flops):
+                 flops=tc_flops, fma_flops=fma_flops,
+                 int_ops=mask_int_ops(m * k, (bm, bk, warps)) if p16 > 0 else 0):
         _lora_da_kernel[(k_blocks, msplits)](
             x, dse_part, lora_E if has_e else dse_part, S, da_part, de_part if has_e else da_part,
             dse_sum if store_sum else dse_part,

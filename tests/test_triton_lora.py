@@ -716,10 +716,28 @@ def test_shrink_expand_blocks():
     assert KT.shrink_expand_blocks(h200, 2048, 4096) == (16, 128, 128, 4, 2)
     assert KT.shrink_expand_blocks(h200, 16, 4096) == (16, 128, 128, 4, 32)  # decode: one row block, 32 splits
     assert KT.shrink_expand_blocks(h200, 1, 14336) == (16, 128, 128, 4, 112)
-    assert KT.shrink_expand_blocks(h200, 2048, 4096, dropout=True) == (16, 64, 128, 8, 2)
+    # with dropout the narrower x tile, and 4 warps for a 16-row one (below)
+    assert KT.shrink_expand_blocks(h200, 2048, 4096, dropout=True) == (16, 64, 128, 4, 2)
+    assert KT.shrink_expand_blocks(h200, 8192, 4096, dropout=True) == (32, 64, 128, 8, 1)
     assert KT.shrink_expand_blocks(h200, 0, 4096)[4] >= 1
     with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
         assert KT.shrink_expand_blocks(h200, 96, 144) == (16, 16, 16, 4, 2)
+
+
+def test_dropout_tiles_give_every_thread_a_philox_group():
+    """Every GPU tile that regenerates the dropout mask has at least one Philox group (8 elements of a row) per
+    thread: with fewer, each call is computed by several threads (a 16 x 64 tile over 8 warps: 48 integer
+    instructions per element in the sm_90 SASS instead of 22, ``.ci/dropout_sass.py``).  The shrink / dX expand
+    (``skinny_blocks``), the dA pass (``da_blocks``) and the forward's single launch at every M from decode to
+    past 64-row blocks, on an H200 and on smaller GPUs."""
+    for sms in (132, 108, 84):
+        tgt = KT.LaunchTarget(num_sms=sms, smem_per_block=227 * 1024, capability_major=9)
+        tiles = [KT.skinny_blocks(tgt, True), KT.da_blocks(tgt, True)]
+        for m in (1, 16, 100, 1024, 2048, 2112, 3000, 4224, 8192, 8448, 16384, 65536):
+            bm, bk, _, warps, _ = KT.shrink_expand_blocks(tgt, m, 4096, True)
+            tiles.append((bm, bk, warps))
+        for bm, bk, warps in tiles:
+            assert bm * bk // 8 >= 32 * warps, (sms, bm, bk, warps)
 
 
 def test_host_grid_arithmetic_matches_triton():
