@@ -60,7 +60,8 @@ from ..config import PeftConfig, PeftType
 from ..recompute import install as recompute_install
 from ..recompute import register_adapter_layer_type
 from ..utils.fused import base_layer_reason, input_reason
-from ..utils.other import ModulesToSaveWrapper, active_list, get_submodules, is_conv1d, is_linear_like
+from ..utils.other import (ModulesToSaveWrapper, active_list, get_submodules, is_conv1d, is_linear_like,
+                           strip_base_layer)
 from ._state_dict import AdapterStateDictMixin
 from ._targets import check_not_wrapped, check_target_module_exists, expand_all_linear
 from ._transaction import ALL_OR_NOTHING_METHODS, all_or_nothing, current_transaction
@@ -313,6 +314,7 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self.active_adapter: Union[str, list[str]] = adapter_name
         self.targeted_module_names: list[str] = []
+        self.targeted_parameter_names: list[str] = []  # LoRA's target_parameters ("...experts.gate_up_proj")
         if isinstance(peft_config, dict):
             if len(peft_config) != 1:
                 raise ValueError("BaseTuner takes one adapter config (add more with add_adapter)")
@@ -424,6 +426,8 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
         if hasattr(config, "target_modules") and config.target_modules is None:
             model_type = getattr(getattr(self.model, "config", None), "model_type", None)
             default = self.target_module_defaults.get(model_type)
+            if default is None and getattr(config, "target_parameters", None):
+                return config  # parameters only (PEFT keeps target_modules None then)
             if default is None:
                 raise ValueError(f"target_modules is None and fastpeft has no default for model_type={model_type!r} "
                                  f"(defaults exist for {sorted(self.target_module_defaults)}); please specify "
@@ -447,6 +451,8 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
 
     def _find_targets(self, config: PeftConfig) -> list[str]:
         """Names of the modules ``config`` targets, skipping modules inside tuner layers and wrappers."""
+        if getattr(config, "target_modules", "") is None:
+            return []  # parameters only (``_prepare_adapter_config``)
         if isinstance(getattr(config, "target_modules", None), str) and config.target_modules.lower() == "all-linear":
             expand_all_linear(config, self.model, (BaseTunerLayer,))
         skip: list[str] = []
@@ -462,7 +468,20 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
                 found.append(key)
         return found
 
+    def _find_param_targets(self, config: PeftConfig) -> list:
+        """The parameters ``config`` targets directly (LoRA's ``target_parameters``), as the tuner's
+        ``_inject_param_targets`` takes them; [] for a tuner without parameter targets (hook)."""
+        return []
+
+    def _inject_param_targets(self, config: PeftConfig, adapter_name: str, found: list) -> None:
+        """Wrap the parameters ``_find_param_targets`` found (hook; runs after the module targets)."""
+
     def _no_match_message(self, config: PeftConfig) -> str:
+        tp = getattr(config, "target_parameters", None)
+        if tp and not config.target_modules:
+            params = [n for n, _ in self.model.named_parameters()]
+            return (f"target_parameters={tp!r} matched no parameter of the model (a name matches when it equals a "
+                    f"parameter's full name or is a dotted suffix of it); some of its parameters: {params[:8]}")
         linear = [n for n, m in self.model.named_modules() if is_linear_like(m) or isinstance(m, BaseTunerLayer)]
         suffixes = sorted({n.split(".")[-1] for n in linear})
         tm = config.target_modules
@@ -492,10 +511,14 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
         config = self._prepare_adapter_config(config)
         self._check_new_adapter_config(config)
         targets = self._find_targets(config)
-        if not targets:
+        param_targets = self._find_param_targets(config)
+        if not targets and not param_targets:
             raise ValueError(self._no_match_message(config))
         if user_targets:
             self._warn_unmatched_targets(user_targets)
+        if getattr(config, "target_parameters", None) and not param_targets:
+            warnings.warn(f"target_parameters={config.target_parameters} were set but no parameter was matched.",
+                          RuntimeWarning, stacklevel=3)
         for key in targets:
             module = self.model.get_submodule(key)
             if not self._is_supported_target(module):
@@ -511,6 +534,7 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
             for key in targets:
                 if key not in self.targeted_module_names:
                     self.targeted_module_names.append(key)
+            self._inject_param_targets(config, adapter_name, param_targets)
             self._set_modules_to_save(config, adapter_name)
             if autocast_adapter_dtype:
                 self._cast_adapter_dtype(adapter_name)
@@ -660,13 +684,19 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
         """Delete ``adapter_name`` from every layer; with ``unwrap_empty`` put the original module back where no adapter
         is left (used to roll back a failed injection or load, restoring the model's exact module tree)."""
         self.peft_config.pop(adapter_name, None)
-        for key, layer in list(self.tuner_layers()):
+        # innermost first: a nested wrapper (LoRA's parameter wrappers) is unwrapped before the one around it
+        for key, layer in reversed(list(self.tuner_layers())):
             layer.delete_adapter(adapter_name)
             if unwrap_empty and not layer.adapter_names():
                 parent, _, name = get_submodules(self.model, key)
                 setattr(parent, name, layer.base_layer)
                 if key in self.targeted_module_names:
                     self.targeted_module_names.remove(key)
+                pn = getattr(layer, "parameter_name", None)  # a parameter wrapper: its entry by parameter
+                if pn is not None:
+                    pkey = f"{strip_base_layer(key)}.{pn}"
+                    if pkey in self.targeted_parameter_names:
+                        self.targeted_parameter_names.remove(pkey)
         for key, w in list(self._wrappers()):
             w.delete_adapter(adapter_name)
             if unwrap_empty and len(w.modules_to_save) == 0:
@@ -740,7 +770,7 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
             [(key, layer, []) for key, layer in list(self.tuner_layers())]
         if merge and safe_merge:
             self._check_plan_finite(plan)
-        for key, layer, names in plan:
+        for key, layer, names in reversed(plan):  # innermost first (see _remove_adapter)
             if names:
                 layer.merge(safe_merge=safe_merge, adapter_names=names)
             parent, _, name = get_submodules(self.model, key)

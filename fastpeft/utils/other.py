@@ -61,6 +61,12 @@ def get_submodules(model: nn.Module, key: str) -> tuple[nn.Module, nn.Module, st
     return parent, model.get_submodule(key), target_name
 
 
+def strip_base_layer(path: str) -> str:
+    """A module path without its ``base_layer`` segments: the name the module had before tuner layers wrapped it
+    (``"mlp.experts.base_layer"`` -> ``"mlp.experts"``)."""
+    return ".".join(p for p in path.split(".") if p != "base_layer")
+
+
 def pattern_key(pattern_keys, module_name: str) -> Optional[str]:
     """The first key of rank_pattern/alpha_pattern that matches ``module_name`` (PEFT's rule: the key, as a regex, must
     match a dotted suffix of the name: ``re.match(rf"(.*\\.)?({key})$", name)``)."""

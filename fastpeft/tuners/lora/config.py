@@ -18,7 +18,7 @@ _LORA_UNSUPPORTED_OFF = {
     "use_qalora": False, "megatron_config": None,
     "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "monteclora_config": None, "layer_replication": None,
-    "target_parameters": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+    "use_bdlora": None, "arrow_config": None, "kasa_config": None,
     "ensure_weight_tying": False,
 }
 
@@ -42,6 +42,21 @@ def _check_trainable_token_indices(cfg) -> None:
                 any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
             raise ValueError(f"trainable_token_indices[{name!r}] must be a non-empty list of int token ids, got "
                              f"{ids!r}")
+
+
+def _check_target_parameters(cfg) -> None:
+    """``target_parameters``: None or a list of parameter names ("experts.gate_up_proj"), LoRA only (the parameter
+    wrappers of ``fastpeft/tuners/lora/param.py``; what else a wrapper refuses is checked when it is built)."""
+    tp = getattr(cfg, "target_parameters", None)
+    if tp is None:
+        return
+    if isinstance(tp, str) or not isinstance(tp, (list, tuple, set, frozenset)) or \
+            any(not isinstance(t, str) or not t for t in tp):
+        raise TypeError(f"target_parameters must be a list of parameter names (str) or None, got {tp!r}")
+    if tp and cfg.peft_type != PeftType.LORA:
+        raise ValueError(f"target_parameters={tp!r} is not supported by fastpeft for {type(cfg).__name__} (only "
+                         "LoraConfig)")
+    cfg.target_parameters = sorted(tp) if isinstance(tp, (set, frozenset)) else list(tp)
 
 
 def _common_lora_checks(cfg) -> None:
@@ -91,6 +106,7 @@ def _common_lora_checks(cfg) -> None:
         if v != off and not (off is None and v in ({}, [])):
             raise ValueError(f"{fname}={v!r} is not supported by fastpeft (only {fname}={off!r})")
     _check_trainable_token_indices(cfg)
+    _check_target_parameters(cfg)
     if cfg.loftq_config:
         raise ValueError(f"loftq_config={cfg.loftq_config!r} is not supported by fastpeft")
     if not isinstance(cfg.lora_bias, bool):

@@ -1,6 +1,7 @@
 """``LoraModel``: the LoRA tuner (HF PEFT's), which swaps the targeted modules for LoRA layers: ``Linear``
 (nn.Linear / Conv1D), ``Embedding``, ``Conv2d`` and the bitsandbytes quantized-base layers; with
-``trainable_token_indices`` it also adds trainable-token layers.
+``trainable_token_indices`` it also adds trainable-token layers, and with ``target_parameters`` it wraps the named
+parameters (``ParamWrapper``: mixture-of-experts weights).
 """
 
 from __future__ import annotations
@@ -8,15 +9,16 @@ from __future__ import annotations
 import torch.nn as nn
 
 from ...config import PeftType
-from ...utils.other import pattern_key
+from ...utils.other import ModulesToSaveWrapper, get_submodules, pattern_key, strip_base_layer
 from ..trainable_tokens import inject_trainable_tokens
-from ..tuners_utils import BaseTuner, register_tuner
+from ..tuners_utils import BaseTuner, BaseTunerLayer, register_tuner
 from .bnb import make_lora_layer
 from .conv import Conv2d, check_conv2d_target
 from .embedding import (Embedding, adapter_key_map, apply_optional_keys, mark_token_deltas_trainable,
                         with_optional_keys, without_optional_keys)
 from .init import check_init_for_target
 from .layer import Linear, LoraLayer
+from .param import ParamWrapper, param_target_problem
 
 __all__ = ["LoraModel", "LORA_TARGET_MODULE_DEFAULTS"]
 
@@ -41,6 +43,93 @@ class LoraModel(BaseTuner):
 
     def _finish_injection(self, adapter_name: str) -> None:
         inject_trainable_tokens(self, adapter_name, self.peft_config[adapter_name])
+
+    def _check_new_adapter_config(self, config) -> None:
+        super()._check_new_adapter_config(config)
+        tp = set(getattr(config, "target_parameters", None) or [])
+        if not tp:
+            return
+        # the nesting of parameter wrappers (and so the saved keys) is per parameter set: one set for every adapter
+        for name, other in self.peft_config.items():
+            otp = set(getattr(other, "target_parameters", None) or [])
+            if otp and otp != tp:
+                raise ValueError(f"all adapters that use target_parameters must target the same parameters: the new "
+                                 f"adapter has {sorted(tp)}, adapter {name!r} has {sorted(otp)}")
+        problem = param_target_problem(config)
+        if problem is not None:
+            raise ValueError(f"target_parameters cannot be combined with {problem}")
+
+    def _find_param_targets(self, config) -> list[tuple[str, str, str]]:
+        """[(path of the module holding it, its key, parameter name)] for every parameter ``target_parameters`` names
+        (PEFT's rule: the key - module path without ``.base_layer`` segments, then the name - equals an entry or
+        ends with ``"." + entry``), in module order and, within a module, in its registration order (the nesting
+        order of the wrappers, as PEFT's).  Raises ValueError for a parameter of the top-level module or of a module
+        that a LoRA layer of another kind wraps (targeted by target_modules too)."""
+        names = sorted(set(getattr(config, "target_parameters", None) or []))
+        if not names:
+            return []
+        module_targets = set(self._find_targets(config))
+        found = []
+
+        def matches(key: str) -> bool:
+            return key in names or any(key.endswith(f".{t}") for t in names)
+
+        def walk(module: nn.Module, path: str) -> None:
+            if isinstance(module, ParamWrapper):
+                walk(module.base_layer, f"{path}.base_layer")
+                return
+            if isinstance(module, ModulesToSaveWrapper):
+                return  # modules_to_save copies are never adapted (PEFT's rule)
+            key_path = strip_base_layer(path)
+            if isinstance(module, BaseTunerLayer):  # a LoRA layer of another kind (target_modules)
+                for pn, _ in module.base_layer.named_parameters(recurse=False):
+                    if matches(f"{key_path}.{pn}"):
+                        raise ValueError(f"target_parameters: parameter {key_path}.{pn!s} belongs to a module that a "
+                                         f"{type(module).__name__} LoRA layer already wraps (target_modules); a "
+                                         "module is adapted either as a layer or by its parameters")
+                return
+            for pn, _ in module.named_parameters(recurse=False):
+                key = f"{key_path}.{pn}" if key_path else pn
+                if not matches(key):
+                    continue
+                if not path:
+                    raise ValueError(f"target_parameters: parameter {pn!r} belongs to the top-level module, which "
+                                     "cannot be wrapped; target a submodule's parameter")
+                if key_path in module_targets:
+                    raise ValueError(f"target_parameters: parameter {key!r} belongs to {key_path!r}, which "
+                                     "target_modules also targets; a module is adapted either as a layer or by its "
+                                     "parameters - drop it from one of them")
+                found.append((path, key, pn))
+            for child_name, child in module.named_children():
+                walk(child, f"{path}.{child_name}" if path else child_name)
+
+        walk(self.model, "")
+        return found
+
+    def _inject_param_targets(self, config, adapter_name: str, found: list) -> None:
+        for path, key, pn in found:
+            rk = pattern_key((config.rank_pattern or {}).keys(), key)
+            ak = pattern_key((config.alpha_pattern or {}).keys(), key)
+            r = config.rank_pattern[rk] if rk is not None else config.r
+            alpha = config.alpha_pattern[ak] if ak is not None else config.lora_alpha
+            # a wrapper of this parameter from an earlier adapter gets the new adapter; else a new (outermost) one
+            holder = self.model.get_submodule(strip_base_layer(path))
+            existing = holder
+            while isinstance(existing, ParamWrapper) and existing.parameter_name != pn:
+                existing = existing.base_layer
+            if isinstance(existing, ParamWrapper):
+                existing.update_layer(adapter_name, r, alpha, config)
+                if adapter_name not in self.active_adapters:
+                    existing.lora_A[adapter_name].requires_grad_(False)
+                    existing.lora_B[adapter_name].requires_grad_(False)
+            else:
+                parent, target, target_name = get_submodules(self.model, path)
+                new = ParamWrapper(target, adapter_name, pn, r, alpha, config)
+                if adapter_name not in self.active_adapters:
+                    new.requires_grad_(False)
+                setattr(parent, target_name, new)
+            if key not in self.targeted_parameter_names:
+                self.targeted_parameter_names.append(key)
 
     def _mark_only_adapters_as_trainable(self) -> None:
         super()._mark_only_adapters_as_trainable()
