@@ -3,6 +3,7 @@ dtype handling, generate/attribute forwarding and torch.compile."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -484,3 +485,31 @@ def test_forward_hook_added_to_base_layer_after_injection_runs(method):
     # LoRA / AdaLoRA add the adapter to the hooked base output; IA3 (output mode) scales it by l
     shift = layer.ia3_l["default"].reshape(-1) if method == "ia3" else 1.0
     torch.testing.assert_close(hooked, plain + shift, rtol=1e-5, atol=1e-5)
+
+
+def test_default_target_modules_are_peft_tables():
+    """``target_modules=None`` picks HF PEFT's per-model-type defaults: every entry of PEFT's LoRA, AdaLoRA and IA3
+    tables (target and feed-forward) is in fastpeft's with the same value (fastpeft's AdaLoRA table also has
+    mistral), and a model type added from them (GPT-Neo) targets the modules PEFT targets."""
+    peft = pytest.importorskip("peft")
+    import transformers
+    import peft.utils.constants as C
+
+    from fastpeft.tuners.adalora.model import ADALORA_TARGET_MODULE_DEFAULTS
+    from fastpeft.tuners.ia3.model import IA3_FEEDFORWARD_MODULE_DEFAULTS, IA3_TARGET_MODULE_DEFAULTS
+    from fastpeft.tuners.lora.model import LORA_TARGET_MODULE_DEFAULTS
+
+    for theirs, ours in ((C.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, LORA_TARGET_MODULE_DEFAULTS),
+                         (C.TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING, ADALORA_TARGET_MODULE_DEFAULTS),
+                         (C.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, IA3_TARGET_MODULE_DEFAULTS),
+                         (C.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING, IA3_FEEDFORWARD_MODULE_DEFAULTS)):
+        for model_type, value in theirs.items():
+            assert ours.get(model_type) == value, model_type
+    torch.manual_seed(0)
+    base = transformers.GPTNeoForCausalLM(transformers.GPTNeoConfig(
+        vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, attention_types=[[["global"], 2]],
+        max_position_embeddings=32))
+    p = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2))
+    f = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(r=2))
+    assert sorted(f.base_model.targeted_module_names) == sorted(p.base_model.targeted_module_names)
+    assert any(n.endswith("q_proj") for n in f.base_model.targeted_module_names)

@@ -432,7 +432,7 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
                 raise ValueError(f"target_modules is None and fastpeft has no default for model_type={model_type!r} "
                                  f"(defaults exist for {sorted(self.target_module_defaults)}); please specify "
                                  "target_modules")
-            config.target_modules = set(default)
+            config.target_modules = default if isinstance(default, str) else set(default)  # a str: a regex
         return config
 
     def _check_new_adapter_config(self, config: PeftConfig) -> None:

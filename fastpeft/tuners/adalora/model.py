@@ -25,10 +25,15 @@ __all__ = ["AdaLoraModel", "RankAllocator", "ADALORA_TARGET_MODULE_DEFAULTS"]
 
 ADALORA_TARGET_MODULE_DEFAULTS = {
     "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "key", "value", "dense"],
-    "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"],
-    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"], "gpt2": ["c_attn"],
+    "bert": ["query", "value"], "roberta": ["query", "key", "value", "dense"], "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"], "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "t5": ["q", "k", "v", "o", "wi", "wo"], "mt5": ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+    "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"], "llama4": ["q_proj", "v_proj"],
+    "deberta-v2": ["query_proj", "key_proj", "value_proj", "dense"], "gpt_bigcode": ["c_attn"],
+    "deberta": ["in_proj"], "gemma3_text": ["q_proj", "v_proj"], "gemma4": ".*language_model\\..*\\.(q_proj|v_proj)",
+    "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
 

@@ -21,13 +21,21 @@ IA3_TARGET_MODULE_DEFAULTS = {
     "bert": ["key", "value", "output.dense"], "roberta": ["key", "value", "output.dense"],
     "opt": ["q_proj", "k_proj", "fc2"], "t5": ["k", "v", "wo"], "phi": ["q_proj", "v_proj", "fc2"],
     "gpt_neox": ["query_key_value", "dense_4h_to_h"], "falcon": ["query_key_value", "dense_4h_to_h"],
-    "bloom": ["query_key_value", "mlp.dense_4h_to_h"],
+    "bloom": ["query_key_value", "mlp.dense_4h_to_h"], "mt5": ["k", "v", "wi_1"],
+    "gptj": ["q_proj", "v_proj", "fc_out"], "gpt_neo": ["q_proj", "v_proj", "c_proj"],
+    "bart": ["q_proj", "v_proj", "fc2"], "gpt_bigcode": ["c_attn", "mlp.c_proj"],
+    "llama4": ["q_proj", "v_proj", "down_proj"], "deberta-v2": ["key_proj", "value_proj", "output.dense"],
+    "deberta": ["in_proj", "output.dense"], "RefinedWebModel": ["query_key_value", "dense_4h_to_h"],
+    "RefinedWeb": ["query_key_value", "dense_4h_to_h"], "gemma3_text": ["q_proj", "v_proj", "down_proj"],
 }
 IA3_FEEDFORWARD_MODULE_DEFAULTS = {
     "llama": ["down_proj"], "mistral": ["down_proj"], "mixtral": ["w2"], "qwen2": ["down_proj"],
     "qwen3": ["down_proj"], "gemma": ["down_proj"], "gemma2": ["down_proj"], "gpt2": ["mlp.c_proj"],
     "bert": ["output.dense"], "roberta": ["output.dense"], "opt": ["fc2"], "t5": ["wo"], "phi": ["fc2"],
-    "gpt_neox": ["dense_4h_to_h"], "falcon": ["dense_4h_to_h"], "bloom": ["mlp.dense_4h_to_h"],
+    "gpt_neox": ["dense_4h_to_h"], "falcon": ["dense_4h_to_h"], "bloom": ["mlp.dense_4h_to_h"], "mt5": [],
+    "gptj": ["fc_out"], "gpt_neo": ["c_proj"], "bart": ["fc2"], "gpt_bigcode": ["mlp.c_proj"],
+    "llama4": ["down_proj"], "deberta-v2": ["output.dense"], "deberta": ["output.dense"],
+    "RefinedWeb": ["dense_4h_to_h"], "RefinedWebModel": ["dense_4h_to_h"], "gemma3_text": ["down_proj"],
 }
 
 

@@ -28,7 +28,16 @@ LORA_TARGET_MODULE_DEFAULTS = {
     "qwen2": ["q_proj", "v_proj"], "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"],
     "gemma2": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"], "t5": ["q", "v"],
-    "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"], "bloom": ["query_key_value"],
+    "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"], "bloom": ["query_key_value"], "mt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"], "blip-2": ["q", "v", "q_proj", "v_proj"], "gptj": ["q_proj", "v_proj"],
+    "gpt_neo": ["q_proj", "v_proj"], "xlm-roberta": ["query", "value"], "electra": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"], "deberta": ["in_proj"], "layoutlm": ["query", "value"],
+    "llama4": ["q_proj", "v_proj"], "chatglm": ["query_key_value"], "gpt_bigcode": ["c_attn"], "mpt": ["Wqkv"],
+    "RefinedWebModel": ["query_key_value"], "RefinedWeb": ["query_key_value"], "btlm": ["c_proj", "c_attn"],
+    "codegen": ["qkv_proj"], "stablelm": ["q_proj", "v_proj"], "gemma3_text": ["q_proj", "v_proj"],
+    "gemma4": ".*language_model\\..*\\.(q_proj|v_proj)", "nemotron_h": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "rwkv": ["key", "value", "receptance", "output"],
+    "rwkv7": ["r_proj", "k_proj", "v_proj", "o_proj", "key", "value"],
 }
 
 
