@@ -266,16 +266,21 @@ def skinny_blocks(tgt: Optional[LaunchTarget], dropout: bool = False) -> tuple[i
     return (64, 64, 8) if dropout else (64, 128, 4)
 
 
-def da_blocks(tgt: Optional[LaunchTarget], dropout: bool = False) -> tuple[int, int, int]:
+def da_blocks(tgt: Optional[LaunchTarget], dropout: bool = False, with_dx: bool = False) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_K, num_warps) of the LoRA dA pass (``kernels.lora._lora_da_kernel``).  Every program re-reads
     the dY pass's dSe partials for its rows (n_chunks x BLOCK_M x r fp32 per M block) next to its x tile, so the
     partials' L2 traffic is (K / BLOCK_K) times their size: at q_proj 8192 (11 partials of 512 KiB) 176 MiB with
     128-wide tiles, 352 MiB with dropout's 64-wide ones, against a 64 MiB pass over x.  256-wide tiles halve or
     quarter it at the same HBM traffic and a similar program count (272 at K = 4096, M = 8192); 8 warps with dropout
     (64 x 256 mask bits: 64 per thread).  Chosen by that arithmetic and the compile check's register / shared-memory
-    report (``.ci/compile_triton.py``), not timed.  The interpreter and forced test shapes keep ``skinny_blocks``."""
+    report (``.ci/compile_triton.py``), not timed.  `with_dx`: the pass that also updates dX (the default backward).
+    The interpreter and forced test shapes keep ``skinny_blocks``."""
     if _test_shape["blocks"] is not None or tgt is None:
         return skinny_blocks(tgt, dropout)
+    if with_dx:
+        # the pass also adds the rank-r term into dX: its fp32 product and the dX tile sit beside x's, so 128-wide
+        # tiles over 8 warps (32 of each per thread)
+        return 64, 128, 8
     return (64, 256, 8) if dropout else (64, 256, 4)
 
 

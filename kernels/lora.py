@@ -13,17 +13,18 @@ with a fixed pass budget (the dropout mask is regenerated from (seed, m, k) wher
                                      (one read + write of y, cuBLAS beta=1 traffic).  Rows carry the
                                      parallelism (the N range is split, x re-read, only where M < 16·SMs).
   backward  ``_lora_dy_kernel``      one pass over dY: dSe = s · dY B, dB = s · dYᵀ (S ⊙ e), dbias = Σ_m dY
-            ``_lora_da_kernel``      one pass over x: dA = dSᵀ drop(x) (dS = dSe ⊙ e summed on load; dE's partials)
             ``torch.mm``             dX = dY W                                     (cuBLAS)
-            ``_lora_expand_kernel``  dX += mask ⊙ (dS A) · scale: one read + write of dX; spare rows of its grid
-                                     finish dB, dbias, dA, dE (their split partials summed and cast)
+            ``_lora_da_kernel``      one pass over x and dX together: dA = dSᵀ drop(x) (dS = dSe ⊙ e summed on
+                                     load; dE's partials) and dX += mask ⊙ (dS A) · drop_scale (one read + write
+                                     of dX), the mask regenerated once for both
+            ``_sum_partials_kernel`` dB, dA, dbias, dE: their split partials summed and cast, one launch
 ``fused``: the same skinny kernels around the Triton GEMM of ``_gemm`` with the rank-r term in its epilogue
 (y and dX written once, no extra pass, but a Triton GEMM instead of cuBLAS's); chosen only explicitly or by a
 measured entry of the dispatch table.
 
 Split reductions write partial sums to small fp32 buffers (a few MB at M = 8192), summed in a fixed order by the
-kernel that consumes them (S by a sibling group's expands, dSe by the dA pass and the dX expand) or by
-``_partials.sum_partials``: deterministic, no atomics, no zero-fill, and no launch that only sums (4 + 2 cuBLAS
+kernel that consumes them (S by a sibling group's expands, dSe by the dA pass) or by ``_partials.sum_partials``
+(the parameters' gradients, all in one launch): deterministic, no atomics, no zero-fill (4 Triton + 2 cuBLAS
 launches per training step).
 
 Launchers ``lora_fwd_triton`` / ``lora_bwd_triton`` have the signatures and return conventions of
@@ -46,8 +47,7 @@ import triton.language as tl
 
 from ._gemm import gemm
 from ._mask import dropout_threshold, mask_int_ops
-from ._partials import TILE as PARTIALS_TILE
-from ._partials import PartialsPlan, plan_partials, sum_partials, sum_parts, sum_partials_tile
+from ._partials import sum_partials, sum_parts
 from ._philox import dropout_keep, seed_arg
 from ._target import (cdiv, LaunchTarget, check_variant, da_blocks, launch_ok, launch_target, on_input_device,
                       shrink_expand_blocks, skinny_blocks, split_count, target_programs)
@@ -193,19 +193,22 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
 
 # The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
 @triton.jit(do_not_specialize=["seed"])
-def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, dse_sum_ptr, M, K, R, n_dse_parts,
-                    stride_xm, stride_xk, stride_sm, stride_sr,
-                    mb_per_split, seed, p16, drop_scale,
+def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, dse_sum_ptr, dx_ptr, a_ptr, M, K, R,
+                    n_dse_parts, stride_xm, stride_xk, stride_sm, stride_sr, stride_dxm, stride_dxk, stride_ar,
+                    stride_ak, mb_per_split, seed, p16, drop_scale,
                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
-                    HAS_DROPOUT: tl.constexpr, HAS_E: tl.constexpr, STORE_SUM: tl.constexpr, PREC: tl.constexpr,
-                    A_DTYPE: tl.constexpr):
+                    HAS_DROPOUT: tl.constexpr, HAS_E: tl.constexpr, STORE_SUM: tl.constexpr, WITH_DX: tl.constexpr,
+                    PREC: tl.constexpr, PREC_X: tl.constexpr, A_DTYPE: tl.constexpr):
     """part[split, r, k] = Σ_{m in split} dS[m, r] drop(x)[m, k]; grid (K blocks, M splits).
 
     dS = dSe ⊙ e is formed on load: dSe arrives as the dY pass's `n_dse_parts` partial sums (n_dse_parts, M, R)
     fp32, summed here.  With e (AdaLoRA) the programs of the first K block also write
     de_part[split, r] = Σ_{m in split} dSe[m, r] S[m, r] (dE's partials; S: (M, R) fp32).  With STORE_SUM they
-    also write the summed dSe to dse_sum (M, R) fp32, so the dX expand reads one buffer instead of every partial
-    once per column block of dX."""
+    also write the summed dSe to dse_sum (M, R) fp32 (for a separate dX step).  With WITH_DX each program also adds
+    the rank-r term into its tiles of dX (M, K), which already holds dY W:
+         dX[m, k] += keep(m, k) · drop_scale · Σ_r dS[m, r] A[r, k]
+    - the tiles it reads x for, with the same mask: x and dX in one pass, the mask regenerated once (the product
+    formed as ``_lora_expand_kernel`` forms it, in A's dtype with fp32 accumulation, added and rounded once)."""
     tl.static_assert(BLOCK_K % 8 == 0, "BLOCK_K must be a multiple of the dropout mask's Philox group (8)")
     pid_k = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -218,6 +221,9 @@ def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, dse_sum
     if HAS_E:
         e = tl.load(e_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
         acc_de = tl.zeros((R_PAD,), dtype=tl.float32)
+    if WITH_DX:
+        at = tl.load(a_ptr + offs_r[:, None] * stride_ar + rk64[None, :] * stride_ak,
+                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
     mb0 = pid_s * mb_per_split
     mb1 = tl.minimum(mb0 + mb_per_split, tl.cdiv(M, BLOCK_M))
     for mb in range(mb0, mb1):
@@ -241,6 +247,17 @@ def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, dse_sum
                 acc_de += tl.sum(ds * sv, axis=0)
             ds = ds * e[None, :]
         acc = mma(tl.trans(ds.to(A_DTYPE)), adapter_operand(x, A_DTYPE, PREC), acc, PREC)
+        if WITH_DX:
+            lt = ds
+            if HAS_DROPOUT:
+                lt = lt * drop_scale
+            t = mma(lt.to(at.dtype), at, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PREC_X)
+            if HAS_DROPOUT:
+                t = tl.where(keep, t, 0.0)
+            dx_ptrs = dx_ptr + rm64[:, None] * stride_dxm + rk64[None, :] * stride_dxk
+            mask_mk = mask_m[:, None] & mask_k[None, :]
+            o = tl.load(dx_ptrs, mask=mask_mk, other=0.0)
+            tl.store(dx_ptrs, (o.to(tl.float32) + t).to(dx_ptr.dtype.element_ty), mask=mask_mk)
     out = part_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None].to(tl.int64) * K + rk64[None, :]
     tl.store(out, acc, mask=mask_r[:, None] & mask_k[None, :])
     if HAS_E:
@@ -249,17 +266,18 @@ def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, dse_sum
 
 
 @triton.jit
-def _expand_tile(pid_m, pid_n, out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, l_ld, n_parts, scale,
-                 stride_om, stride_on, stride_rr, stride_rn, seed, p16, drop_scale,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-                 HAS_E: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_LSUM: tl.constexpr, PREC: tl.constexpr):
-    """out[m, n] += [keep(m, n) · drop_scale ·] scale · Σ_r L[m, r] e[r] Rm[r, n] for tile (pid_m, pid_n).
+def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, M, N, R, l_ld, n_parts, scale,
+                        stride_om, stride_on, stride_rr, stride_rn,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
+                        HAS_E: tl.constexpr, PREC: tl.constexpr):
+    """out[m, n] += scale · Σ_r L[m, r] e[r] Rm[r, n]; grid (M blocks, N blocks).
 
-    L arrives as `n_parts` partial sums (n_parts, M, ·) fp32 (a split reduction's output), summed on load; with
-    STORE_LSUM the programs of the first N block write that sum to lsum (M, ·) fp32 (the forward's S, for backward).
-    Rows of both are `l_ld` apart (R, or a sibling group's total rank when L is one member's columns).
-    One read and one write of `out` (coalesced along n), L's partials and Rm (r, N) from L2.  The rank-r product
-    runs in Rm's dtype with fp32 accumulation and is added to the fp32 value of `out`, rounded once."""
+    L arrives as `n_parts` partial sums (n_parts, M, ·) fp32 (a split reduction's output), summed on load, rows
+    `l_ld` apart (R, or a sibling group's total rank when L is one member's columns of S).  One read and one write
+    of `out` (coalesced along n), L's partials and Rm (r, N) from L2.  The rank-r product runs in Rm's dtype with
+    fp32 accumulation and is added to the fp32 value of `out`, rounded once."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
@@ -268,57 +286,17 @@ def _expand_tile(pid_m, pid_n, out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, 
     mask_r = offs_r < R
     rm64 = offs_m.to(tl.int64)
     rn64 = offs_n.to(tl.int64)
-    mask_mr = mask_m[:, None] & mask_r[None, :]
-    lsum = sum_parts(l_ptr, n_parts, M, l_ld, offs_m, offs_r, mask_mr, BLOCK_M, R_PAD)
-    if STORE_LSUM:
-        if pid_n == 0:
-            tl.store(lsum_ptr + rm64[:, None] * l_ld + offs_r[None, :], lsum, mask=mask_mr)
-    lt = lsum * scale
+    lt = sum_parts(l_ptr, n_parts, M, l_ld, offs_m, offs_r, mask_m[:, None] & mask_r[None, :], BLOCK_M, R_PAD) * scale
     if HAS_E:
         e = tl.load(e_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
         lt = lt * e[None, :]
-    if HAS_DROPOUT:
-        lt = lt * drop_scale
     rt = tl.load(r_ptr + offs_r[:, None] * stride_rr + rn64[None, :] * stride_rn,
                  mask=mask_r[:, None] & mask_n[None, :], other=0.0)
     t = mma(lt.to(rt.dtype), rt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC)
-    if HAS_DROPOUT:
-        tl.static_assert(BLOCK_N % 8 == 0, "BLOCK_N must be a multiple of the dropout mask's Philox group (8)")
-        keep = dropout_keep(seed, offs_m, pid_n * BLOCK_N, p16, BLOCK_N)
-        t = tl.where(keep, t, 0.0)
     ptrs = out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on
     mask = mask_m[:, None] & mask_n[None, :]
     o = tl.load(ptrs, mask=mask, other=0.0)
     tl.store(ptrs, (o.to(tl.float32) + t).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-# The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
-@triton.jit(do_not_specialize=["seed"])
-def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, l_ld, n_parts, scale,
-                        stride_om, stride_on, stride_rr, stride_rn, seed, p16, drop_scale,
-                        f_p0, f_o0, f_P0, f_L0, f_p1, f_o1, f_P1, f_L1, f_p2, f_o2, f_P2, f_L2,
-                        f_p3, f_o3, f_P3, f_L3, f_t1, f_t2, f_t3, m_blocks,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-                        HAS_E: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_LSUM: tl.constexpr,
-                        PREC: tl.constexpr, FINISH: tl.constexpr, FINISH_TILE: tl.constexpr):
-    """Grid (m_blocks [+ finishing rows], N blocks): ``_expand_tile`` for pid_m < m_blocks.  With FINISH the
-    programs of the rows past m_blocks run the backward's last split reductions instead (the f_* arguments, tiles
-    of ``kernels._partials.sum_partials_tile``, numbered row-major), so the dX expand - the backward's last
-    launch - also finishes dB, dA, dbias and dE: no launch of its own for them."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if FINISH:  # constexpr: without FINISH the grid has m_blocks rows and no finishing code is compiled
-        finishing = pid_m >= m_blocks
-    else:
-        finishing = False
-    if finishing:
-        sum_partials_tile(f_p0, f_o0, f_P0, f_L0, f_p1, f_o1, f_P1, f_L1, f_p2, f_o2, f_P2, f_L2,
-                          f_p3, f_o3, f_P3, f_L3, f_t1, f_t2, f_t3,
-                          (pid_m - m_blocks) * tl.num_programs(1) + pid_n, FINISH_TILE)
-    else:
-        _expand_tile(pid_m, pid_n, out_ptr, l_ptr, e_ptr, r_ptr, lsum_ptr, M, N, R, l_ld, n_parts, scale,
-                     stride_om, stride_on, stride_rr, stride_rn, seed, p16, drop_scale,
-                     BLOCK_M, BLOCK_N, R_PAD, HAS_E, HAS_DROPOUT, STORE_LSUM, PREC)
 
 
 # The dropout seed changes every step: not specialised on (seed % 16), which would compile each variant twice.
@@ -334,7 +312,7 @@ def _lora_shrink_expand_kernel(x_ptr, a_ptr, e_ptr, r_ptr, y_ptr, s_ptr, M, N, K
          y[rows, n] += scale · (S ⊙ e)[rows, :R_EXP] Rm[:, n]   for the N blocks of split j (the expand;
                                                                  Rm = Bᵀ (R_EXP, N), R_EXP <= R).
     R_EXP < R: a sibling group's first member, whose S columns lead the group's stacked A (R rows).  Each sum runs
-    in the order of the two-launch path with one K split (``_lora_shrink_kernel`` then ``_expand_tile``): the same
+    in the order of the two-launch path with one K split (``_lora_shrink_kernel`` then ``_lora_expand_kernel``): the same
     S, and the same y from it."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -411,42 +389,29 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, t
 
 
 def _expand(out: torch.Tensor, L_parts: torch.Tensor, scale: float, e: Optional[torch.Tensor], Rm: torch.Tensor,
-            tgt: Optional[LaunchTarget], dropout_p: float = 0.0, seed: int = 0,
-            l_sum: Optional[torch.Tensor] = None, finish: Optional[PartialsPlan] = None) -> None:
-    """out (M, N) += [mask ⊙ drop_scale ·] scale · (L ⊙ e) Rm in place, L = Σ_p L_parts[p].
+            tgt: Optional[LaunchTarget]) -> None:
+    """out (M, N) += scale · (L ⊙ e) Rm in place, L = Σ_p L_parts[p]: a sibling group's other members' forward
+    (each its columns of the group's S).
 
     L_parts: (P, M, r) fp32 partial sums (P = 1: L itself), contiguous or r columns of a contiguous (P, M, R)
-    buffer (a sibling group's); Rm: (r, N), any strides.  `l_sum`: an (M, r) fp32 buffer with L_parts' row stride
-    that receives L (written by the first N block's programs), or None.  `finish`: split
-    reductions (``kernels._partials.plan_partials``) run by extra rows of programs in the same launch, or None.
-    One read + one write of out (2·M·N elements), L's partials and Rm once."""
+    buffer (a sibling group's); Rm: (r, N), any strides.  One read + one write of out (2·M·N elements), L's
+    partials and Rm once."""
     m, n = out.shape
     parts, r = L_parts.shape[0], L_parts.shape[2]
     l_ld = L_parts.stride(1) if m > 0 else r
     assert L_parts.stride(2) == 1 and (parts == 1 or L_parts.stride(0) == m * l_ld), "L_parts: (P, M, ld) layout"
-    assert l_sum is None or tuple(l_sum.stride()) == (l_ld, 1), "l_sum: L_parts' row stride"
-    bm, bn, warps = skinny_blocks(tgt, dropout_p > 0.0)
-    p16, drop_scale = dropout_threshold(dropout_p)
+    bm, bn, warps = skinny_blocks(tgt)
     m_blocks, n_blocks = cdiv(m, bm), cdiv(n, bn)
-    finish = finish if finish is not None else plan_partials([], out)  # no segments: no finishing rows
-    fin = finish.tiles > 0
-    extra_rows = cdiv(finish.tiles, n_blocks)
     prec = lora_epilogue_precision(out.dtype, Rm.dtype)
     tc_flops, fma_flops = dot_flops(prec, 2 * m * n * r)
     if launch_ok("lora_expand", out, bytes_read=m * n * out.element_size() + parts * m * r * 4
-                 + r * n * Rm.element_size() + finish.bytes_read,
-                 bytes_written=m * n * out.element_size() + (m * r * 4 if l_sum is not None else 0)
-                 + finish.bytes_written,
-                 flops=tc_flops + finish.flops, fma_flops=fma_flops,
-                 int_ops=mask_int_ops(m * n, (bm, bn, warps)) if p16 > 0 else 0):
-        _lora_expand_kernel[(m_blocks + extra_rows, n_blocks)](
-            out, L_parts, e if e is not None else L_parts, Rm, l_sum if l_sum is not None else L_parts,
-            m, n, r, l_ld, parts, float(scale), out.stride(0), out.stride(1), Rm.stride(0), Rm.stride(1),
-            seed_arg(seed), p16, drop_scale, *finish.args, m_blocks,
-            BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=e is not None, HAS_DROPOUT=p16 > 0,
-            STORE_LSUM=l_sum is not None,
-            PREC=dot_prec(prec, Rm.dtype), FINISH=fin,
-            FINISH_TILE=PARTIALS_TILE, num_warps=warps)
+                 + r * n * Rm.element_size(), bytes_written=m * n * out.element_size(),
+                 flops=tc_flops, fma_flops=fma_flops):
+        _lora_expand_kernel[(m_blocks, n_blocks)](
+            out, L_parts, e if e is not None else L_parts, Rm, m, n, r, l_ld, parts, float(scale),
+            out.stride(0), out.stride(1), Rm.stride(0), Rm.stride(1),
+            BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=e is not None,
+            PREC=dot_prec(prec, Rm.dtype), num_warps=warps)
 
 
 def shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_E: Optional[torch.Tensor],
@@ -583,12 +548,14 @@ def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Op
 
 def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Tensor], S: torch.Tensor,
              adt: torch.dtype, dropout_p: float, seed: int, tgt: Optional[LaunchTarget],
-             want_sum: bool = False
+             want_sum: bool = False, dx: Optional[torch.Tensor] = None, lora_A: Optional[torch.Tensor] = None
              ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """One pass over x (M·K reads; the mask regenerated): dA = dSᵀ drop(x) with dS = (Σ_p dse_part[p]) ⊙ e.
     Returns dA's partials (splits, r, K) fp32; with e, dE's (splits, r) fp32 (dE = Σ_m dSe ⊙ S), else None; with
-    `want_sum`, Σ_p dse_part[p] as a contiguous (M, r) fp32 tensor (for the dX expand: stored by this pass when
-    there are several partials, dse_part[0] itself when one), else None."""
+    `want_sum`, Σ_p dse_part[p] as a contiguous (M, r) fp32 tensor (for a separate dX step: stored by this pass
+    when there are several partials, dse_part[0] itself when one), else None.
+    `dx` (M, K) holding dY W, with `lora_A` (r, K): the same pass also adds mask ⊙ (dS A) · drop_scale into dx
+    in place (one read + write of dX beside the read of x, the mask regenerated once for both)."""
     m, k = x.shape
     parts, r = dse_part.shape[0], dse_part.shape[2]
     dev = x.device
@@ -596,7 +563,8 @@ def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Ten
     if want_sum:
         dse_sum = dse_part.select(0, 0) if parts == 1 else torch.empty((m, r), device=dev, dtype=torch.float32)
     store_sum = want_sum and parts > 1
-    bm, bk, warps = da_blocks(tgt, dropout_p > 0.0)
+    with_dx = dx is not None
+    bm, bk, warps = da_blocks(tgt, dropout_p > 0.0, with_dx)
     m_blocks, k_blocks = cdiv(m, bm), cdiv(k, bk)
     msplits = split_count(k_blocks, m_blocks, target_programs(tgt))
     mb_per = cdiv(m_blocks, msplits)
@@ -607,18 +575,28 @@ def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Ten
     p16, drop_scale = dropout_threshold(dropout_p)
     prec = skinny_precision(adt, x.dtype)
     tc_flops, fma_flops = dot_flops(prec, 2 * m * k * r)
-    if launch_ok("lora_da", x, bytes_read=m * k * x.element_size() + parts * m * r * 4 + (m * r * 4 if has_e else 0),
-                 bytes_written=msplits * r * k * 4 + (m * r * 4 if store_sum else 0),
+    prec_x = lora_epilogue_precision(dx.dtype, lora_A.dtype) if with_dx else prec
+    if with_dx:
+        tc_x, fma_x = dot_flops(prec_x, 2 * m * k * r)
+        tc_flops, fma_flops = tc_flops + tc_x, fma_flops + fma_x
+    dx_bytes = m * k * dx.element_size() if with_dx else 0
+    if launch_ok("lora_da_dx" if with_dx else "lora_da", x,
+                 bytes_read=m * k * x.element_size() + parts * m * r * 4 + (m * r * 4 if has_e else 0) + dx_bytes
+                 + (r * k * lora_A.element_size() if with_dx else 0),
+                 bytes_written=msplits * r * k * 4 + (m * r * 4 if store_sum else 0) + dx_bytes,
                  flops=tc_flops, fma_flops=fma_flops,
                  int_ops=mask_int_ops(m * k, (bm, bk, warps)) if p16 > 0 else 0):
         _lora_da_kernel[(k_blocks, msplits)](
             x, dse_part, lora_E if has_e else dse_part, S, da_part, de_part if has_e else da_part,
-            dse_sum if store_sum else dse_part,
+            dse_sum if store_sum else dse_part, dx if with_dx else x, lora_A if with_dx else x,
             m, k, r, parts, x.stride(0), x.stride(1), S.stride(0), S.stride(1),
+            dx.stride(0) if with_dx else 0, dx.stride(1) if with_dx else 0,
+            lora_A.stride(0) if with_dx else 0, lora_A.stride(1) if with_dx else 0,
             mb_per, seed_arg(seed), p16, drop_scale,
             BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0, HAS_E=has_e,
-            STORE_SUM=store_sum,
-            PREC=dot_prec(prec, adt), A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
+            STORE_SUM=store_sum, WITH_DX=with_dx,
+            PREC=dot_prec(prec, adt), PREC_X=dot_prec(prec_x, lora_A.dtype if with_dx else adt),
+            A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
     return da_part, de_part, dse_sum
 
 
@@ -660,19 +638,21 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     # and one launch sums the rest (dB, dbias, dA, dE) into their dtypes.
     dse_part, db_part, dbias_part, du_part = _dy_pass(dy, lora_B, S, lora_E, scaling, has_bias, tgt,
                                                       u=dy_u)  # dSe includes s
-    # with dX, the dA pass also stores dSe summed: the dX step then reads one (M, r) buffer, not every partial
-    da_part, de_part, dse_sum = _da_pass(x, dse_part, lora_E, S, adt, dropout_p, seed, tgt, want_sum=needs_dx)
+    if needs_dx and variant == "cublas":
+        # dX = dY W by cuBLAS first; then one pass over x and dX together forms dA and adds the rank-r term to dX
+        # (the dropout mask regenerated once for both)
+        dx = torch.mm(dy, weight)
+        da_part, de_part, _ = _da_pass(x, dse_part, lora_E, S, adt, dropout_p, seed, tgt, dx=dx, lora_A=lora_A)
+    else:
+        # the fused variant's GEMM epilogue reads dSe summed: the dA pass stores it
+        da_part, de_part, dse_sum = _da_pass(x, dse_part, lora_E, S, adt, dropout_p, seed, tgt, want_sum=needs_dx)
     jobs = [(db_part, lora_B.dtype), (da_part, adt)]
     if has_bias:
         jobs.append((dbias_part, weight.dtype))
     if lora_E is not None:
         jobs.append((de_part, lora_E.dtype))
     if needs_dx and variant == "cublas":
-        dx = torch.mm(dy, weight)
-        # the dX expand is the last launch: spare rows of its grid finish the reductions (no launch of their own)
-        plan = plan_partials(jobs, dy)
-        _expand(dx, dse_sum.unsqueeze(0), 1.0, lora_E, lora_A, tgt, dropout_p, seed, finish=plan)
-        outs = plan.outs
+        outs = sum_partials(jobs, dy)
     elif needs_dx:
         dS = dse_sum
         if lora_E is not None:

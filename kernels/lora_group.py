@@ -9,9 +9,9 @@ Per training step, against G separate ``lora`` ops (``kernels/lora.py``, whose k
             then per other member its ``F.linear`` and ``_lora_expand_kernel`` (reading its columns of S):
             1 pass over x instead of G, G Triton launches.
   backward  per member ``_lora_dy_kernel`` (its dSe written into its columns of one shared (P, M, R) buffer, P
-            the group's chunk count), one ``_lora_da_kernel`` over x for every dA_i, dX = Σ_i dY_i W_i by cuBLAS
-            (``torch.mm`` then ``addmm_`` accumulating in place: no M×K sum of G gradients by autograd), and one
-            ``_lora_expand_kernel`` adding dS A (all members at once) whose spare rows finish the gradients:
+            the group's chunk count), dX = Σ_i dY_i W_i by cuBLAS (``torch.mm`` then ``addmm_`` accumulating in
+            place: no M×K sum of G gradients by autograd), then one ``_lora_da_kernel`` over x and dX together for
+            every dA_i and the rank-r term Σ_i dS_i A_i added into dX, and the partial sums finished:
             1 pass over x and 1 read + write of dX instead of G each, and G - 1 fewer M×K additions.
 No dropout (the members' masks would differ; a group with dropout runs as separate ops) and no AdaLoRA e.
 """
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ._partials import SEGMENTS as _SEGMENTS
-from ._partials import plan_partials, sum_partials
+from ._partials import sum_partials
 from ._target import LaunchTarget, launch_target, on_input_device
 from .lora import _da_pass, _dy_pass, _expand, dy_split, shrink_expand
 
@@ -119,25 +119,20 @@ def lora_group_bwd_triton(x: torch.Tensor, dys: list[Optional[torch.Tensor]], we
             jobs.append((dbias_part, weights[i].dtype))
             slots.append(("bias", i))
     a_live = lora_As[live[0]] if len(live) == 1 else torch.cat([lora_As[i] for i in live])
-    # with dX, the dA pass also stores dSe summed, so the dX expand reads one buffer instead of all p partials
-    da_part, _, dse_sum = _da_pass(x, dse, None, S, adt, 0.0, 0, tgt, want_sum=needs_dx)
-    jobs.insert(0, (da_part, adt))
-    slots.insert(0, ("A", -1))
-    outs: list = []
     if needs_dx:
         first, *rest = live
         dx = torch.mm(dys[first], weights[first])
         for i in rest:
             dx.addmm_(dys[i], weights[i])  # cuBLAS beta = 1: the members' dX summed in place
-        # the dX expand is the backward's last launch: its spare rows finish the first jobs, one launch the rest
-        plan = plan_partials(jobs[:_SEGMENTS], dys[first])
-        _expand(dx, dse_sum.unsqueeze(0), 1.0, None, a_live, tgt, finish=plan)
-        outs += plan.outs
-        done = _SEGMENTS
+        # one pass over x and dX: every dA_i, and Σ_i dS_i A_i added into dX
+        da_part, _, _ = _da_pass(x, dse, None, S, adt, 0.0, 0, tgt, dx=dx, lora_A=a_live)
     else:
         dx = x.new_empty(0)
-        done = 0
-    for lo in range(done, len(jobs), _SEGMENTS):
+        da_part, _, _ = _da_pass(x, dse, None, S, adt, 0.0, 0, tgt)
+    jobs.insert(0, (da_part, adt))
+    slots.insert(0, ("A", -1))
+    outs: list = []
+    for lo in range(0, len(jobs), _SEGMENTS):
         outs += sum_partials(jobs[lo:lo + _SEGMENTS], dys[live[0]])
     for (kind, i), t in zip(slots, outs):
         if kind == "A":

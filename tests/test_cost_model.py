@@ -274,8 +274,10 @@ def test_fp32_adapter_products_are_priced_where_they_run(act):
     by = {c.name: c for c in rec}
     # the forward's one launch also adds S Bᵀ into y, at the epilogue's precision
     ep_tc, ep_fma = dot_flops(lora_epilogue_precision(act, torch.float32), 2 * m * n * r)
+    dx_tc, dx_fma = dot_flops(lora_epilogue_precision(act, torch.float32), 2 * m * k * r)
+    # the dA pass also adds dX's rank-r term, at the epilogue's precision too
     work = {"lora_shrink_expand": (2 * m * k * r, ep_tc, ep_fma), "lora_dy": (4 * m * n * r, 0, 0),
-            "lora_da": (2 * m * k * r, 0, 0)}
+            "lora_da_dx": (2 * m * k * r, dx_tc, dx_fma)}
     for name, (f, tc, fma) in work.items():
         c = by[name]
         want = (3 * f + tc, fma) if act == torch.bfloat16 else (tc, f + fma)
@@ -292,9 +294,10 @@ def test_fp32_adapter_products_are_priced_where_they_run(act):
 @pytest.mark.parametrize("m", [2048, 8192])
 def test_dropout_mask_is_priced_as_integer_work(m):
     """Every kernel that regenerates the dropout mask reports its Philox work (``_mask.mask_int_ops``: M·K masked
-    elements, once per N split of the forward's launch) and nothing else changes with p; a streaming kernel then
-    costs the slowest of its bytes and its integer work at ``PEAK_INT_OPS``, and the dropout row costs more than
-    the p = 0 one - the dA pass over x (64 MiB at q_proj 8192) is bound by the mask, not by memory."""
+    elements, once per N split of the forward's launch; once in the backward, whose one pass over x and dX uses it
+    for dA and dX) and nothing else changes with p; a streaming kernel then costs the slowest of its bytes and its
+    integer work at ``PEAK_INT_OPS`` - at M = 2048 the forward's launch, whose two N splits each regenerate their
+    rows' mask, is bound by the mask, not by memory."""
     from torch._subclasses import FakeTensorMode
     from fastpeft.kernels import lora as KL
     from fastpeft.kernels._mask import MASK_INT_OPS_PER_ELEMENT, mask_int_ops
@@ -312,36 +315,42 @@ def test_dropout_mask_is_priced_as_integer_work(m):
             KL.lora_bwd_triton(torch.empty_like(y), x, w, a, None, bm, s, 2.0, p, 7, True, False, target=tgt)
         recs[p] = {c.name: c for c in rec}
     splits = shrink_expand_blocks(tgt, m, n, True)[4]
-    want = {"lora_shrink_expand": splits * m * k, "lora_da": m * k, "lora_expand": m * k, "lora_dy": 0}
+    # the forward's launch (once per N split) and the backward's one pass over x and dX (the mask regenerated once)
+    want = {"lora_shrink_expand": splits * m * k, "lora_da_dx": m * k, "lora_dy": 0}
+    assert sorted(recs[0.1]) == sorted(want) + ["sum_partials"]
     for name, elements in want.items():
         c0, c1 = recs[0.0][name], recs[0.1][name]
         assert c0.int_ops == 0 and c1.int_ops == elements * MASK_INT_OPS_PER_ELEMENT, (name, c1)
         assert (c0.flops, c0.fma_flops) == (c1.flops, c1.fma_flops), name
     assert mask_int_ops(100, (16, 64, 8)) == 2 * mask_int_ops(100) == 2 * mask_int_ops(100, (32, 64, 8))
     cal = C.Calibration(e_gemm=0.9, e_gemv=0.5, gap_s=2e-6, host_call_s=10e-6, host_launch_s=5e-6, host_bwd_s=50e-6)
-    da = recs[0.1]["lora_da"]
-    kern = C.Kernel(da.name, "fastpeft", da.bytes_read, da.bytes_written, da.flops, fma_flops=da.fma_flops,
-                    int_ops=da.int_ops)
-    assert C.kernel_seconds(kern, cal) == pytest.approx(da.int_ops / C.PEAK_INT_OPS)
-    assert da.int_ops / C.PEAK_INT_OPS > kern.bytes / C.PEAK_BYTES
+    fwd = recs[0.1]["lora_shrink_expand"]
+    kern = C.Kernel(fwd.name, "fastpeft", fwd.bytes_read, fwd.bytes_written, fwd.flops, fma_flops=fwd.fma_flops,
+                    int_ops=fwd.int_ops)
+    want_s = max(fwd.flops / C.PEAK_FLOPS, fwd.fma_flops / C.PEAK_FMA_FLOPS, kern.bytes / C.PEAK_BYTES,
+                 fwd.int_ops / C.PEAK_INT_OPS)
+    assert C.kernel_seconds(kern, cal) == pytest.approx(want_s)
+    if m == 2048:  # N split twice at M < 16 SMs: each split regenerates its rows' mask, more than its bytes take
+        assert fwd.int_ops / C.PEAK_INT_OPS > kern.bytes / C.PEAK_BYTES
     gemm = C.Kernel("triton_gemm", "fastpeft", 10 ** 9, 10 ** 8, 10 ** 13, gemm=True, int_ops=10 ** 10)
     assert C.kernel_seconds(gemm, cal) == pytest.approx(
         C.TRITON_GEMM_SLOWDOWN * 1e13 / (C.PEAK_FLOPS * 0.9) + 1e10 / C.PEAK_INT_OPS)
 
 
 def test_dropout_rows_cost_more_than_p0_in_the_table(model_run):
-    """The written table prices the mask: each default LoRA dropout row at M >= 2048 above its p = 0 row (at
-    M <= 16 the host's time decides an eager step), its integer work in the three passes that regenerate the mask
-    (forward, dA, dX)."""
+    """The written table prices the mask: each default LoRA dropout row at M >= 2048 at or above its p = 0 row
+    (at M <= 16 the host's time decides an eager step; where the passes that regenerate the mask stay memory-bound
+    it costs nothing), its integer work in the two passes that regenerate it (forward; the backward's pass over x
+    and dX)."""
     _, rows, kernels = model_run
     by = {(r["layer"], r["M"], r["method"], r["mode"], r["path"]): r for r in rows}
     for (layer, m, method, mode, path), r in by.items():
         if method == "lora_p0.1" and mode == "fwd+bwd" and path == "default" and int(m) >= 2048:
             r0 = by[(layer, m, "lora", mode, path)]
-            assert float(r["pred_x_base"]) > float(r0["pred_x_base"]), (layer, m)
+            assert float(r["pred_x_base"]) >= float(r0["pred_x_base"]), (layer, m)
             masked = {x["kernel"] for x in kernels if (x["layer"], x["M"], x["method"], x["mode"], x["path"])
                       == (layer, m, method, mode, path) and int(x["int_ops"]) > 0}
-            assert masked == {"lora_shrink_expand", "lora_da", "lora_expand"}, (layer, m, masked)
+            assert masked == {"lora_shrink_expand", "lora_da_dx"}, (layer, m, masked)
 
 
 def test_prediction_formula():

@@ -457,7 +457,7 @@ def test_prune_gemm_configs_fits_shared_memory(monkeypatch, smem, dtype, m, expe
 def test_multi_block_paths_of_production_shapes(monkeypatch):
     """At M = 8192, N = 4096 on an H200 the one-pass dY kernel gives each program 6 M blocks x 3 N blocks (its dSe
     partial rows are accumulated across N blocks through global memory), the dA kernel splits its reduction over M
-    with several blocks per split, and the forward's single launch walks several N blocks per program (N split where
+    with several blocks per split (and adds the rank-r term into dX in the same pass), and the forward's single launch walks several N blocks per program (N split where
     rows are too few).  Small blocks and a small program target give the same structure here (M = 96: 6 M blocks;
     N = 144: 9 N blocks), and the results still match the fp64 reference."""
     spies = {name: LaunchSpy(getattr(KL, name)) for name in ("_lora_shrink_kernel", "_lora_dy_kernel",
@@ -474,11 +474,10 @@ def test_multi_block_paths_of_production_shapes(monkeypatch):
     (grid, kw, args), = spies["_lora_shrink_expand_kernel"].launches
     assert grid == (2, 6) and args[20] == 5, (grid, args[20])  # 2 N splits of 5 (and 4) N blocks, 6 row blocks
     (grid, kw, args), = spies["_lora_da_kernel"].launches
-    assert grid[1] > 1 and args[15] > 1, (grid, args[15])  # M splits, several M blocks per split
-    assert args[10] > 1, args[10]  # dSe arrives as several partial sums, summed on load
-    assert kw["STORE_SUM"]  # ... and stored summed once, for the dX expand
-    (grid, kw, args), = spies["_lora_expand_kernel"].launches  # the backward's: dSe as one summed buffer
-    assert args[9] == 1 and grid[1] > 1, (args[9], grid)
+    assert grid[1] > 1 and args[21] > 1, (grid, args[21])  # M splits, several M blocks per split
+    assert args[12] > 1, args[12]  # dSe arrives as several partial sums, summed on load
+    assert kw["WITH_DX"] and not kw["STORE_SUM"]  # ... and the same pass adds the rank-r term into dX
+    assert not spies["_lora_expand_kernel"].launches  # no dX expand of its own
 
 
 @pytest.mark.parametrize("blocks", [(16, 16, 4), (32, 16, 4), (64, 32, 8)], ids=["rows16", "rows32", "rows64"])
@@ -509,19 +508,26 @@ def test_forward_single_launch_matches_the_two_launch_path(monkeypatch, blocks):
             assert torch.equal(s1, s_part[0]) and torch.equal(y1, y2), (m, k, n, r, p)
 
 
-def test_dx_expand_finishes_the_reductions_in_spare_rows(monkeypatch):
-    """The backward's last launch (the dX expand) also sums dB, dbias, dA and dE's split partials, in rows of
-    programs past dX's own: here more finishing tiles (dB is 300 x 4 = 1200 elements, two tiles) than dX has
-    column blocks (K = 20: two), so several spare rows, one tile past the end (a no-op), and every gradient
-    still matches the fp64 reference."""
-    spy = LaunchSpy(KL._lora_expand_kernel)
-    monkeypatch.setattr(KL, "_lora_expand_kernel", spy)
+def test_dx_term_rides_the_da_pass(monkeypatch):
+    """The default backward adds dX's rank-r term in the pass over x that forms dA (one read + write of dX beside
+    the read of x, the dropout mask regenerated once for both): no expand launch, one launch summing dB, dbias, dA
+    and dE's split partials (dB is 300 x 4 = 1200 elements: two tiles), and with several M splits (each writes its
+    rows of dX; every row once), dropout, e and a bias every gradient still matches the fp64 reference."""
+    from fastpeft.kernels import _partials as KP
+
+    launches = []
+    spies = {}
+    for mod, name in ((KL, "_lora_da_kernel"), (KL, "_lora_expand_kernel"), (KP, "_sum_partials_kernel")):
+        spies[name] = LaunchSpy(getattr(mod, name), launches, name)
+        monkeypatch.setattr(mod, name, spies[name])
     with KT.forced_launch_shape(blocks=(16, 16, 4), programs=8):
         check_fa_rule(Case((200,), 20, 300, 4, F32, p=0.1, with_e=True))
-    (grid, kw, args), = [launch for launch in spy.launches if launch[1]["FINISH"]]
-    m_blocks = args[-1]
-    assert m_blocks == 13 and grid == (m_blocks + 3, 2), grid  # 5 tiles over 2 columns: 3 spare rows
-    assert args[20] > 1 and args[24] > 1, (args[20], args[24])  # dB and dA arrive as several partials
+    assert not spies["_lora_expand_kernel"].launches
+    # every backward (the check runs several) is one dA pass with dX's term, then one finishing launch
+    names = [n for n, _ in launches]
+    assert names == ["_lora_da_kernel", "_sum_partials_kernel"] * (len(names) // 2), names
+    for grid, kw, args in spies["_lora_da_kernel"].launches:
+        assert kw["WITH_DX"] and grid[1] > 1 and args[12] > 1, (grid, args[12])  # M splits; dSe in partials
 
 
 def test_single_program_reductions(monkeypatch):
@@ -537,8 +543,8 @@ def test_single_program_reductions(monkeypatch):
 def test_launchers_report_kernels_and_skip_fake_tensors():
     """Under the cost model (fastpeft._cost.recording) with fake tensors at production shapes, the launchers report
     each Triton kernel with its traffic and return correctly shaped outputs without launching; the default path's
-    pass budget is visible: forward shrink + expand, backward dY + dA + expand (whose spare programs finish the
-    split reductions) - and no torch op besides the two cuBLAS GEMMs (no separate sums or casts)."""
+    pass budget is visible: forward one shrink-expand launch, backward dY pass, dA pass with dX's term, one launch
+    finishing the split reductions - and no torch op besides the two cuBLAS GEMMs (no separate sums or casts)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -571,12 +577,14 @@ def test_launchers_report_kernels_and_skip_fake_tensors():
             assert outs[3].shape == (n, r) and (b is None or outs[4].shape == (n,))
             assert lora_e is None or outs[2].shape == (r,)
             names = [c.name for c in rec]
-            assert names == ["lora_shrink_expand", "lora_dy", "lora_da", "lora_expand"], names
+            assert names == ["lora_shrink_expand", "lora_dy", "lora_da_dx", "sum_partials"], names
             compute = [o for o in ops.names if o not in ("empty", "select", "t", "transpose", "empty_like", "unsqueeze",
                                                          "new_empty", "view", "as_strided", "detach", "device")]
             assert compute == [("addmm" if b is not None else "mm"), "mm"], compute
     by = {c.name: c for c in rec}
-    assert by["lora_da"].bytes_read >= m * k * 2 and by["lora_dy"].bytes_read >= m * n * 2
+    # the dA pass reads x and dX and writes dX: one pass over each
+    assert by["lora_da_dx"].bytes_read >= 2 * m * k * 2 and by["lora_da_dx"].bytes_written >= m * k * 2
+    assert by["lora_dy"].bytes_read >= m * n * 2
     # the forward's launch: x read once (rows fill the H200's SMs at M = 8192: no N split), y read + written once,
     # and S (M x r fp32) stored beside it
     fwd = by["lora_shrink_expand"]
