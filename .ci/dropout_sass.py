@@ -1,12 +1,13 @@
 """What the dropout mask costs in the GPU code: integer instructions per masked element, counted in the sm_90 SASS
 of the LoRA kernels that regenerate it (no GPU needed; the cost model's ``kernels._mask.MASK_INT_OPS_PER_ELEMENT``).
 
-For each kernel that masks (the forward's shrink-expand, the dA pass, the dX expand) and each production
+For each kernel that masks (the forward's shrink-expand; the backward's pass over x and dX, ``_lora_da_kernel``
+with WITH_DX) and each production
 configuration (``kernels._target``'s block choosers at an H200's M = 2048 / 4224 / 8448), the kernel is compiled
 twice for sm_90 with the same blocks - with dropout and without - through ``.ci/compile_triton.py``'s stub driver,
 disassembled with the ``nvdisasm`` that ships with Triton, and the difference in instruction count is divided by
 the elements one thread masks per tile (rows x cols / (32 x warps)).  Each kernel's masking code sits once in its
-loop body (or, for the expand, its one tile), so the difference is the mask's per-tile cost.
+loop body, so the difference is the mask's per-tile cost.
 
     python .ci/dropout_sass.py [--csv out.csv]
 
@@ -31,7 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
-KERNELS = {"_lora_shrink_expand_kernel": "BLOCK_K", "_lora_da_kernel": "BLOCK_K", "_lora_expand_kernel": "BLOCK_N"}
+KERNELS = {"_lora_shrink_expand_kernel": "BLOCK_K", "_lora_da_kernel": "BLOCK_K"}
 
 
 def _sass_count(cubin: bytes) -> int:
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     sk, se, da = KL.skinny_blocks, KL.shrink_expand_blocks, KL.da_blocks
     KL.skinny_blocks = lambda tgt, dropout=False: sk(tgt, True)
     KL.shrink_expand_blocks = lambda tgt, m, n, dropout=False: se(tgt, m, n, True)
-    KL.da_blocks = lambda tgt, dropout=False: da(tgt, True)
+    KL.da_blocks = lambda tgt, dropout=False, with_dx=False: da(tgt, True, with_dx)
     k = n = 512
     r = 16
     rows = []

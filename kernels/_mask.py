@@ -48,20 +48,26 @@ def tiny_scale(dtype) -> float:
 # Integer lane instructions per element of a regenerated dropout mask, counted in the sm_90 SASS that triton 3.9
 # builds for the LoRA kernels (``.ci/dropout_sass.py``: a kernel's instruction count with dropout minus the same
 # kernel and configuration without, per element a thread masks; results in
-# benchmarks/results/triton-compile-sm90/dropout_sass.csv): shrink-expand 19.0, dA pass 15.4, dX expand 21.5 with
-# bf16 adapters (16.5 / 17.9 / 22.0 with fp32 ones).  One Philox-4x32-10 call - ten rounds of two 32x32->64-bit
-# multiplies and two three-way XORs - serves 8 elements; each element adds its 16-bit extraction, compare, select
-# and scale.
+# benchmarks/results/triton-compile-sm90/dropout_sass.csv).  One Philox-4x32-10 call - ten rounds of two
+# 32x32->64-bit multiplies and two three-way XORs - serves 8 elements; each element adds its 16-bit extraction,
+# compare, select and scale.
+#   MASK_INT_OPS_PER_ELEMENT: a pass that masks one operand - the forward's shrink-expand, 16.5-25 over the H200's
+#     tiles and adapter dtypes (19.0 at M = 8448 with bf16 adapters); the dA pass alone measured 15.4-17.9.
+#   MASK_INT_OPS_X_AND_DX: the backward's one pass over x and dX, which masks x and dX's rank-r term: 29.2-33.2 (the
+#     mask also moves into the product's register layout) - against 15.4 + 21.5 for the two passes it replaced.
 MASK_INT_OPS_PER_ELEMENT = 19
+MASK_INT_OPS_X_AND_DX = 30
 
 
-def mask_int_ops(elements: int, tile: tuple[int, int, int] | None = None) -> int:
+def mask_int_ops(elements: int, tile: tuple[int, int, int] | None = None,
+                 per_element: int = MASK_INT_OPS_PER_ELEMENT) -> int:
     """Integer lane instructions a kernel spends regenerating the dropout mask of `elements` elements:
-    ``MASK_INT_OPS_PER_ELEMENT`` each.  `tile`: (rows, cols, warps) of the kernel's masked tile; a tile with fewer
-    Philox groups (rows x cols / 8) than threads has each call computed by several threads, which multiplies the
-    count (at 16 x 64 over 8 warps the SASS counts 48 per element).  None: a tile with enough groups."""
+    `per_element` each (``MASK_INT_OPS_PER_ELEMENT``, or ``MASK_INT_OPS_X_AND_DX`` for the pass that uses the mask
+    twice).  `tile`: (rows, cols, warps) of the kernel's masked tile; a tile with fewer Philox groups
+    (rows x cols / 8) than threads has each call computed by several threads, which multiplies the count (at
+    16 x 64 over 8 warps the SASS counts 48 per element).  None: a tile with enough groups."""
     replication = 1
     if tile is not None:
         rows, cols, warps = tile
         replication = max(1, (32 * warps * 8) // max(1, rows * cols))
-    return int(elements) * MASK_INT_OPS_PER_ELEMENT * replication
+    return int(elements) * per_element * replication

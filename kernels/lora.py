@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._gemm import gemm
-from ._mask import dropout_threshold, mask_int_ops
+from ._mask import MASK_INT_OPS_PER_ELEMENT, MASK_INT_OPS_X_AND_DX, dropout_threshold, mask_int_ops
 from ._partials import sum_partials, sum_parts
 from ._philox import dropout_keep, seed_arg
 from ._target import (cdiv, LaunchTarget, check_variant, da_blocks, launch_ok, launch_target, on_input_device,
@@ -585,7 +585,9 @@ def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Ten
                  + (r * k * lora_A.element_size() if with_dx else 0),
                  bytes_written=msplits * r * k * 4 + (m * r * 4 if store_sum else 0) + dx_bytes,
                  flops=tc_flops, fma_flops=fma_flops,
-                 int_ops=mask_int_ops(m * k, (bm, bk, warps)) if p16 > 0 else 0):
+                 int_ops=mask_int_ops(m * k, (bm, bk, warps),
+                                      MASK_INT_OPS_X_AND_DX if with_dx else MASK_INT_OPS_PER_ELEMENT)
+                 if p16 > 0 else 0):
         _lora_da_kernel[(k_blocks, msplits)](
             x, dse_part, lora_E if has_e else dse_part, S, da_part, de_part if has_e else da_part,
             dse_sum if store_sum else dse_part, dx if with_dx else x, lora_A if with_dx else x,

@@ -300,7 +300,7 @@ def test_dropout_mask_is_priced_as_integer_work(m):
     rows' mask, is bound by the mask, not by memory."""
     from torch._subclasses import FakeTensorMode
     from fastpeft.kernels import lora as KL
-    from fastpeft.kernels._mask import MASK_INT_OPS_PER_ELEMENT, mask_int_ops
+    from fastpeft.kernels._mask import MASK_INT_OPS_PER_ELEMENT, MASK_INT_OPS_X_AND_DX, mask_int_ops
     from fastpeft.kernels._target import LaunchTarget, shrink_expand_blocks
 
     k, n, r = 4096, 4096, 16
@@ -316,11 +316,12 @@ def test_dropout_mask_is_priced_as_integer_work(m):
         recs[p] = {c.name: c for c in rec}
     splits = shrink_expand_blocks(tgt, m, n, True)[4]
     # the forward's launch (once per N split) and the backward's one pass over x and dX (the mask regenerated once)
-    want = {"lora_shrink_expand": splits * m * k, "lora_da_dx": m * k, "lora_dy": 0}
+    want = {"lora_shrink_expand": splits * m * k * MASK_INT_OPS_PER_ELEMENT,
+            "lora_da_dx": m * k * MASK_INT_OPS_X_AND_DX, "lora_dy": 0}
     assert sorted(recs[0.1]) == sorted(want) + ["sum_partials"]
-    for name, elements in want.items():
+    for name, ops in want.items():
         c0, c1 = recs[0.0][name], recs[0.1][name]
-        assert c0.int_ops == 0 and c1.int_ops == elements * MASK_INT_OPS_PER_ELEMENT, (name, c1)
+        assert c0.int_ops == 0 and c1.int_ops == ops, (name, c1)
         assert (c0.flops, c0.fma_flops) == (c1.flops, c1.fma_flops), name
     assert mask_int_ops(100, (16, 64, 8)) == 2 * mask_int_ops(100) == 2 * mask_int_ops(100, (32, 64, 8))
     cal = C.Calibration(e_gemm=0.9, e_gemv=0.5, gap_s=2e-6, host_call_s=10e-6, host_launch_s=5e-6, host_bwd_s=50e-6)
