@@ -53,8 +53,9 @@ def tiny_scale(dtype) -> float:
 # compare, select and scale.
 #   MASK_INT_OPS_PER_ELEMENT: a pass that masks one operand - the forward's shrink-expand, 16.5-25 over the H200's
 #     tiles and adapter dtypes (19.0 at M = 8448 with bf16 adapters); the dA pass alone measured 15.4-17.9.
-#   MASK_INT_OPS_X_AND_DX: the backward's one pass over x and dX, which masks x and dX's rank-r term: 29.2-33.2 (the
-#     mask also moves into the product's register layout) - against 15.4 + 21.5 for the two passes it replaced.
+#   MASK_INT_OPS_X_AND_DX: the backward's one pass over x and dX, which masks x and dX's rank-r term: 28.2-32.2
+#     (the same pass without dX's term: 15.8-16.5 at its tiles) - against 15.4 + 21.5 for the two passes it
+#     replaced.
 MASK_INT_OPS_PER_ELEMENT = 19
 MASK_INT_OPS_X_AND_DX = 30
 

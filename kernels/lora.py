@@ -252,12 +252,15 @@ def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, dse_sum
             if HAS_DROPOUT:
                 lt = lt * drop_scale
             t = mma(lt.to(at.dtype), at, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PREC_X)
-            if HAS_DROPOUT:
-                t = tl.where(keep, t, 0.0)
             dx_ptrs = dx_ptr + rm64[:, None] * stride_dxm + rk64[None, :] * stride_dxk
             mask_mk = mask_m[:, None] & mask_k[None, :]
             o = tl.load(dx_ptrs, mask=mask_mk, other=0.0)
-            tl.store(dx_ptrs, (o.to(tl.float32) + t).to(dx_ptr.dtype.element_ty), mask=mask_mk)
+            new = (o.to(tl.float32) + t).to(dx_ptr.dtype.element_ty)
+            if HAS_DROPOUT:
+                # a dropped element keeps dY W, selected after the sum (in the SASS one instruction per element
+                # fewer than masking the product first)
+                new = tl.where(keep, new, o)
+            tl.store(dx_ptrs, new, mask=mask_mk)
     out = part_ptr + pid_s.to(tl.int64) * R * K + offs_r[:, None].to(tl.int64) * K + rk64[None, :]
     tl.store(out, acc, mask=mask_r[:, None] & mask_k[None, :])
     if HAS_E:

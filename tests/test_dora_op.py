@@ -122,7 +122,7 @@ def test_dora_op_kernels_per_direction():
     # W read (twice: the second right after the first, for k ⊙ W) and k ⊙ W written, in bf16
     assert 2 * n * k * 2 + r * k * 4 <= rec[0].bytes_read <= 2 * n * k * 2 + r * k * 4 + n * (r * 4 + 8)
     assert n * k * 2 <= rec[0].bytes_written <= n * k * 2 + n * (r * 4 + 8)
-    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "dora_grads"], names
+    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da_dx", "sum_partials", "dora_grads"], names
     # dY and u read once each, in LoRA's pass over dY (dm's column sums ride along); the finishing kernel reads
     # only (P, N) partials and (N, r) vectors
     assert rec[n_fwd + 1].bytes_read >= 2 * m * n * 2 and rec[-1].bytes_read < m * n
@@ -146,7 +146,7 @@ def test_dora_linear_kernels_include_one_pass_over_w_for_the_norm():
     assert names[:n_fwd] == ["dora_prep", "lora_shrink_expand"], names
     n, r = w.shape[0], a.shape[0]
     assert 2 * w.numel() * 2 + a.numel() * 4 <= rec[0].bytes_read <= 2 * w.numel() * 2 + a.numel() * 4 + n * (r * 4 + 8)
-    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da", "lora_expand", "dora_grads"], names
+    assert names[n_fwd:] == ["ia3_scale_w", "lora_dy", "lora_da_dx", "sum_partials", "dora_grads"], names
 
 
 def test_dora_linear_validates_arguments():
