@@ -207,3 +207,19 @@ def test_bf16_experts_match_peft():
     ids = inputs()
     assert f.base_model.model.model.layers[0].mlp.experts.lora_A["default"].weight.dtype == torch.float32
     assert torch.equal(p(input_ids=ids).logits, f(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "gpt_oss"])
+def test_gradient_checkpointing_matches_peft(kind):
+    """transformers' gradient checkpointing (non-reentrant; the decoder layers re-run in backward, the wrappers'
+    replaced parameters formed again) with module and parameter targets together: PEFT's loss and every gradient,
+    bit for bit."""
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=EXPERTS)
+    p, f = wrap_pair(tiny_moe(kind), peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw))
+    randomize_trainable(p, f)
+    for model in (p, f):
+        model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.base_model.model.enable_input_require_grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers: use_cache=True is incompatible with gradient checkpointing
+        assert_step_bit_for_bit(p, f, n_grads=2 * 3 * 2)
