@@ -57,9 +57,23 @@ def test_ia3_function_equals_custom_op(feedforward):
 
 
 def test_apply_uses_function_in_eager(monkeypatch):
+    """Eager with a gradient to build: the autograd Function; nothing requiring grad, or no_grad: the implementation
+    itself (the same outputs, no Function), for LoRA and IA3."""
     calls = []
-    real = L.LoRALinearFunction.apply
-    monkeypatch.setattr(L.LoRALinearFunction, "apply", lambda *a: calls.append(1) or real(*a))
+    for fn in (L.LoRALinearFunction, I.IA3LinearFunction):
+        real = fn.apply
+        monkeypatch.setattr(fn, "apply", lambda *a, real=real: calls.append(1) or real(*a))
     x, w, a, bb = torch.randn(2, 4), torch.randn(3, 4), torch.randn(1, 4), torch.randn(3, 1)
-    L.lora_apply(x, w, None, a, None, bb, 1.0, 0.0, 0, "torch")
-    assert calls == [1]
+    y_plain, s_plain = L.lora_apply(x, w, None, a, None, bb, 1.0, 0.0, 0, "torch")
+    assert calls == [] and not y_plain.requires_grad
+    a.requires_grad_(True)
+    y, s = L.lora_apply(x, w, None, a, None, bb, 1.0, 0.0, 0, "torch")
+    assert calls == [1] and y.requires_grad and torch.equal(y.detach(), y_plain) and torch.equal(s, s_plain)
+    with torch.no_grad():
+        y_ng, _ = L.lora_apply(x, w, None, a, None, bb, 1.0, 0.0, 0, "torch")
+    assert calls == [1] and not y_ng.requires_grad and torch.equal(y_ng, y_plain)
+    lv = torch.randn(3, requires_grad=True)
+    I.ia3_apply(x, w, None, lv, False, "torch")
+    with torch.no_grad():
+        y3, _ = I.ia3_apply(x, w, None, lv, False, "torch")
+    assert calls == [1, 1] and not y3.requires_grad

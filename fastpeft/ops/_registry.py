@@ -111,6 +111,13 @@ def supports(op: str, backend: str, x: torch.Tensor, args: tuple = ()) -> Option
     return SUPPORTS[name](op, variant, x, args)
 
 
+def needs_autograd(*tensors) -> bool:
+    """Whether an op on these inputs must build a backward: grad mode is on and one of them requires grad.  Without
+    it (inference, ``torch.no_grad``) the ops call their implementation directly - the autograd Function's own
+    Python (its saving, its functorch checks) is a tenth of a small layer's eager forward on the host."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 @functools.lru_cache(maxsize=None)
 def impl(name: str, backend: str) -> Callable:
     """The implementation of op function `name` (e.g. ``"lora_fwd"``) on `backend` (``"<name>[:<variant>]"``).

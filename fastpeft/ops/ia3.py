@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .._meta import ia3_bwd_meta, ia3_fwd_meta  # noqa: F401  (public here too)
 from ._registry import impl as _impl
+from ._registry import needs_autograd
 from ._chunks import fill_rows, spans
 
 
@@ -270,7 +271,10 @@ class IA3LinearFunction(torch.autograd.Function):
 
 def ia3_apply(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
               feedforward: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the IA3 op with autograd: the custom op under ``torch.compile``, ``IA3LinearFunction`` in eager mode."""
+    """Run the IA3 op with autograd: the custom op under ``torch.compile``, ``IA3LinearFunction`` in eager mode, the
+    implementation itself when nothing needs a gradient (``needs_autograd``)."""
     if torch.compiler.is_compiling():
         return ia3_fwd(x, weight, bias, ia3_l, feedforward, backend)
+    if not needs_autograd(x, weight, bias, ia3_l):
+        return _impl("ia3_fwd", backend)(x, weight, bias, ia3_l, feedforward)
     return IA3LinearFunction.apply(x, weight, bias, ia3_l, feedforward, backend)

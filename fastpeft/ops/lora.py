@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from .._meta import lora_bwd_meta, lora_fwd_meta  # noqa: F401  (public here too)
 from ._registry import impl as _impl
+from ._registry import needs_autograd
 from ._chunks import fill_rows, spans
 from .dropout import dropout_keep_mask, dropout_scale, host_seed, seeded_dropout
 
@@ -335,7 +336,10 @@ def lora_apply(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int,
                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the LoRA op with autograd: the custom op under ``torch.compile`` (traceable, fake kernel), the
-    ``LoRALinearFunction`` in eager mode (no dispatcher overhead).  Same arguments and results as ``lora_fwd``."""
+    ``LoRALinearFunction`` in eager mode (no dispatcher overhead), the implementation itself when nothing needs a
+    gradient (``needs_autograd``).  Same arguments and results as ``lora_fwd``."""
     if torch.compiler.is_compiling():
         return lora_fwd(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend)
+    if not needs_autograd(x, weight, bias, lora_A, lora_E, lora_B):
+        return _impl("lora_fwd", backend)(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend)
