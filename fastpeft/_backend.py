@@ -45,10 +45,6 @@ VARIANTS = {b: tuple(dict.fromkeys(v for vs in per_op.values() for v in vs)) for
 _VALID_CHOICES = ("auto",) + BACKENDS + tuple(f"{b}:{v}" for b, vs in VARIANTS.items() for v in vs)
 
 
-def _interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # Probe results, cached in a plain dict (not functools.lru_cache) so torch.compile can trace select_backend:
 # dynamo reads a populated dict as a constant, while it cannot trace through lru_cache wrappers.
 _PROBES: dict[str, tuple[bool, str]] = {}
@@ -116,7 +112,7 @@ def _why_not(backend: str, op: str, device: torch.device) -> Optional[str]:
         ok, reason = _triton_probe()
         if not ok:
             return reason
-        if device.type == "cuda" or (device.type == "cpu" and _interpret_mode()):
+        if device.type == "cuda" or (device.type == "cpu" and _registry.interpret_mode()):
             return None
         return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device {device}"
     if backend == "cuda":
@@ -253,7 +249,7 @@ def backend_info() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
-        "triton_interpret": _interpret_mode(),
+        "triton_interpret": _registry.interpret_mode(),
         # Whether the fused backends have a device to run on: the extension can load with no GPU present.
         "cuda_devices": torch.cuda.device_count() if torch.version.cuda is not None else 0,
         "backends": {

@@ -42,7 +42,9 @@ ARG_NAMES = {"lora": ("x", "weight", "bias", "lora_A", "lora_E", "lora_B"),
              "ia3": ("x", "weight", "bias", "ia3_l", "feedforward")}
 
 
-def _interpret_mode() -> bool:
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``): the triton backend then takes
+    CPU tensors.  (``kernels/_target.py`` has its own, as ``kernels/`` never imports fastpeft.)"""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -66,7 +68,7 @@ def _torch_supports(op: str, variant: str, x: torch.Tensor, args: tuple) -> Opti
 
 def _triton_supports(op: str, variant: str, x: torch.Tensor, args: tuple) -> Optional[str]:
     dev = x.device
-    if not (dev.type == "cuda" or (dev.type == "cpu" and _interpret_mode())):
+    if not (dev.type == "cuda" or (dev.type == "cpu" and interpret_mode())):
         return f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got device {dev}"
     return _operands_reason(op, x, args)
 
