@@ -51,7 +51,7 @@ def sum_partials_tile(p0, o0, P0, L0, p1, o1, P1, L1, p2, o2, P2, L2, p3, o3, P3
     """Tile `tile` of up to four reductions: segment i is a contiguous (P_i, L_i) fp32 buffer summed over P_i
     into o_i (L_i elements).  Tiles [0, t1) belong to segment 0, [t1, t2) to 1, [t2, t3) to 2, [t3, ...) to 3 (a
     tile past the last segment's end does nothing).  Shared by ``_sum_partials_kernel`` and the kernels that run
-    the reduction's finish in spare programs of their own grid (``kernels.lora._lora_expand_kernel``)."""
+    the reduction's finish in spare programs of their own grid (``kernels.ia3._ia3_scale_w_kernel``)."""
     if tile < t1:
         _sum_tile(p0, o0, P0, L0, tile, BLOCK)
     elif tile < t2:

@@ -639,8 +639,8 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
                 torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
         return outs if dy_u is None else outs + (torch.zeros((1, n), device=dev, dtype=torch.float32),)
     tgt = launch_target(dev, target)
-    # dSe, dB, dbias stay as the dY pass's partial sums: the dA pass and the dX expand sum dSe as they load it,
-    # and one launch sums the rest (dB, dbias, dA, dE) into their dtypes.
+    # dSe, dB, dbias stay as the dY pass's partial sums: the dA pass sums dSe as it loads it, and one launch sums
+    # the rest (dB, dbias, dA, dE) into their dtypes.
     dse_part, db_part, dbias_part, du_part = _dy_pass(dy, lora_B, S, lora_E, scaling, has_bias, tgt,
                                                       u=dy_u)  # dSe includes s
     if needs_dx and variant == "cublas":
