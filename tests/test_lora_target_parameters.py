@@ -167,6 +167,7 @@ def test_config_type_checks():
     with pytest.raises(ValueError, match="only LoraConfig"):
         fastpeft.AdaLoraConfig(total_step=10, target_parameters=EXPERTS)
     assert fastpeft.LoraConfig(target_parameters={"b", "a"}).target_parameters == ["a", "b"]
+    assert fastpeft.LoraConfig(target_parameters=["b", "a", "b"]).target_parameters == ["a", "b"]
 
 
 def test_mixed_batch_is_refused():
@@ -223,3 +224,19 @@ def test_gradient_checkpointing_matches_peft(kind):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers: use_cache=True is incompatible with gradient checkpointing
         assert_step_bit_for_bit(p, f, n_grads=2 * 3 * 2)
+
+
+def test_target_modules_none_with_parameters_only(tmp_path):
+    """target_modules=None on a model type without a default, with target_parameters: only the parameters are
+    adapted, and the config then says target_modules=[] as PEFT's does (so the saved files agree)."""
+    kw = dict(r=4, target_modules=None, target_parameters=EXPERTS)
+    p, f = wrap_pair(tiny_moe("qwen3_moe"), peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw))
+    assert f.peft_config["default"].target_modules == p.peft_config["default"].target_modules == set()
+    p.save_pretrained(tmp_path / "p")
+    f.save_pretrained(tmp_path / "f")
+    import json
+    cp = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    cf = json.loads((tmp_path / "f" / "adapter_config.json").read_text())
+    # PEFT writes its set of names in set order, fastpeft sorted
+    assert cf["target_modules"] == cp["target_modules"] == []
+    assert cf["target_parameters"] == sorted(cp["target_parameters"]) == sorted(EXPERTS)

@@ -427,7 +427,8 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
             model_type = getattr(getattr(self.model, "config", None), "model_type", None)
             default = self.target_module_defaults.get(model_type)
             if default is None and getattr(config, "target_parameters", None):
-                return config  # parameters only (PEFT keeps target_modules None then)
+                config.target_modules = set()  # parameters only (PEFT's config then says [] too)
+                return config
             if default is None:
                 raise ValueError(f"target_modules is None and fastpeft has no default for model_type={model_type!r} "
                                  f"(defaults exist for {sorted(self.target_module_defaults)}); please specify "
@@ -451,8 +452,6 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
 
     def _find_targets(self, config: PeftConfig) -> list[str]:
         """Names of the modules ``config`` targets, skipping modules inside tuner layers and wrappers."""
-        if getattr(config, "target_modules", "") is None:
-            return []  # parameters only (``_prepare_adapter_config``)
         if isinstance(getattr(config, "target_modules", None), str) and config.target_modules.lower() == "all-linear":
             expand_all_linear(config, self.model, (BaseTunerLayer,))
         skip: list[str] = []

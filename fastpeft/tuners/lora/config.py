@@ -56,7 +56,8 @@ def _check_target_parameters(cfg) -> None:
     if tp and cfg.peft_type != PeftType.LORA:
         raise ValueError(f"target_parameters={tp!r} is not supported by fastpeft for {type(cfg).__name__} (only "
                          "LoraConfig)")
-    cfg.target_parameters = sorted(tp) if isinstance(tp, (set, frozenset)) else list(tp)
+    # a set of names, as PEFT holds it once injected (its file then lists them in set order; fastpeft's sorted)
+    cfg.target_parameters = sorted(set(tp))
 
 
 def _common_lora_checks(cfg) -> None:
