@@ -1,5 +1,5 @@
 """``LoraModel``: the LoRA tuner (HF PEFT's), which swaps the targeted modules for LoRA layers: ``Linear``
-(nn.Linear / Conv1D), ``Embedding``, ``Conv2d`` and the bitsandbytes quantized-base layers; with
+(nn.Linear / Conv1D), ``Embedding``, ``Conv1d`` / ``Conv2d`` / ``Conv3d`` and the bitsandbytes quantized-base layers; with
 ``trainable_token_indices`` it also adds trainable-token layers, and with ``target_parameters`` it wraps the named
 parameters (``ParamWrapper``: mixture-of-experts weights).
 """
@@ -13,7 +13,7 @@ from ...utils.other import ModulesToSaveWrapper, get_submodules, pattern_key, st
 from ..trainable_tokens import inject_trainable_tokens
 from ..tuners_utils import BaseTuner, BaseTunerLayer, register_tuner
 from .bnb import make_lora_layer
-from .conv import Conv2d, check_conv2d_target
+from .conv import CONV_TYPES, check_conv_target
 from .embedding import (Embedding, adapter_key_map, apply_optional_keys, mark_token_deltas_trainable,
                         with_optional_keys, without_optional_keys)
 from .init import check_init_for_target
@@ -165,8 +165,8 @@ class LoraModel(BaseTuner):
         new = make_lora_layer(target, adapter_name, r, alpha, config)
         if new is None and isinstance(target, nn.Embedding):
             new = Embedding(target, adapter_name, r, alpha, config)
-        if new is None and isinstance(target, nn.Conv2d):
-            new = Conv2d(target, adapter_name, r, alpha, config)
+        if new is None and type(target) in CONV_TYPES:
+            new = CONV_TYPES[type(target)](target, adapter_name, r, alpha, config)
         if new is None:
             self.conv1d_fan_in_fan_out_warning(target, config)
             new = Linear(target, adapter_name, r, alpha, config)
@@ -182,12 +182,12 @@ class LoraModel(BaseTuner):
             rk = pattern_key((config.rank_pattern or {}).keys(), key)
             r = config.rank_pattern[rk] if rk is not None else config.r
             check_init_for_target(module, r, config.init_lora_weights, key)
-            if isinstance(module, nn.Conv2d):
-                check_conv2d_target(module, r, bool(config.use_dora), key)
+            if type(module) in CONV_TYPES:
+                check_conv_target(module, r, bool(config.use_dora), key)
 
     def _is_supported_target(self, module: nn.Module) -> bool:
         return (super()._is_supported_target(module) or isinstance(module, nn.Embedding)
-                or type(module) is nn.Conv2d)
+                or type(module) in CONV_TYPES)
 
     def _adapter_key_map(self, adapter_name: str) -> dict[str, str]:
         # PEFT saves the DoRA magnitude as "...lora_magnitude_vector" (no ".weight", its pre-ModuleDict layout)
