@@ -22,7 +22,8 @@ Phases (in the order gpu_check.sh runs them, most decisive first):
                layer and HF PEFT's: the decode target (<= 1.3x under a graph) and that the paths are capturable;
                also ``two-launch``, the forward before git d4444e4 (split-K shrink, F.linear, expand), against the
                default's single launch, whose per-program K loop is serial latency at decode (not in the model).
-  profile      a torch.profiler kernel table of one fwd+bwd per path (q_proj, M=8192, LoRA p=0 and p=0.1).
+  profile      a torch.profiler kernel table of one fwd+bwd per path (q_proj and down_proj, M=8192, LoRA p=0 and
+               p=0.1: the dropout mask's cost per kernel).
   e2e          end-to-end training step time and peak memory (benchmarks/bench_e2e.py), one provider at a time.
 """
 
@@ -359,8 +360,11 @@ def phase_ratios(out: Path, deadline: float) -> None:
 def phase_profile(out: Path, deadline: float) -> None:
     from torch.profiler import ProfilerActivity, profile
     rows = Rows(out / "profile.csv", ["layer", "M", "method", "provider", "kernel", "calls", "device_us"])
-    layer, m = "q_proj", 8192
-    for method in ("lora", "lora_p0.1"):
+    m = 8192
+    # q_proj, and down_proj (K = 14336), whose dropout passes the cost model predicts bound by the mask's integer work:
+    # the per-kernel times at p = 0 and 0.1 calibrate kernels/_mask.py's constants
+    for layer, method in (("q_proj", "lora"), ("q_proj", "lora_p0.1"),
+                          ("down_proj", "lora"), ("down_proj", "lora_p0.1")):
         t = _inputs(layer, m, method)
         for provider in ("base", "default", "fused", "peft"):
             if time.time() > deadline:
