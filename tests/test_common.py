@@ -1,6 +1,6 @@
 """One shared tester for every weight-side method (in the spirit of HF PEFT's PeftCommonTester).
 
-Every method (LoRA, LoRA r=1, LoRA+DoRA, AdaLoRA, IA3, LoRA and DoRA on GPT-2's Conv1D, LoRA on Conv2d, LoRA on
+Every method (LoRA, LoRA r=1, LoRA+DoRA, AdaLoRA, IA3, LoRA and DoRA on GPT-2's Conv1D, LoRA on Conv1d/2d/3d, LoRA on
 nn.Embedding) runs through ``fastpeft.get_peft_model`` on every available backend (torch always; triton when it runs
 here: on a GPU, or in Triton's interpreter on CPU in fp32/fp16 only, since the interpreter's bf16 ``tl.dot`` is not
 usable; cuda with a GPU) and dtype, selected the way a user selects it: ``FASTPEFT_BACKEND``.  Checked for each:
@@ -77,6 +77,26 @@ class ConvNet(nn.Module):
         return self.head(h.flatten(-2))          # (..., 5, 7): the head sees the last two dims flattened
 
 
+class ConvNet1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 5, 3, padding=1)
+        self.head = nn.Linear(5 * 6, 7)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(-2))   # (N, 3, 6) -> (N, 5, 6) -> (N, 7)
+
+
+class ConvNet3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 4, (3, 1, 3), padding=(1, 0, 1))
+        self.head = nn.Linear(4 * 2 * 3 * 3, 7)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).flatten(-4))   # (N, 3, 2, 3, 3) -> (N, 4, 2, 3, 3) -> (N, 7)
+
+
 class EmbedMLP(nn.Module):
     """Token ids -> an embedding (29 x 23) -> a linear head: LoRA on nn.Embedding (HF PEFT's lora.Embedding)."""
 
@@ -103,10 +123,14 @@ METHODS = {
     "lora_conv1d": (GPT2Style, lambda: _lora(fan_in_fan_out=True)),
     "dora_conv1d": (GPT2Style, lambda: _lora(fan_in_fan_out=True, use_dora=True)),
     "lora_conv2d": (ConvNet, lambda: _lora(target_modules=["conv", "head"])),
+    "lora_nn_conv1d": (ConvNet1d, lambda: _lora(target_modules=["conv", "head"])),
+    "lora_conv3d": (ConvNet3d, lambda: _lora(target_modules=["conv", "head"])),
     "lora_embedding": (EmbedMLP, lambda: _lora(target_modules=["emb", "fc2"])),
 }
 # methods whose input is token ids: no input gradient, no dtype cast of the input
 ID_INPUT = {"lora_embedding"}
+# conv methods: one sample's (channels, *spatial)
+CONV_INPUT = {"lora_conv2d": (3, 5, 5), "lora_nn_conv1d": (3, 6), "lora_conv3d": (3, 2, 3, 3)}
 
 
 def _needs(method):
@@ -160,9 +184,9 @@ def make_input(method, lead=(5, 7), seed=2, noncontig=False):
     if method in ID_INPUT:
         ids = torch.randint(0, 29, lead[::-1] if noncontig else lead, generator=g)
         return ids.t() if noncontig else ids
-    tail = (3, 5, 5) if method == "lora_conv2d" else (23,)
-    if method == "lora_conv2d":
-        lead = lead[:1]  # conv2d takes one batch dimension
+    tail = CONV_INPUT.get(method, (23,))
+    if method in CONV_INPUT:
+        lead = lead[:1]  # a conv takes one batch dimension
     if noncontig:  # same values, transposed storage
         x = torch.randn(*tail[::-1], *lead[::-1], generator=g, dtype=F64)
         x = x.permute(*range(x.dim() - 1, -1, -1))
