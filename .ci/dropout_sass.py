@@ -90,9 +90,10 @@ def main(argv=None) -> int:
         KL.skinny_blocks, KL.shrink_expand_blocks, KL.da_blocks = sk, se, da
     print(f"triton {triton.__version__}, sm_90 SASS: instructions the dropout mask adds per masked element")
     for row in rows:
-        print(f"{row['kernel']:<28} M={row['M']:<5} {row['adapters']:<8} {row['block_rows']:>3} x {row['block_cols']:<3}"
-              f" {row['warps']} warps  {row['sass_without']:>5} -> {row['sass_with']:>5} instructions,"
-              f" {row['elements_per_thread']:g} elements/thread: {row['int_ops_per_element']}")
+        print(f"{row['kernel']:<28} M={row['M']:<5} {row['adapters']:<8} "
+              f"{row['block_rows']:>3} x {row['block_cols']:<3} {row['warps']} warps  "
+              f"{row['sass_without']:>5} -> {row['sass_with']:>5} instructions, "
+              f"{row['elements_per_thread']:g} elements/thread: {row['int_ops_per_element']}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             wr = csv.DictWriter(f, fieldnames=list(rows[0]))

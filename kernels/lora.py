@@ -315,8 +315,8 @@ def _lora_shrink_expand_kernel(x_ptr, a_ptr, e_ptr, r_ptr, y_ptr, s_ptr, M, N, K
          y[rows, n] += scale · (S ⊙ e)[rows, :R_EXP] Rm[:, n]   for the N blocks of split j (the expand;
                                                                  Rm = Bᵀ (R_EXP, N), R_EXP <= R).
     R_EXP < R: a sibling group's first member, whose S columns lead the group's stacked A (R rows).  Each sum runs
-    in the order of the two-launch path with one K split (``_lora_shrink_kernel`` then ``_lora_expand_kernel``): the same
-    S, and the same y from it."""
+    in the order of the two-launch path with one K split (``_lora_shrink_kernel`` then ``_lora_expand_kernel``):
+    the same S, and the same y from it."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -430,8 +430,8 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_E
     r = lora_A.shape[0]
     r_b = lora_B.shape[1]
     assert r_b <= r, "lora_B: at most lora_A's rank"
-    bm, bk, bn, warps, splits = shrink_expand_blocks(tgt, m, n, dropout_p > 0.0)
     s = torch.empty((m, r), device=x.device, dtype=torch.float32)
+    bm, bk, bn, warps, splits = shrink_expand_blocks(tgt, m, n, dropout_p > 0.0)
     nb_per = cdiv(cdiv(n, bn), splits)
     p16, drop_scale = dropout_threshold(dropout_p)
     prec_s = skinny_precision(lora_A.dtype, x.dtype)

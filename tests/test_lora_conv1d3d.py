@@ -102,7 +102,8 @@ def test_parity_train_eval_and_files(kind, tmp_path):
     p.save_pretrained(tmp_path / "p")
     f.save_pretrained(tmp_path / "f")
     from safetensors.torch import load_file
-    a, b = load_file(tmp_path / "f" / "adapter_model.safetensors"), load_file(tmp_path / "p" / "adapter_model.safetensors")
+    a = load_file(tmp_path / "f" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "p" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -81,7 +81,8 @@ def test_files_both_ways_and_merge(kind, tmp_path):
     f.save_pretrained(tmp_path / "f")
     p.save_pretrained(tmp_path / "p")
     from safetensors.torch import load_file
-    a, b = load_file(tmp_path / "f" / "adapter_model.safetensors"), load_file(tmp_path / "p" / "adapter_model.safetensors")
+    a = load_file(tmp_path / "f" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "p" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert any(".experts.base_layer.lora_A.weight" in k for k in a)
     ids = inputs()
@@ -125,7 +126,8 @@ def test_disable_unload_delete_restore_the_model():
 def test_second_adapter_shares_the_wrappers():
     """A second adapter on the same parameters goes into the existing wrappers (no deeper nesting), trains only when
     active, and is saved under the same keys; another parameter set is refused, naming both sets."""
-    f = fastpeft.get_peft_model(tiny_moe("qwen3_moe"), fastpeft.LoraConfig(target_modules=[], target_parameters=EXPERTS))
+    f = fastpeft.get_peft_model(tiny_moe("qwen3_moe"),
+                                fastpeft.LoraConfig(target_modules=[], target_parameters=EXPERTS))
     f.add_adapter("other", fastpeft.LoraConfig(r=2, target_modules=[], target_parameters=list(reversed(EXPERTS))))
     outer = f.base_model.model.model.layers[0].mlp.experts
     assert isinstance(outer.base_layer, ParamWrapper) and not isinstance(outer.base_layer.base_layer, ParamWrapper)

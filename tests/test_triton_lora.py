@@ -457,9 +457,10 @@ def test_prune_gemm_configs_fits_shared_memory(monkeypatch, smem, dtype, m, expe
 def test_multi_block_paths_of_production_shapes(monkeypatch):
     """At M = 8192, N = 4096 on an H200 the one-pass dY kernel gives each program 6 M blocks x 3 N blocks (its dSe
     partial rows are accumulated across N blocks through global memory), the dA kernel splits its reduction over M
-    with several blocks per split (and adds the rank-r term into dX in the same pass), and the forward's single launch walks several N blocks per program (N split where
-    rows are too few).  Small blocks and a small program target give the same structure here (M = 96: 6 M blocks;
-    N = 144: 9 N blocks), and the results still match the fp64 reference."""
+    with several blocks per split (and adds the rank-r term into dX in the same pass), and the forward's single
+    launch walks several N blocks per program (N split where rows are too few).  Small blocks and a small program
+    target give the same structure here (M = 96: 6 M blocks; N = 144: 9 N blocks), and the results still match the
+    fp64 reference."""
     spies = {name: LaunchSpy(getattr(KL, name)) for name in ("_lora_shrink_kernel", "_lora_dy_kernel",
                                                             "_lora_da_kernel", "_lora_expand_kernel",
                                                             "_lora_shrink_expand_kernel")}

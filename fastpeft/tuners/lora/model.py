@@ -1,5 +1,6 @@
 """``LoraModel``: the LoRA tuner (HF PEFT's), which swaps the targeted modules for LoRA layers: ``Linear``
-(nn.Linear / Conv1D), ``Embedding``, ``Conv1d`` / ``Conv2d`` / ``Conv3d`` and the bitsandbytes quantized-base layers; with
+(nn.Linear / Conv1D), ``Embedding``, ``Conv1d`` / ``Conv2d`` / ``Conv3d`` and the bitsandbytes quantized-base
+layers; with
 ``trainable_token_indices`` it also adds trainable-token layers, and with ``target_parameters`` it wraps the named
 parameters (``ParamWrapper``: mixture-of-experts weights).
 """
