@@ -42,6 +42,14 @@ LORA_TARGET_MODULE_DEFAULTS = {
 }
 
 
+def _rank_alpha(config, key: str) -> tuple[int, float]:
+    """(r, lora_alpha) for module or parameter `key`: its rank_pattern / alpha_pattern entry, else the config's."""
+    rk = pattern_key((config.rank_pattern or {}).keys(), key)
+    ak = pattern_key((config.alpha_pattern or {}).keys(), key)
+    return (config.rank_pattern[rk] if rk is not None else config.r,
+            config.alpha_pattern[ak] if ak is not None else config.lora_alpha)
+
+
 @register_tuner(PeftType.LORA)
 class LoraModel(BaseTuner):
     """LoRA tuner (HF PEFT's ``LoraModel``).  Usually built through ``fastpeft.get_peft_model``."""
@@ -118,10 +126,7 @@ class LoraModel(BaseTuner):
 
     def _inject_param_targets(self, config, adapter_name: str, found: list) -> None:
         for path, key, pn in found:
-            rk = pattern_key((config.rank_pattern or {}).keys(), key)
-            ak = pattern_key((config.alpha_pattern or {}).keys(), key)
-            r = config.rank_pattern[rk] if rk is not None else config.r
-            alpha = config.alpha_pattern[ak] if ak is not None else config.lora_alpha
+            r, alpha = _rank_alpha(config, key)
             # a wrapper of this parameter from an earlier adapter gets the new adapter; else a new (outermost) one
             holder = self.model.get_submodule(strip_base_layer(path))
             existing = holder
@@ -156,10 +161,7 @@ class LoraModel(BaseTuner):
         apply_optional_keys(self, adapter_name, state_dict)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
-        rk = pattern_key((config.rank_pattern or {}).keys(), current_key)
-        ak = pattern_key((config.alpha_pattern or {}).keys(), current_key)
-        r = config.rank_pattern[rk] if rk is not None else config.r
-        alpha = config.alpha_pattern[ak] if ak is not None else config.lora_alpha
+        r, alpha = _rank_alpha(config, current_key)
         if isinstance(target, LoraLayer):
             target.update_layer(adapter_name, r, alpha, config)
             return
@@ -180,8 +182,7 @@ class LoraModel(BaseTuner):
             module = self.model.get_submodule(key)
             if isinstance(module, LoraLayer):
                 module = module.base_layer
-            rk = pattern_key((config.rank_pattern or {}).keys(), key)
-            r = config.rank_pattern[rk] if rk is not None else config.r
+            r, _ = _rank_alpha(config, key)
             check_init_for_target(module, r, config.init_lora_weights, key)
             if type(module) in CONV_TYPES:
                 check_conv_target(module, r, bool(config.use_dora), key)
