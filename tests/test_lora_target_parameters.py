@@ -242,3 +242,16 @@ def test_target_modules_none_with_parameters_only(tmp_path):
     # PEFT writes its set of names in set order, fastpeft sorted
     assert cf["target_modules"] == cp["target_modules"] == []
     assert cf["target_parameters"] == sorted(cp["target_parameters"]) == sorted(EXPERTS)
+
+
+def test_rank_and_alpha_patterns_apply_to_parameters():
+    """rank_pattern / alpha_pattern keys match the parameter's key (PEFT's rule): gate_up_proj at rank 2 and alpha
+    6, down_proj at the config's; PEFT's shapes and step bit for bit."""
+    kw = dict(r=4, lora_alpha=8, target_modules=[], target_parameters=EXPERTS, rank_pattern={"gate_up_proj": 2},
+              alpha_pattern={"gate_up_proj": 6})
+    p, f = wrap_pair(tiny_moe("qwen3_moe"), peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw))
+    outer = f.base_model.model.model.layers[0].mlp.experts
+    assert outer.r["default"] == 4 and outer.base_layer.r["default"] == 2
+    assert outer.base_layer.scaling["default"] == 3.0 and outer.lora_A["default"].weight.shape[0] == 4 * 4
+    randomize_trainable(p, f)
+    assert_step_bit_for_bit(p, f, n_grads=2 * 2 * 2)
