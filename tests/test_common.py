@@ -1,9 +1,10 @@
 """One shared tester for every weight-side method (in the spirit of HF PEFT's PeftCommonTester).
 
-Every method (LoRA, LoRA r=1, LoRA+DoRA, AdaLoRA, IA3, LoRA and DoRA on GPT-2's Conv1D, LoRA on Conv1d/2d/3d, LoRA on
-nn.Embedding) runs through ``fastpeft.get_peft_model`` on every available backend (torch always; triton when it runs
-here: on a GPU, or in Triton's interpreter on CPU in fp32/fp16 only, since the interpreter's bf16 ``tl.dot`` is not
-usable; cuda with a GPU) and dtype, selected the way a user selects it: ``FASTPEFT_BACKEND``.  Checked for each:
+Every method (LoRA, LoRA r=1, LoRA+DoRA, AdaLoRA, IA3, LoRA and DoRA on GPT-2's Conv1D, LoRA on Conv1d/2d/3d, IA3 on
+Conv2d/3d, LoRA on nn.Embedding) runs through ``fastpeft.get_peft_model`` on every available backend (torch always;
+triton when it runs here: on a GPU, or in Triton's interpreter on CPU in fp32/fp16 only, since the interpreter's
+bf16 ``tl.dot`` is not usable; cuda with a GPU) and dtype, selected the way a user selects it: ``FASTPEFT_BACKEND``.
+Checked for each:
 
 - forward and the gradient of the input (token ids have none) and of every trainable tensor against an fp64 copy of
   the model, under the accuracy rule (tests/testing_utils.py: ``assert_fa_rule``);
@@ -125,12 +126,15 @@ METHODS = {
     "lora_conv2d": (ConvNet, lambda: _lora(target_modules=["conv", "head"])),
     "lora_nn_conv1d": (ConvNet1d, lambda: _lora(target_modules=["conv", "head"])),
     "lora_conv3d": (ConvNet3d, lambda: _lora(target_modules=["conv", "head"])),
+    "ia3_conv2d": (ConvNet, lambda: fastpeft.IA3Config(target_modules=["conv", "head"], feedforward_modules=["conv"])),
+    "ia3_conv3d": (ConvNet3d, lambda: fastpeft.IA3Config(target_modules=["conv", "head"], feedforward_modules=[])),
     "lora_embedding": (EmbedMLP, lambda: _lora(target_modules=["emb", "fc2"])),
 }
 # methods whose input is token ids: no input gradient, no dtype cast of the input
 ID_INPUT = {"lora_embedding"}
 # conv methods: one sample's (channels, *spatial)
-CONV_INPUT = {"lora_conv2d": (3, 5, 5), "lora_nn_conv1d": (3, 6), "lora_conv3d": (3, 2, 3, 3)}
+CONV_INPUT = {"lora_conv2d": (3, 5, 5), "lora_nn_conv1d": (3, 6), "lora_conv3d": (3, 2, 3, 3),
+              "ia3_conv2d": (3, 5, 5), "ia3_conv3d": (3, 2, 3, 3)}
 
 
 def _needs(method):

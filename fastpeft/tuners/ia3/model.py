@@ -1,15 +1,17 @@
 """The (IA)³ tuner (HF PEFT's ``IA3Model``): swaps the targeted modules for ``ia3.Linear`` (or its quantized-base
-variant), feed-forward modules scaling their input and the others their output."""
+variant) and ``ia3.Conv2d`` / ``Conv3d``, feed-forward modules scaling their input and the others their output."""
 
 from __future__ import annotations
 
 import re
 
+import torch.nn as nn
+
 from ...config import PeftType
 from ..tuners_utils import BaseTuner, register_tuner
 from .bnb import make_ia3_layer
 from .config import IA3Config
-from .layer import IA3Layer, Linear
+from .layer import CONV_TYPES, IA3Layer, Linear
 
 __all__ = ["IA3Model", "IA3_TARGET_MODULE_DEFAULTS", "IA3_FEEDFORWARD_MODULE_DEFAULTS"]
 
@@ -65,6 +67,9 @@ class IA3Model(BaseTuner):
             return bool(re.fullmatch(ff, key))
         return any(key.endswith(t) for t in ff)  # PEFT's rule: plain suffix, no "."
 
+    def _is_supported_target(self, module: nn.Module) -> bool:
+        return super()._is_supported_target(module) or type(module) in CONV_TYPES
+
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key) -> None:
         ff = self._is_feedforward(config, current_key)
         if isinstance(target, IA3Layer):
@@ -73,6 +78,8 @@ class IA3Model(BaseTuner):
             target.update_layer(adapter_name, config)
             return
         new = make_ia3_layer(target, adapter_name, config, ff)
+        if new is None and type(target) in CONV_TYPES:
+            new = CONV_TYPES[type(target)](target, adapter_name, config, ff)
         if new is None:
             self.conv1d_fan_in_fan_out_warning(target, config)
             new = Linear(target, adapter_name, config, ff)
