@@ -255,3 +255,54 @@ def test_rank_and_alpha_patterns_apply_to_parameters():
     assert outer.base_layer.scaling["default"] == 3.0 and outer.lora_A["default"].weight.shape[0] == 4 * 4
     randomize_trainable(p, f)
     assert_step_bit_for_bit(p, f, n_grads=2 * 2 * 2)
+
+
+def test_adapted_parameter_is_not_kept_for_backward(monkeypatch):
+    """W + ΔW (every expert of the parameter) is not kept alive between the forward and the backward: the views of
+    it that the experts' ops save are recipes, and it is formed again in backward - gradients bit for bit those of
+    the run that keeps it (hooks off, PEFT's behaviour, where it does stay alive); a LoRA weight changed in place
+    between forward and backward is still reported."""
+    import gc
+    import weakref
+
+    import fastpeft.tuners.lora.param as P
+
+    made = []
+    real = P.ParamWrapper._effective_param
+
+    def spy(self, active):
+        t = real(self, active)
+        made.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(P.ParamWrapper, "_effective_param", spy)
+    kw = dict(r=4, lora_alpha=8, target_modules=[], target_parameters=EXPERTS)
+    f = fastpeft.get_peft_model(tiny_moe("qwen3_moe"), fastpeft.LoraConfig(**kw))
+    randomize_trainable(f, f)
+    ids = inputs()
+    grads = {}
+    may_hook = P._may_hook_saved_tensors
+    for keep in (False, True):
+        monkeypatch.setattr(P, "_may_hook_saved_tensors", (lambda: False) if keep else may_hook)
+        made.clear()
+        f.zero_grad()
+        loss = f(input_ids=ids, labels=ids).loss
+        gc.collect()
+        alive = sum(r() is not None for r in made)
+        # kept: 3 of the 4 (layer 0's gate_up is not - its input needs no gradient, so its ops save no weight)
+        assert len(made) == 4 and alive == (3 if keep else 0), (keep, alive)
+        loss.backward()
+        grads[keep] = {n: t.grad.clone() for n, t in f.named_parameters() if t.grad is not None}
+    assert sorted(grads[False]) == sorted(grads[True]) and len(grads[True]) == 8
+    assert all(torch.equal(grads[False][n], grads[True][n]) for n in grads[True])
+    monkeypatch.setattr(P, "_may_hook_saved_tensors", may_hook)
+    loss = f(input_ids=ids, labels=ids).loss
+    with torch.no_grad():
+        f.base_model.model.model.layers[0].mlp.experts.lora_B["default"].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified"):  # autograd's own check of the factors comes first
+        loss.backward()
+    loss = f(input_ids=ids, labels=ids).loss
+    with torch.no_grad():  # the frozen experts: autograd saved nothing of them, the rebuild checks them
+        f.base_model.model.model.layers[1].mlp.experts.base_layer.base_layer.down_proj.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        loss.backward()

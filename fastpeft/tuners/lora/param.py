@@ -16,6 +16,10 @@ hooks, other parameters and the module's own code are as before).  Layout, as PE
 order the module registered them (the saved keys follow the nesting: ``experts.lora_A.weight`` for the outer,
 ``experts.base_layer.lora_A.weight`` for the inner, as in PEFT).
 
+Memory: W + ΔW (a copy of every expert) would stay alive until backward through the views of it the module's ops
+save; they are saved as recipes instead (``saved_tensors_hooks``) and W + ΔW is formed again in backward - only
+where no other saved-tensor hooks are active (checkpointing, fastpeft's recompute), since hooks do not nest.
+
 The arithmetic is PEFT's (tested bit-equal in fp32): one active adapter on a 3-D parameter folds the update in one
 ``torch.baddbmm(W, lhs, rhs, alpha=scaling)`` with the factors cast to W's dtype, outside autocast; otherwise the
 adapters' deltas, each cast to W's dtype, are summed and added (float8 parameters: added in the delta's dtype and
@@ -25,6 +29,7 @@ batches; and init variants other than True / False / "gaussian" (they need a Lin
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
@@ -58,6 +63,74 @@ def param_target_problem(config: LoraConfig) -> Optional[str]:
     if not (init is True or init is False or (isinstance(init, str) and init.lower() == "gaussian")):
         return f"init_lora_weights={init!r} (only True, False and 'gaussian')"
     return None
+
+
+def _may_hook_saved_tensors() -> bool:
+    """Whether the wrapped module's saved tensors may go through this file's hooks: in a forward that builds a
+    backward, and only where no other saved-tensor hooks are active (``torch.utils.checkpoint``, fastpeft's
+    activation recompute, a user's): hooks do not nest, so installing ours would take their tensors from them.
+    Needs torch's query of the active hooks; without it the parameter stays saved as in PEFT."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:
+        return False
+    try:
+        return top(False) is None
+    except Exception:  # noqa: BLE001 - a changed private signature: keep PEFT's behaviour
+        return False
+
+
+class _Rebuild:
+    """W + ΔW of one wrapper as its forward formed it, rebuilt on demand in backward (once for all the views the
+    module saved of it; dropped when the last of them was unpacked) - with the versions of W and of the adapters'
+    weights checked, as autograd checks saved tensors."""
+
+    def __init__(self, wrapper: "ParamWrapper", active: list, w_eff: torch.Tensor) -> None:
+        self.wrapper, self.active = wrapper, active
+        self.shape, self.dtype = tuple(w_eff.shape), w_eff.dtype
+        self.sources = [wrapper.get_param()] + [t for a in active for t in
+                                                 (wrapper.lora_A[a].weight, wrapper.lora_B[a].weight)]
+        self.versions = [t._version for t in self.sources]
+        self.users = 0
+        self.tensor: Optional[torch.Tensor] = None
+
+    def take(self) -> torch.Tensor:
+        if [t._version for t in self.sources] != self.versions:
+            raise RuntimeError("one of the tensors needed to rebuild a parameter adapted with target_parameters "
+                               f"({self.wrapper.parameter_name!r}: the parameter or its LoRA weights) was modified in "
+                               "place between the forward and the backward")
+        t = self.tensor
+        if t is None:
+            with torch.no_grad():
+                t = self.wrapper._effective_param(self.active)
+            self.tensor = t
+        self.users -= 1
+        if self.users <= 0:
+            self.tensor = None
+        return t
+
+
+class _View:
+    __slots__ = ("rebuild", "size", "stride", "offset")
+
+    def __init__(self, rebuild: _Rebuild, t: torch.Tensor) -> None:
+        self.rebuild, self.size, self.stride, self.offset = rebuild, t.size(), t.stride(), t.storage_offset()
+
+
+def _pack(rebuilds: dict, t: torch.Tensor):
+    base = t if t._base is None else t._base
+    rb = rebuilds.get(id(base))
+    if rb is None or tuple(base.shape) != rb.shape or base.dtype != rb.dtype:
+        return t
+    rb.users += 1
+    return _View(rb, t)
+
+
+def _unpack(obj):
+    if not isinstance(obj, _View):
+        return obj
+    return torch.as_strided(obj.rebuild.take(), obj.size, obj.stride, obj.offset)
 
 
 class ParamWrapper(LoraLayer):
@@ -201,18 +274,28 @@ class ParamWrapper(LoraLayer):
                              f"target_parameters ({self.parameter_name!r})")
         return self._run({}, (x, *args), kwargs)
 
-    def _run(self, overrides: dict, args: tuple, kwargs: dict) -> Any:
+    def _run(self, overrides: dict, args: tuple, kwargs: dict, rebuilds: Optional[dict] = None) -> Any:
         """Collect this wrapper's replaced parameter (unless disabled or merged), then the inner wrappers', and run
         the module once with all of them."""
+        rebuilds = {} if rebuilds is None else rebuilds
         active = [] if self._base_only() else self._present_active()
         if active:
-            overrides[self.parameter_name] = self._effective_param(active)
+            w_eff = self._effective_param(active)
+            overrides[self.parameter_name] = w_eff
+            rebuilds[id(w_eff)] = _Rebuild(self, list(active), w_eff)
         inner = self.base_layer
         if isinstance(inner, ParamWrapper):
-            return inner._run(overrides, args, kwargs)
+            return inner._run(overrides, args, kwargs, rebuilds)
         if not overrides:
             return inner(*args, **kwargs)
-        return torch.func.functional_call(inner, overrides, args, kwargs, tie_weights=False, strict=False)
+        if not rebuilds or not _may_hook_saved_tensors():
+            return torch.func.functional_call(inner, overrides, args, kwargs, tie_weights=False, strict=False)
+        # W + ΔW (a copy of the whole parameter: every expert) would stay alive until backward through the views of
+        # it the module's own ops save; they are saved as recipes instead and W + ΔW is formed again in backward
+        # (one small-rank GEMM per wrapped parameter), once for all its views.
+        del w_eff  # (the wrapper keeps no reference: the module's call holds the only ones)
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, rebuilds), _unpack):
+            return torch.func.functional_call(inner, overrides, args, kwargs, tie_weights=False, strict=False)
 
     def extra_repr(self) -> str:
         return f"parameter_name={self.parameter_name!r}, experts={self.num_experts}, in_features={self.in_features}, " \
