@@ -1,7 +1,8 @@
 """LoRA on ``nn.Conv1d`` and ``nn.Conv3d`` against HF PEFT 0.21.2 in fp32 (the Conv2d cases are
 ``tests/test_lora_conv2d.py``): an audio-style 1-D stack and a video-style 3-D stack with kernel sizes 1/3, stride,
 padding (incl. "same") and groups - outputs and every gradient in training (dropout) and eval, merged kernels, files
-both ways, and the refusals (DoRA, dilation, a rank not divisible by groups, merging a grouped conv)."""
+both ways, DoRA on both, and the refusals (DoRA on a grouped conv, dilation, a rank not divisible by groups, merging a
+grouped conv)."""
 
 from __future__ import annotations
 
@@ -88,11 +89,14 @@ def run_parity(p, f, x, train):
     f.zero_grad()
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("kind", ["1d", "3d"])
-def test_parity_train_eval_and_files(kind, tmp_path):
-    """Same layer classes' names as PEFT's (lora.Conv1d / Conv3d), initial values, outputs and every gradient (with
-    dropout in training), and saved tensors loaded both ways."""
-    p, f = wrap_pair(make(kind), *both(r=4, lora_alpha=8, target_modules=ALL[kind], lora_dropout=0.1))
+def test_parity_train_eval_and_files(kind, use_dora, tmp_path):
+    """Same layer classes' names as PEFT's (lora.Conv1d / Conv3d), initial values (DoRA's magnitude too), outputs
+    and every gradient (with dropout in training), and saved tensors loaded both ways."""
+    targets = [t for t in ALL[kind] if not (use_dora and t == "grouped")]  # PEFT's DoRA cannot take a grouped conv
+    p, f = wrap_pair(make(kind), *both(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.1,
+                                       use_dora=use_dora))
     conv = type(f.base_model.model.down).__name__
     assert conv == ("Conv1d" if kind == "1d" else "Conv3d") == type(p.base_model.model.down).__name__
     randomize_trainable(p, f)
@@ -105,6 +109,8 @@ def test_parity_train_eval_and_files(kind, tmp_path):
     a = load_file(tmp_path / "f" / "adapter_model.safetensors")
     b = load_file(tmp_path / "p" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    if use_dora:
+        assert a["base_model.model.down.lora_magnitude_vector"].shape == (1, 12) + (1,) * (1 if kind == "1d" else 3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         f2 = fastpeft.PeftModel.from_pretrained(make(kind), str(tmp_path / "p"))
@@ -115,19 +121,22 @@ def test_parity_train_eval_and_files(kind, tmp_path):
         assert_close_rel(p2(x), ref, PEFT_PARITY_RTOL, "fastpeft file in PEFT")
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("kind", ["1d", "3d"])
-def test_merge_matches_peft_and_the_adapted_outputs(kind):
+def test_merge_matches_peft_and_the_adapted_outputs(kind, use_dora):
     """merge_and_unload: PEFT's merged kernels (the 1-D and 3-D convolution of B over Aᵀ) - except where PEFT's own
     merge fails (a Conv3d whose kernel is 1 x 1 in its first two dimensions: PEFT takes the 1x1 Conv2d product
     there), which fastpeft merges by convolution; the merged model gives the adapted outputs."""
     mergeable = [t for t in ALL[kind] if t != "grouped"]
     peft_can = [t for t in mergeable if not (kind == "3d" and t == "proj")]  # PEFT: RuntimeError on (1, 1, 1)
-    p, f = wrap_pair(make(kind), *both(r=4, lora_alpha=8, target_modules=peft_can, init_lora_weights=False))
+    p, f = wrap_pair(make(kind), *both(r=4, lora_alpha=8, target_modules=peft_can, init_lora_weights=False,
+                                       use_dora=use_dora))
     sp, sf = merged_state(p), merged_state(f)
     assert sorted(sp) == sorted(sf)
     for k in sp:
         assert_close_rel(sf[k], sp[k], PEFT_PARITY_RTOL, f"merged {k}")
-    _, f = wrap_pair(make(kind), *both(r=4, lora_alpha=8, target_modules=mergeable, init_lora_weights=False))
+    _, f = wrap_pair(make(kind), *both(r=4, lora_alpha=8, target_modules=mergeable, init_lora_weights=False,
+                                       use_dora=use_dora))
     x = inputs_for(kind)
     f.eval()
     with torch.no_grad():
@@ -138,7 +147,7 @@ def test_merge_matches_peft_and_the_adapted_outputs(kind):
 
 
 @pytest.mark.parametrize("kw, match, err", [
-    (dict(target_modules=["down"], use_dora=True), "DoRA on a Conv1d", ValueError),
+    (dict(target_modules=["grouped"], r=4, use_dora=True), "DoRA on a Conv1d with groups=2", ValueError),
     (dict(target_modules=["grouped"], r=3), "divisible by groups", ValueError),
 ])
 def test_refusals(kw, match, err):

@@ -9,9 +9,9 @@
 The delta weight is ``B·A`` folded into one (out, in/groups, *kernel) kernel (PEFT's formula: a matrix product for a
 1x1 Conv2d, else B convolved over Aᵀ); merging adds it to the base kernel.  As in PEFT: the rank must be divisible by
 ``groups``, and a grouped conv cannot be merged.  A dilated base conv is refused (PEFT builds ``lora_A`` without the
-dilation, so its output does not fit the base output).  DoRA works on Conv2d as on Linear layers (magnitude of shape
-(1, out, 1, 1)); on Conv1d / Conv3d it is refused.  (Where PEFT's merge of a Conv3d with a (1, 1, k) kernel fails - it
-takes the 1x1 Conv2d product for it - fastpeft's convolves.)
+dilation, so its output does not fit the base output).  DoRA works as on Linear layers (magnitude of shape
+(1, out, 1, ...)), not on a grouped conv (nor in PEFT).  (Where PEFT's merge of a Conv3d with a (1, 1, k) kernel
+fails - it takes the 1x1 Conv2d product for it - fastpeft's convolves.)
 """
 
 from __future__ import annotations
@@ -37,8 +37,6 @@ def check_conv_target(base: nn.Module, r: int, use_dora: bool = False, name: str
     if r % base.groups != 0:
         raise ValueError(f"Targeting a {kind} with groups={base.groups} and rank {r}{where}: the rank must be "
                          "divisible by groups. Either choose a different rank or do not target this layer.")
-    if use_dora and type(base) is not nn.Conv2d:
-        raise ValueError(f"DoRA on a {kind}{where} is not supported by fastpeft (only on Conv2d among the convs)")
     if use_dora and base.groups > 1:
         raise ValueError(f"DoRA on a {kind} with groups={base.groups}{where} is not supported (HF PEFT 0.21.2 cannot "
                          "build its magnitude either)")

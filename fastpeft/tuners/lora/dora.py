@@ -1,7 +1,7 @@
 """DoRA (``use_dora=True``): weight-decomposed LoRA with HF PEFT 0.21.2's parameters, math and file keys.
 
 Per adapter the layer holds a magnitude ``m`` (``lora_magnitude_vector[name].weight``: shape (out,) for Linear /
-Conv1D bases, (1, out, 1, 1) for Conv2d, as in PEFT; saved as ``...lora_magnitude_vector`` without ``.weight``).
+Conv1D bases, (1, out, 1, ...) for a conv, as in PEFT; saved as ``...lora_magnitude_vector`` without ``.weight``).
 The adapted weight is ``W' = (m / n) · (W + s·B·A)`` with ``n = ‖W + s·B·A‖`` per output row, and ``n`` is treated
 as a constant (detached), as the DoRA paper (section 4.3) and PEFT do.  The forward adds to the base output::
 
@@ -46,7 +46,7 @@ class DoraLinearLayer(nn.Module):
 
 
 def _flat_oi(layer) -> torch.Tensor:
-    """The base weight as (out, in·k·k): the transposed view for Conv1D, a reshape for Conv2d."""
+    """The base weight as (out, in·prod(kernel)): the transposed view for Conv1D, a reshape for a conv."""
     w = layer.base_layer.weight
     if w.dim() > 2:
         return w.reshape(w.shape[0], -1)
@@ -75,7 +75,8 @@ def _lora_weight_oi(layer, adapter_name: str) -> torch.Tensor:
 
 
 def _direct_norm(w: torch.Tensor, lora_weight: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
-    """PEFT's ``get_weight_norm``: the norm of the materialised ``W + s·ΔW`` (Linear: (out,), conv: (1,out,1,1))."""
+    """PEFT's ``get_weight_norm``: the norm of the materialised ``W + s·ΔW`` (Linear: (out,), conv:
+    (1, out, 1, ...))."""
     if w.dim() > 2:
         tot = w + scaling * lora_weight.reshape(w.shape)
         return tot.norm(p=2, dim=tuple(range(1, tot.dim())), keepdim=True).transpose(1, 0)
@@ -126,7 +127,8 @@ def unmerged_base_weight(layer) -> torch.Tensor:
 def dora_forward(layer, adapter_name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """``result`` (the base output incl. bias) plus the DoRA term of ``adapter_name`` (see the module docstring).
 
-    x: (..., in) for Linear/Conv1D or (N, C, H, W) for Conv2d, already in the adapter dtype.  Returns the new result.
+    x: (..., in) for Linear/Conv1D or (N, C, *spatial) for a conv, already in the adapter dtype.  Returns the new
+    result.
     """
     lora_A = layer.lora_A[adapter_name]
     lora_B = layer.lora_B[adapter_name]
@@ -142,13 +144,14 @@ def dora_forward(layer, adapter_name: str, x: torch.Tensor, result: torch.Tensor
     else:
         x = dropout(x)
         if conv:
-            base_result = F.conv2d(x, w.to(x.dtype), None, base.stride, base.padding, base.dilation, base.groups)
+            conv_fn = (F.conv1d, F.conv2d, F.conv3d)[w.dim() - 3]
+            base_result = conv_fn(x, w.to(x.dtype), None, base.stride, base.padding, base.dilation, base.groups)
         else:
             base_result = F.linear(x, transpose(w.to(x.dtype), layer.fan_in_fan_out))
     magnitude = layer.lora_magnitude_vector[adapter_name].weight
     n = _norm_for_forward(layer, adapter_name, x.dtype)
     if conv:
-        k = magnitude / n.view(1, -1, 1, 1)
+        k = magnitude / n.view((1, -1) + (1,) * (w.dim() - 2))
     else:
         k = (magnitude / n).view(1, -1)
     lora_result = lora_B(lora_A(x))
@@ -181,7 +184,7 @@ def _factor(layer, adapter_name: str, weight_norm: torch.Tensor, w: torch.Tensor
     """``m / n`` shaped to broadcast over the base weight's own layout."""
     f = layer.lora_magnitude_vector[adapter_name].weight / weight_norm
     if w.dim() > 2:
-        return f.transpose(1, 0)  # (1,out,1,1) -> (out,1,1,1)
+        return f.transpose(1, 0)  # (1, out, 1, ...) -> (out, 1, 1, ...)
     return transpose(f.view(-1, 1), layer.fan_in_fan_out)
 
 
