@@ -260,6 +260,24 @@ _gemm_autotuned = triton.autotune(
 )(triton.heuristics({"EPI_SPLIT": _epi_split})(_gemm_kernel))
 
 
+def _ensure_allocator() -> None:
+    """Give Triton a global-memory allocator for the kernel's device-side TMA descriptors (``tl.make_tensor_descriptor``
+    needs a workspace at launch): torch's caching allocator, unless the user set one.  Without it the first GPU run
+    (H100, triton 3.6) failed every fused-variant launch with "Kernel requires a runtime memory allocation, but no
+    allocator was set"; the interpreter needs none."""
+    try:
+        from triton.runtime import _allocation
+    except ImportError:  # a triton without the hook needs no allocator
+        return
+    current = _allocation._allocator.get()
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(_torch_alloc)
+
+
+def _torch_alloc(size: int, alignment: int, stream) -> torch.Tensor:  # noqa: ARG001 - torch aligns to 512 bytes
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def _dummy(device: torch.device) -> torch.Tensor:
     return torch.empty(1, device=device, dtype=torch.float32)
 
@@ -352,6 +370,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, *, prec: st
         return part
     # A failing TMA launch raises (FASTPEFT_TRITON_TMA=0 selects the pointer path): nothing below select_backend
     # changes the path a launch takes behind the caller's back.
+    if tma:
+        _ensure_allocator()
     token = _PRUNE_TARGET.set(tgt)
     try:
         _gemm_autotuned[grid](*args, USE_TMA=tma, **kwargs)

@@ -12,6 +12,8 @@ with a fixed pass budget (the dropout mask is regenerated from (seed, m, k) wher
                                      over x; stored for backward), then y += s · (S ⊙ e) Bᵀ over those rows
                                      (one read + write of y, cuBLAS beta=1 traffic).  Rows carry the
                                      parallelism (the N range is split, x re-read, only where M < 16·SMs).
+                                     At M <= TWO_LAUNCH_MAX_ROWS (decode): ``_lora_shrink_kernel`` (split-K)
+                                     then ``_lora_expand_kernel`` instead.
   backward  ``_lora_dy_kernel``      one pass over dY: dSe = s · dY B, dB = s · dYᵀ (S ⊙ e), dbias = Σ_m dY
             ``torch.mm``             dX = dY W                                     (cuBLAS)
             ``_lora_da_kernel``      one pass over x and dX together: dA = dSᵀ drop(x) (dS = dSe ⊙ e summed on
@@ -54,12 +56,25 @@ from ._target import (cdiv, LaunchTarget, check_variant, da_blocks, launch_ok, l
 from ._tl import (adapter_operand, base_precision, dot_flops, dot_prec, lora_epilogue_precision, mma, pad_rank,
                   skinny_precision)
 
-__all__ = ["lora_fwd_triton", "lora_bwd_triton"]
+__all__ = ["lora_fwd_triton", "lora_bwd_triton", "TWO_LAUNCH_MAX_ROWS"]
+
+# Up to this many rows the cublas forward runs the split-K shrink and then the expand (two launches) instead of
+# the single shrink-expand launch.  Measured in the first GPU run (H100, triton 3.6, benchmarks/results/
+# h100-2026-12-06/decode.csv), forward under a CUDA graph at M = 1 and 16: the single launch 3.1-3.8x the frozen
+# layer (each program walks all of K serially), shrink + expand 1.2-1.44x.  Larger M keeps the single launch (not
+# measured against it there).
+TWO_LAUNCH_MAX_ROWS = 16
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # kernels
 # ---------------------------------------------------------------------------------------------------------------
+
+# _TC_NOTE: the long reductions of the rank-r kernels (S over K, dB and dA over M) add each block's product to
+# their fp32 accumulator with a CUDA-core add instead of passing the accumulator into the dot.  In the first GPU run
+# (H100, bf16 activations, fp32 adapters, M = 8192; benchmarks/results/h100-2026-12-06/correctness.csv) dB, dA and
+# dE accumulated inside the tensor cores were 4-43x torch's own error, over the accuracy rule; the tensor cores'
+# accumulation then only spans one block (64-256 products).  Not yet re-measured on a GPU.
 
 
 @triton.jit
@@ -85,7 +100,8 @@ def _shrink_rows(x_ptr, a_ptr, offs_m, offs_r, mask_m, mask_r, kb0, kb1, K, stri
             x = tl.where(keep, (x.to(tl.float32) * drop_scale).to(x.dtype), 0.0)
         at = tl.load(a_ptr + offs_r[None, :] * stride_ar + rk64[:, None] * stride_ak,
                      mask=mask_r[None, :] & mask_k[:, None], other=0.0)
-        acc = mma(adapter_operand(x, a_dtype, PREC), at, acc, PREC)
+        # each block's product summed outside the tensor cores (see _TC_NOTE)
+        acc += mma(adapter_operand(x, a_dtype, PREC), at, tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), PREC)
     return acc
 
 
@@ -162,7 +178,7 @@ def _lora_dy_kernel(dy_ptr, b_ptr, s_ptr, e_ptr, dse_part_ptr, db_part_ptr, dbia
                 se = se * e[None, :]
             se = (se * scaling).to(b_dtype)
             dya = adapter_operand(dy, b_dtype, PREC)
-            acc_b = mma(tl.trans(dya), se, acc_b, PREC)
+            acc_b += mma(tl.trans(dya), se, tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32), PREC)  # (_TC_NOTE)
             dse = mma(dya, bt, tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32), PREC) * scaling
             mask_mr = mask_m[:, None] & mask_r[None, :]
             dse_ptrs = dse_part_ptr + pid_nc.to(tl.int64) * M * dse_ld + rm64[:, None] * dse_ld + offs_r[None, :]
@@ -246,7 +262,8 @@ def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, dse_sum
                              other=0.0)
                 acc_de += tl.sum(ds * sv, axis=0)
             ds = ds * e[None, :]
-        acc = mma(tl.trans(ds.to(A_DTYPE)), adapter_operand(x, A_DTYPE, PREC), acc, PREC)
+        acc += mma(tl.trans(ds.to(A_DTYPE)), adapter_operand(x, A_DTYPE, PREC),
+                   tl.zeros((R_PAD, BLOCK_K), dtype=tl.float32), PREC)  # (_TC_NOTE)
         if WITH_DX:
             lt = ds
             if HAS_DROPOUT:
@@ -483,6 +500,11 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     tgt = launch_target(x.device, target)
     if variant == "cublas":
         y = F.linear(x, weight, bias)
+        if m <= TWO_LAUNCH_MAX_ROWS:
+            # decode: the split-K shrink runs K in parallel where the single launch walks it serially per program
+            s = shrink(x, lora_A, dropout_p, seed, tgt)
+            _expand(y, s.unsqueeze(0), float(scaling), lora_E, lora_B.t(), tgt)
+            return y, s
         return y, shrink_expand(y, x, lora_A, lora_E, lora_B, float(scaling), dropout_p, seed, tgt)
     s = shrink(x, lora_A, dropout_p, seed, tgt)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)

@@ -106,7 +106,8 @@ def test_files_load_both_ways(model_name, variant, tmp_path):
     fm.save_pretrained(str(fdir))
     jp = json.loads((pdir / "adapter_config.json").read_text())
     jf = json.loads((fdir / "adapter_config.json").read_text())
-    assert jp == jf
+    # peft_version: the installed PEFT's own (0.21.0 on the GPU machine), fastpeft writes the format it follows
+    assert {k: v for k, v in jp.items() if k != "peft_version"} == {k: v for k, v in jf.items() if k != "peft_version"}
     from safetensors.torch import load_file
 
     sp, sf = load_file(str(pdir / "adapter_model.safetensors")), load_file(str(fdir / "adapter_model.safetensors"))

@@ -484,9 +484,9 @@ def test_multi_block_paths_of_production_shapes(monkeypatch):
 @pytest.mark.parametrize("blocks", [(16, 16, 4), (32, 16, 4), (64, 32, 8)], ids=["rows16", "rows32", "rows64"])
 def test_forward_single_launch_matches_the_two_launch_path(monkeypatch, blocks):
     """The default forward's one launch (``_lora_shrink_expand_kernel``) against the shrink + expand it replaces
-    (which sibling groups still run): S and y bit-equal with one K split, on every grid shape the block chooser
-    gives (one row block with N split across programs - decode; many row blocks, no split; a ragged last row
-    block), with dropout, e, a bias, fp32 adapters on fp16 activations and non-contiguous x / B; with the 16-, 32-
+    (which sibling groups and M <= TWO_LAUNCH_MAX_ROWS still run): S and y bit-equal with one K split, on every grid
+    shape the block chooser gives (one row block with N split across programs; many row blocks, no split; a ragged
+    last row block), with dropout, e, a bias, fp32 adapters on fp16 activations and non-contiguous x / B; with the 16-, 32-
     and 64-row blocks a GPU takes (M < 16·SMs, M = 8192, M > 8448 on an H200)."""
     torch.manual_seed(0)
     for m, k, n, r, programs in ((1, 40, 100, 1, 8), (16, 72, 48, 4, 1), (37, 24, 130, 3, 4), (0, 8, 8, 2, 4),
