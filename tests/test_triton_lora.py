@@ -778,3 +778,29 @@ def test_dy_pass_column_sums_of_dy_times_u():
     assert rel_err(part.double().sum(0), want) <= 1e-6
     empty = KL.lora_bwd_triton(dy[:0], x[:0], w, a, None, bb, s[:0], 0.5, 0.0, 0, True, False, dy_u=u[:0])
     assert len(empty) == 6 and torch.equal(empty[5], torch.zeros(1, 50, device=DEV))
+
+
+def test_tma_allocator_is_installed_unless_the_user_set_one():
+    """Device-side TMA descriptors need a workspace at launch (the first GPU run's fused launches all failed with
+    "no allocator was set"): the GEMM launcher gives Triton torch's allocator when none is set, and leaves a user's."""
+    import contextvars
+
+    from fastpeft.kernels import _gemm as KG
+    from triton.runtime import _allocation
+
+    def run(fn):
+        return contextvars.copy_context().run(fn)  # the allocator is a context variable: keep the test's own
+
+    def fresh():
+        _allocation._allocator.set(_allocation._NULL_ALLOCATOR)
+        KG._ensure_allocator()
+        return _allocation._allocator.get()
+
+    def user():
+        mine = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(mine)
+        KG._ensure_allocator()
+        return _allocation._allocator.get() is mine
+
+    assert run(fresh) is KG._torch_alloc
+    assert run(user)
