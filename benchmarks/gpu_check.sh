@@ -6,7 +6,8 @@
 # Phases run in the order of what they decide, each under its own `timeout`; every result row is appended to
 # $OUT/<phase>.csv and flushed the moment it is measured (benchmarks/gpu_phases.py), so whatever finished is under
 # $OUT even when a later phase is killed.  $OUT/summary.txt gets one line per phase as it ends; $OUT/phases.log
-# holds every phase's output.  Eight files in all (what the device machine returns).
+# holds every phase's output.  At the end gemm.csv, launch.csv and dispatch_table.json go into tables.tgz: eight
+# files in all, what the device machine returns.
 #   a build        the C++/CUDA extension, in the background (pip install -e ., FASTPEFT_BUILD_CUDA=1), and
 #                  Triton's kernel cache warmed beside it (.ci/compile_triton.py --ci: the first configuration of
 #                  each kernel, which is what FASTPEFT_TRITON_AUTOTUNE=0 runs)
@@ -140,8 +141,9 @@ gpu_phase profile 40 --budget 30
 # ---- f. end to end --------------------------------------------------------------------------------------------
 gpu_phase e2e 60 --budget 50
 # ---- g. the GPU test suite, last ------------------------------------------------------------------------------
-TESTS="${GPU_CHECK_TESTS:-tests/test_cuda_ext.py tests/test_build.py tests/test_triton_lora.py tests/test_triton_ia3.py
-tests/test_op_paths.py}"
+# (test_cuda_ext last: on the first GPU run one of its tests segfaulted, which ended the phase)
+TESTS="${GPU_CHECK_TESTS:-tests/test_build.py tests/test_triton_lora.py tests/test_triton_ia3.py tests/test_op_paths.py
+tests/test_cuda_ext.py}"
 if [ "$HAVE_GPU" = 1 ]; then
   # shellcheck disable=SC2086
   phase tests 200 "$PY" -m pytest $TESTS -q -rfEs -p no:cacheprovider
@@ -154,5 +156,12 @@ if [ -s "$BUILD_LOG" ] && [ ! -f "$BUILD_RC" ]; then
   { echo "---- unfinished build log ----"; cat "$BUILD_LOG"; } >> "$OUT/phases.log"
 fi
 rm -f "$BUILD_RC" "$BUILD_LOG"
+# The device machine returns at most 8 files (the first run lost ratios.csv and summary.txt, the last two by name):
+# the small tables decided early and the measured dispatch table go into one archive.
+TABLES="$(cd "$OUT" && ls gemm.csv launch.csv dispatch_table.json 2>/dev/null | tr '\n' ' ')"
+if [ -n "$TABLES" ]; then
+  # shellcheck disable=SC2086
+  (cd "$OUT" && tar czf tables.tgz $TABLES && rm -f $TABLES)
+fi
 say "gpu_check: done in $SECONDS s, failed=$FAILED"
 exit "$FAILED"
