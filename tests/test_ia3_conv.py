@@ -13,8 +13,8 @@ import torch.nn as nn
 peft = pytest.importorskip("peft")
 
 import fastpeft  # noqa: E402
-from testing_utils import (PEFT_PARITY_RTOL, assert_close_rel, compare_grads, merged_state,  # noqa: E402
-                           randomize_trainable, wrap_pair)
+from testing_utils import (PEFT_PARITY_RTOL, assert_close_rel, merged_state,  # noqa: E402
+                           randomize_trainable, run_module_parity, wrap_pair)
 
 
 class Net(nn.Module):
@@ -62,15 +62,7 @@ def test_ia3_conv_matches_peft(kind, ff, tmp_path):
                     t.add_(1.0)
     x = data(kind)
     for train in (True, False):
-        p.train(train)
-        f.train(train)
-        yp, yf = p(x), f(x)
-        assert_close_rel(yf, yp, PEFT_PARITY_RTOL, "output")
-        yp.square().sum().backward()
-        yf.square().sum().backward()
-        compare_grads(p, f)
-        p.zero_grad()
-        f.zero_grad()
+        run_module_parity(p, f, x, train)
     sp, sf = merged_state(p), merged_state(f)
     assert sorted(sp) == sorted(sf)
     for k in sp:

@@ -15,8 +15,8 @@ import torch.nn as nn
 peft = pytest.importorskip("peft")
 
 import fastpeft  # noqa: E402
-from testing_utils import (PEFT_PARITY_RTOL, assert_close_rel, compare_grads, merged_state,  # noqa: E402
-                           randomize_trainable, wrap_pair)
+from testing_utils import (PEFT_PARITY_RTOL, assert_close_rel, merged_state,  # noqa: E402
+                           randomize_trainable, run_module_parity, wrap_pair)
 
 
 class Net1d(nn.Module):
@@ -74,21 +74,6 @@ def both(**kw):
     return peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw)
 
 
-def run_parity(p, f, x, train):
-    p.train(train)
-    f.train(train)
-    torch.manual_seed(3)
-    yp = p(x)
-    torch.manual_seed(3)
-    yf = f(x)
-    assert_close_rel(yf, yp, PEFT_PARITY_RTOL, "output")
-    yp.square().sum().backward()
-    yf.square().sum().backward()
-    compare_grads(p, f)
-    p.zero_grad()
-    f.zero_grad()
-
-
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("kind", ["1d", "3d"])
 def test_parity_train_eval_and_files(kind, use_dora, tmp_path):
@@ -101,8 +86,8 @@ def test_parity_train_eval_and_files(kind, use_dora, tmp_path):
     assert conv == ("Conv1d" if kind == "1d" else "Conv3d") == type(p.base_model.model.down).__name__
     randomize_trainable(p, f)
     x = inputs_for(kind)
-    run_parity(p, f, x, train=True)
-    run_parity(p, f, x, train=False)
+    run_module_parity(p, f, x, train=True)
+    run_module_parity(p, f, x, train=False)
     p.save_pretrained(tmp_path / "p")
     f.save_pretrained(tmp_path / "f")
     from safetensors.torch import load_file

@@ -14,7 +14,7 @@ import torch.nn as nn
 peft = pytest.importorskip("peft")
 
 import fastpeft  # noqa: E402
-from testing_utils import compare_grads, merged_state, randomize_trainable, wrap_pair  # noqa: E402
+from testing_utils import merged_state, randomize_trainable, run_module_parity, wrap_pair  # noqa: E402
 from testing_utils import PEFT_PARITY_RTOL, assert_close_rel  # noqa: E402
 
 
@@ -53,22 +53,6 @@ def both(**kw):
     return peft.LoraConfig(**kw), fastpeft.LoraConfig(**kw)
 
 
-def run_parity(p, f, train):
-    x = images()
-    p.train(train)
-    f.train(train)
-    torch.manual_seed(3)
-    yp = p(x)
-    torch.manual_seed(3)
-    yf = f(x)
-    assert_close_rel(yf, yp, PEFT_PARITY_RTOL, "output")
-    yp.square().sum().backward()
-    yf.square().sum().backward()
-    compare_grads(p, f)
-    p.zero_grad()
-    f.zero_grad()
-
-
 ALL = ["conv_in", "down", "grouped", "proj", "same", "head"]
 MERGEABLE = ["conv_in", "down", "proj", "same", "head"]
 
@@ -80,8 +64,8 @@ def test_conv2d_parity_train_eval(use_dora):
                                        use_dora=use_dora))
     assert type(f.base_model.model.down).__name__ == "Conv2d" and hasattr(f.base_model.model.down, "lora_A")
     randomize_trainable(p, f)
-    run_parity(p, f, train=True)
-    run_parity(p, f, train=False)
+    run_module_parity(p, f, images(), train=True)
+    run_module_parity(p, f, images(), train=False)
     if use_dora:  # (the LoRA case targets the grouped conv, which neither library merges)
         sp, sf = merged_state(p), merged_state(f)
         assert sorted(sp) == sorted(sf)

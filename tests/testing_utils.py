@@ -487,6 +487,23 @@ class OneLinear(torch.nn.Module):
         return self.proj(x)
 
 
+def run_module_parity(p, f, x, train: bool) -> None:
+    """HF PEFT's model `p` and fastpeft's `f` on input tensor x (RNG reset before each forward): the same output and
+    the same gradient of every trainable tensor for the loss sum(y²); gradients zeroed after."""
+    p.train(train)
+    f.train(train)
+    torch.manual_seed(3)
+    yp = p(x)
+    torch.manual_seed(3)
+    yf = f(x)
+    assert_close_rel(yf, yp, PEFT_PARITY_RTOL, "output")
+    yp.square().sum().backward()
+    yf.square().sum().backward()
+    compare_grads(p, f)
+    p.zero_grad()
+    f.zero_grad()
+
+
 def assert_step_bit_for_bit(p, f, n_grads: int, ids=None, seed=3) -> None:
     """One training step of HF PEFT's model `p` and fastpeft's `f` (RNG reset to `seed` before each forward): the
     same loss and the same gradient of every trainable tensor, bit for bit (``torch.equal``); `n_grads` of them."""

@@ -35,14 +35,17 @@ class IA3Layer(BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: IA3Config) -> None:
         # drawn like PEFT (randn, then ones) so the RNG stream stays aligned with a PEFT model built the same way
-        shape = (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
-        self.ia3_l[adapter_name] = nn.Parameter(torch.randn(shape))
+        self.ia3_l[adapter_name] = nn.Parameter(torch.randn(self._l_shape()))
         if config.init_ia3_weights:
             with torch.no_grad():
                 self.ia3_l[adapter_name].fill_(1.0)
         w = self.base_layer.weight
         p = self.ia3_l[adapter_name]
         p.data = p.data.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
+
+    def _l_shape(self) -> tuple:
+        """l's stored shape (PEFT's): (1, in) feed-forward, (out, 1) otherwise."""
+        return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
 
     def _scale_weight(self, a: str, inverse: bool, safe_merge: bool = False) -> None:
         base = self.base_layer
@@ -137,16 +140,10 @@ class _ConvNd(IA3Layer):
         self._active_adapter = [adapter_name]
         self.update_layer(adapter_name, config)
 
-    def update_layer(self, adapter_name: str, config: IA3Config) -> None:
-        # PEFT's draw: randn of l's shape, then ones (the RNG stream stays aligned with a PEFT model)
+    def _l_shape(self) -> tuple:
+        """(1, C, 1, ...): channels in or out, broadcast over the spatial dimensions (PEFT's)."""
         n = self.in_features if self.is_feedforward else self.out_features
-        self.ia3_l[adapter_name] = nn.Parameter(torch.randn((1, n) + (1,) * (self.base_layer.weight.dim() - 2)))
-        if config.init_ia3_weights:
-            with torch.no_grad():
-                self.ia3_l[adapter_name].fill_(1.0)
-        w = self.base_layer.weight
-        p = self.ia3_l[adapter_name]
-        p.data = p.data.to(device=w.device, dtype=w.dtype if w.is_floating_point() else None)
+        return (1, n) + (1,) * (self.base_layer.weight.dim() - 2)
 
     def _weight_scale(self, l: torch.Tensor) -> torch.Tensor:
         """l as a factor of the (out, in/groups, *kernel) weight: per output channel, or per input channel of each
