@@ -368,10 +368,10 @@ def main() -> int:
 
     def backward(y, fn, inputs, dy):
         if use_graph:
-            return node_of(y, fn.__name__).apply(dy, None)
+            return node_of(y, fn.__name__).apply(dy)
         ctx = Ctx(len(inputs))
         fn.forward(ctx, *inputs)
-        return fn.backward(ctx, dy, None)
+        return fn.backward(ctx, dy)
 
     def grads_ok(grads, inputs):
         return len(grads) == len(inputs) and all(

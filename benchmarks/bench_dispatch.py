@@ -61,10 +61,10 @@ def measure(device: torch.device, dt: str, quick: bool = False) -> list[dict]:
         for op, fns in (
             ("lora", {"base": lambda: F.linear(x, W),
                       "custom-op": lambda: _lora.lora_fwd(*lora_args)[0],
-                      "autograd-function": lambda: _lora.LoRALinearFunction.apply(*lora_args)[0]}),
+                      "autograd-function": lambda: _lora.LoRALinearFunction.apply(*lora_args)}),
             ("ia3", {"base": lambda: F.linear(x, W),
                      "custom-op": lambda: _ia3.ia3_fwd(*ia3_args)[0],
-                     "autograd-function": lambda: _ia3.IA3LinearFunction.apply(*ia3_args)[0]}),
+                     "autograd-function": lambda: _ia3.IA3LinearFunction.apply(*ia3_args)}),
         ):
             timings = U.bench_interleaved({k: _step(f) for k, f in fns.items()}, device, quick)
             base = timings["base"].p50

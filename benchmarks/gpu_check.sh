@@ -6,17 +6,19 @@
 # Phases run in the order of what they decide, each under its own `timeout`; every result row is appended to
 # $OUT/<phase>.csv and flushed the moment it is measured (benchmarks/gpu_phases.py), so whatever finished is under
 # $OUT even when a later phase is killed.  $OUT/summary.txt gets one line per phase as it ends; $OUT/phases.log
-# holds every phase's output.  At the end gemm.csv, launch.csv and dispatch_table.json go into tables.tgz: eight
-# files in all, what the device machine returns.
+# holds every phase's output.  At the end gemm.csv, launch.csv, host.csv, host_profile.csv and dispatch_table.json
+# go into tables.tgz: eight files in all, what the device machine returns.
 #   a build        the C++/CUDA extension, in the background (pip install -e ., FASTPEFT_BUILD_CUDA=1), and
 #                  Triton's kernel cache warmed beside it (.ci/compile_triton.py --ci: the first configuration of
 #                  each kernel, which is what FASTPEFT_TRITON_AUTOTUNE=0 runs)
 #                  -> its log appended to phases.log when it ends, errors and tail in summary.txt
 #   b gemm         plain Triton GEMM vs torch.mm, M=2048/8192, q/up/down, fixed configuration        -> gemm.csv
 #   b2 launch      host µs per launch (eager), GPU µs per kernel (CUDA graph): the model's gap  -> launch.csv
+#   b3 host        host µs per layer call (frozen, default, HF PEFT; q_proj M=2048/16), cProfile of
+#                  a q_proj 2048 LoRA step, synchronising calls per step       -> host.csv, host_profile.csv
 #   c correctness  every backend vs an fp32 reference at the production shapes (waits for a)         -> correctness.csv
-#   d ratios       default and fused paths vs the frozen layer and HF PEFT, M=1/16/2048/8192,
-#                  LoRA p=0/0.1, IA3, AdaLoRA                        -> ratios.csv, dispatch_table.json
+#   d ratios       default, fused and (when built) cuda paths vs the frozen layer and HF PEFT,
+#                  M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA      -> ratios.csv, dispatch_table.json
 #   d2 decode      LoRA forward at M=1/16, eager and under a CUDA graph (the decode target)         -> decode.csv
 #   e profile      torch.profiler kernel table, one fwd+bwd per path                                 -> profile.csv
 #   f e2e          end-to-end training step time and memory                                          -> e2e.csv
@@ -129,6 +131,8 @@ wait_build() {  # wait_build LIMIT: until the background build ends or LIMIT sec
 gpu_phase gemm 60 --budget 50
 # ---- b2. what a launch costs (a few seconds; pins the cost model's least determined constant) ------------------
 gpu_phase launch 30 --budget 20
+# ---- b3. where an eager layer call's host time goes (the first run's M = 2048 rows were host-bound) ------------
+gpu_phase host 45 --budget 35
 # ---- c. correctness of every backend (needs the extension: waits for the build) -------------------------------
 wait_build 240
 gpu_phase correctness 80 --budget 70
@@ -158,7 +162,8 @@ fi
 rm -f "$BUILD_RC" "$BUILD_LOG"
 # The device machine returns at most 8 files (the first run lost ratios.csv and summary.txt, the last two by name):
 # the small tables decided early and the measured dispatch table go into one archive.
-TABLES="$(cd "$OUT" && ls gemm.csv launch.csv dispatch_table.json 2>/dev/null | tr '\n' ' ')"
+TABLES="$(cd "$OUT" && ls gemm.csv launch.csv host.csv host_profile.csv dispatch_table.json 2>/dev/null \
+  | tr '\n' ' ')"
 if [ -n "$TABLES" ]; then
   # shellcheck disable=SC2086
   (cd "$OUT" && tar czf tables.tgz $TABLES && rm -f $TABLES)

@@ -6,13 +6,17 @@ killed by its time limit leaves everything it finished.  Exit status: 0 done, 3 
 Phases (in the order gpu_check.sh runs them, most decisive first):
   gemm         a plain Triton GEMM (fastpeft.kernels._gemm.gemm, first fitting configuration, no autotuning)
                against torch.mm at M=2048/8192 on q/up/down: whether any Triton-GEMM path can be the default.
-  launch       what one launch costs (host µs eager, GPU µs per kernel in a CUDA graph): a tiny fastpeft Triton
-               kernel, a tiny torch op, the frozen q_proj forward at M=16 - the cost model's fitted gap, measured.
+  launch       what one launch costs (host µs eager, GPU µs per kernel in a CUDA graph): a trivial Triton kernel
+               launched raw (Triton's own host cost), a tiny fastpeft Triton kernel, a tiny torch op, the frozen
+               q_proj forward at M=16 - the cost model's fitted gap, measured.
+  host         host µs per layer call (``benchmarks.bench_host`` with real launches: frozen, default, HF PEFT at
+               q_proj M=2048/16), a cProfile table of a q_proj 2048 LoRA step, and its synchronising CUDA calls.
   correctness  every available backend (torch, triton, triton:fused, cuda) at the production shapes against an fp32
                reference: LoRA p=0 / p=0.1, AdaLoRA, IA3, DoRA; outputs and every gradient; the bound is 2x (3x for
                gradients) the torch backend's own bf16 error.
-  ratios       layer fwd+bwd time of the default path (backend auto) and the fused path (triton:fused) against the
-               frozen layer and HF PEFT's layer, side by side, M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA, DoRA;
+  ratios       layer fwd+bwd time of the default path (backend auto), the fused path (triton:fused) and the
+               extension (cuda, when it built; not DoRA) against the frozen layer and HF PEFT's layer, side by side,
+               M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA, DoRA;
                IA3 also with the other folding of l (``fold-flipped``: W where the default scales the activations,
                and back - kernels/ia3.py ``scales_activations`` decides by bytes; this row checks that by time);
                the faster fastpeft backend per shape bucket goes to OUT/dispatch_table.json (fastpeft._dispatch's
@@ -255,7 +259,7 @@ def _step_fn(provider: str, method: str, layer: str, t: dict) -> Callable[[], No
     tt["x"] = x
     if provider == "fold-flipped":
         return _fold_flipped(lambda: _call(method, layer, tt, "triton", seed=None).backward(gy))
-    backend = None if provider == "default" else FUSED
+    backend = {"default": None, "fused": FUSED, "cuda": "cuda"}[provider]
     return lambda: _call(method, layer, tt, backend, seed=None).backward(gy)
 
 
@@ -299,7 +303,7 @@ def _record_dispatch(out: Path, op: str, layer: str, m: int, times: dict, backen
     rewritten to OUT/dispatch_table.json (atomically) - the file to commit as fastpeft's measured table."""
     from fastpeft import _dispatch
     # backend names as select_backend takes them: "triton", "triton:fused", "cuda", "cuda:decode", "torch"
-    cands = {backends[p]: times[p] for p in ("default", "fused") if p in times and
+    cands = {backends[p]: times[p] for p in ("default", "fused", "cuda") if p in times and
              backends[p].partition(":")[0] in ("cuda", "triton", "torch")}
     if not cands:
         return
@@ -331,8 +335,11 @@ def phase_ratios(out: Path, deadline: float) -> None:
                 op = "ia3" if method == "ia3" else "lora"
                 times, backends = {}, {}
                 extra = ("fold-flipped",) if method == "ia3" and _has_triton() else ()
-                for provider in ("base", "peft", "default", "fused") + extra:
-                    backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": FUSED,
+                # the extension, when it built: a candidate of the measured dispatch table (its launches cost a
+                # torch op's host time, where the default's Triton launches cost 51 µs on the first run's host)
+                cuda = ("cuda",) if _backends()["cuda"][op] is None and method != "dora" else ()
+                for provider in ("base", "peft", "default", "fused") + cuda + extra:
+                    backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": FUSED, "cuda": "cuda",
                                "fold-flipped": "triton, IA3's folding of l flipped"}.get(provider)
                     if provider == "default":
                         backend = select_backend(op, t["x"], None)
@@ -458,7 +465,9 @@ def phase_launch(out: Path, deadline: float) -> None:
     k, n = SHAPES["q_proj"]
     x = torch.randn(16, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-    cases = [("triton sum_partials, 1 tile", lambda: sum_partials([(part, torch.bfloat16)], part), 100),
+    raw = _raw_triton_launch(part)
+    cases = [("triton raw launch, 3 args (Triton's own host cost)", raw, 100),
+             ("triton sum_partials, 1 tile", lambda: sum_partials([(part, torch.bfloat16)], part), 100),
              ("torch add_, 1024 fp32", lambda: small.add_(1.0), 100),
              ("frozen q_proj fwd, M=16 (F.linear)", lambda: F.linear(x, w), 1)]
     for what, fn, calls in cases:
@@ -470,6 +479,71 @@ def phase_launch(out: Path, deadline: float) -> None:
                 rows.add(what=what, mode=mode, us_per_call=us)
             except Exception as e:  # noqa: BLE001
                 rows.add(what=what, mode=mode, note=f"failed: {type(e).__name__}: {e}"[:300])
+
+
+def phase_host(out: Path, deadline: float) -> None:
+    """Where the host time of an eager layer call goes (the first GPU run found q_proj M = 2048 host-bound: 1.14 ms
+    per fwd+bwd against 0.19 ms of frozen GPU time).  host.csv: ``benchmarks.bench_host`` with real launches - µs
+    per call of the frozen layer, fastpeft's default path and HF PEFT's layer, q_proj at M = 2048 and 16, LoRA
+    p = 0 / 0.1, AdaLoRA, IA3, fwd+bwd and the inference forward.  host_profile.csv: cProfile of 30 LoRA fwd+bwd
+    steps at q_proj M = 2048 (the 25 functions of most own time, µs per step), and as its last row the number of
+    synchronising CUDA calls one step makes (``torch.cuda.set_sync_debug_mode``: a sync serialises host and GPU,
+    which would make the step cost host + GPU instead of the larger of the two)."""
+    import cProfile
+    import pstats
+    import warnings
+
+    from benchmarks.bench_host import COLUMNS, iter_rows
+    rows = Rows(out / "host.csv", [c for c in COLUMNS if c not in ("device", "torch", "git")])
+    for row in iter_rows("cuda", calls=30, rounds=5):
+        rows.add(**row)
+        if time.time() > deadline:
+            return
+    prof_rows = Rows(out / "host_profile.csv", ["function", "calls_per_step", "own_us_per_step",
+                                                "cum_us_per_step", "note"])
+    t = _inputs("q_proj", 2048, "lora")
+    step = _step_fn("default", "lora", "q_proj", t)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    steps = 30
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(steps):
+        step()
+    pr.disable()
+    torch.cuda.synchronize()
+    st = pstats.Stats(pr)
+    top = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:25]
+    for (file, line, name), (_cc, nc, tt, ct, _callers) in top:
+        prof_rows.add(function=f"{Path(file).name}:{line}({name})", calls_per_step=nc / steps,
+                      own_us_per_step=tt / steps * 1e6, cum_us_per_step=ct / steps * 1e6)
+    old = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(old)
+    syncs = [str(w.message).splitlines()[0][:200] for w in caught if "synchroniz" in str(w.message).lower()]
+    prof_rows.add(function="(synchronizing CUDA calls in one step)", calls_per_step=len(syncs),
+                  note="; ".join(sorted(set(syncs)))[:300])
+
+
+def _raw_triton_launch(t: torch.Tensor) -> Callable[[], None]:
+    """A launch of a trivial Triton kernel straight through ``kernel[grid](...)``: what Triton's launcher costs on
+    the host without any fastpeft Python around it."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _touch(ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(ptr + offs, tl.load(ptr + offs, mask=offs < n), mask=offs < n)
+
+    n = t.numel()
+    return lambda: _touch[(1,)](t, n, BLOCK=1024)
 
 
 def phase_decode(out: Path, deadline: float) -> None:
@@ -519,8 +593,8 @@ def phase_decode(out: Path, deadline: float) -> None:
             torch.cuda.empty_cache()
 
 
-PHASES = {"gemm": phase_gemm, "launch": phase_launch, "correctness": phase_correctness, "ratios": phase_ratios,
-          "decode": phase_decode, "profile": phase_profile, "e2e": phase_e2e}
+PHASES = {"gemm": phase_gemm, "launch": phase_launch, "host": phase_host, "correctness": phase_correctness,
+          "ratios": phase_ratios, "decode": phase_decode, "profile": phase_profile, "e2e": phase_e2e}
 
 
 def main(argv: Optional[list] = None) -> int:

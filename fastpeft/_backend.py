@@ -181,18 +181,29 @@ _AUTO_CACHE: dict = {}
 
 
 def _args_key(dispatch_args: tuple) -> tuple:
-    return tuple((tuple(a.shape), a.dtype, a.stride()) if isinstance(a, torch.Tensor) else a for a in dispatch_args)
+    # torch.Size is a hashable tuple: no conversion needed
+    return tuple((a.shape, a.dtype, a.stride()) if isinstance(a, torch.Tensor) else a for a in dispatch_args)
+
+
+def _auto_final(op: str, x: torch.Tensor, dispatch_args: tuple) -> str:
+    """Auto's whole answer for this call: the backend, its variant, and torch where the registry refuses the
+    operands (e.g. float64: only the torch implementation takes them)."""
+    chosen = _with_variant(_auto_choice(op, x.device, dispatch_args), op, x, dispatch_args)
+    if chosen != "torch" and _registry.supports(op, chosen, x, dispatch_args) is not None:
+        chosen = "torch"
+    return chosen
 
 
 def _cached_auto_choice(op: str, x: torch.Tensor, dispatch_args: tuple) -> str:
     if x.device.type != "cuda":
         return "torch"
     if torch.compiler.is_compiling():
-        return _auto_choice(op, x.device, dispatch_args)
+        return _auto_final(op, x, dispatch_args)
+    # the whole answer is cached: select_backend runs on every layer call, where the host time decides small layers
     key = (op, x.device, x.dtype, _args_key(dispatch_args), _dispatch_version())
     chosen = _AUTO_CACHE.get(key)
     if chosen is None:
-        chosen = _auto_choice(op, x.device, dispatch_args)
+        chosen = _auto_final(op, x, dispatch_args)
         if len(_AUTO_CACHE) > 4096:  # many distinct shapes (e.g. variable sequence lengths): start over
             _AUTO_CACHE.clear()
         _AUTO_CACHE[key] = chosen
@@ -221,9 +232,7 @@ def select_backend(op: str, x: torch.Tensor, backend: Optional[str] = None, disp
     if choice not in _VALID_CHOICES:
         raise ValueError(f"backend must be one of {_VALID_CHOICES}, got {backend!r}")
     if choice == "auto":
-        chosen = _with_variant(_cached_auto_choice(op, x, dispatch_args), op, x, dispatch_args)
-        if chosen != "torch" and _registry.supports(op, chosen, x, dispatch_args) is not None:
-            chosen = "torch"  # e.g. float64 operands: only the torch implementation takes them
+        chosen = _cached_auto_choice(op, x, dispatch_args)
         if not torch.compiler.is_compiling():
             logger.debug("fastpeft: op %s on %s -> backend %s", op, x.device, chosen)
         return chosen

@@ -225,7 +225,7 @@ def _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, s
         seed = draw_seed(device=x.device) if on_device else draw_seed()
     else:
         seed = _check_seed(seed)
-    y, _ = _lora.lora_apply(x2, weight, bias, lora_A, e, lora_B, scaling, dropout_p, seed, chosen)
+    y = _lora.lora_apply(x2, weight, bias, lora_A, e, lora_B, scaling, dropout_p, seed, chosen)
     return y.reshape(*lead, n)
 
 
@@ -381,5 +381,5 @@ def ia3_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         with ctx:
             return _ia3.ia3_fwd_ref(x, weight, bias, ia3_l.reshape(want), feedforward)[0]
     with ctx:
-        y, _ = _ia3.ia3_apply(x2, weight, bias, ia3_l.reshape(want), feedforward, chosen)
+        y = _ia3.ia3_apply(x2, weight, bias, ia3_l.reshape(want), feedforward, chosen)
     return y.reshape(*lead, n)

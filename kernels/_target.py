@@ -12,6 +12,7 @@ import contextvars
 import dataclasses
 import functools
 import os
+import types
 from typing import Optional
 
 import torch
@@ -324,7 +325,42 @@ def forced_launch_shape(blocks: tuple[int, int, int] | None = None, programs: in
     """Within the block, ``skinny_blocks`` returns `blocks` and ``target_programs`` returns `programs` (tests only)."""
     old = dict(_test_shape)
     _test_shape.update(blocks=blocks, programs=programs)
+    clear_launch_plans()
     try:
         yield
     finally:
         _test_shape.update(old)
+        clear_launch_plans()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launch plans
+# ---------------------------------------------------------------------------------------------------------------
+
+# Every launcher's shape arithmetic (block sizes, grids, split counts, precisions, constexpr arguments and the cost
+# model's byte / flop report) depends only on shapes, dtypes, flags and the target, so it is computed once per such
+# key.  Recomputing it per call cost the LoRA forward's launcher ~19 of its 45 µs of Python and the backward's ~50
+# of 87 (this repo's 2-core CI machine, benchmarks/results/cpu-host); on the first GPU run the layer at q_proj
+# M = 2048 was host-bound (benchmarks/results/h100-2026-12-06).
+_PLAN_CACHES: list = []
+PLAN_CACHE_SIZE = 1024  # distinct shapes per launcher (variable sequence lengths); least recently used dropped
+
+
+class Plan(types.SimpleNamespace):
+    """A launcher's memoised launch arithmetic: ``grid``, ``meta`` (the constexpr keyword arguments and
+    ``num_warps``), ``report`` (the cost model's byte / flop / integer counts: ``launch_ok``'s keywords) and the
+    scalar arguments the launch takes (split counts, the dropout threshold).  Shared between calls: read only."""
+
+
+def launch_plan(fn):
+    """Decorator: memoise a launcher's plan function, ``fn(*hashable key parts) -> plan`` (cleared whenever the
+    block-size heuristics change, see ``forced_launch_shape``)."""
+    cached = functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(fn)
+    _PLAN_CACHES.append(cached)
+    return cached
+
+
+def clear_launch_plans() -> None:
+    """Forget every memoised launch plan."""
+    for c in _PLAN_CACHES:
+        c.cache_clear()

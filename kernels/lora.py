@@ -51,8 +51,8 @@ from ._gemm import gemm
 from ._mask import MASK_INT_OPS_PER_ELEMENT, MASK_INT_OPS_X_AND_DX, dropout_threshold, mask_int_ops
 from ._partials import sum_partials, sum_parts
 from ._philox import dropout_keep, seed_arg
-from ._target import (cdiv, LaunchTarget, check_variant, da_blocks, launch_ok, launch_target, on_input_device,
-                      shrink_expand_blocks, skinny_blocks, split_count, target_programs)
+from ._target import (cdiv, LaunchTarget, Plan, check_variant, da_blocks, launch_ok, launch_plan, launch_target,
+                      on_input_device, shrink_expand_blocks, skinny_blocks, split_count, target_programs)
 from ._tl import (adapter_operand, base_precision, dot_flops, dot_prec, lora_epilogue_precision, mma, pad_rank,
                   skinny_precision)
 
@@ -286,16 +286,17 @@ def _lora_da_kernel(x_ptr, dse_ptr, e_ptr, s_ptr, part_ptr, de_part_ptr, dse_sum
 
 
 @triton.jit
-def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, M, N, R, l_ld, n_parts, scale,
+def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, sum_ptr, M, N, R, l_ld, n_parts, scale,
                         stride_om, stride_on, stride_rr, stride_rn,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr,
-                        HAS_E: tl.constexpr, PREC: tl.constexpr):
+                        HAS_E: tl.constexpr, STORE_SUM: tl.constexpr, PREC: tl.constexpr):
     """out[m, n] += scale · Σ_r L[m, r] e[r] Rm[r, n]; grid (M blocks, N blocks).
 
     L arrives as `n_parts` partial sums (n_parts, M, ·) fp32 (a split reduction's output), summed on load, rows
     `l_ld` apart (R, or a sibling group's total rank when L is one member's columns of S).  One read and one write
     of `out` (coalesced along n), L's partials and Rm (r, N) from L2.  The rank-r product runs in Rm's dtype with
-    fp32 accumulation and is added to the fp32 value of `out`, rounded once."""
+    fp32 accumulation and is added to the fp32 value of `out`, rounded once.  STORE_SUM: the programs of the first
+    N block also store L summed (M, R) fp32 at `sum_ptr` (the decode forward's S, without a launch of its own)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -306,7 +307,12 @@ def _lora_expand_kernel(out_ptr, l_ptr, e_ptr, r_ptr, M, N, R, l_ld, n_parts, sc
     mask_r = offs_r < R
     rm64 = offs_m.to(tl.int64)
     rn64 = offs_n.to(tl.int64)
-    lt = sum_parts(l_ptr, n_parts, M, l_ld, offs_m, offs_r, mask_m[:, None] & mask_r[None, :], BLOCK_M, R_PAD) * scale
+    mask_l = mask_m[:, None] & mask_r[None, :]
+    lt = sum_parts(l_ptr, n_parts, M, l_ld, offs_m, offs_r, mask_l, BLOCK_M, R_PAD)
+    if STORE_SUM:
+        if pid_n == 0:
+            tl.store(sum_ptr + rm64[:, None] * R + offs_r[None, :], lt, mask=mask_l)
+    lt = lt * scale
     if HAS_E:
         e = tl.load(e_ptr + offs_r, mask=mask_r, other=0.0).to(tl.float32)
         lt = lt * e[None, :]
@@ -388,50 +394,68 @@ def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int, t
     `partials`: return the (splits, M, r) partial sums unsummed (for a consumer kernel that sums them itself)."""
     m, k = x.shape
     r = lora_A.shape[0]
+    pl = _shrink_plan(m, k, r, x.dtype, lora_A.dtype, dropout_p, tgt)
+    part = torch.empty((pl.splits, m, r), device=x.device, dtype=torch.float32)
+    if launch_ok("lora_shrink", x, **pl.report):
+        _lora_shrink_kernel[pl.grid](
+            x, lora_A, part, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+            pl.kb_per, seed_arg(seed), pl.p16, pl.drop_scale, **pl.meta)
+    return part if partials else _reduce(part)
+
+
+@launch_plan
+def _shrink_plan(m: int, k: int, r: int, x_dt: torch.dtype, a_dt: torch.dtype, dropout_p: float,
+                 tgt: Optional[LaunchTarget]) -> Plan:
     bm, bk, warps = skinny_blocks(tgt, dropout_p > 0.0)
     m_blocks, k_blocks = cdiv(m, bm), cdiv(k, bk)
     splits = split_count(m_blocks, k_blocks, target_programs(tgt))
     kb_per = cdiv(k_blocks, splits)
     splits = cdiv(k_blocks, kb_per)
-    part = torch.empty((splits, m, r), device=x.device, dtype=torch.float32)
     p16, drop_scale = dropout_threshold(dropout_p)
-    prec = skinny_precision(lora_A.dtype, x.dtype)
+    prec = skinny_precision(a_dt, x_dt)
     tc_flops, fma_flops = dot_flops(prec, 2 * m * k * r)
-    if launch_ok("lora_shrink", x, bytes_read=m * k * x.element_size() + r * k * lora_A.element_size(),
-                 bytes_written=splits * m * r * 4, flops=tc_flops, fma_flops=fma_flops,
-                 int_ops=mask_int_ops(m * k, (bm, bk, warps)) if p16 > 0 else 0):
-        _lora_shrink_kernel[(m_blocks, splits)](
-            x, lora_A, part, m, k, r, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-            kb_per, seed_arg(seed), p16, drop_scale,
-            BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0,
-            PREC=dot_prec(prec, lora_A.dtype), num_warps=warps)
-    return part if partials else _reduce(part)
+    return Plan(grid=(m_blocks, splits), splits=splits, kb_per=kb_per, p16=p16, drop_scale=drop_scale,
+                report=dict(bytes_read=m * k * x_dt.itemsize + r * k * a_dt.itemsize,
+                            bytes_written=splits * m * r * 4, flops=tc_flops, fma_flops=fma_flops,
+                            int_ops=mask_int_ops(m * k, (bm, bk, warps)) if p16 > 0 else 0),
+                meta=dict(BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0,
+                          PREC=dot_prec(prec, a_dt), num_warps=warps))
 
 
 def _expand(out: torch.Tensor, L_parts: torch.Tensor, scale: float, e: Optional[torch.Tensor], Rm: torch.Tensor,
-            tgt: Optional[LaunchTarget]) -> None:
-    """out (M, N) += scale · (L ⊙ e) Rm in place, L = Σ_p L_parts[p]: a sibling group's other members' forward
-    (each its columns of the group's S).
+            tgt: Optional[LaunchTarget], sum_out: Optional[torch.Tensor] = None) -> None:
+    """out (M, N) += scale · (L ⊙ e) Rm in place, L = Σ_p L_parts[p]: the decode forward's second launch, and a
+    sibling group's other members' forward (each its columns of the group's S).
 
     L_parts: (P, M, r) fp32 partial sums (P = 1: L itself), contiguous or r columns of a contiguous (P, M, R)
-    buffer (a sibling group's); Rm: (r, N), any strides.  One read + one write of out (2·M·N elements), L's
-    partials and Rm once."""
+    buffer (a sibling group's); Rm: (r, N), any strides.  `sum_out`: a contiguous (M, r) fp32 tensor that
+    receives L (the sum of the partials) as well.  One read + one write of out (2·M·N elements), L's partials and
+    Rm once."""
     m, n = out.shape
     parts, r = L_parts.shape[0], L_parts.shape[2]
     l_ld = L_parts.stride(1) if m > 0 else r
     assert L_parts.stride(2) == 1 and (parts == 1 or L_parts.stride(0) == m * l_ld), "L_parts: (P, M, ld) layout"
+    store_sum = sum_out is not None
+    assert not store_sum or (sum_out.is_contiguous() and tuple(sum_out.shape) == (m, r)), "sum_out: (M, r)"
+    pl = _expand_plan(m, n, r, parts, out.dtype, Rm.dtype, e is not None, store_sum, tgt)
+    if launch_ok("lora_expand", out, **pl.report):
+        _lora_expand_kernel[pl.grid](
+            out, L_parts, e if e is not None else L_parts, Rm, sum_out if store_sum else L_parts, m, n, r, l_ld,
+            parts, float(scale), out.stride(0), out.stride(1), Rm.stride(0), Rm.stride(1), **pl.meta)
+
+
+@launch_plan
+def _expand_plan(m: int, n: int, r: int, parts: int, out_dt: torch.dtype, rm_dt: torch.dtype, has_e: bool,
+                 store_sum: bool, tgt: Optional[LaunchTarget]) -> Plan:
     bm, bn, warps = skinny_blocks(tgt)
-    m_blocks, n_blocks = cdiv(m, bm), cdiv(n, bn)
-    prec = lora_epilogue_precision(out.dtype, Rm.dtype)
+    prec = lora_epilogue_precision(out_dt, rm_dt)
     tc_flops, fma_flops = dot_flops(prec, 2 * m * n * r)
-    if launch_ok("lora_expand", out, bytes_read=m * n * out.element_size() + parts * m * r * 4
-                 + r * n * Rm.element_size(), bytes_written=m * n * out.element_size(),
-                 flops=tc_flops, fma_flops=fma_flops):
-        _lora_expand_kernel[(m_blocks, n_blocks)](
-            out, L_parts, e if e is not None else L_parts, Rm, m, n, r, l_ld, parts, float(scale),
-            out.stride(0), out.stride(1), Rm.stride(0), Rm.stride(1),
-            BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=e is not None,
-            PREC=dot_prec(prec, Rm.dtype), num_warps=warps)
+    return Plan(grid=(cdiv(m, bm), cdiv(n, bn)),
+                report=dict(bytes_read=m * n * out_dt.itemsize + parts * m * r * 4 + r * n * rm_dt.itemsize,
+                            bytes_written=m * n * out_dt.itemsize + (m * r * 4 if store_sum else 0),
+                            flops=tc_flops, fma_flops=fma_flops),
+                meta=dict(BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=has_e, STORE_SUM=store_sum,
+                          PREC=dot_prec(prec, rm_dt), num_warps=warps))
 
 
 def shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_E: Optional[torch.Tensor],
@@ -448,28 +472,36 @@ def shrink_expand(y: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor, lora_E
     r_b = lora_B.shape[1]
     assert r_b <= r, "lora_B: at most lora_A's rank"
     s = torch.empty((m, r), device=x.device, dtype=torch.float32)
-    bm, bk, bn, warps, splits = shrink_expand_blocks(tgt, m, n, dropout_p > 0.0)
-    nb_per = cdiv(cdiv(n, bn), splits)
-    p16, drop_scale = dropout_threshold(dropout_p)
-    prec_s = skinny_precision(lora_A.dtype, x.dtype)
-    prec_y = lora_epilogue_precision(y.dtype, lora_B.dtype)
-    tc_s, fma_s = dot_flops(prec_s, 2 * m * k * r)
-    tc_y, fma_y = dot_flops(prec_y, 2 * m * n * r_b)
+    pl = _shrink_expand_plan(m, n, k, r, r_b, x.dtype, lora_A.dtype, y.dtype, lora_B.dtype, dropout_p,
+                             lora_E is not None, tgt)
     rm = lora_B.t()
-    if launch_ok("lora_shrink_expand", x,
-                 bytes_read=splits * m * k * x.element_size() + r * k * lora_A.element_size()
-                 + m * n * y.element_size() + r_b * n * lora_B.element_size(),
-                 bytes_written=m * n * y.element_size() + m * r * 4,
-                 flops=tc_s + tc_y, fma_flops=fma_s + fma_y,
-                 int_ops=mask_int_ops(splits * m * k, (bm, bk, warps)) if p16 > 0 else 0):
-        _lora_shrink_expand_kernel[(splits, cdiv(m, bm))](
+    if launch_ok("lora_shrink_expand", x, **pl.report):
+        _lora_shrink_expand_kernel[pl.grid](
             x, lora_A, lora_E if lora_E is not None else s, rm, y, s, m, n, k, r, r_b, float(scaling),
             x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), rm.stride(0), rm.stride(1),
-            y.stride(0), y.stride(1), nb_per, seed_arg(seed), p16, drop_scale,
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=lora_E is not None,
-            HAS_DROPOUT=p16 > 0, PREC_S=dot_prec(prec_s, lora_A.dtype), PREC_Y=dot_prec(prec_y, lora_B.dtype),
-            num_warps=warps)
+            y.stride(0), y.stride(1), pl.nb_per, seed_arg(seed), pl.p16, pl.drop_scale, **pl.meta)
     return s
+
+
+@launch_plan
+def _shrink_expand_plan(m: int, n: int, k: int, r: int, r_b: int, x_dt: torch.dtype, a_dt: torch.dtype,
+                        y_dt: torch.dtype, b_dt: torch.dtype, dropout_p: float, has_e: bool,
+                        tgt: Optional[LaunchTarget]) -> Plan:
+    bm, bk, bn, warps, splits = shrink_expand_blocks(tgt, m, n, dropout_p > 0.0)
+    p16, drop_scale = dropout_threshold(dropout_p)
+    prec_s = skinny_precision(a_dt, x_dt)
+    prec_y = lora_epilogue_precision(y_dt, b_dt)
+    tc_s, fma_s = dot_flops(prec_s, 2 * m * k * r)
+    tc_y, fma_y = dot_flops(prec_y, 2 * m * n * r_b)
+    return Plan(grid=(splits, cdiv(m, bm)), nb_per=cdiv(cdiv(n, bn), splits), p16=p16, drop_scale=drop_scale,
+                report=dict(bytes_read=splits * m * k * x_dt.itemsize + r * k * a_dt.itemsize
+                            + m * n * y_dt.itemsize + r_b * n * b_dt.itemsize,
+                            bytes_written=m * n * y_dt.itemsize + m * r * 4,
+                            flops=tc_s + tc_y, fma_flops=fma_s + fma_y,
+                            int_ops=mask_int_ops(splits * m * k, (bm, bk, warps)) if p16 > 0 else 0),
+                meta=dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=has_e,
+                          HAS_DROPOUT=p16 > 0, PREC_S=dot_prec(prec_s, a_dt), PREC_Y=dot_prec(prec_y, b_dt),
+                          num_warps=warps))
 
 
 @on_input_device
@@ -501,9 +533,12 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if variant == "cublas":
         y = F.linear(x, weight, bias)
         if m <= TWO_LAUNCH_MAX_ROWS:
-            # decode: the split-K shrink runs K in parallel where the single launch walks it serially per program
-            s = shrink(x, lora_A, dropout_p, seed, tgt)
-            _expand(y, s.unsqueeze(0), float(scaling), lora_E, lora_B.t(), tgt)
+            # decode: the split-K shrink runs K in parallel where the single launch walks it serially per program;
+            # the expand sums its partials and stores S (two launches, no torch op between them)
+            part = shrink(x, lora_A, dropout_p, seed, tgt, partials=True)
+            s = part.select(0, 0) if part.shape[0] == 1 else torch.empty((m, r), device=x.device,
+                                                                          dtype=torch.float32)
+            _expand(y, part, float(scaling), lora_E, lora_B.t(), tgt, sum_out=s if part.shape[0] > 1 else None)
             return y, s
         return y, shrink_expand(y, x, lora_A, lora_E, lora_B, float(scaling), dropout_p, seed, tgt)
     s = shrink(x, lora_A, dropout_p, seed, tgt)
@@ -514,6 +549,7 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     return y, s
 
 
+@launch_plan
 def dy_split(m: int, n: int, tgt: Optional[LaunchTarget]) -> tuple[int, int, int]:
     """The dY pass's grid over an (m, n) dY: (M chunks, M blocks per chunk, N chunks).  The chunk counts balance the
     two partial buffers (m_chunks · N ≈ n_chunks · M) at about one program per SM slot."""
@@ -540,35 +576,46 @@ def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Op
     m, n = dy.shape
     r = lora_B.shape[1]
     dev = dy.device
-    adt = lora_B.dtype
-    bm, bn, warps = skinny_blocks(tgt)
+    has_u = u is not None
     m_chunks, mb_per, n_chunks = dy_split(m, n, tgt)
-    n_blocks = cdiv(n, bn)
     if dse_out is None:
         dse_part = torch.empty((n_chunks, m, r), device=dev, dtype=torch.float32)
     else:  # the group's chunk count; a chunk past this layer's last N block is stored as zeros by its programs
         dse_part, n_chunks = dse_out, dse_out.shape[0]
         assert dse_part.stride(2) == 1 and dse_part.stride(0) == m * dse_part.stride(1), "dse_out: (P, M, ld)"
-    nb_per = cdiv(n_blocks, n_chunks)
+    pl = _dy_plan(m, n, r, n_chunks, dy.dtype, lora_B.dtype, has_bias, lora_E is not None,
+                  u.dtype if has_u else None, tgt)
     db_part = torch.empty((m_chunks, n, r), device=dev, dtype=torch.float32)
     dbias_part = torch.empty((m_chunks, n) if has_bias else (1,), device=dev, dtype=torch.float32)
-    du_part = torch.empty((m_chunks, n), device=dev, dtype=torch.float32) if u is not None else None
-    prec = skinny_precision(adt, dy.dtype)
-    tc_flops, fma_flops = dot_flops(prec, 4 * m * n * r)
-    has_u = u is not None
-    if launch_ok("lora_dy", dy, bytes_read=m * n * dy.element_size() + n_chunks * m * r * (4 + 4) * (nb_per - 1)
-                 + n * r * lora_B.element_size() + m * r * 4 + (m * n * u.element_size() if has_u else 0),
-                 bytes_written=n_chunks * m * r * 4 * nb_per + m_chunks * n * (r + int(has_bias) + int(has_u)) * 4,
-                 flops=tc_flops + (2 * m * n if has_u else 0), fma_flops=fma_flops):
+    du_part = torch.empty((m_chunks, n), device=dev, dtype=torch.float32) if has_u else None
+    if launch_ok("lora_dy", dy, **pl.report):
         _lora_dy_kernel[(m_chunks, n_chunks)](
             dy, lora_B, S, lora_E if lora_E is not None else S, dse_part, db_part, dbias_part,
             u if has_u else dy, du_part if has_u else dbias_part,
             m, n, r, float(scaling), dse_part.stride(1),
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), S.stride(0), S.stride(1),
             (u.stride(0) if has_u else 0), (u.stride(1) if has_u else 0),
-            mb_per, nb_per, BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=lora_E is not None,
-            HAS_BIAS=has_bias, HAS_U=has_u, PREC=dot_prec(prec, adt), num_warps=warps)
+            mb_per, pl.nb_per, **pl.meta)
     return dse_part, db_part, (dbias_part if has_bias else None), du_part
+
+
+@launch_plan
+def _dy_plan(m: int, n: int, r: int, n_chunks: int, dy_dt: torch.dtype, b_dt: torch.dtype, has_bias: bool,
+             has_e: bool, u_dt: Optional[torch.dtype], tgt: Optional[LaunchTarget]) -> Plan:
+    bm, bn, warps = skinny_blocks(tgt)
+    m_chunks = dy_split(m, n, tgt)[0]
+    nb_per = cdiv(cdiv(n, bn), n_chunks)
+    has_u = u_dt is not None
+    prec = skinny_precision(b_dt, dy_dt)
+    tc_flops, fma_flops = dot_flops(prec, 4 * m * n * r)
+    return Plan(nb_per=nb_per,
+                report=dict(bytes_read=m * n * dy_dt.itemsize + n_chunks * m * r * (4 + 4) * (nb_per - 1)
+                            + n * r * b_dt.itemsize + m * r * 4 + (m * n * u_dt.itemsize if has_u else 0),
+                            bytes_written=n_chunks * m * r * 4 * nb_per
+                            + m_chunks * n * (r + int(has_bias) + int(has_u)) * 4,
+                            flops=tc_flops + (2 * m * n if has_u else 0), fma_flops=fma_flops),
+                meta=dict(BLOCK_M=bm, BLOCK_N=bn, R_PAD=pad_rank(r), HAS_E=has_e, HAS_BIAS=has_bias, HAS_U=has_u,
+                          PREC=dot_prec(prec, b_dt), num_warps=warps))
 
 
 def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Tensor], S: torch.Tensor,
@@ -589,42 +636,52 @@ def _da_pass(x: torch.Tensor, dse_part: torch.Tensor, lora_E: Optional[torch.Ten
         dse_sum = dse_part.select(0, 0) if parts == 1 else torch.empty((m, r), device=dev, dtype=torch.float32)
     store_sum = want_sum and parts > 1
     with_dx = dx is not None
-    bm, bk, warps = da_blocks(tgt, dropout_p > 0.0, with_dx)
-    m_blocks, k_blocks = cdiv(m, bm), cdiv(k, bk)
-    msplits = split_count(k_blocks, m_blocks, target_programs(tgt))
-    mb_per = cdiv(m_blocks, msplits)
-    msplits = cdiv(m_blocks, mb_per)
-    da_part = torch.empty((msplits, r, k), device=dev, dtype=torch.float32)
     has_e = lora_E is not None
-    de_part = torch.empty((msplits, r), device=dev, dtype=torch.float32) if has_e else None
-    p16, drop_scale = dropout_threshold(dropout_p)
-    prec = skinny_precision(adt, x.dtype)
-    tc_flops, fma_flops = dot_flops(prec, 2 * m * k * r)
-    prec_x = lora_epilogue_precision(dx.dtype, lora_A.dtype) if with_dx else prec
-    if with_dx:
-        tc_x, fma_x = dot_flops(prec_x, 2 * m * k * r)
-        tc_flops, fma_flops = tc_flops + tc_x, fma_flops + fma_x
-    dx_bytes = m * k * dx.element_size() if with_dx else 0
-    if launch_ok("lora_da_dx" if with_dx else "lora_da", x,
-                 bytes_read=m * k * x.element_size() + parts * m * r * 4 + (m * r * 4 if has_e else 0) + dx_bytes
-                 + (r * k * lora_A.element_size() if with_dx else 0),
-                 bytes_written=msplits * r * k * 4 + (m * r * 4 if store_sum else 0) + dx_bytes,
-                 flops=tc_flops, fma_flops=fma_flops,
-                 int_ops=mask_int_ops(m * k, (bm, bk, warps),
-                                      MASK_INT_OPS_X_AND_DX if with_dx else MASK_INT_OPS_PER_ELEMENT)
-                 if p16 > 0 else 0):
-        _lora_da_kernel[(k_blocks, msplits)](
+    pl = _da_plan(m, k, r, parts, x.dtype, adt, dropout_p, has_e, store_sum, dx.dtype if with_dx else None,
+                  lora_A.dtype if with_dx else None, tgt)
+    da_part = torch.empty((pl.msplits, r, k), device=dev, dtype=torch.float32)
+    de_part = torch.empty((pl.msplits, r), device=dev, dtype=torch.float32) if has_e else None
+    if launch_ok("lora_da_dx" if with_dx else "lora_da", x, **pl.report):
+        _lora_da_kernel[pl.grid](
             x, dse_part, lora_E if has_e else dse_part, S, da_part, de_part if has_e else da_part,
             dse_sum if store_sum else dse_part, dx if with_dx else x, lora_A if with_dx else x,
             m, k, r, parts, x.stride(0), x.stride(1), S.stride(0), S.stride(1),
             dx.stride(0) if with_dx else 0, dx.stride(1) if with_dx else 0,
             lora_A.stride(0) if with_dx else 0, lora_A.stride(1) if with_dx else 0,
-            mb_per, seed_arg(seed), p16, drop_scale,
-            BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0, HAS_E=has_e,
-            STORE_SUM=store_sum, WITH_DX=with_dx,
-            PREC=dot_prec(prec, adt), PREC_X=dot_prec(prec_x, lora_A.dtype if with_dx else adt),
-            A_DTYPE=_TL_DTYPE[adt], num_warps=warps)
+            pl.mb_per, seed_arg(seed), pl.p16, pl.drop_scale, **pl.meta)
     return da_part, de_part, dse_sum
+
+
+@launch_plan
+def _da_plan(m: int, k: int, r: int, parts: int, x_dt: torch.dtype, adt: torch.dtype, dropout_p: float,
+             has_e: bool, store_sum: bool, dx_dt: Optional[torch.dtype], a_dt: Optional[torch.dtype],
+             tgt: Optional[LaunchTarget]) -> Plan:
+    with_dx = dx_dt is not None
+    bm, bk, warps = da_blocks(tgt, dropout_p > 0.0, with_dx)
+    m_blocks, k_blocks = cdiv(m, bm), cdiv(k, bk)
+    msplits = split_count(k_blocks, m_blocks, target_programs(tgt))
+    mb_per = cdiv(m_blocks, msplits)
+    msplits = cdiv(m_blocks, mb_per)
+    p16, drop_scale = dropout_threshold(dropout_p)
+    prec = skinny_precision(adt, x_dt)
+    tc_flops, fma_flops = dot_flops(prec, 2 * m * k * r)
+    prec_x = lora_epilogue_precision(dx_dt, a_dt) if with_dx else prec
+    if with_dx:
+        tc_x, fma_x = dot_flops(prec_x, 2 * m * k * r)
+        tc_flops, fma_flops = tc_flops + tc_x, fma_flops + fma_x
+    dx_bytes = m * k * dx_dt.itemsize if with_dx else 0
+    return Plan(grid=(k_blocks, msplits), msplits=msplits, mb_per=mb_per, p16=p16, drop_scale=drop_scale,
+                report=dict(bytes_read=m * k * x_dt.itemsize + parts * m * r * 4 + (m * r * 4 if has_e else 0)
+                            + dx_bytes + (r * k * a_dt.itemsize if with_dx else 0),
+                            bytes_written=msplits * r * k * 4 + (m * r * 4 if store_sum else 0) + dx_bytes,
+                            flops=tc_flops, fma_flops=fma_flops,
+                            int_ops=mask_int_ops(m * k, (bm, bk, warps),
+                                                 MASK_INT_OPS_X_AND_DX if with_dx else MASK_INT_OPS_PER_ELEMENT)
+                            if p16 > 0 else 0),
+                meta=dict(BLOCK_M=bm, BLOCK_K=bk, R_PAD=pad_rank(r), HAS_DROPOUT=p16 > 0, HAS_E=has_e,
+                          STORE_SUM=store_sum, WITH_DX=with_dx,
+                          PREC=dot_prec(prec, adt), PREC_X=dot_prec(prec_x, a_dt if with_dx else adt),
+                          A_DTYPE=_TL_DTYPE[adt], num_warps=warps))
 
 
 @on_input_device
@@ -653,12 +710,11 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
     n = weight.shape[0]
     adt = lora_A.dtype
     dev = dy.device
-    empty_de = dy.new_empty(0, dtype=adt)
-    empty_db = dy.new_empty(0, dtype=weight.dtype)
     if m == 0:
         outs = (x.new_empty((0, k)) if needs_dx else x.new_empty(0), torch.zeros_like(lora_A),
-                torch.zeros_like(lora_E) if lora_E is not None else empty_de, torch.zeros_like(lora_B),
-                torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else empty_db)
+                torch.zeros_like(lora_E) if lora_E is not None else dy.new_empty(0, dtype=adt),
+                torch.zeros_like(lora_B),
+                torch.zeros(n, device=dev, dtype=weight.dtype) if has_bias else dy.new_empty(0, dtype=weight.dtype))
         return outs if dy_u is None else outs + (torch.zeros((1, n), device=dev, dtype=torch.float32),)
     tgt = launch_target(dev, target)
     # dSe, dB, dbias stay as the dY pass's partial sums: the dA pass sums dSe as it loads it, and one launch sums
@@ -694,6 +750,6 @@ def lora_bwd_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lor
         dx = x.new_empty(0)
         outs = sum_partials(jobs, dy)
     dB, dA = outs[0], outs[1]
-    dbias = outs[2] if has_bias else empty_db
-    dE = outs[-1] if lora_E is not None else empty_de
+    dbias = outs[2] if has_bias else dy.new_empty(0, dtype=weight.dtype)
+    dE = outs[-1] if lora_E is not None else dy.new_empty(0, dtype=adt)
     return (dx, dA, dE, dB, dbias) if dy_u is None else (dx, dA, dE, dB, dbias, du_part)

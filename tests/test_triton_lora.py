@@ -102,7 +102,7 @@ def check_fa_rule(case: Case, backend: str = "triton"):
 # accuracy against the fp64 reference, forward and every gradient
 # ---------------------------------------------------------------------------------------------------------------
 
-F16, F32 = torch.float16, torch.float32
+F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
 CASES = {
     # several tiles in every dimension, masked tails (K, N not multiples of 16), r = 3
     "fp32_tails_r3": dict(lead=(37,), k=50, n=75, r=3, dtype=F32),
@@ -507,6 +507,58 @@ def test_forward_single_launch_matches_the_two_launch_path(monkeypatch, blocks):
                 KL._expand(y2, s_part, 0.7, lora_e, bb.t(), None)
             assert y1.shape == (m, n) and s1.shape == (m, r)
             assert torch.equal(s1, s_part[0]) and torch.equal(y1, y2), (m, k, n, r, p)
+
+
+def test_decode_forward_is_two_launches_and_stores_s(monkeypatch):
+    """At M <= TWO_LAUNCH_MAX_ROWS the forward is the split-K shrink and one expand that sums the shrink's partials
+    and stores S (no torch reduction between them: on a GPU that was a third launch and ~10 µs of host time); S is
+    the same bits as one K split gives and owns its storage (not a view of the partials)."""
+    launches = []
+    spies = {}
+    for name in ("_lora_shrink_kernel", "_lora_expand_kernel", "_lora_shrink_expand_kernel"):
+        spies[name] = LaunchSpy(getattr(KL, name), launches, name)
+        monkeypatch.setattr(KL, name, spies[name])
+    reductions = []
+    real_sum = torch.Tensor.sum
+    monkeypatch.setattr(torch.Tensor, "sum", lambda *a, **k: reductions.append(1) or real_sum(*a, **k))
+    torch.manual_seed(0)
+    k, n, r = 72, 40, 3
+    w = (torch.randn(n, k) / k ** 0.5).to(F16)
+    a, bb, e = torch.randn(r, k) / k ** 0.5, torch.randn(n, r), torch.randn(r)
+    for m in (1, KL.TWO_LAUNCH_MAX_ROWS):
+        x = torch.randn(m, k, dtype=F16)
+        for programs in (8, 1):  # several K splits (the expand stores S), one (S is the only partial)
+            launches.clear()
+            with KT.forced_launch_shape(blocks=(16, 16, 4), programs=programs):
+                y, s = KL.lora_fwd_triton(x, w, None, a, e, bb, 0.7, 0.0, 0)
+            names = [nm for nm, _ in launches]
+            assert names == ["_lora_shrink_kernel", "_lora_expand_kernel"], names
+            splits = spies["_lora_shrink_kernel"].launches[-1][0][1]
+            assert (splits > 1) == (programs > 1)
+            assert spies["_lora_expand_kernel"].launches[-1][1]["STORE_SUM"] == (splits > 1)
+            if programs > 1:
+                assert s.is_contiguous() and s.untyped_storage().nbytes() == m * r * 4
+                s_multi = s
+            else:
+                assert torch.equal(s, s_multi), m
+            ref = x.double() @ a.double().t()
+            assert torch.allclose(s.double(), ref, rtol=1e-5, atol=1e-6)
+    assert not reductions
+
+
+def test_launch_plans_are_memoised_per_shape_and_cleared_with_forced_shapes():
+    """A launcher's arithmetic (grid, block sizes, constexprs, the cost report) is computed once per shape key; a
+    forced test shape (which changes the heuristics) starts from empty caches, and leaving it does too."""
+    KT.clear_launch_plans()
+    p1 = KL._shrink_expand_plan(4096, 4096, 4096, 16, 16, BF16, F32, BF16, F32, 0.0, False, None)
+    p2 = KL._shrink_expand_plan(4096, 4096, 4096, 16, 16, BF16, F32, BF16, F32, 0.0, False, None)
+    assert p1 is p2
+    assert KL._shrink_expand_plan(4096, 4096, 4096, 16, 16, BF16, F32, BF16, F32, 0.1, False, None) is not p1
+    with KT.forced_launch_shape(blocks=(32, 16, 4), programs=2):
+        p3 = KL._shrink_expand_plan(4096, 4096, 4096, 16, 16, BF16, F32, BF16, F32, 0.0, False, None)
+        assert p3 is not p1 and p3.meta["BLOCK_M"] == 32
+    p4 = KL._shrink_expand_plan(4096, 4096, 4096, 16, 16, BF16, F32, BF16, F32, 0.0, False, None)
+    assert p4 is not p3 and p4.meta == p1.meta and p4.grid == p1.grid
 
 
 def test_dx_term_rides_the_da_pass(monkeypatch):

@@ -254,27 +254,26 @@ def _ia3_bwd_direct(*args):
 
 class IA3LinearFunction(torch.autograd.Function):
     """The eager autograd path of ``fastpeft::ia3_fwd`` (see ``fastpeft.ops.lora.LoRALinearFunction``: same
-    implementations, called without the custom-op dispatcher's overhead).  Arguments and outputs as in ``ia3_fwd``."""
+    implementations, called without the custom-op dispatcher's overhead).  Arguments as in ``ia3_fwd``; returns y
+    only (what the backward needs is saved, not returned)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, ia3_l, feedforward, backend):
         y, saved = _impl("ia3_fwd", backend)(x, weight, bias, ia3_l, feedforward)
-        saved = saved.contiguous()
-        _ia3_save(ctx, (x, weight, bias, ia3_l, feedforward, backend), y, saved)
-        ctx.mark_non_differentiable(saved)
-        return y, saved
+        _ia3_save(ctx, (x, weight, bias, ia3_l, feedforward, backend), y, saved.contiguous())
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dsaved):
+    def backward(ctx, dy):
         return _ia3_grads(ctx, dy, _ia3_bwd_direct)
 
 
 def ia3_apply(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], ia3_l: torch.Tensor,
-              feedforward: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+              feedforward: bool, backend: str) -> torch.Tensor:
     """Run the IA3 op with autograd: the custom op under ``torch.compile``, ``IA3LinearFunction`` in eager mode, the
-    implementation itself when nothing needs a gradient (``needs_autograd``)."""
+    implementation itself when nothing needs a gradient (``needs_autograd``).  Returns y (M, N)."""
     if torch.compiler.is_compiling():
-        return ia3_fwd(x, weight, bias, ia3_l, feedforward, backend)
+        return ia3_fwd(x, weight, bias, ia3_l, feedforward, backend)[0]
     if not needs_autograd(x, weight, bias, ia3_l):
-        return _impl("ia3_fwd", backend)(x, weight, bias, ia3_l, feedforward)
+        return _impl("ia3_fwd", backend)(x, weight, bias, ia3_l, feedforward)[0]
     return IA3LinearFunction.apply(x, weight, bias, ia3_l, feedforward, backend)

@@ -317,29 +317,29 @@ class LoRALinearFunction(torch.autograd.Function):
     """The eager autograd path of ``fastpeft::lora_fwd``: the same implementations, saved tensors and autograd
     formula (``_lora_grads``), called directly instead of through the custom-op dispatcher, whose Python wrapping
     adds 0.12-0.16 ms to a training step: three times a 64x64 frozen layer's whole step, a third of a 512x512 one's at
-    64 tokens (2-core CPU; ``python -m benchmarks --op dispatch``, benchmarks/results/cpu-dispatch).  Arguments and
-    outputs as in ``lora_fwd``."""
+    64 tokens (2-core CPU; ``python -m benchmarks --op dispatch``, benchmarks/results/cpu-dispatch).  Arguments as in
+    ``lora_fwd``; returns y only (S is saved, not returned: a second output, even marked non-differentiable, costs
+    autograd ~10 µs per call on the host - ``python -m benchmarks.bench_host``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
         y, s = _impl("lora_fwd", backend)(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed)
         _lora_save(ctx, (x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend), s)
-        ctx.mark_non_differentiable(s)
-        return y, s
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _ds):
+    def backward(ctx, dy):
         return _lora_grads(ctx, dy, _lora_bwd_direct)
 
 
 def lora_apply(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                lora_E: Optional[torch.Tensor], lora_B: torch.Tensor, scaling: float, dropout_p: float, seed: int,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+               backend: str) -> torch.Tensor:
     """Run the LoRA op with autograd: the custom op under ``torch.compile`` (traceable, fake kernel), the
     ``LoRALinearFunction`` in eager mode (no dispatcher overhead), the implementation itself when nothing needs a
-    gradient (``needs_autograd``).  Same arguments and results as ``lora_fwd``."""
+    gradient (``needs_autograd``).  Same arguments as ``lora_fwd``; returns its y (M, N)."""
     if torch.compiler.is_compiling():
-        return lora_fwd(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend)
+        return lora_fwd(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend)[0]
     if not needs_autograd(x, weight, bias, lora_A, lora_E, lora_B):
-        return _impl("lora_fwd", backend)(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed)
+        return _impl("lora_fwd", backend)(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed)[0]
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend)
