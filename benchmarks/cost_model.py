@@ -29,12 +29,15 @@ Counting:
 
 Predicted time (H200, measured peaks: 781 TFLOP/s bf16 dense, 4.2 TB/s copy):
     GEMM     t_k = max(flops / (781e12 * e_gemm), bytes / (4.2e12 * e_gemv))    (fastpeft's own GEMMs 1.15x slower)
+    fastpeft t_k = max(flops / 781e12, bytes / (4.2e12 * 0.58)) + int_ops / 8.3e12   (fitted to the GPU run:
+             the skinny kernels' fraction of the ceiling and the dropout mask's integer rate, SKINNY_EFFICIENCY and
+             MASK_INT_RATE, ``fit_gpu_run``)
     other    t_k = max(flops / 781e12, bytes / 4.2e12)                          (the copy ceiling)
     ieee fp32 dot products (fma_flops: torch's fp32 GEMMs without tf32, fastpeft's kernels at "ieee") run on the
     CUDA cores: they add fma_flops / 67e12 (/ e_gemm for a GEMM) to the max (67 TFLOP/s fp32: NVIDIA's H200
     datasheet, not measured).  Integer lane instructions (int_ops: the dropout mask's Philox rounds, counted in the
-    sm_90 SASS, ``kernels._mask.mask_int_ops``) run at 64/clock/SM: int_ops / 16.7e12 joins a streaming kernel's max
-    and adds to a GEMM's time (its epilogue's mask follows the main loop).
+    sm_90 SASS, ``kernels._mask.mask_int_ops``) add int_ops / 8.3e12 to fastpeft's kernels (measured; the datasheet's
+    64/clock/SM, 16.7e12/s, joins only torch kernels' max).
     GPU      T_gpu  = sum_k t_k + n_launch * gap
     host     T_host = host_call + n_launch * host_launch + (host_bwd if the case has a backward)
     eager    T = max(T_gpu, T_host);   under a CUDA graph  T_graph = T_gpu
@@ -74,6 +77,15 @@ PEAK_FMA_FLOPS = 67e12
 # a third multiplies - could run up to ~1.4x faster).  What the dropout mask's Philox rounds cost
 # (``kernels._mask.mask_int_ops``); the GPU script's dropout rows measure it.
 PEAK_INT_OPS = 64 * 132 * 1.98e9
+# Fitted to the first GPU run (one H100, benchmarks/results/h100-2026-12-06; ``fit_gpu_run``, written to
+# results/cost-model/gpu_fit.md; tests/test_cost_model.py checks these equal the fit of that run): fastpeft's
+# skinny Triton kernels reach 0.58 of the copy ceiling (median of their p = 0 kernels: 0.49-0.80), and the dropout
+# mask's integer instructions run at 8.3e12/s ON TOP of the kernel's streaming time (the p = 0.1 kernels took their
+# p = 0 time plus the mask's).  Carried to the H200 as they are: the same kernels, SM count and clock; the
+# efficiency is a fraction of whichever GPU's ceiling.  Before the run the model priced these kernels at the ceiling
+# and the mask at PEAK_INT_OPS overlapped with the bytes (max of the two): 10-25% optimistic at M = 8192.
+SKINNY_EFFICIENCY = 0.58
+MASK_INT_RATE = 8.3e12
 SOURCE = "one H200, torch 2.11.0+cu130, 2026-11-28; the times are MEASURED_MS in benchmarks/cost_model.py"
 # A persistent TMA Triton GEMM measured 1.15-1.75x cuBLAS's time on these shapes (same H200): fastpeft's own
 # GEMM kernels are predicted at the best of that range.
@@ -722,12 +734,19 @@ class Calibration:
 def kernel_seconds(k: Kernel, cal: Calibration) -> float:
     """One launch of `k`.  GEMMs (torch's mm family, and reported kernels of arithmetic intensity >= 32 flop/byte)
     run at the calibrated cuBLAS efficiencies - fastpeft's own Triton GEMMs TRITON_GEMM_SLOWDOWN times slower;
-    everything else streams at the copy ceiling (the measured 4.2 TB/s is itself a streaming kernel)."""
+    fastpeft's other kernels stream at SKINNY_EFFICIENCY of the copy ceiling plus the mask's integer work
+    (MASK_INT_RATE; both fitted to the GPU run); torch's stream at the copy ceiling (the measured 4.2 TB/s is itself
+    a streaming kernel)."""
     if k.gemm:
         slow = TRITON_GEMM_SLOWDOWN if k.source == "fastpeft" else 1.0
         # a GEMM's integer work (the dropout mask of its epilogue) runs after its tiles' main loops: added
         return max(k.flops * slow / (PEAK_FLOPS * cal.e_gemm), k.fma_flops * slow / (PEAK_FMA_FLOPS * cal.e_gemm),
-                   k.bytes / (PEAK_BYTES * cal.e_gemv)) + k.int_ops / PEAK_INT_OPS
+                   k.bytes / (PEAK_BYTES * cal.e_gemv)) + k.int_ops / MASK_INT_RATE
+    if k.source == "fastpeft":
+        # fastpeft's skinny kernels, as fitted to the GPU run: their bytes at SKINNY_EFFICIENCY of the ceiling, the
+        # dropout mask's integer work added
+        return max(k.flops / PEAK_FLOPS, k.fma_flops / PEAK_FMA_FLOPS,
+                   k.bytes / (PEAK_BYTES * SKINNY_EFFICIENCY)) + k.int_ops / MASK_INT_RATE
     # a streaming kernel's loads are in flight while it computes: the slowest of its resources decides
     return max(k.flops / PEAK_FLOPS, k.fma_flops / PEAK_FMA_FLOPS, k.bytes / PEAK_BYTES, k.int_ops / PEAK_INT_OPS)
 
@@ -1214,6 +1233,176 @@ def _write(out_dir: Path, cal: Calibration, rows: list, traces: dict, quick: boo
 
 
 # gpu_check.sh's ratios.csv providers -> the model's paths
+# ---------------------------------------------------------------------------------------------------------------
+# Fit to a GPU run: the skinny kernels' bandwidth and the dropout mask's integer rate, from the profiled kernels
+# ---------------------------------------------------------------------------------------------------------------
+
+# Streaming rate (bytes read + written per second) of torch's own vectorised elementwise kernels on the GPUs a run
+# came from: what the copy ceiling PEAK_BYTES is on that GPU.  H100 80GB HBM3 (benchmarks/results/h100-2026-12-06/
+# profile.csv, HF PEFT's layer at q_proj M = 8192): bf16 add 3.18, fp32 -> bf16 copy 3.00, dropout's masked_scale
+# 3.02, fp32 scale 2.99 TB/s.
+RUN_COPY_BYTES_PER_S = {"NVIDIA H100 80GB HBM3": 3.0e12, "NVIDIA H200": PEAK_BYTES}
+FIT_MIN_BYTES = 32e6  # kernels smaller than this are launch-latency bound: left out of the bandwidth fit
+
+
+def _profile_base(kernel: str) -> str:
+    """A profiled Triton kernel's name as the launchers report it: ``_lora_da_kernel`` -> ``lora_da``."""
+    name = kernel.strip()
+    name = name[1:] if name.startswith("_") else name
+    return name[:-len("_kernel")] if name.endswith("_kernel") else name
+
+
+def _read_csv(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def fit_gpu_run(run_dir: Path) -> dict:
+    """Fit the two constants the first GPU run showed the model wrong about, from its per-kernel profile.
+
+    `run_dir`: a ``benchmarks/gpu_check.sh`` output (``profile.csv``, ``ratios.csv``; ``launch.csv`` optional).
+    Each profiled fastpeft kernel of the default path (q_proj and down_proj, M = 8192, LoRA p = 0 and 0.1) is put
+    beside the kernel the launcher reports for the same case in a fake-tensor trace of the current code
+    (``trace_case``: its bytes and integer operations).  Fitted:
+
+      * ``skinny_efficiency``: the fraction of the GPU's copy ceiling (``RUN_COPY_BYTES_PER_S``) the skinny Triton
+        kernels reach - the median over the p = 0 kernels of at least ``FIT_MIN_BYTES`` of (bytes / ceiling) /
+        measured time;
+      * ``mask_int_rate``: integer instructions per second of the dropout mask, added to the kernel's streaming
+        time (the measured p = 0.1 kernels took their p = 0 time plus the mask's, not the larger of the two) -
+        the median over the p > 0 kernels of int_ops / (measured - streaming time);
+      * ``graph_gap_s``: the measured GPU time per kernel in a replayed CUDA graph (``launch.csv``).
+
+    Then every default-path row of ``ratios.csv`` at M = 8192 is predicted as the measured frozen layer of the same
+    run plus the traced extra kernels at the fitted rates (GEMMs beyond the frozen layer's at its measured rate,
+    other torch kernels at the copy ceiling) plus one graph gap per extra kernel, and compared with its
+    measurement.  Returns {"gpu", "copy", "kernels": [...], "cases": [...], "skinny_efficiency", "mask_int_rate",
+    "graph_gap_s", "host_launch_us": {what: µs}}."""
+    run_dir = Path(run_dir)
+    prof = _read_csv(run_dir / "profile.csv")
+    gpu = prof[0]["gpu"] if prof else "?"
+    if gpu not in RUN_COPY_BYTES_PER_S:
+        raise ValueError(f"no measured copy ceiling for GPU {gpu!r}: add it to RUN_COPY_BYTES_PER_S")
+    copy = RUN_COPY_BYTES_PER_S[gpu]
+    measured = {}
+    for r in prof:
+        if r["provider"] == "default" and r["kernel"] != "TOTAL" and r["device_us"]:
+            key = (r["layer"], int(r["M"]), r["method"])
+            measured.setdefault(key, {})[_profile_base(r["kernel"])] = float(r["device_us"]) / int(r["calls"] or 1)
+    kernels = []
+    for (layer, m, method), times in sorted(measured.items()):
+        tr = trace_case("default", layer, m, method, "fwd+bwd")
+        for k in tr.kernels:
+            if k.source != "fastpeft":
+                continue
+            hit = times.get(k.name)
+            if hit is None:  # lora_da_dx is _lora_da_kernel: the longest profiled name the trace name extends
+                cands = [n for n in times if k.name.startswith(n + "_")]
+                hit = times[max(cands, key=len)] if cands else None
+            if hit is not None:
+                kernels.append(dict(layer=layer, M=m, method=method, kernel=k.name, bytes=k.bytes,
+                                    int_ops=k.int_ops, measured_us=hit, ceiling_us=k.bytes / copy * 1e6))
+    p0 = [r for r in kernels if "_p" not in r["method"] and r["bytes"] >= FIT_MIN_BYTES]
+    if not p0:
+        raise ValueError(f"{run_dir}: no profiled p = 0 default-path kernel matched a traced one")
+    eff = statistics.median(r["ceiling_us"] / r["measured_us"] for r in p0)
+    for r in kernels:
+        r["efficiency"] = r["ceiling_us"] / r["measured_us"]
+    masked = [r for r in kernels if r["int_ops"] > 0 and r["measured_us"] > r["ceiling_us"] / eff]
+    rate = statistics.median(r["int_ops"] / ((r["measured_us"] - r["ceiling_us"] / eff) * 1e-6) for r in masked) \
+        if masked else PEAK_INT_OPS
+    for r in kernels:
+        r["fit_us"] = r["ceiling_us"] / eff + r["int_ops"] / rate * 1e6
+    launch = _read_csv(run_dir / "launch.csv") if (run_dir / "launch.csv").exists() else []
+    gaps = [float(r["us_per_call"]) for r in launch if r["mode"] == "graph" and "sum_partials" in r["what"]
+            and r["us_per_call"]]
+    gap = (gaps[0] if gaps else 1.0) * 1e-6
+    host = {r["what"]: float(r["us_per_call"]) for r in launch if r["mode"] == "eager host" and r["us_per_call"]}
+
+    def kernel_us(k: Kernel, base_gemm_rate: float) -> float:
+        if k.gemm:
+            return (k.flops + k.fma_flops) / base_gemm_rate * 1e6
+        if k.source == "fastpeft":
+            return k.bytes / (copy * eff) * 1e6 + k.int_ops / rate * 1e6
+        return k.bytes / copy * 1e6
+
+    cases = []
+    ratios = _read_csv(run_dir / "ratios.csv")
+    base_ms = {(r["layer"], r["M"], r["method"]): float(r["ms"]) for r in ratios if r["provider"] == "base"
+               and r["ms"]}
+    for r in ratios:
+        if r["provider"] != "default" or not r["ms"] or int(r["M"]) != 8192:
+            continue
+        layer, m, method = r["layer"], int(r["M"]), r["method"]
+        b_ms = base_ms.get((layer, r["M"], method))
+        tr, base = trace_case("default", layer, m, method, "fwd+bwd"), trace_case("base", layer, m, "base",
+                                                                                   "fwd+bwd")
+        if b_ms is None or not tr.modelled:
+            continue
+        base_flops = sum((k.flops + k.fma_flops) * k.launches for k in base.kernels if k.gemm)
+        gemm_rate = base_flops / (b_ms * 1e-3)  # the frozen layer's GEMMs, as measured in this run
+        extra = list(tr.kernels)
+        for bk in base.kernels:  # the frozen layer's own kernels are in its measured time
+            same = next((k for k in extra if k.name == bk.name and k.gemm == bk.gemm), None)
+            if same is not None:
+                extra.remove(same)
+        extra_us = sum(kernel_us(k, gemm_rate) * k.launches for k in extra)
+        n_extra = sum(k.launches for k in extra)
+        pred = b_ms + extra_us * 1e-3 + n_extra * gap * 1e3
+        meas = float(r["ms"])
+        cases.append(dict(layer=layer, M=m, method=method, base_ms=b_ms, measured_ms=meas, pred_ms=pred,
+                          measured_x_base=meas / b_ms, pred_x_base=pred / b_ms, err=pred / meas - 1,
+                          extra_kernels=n_extra, fitted=(layer in ("q_proj", "down_proj")
+                                                         and method in ("lora", "lora_p0.1"))))
+    return dict(gpu=gpu, copy=copy, kernels=kernels, cases=cases, skinny_efficiency=eff, mask_int_rate=rate,
+                graph_gap_s=gap, host_launch_us=host)
+
+
+def write_fit(run_dir: Path, out_dir: Path) -> Path:
+    """``fit_gpu_run`` written as ``gpu_fit.md`` and ``gpu_fit.csv`` (the per-case rows) in `out_dir`."""
+    fit = fit_gpu_run(run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cols = ["layer", "M", "method", "base_ms", "measured_ms", "pred_ms", "measured_x_base", "pred_x_base", "err",
+            "extra_kernels", "fitted"]
+    with open(out_dir / "gpu_fit.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(fit["cases"])
+    out_of_sample = [c["err"] for c in fit["cases"] if not c["fitted"]]
+    L = ["# Cost model fitted to a GPU run", "",
+         f"Run: `{run_dir}` ({fit['gpu']}); regenerate with `python -m benchmarks.cost_model --fit {run_dir}`. "
+         "Traces: the current code's launchers (fake tensors).  Constants, **measured** there:", "",
+         f"- copy ceiling {fit['copy'] / 1e12:.2f} TB/s (torch's elementwise kernels, `RUN_COPY_BYTES_PER_S`)",
+         f"- skinny Triton kernels: **{fit['skinny_efficiency']:.2f}** of it (median over the p = 0 kernels of at "
+         f"least {FIT_MIN_BYTES / 1e6:.0f} MB; the cost model assumed 1.0)",
+         f"- dropout mask: **{fit['mask_int_rate'] / 1e12:.1f}e12** integer instructions/s, added to the kernel's "
+         f"streaming time (the model assumed {PEAK_INT_OPS / 1e12:.1f}e12/s, overlapped: the larger of the two)",
+         f"- graph gap {fit['graph_gap_s'] * 1e6:.2f} µs per kernel (`launch.csv`); host per launch, eager: "
+         + ", ".join(f"{k} {v:.1f} µs" for k, v in fit["host_launch_us"].items()), "",
+         "Per kernel (µs; `fit` = bytes / (ceiling x efficiency) + int_ops / rate):", "",
+         "| layer | M | method | kernel | MB | int ops (1e9) | measured | at the ceiling | efficiency | fit |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in fit["kernels"]:
+        L.append(f"| {r['layer']} | {r['M']} | {r['method']} | {r['kernel']} | {r['bytes'] / 1e6:.0f} | "
+                 f"{r['int_ops'] / 1e9:.2f} | {r['measured_us']:.1f} | {r['ceiling_us']:.1f} | "
+                 f"{r['efficiency']:.2f} | {r['fit_us']:.1f} |")
+    L += ["", "Layer fwd+bwd, default path, M = 8192 (predicted = the run's measured frozen layer + the traced extra "
+          "kernels at the fitted rates + one graph gap each; `fitted`: the case's kernels are in the fit, the rest "
+          "are out of sample):", "",
+          "| layer | method | frozen ms | measured ms | predicted ms | measured x base | predicted x base | error "
+          "| fitted |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in fit["cases"]:
+        L.append(f"| {c['layer']} | {c['method']} | {c['base_ms']:.3f} | {c['measured_ms']:.3f} | "
+                 f"{c['pred_ms']:.3f} | {c['measured_x_base']:.3f} | {c['pred_x_base']:.3f} | {c['err']:+.1%} | "
+                 f"{'yes' if c['fitted'] else ''} |")
+    if out_of_sample:
+        L += ["", f"Out of sample: median |error| {statistics.median(abs(e) for e in out_of_sample):.1%}, max "
+              f"{max(abs(e) for e in out_of_sample):.1%}; every error: {_err_summary([c['err'] for c in fit['cases']])}."]
+    md = out_dir / "gpu_fit.md"
+    md.write_text("\n".join(L) + "\n")
+    return md
+
+
 _MEASURED_PATHS = {"base": "base", "default": "default", "fused": "fused", "peft": "peft"}
 
 
@@ -1305,7 +1494,15 @@ def main(argv: Optional[list] = None) -> int:
                    help="instead of predicting: compare a GPU run (benchmarks/gpu_check.sh's output folder, or its "
                         "ratios.csv) with the predictions in OUT/cost-model/cost_model.csv; writes "
                         "measured_vs_predicted.{csv,md} there")
+    p.add_argument("--fit", metavar="GPU_CHECK_OUT",
+                   help="instead of predicting: fit the skinny kernels' bandwidth and the dropout mask's integer "
+                        "rate to a GPU run's profile (benchmarks/gpu_check.sh's output folder) and predict its "
+                        "M = 8192 rows with them; writes gpu_fit.{csv,md} to OUT/cost-model")
     args = p.parse_args(argv)
+    if args.fit:
+        md = write_fit(Path(args.fit), Path(args.out) / "cost-model")
+        print(f"wrote {md}")
+        return 0
     if args.compare:
         md = write_comparison(Path(args.compare), Path(args.out) / "cost-model" / "cost_model.csv",
                               Path(args.out) / "cost-model")
