@@ -22,7 +22,7 @@
 #   d2 decode      LoRA forward at M=1/16, eager and under a CUDA graph (the decode target)         -> decode.csv
 #   e profile      torch.profiler kernel table, one fwd+bwd per path                                 -> profile.csv
 #   f e2e          end-to-end training step time and memory                                          -> e2e.csv
-#   g tests        the GPU test suite                                                                -> phases.log
+#   g tests        the GPU test suite (g2 tests_ext: the extension's tests, in a process of their own) -> phases.log
 # Without a GPU (or with GPU_CHECK_DRY_RUN=1) every phase that needs one reports "skipped: no GPU" and the script
 # exits 0: tests/test_gpu_check.py runs it that way.
 # Knobs: GPU_CHECK_BUDGET (total seconds, default 480), GPU_CHECK_LIMIT_<PHASE> (one phase's seconds),
@@ -145,15 +145,24 @@ gpu_phase profile 40 --budget 30
 # ---- f. end to end --------------------------------------------------------------------------------------------
 gpu_phase e2e 60 --budget 50
 # ---- g. the GPU test suite, last ------------------------------------------------------------------------------
-# (test_cuda_ext last: on the first GPU run one of its tests segfaulted, which ended the phase)
+# The extension's tests run in a process of their own (g2): on the first GPU run one of them segfaulted, which ended
+# the phase before pytest printed why the others failed.  --tb=short -rfE: every failure's reason in phases.log;
+# --timeout (pytest-timeout, when installed) keeps one hanging test from eating the phase.
 TESTS="${GPU_CHECK_TESTS:-tests/test_build.py tests/test_triton_lora.py tests/test_triton_ia3.py tests/test_op_paths.py
-tests/test_cuda_ext.py}"
+tests/test_base_weight_grad.py tests/test_backend.py}"
+TESTS_EXT="${GPU_CHECK_TESTS_EXT:-tests/test_cuda_ext.py}"
 if [ "$HAVE_GPU" = 1 ]; then
+  TIMEOUT_ARG=""
+  "$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_ARG="--timeout=60"
   # shellcheck disable=SC2086
-  phase tests 200 "$PY" -m pytest $TESTS -q -rfEs -p no:cacheprovider
+  phase tests 150 "$PY" -m pytest $TESTS -q -rfE --tb=short $TIMEOUT_ARG -p no:cacheprovider
   grep -E "passed|failed|error" "$OUT/phases.log" | tail -1 >> "$SUMMARY"
+  # shellcheck disable=SC2086
+  phase tests_ext 60 "$PY" -X faulthandler -m pytest $TESTS_EXT -v -rfE --tb=short $TIMEOUT_ARG -p no:cacheprovider
+  grep -E "passed|failed|error|Fatal Python error" "$OUT/phases.log" | tail -1 >> "$SUMMARY"
 else
   say "tests: skipped: no GPU"
+  say "tests_ext: skipped: no GPU"
 fi
 [ -n "$BUILD_PID" ] && kill "$BUILD_PID" 2>/dev/null
 if [ -s "$BUILD_LOG" ] && [ ! -f "$BUILD_RC" ]; then

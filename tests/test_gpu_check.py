@@ -14,7 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-PHASES = ["build", "gemm", "launch", "host", "correctness", "ratios", "decode", "profile", "e2e", "tests"]
+PHASES = ["build", "gemm", "launch", "host", "correctness", "ratios", "decode", "profile", "e2e", "tests",
+          "tests_ext"]
 
 
 def _run(tmp_path, **env):
@@ -45,7 +46,7 @@ def test_a_phase_over_its_limit_is_killed_and_the_next_ones_run(tmp_path):
     gemm = next(line for line in lines if line.startswith("gemm:"))
     assert gemm.startswith("gemm: timed out after 1 s")
     after = [line.split(":")[0] for line in lines[lines.index(gemm) + 1:]]
-    assert after[:8] == ["launch", "host", "correctness", "ratios", "decode", "profile", "e2e", "tests"]
+    assert after[:9] == ["launch", "host", "correctness", "ratios", "decode", "profile", "e2e", "tests", "tests_ext"]
 
 
 def test_phases_skip_without_gpu(tmp_path, monkeypatch):
