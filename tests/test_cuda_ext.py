@@ -683,6 +683,56 @@ def test_opcheck_every_op():
     opcheck(torch.ops.fastpeft.lora_fwd_cuda.default, (x0, weight, b, A, E, B, 2.0, 0.0, 3, 0))
 
 
+_CHECKS_OP = r"""
+#include <torch/library.h>
+#include "common/checks.h"
+namespace {
+// fastpeft's argument checks, as the extension's ops call them, behind an op registered for CPU
+at::Tensor checked(const at::Tensor& x, const at::Tensor& B, int64_t r, double p, int64_t seed) {
+  const char* op = "lora_fwd_cuda";
+  fastpeft::check_dropout(op, p, seed);
+  fastpeft::check_dim(op, "x", x, 2);
+  fastpeft::check_float_dtype(op, "x", x);
+  fastpeft::check_contiguous(op, "x", x);
+  fastpeft::check_same_dtype(op, "lora_B", B, x.scalar_type(), "x");
+  fastpeft::check_shape(op, "lora_B", B, {x.size(1), r});
+  return x;
+}
+}  // namespace
+TORCH_LIBRARY(fastpeft_checks_test, m) { m.def("checked(Tensor x, Tensor B, int r, float p, int seed) -> Tensor"); }
+TORCH_LIBRARY_IMPL(fastpeft_checks_test, CPU, m) { m.impl("checked", &checked); }
+"""
+
+
+def test_cpp_checks_raise_through_the_dispatcher_on_cpu(tmp_path):
+    """The extension's argument checks (csrc/common/checks.h) compiled into a CPU op and called through torch's
+    dispatcher raise RuntimeError with the op, the argument and the value - the throw path the first GPU run saw
+    segfault in test_cpp_checks_name_the_argument works here, so that crash is in the CUDA build or its ops."""
+    from torch.utils import cpp_extension
+    cuda_inc = next((d for d in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include"),
+                                 "/usr/local/cuda/include") if os.path.isfile(os.path.join(d, "cuda_runtime_api.h"))),
+                    None)
+    if shutil.which(os.environ.get("CXX", "g++")) is None or cuda_inc is None or \
+            not cpp_extension.is_ninja_available():
+        pytest.skip("needs a host C++ compiler, ninja and the CUDA runtime headers (checks.h includes launch.h)")
+    if not hasattr(torch.ops, "fastpeft_checks_test") or not hasattr(torch.ops.fastpeft_checks_test, "checked"):
+        cpp_extension.load_inline("fastpeft_checks_test", cpp_sources=[_CHECKS_OP], is_python_module=False,
+                                  extra_include_paths=[CSRC, cuda_inc], build_directory=str(tmp_path))
+    f = torch.ops.fastpeft_checks_test.checked
+    x, B = torch.zeros(3, 12), torch.zeros(12, 2)
+    assert f(x, B, 2, 0.1, 7) is not None
+    cases = [((x, B.t().contiguous(), 2, 0.0, 0), r"lora_fwd_cuda: lora_B must have shape \[12, 2\], got \[2, 12\]"),
+             ((x, B, 2, 1.0, 0), r"dropout_p must be in \[0, 1\), got 1"),
+             ((x, B, 2, 0.0, -1), r"seed must be in \[0, 2\*\*63\), got -1"),
+             ((x[0], B, 2, 0.0, 0), r"x must be 2-D, got shape \[12\]"),
+             ((x.double(), B, 2, 0.0, 0), r"x must be float32, float16 or bfloat16, got Double"),
+             ((torch.zeros(12, 3).t(), B, 2, 0.0, 0), r"x must be contiguous, got strides \[1, 3\]"),
+             ((x, B.half(), 2, 0.0, 0), r"lora_B must have the dtype of x \(Float\), got Half")]
+    for args, msg in cases:
+        with pytest.raises(RuntimeError, match=msg):
+            f(*args)
+
+
 @needs_ext
 def test_cpp_checks_name_the_argument():
     x, weight, b, A, E, B = _lora_inputs(4, 16, 12, 2, torch.float16, torch.float16, True, True)
