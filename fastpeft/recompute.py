@@ -132,23 +132,71 @@ class RecomputeStats:
             pass
 
 
+# Depth of pack-time evaluations (the bit-for-bit checks of a recipe against the tensor it replaces): a recipe's
+# value is then computed without touching the use counts of the backward's unpacks.
+_UNCOUNTED = [0]
+
+
+@contextlib.contextmanager
+def _uncounted():
+    _UNCOUNTED[0] += 1
+    try:
+        yield
+    finally:
+        _UNCOUNTED[0] -= 1
+
+
 class _Recipe:
-    """Recomputes one tensor; ``sources`` are the tensors it holds (all kept by the frozen graph anyway)."""
+    """Recomputes one tensor; ``sources`` are the tensors it holds (all kept by the frozen graph anyway).
+
+    One recipe is often reached by several saved tensors - the norm's output that q, k and v (gate and up) each save,
+    through casts or views of their own.  Each pack reaching a recipe counts one pending use (``hold``); a backward's
+    unpacks take the value through ``value()``, and a recipe with ``memo`` (the ones that launch work: module
+    replays, products, linear re-runs) keeps its result while uses are pending, so it is computed once per backward
+    instead of once per consumer (a Llama layer's two norms were replayed 5 times, the product once, per backward)
+    and held no longer than its last consumer needs it."""
 
     steps = 1
+    memo = False  # keep the value for the pending uses (recipes whose run launches real work)
 
     def __init__(self, dtype: torch.dtype, shape: torch.Size) -> None:
         self.dtype, self.shape = dtype, shape
+        self.pending = 0
+        self._value: Optional[torch.Tensor] = None
 
     def run(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def parts(self) -> list:
+        """The recipes whose ``value()`` this one's ``run`` takes."""
+        inner = getattr(self, "inner", None)
+        return [inner] if inner is not None else []
+
+    def hold(self) -> None:
+        """One more saved tensor will be unpacked through this recipe (and the recipes it runs)."""
+        self.pending += 1
+        for r in self.parts():
+            r.hold()
+
+    def value(self) -> torch.Tensor:
+        """The recomputed tensor for one pending use: computed on the first, kept for the others (``memo``).
+        Outside counted use (a pack-time check, or a second backward through a retained graph) just ``run``."""
+        if _UNCOUNTED[0] or self.pending <= 0:
+            return self.run()
+        out = self._value if self._value is not None else self.run()
+        self.pending -= 1
+        self._value = out if (self.memo and self.pending > 0) else None
+        return out
 
     def sources(self) -> list:
         return []
 
     def nsteps(self) -> int:
-        inner = getattr(self, "inner", None)
-        return self.steps + (inner.nsteps() if inner is not None else 0)
+        """Ops a backward runs for this recipe, given those already held: a memoised recipe another saved tensor
+        already reaches adds none (its value is shared)."""
+        if self.memo and self.pending > 0:
+            return 0
+        return self.steps + sum(r.nsteps() for r in self.parts())
 
 
 class _Held(_Recipe):
@@ -170,6 +218,8 @@ class _Held(_Recipe):
 class _ModuleReplay(_Recipe):
     """``module.forward(source.to(in_dtype))`` under the forward's autocast state (norms, activations)."""
 
+    memo = True
+
     def __init__(self, module: nn.Module, source: torch.Tensor, in_dtype: torch.dtype, out: torch.Tensor,
                  autocast: tuple) -> None:
         super().__init__(out.dtype, out.shape)
@@ -185,6 +235,8 @@ class _ModuleReplay(_Recipe):
 
 
 class _Mul(_Recipe):
+    memo = True
+
     def __init__(self, a: torch.Tensor, b: torch.Tensor) -> None:
         super().__init__(torch.promote_types(a.dtype, b.dtype), torch.broadcast_shapes(a.shape, b.shape))
         self.a, self.b = a, b
@@ -217,7 +269,7 @@ class _ToDtype(_Recipe):
         self.inner = inner
 
     def run(self) -> torch.Tensor:
-        return self.inner.run().to(self.dtype)
+        return self.inner.value().to(self.dtype)
 
     def sources(self) -> list:
         return self.inner.sources()
@@ -233,7 +285,7 @@ class _View(_Recipe):
         self.inner, self.geometry = inner, (t.size(), t.stride(), t.storage_offset())
 
     def run(self) -> torch.Tensor:
-        return self.inner.run().contiguous().as_strided(*self.geometry)
+        return self.inner.value().contiguous().as_strided(*self.geometry)
 
     def sources(self) -> list:
         return self.inner.sources()
@@ -250,7 +302,7 @@ class _Reshape(_Recipe):
         self.steps = 1 if kind == "contiguous" else 0
 
     def run(self) -> torch.Tensor:
-        x = self.inner.run()
+        x = self.inner.value()
         if self.kind == "transpose":
             return x.transpose(*self.arg)
         if self.kind == "contiguous":
@@ -328,7 +380,7 @@ class _DropoutOut(_Recipe):
         return noise
 
     def run(self) -> torch.Tensor:
-        x = self.inner.run()
+        x = self.inner.value()
         if self.bits is not None:
             with torch.no_grad():
                 return x * self.take_noise(x.shape, x.dtype, x.device)
@@ -353,10 +405,10 @@ class _DropoutNoise(_Recipe):
         if not self.is_mask:
             return d.take_noise(self.shape, self.dtype, self.device)
         with torch.no_grad(), d.rng.replay():
-            return torch.native_dropout(d.inner.run(), d.p, True)[1]
+            return torch.native_dropout(d.inner.value(), d.p, True)[1]
 
-    def nsteps(self) -> int:
-        return 1 + (self.drop.inner.nsteps() if self.is_mask else 0)
+    def parts(self) -> list:
+        return [self.drop.inner] if self.is_mask else []
 
     def sources(self) -> list:
         return self.drop.sources() if self.is_mask else []
@@ -392,13 +444,15 @@ class _Linear(_Recipe):
     """An output-sized tensor re-run from the layer's input with the layer's own computation: IA3 output mode's
     unscaled base output, or (opt-in) what an op marked with ``rebuild_with``."""
 
+    memo = True
+
     def __init__(self, inner: _Recipe, fn: Callable, out: torch.Tensor) -> None:
         super().__init__(out.dtype, out.shape)
         self.inner, self.fn = inner, fn
 
     def run(self) -> torch.Tensor:
         with torch.no_grad():
-            return self.fn(self.inner.run()).view(self.shape)
+            return self.fn(self.inner.value()).view(self.shape)
 
     def sources(self) -> list:
         return self.inner.sources()
@@ -592,6 +646,7 @@ class _Session:
             self.stats.keep(drop.bits)
             self.stats.mask_bytes += drop.bits.numel()
         pend.t, pend.recipe = None, noise
+        noise.hold()
         return drop
 
     def _cast_of_input(self, t: torch.Tensor, frame: _LayerFrame) -> Optional[_Recipe]:
@@ -657,7 +712,8 @@ class _Session:
                 cache = frame.layer.__dict__.setdefault("_fastpeft_recompute_drop_order", {})
                 key = (x.dtype, b.dtype)
                 if key not in cache:
-                    cache[key] = next((o for o in orders if torch.equal(build(o)[0].run(), b)), None)
+                    with _uncounted():
+                        cache[key] = next((o for o in orders if torch.equal(build(o)[0].run(), b)), None)
                 order = cache[key]
         if order is None:
             return None
@@ -688,7 +744,7 @@ class _Session:
         checked = frame.layer.__dict__.setdefault("_fastpeft_recompute_rebuild_ok", {})
         key = (t.dtype, tuple(t.shape), x.dtype, tuple(x.shape))
         if key not in checked:
-            with torch.no_grad():
+            with torch.no_grad(), _uncounted():
                 checked[key] = bool(torch.equal(r.run(), t))
             if not checked[key]:
                 logger.warning("fastpeft.recompute: %s's output rebuilt from its input differs from the saved one; "
@@ -716,6 +772,7 @@ class _Session:
                 self._account(r, t)
                 for s in r.sources():
                     self.stats.keep(s)
+                r.hold()
                 return _Packed(None, r)
             if t.dtype == torch.bool or (t.grad_fn is None and not t.requires_grad and t.is_floating_point()):
                 if frame.rng is not None:
@@ -748,6 +805,7 @@ class _Session:
                 self._account(r, t)
                 for s in r.sources():
                     self.stats.keep(s)
+                r.hold()
                 return _Packed(None, r)
         self.stats.keep(t)
         return _Packed(t)
@@ -755,7 +813,7 @@ class _Session:
     @staticmethod
     def unpack(pk: _Packed) -> torch.Tensor:
         if pk.recipe is not None:
-            return pk.recipe.run()
+            return pk.recipe.value()
         return pk.t
 
 

@@ -322,6 +322,47 @@ def test_recipes_die_with_the_nodes_that_use_them(monkeypatch):
     assert seen["alive"] == [True, False]   # block 0's still needed, block 1's released with its node
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_a_rebuilt_tensor_is_computed_once_per_backward(monkeypatch, p):
+    """q, k and v (gate and up) save the same norm output: its replay runs once per backward for all of them (it
+    ran once per consumer: 5 norm replays per Llama layer instead of 2), the loss and every gradient stay bit-equal
+    with the mechanism off, and a second backward through a retained graph recomputes correctly."""
+    counts, uses = {}, {}
+    real, real_value = R._ModuleReplay.run, R._ModuleReplay.value
+
+    def counting(self):
+        counts[id(self)] = counts.get(id(self), 0) + 1
+        return real(self)
+
+    def using(self):
+        uses[id(self)] = uses.get(id(self), 0) + 1
+        return real_value(self)
+    monkeypatch.setattr(R._ModuleReplay, "run", counting)
+    monkeypatch.setattr(R._ModuleReplay, "value", using)
+    model, _ = _build("llama", "lora", p)
+    batch = _batch("llama")
+    acc0, acc1 = _compare(model, batch)   # loss and every adapter gradient equal, recompute off and on
+    n_layers = model.config.num_hidden_layers
+    counts.clear()
+    uses.clear()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    out = model(**batch)
+    assert not counts                     # nothing replayed in the forward
+    out.loss.backward(retain_graph=True)
+    # each layer's two norms (layer 0's input norm only with dropout: without, its input has no grad and q/k/v
+    # keep what they save), each replayed once for all of its consumers
+    assert 2 * n_layers - 1 <= len(counts) <= 2 * n_layers and set(counts.values()) == {1}, counts
+    assert set(uses) == set(counts) and sum(uses.values()) >= 2 * len(counts), uses   # q/k/v and gate/up share
+    grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.requires_grad}
+    for q in model.parameters():
+        q.grad = None
+    out.loss.backward()                   # through the retained graph: every consumer recomputes its own
+    for n, q in model.named_parameters():
+        if q.requires_grad:
+            assert torch.equal(q.grad, grads[n]), n
+
+
 @pytest.mark.parametrize("family,backend", [("llama", "torch"), ("phi3", "torch"), ("gpt2", "torch"),
                                             ("bert", "torch"), ("llama", "triton")])
 def test_dora_output_rebuilt_when_gemm_rebuilds_are_on(monkeypatch, family, backend):
