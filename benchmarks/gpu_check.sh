@@ -6,8 +6,8 @@
 # Phases run in the order of what they decide, each under its own `timeout`; every result row is appended to
 # $OUT/<phase>.csv and flushed the moment it is measured (benchmarks/gpu_phases.py), so whatever finished is under
 # $OUT even when a later phase is killed.  $OUT/summary.txt gets one line per phase as it ends; $OUT/phases.log
-# holds every phase's output.  At the end gemm.csv, launch.csv, host.csv, host_profile.csv and dispatch_table.json
-# go into tables.tgz: eight files in all, what the device machine returns.
+# holds every phase's output.  At the end gemm.csv, launch.csv, host.csv, host_profile.csv, tiles.csv and
+# dispatch_table.json go into tables.tgz: eight files in all, what the device machine returns.
 #   a build        the C++/CUDA extension, in the background (pip install -e ., FASTPEFT_BUILD_CUDA=1), and
 #                  Triton's kernel cache warmed beside it (.ci/compile_triton.py --ci: the first configuration of
 #                  each kernel, which is what FASTPEFT_TRITON_AUTOTUNE=0 runs)
@@ -21,6 +21,7 @@
 #                  M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA      -> ratios.csv, dispatch_table.json
 #   d2 decode      LoRA forward at M=1/16, eager and under a CUDA graph (the decode target)         -> decode.csv
 #   e profile      torch.profiler kernel table, one fwd+bwd per path                                 -> profile.csv
+#   e2 tiles       the skinny LoRA kernels under candidate tiles, q_proj M=8192 (µs, of the ceiling)  -> tiles.csv
 #   f e2e          end-to-end training step time and memory                                          -> e2e.csv
 #   g tests        the GPU test suite (g2 tests_ext: the extension's tests, in a process of their own) -> phases.log
 # Without a GPU (or with GPU_CHECK_DRY_RUN=1) every phase that needs one reports "skipped: no GPU" and the script
@@ -142,6 +143,8 @@ gpu_phase ratios 120 --budget 105
 gpu_phase decode 40 --budget 30
 # ---- e. profiler kernel table ---------------------------------------------------------------------------------
 gpu_phase profile 40 --budget 30
+# ---- e2. the skinny kernels' tiles by measurement ----------------------------------------------------------------
+gpu_phase tiles 60 --budget 50
 # ---- f. end to end --------------------------------------------------------------------------------------------
 gpu_phase e2e 60 --budget 50
 # ---- g. the GPU test suite, last ------------------------------------------------------------------------------
@@ -171,7 +174,7 @@ fi
 rm -f "$BUILD_RC" "$BUILD_LOG"
 # The device machine returns at most 8 files (the first run lost ratios.csv and summary.txt, the last two by name):
 # the small tables decided early and the measured dispatch table go into one archive.
-TABLES="$(cd "$OUT" && ls gemm.csv launch.csv host.csv host_profile.csv dispatch_table.json 2>/dev/null \
+TABLES="$(cd "$OUT" && ls gemm.csv launch.csv host.csv host_profile.csv tiles.csv dispatch_table.json 2>/dev/null \
   | tr '\n' ' ')"
 if [ -n "$TABLES" ]; then
   # shellcheck disable=SC2086

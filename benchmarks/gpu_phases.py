@@ -28,6 +28,8 @@ Phases (in the order gpu_check.sh runs them, most decisive first):
                default's single launch, whose per-program K loop is serial latency at decode (not in the model).
   profile      a torch.profiler kernel table of one fwd+bwd per path (q_proj and down_proj, M=8192, LoRA p=0 and
                p=0.1: the dropout mask's cost per kernel).
+  tiles        the skinny LoRA kernels (forward launch, dY pass, x-and-dX pass) at q_proj M=8192 under each candidate
+               tile and program count: µs and fraction of the copy ceiling (they reached 0.49-0.80 on the first run).
   e2e          end-to-end training step time and peak memory (benchmarks/bench_e2e.py), one provider at a time.
 """
 
@@ -396,6 +398,74 @@ def phase_profile(out: Path, deadline: float) -> None:
                      calls=sum(e.count for e in evts), device_us=float(sum(e.self_device_time_total for e in evts)))
 
 
+# (BLOCK_M, BLOCK_K, num_warps) the tile sweep tries, the launchers' current choice first: the skinny kernels
+# reached 0.49-0.80 of the copy ceiling on the first GPU run (benchmarks/results/cost-model/gpu_fit.md), with tiles
+# chosen by arithmetic, never timed.
+TILE_CANDIDATES = [(64, 128, 4), (32, 128, 4), (64, 64, 4), (64, 128, 8), (64, 256, 8), (128, 128, 8),
+                   (32, 256, 8), (16, 128, 4)]
+
+
+def tile_cases(dev: str = "cuda", m: int = 8192, k: int = 4096, n: int = 4096, r: int = RANK) -> dict:
+    """{kernel: fn(tgt)} - one launch of each skinny LoRA kernel of the default path on fresh bf16 data with fp32
+    adapters (the forward's shrink + expand launch, the backward's pass over dY, its pass over x and dX), for the
+    tile sweep: each runs under ``forced_launch_shape`` (the kernels then take the forced tile)."""
+    from fastpeft.kernels import lora as KL
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape, dtype=torch.bfloat16, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=dev, dtype=dtype)
+    x, dy, y, dx = rnd(m, k), rnd(m, n), rnd(m, n), rnd(m, k)
+    a, b = rnd(r, k, dtype=torch.float32, scale=k ** -0.5), rnd(n, r, dtype=torch.float32, scale=0.1)
+    s = (x.float() @ a.t()).contiguous()
+
+    def da(tgt):
+        part = KL._dy_pass(dy, b, s, None, 2.0, False, tgt)[0]
+        return lambda: KL._da_pass(x, part, None, s, torch.float32, 0.0, 0, tgt, dx=dx, lora_A=a)
+    return {"lora_shrink_expand": lambda tgt: (lambda: KL.shrink_expand(y, x, a, None, b, 2.0, 0.0, 0, tgt)),
+            "lora_dy": lambda tgt: (lambda: KL._dy_pass(dy, b, s, None, 2.0, False, tgt)),
+            "lora_da_dx": da}
+
+
+def phase_tiles(out: Path, deadline: float) -> None:
+    """The skinny kernels' tiles by measurement: each of the default path's three skinny LoRA kernels at q_proj
+    M = 8192 (bf16, fp32 adapters, p = 0) under every ``TILE_CANDIDATES`` tile, with the launchers' program target
+    (two waves of SMs) and with four waves; µs per launch and the fraction of the copy ceiling (3.0 TB/s on an H100,
+    ``cost_model.RUN_COPY_BYTES_PER_S``) from the bytes the launcher reports.  The forward's launch runs unsplit
+    (one program per row block), as at M = 8192 in production.  Picks nothing: the next change of
+    ``kernels/_target.py``'s block functions reads this table."""
+    from fastpeft import _cost
+    from fastpeft.kernels import _target as KT
+    from benchmarks.cost_model import RUN_COPY_BYTES_PER_S
+    rows = Rows(out / "tiles.csv", ["kernel", "M", "K", "N", "block_m", "block_k", "warps", "programs", "us",
+                                    "bytes", "tb_per_s", "of_ceiling", "note"])
+    m, k, n = 8192, 4096, 4096
+    cases = tile_cases("cuda", m, k, n)
+    tgt = KT.launch_target(torch.device("cuda"))
+    ceiling = RUN_COPY_BYTES_PER_S.get(_gpu_name())
+    for name, make in cases.items():
+        for programs in (None, 4 * tgt.num_sms):
+            for blocks in TILE_CANDIDATES:
+                if time.time() > deadline:
+                    return
+                progs = 1 if name == "lora_shrink_expand" else (programs or 2 * tgt.num_sms)
+                if name == "lora_shrink_expand" and programs is not None:
+                    continue  # unsplit either way
+                row = dict(kernel=name, M=m, K=k, N=n, block_m=blocks[0], block_k=blocks[1], warps=blocks[2],
+                           programs=progs)
+                try:
+                    with KT.forced_launch_shape(blocks=blocks, programs=progs):
+                        fn = make(tgt)
+                        with _cost.recording() as rec:
+                            fn()
+                        nbytes = sum(c.bytes_read + c.bytes_written for c in rec if c.name == name)
+                        us = bench_ms(fn) * 1e3
+                    row.update(us=us, bytes=nbytes, tb_per_s=nbytes / us / 1e6,
+                               of_ceiling=(nbytes / us / 1e6 * 1e12 / ceiling) if ceiling else "")
+                except Exception as e:  # noqa: BLE001 - a tile that does not compile or launch says so
+                    row.update(note=f"failed: {type(e).__name__}: {e}"[:300])
+                rows.add(**row)
+
+
 def phase_e2e(out: Path, deadline: float) -> None:
     from benchmarks.bench_e2e import run_e2e
     rows = Rows(out / "e2e.csv", ["model", "provider", "label", "p50_ms", "p20_ms", "p80_ms", "tokens_per_s",
@@ -594,7 +664,8 @@ def phase_decode(out: Path, deadline: float) -> None:
 
 
 PHASES = {"gemm": phase_gemm, "launch": phase_launch, "host": phase_host, "correctness": phase_correctness,
-          "ratios": phase_ratios, "decode": phase_decode, "profile": phase_profile, "e2e": phase_e2e}
+          "ratios": phase_ratios, "decode": phase_decode, "profile": phase_profile, "tiles": phase_tiles,
+          "e2e": phase_e2e}
 
 
 def main(argv: Optional[list] = None) -> int:

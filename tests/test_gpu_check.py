@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-PHASES = ["build", "gemm", "launch", "host", "correctness", "ratios", "decode", "profile", "e2e", "tests",
+PHASES = ["build", "gemm", "launch", "host", "correctness", "ratios", "decode", "profile", "tiles", "e2e", "tests",
           "tests_ext"]
 
 
@@ -46,7 +46,8 @@ def test_a_phase_over_its_limit_is_killed_and_the_next_ones_run(tmp_path):
     gemm = next(line for line in lines if line.startswith("gemm:"))
     assert gemm.startswith("gemm: timed out after 1 s")
     after = [line.split(":")[0] for line in lines[lines.index(gemm) + 1:]]
-    assert after[:9] == ["launch", "host", "correctness", "ratios", "decode", "profile", "e2e", "tests", "tests_ext"]
+    assert after[:10] == ["launch", "host", "correctness", "ratios", "decode", "profile", "tiles", "e2e", "tests",
+                          "tests_ext"]
 
 
 def test_phases_skip_without_gpu(tmp_path, monkeypatch):
@@ -99,6 +100,25 @@ def test_phase_helpers_run_on_cpu_at_tiny_shapes(monkeypatch):
             if method != "dora":  # the ratios phase's extension provider names its backend (refused on CPU)
                 with pytest.raises(RuntimeError, match="'cuda'"):
                     G._step_fn("cuda", method, layer, {k: v.float() for k, v in t.items()})()
+
+
+def test_tile_sweep_cases_run_under_every_candidate_tile():
+    """The tile phase's three kernels (in the interpreter at a small shape) launch with every candidate tile and
+    both program targets, each reporting its traffic under its own name (what the phase divides by the time)."""
+    if not _has_triton():
+        pytest.skip("no triton")
+    from benchmarks import gpu_phases as G
+    from fastpeft import _cost
+    from fastpeft.kernels import _target as KT
+    cases = G.tile_cases("cpu", m=40, k=72, n=48, r=4)
+    assert set(cases) == {"lora_shrink_expand", "lora_dy", "lora_da_dx"}
+    for name, make in cases.items():
+        for blocks in G.TILE_CANDIDATES:
+            with KT.forced_launch_shape(blocks=blocks, programs=1 if name == "lora_shrink_expand" else 8):
+                fn = make(None)
+                with _cost.recording() as rec:
+                    fn()
+            assert [c.name for c in rec if c.name == name] == [name], (name, [c.name for c in rec])
 
 
 def test_raw_triton_launch_of_the_launch_phase_runs():
