@@ -16,6 +16,8 @@ providers are timed in interleaved rounds:
 * ``frozen``: ``F.linear`` on the frozen weight (+ its backward): the floor;
 * ``fastpeft``: ``fastpeft.functional`` on the default GPU path (on CUDA ``backend=None``, i.e. auto, as users call
   it; on CPU the explicit ``"triton"``, whose uncached backend check adds ~4 µs that auto's cached answer does not);
+* ``fastpeft-layer``: the same through fastpeft's model API (the layer ``fastpeft.get_peft_model`` puts in a model:
+  the functional op plus the layer's own checks - fused-path eligibility, sibling groups);
 * ``peft``: HF PEFT's layer (when installed; on CPU its time includes its real CPU compute, which fastpeft's
   stubbed kernels skip - a reference, not a like-for-like ratio).
 
@@ -124,11 +126,19 @@ def _providers(method: str, m: int, k: int, n: int, r: int, device, dtype):
            ("fwd+bwd", "fastpeft"): lambda: op(p).backward(gy),
            ("fwd", "frozen"): lambda: _no_grad(lambda: F.linear(x, w)),
            ("fwd", "fastpeft"): infer}
+    # the layers of the inference rows are separate objects in eval mode (switching one layer's mode per call would
+    # time Module.train's walk over the submodules)
+    mine, mine_eval = (_fastpeft_layer(method, k, n, r, p, device, dtype) for _ in range(2))
+    mine_eval.eval()
+    xl = x.detach().clone().requires_grad_(True)
+    fns[("fwd+bwd", "fastpeft-layer")] = lambda: mine(xl).backward(gy)
+    fns[("fwd", "fastpeft-layer")] = lambda: _no_grad(lambda: mine_eval(xl))
     layer = _peft_layer(method, k, n, r, p, device, dtype)
     if layer is not None:
+        layer_eval = _peft_layer(method, k, n, r, p, device, dtype).eval()
         xp = x.detach().clone().requires_grad_(True)
         fns[("fwd+bwd", "peft")] = lambda: layer(xp).backward(gy)
-        fns[("fwd", "peft")] = lambda: _no_grad(lambda: _eval(layer, xp))
+        fns[("fwd", "peft")] = lambda: _no_grad(lambda: layer_eval(xp))
     return fns
 
 
@@ -138,12 +148,24 @@ def _no_grad(fn):
         return fn()
 
 
-def _eval(layer, x):
-    layer.eval()
-    try:
-        return layer(x)
-    finally:
-        layer.train()
+def _fastpeft_layer(method: str, k: int, n: int, r: int, p: float, device, dtype):
+    """fastpeft's model-API layer for the case (``fastpeft.get_peft_model``; fp32 adapters on the base dtype): what
+    a model's forward calls, the functional op plus the layer's own checks (fused-path eligibility, sibling
+    groups)."""
+    import torch
+
+    import fastpeft
+    model = torch.nn.Sequential()
+    model.add_module("proj", torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype))
+    if method == "ia3":
+        cfg = fastpeft.IA3Config(target_modules=["proj"], feedforward_modules=[])
+    elif method == "adalora":
+        cfg = fastpeft.AdaLoraConfig(init_r=r, target_r=r, lora_alpha=2 * r, target_modules=["proj"], total_step=10)
+    else:
+        cfg = fastpeft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["proj"])
+    layer = fastpeft.get_peft_model(model, cfg).base_model.model.proj
+    layer.train()
+    return layer
 
 
 def _peft_layer(method: str, k: int, n: int, r: int, p: float, device, dtype):
@@ -181,6 +203,7 @@ def iter_rows(device_name: str, calls: int = 200, rounds: int = 15, cases: Optio
             raise RuntimeError("on CPU run with TRITON_INTERPRET=1 set before import (main() does it)")
         counter = _stub_triton_launches()
         sync = (lambda: None)
+        os.environ["FASTPEFT_BACKEND"] = "triton"   # the model-API layer's auto choice is torch on CPU
     else:
         counter = _count_launches_cuda()
         sync = torch.cuda.synchronize
@@ -204,7 +227,7 @@ def iter_rows(device_name: str, calls: int = 200, rounds: int = 15, cases: Optio
                 spread = (p80 - p20) / med
                 yield dict(case=case, M=m, K=k, N=n, r=r, method=method, mode=mode, provider=provider,
                            us=round(med, 2), p20_us=round(p20, 2), p80_us=round(p80, 2), spread=round(spread, 3),
-                           launches=launches[(mode, provider)] if provider == "fastpeft" else "",
+                           launches=launches[(mode, provider)] if provider.startswith("fastpeft") else "",
                            note="noisy" if spread > MAX_SPREAD else "", device=env["gpu"],
                            torch=env["torch"], triton=env["triton"], git=env["git"])
 
@@ -221,16 +244,17 @@ def write(rows: list[dict], out: Path) -> None:
     L = ["# Host time per layer call", "",
          f"{r0['device']}, torch {r0['torch']}, triton {r0['triton']}, git {r0['git']}; {stub}. "
          "`python -m benchmarks.bench_host`. µs per call, median of interleaved rounds; extra = fastpeft - frozen.",
-         "", "| case | M | method | mode | frozen µs | fastpeft µs | extra µs | launches | HF PEFT µs | note |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "", "| case | M | method | mode | frozen µs | fastpeft µs | extra µs | launches | fastpeft layer µs | HF PEFT "
+         "µs | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (case, m, method, mode, prov), r in by.items():
         if prov != "fastpeft":
             continue
         fr = by.get((case, m, method, mode, "frozen"))
         pe = by.get((case, m, method, mode, "peft"))
-        notes = sorted({x["note"] for x in (r, fr, pe) if x and x["note"]})
+        la = by.get((case, m, method, mode, "fastpeft-layer"))
+        notes = sorted({x["note"] for x in (r, fr, pe, la) if x and x["note"]})
         L.append(f"| {case} | {m} | {method} | {mode} | {fr['us']} | {r['us']} | {r['us'] - fr['us']:.1f} | "
-                 f"{r['launches']} | {pe['us'] if pe else ''} | {', '.join(notes)} |")
+                 f"{r['launches']} | {la['us'] if la else ''} | {pe['us'] if pe else ''} | {', '.join(notes)} |")
     (out / "host.md").write_text("\n".join(L) + "\n")
 
 
