@@ -148,48 +148,40 @@ def _no_grad(fn):
         return fn()
 
 
-def _fastpeft_layer(method: str, k: int, n: int, r: int, p: float, device, dtype):
-    """fastpeft's model-API layer for the case (``fastpeft.get_peft_model``; fp32 adapters on the base dtype): what
-    a model's forward calls, the functional op plus the layer's own checks (fused-path eligibility, sibling
-    groups)."""
-    import torch
-
-    import fastpeft
-    model = torch.nn.Sequential()
-    model.add_module("proj", torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype))
-    if method == "ia3":
-        cfg = fastpeft.IA3Config(target_modules=["proj"], feedforward_modules=[])
-    elif method == "adalora":
-        cfg = fastpeft.AdaLoraConfig(init_r=r, target_r=r, lora_alpha=2 * r, target_modules=["proj"], total_step=10)
-    else:
-        cfg = fastpeft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["proj"])
-    layer = fastpeft.get_peft_model(model, cfg).base_model.model.proj
-    layer.train()
-    return layer
-
-
-def _peft_layer(method: str, k: int, n: int, r: int, p: float, device, dtype):
-    """HF PEFT's layer for the case (fp32 adapters on the base dtype, PEFT's default), or None without peft."""
-    try:
-        import peft
-    except ImportError:
-        return None
+def _layer(lib, method: str, k: int, n: int, r: int, p: float, device, dtype):
+    """The adapter layer `lib` (``fastpeft`` or ``peft``: both take HF PEFT's config names) puts on one
+    ``nn.Linear(k, n)`` for the case, in train mode, adapters in fp32 on the base dtype (PEFT's default)."""
     import torch
     model = torch.nn.Sequential()
     model.add_module("proj", torch.nn.Linear(k, n, bias=False, device=device, dtype=dtype))
     if method == "ia3":
-        cfg = peft.IA3Config(target_modules=["proj"], feedforward_modules=[])
+        cfg = lib.IA3Config(target_modules=["proj"], feedforward_modules=[])
     elif method == "adalora":
-        cfg = peft.AdaLoraConfig(init_r=r, target_r=r, lora_alpha=2 * r, target_modules=["proj"], total_step=10)
+        cfg = lib.AdaLoraConfig(init_r=r, target_r=r, lora_alpha=2 * r, target_modules=["proj"], total_step=10)
     else:
-        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["proj"])
-    pm = peft.get_peft_model(model, cfg)
-    layer = pm.base_model.model.proj
+        cfg = lib.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=p, target_modules=["proj"])
+    layer = lib.get_peft_model(model, cfg).base_model.model.proj
     for prm in layer.parameters():
         if prm.requires_grad:
             prm.data = prm.data.float()
     layer.train()
     return layer
+
+
+def _fastpeft_layer(method: str, k: int, n: int, r: int, p: float, device, dtype):
+    """fastpeft's model-API layer for the case (``fastpeft.get_peft_model``): what a model's forward calls, the
+    functional op plus the layer's own checks (fused-path eligibility, sibling groups)."""
+    import fastpeft
+    return _layer(fastpeft, method, k, n, r, p, device, dtype)
+
+
+def _peft_layer(method: str, k: int, n: int, r: int, p: float, device, dtype):
+    """HF PEFT's layer for the case, or None without peft."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    return _layer(peft, method, k, n, r, p, device, dtype)
 
 
 def iter_rows(device_name: str, calls: int = 200, rounds: int = 15, cases: Optional[list] = None):
