@@ -24,8 +24,9 @@ Phases (in the order gpu_check.sh runs them, most decisive first):
                DoRA (fastpeft's dora_linear, row norm included, vs HF PEFT's DoRA layer) last in each bucket.
   decode       the LoRA forward (no grad, p=0) at M=1/16, eager and replayed as a CUDA graph, against the frozen
                layer and HF PEFT's: the decode target (<= 1.3x under a graph) and that the paths are capturable;
-               also ``two-launch``, the forward before git d4444e4 (split-K shrink, F.linear, expand), against the
-               default's single launch, whose per-program K loop is serial latency at decode (not in the model).
+               also ``single-launch``, the shrink-expand launch the default takes above TWO_LAUNCH_MAX_ROWS (each
+               program walks all of K: serial latency at decode), against the default's split-K shrink + expand -
+               the comparison that sets TWO_LAUNCH_MAX_ROWS (the first run: 3.1-3.8x vs 1.2-1.44x the frozen layer).
   profile      a torch.profiler kernel table of one fwd+bwd per path (q_proj and down_proj, M=8192, LoRA p=0 and
                p=0.1: the dropout mask's cost per kernel).
   tiles        the skinny LoRA kernels (forward launch, dY pass, x-and-dX pass) at q_proj M=8192 under each candidate
@@ -280,17 +281,16 @@ def _fold_flipped(fn: Callable[[], None]) -> Callable[[], None]:
     return run
 
 
-def _two_launch_fwd(t: dict) -> Callable[[], torch.Tensor]:
-    """The LoRA forward (p = 0, no grad) as the default ran it before git d4444e4: a split-K shrink, the frozen
-    layer's F.linear, and an expand that sums the shrink's partials (``kernels.lora.shrink`` / ``_expand``)."""
+def _single_launch_fwd(t: dict) -> Callable[[], torch.Tensor]:
+    """The LoRA forward (p = 0, no grad) with the single shrink-expand launch after the frozen layer's F.linear
+    (``kernels.lora.shrink_expand``), which the default takes only above ``TWO_LAUNCH_MAX_ROWS`` rows."""
     from fastpeft.kernels import lora as KL
     x, w, a, b = t["x"].detach(), t["w"], t["a"].detach(), t["b"].detach()
     tgt = KL.launch_target(x.device, None)
 
     def fn():
-        s_part = KL.shrink(x, a, 0.0, 0, tgt, partials=True)
         y = F.linear(x, w)
-        KL._expand(y, s_part, ALPHA / RANK, None, b.t(), tgt)
+        KL.shrink_expand(y, x, a, None, b, ALPHA / RANK, 0.0, 0, tgt)
         return y
     return fn
 
@@ -628,11 +628,11 @@ def phase_decode(out: Path, deadline: float) -> None:
             t = _inputs(layer, m, "lora")
             x, w = t["x"].detach(), t["w"]
             base = {}
-            for provider in ("base", "default", "fused", "peft") + (("two-launch",) if _has_triton() else ()):
+            for provider in ("base", "default", "fused", "peft") + (("single-launch",) if _has_triton() else ()):
                 if time.time() > deadline:
                     return
                 backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": FUSED,
-                           "two-launch": "triton, shrink + F.linear + expand (before git d4444e4)"}.get(provider)
+                           "single-launch": "triton, F.linear + one shrink-expand launch"}.get(provider)
                 if provider == "default":
                     backend = select_backend("lora", x, None)
                 if provider == "base":
@@ -640,8 +640,8 @@ def phase_decode(out: Path, deadline: float) -> None:
                 elif provider == "peft":
                     mod = _peft_module("lora", layer)
                     fn = (lambda mod=mod: mod(x))
-                elif provider == "two-launch":
-                    fn = _two_launch_fwd(t)
+                elif provider == "single-launch":
+                    fn = _single_launch_fwd(t)
                 else:
                     tt = {kk: v.detach() for kk, v in t.items()}
                     fn = (lambda tt=tt, b=(None if provider == "default" else FUSED): _call("lora", layer, tt, b))

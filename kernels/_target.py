@@ -293,8 +293,8 @@ def shrink_expand_blocks(tgt: Optional[LaunchTarget], m: int, n: int, dropout: b
     largest of 64 / 32 / 16 whose row blocks cover the SMs; where even 16-row blocks do not (M < 16·SMs), the N
     range is split too, and each split re-reads its rows of x (an L2 hit: a row block's splits are adjacent in
     launch order).  BLOCK_K / warps are the skinny kernels' (the shrink's x tile; with dropout fewer warps for a
-    16-row tile), BLOCK_N the expand's.  With dropout and more than one split, ``kernels.lora.shrink_expand`` runs
-    the shrink and the expand as two launches instead (each split would regenerate its rows' mask).  In tests
+    16-row tile), BLOCK_N the expand's.  With dropout each split regenerates its rows' mask (the cost model prices
+    it: at M = 2048 on an H200, two splits, the mask outweighs the launch's bytes).  In tests
     (``forced_launch_shape``) BLOCK_M is the forced one and the splits fill ``target_programs``."""
     bm, bk, warps = skinny_blocks(tgt, dropout)
     bn = skinny_blocks(tgt)[1]

@@ -211,9 +211,9 @@ def test_measured_dispatch_entry_is_written_atomically(tmp_path):
 
 
 def test_decode_phase_cases_run_on_cpu_at_tiny_shapes(tmp_path, monkeypatch):
-    """The decode phase's per-case code (frozen, default, fused and HF PEFT forwards, and the two-launch forward the
-    default replaced; rows with both ratios) on CPU tensors at tiny shapes, with the timers replaced by one call
-    each; the two-launch forward gives the default's output."""
+    """The decode phase's per-case code (frozen, default, fused and HF PEFT forwards, and the single-launch forward
+    the default takes only above TWO_LAUNCH_MAX_ROWS; rows with both ratios) on CPU tensors at tiny shapes, with the
+    timers replaced by one call each; the single-launch forward gives the default's output."""
     pytest.importorskip("peft")
     import csv
 
@@ -231,11 +231,11 @@ def test_decode_phase_cases_run_on_cpu_at_tiny_shapes(tmp_path, monkeypatch):
         monkeypatch.setattr(G, "FUSED", "torch")
     G.phase_decode(tmp_path, deadline=float("inf"))
     rows = list(csv.DictReader(open(tmp_path / "decode.csv")))
-    providers = ("base", "default", "fused", "peft") + (("two-launch",) if _has_triton() else ())
+    providers = ("base", "default", "fused", "peft") + (("single-launch",) if _has_triton() else ())
     assert [(r["M"], r["provider"]) for r in rows] == [(m, p) for m in ("16", "1") for p in providers]
     assert all(r["note"] == "" and float(r["x_base_graph"]) == 1.0 for r in rows), rows
     assert all(c.shape[-1] == 24 for c in calls)  # every provider's forward ran and gave (M, N)
     if _has_triton():
         t = {k: v.float() for k, v in inputs("q_proj", 5, "lora", dev="cpu").items()}
         want = G._call("lora", "q_proj", t, "triton")
-        assert torch.allclose(G._two_launch_fwd(t)(), want, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(G._single_launch_fwd(t)(), want, rtol=1e-5, atol=1e-5)
