@@ -363,6 +363,36 @@ def test_a_rebuilt_tensor_is_computed_once_per_backward(monkeypatch, p):
             assert torch.equal(q.grad, grads[n]), n
 
 
+def test_shared_recipe_use_counts_through_dropout_mask_and_output(monkeypatch):
+    """The use counting on the path only a GPU takes (a dropout's bool mask and its output, both rebuilt from one
+    shared input): each recipe a saved tensor reaches counts a pending use; the shared input runs once for both, is
+    dropped after its last use, and pack-time checks (``_uncounted``) and uses beyond the held ones run it without
+    touching the counts."""
+    runs = []
+    a, b = torch.randn(6, 8), torch.randn(6, 8)
+    inner = R._Mul(a, b)
+    real = R._Mul.run
+    monkeypatch.setattr(R._Mul, "run", lambda self: runs.append(1) or real(self))
+    rng = R._RNG(torch.device("cpu"))
+    drop = R._DropoutOut(inner, 0.5, rng)
+    with rng.replay():
+        out, mask = torch.native_dropout(a * b, 0.5, True)
+    noise = R._DropoutNoise(mask, drop)
+    assert noise.is_mask and noise.parts() == [inner] and drop.parts() == [inner]
+    noise.hold()
+    drop.hold()
+    assert (inner.pending, noise.pending, drop.pending) == (2, 1, 1)
+    with R._uncounted():                       # a pack-time check: computes, counts nothing
+        drop.run()
+    assert len(runs) == 1 and inner.pending == 2 and inner._value is None
+    assert torch.equal(noise.value(), mask)    # first use: inner computed and kept for the second
+    assert len(runs) == 2 and inner.pending == 1 and inner._value is not None
+    assert torch.equal(drop.value(), out)      # second use: the kept value, then dropped
+    assert len(runs) == 2 and inner.pending == 0 and inner._value is None
+    assert torch.equal(drop.value(), out)      # beyond the held uses (a retained graph): recomputed
+    assert len(runs) == 3 and inner.pending == 0
+
+
 @pytest.mark.parametrize("family,backend", [("llama", "torch"), ("phi3", "torch"), ("gpt2", "torch"),
                                             ("bert", "torch"), ("llama", "triton")])
 def test_dora_output_rebuilt_when_gemm_rebuilds_are_on(monkeypatch, family, backend):
