@@ -47,10 +47,14 @@ class IA3Layer(BaseTunerLayer):
         """l's stored shape (PEFT's): (1, in) feed-forward, (out, 1) otherwise."""
         return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
 
+    def _scaled(self, a: str, w: torch.Tensor, b: Optional[torch.Tensor], divide: bool):
+        """(weight, bias) times adapter a's l (divided by l + eps with `divide`), in at least fp32, rounded once; the
+        bias None where l does not scale it (input mode, or no bias)."""
+        return ia3_scale(w, b, self.ia3_l[a].data, self.is_feedforward, self.fan_in_fan_out, divide=divide)
+
     def _scale_weight(self, a: str, inverse: bool, safe_merge: bool = False) -> None:
         base = self.base_layer
-        new_w, new_b = ia3_scale(base.weight.data, base.bias.data if base.bias is not None else None,
-                                 self.ia3_l[a].data, self.is_feedforward, self.fan_in_fan_out, divide=inverse)
+        new_w, new_b = self._scaled(a, base.weight.data, base.bias.data if base.bias is not None else None, inverse)
         if safe_merge and (not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all())):
             raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken (the "
                              "weights were not modified)")
@@ -74,8 +78,8 @@ class IA3Layer(BaseTunerLayer):
         acc_w = base.weight.data
         acc_b = base.bias.data if (not self.is_feedforward and base.bias is not None) else None
         for a in adapter_names:
-            acc_w, acc_b = ia3_scale(acc_w, acc_b, self.ia3_l[a].data, self.is_feedforward, self.fan_in_fan_out,
-                                     divide=False)
+            acc_w, new_b = self._scaled(a, acc_w, acc_b, divide=False)
+            acc_b = new_b if new_b is not None else acc_b
             if not torch.isfinite(acc_w).all() or (acc_b is not None and not torch.isfinite(acc_b).all()):
                 raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken (the "
                                  "weights were not modified)")
@@ -157,7 +161,7 @@ class _ConvNd(IA3Layer):
             base.out_channels, -1, *tail)
 
     def _scaled(self, a: str, w: torch.Tensor, b: Optional[torch.Tensor], divide: bool):
-        """(weight, bias) times adapter a's l (divided by l + eps with `divide`), in at least fp32, rounded once."""
+        """``IA3Layer._scaled`` for the (out, in/groups, *kernel) weight of a convolution (``_weight_scale``)."""
         with torch.no_grad():
             ct = merge_dtype(w.dtype, self.ia3_l[a].dtype)
             lv = self.ia3_l[a].detach().to(ct)
@@ -170,27 +174,6 @@ class _ConvNd(IA3Layer):
                 flat = lv.reshape(-1)
                 new_b = (b.to(ct) / flat if divide else b.to(ct) * flat).to(b.dtype)
         return new_w, new_b
-
-    def _scale_weight(self, a: str, inverse: bool, safe_merge: bool = False) -> None:
-        base = self.base_layer
-        new_w, new_b = self._scaled(a, base.weight.data, base.bias.data if base.bias is not None else None, inverse)
-        if safe_merge and (not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all())):
-            raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken (the "
-                             "weights were not modified)")
-        base.weight.data = new_w
-        if new_b is not None:
-            base.bias.data = new_b
-
-    def _check_merge_finite(self, adapter_names: list[str]) -> None:
-        base = self.base_layer
-        acc_w = base.weight.data
-        acc_b = base.bias.data if (not self.is_feedforward and base.bias is not None) else None
-        for a in adapter_names:
-            acc_w, new_b = self._scaled(a, acc_w, acc_b, divide=False)
-            acc_b = new_b if new_b is not None else acc_b
-            if not torch.isfinite(acc_w).all() or (acc_b is not None and not torch.isfinite(acc_b).all()):
-                raise ValueError(f"NaNs or infs detected in the merged weights; adapter {a!r} seems to be broken (the "
-                                 "weights were not modified)")
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self._base_only():
