@@ -536,9 +536,9 @@ def lora_fwd_triton(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             # decode: the split-K shrink runs K in parallel where the single launch walks it serially per program;
             # the expand sums its partials and stores S (two launches, no torch op between them)
             part = shrink(x, lora_A, dropout_p, seed, tgt, partials=True)
-            s = part.select(0, 0) if part.shape[0] == 1 else torch.empty((m, r), device=x.device,
-                                                                          dtype=torch.float32)
-            _expand(y, part, float(scaling), lora_E, lora_B.t(), tgt, sum_out=s if part.shape[0] > 1 else None)
+            several = part.shape[0] > 1
+            s = torch.empty((m, r), device=x.device, dtype=torch.float32) if several else part.select(0, 0)
+            _expand(y, part, float(scaling), lora_E, lora_B.t(), tgt, sum_out=s if several else None)
             return y, s
         return y, shrink_expand(y, x, lora_A, lora_E, lora_B, float(scaling), dropout_p, seed, tgt)
     s = shrink(x, lora_A, dropout_p, seed, tgt)
