@@ -16,6 +16,8 @@ providers are timed in interleaved rounds:
 * ``frozen``: ``F.linear`` on the frozen weight (+ its backward): the floor;
 * ``fastpeft``: ``fastpeft.functional`` on the default GPU path (on CUDA ``backend=None``, i.e. auto, as users call
   it; on CPU the explicit ``"triton"``, whose uncached backend check adds ~4 µs that auto's cached answer does not);
+* ``fastpeft-torch``: ``fastpeft.functional`` on the torch backend (HF PEFT's ops: cuBLAS calls only, no Triton
+  launch; on CPU its time includes its real CPU compute, like ``peft``) - the candidate where the host decides;
 * ``fastpeft-layer``: the same through fastpeft's model API (the layer ``fastpeft.get_peft_model`` puts in a model:
   the functional op plus the layer's own checks - fused-path eligibility, sibling groups);
 * ``peft``: HF PEFT's layer (when installed; on CPU its time includes its real CPU compute, which fastpeft's
@@ -112,20 +114,22 @@ def _providers(method: str, m: int, k: int, n: int, r: int, device, dtype):
     e = rand(r, 1, dt=torch.float32, grad=True)
     ll = rand(n, dt=torch.float32, grad=True)
 
-    def op(pp):
+    def op(pp, be=backend):
         if method == "ia3":
-            return FF.ia3_linear(x, w, None, ll, backend=backend)
+            return FF.ia3_linear(x, w, None, ll, backend=be)
         if method == "adalora":
-            return FF.adalora_linear(x, w, None, a, e, b, 2.0, float(r), pp, backend=backend)
-        return FF.lora_linear(x, w, None, a, b, 2.0, pp, backend=backend)
+            return FF.adalora_linear(x, w, None, a, e, b, 2.0, float(r), pp, backend=be)
+        return FF.lora_linear(x, w, None, a, b, 2.0, pp, backend=be)
 
     def infer():
         with torch.no_grad():
             op(0.0)
     fns = {("fwd+bwd", "frozen"): lambda: F.linear(x, w).backward(gy),
            ("fwd+bwd", "fastpeft"): lambda: op(p).backward(gy),
+           ("fwd+bwd", "fastpeft-torch"): lambda: op(p, "torch").backward(gy),
            ("fwd", "frozen"): lambda: _no_grad(lambda: F.linear(x, w)),
-           ("fwd", "fastpeft"): infer}
+           ("fwd", "fastpeft"): infer,
+           ("fwd", "fastpeft-torch"): lambda: _no_grad(lambda: op(0.0, "torch"))}
     # the layers of the inference rows are separate objects in eval mode (switching one layer's mode per call would
     # time Module.train's walk over the submodules)
     mine, mine_eval = (_fastpeft_layer(method, k, n, r, p, device, dtype) for _ in range(2))
@@ -237,16 +241,18 @@ def write(rows: list[dict], out: Path) -> None:
          f"{r0['device']}, torch {r0['torch']}, triton {r0['triton']}, git {r0['git']}; {stub}. "
          "`python -m benchmarks.bench_host`. µs per call, median of interleaved rounds; extra = fastpeft - frozen.",
          "", "| case | M | method | mode | frozen µs | fastpeft µs | extra µs | launches | fastpeft layer µs | HF PEFT "
-         "µs | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "µs | fastpeft torch µs | note |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (case, m, method, mode, prov), r in by.items():
         if prov != "fastpeft":
             continue
         fr = by.get((case, m, method, mode, "frozen"))
         pe = by.get((case, m, method, mode, "peft"))
         la = by.get((case, m, method, mode, "fastpeft-layer"))
-        notes = sorted({x["note"] for x in (r, fr, pe, la) if x and x["note"]})
+        to = by.get((case, m, method, mode, "fastpeft-torch"))
+        notes = sorted({x["note"] for x in (r, fr, pe, la, to) if x and x["note"]})
         L.append(f"| {case} | {m} | {method} | {mode} | {fr['us']} | {r['us']} | {r['us'] - fr['us']:.1f} | "
-                 f"{r['launches']} | {la['us'] if la else ''} | {pe['us'] if pe else ''} | {', '.join(notes)} |")
+                 f"{r['launches']} | {la['us'] if la else ''} | {pe['us'] if pe else ''} | {to['us'] if to else ''} "
+                 f"| {', '.join(notes)} |")
     (out / "host.md").write_text("\n".join(L) + "\n")
 
 

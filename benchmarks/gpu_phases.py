@@ -250,7 +250,8 @@ def _peft_module(method: str, layer: str):
 
 def _step_fn(provider: str, method: str, layer: str, t: dict) -> Callable[[], None]:
     """fwd+bwd of one provider: base (frozen F.linear), default (backend auto), fused (``FUSED``: the Triton GEMM
-    with the adapter in its epilogue), peft."""
+    with the adapter in its epilogue), cuda (the extension), torch (fastpeft's torch implementation: HF PEFT's ops,
+    cuBLAS only, no Triton launch), peft."""
     x = t["x"].detach().clone().requires_grad_(True)
     gy = t["gy"]
     if provider == "base":
@@ -262,7 +263,7 @@ def _step_fn(provider: str, method: str, layer: str, t: dict) -> Callable[[], No
     tt["x"] = x
     if provider == "fold-flipped":
         return _fold_flipped(lambda: _call(method, layer, tt, "triton", seed=None).backward(gy))
-    backend = {"default": None, "fused": FUSED, "cuda": "cuda"}[provider]
+    backend = {"default": None, "fused": FUSED, "cuda": "cuda", "torch": "torch"}[provider]
     return lambda: _call(method, layer, tt, backend, seed=None).backward(gy)
 
 
@@ -305,7 +306,7 @@ def _record_dispatch(out: Path, op: str, layer: str, m: int, times: dict, backen
     rewritten to OUT/dispatch_table.json (atomically) - the file to commit as fastpeft's measured table."""
     from fastpeft import _dispatch
     # backend names as select_backend takes them: "triton", "triton:fused", "cuda", "cuda:decode", "torch"
-    cands = {backends[p]: times[p] for p in ("default", "fused", "cuda") if p in times and
+    cands = {backends[p]: times[p] for p in ("default", "fused", "cuda", "torch") if p in times and
              backends[p].partition(":")[0] in ("cuda", "triton", "torch")}
     if not cands:
         return
@@ -340,8 +341,11 @@ def phase_ratios(out: Path, deadline: float) -> None:
                 # the extension, when it built: a candidate of the measured dispatch table (its launches cost a
                 # torch op's host time, where the default's Triton launches cost 51 µs on the first run's host)
                 cuda = ("cuda",) if _backends()["cuda"][op] is None and method != "dora" else ()
-                for provider in ("base", "peft", "default", "fused") + cuda + extra:
+                # torch: fastpeft's torch implementation (cuBLAS calls only, a torch op's host time each) - a candidate
+                # where the host decides (the first run: the default host-bound at M <= 2048, slower than HF PEFT)
+                for provider in ("base", "peft", "default", "fused") + cuda + ("torch",) + extra:
                     backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": FUSED, "cuda": "cuda",
+                               "torch": "torch",
                                "fold-flipped": "triton, IA3's folding of l flipped"}.get(provider)
                     if provider == "default":
                         backend = select_backend(op, t["x"], None)

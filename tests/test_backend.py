@@ -65,6 +65,9 @@ def test_auto_uses_measured_dispatch_on_cuda(monkeypatch):
         args = tuple(torch.zeros(*s, device=dev) if s else None for s in ((2, 3), (4, 3), None, (1, 3), None, (4, 1)))
     assert _backend._auto_choice("lora", dev, args) == "triton"
     assert calls == [("lora", 6)]
+    # a measured torch entry (fastpeft's torch implementation won where the host decides) is taken on CUDA too
+    monkeypatch.setattr(_backend, "_dispatch_choose", lambda op, *a, candidates=None: "torch")
+    assert _backend._auto_choice("lora", dev, args) == "torch"
     # a measured choice that cannot run here is ignored, and the default order applies
     monkeypatch.setattr(_backend, "_dispatch_choose", lambda op, *a, candidates=None: "cuda")
     assert _backend._auto_choice("lora", dev, args) == "triton"

@@ -92,7 +92,7 @@ def test_phase_helpers_run_on_cpu_at_tiny_shapes(monkeypatch):
             assert set(res) == set(ref) and {"y", "dx"} <= set(res)
             assert all(G.rel_err(res[k], ref[k]) < 1e-5 for k in ref)
             extra = ("fused",) + (("fold-flipped",) if method == "ia3" else ()) if _has_triton() else ()
-            for provider in ("base", "default", "peft") + extra:
+            for provider in ("base", "default", "torch", "peft") + extra:
                 t32 = {k: v.float() for k, v in t.items()}
                 if provider == "peft":
                     monkeypatch.setattr(G, "_peft_module", lambda m, lay: _cpu_peft(G, m, lay))
@@ -146,7 +146,8 @@ def test_host_benchmark_on_cpu(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     rows = list(csv.DictReader(open(tmp_path / "host.csv")))
     from benchmarks.bench_host import METHODS
-    want = {(m, mode, prov) for m in METHODS for mode in ("fwd+bwd", "fwd") for prov in ("frozen", "fastpeft")}
+    want = {(m, mode, prov) for m in METHODS for mode in ("fwd+bwd", "fwd")
+            for prov in ("frozen", "fastpeft", "fastpeft-torch")}
     got = {(r["method"], r["mode"], r["provider"]) for r in rows}
     assert want <= got
     assert all(float(r["us"]) > 0 for r in rows)
@@ -154,6 +155,8 @@ def test_host_benchmark_on_cpu(tmp_path):
     assert launches[("lora", "fwd+bwd")] == launches[("adalora", "fwd+bwd")] == 4
     assert all(launches[(m, "fwd")] <= 3 for m in METHODS)
     assert launches[("ia3", "fwd+bwd")] < 4
+    # the torch backend launches no Triton kernel
+    assert {int(r["launches"]) for r in rows if r["provider"] == "fastpeft-torch"} == {0}
     assert "| lora | fwd+bwd |" in (tmp_path / "host.md").read_text()
 
 
@@ -206,6 +209,13 @@ def test_measured_dispatch_entry_is_written_atomically(tmp_path):
                            {"base": "torch (frozen)", "default": "triton", "fused": "triton:fused"})
         (key, entry), = json.loads((tmp_path / "dispatch_table.json").read_text()).items()
         assert entry["backend"] == "triton" and entry["variant"] is None
+        # fastpeft's torch implementation (cuBLAS calls only) faster - where the host decides: the entry names it
+        G._record_dispatch(tmp_path, "lora", "q_proj", 2048, {"base": 0.2, "default": 1.1, "fused": 1.3, "torch": 0.5},
+                           {"base": "torch (frozen)", "default": "triton", "fused": "triton:fused", "torch": "torch"})
+        entries = json.loads((tmp_path / "dispatch_table.json").read_text())
+        entry = next(e for k, e in entries.items() if k != key)
+        assert entry["backend"] == "torch" and entry["variant"] is None
+        assert entry["timings_ms"] == {"triton": 1.1, "triton:fused": 1.3, "torch": 0.5}
     finally:
         _dispatch.clear()
 
