@@ -16,8 +16,8 @@ providers are timed in interleaved rounds:
 * ``frozen``: ``F.linear`` on the frozen weight (+ its backward): the floor;
 * ``fastpeft``: ``fastpeft.functional`` on the default GPU path (on CUDA ``backend=None``, i.e. auto, as users call
   it; on CPU the explicit ``"triton"``, whose uncached backend check adds ~4 µs that auto's cached answer does not);
-* ``fastpeft-torch``: ``fastpeft.functional`` on the torch backend (HF PEFT's ops: cuBLAS calls only, no Triton
-  launch; on CPU its time includes its real CPU compute, like ``peft``) - the candidate where the host decides;
+* ``fastpeft-torch``: ``fastpeft.functional`` on the torch backend (HF PEFT's ops, 16-bit casts in row chunks:
+  torch ops only, no Triton launch; on CPU its time includes its real CPU compute, like ``peft``) - the candidate where the host decides;
 * ``fastpeft-layer``: the same through fastpeft's model API (the layer ``fastpeft.get_peft_model`` puts in a model:
   the functional op plus the layer's own checks - fused-path eligibility, sibling groups);
 * ``peft``: HF PEFT's layer (when installed; on CPU its time includes its real CPU compute, which fastpeft's

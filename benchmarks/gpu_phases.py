@@ -251,7 +251,7 @@ def _peft_module(method: str, layer: str):
 def _step_fn(provider: str, method: str, layer: str, t: dict) -> Callable[[], None]:
     """fwd+bwd of one provider: base (frozen F.linear), default (backend auto), fused (``FUSED``: the Triton GEMM
     with the adapter in its epilogue), cuda (the extension), torch (fastpeft's torch implementation: HF PEFT's ops,
-    cuBLAS only, no Triton launch), peft."""
+    torch ops only, no Triton launch), peft."""
     x = t["x"].detach().clone().requires_grad_(True)
     gy = t["gy"]
     if provider == "base":
@@ -341,8 +341,9 @@ def phase_ratios(out: Path, deadline: float) -> None:
                 # the extension, when it built: a candidate of the measured dispatch table (its launches cost a
                 # torch op's host time, where the default's Triton launches cost 51 µs on the first run's host)
                 cuda = ("cuda",) if _backends()["cuda"][op] is None and method != "dora" else ()
-                # torch: fastpeft's torch implementation (cuBLAS calls only, a torch op's host time each) - a candidate
-                # where the host decides (the first run: the default host-bound at M <= 2048, slower than HF PEFT)
+                # torch: fastpeft's torch implementation (HF PEFT's ops, 16-bit casts in row chunks; torch ops only,
+                # no Triton launch) - a candidate where the host decides (the first run: the default host-bound at
+                # M <= 2048, slower than HF PEFT there)
                 for provider in ("base", "peft", "default", "fused") + cuda + ("torch",) + extra:
                     backend = {"base": "torch (frozen)", "peft": "HF PEFT", "fused": FUSED, "cuda": "cuda",
                                "torch": "torch",

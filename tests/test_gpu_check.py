@@ -209,7 +209,7 @@ def test_measured_dispatch_entry_is_written_atomically(tmp_path):
                            {"base": "torch (frozen)", "default": "triton", "fused": "triton:fused"})
         (key, entry), = json.loads((tmp_path / "dispatch_table.json").read_text()).items()
         assert entry["backend"] == "triton" and entry["variant"] is None
-        # fastpeft's torch implementation (cuBLAS calls only) faster - where the host decides: the entry names it
+        # fastpeft's torch implementation (torch ops only, no Triton launch) faster - where the host decides: the entry names it
         G._record_dispatch(tmp_path, "lora", "q_proj", 2048, {"base": 0.2, "default": 1.1, "fused": 1.3, "torch": 0.5},
                            {"base": "torch (frozen)", "default": "triton", "fused": "triton:fused", "torch": "torch"})
         entries = json.loads((tmp_path / "dispatch_table.json").read_text())
