@@ -103,6 +103,8 @@ def plan_partials(jobs: list[tuple[torch.Tensor, torch.dtype]], like: torch.Tens
         work.append((part, out))
     if len(work) > SEGMENTS:
         raise ValueError(f"sum_partials takes at most {SEGMENTS} buffers needing work, got {len(work)}")
+    if not work:  # every result a view of its single partial: nothing to launch (small shapes), no arguments to lay out
+        return PartialsPlan(outs, [like, like, 0, 0] * SEGMENTS + [0] * (SEGMENTS - 1), 0, 0, 0, 0)
     args: list = []
     bounds: list[int] = []
     tiles = 0

@@ -42,3 +42,19 @@ def test_more_than_four_buffers_is_refused():
     parts = [(torch.randn(2, 3), torch.float32)] * 5
     with pytest.raises(ValueError, match="at most 4"):
         KP.sum_partials(parts, parts[0][0])
+
+
+def test_plan_without_work_lays_out_empty_segments():
+    """No buffer needing work (every job a single fp32 partial, or none - IA3's scale_weight launches with such a
+    plan): zero tiles, and the launch arguments are four empty segments on `like` with zero bounds, as the general
+    layout gives them (IA3's kernel takes them as they are)."""
+    like = torch.randn(3, 2)
+    for jobs in ([], [(torch.randn(1, 4, 2), torch.float32)] * 2):
+        plan = KP.plan_partials(jobs, like)
+        assert plan.tiles == 0 and (plan.bytes_read, plan.bytes_written, plan.flops) == (0, 0, 0)
+        assert len(plan.args) == 4 * KP.SEGMENTS + KP.SEGMENTS - 1
+        assert plan.args[:4 * KP.SEGMENTS:4] == [like] * KP.SEGMENTS
+        assert plan.args[1:4 * KP.SEGMENTS:4] == [like] * KP.SEGMENTS
+        assert plan.args[2:4 * KP.SEGMENTS:4] == [0] * KP.SEGMENTS and plan.args[3:4 * KP.SEGMENTS:4] == [0] * KP.SEGMENTS
+        assert plan.args[4 * KP.SEGMENTS:] == [0] * (KP.SEGMENTS - 1)
+        assert [o.data_ptr() for o in plan.outs] == [p.data_ptr() for p, _ in jobs]
