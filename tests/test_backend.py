@@ -154,12 +154,17 @@ def test_measured_variant_becomes_the_default_for_its_shape_only(monkeypatch):
     monkeypatch.setattr(_backend, "_why_not", lambda b, op, dev: None if b.startswith(("torch", "triton")) else "no")
     monkeypatch.setattr(_backend, "_AUTO_CACHE", {})
     dispatch.clear()
+    from torch._subclasses.fake_tensor import FakeTensorMode
     try:
-        x = torch.zeros(8192, 4096)
-        w = torch.zeros(4096, 4096)
-        a, b = torch.zeros(16, 4096), torch.zeros(4096, 16)
-        args = (x, w, None, a, None, b)
         dev = torch.device("cuda")
+        # fake CUDA tensors: the registry predicates read the operands' device (CPU tensors would pass only where
+        # TRITON_INTERPRET=1 lets triton take them - not on a GPU machine, where this test once failed)
+        with FakeTensorMode():
+            x = torch.zeros(8192, 4096, device=dev)
+            w = torch.zeros(4096, 4096, device=dev)
+            a, b = torch.zeros(16, 4096, device=dev), torch.zeros(4096, 16, device=dev)
+            small_x = torch.zeros(16, 4096, device=dev)
+        args = (x, w, None, a, None, b)
 
         class FakeX:  # a CUDA-looking x for the cache key (no GPU needed)
             device, dtype = dev, torch.float32
@@ -177,7 +182,7 @@ def test_measured_variant_becomes_the_default_for_its_shape_only(monkeypatch):
         dispatch.record("NVIDIA H200", torch.float32, "lora", dispatch.bucket(8192, 4096, 4096, 16), "triton",
                         "test entry", variant="fused")
         assert _backend._cached_auto_choice("lora", FakeX, args) == "triton:fused" and len(calls) == 2
-        small = (torch.zeros(16, 4096), w, None, a, None, b)
+        small = (small_x, w, None, a, None, b)
         assert _backend._cached_auto_choice("lora", FakeX, small) == "triton"
         with pytest.raises(ValueError, match="variant"):
             dispatch.record("NVIDIA H200", torch.float32, "lora", "m<=1,n1,k1", "triton", "bad", variant="kaug")
