@@ -52,3 +52,21 @@ def pytest_sessionstart(session):
     if broken:
         raise pytest.UsageError("installed test dependencies fail to import (their tests would silently skip):\n  "
                                 + "\n  ".join(broken))
+
+
+# ``@pytest.mark.interpreter``: the test runs Triton kernels on CPU tensors, which only Triton's interpreter takes.  The
+# interpreter is on where no GPU is (above); on a GPU machine these tests skip, saying so (the kernels are covered on
+# CUDA there by tests/test_triton_lora.py, test_triton_ia3.py, test_dora_op.py, test_lora_group.py and
+# test_base_weight_grad.py), instead of failing with "triton runs on CUDA tensors" as on the first GPU run.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels on CPU tensors (Triton's interpreter only)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return
+    skip = pytest.mark.skip(reason="runs Triton kernels on CPU tensors, which need Triton's interpreter "
+                                   "(TRITON_INTERPRET=1); it is off here (a GPU machine)")
+    for item in items:
+        if "interpreter" in item.keywords:
+            item.add_marker(skip)

@@ -77,6 +77,7 @@ def test_rows_are_on_disk_as_soon_as_written(tmp_path):
         assert [r["a"] for r in csv.DictReader(f)] == ["1", "2"]
 
 
+@pytest.mark.interpreter
 def test_phase_helpers_run_on_cpu_at_tiny_shapes(monkeypatch):
     """The per-case code of the correctness and ratios phases, on CPU tensors at tiny shapes (catches API drift
     before a GPU run does)."""
@@ -102,6 +103,7 @@ def test_phase_helpers_run_on_cpu_at_tiny_shapes(monkeypatch):
                     G._step_fn("cuda", method, layer, {k: v.float() for k, v in t.items()})()
 
 
+@pytest.mark.interpreter
 def test_tile_sweep_cases_run_under_every_candidate_tile():
     """The tile phase's three kernels (in the interpreter at a small shape) launch with every candidate tile and
     both program targets, each reporting its traffic under its own name (what the phase divides by the time)."""
@@ -121,6 +123,7 @@ def test_tile_sweep_cases_run_under_every_candidate_tile():
             assert [c.name for c in rec if c.name == name] == [name], (name, [c.name for c in rec])
 
 
+@pytest.mark.interpreter
 def test_raw_triton_launch_of_the_launch_phase_runs():
     """The launch phase's raw Triton launch (Triton's own host cost, no fastpeft Python) is a valid kernel: it
     runs (in the interpreter here) and leaves its tensor as it was."""
@@ -220,6 +223,7 @@ def test_measured_dispatch_entry_is_written_atomically(tmp_path):
         _dispatch.clear()
 
 
+@pytest.mark.interpreter
 def test_decode_phase_cases_run_on_cpu_at_tiny_shapes(tmp_path, monkeypatch):
     """The decode phase's per-case code (frozen, default, fused and HF PEFT forwards, and the single-launch forward
     the default takes only above TWO_LAUNCH_MAX_ROWS; rows with both ratios) on CPU tensors at tiny shapes, with the

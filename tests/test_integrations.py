@@ -336,6 +336,7 @@ def test_merge_and_unload_after_accelerate():
     assert rel_err(out, ref) <= 10 * PEFT_PARITY_RTOL
 
 
+@pytest.mark.interpreter
 def test_triton_backend_eval_parity():
     if not fastpeft._backend.triton_available():
         pytest.skip(f"triton backend unavailable: {fastpeft._backend._triton_probe()[1]}")

@@ -394,7 +394,8 @@ def test_shared_recipe_use_counts_through_dropout_mask_and_output(monkeypatch):
 
 
 @pytest.mark.parametrize("family,backend", [("llama", "torch"), ("phi3", "torch"), ("gpt2", "torch"),
-                                            ("bert", "torch"), ("llama", "triton")])
+                                            ("bert", "torch"),
+                                            pytest.param("llama", "triton", marks=pytest.mark.interpreter)])
 def test_dora_output_rebuilt_when_gemm_rebuilds_are_on(monkeypatch, family, backend):
     """DoRA keeps its M x N output for the magnitude's gradient unless GEMM rebuilds are switched on
     (``set_enabled(model, True, gemm=True)``): then it is re-run from the layer's rebuilt input in backward, and

@@ -57,6 +57,7 @@ def _step(model, ids):
 IDS = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_llama_groups_qkv_and_gate_up_within_the_accuracy_rule(monkeypatch, group_calls, checkpointing):
     """The first step learns the bursts (no group yet); from the second, each decoder layer runs q/k/v as one group
@@ -79,6 +80,7 @@ def test_llama_groups_qkv_and_gate_up_within_the_accuracy_rule(monkeypatch, grou
             assert_fa_rule(grads[name], want, same[1][name], GRAD_FACTOR, name, dtype=torch.float32)
 
 
+@pytest.mark.interpreter
 def test_no_group_with_dropout_or_when_switched_off(monkeypatch, group_calls):
     model = _llama(torch.float32, "triton", monkeypatch, dropout=0.1)
     for _ in range(2):
@@ -106,6 +108,7 @@ class _Attn(nn.Module):
         return self.q(x).sum(-1) + self.k(kv).sum(-1) * self.v(kv).sum(-1)
 
 
+@pytest.mark.interpreter
 def test_changed_call_pattern_runs_members_alone(monkeypatch, group_calls):
     """Learned on self-attention (q, k, v on one x), then called as cross-attention (k, v on another tensor): the
     leader's group precomputes k and v for the wrong x, k and v see a different input and run alone, and the output

@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 from fastpeft.kernels import _partials as KP  # noqa: E402
 
 
+@pytest.mark.interpreter
 def test_sums_in_order_and_casts_each_buffer():
     """Four buffers of different lengths (one not a multiple of the tile, one spanning several tiles), partial
     counts and dtypes in one launch: each equals the fp32 sum over dim 0, in order, cast once to its dtype."""
