@@ -11,7 +11,7 @@ import torch._inductor.config
 import fastpeft.functional as FP
 from fastpeft.modules import AdaLoRALinear, IA3Linear, LoRALinear
 
-from testing_utils import AUTOCAST_BF16, SMALL_FP32
+from testing_utils import AUTOCAST_BF16, SMALL_FP32, inductor_cpu_problem
 
 MODULES = {
     "lora": lambda: LoRALinear(24, 10, r=3, lora_alpha=6, backend="torch"),
@@ -55,8 +55,15 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def inductor():
+    """For the tests that compile with inductor: skip, saying why, where it cannot build a CPU kernel at all."""
+    if inductor_cpu_problem():
+        pytest.skip(inductor_cpu_problem())
+
+
 @pytest.mark.parametrize("name", list(MODULES))
-def test_compile_fullgraph_equals_eager(name):
+def test_compile_fullgraph_equals_eager(name, inductor):
     m = _make(name)
     cm = torch.compile(m, backend="inductor", fullgraph=True)
     for shape in ((5, 24), (2, 7, 24)):  # a second shape: recompiles (or runs dynamic) without a graph break
@@ -70,7 +77,7 @@ def test_compile_fullgraph_equals_eager(name):
 
 
 @pytest.mark.parametrize("name", ["lora", "ia3"])
-def test_compile_merged_module(name):
+def test_compile_merged_module(name, inductor):
     m = _make(name).eval()
     x = torch.randn(4, 24)
     y = m(x)
@@ -79,7 +86,7 @@ def test_compile_merged_module(name):
     _close(cm(x), y, what="merged compiled")
 
 
-def test_compile_lora_dropout_matches_eager_rng():
+def test_compile_lora_dropout_matches_eager_rng(inductor):
     """Unseeded dropout (F.dropout's stream): aot_eager keeps eager's RNG; inductor does with fallback_random."""
     m = _make("lora").train()
     m.lora_dropout = 0.3
@@ -96,7 +103,7 @@ def test_compile_lora_dropout_matches_eager_rng():
         _close(ci(x), y_eager, what="inductor fallback_random")
 
 
-def test_compile_seeded_functional_equals_eager():
+def test_compile_seeded_functional_equals_eager(inductor):
     """Seeded dropout runs inside the custom op (counter-based mask), so compiled == eager bit for bit."""
     x, W, b = torch.randn(7, 24), torch.randn(10, 24), torch.randn(10)
     A, B = torch.randn(3, 24, requires_grad=True), torch.randn(10, 3, requires_grad=True)
@@ -139,7 +146,7 @@ def test_autocast_bf16(name):
 
 
 @pytest.mark.parametrize("name", ["lora", "ia3_ff"])
-def test_autocast_and_compile(name):
+def test_autocast_and_compile(name, inductor):
     m = _make(name)
     x = torch.randn(4, 24)
     with torch.autocast("cpu", dtype=torch.bfloat16):
