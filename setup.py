@@ -125,14 +125,21 @@ def get_extensions():
             raise
         print(f"fastpeft: skipping the CUDA extension ({e})")
         return [], {}
+    # torch's own libstdc++ string ABI, stated explicitly: cpp_extension no longer passes it (torch 2.11 / 2.13), so a
+    # compiler whose default differs (a devtoolset-style GCC defaults to the old ABI) would build an extension whose
+    # std::string - inside every c10::Error a failed TORCH_CHECK throws - is laid out unlike torch's.  The first GPU
+    # run's extension, built with /opt/gcc's g++, segfaulted exactly where a check throws (tests/test_cuda_ext.py
+    # test_cpp_checks_name_the_argument); whether this was the cause is unverified (benchmarks/gpu_check.sh now logs
+    # the compiler's default next to torch's).
+    abi = [f"-D_GLIBCXX_USE_CXX11_ABI={int(bool(getattr(torch._C, '_GLIBCXX_USE_CXX11_ABI', True)))}"]
     ext = CUDAExtension(
         name="fastpeft._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")] + cublas_inc,
         extra_compile_args={
             # No -std flag: torch's cpp_extension picks the C++ standard its headers need (C++20 for torch 2.13).
-            "cxx": ["-O3"],
-            "nvcc": ["-O3", "--use_fast_math", f"--threads={nvcc_threads}", "-lineinfo"],
+            "cxx": ["-O3"] + abi,
+            "nvcc": ["-O3", "--use_fast_math", f"--threads={nvcc_threads}", "-lineinfo"] + abi,
         },
         # Only cuBLASLt is called (csrc/common/cublaslt.cpp).
         libraries=[] if cublas_link else ["cublasLt"],

@@ -97,7 +97,14 @@ if [ "$HAVE_GPU" = 1 ]; then
     { timeout "$lim" "$PY" -m pip install -v -e . --no-build-isolation --no-deps \
         || timeout "$lim" "$PY" setup.py build_ext --inplace; } > "$BUILD_LOG" 2>&1 \
       && "$PY" -c "import fastpeft._C" >> "$BUILD_LOG" 2>&1
-    echo $? > "$BUILD_RC" ) > /dev/null 2>&1 &
+    rc=$?
+    # the first run's extension segfaulted where a C++ check throws: the compiler's default string ABI beside torch's
+    { echo "---- toolchain: the compiler's default libstdc++ string ABI, and torch's ----"
+      "${CXX:-c++}" --version 2>&1 | head -1
+      echo '#include <string>' | "${CXX:-c++}" -x c++ -dM -E - 2>&1 | grep -E '_GLIBCXX_USE_CXX11_ABI|__GNUC__ '
+      "$PY" -c "import torch; print('torch._C._GLIBCXX_USE_CXX11_ABI =', torch._C._GLIBCXX_USE_CXX11_ABI)"
+    } >> "$BUILD_LOG" 2>&1
+    echo $rc > "$BUILD_RC" ) > /dev/null 2>&1 &
   BUILD_PID=$!
   say "build: started in the background"
 else

@@ -101,6 +101,10 @@ def test_extension_lists_every_csrc_source(get_extensions, monkeypatch, tmp_path
     assert set(ext.sources) == want
     assert "cublasLt" in ext.libraries and not ext.extra_link_args
     assert "build_ext" in cmdclass
+    # torch's libstdc++ string ABI stated for both compilers (cpp_extension no longer passes it; a compiler with the
+    # other default would lay out c10::Error's strings unlike torch does)
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    assert abi in ext.extra_compile_args["cxx"] and abi in ext.extra_compile_args["nvcc"]
 
 
 def test_cublas_from_torchs_nvidia_wheel_when_the_toolkit_has_none(get_extensions, monkeypatch, tmp_path):
