@@ -8,7 +8,8 @@
 # $OUT even when a later phase is killed.  $OUT/summary.txt gets one line per phase as it ends; $OUT/phases.log
 # holds every phase's output.  At the end gemm.csv, launch.csv, host.csv, host_profile.csv, tiles.csv and
 # dispatch_table.json go into tables.tgz: eight files in all, what the device machine returns.
-#   a build        the C++/CUDA extension, in the background (pip install -e ., FASTPEFT_BUILD_CUDA=1), and
+#   a build        the C++/CUDA extension, in the background (setup.py build_ext --inplace, FASTPEFT_BUILD_CUDA=1, then
+#                  an editable install of the rest), and
 #                  Triton's kernel cache warmed beside it (.ci/compile_triton.py --ci: the first configuration of
 #                  each kernel, which is what FASTPEFT_TRITON_AUTOTUNE=0 runs)
 #                  -> its log appended to phases.log when it ends, errors and tail in summary.txt
@@ -94,8 +95,13 @@ BUILD_LOG="$(mktemp)"
 if [ "$HAVE_GPU" = 1 ]; then
   ( export FASTPEFT_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-8}"
     lim="$(limit_for build 300)"
-    { timeout "$lim" "$PY" -m pip install -v -e . --no-build-isolation --no-deps \
-        || timeout "$lim" "$PY" setup.py build_ext --inplace; } > "$BUILD_LOG" 2>&1 \
+    # The extension in place (what built on the first GPU machine), then fastpeft installed editable without it, so
+    # it imports from any directory: --use-pep517 with --no-build-isolation needs no network (plain `pip install -e`
+    # ran setuptools' `develop`, which re-ran pip with build isolation, fetched setuptools and failed there).
+    { timeout "$lim" "$PY" setup.py build_ext --inplace \
+        && { FASTPEFT_BUILD_CUDA=0 timeout 120 "$PY" -m pip install -e . --no-build-isolation --use-pep517 --no-deps \
+             || echo "gpu_check: the editable install failed; fastpeft imports from the repository root only"; }
+    } > "$BUILD_LOG" 2>&1 \
       && "$PY" -c "import fastpeft._C" >> "$BUILD_LOG" 2>&1
     rc=$?
     # the first run's extension segfaulted where a C++ check throws: the compiler's default string ABI beside torch's
