@@ -157,10 +157,13 @@ def _validate_base(x, weight, bias):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _adapter_autocast(ctx, x, lora_A, lora_E, lora_B):
-    """HF PEFT's casting under autocast: the adapter matmuls run in the autocast dtype (see set_adapter_autocast)."""
-    if isinstance(ctx, torch.autocast) and _ADAPTER_AUTOCAST != "keep" and isinstance(lora_A, torch.Tensor) \
-            and lora_A.dtype != x.dtype and lora_A.is_floating_point():
+def _adapter_autocast(x, lora_A, lora_E, lora_B):
+    """HF PEFT's casting under autocast: the adapter matmuls run in the autocast dtype (see set_adapter_autocast).
+    Called before ``_autocast``'s context is entered, so autocast is still on exactly when ``_autocast`` cast x (asked
+    of torch, not of the context object: dynamo in torch 2.11 cannot trace ``isinstance`` on a context manager)."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev) and _ADAPTER_AUTOCAST != "keep" \
+            and isinstance(lora_A, torch.Tensor) and lora_A.dtype != x.dtype and lora_A.is_floating_point():
         lora_A = lora_A.to(x.dtype)
         lora_B = lora_B.to(x.dtype) if isinstance(lora_B, torch.Tensor) else lora_B
         lora_E = lora_E.to(x.dtype) if isinstance(lora_E, torch.Tensor) else lora_E
@@ -170,7 +173,7 @@ def _adapter_autocast(ctx, x, lora_A, lora_E, lora_B):
 def _lora_impl(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend):
     _validate_base_types(x, weight, bias)
     x, weight, bias, ctx = _autocast(x, weight, bias)
-    lora_A, lora_E, lora_B = _adapter_autocast(ctx, x, lora_A, lora_E, lora_B)
+    lora_A, lora_E, lora_B = _adapter_autocast(x, lora_A, lora_E, lora_B)
     with ctx:
         return _lora_checked(x, weight, bias, lora_A, lora_E, lora_B, scaling, dropout_p, seed, backend)
 
@@ -286,7 +289,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     _check_tensor("weight_sq", weight_sq, 1, optional=True)
     raw_w, raw_a, raw_b = weight, lora_A, lora_B
     x, weight, bias, ctx = _autocast(x, weight, bias)
-    lora_A, _, lora_B = _adapter_autocast(ctx, x, lora_A, None, lora_B)
+    lora_A, _, lora_B = _adapter_autocast(x, lora_A, None, lora_B)
     with ctx:
         n, k, _ = _check_lora_operands(x, weight, bias, lora_A, None, lora_B)
         for name, t in (("magnitude", magnitude), ("weight_sq", weight_sq)):

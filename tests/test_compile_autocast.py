@@ -188,3 +188,32 @@ def test_autocast_lora_branch_runs_in_adapter_dtype(keep_adapter_dtype):
     xd = torch.nn.functional.dropout(x.bfloat16(), 0.25, training=True).float()  # dropped in bf16, then cast
     branch_fp32 = ((xd @ m.lora_A.detach().t()) @ m.lora_B.detach().t() * m.scaling).bfloat16()
     assert torch.equal(y, branch_fp32), f"dropout path: max diff {(y.float() - branch_fp32.float()).abs().max()}"
+
+
+def test_traced_forwards_return_fresh_tensors(monkeypatch):
+    """What the torch path's autograd.Functions return while torch.compile traces them is a fresh tensor: not written
+    in place (mul_ / add_ / out=, which bump ``_version``) and not the very object an earlier op returned (a no-op
+    ``.to()``).  Dynamo in torch 2.11 - the GPU machine's version - silently gave zero gradients through such outputs
+    (every compiled LoRA / IA3 gradient here was 0 there); 2.13, CI's, is right either way, so the property itself
+    is checked, with ``torch.compiler.is_compiling`` patched on."""
+    from fastpeft.ops import _chunks
+    from fastpeft.ops import ia3 as OI
+    from fastpeft.ops import lora as OL
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    g = torch.Generator().manual_seed(0)
+    base, se, b = (torch.randn(*s, generator=g) for s in ((5, 10), (5, 3), (10, 3)))
+    y = OL._ScaledDeltaAdd.apply(base, se, b, 2.0, torch.float32)
+    assert y._version == 0 and torch.equal(y, (se @ b.t()).mul_(2.0).add_(base))
+    t, lv = torch.randn(5, 10, generator=g), torch.randn(10, generator=g)
+    y = OI._ScaleByVector.apply(t, lv, torch.float32)
+    assert y._version == 0 and torch.equal(y, t * lv)
+    out = torch.empty(6, 4)
+    made = []
+
+    def fn(rows):  # ends in an in-place op; and when the dtype already matches, .to() would return it as it is
+        r = torch.ones(6, 4)[rows].mul_(3.0)
+        made.append(r)
+        return r
+    res = _chunks.fill_rows(out, fn)
+    assert res is not made[0] and res._version == 0 and torch.equal(res, torch.full((6, 4), 3.0))

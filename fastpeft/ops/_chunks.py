@@ -35,6 +35,14 @@ def fill_rows(out: torch.Tensor, fn: Callable[[slice], torch.Tensor], fine: bool
     """``out`` (..., D) viewed as (M, D), written chunk by chunk: rows ``s`` get ``fn(s)`` ((len, D), any dtype: cast on
     assignment) for each ``s`` of ``spans(M, fine)`` (``fine`` only where ``fn`` is elementwise).  Returns out."""
     out2 = out.view(-1, out.shape[-1])
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile (inside an autograd.Function's forward or backward): the whole result in one piece,
+        # as a fresh tensor (`fn` may end in mul_ / add_, or in a .to() of the same dtype: copy=True).  Dynamo in
+        # torch 2.11 silently gives zero gradients through an autograd.Function whose returned tensor is the very
+        # object an earlier op returned (an in-place op, out=, a no-op .to()) - found running the test suite under
+        # torch 2.11, the GPU machine's version; 2.13 is right - and under the compiler the chunking buys nothing:
+        # inductor plans the buffers and drops the copy.
+        return fn(slice(0, out2.shape[0])).to(out.dtype, copy=True).reshape(out.shape)
     for rows in spans(out2.shape[0], fine):
         out2[rows] = fn(rows)
     return out

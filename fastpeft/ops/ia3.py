@@ -52,6 +52,9 @@ class _ScaleByVector(torch.autograd.Function):
         if bias is not None:
             ct = torch.promote_types(ct, bias.dtype)
         if t.dtype == ct and bias is None:
+            if torch.compiler.is_compiling():  # a fresh tensor, not written through out=: see _chunks.fill_rows
+                r = torch.mul(t, l)
+                return r if r.dtype == out_dtype else r.to(out_dtype)
             return torch.mul(t, l, out=y)
         t2 = t.reshape(-1, t.shape[-1])
         if bias is None:

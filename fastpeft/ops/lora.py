@@ -153,6 +153,8 @@ class _ScaledDeltaAdd(torch.autograd.Function):
         ctx.scaling, ctx.base_dtype = scaling, base.dtype
         bt = lora_B.t()
         if out_dtype == lora_B.dtype:
+            if torch.compiler.is_compiling():  # no in-place op on the returned tensor: see _chunks.fill_rows
+                return (se @ bt) * scaling + base
             return (se @ bt).mul_(scaling).add_(base)
         se2, base2 = se.reshape(-1, se.shape[-1]), base.reshape(-1, base.shape[-1])
         return fill_rows(base.new_empty(base.shape, dtype=out_dtype),
