@@ -12,8 +12,9 @@ Build environment variables (all optional):
                          nvcc behind PATH (also through a wrapper script) or /usr/local/cuda*.  A toolkit without
                          cuBLAS (a bare nvcc) takes cublasLt's headers and library from torch's nvidia wheel.
 
-To build the extension against an installed CUDA torch, disable build isolation so the build sees that torch:
-    pip install -e . --no-build-isolation
+To build the extension against an installed CUDA torch, disable build isolation so the build sees that torch, and
+ask for the PEP 517 path (a pip that falls back to setuptools' `develop` re-runs itself with build isolation):
+    pip install -e . --no-build-isolation --use-pep517
 Nothing is ever downloaded by this script.
 """
 
