@@ -33,7 +33,8 @@ def spans(n: int, fine: bool = False) -> list:
 
 def fill_rows(out: torch.Tensor, fn: Callable[[slice], torch.Tensor], fine: bool = False) -> torch.Tensor:
     """``out`` (..., D) viewed as (M, D), written chunk by chunk: rows ``s`` get ``fn(s)`` ((len, D), any dtype: cast on
-    assignment) for each ``s`` of ``spans(M, fine)`` (``fine`` only where ``fn`` is elementwise).  Returns out."""
+    assignment) for each ``s`` of ``spans(M, fine)`` (``fine`` only where ``fn`` is elementwise).  Returns out - or,
+    while torch.compile traces, a new tensor of out's shape and dtype (below): callers use the returned tensor."""
     out2 = out.view(-1, out.shape[-1])
     if torch.compiler.is_compiling():
         # Traced by torch.compile (inside an autograd.Function's forward or backward): the whole result in one piece,
