@@ -1,6 +1,6 @@
 """Kernel cost reporting for the cost model (``python -m benchmarks --model``); ``fastpeft._cost`` re-exports it.
 
-It lives in ``kernels/`` because the launchers report to it and ``kernels/`` never imports ``fastpeft``.
+It lives in ``kernels/`` because the launchers report to it and ``kernels/`` imports nothing of ``fastpeft`` but the leaf ``fastpeft._numerics``.
 
 The cost model traces one layer's forward and backward with fake tensors (no memory, no GPU) at production shapes.
 torch ops are counted by a dispatch mode; fastpeft's own kernels cannot run on fake tensors, so their launchers,

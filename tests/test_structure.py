@@ -1,7 +1,8 @@
 """Structure of the package and of the test suite.
 
-- No import cycle among fastpeft's modules (module-level and function-level imports alike), and ``kernels/``
-  (installed as ``fastpeft.kernels``) imports nothing from the rest of fastpeft.
+- No import cycle among fastpeft's modules (module-level and function-level imports alike) - also as a checker sees
+  them that does not know setup.py's package_dir mapping - and ``kernels/`` (installed as ``fastpeft.kernels``)
+  imports nothing from the rest of fastpeft but ``fastpeft._numerics``, a leaf that imports nothing of fastpeft.
 - The public API: every name fastpeft exported on main at c6fc26b still imports from the same place, and names that
   were one object under two import paths still are.  Internal paths that the one-package-per-method layout moved
   are listed in MOVED with their new place (they are not user API: HF PEFT has no ``peft.config.LoraConfig`` either,
@@ -114,8 +115,13 @@ def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(mapped: bool = True) -> dict[str, set[str]]:
+    """{module: the fastpeft modules it imports}.  `mapped=False`: the graph a checker builds from the fastpeft/
+    folder alone, without setup.py's package_dir mapping - an import of ``fastpeft.kernels.x`` it cannot find is
+    then an edge to the longest prefix it knows, ``fastpeft``, the root package."""
     modules = _modules()
+    if not mapped:
+        modules = {m: p for m, p in modules.items() if not (m == "fastpeft.kernels" or m.startswith("fastpeft.kernels."))}
     return {name: _imports(name, path, modules) for name, path in sorted(modules.items())}
 
 
@@ -205,10 +211,13 @@ def test_from_package_import_is_an_edge_to_the_package(tmp_path):
     assert "fastpeft" in _imports("fastpeft.modules.x", str(f), _modules())
 
 
-def test_no_import_cycles():
+@pytest.mark.parametrize("mapped", [True, False], ids=["package_dir", "fastpeft_folder_only"])
+def test_no_import_cycles(mapped):
     """No cycle among fastpeft modules, counting function-level (lazy) imports: a lazy import hides a cycle from the
-    interpreter, not from a reader."""
-    graph = import_graph()
+    interpreter, not from a reader.  Also as a checker that reads only the fastpeft/ folder sees them (it takes an
+    import of ``fastpeft.kernels.x`` for one of the root package: ops/dropout.py importing the dropout threshold
+    from kernels/_mask.py once looked like ops -> fastpeft -> functional -> ops to it)."""
+    graph = import_graph(mapped)
     cycles = _cycles(graph)
     report = "\n".join(
         f"  cycle: {' -> '.join(path)}\n    strongly connected component of {len(comp)} modules; its edges:\n"
@@ -219,9 +228,13 @@ def test_no_import_cycles():
 
 
 def test_kernels_do_not_import_upwards():
-    """kernels/ (fastpeft.kernels) is the bottom layer: it may import its own modules, never the rest of fastpeft."""
+    """kernels/ (fastpeft.kernels) is the bottom layer: it may import its own modules and the leaf beneath it,
+    ``fastpeft._numerics`` (the numbers the torch references share with the launchers), which imports nothing of
+    fastpeft; never the rest of fastpeft."""
     g = import_graph()
-    bad = {m: sorted(t for t in deps if not (t == "fastpeft.kernels" or t.startswith("fastpeft.kernels.")))
+    assert g["fastpeft._numerics"] == set(), "fastpeft._numerics must stay a leaf"
+    bad = {m: sorted(t for t in deps if not (t == "fastpeft.kernels" or t.startswith("fastpeft.kernels.")
+                                             or t == "fastpeft._numerics"))
            for m, deps in g.items() if m == "fastpeft.kernels" or m.startswith("fastpeft.kernels.")}
     bad = {m: deps for m, deps in bad.items() if deps}
     assert not bad, "kernels/ imports upwards:\n" + "\n".join(f"  {m} -> {', '.join(d)}" for m, d in bad.items())

@@ -44,7 +44,7 @@ ARG_NAMES = {"lora": ("x", "weight", "bias", "lora_A", "lora_E", "lora_B"),
 
 def interpret_mode() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``): the triton backend then takes
-    CPU tensors.  (``kernels/_target.py`` has its own, as ``kernels/`` never imports fastpeft.)"""
+    CPU tensors.  (``kernels/_target.py`` has its own: ``kernels/`` imports nothing of fastpeft but ``fastpeft._numerics``.)"""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 

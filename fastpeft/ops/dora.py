@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from ..kernels._mask import tiny_scale
+from .._numerics import tiny_scale
 from ._registry import impl as _impl
 
 __all__ = ["dora_row_norm", "dora_norm_ref", "dora_cross_ref", "dora_prep_ref", "dora_rowscale_ref", "dora_grads_ref",

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import torch
 
-# The threshold is part of the stream's definition and the Triton launchers need it too; it lives below them
-# (kernels/ never imports fastpeft) and is re-exported here.
-from ..kernels._mask import dropout_threshold  # noqa: F401
+# The threshold is part of the stream's definition and the Triton launchers need it too: it lives in the leaf both
+# import (fastpeft/_numerics.py) and is re-exported here.
+from .._numerics import dropout_threshold  # noqa: F401
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
