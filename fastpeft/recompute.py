@@ -756,6 +756,15 @@ class _Session:
         self.stats.recomputed_bytes += t.numel() * t.element_size()
         self.stats.ops += recipe.nsteps()
 
+    def _packed_recipe(self, r: _Recipe, t: torch.Tensor) -> "_Packed":
+        """`t` saved as recipe `r`: accounted (before this use is counted: a shared memoised recipe adds no ops),
+        its sources kept, one more pending use of it."""
+        self._account(r, t)
+        for s in r.sources():
+            self.stats.keep(s)
+        r.hold()
+        return _Packed(None, r)
+
     # -- hooks --------------------------------------------------------------------------------------------------
     def pack(self, t: torch.Tensor):
         frame = self.layer
@@ -769,11 +778,7 @@ class _Session:
         if frame is not None and not isinstance(t, nn.Parameter) and t.dim() > 0:
             r = self._rebuilt(t, frame)   # only tensors an op marked (while _rebuild.wanted) carry the offer
             if r is not None:
-                self._account(r, t)
-                for s in r.sources():
-                    self.stats.keep(s)
-                r.hold()
-                return _Packed(None, r)
+                return self._packed_recipe(r, t)
             if t.dtype == torch.bool or (t.grad_fn is None and not t.requires_grad and t.is_floating_point()):
                 if frame.rng is not None:
                     r = self._dropout_of_input(t, frame)
@@ -802,11 +807,7 @@ class _Session:
                     if inner is not None:
                         r = _Linear(inner, frame.base_fn, t)
             if r is not None:
-                self._account(r, t)
-                for s in r.sources():
-                    self.stats.keep(s)
-                r.hold()
-                return _Packed(None, r)
+                return self._packed_recipe(r, t)
         self.stats.keep(t)
         return _Packed(t)
 
