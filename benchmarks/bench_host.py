@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -74,7 +73,9 @@ def _count_launches_cuda() -> list:
 
 
 def _timed(fns: dict, calls: int, rounds: int, sync: Callable[[], None]) -> dict:
-    """{name: [µs per call of each round]}: rounds of `calls` calls per function, order rotated each round."""
+    """{name: [µs per call of each round]}: rounds of `calls` calls per function, order rotated each round.  The
+    harness's ``bench_interleaved`` times the GPU on CUDA; this times the host: `sync` only between rounds, so the
+    GPU runs behind the calls."""
     names = list(fns)
     out = {n: [] for n in names}
     for i in range(rounds):
@@ -87,11 +88,6 @@ def _timed(fns: dict, calls: int, rounds: int, sync: Callable[[], None]) -> dict
                 fn()
             out[n].append((time.perf_counter() - t0) / calls * 1e6)
     return out
-
-
-def _quantile(s: list, q: float) -> float:
-    s = sorted(s)
-    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def _providers(method: str, m: int, k: int, n: int, r: int, device, dtype):
@@ -218,9 +214,8 @@ def iter_rows(device_name: str, calls: int = 200, rounds: int = 15, cases: Optio
                 launches[key] = counter[0]
             times = _timed(fns, calls, rounds, sync)
             for (mode, provider), ts in times.items():
-                med = statistics.median(ts)
-                p20, p80 = _quantile(ts, 0.2), _quantile(ts, 0.8)
-                spread = (p80 - p20) / med
+                st = U.Timing.from_samples(ts)   # the harness's quantiles (µs here)
+                med, p20, p80, spread = st.p50, st.p20, st.p80, st.spread
                 yield dict(case=case, M=m, K=k, N=n, r=r, method=method, mode=mode, provider=provider,
                            us=round(med, 2), p20_us=round(p20, 2), p80_us=round(p80, 2), spread=round(spread, 3),
                            launches=launches[(mode, provider)] if provider.startswith("fastpeft") else "",
