@@ -14,8 +14,9 @@ Phases (in the order gpu_check.sh runs them, most decisive first):
   correctness  every available backend (torch, triton, triton:fused, cuda) at the production shapes against an fp32
                reference: LoRA p=0 / p=0.1, AdaLoRA, IA3, DoRA; outputs and every gradient; the bound is 2x (3x for
                gradients) the torch backend's own bf16 error.
-  ratios       layer fwd+bwd time of the default path (backend auto), the fused path (triton:fused) and the
-               extension (cuda, when it built; not DoRA) against the frozen layer and HF PEFT's layer, side by side,
+  ratios       layer fwd+bwd time of the default path (backend auto), the fused path (triton:fused), the
+               extension (cuda, when it built; not DoRA) and the torch backend against the frozen layer and HF
+               PEFT's layer, side by side,
                M=1/16/2048/8192, LoRA p=0/0.1, IA3, AdaLoRA, DoRA;
                IA3 also with the other folding of l (``fold-flipped``: W where the default scales the activations,
                and back - kernels/ia3.py ``scales_activations`` decides by bytes; this row checks that by time);
@@ -452,9 +453,9 @@ def phase_tiles(out: Path, deadline: float) -> None:
             for blocks in TILE_CANDIDATES:
                 if time.time() > deadline:
                     return
-                progs = 1 if name == "lora_shrink_expand" else (programs or 2 * tgt.num_sms)
                 if name == "lora_shrink_expand" and programs is not None:
                     continue  # unsplit either way
+                progs = 1 if name == "lora_shrink_expand" else (programs or 2 * tgt.num_sms)
                 row = dict(kernel=name, M=m, K=k, N=n, block_m=blocks[0], block_k=blocks[1], warps=blocks[2],
                            programs=progs)
                 try:
@@ -559,8 +560,9 @@ def phase_launch(out: Path, deadline: float) -> None:
 def phase_host(out: Path, deadline: float) -> None:
     """Where the host time of an eager layer call goes (the first GPU run found q_proj M = 2048 host-bound: 1.14 ms
     per fwd+bwd against 0.19 ms of frozen GPU time).  host.csv: ``benchmarks.bench_host`` with real launches - µs
-    per call of the frozen layer, fastpeft's default path and HF PEFT's layer, q_proj at M = 2048 and 16, LoRA
-    p = 0 / 0.1, AdaLoRA, IA3, fwd+bwd and the inference forward.  host_profile.csv: cProfile of 30 LoRA fwd+bwd
+    per call of the frozen layer, fastpeft's default path (functional and model-API layer), its torch backend and HF
+    PEFT's layer, q_proj at M = 2048 and 16, LoRA p = 0 / 0.1, AdaLoRA, IA3, fwd+bwd and the inference forward.
+    host_profile.csv: cProfile of 30 LoRA fwd+bwd
     steps at q_proj M = 2048 (the 25 functions of most own time, µs per step), and as its last row the number of
     synchronising CUDA calls one step makes (``torch.cuda.set_sync_debug_mode``: a sync serialises host and GPU,
     which would make the step cost host + GPU instead of the larger of the two)."""
