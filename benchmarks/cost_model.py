@@ -743,12 +743,18 @@ def kernel_seconds(k: Kernel, cal: Calibration) -> float:
         return max(k.flops * slow / (PEAK_FLOPS * cal.e_gemm), k.fma_flops * slow / (PEAK_FMA_FLOPS * cal.e_gemm),
                    k.bytes / (PEAK_BYTES * cal.e_gemv)) + k.int_ops / MASK_INT_RATE
     if k.source == "fastpeft":
-        # fastpeft's skinny kernels, as fitted to the GPU run: their bytes at SKINNY_EFFICIENCY of the ceiling, the
-        # dropout mask's integer work added
-        return max(k.flops / PEAK_FLOPS, k.fma_flops / PEAK_FMA_FLOPS,
-                   k.bytes / (PEAK_BYTES * SKINNY_EFFICIENCY)) + k.int_ops / MASK_INT_RATE
+        return skinny_seconds(k)
     # a streaming kernel's loads are in flight while it computes: the slowest of its resources decides
     return max(k.flops / PEAK_FLOPS, k.fma_flops / PEAK_FMA_FLOPS, k.bytes / PEAK_BYTES, k.int_ops / PEAK_INT_OPS)
+
+
+def skinny_seconds(k: Kernel, ceiling: float = PEAK_BYTES, efficiency: float = SKINNY_EFFICIENCY,
+                   mask_rate: float = MASK_INT_RATE) -> float:
+    """One launch of one of fastpeft's skinny (non-GEMM) kernels, as fitted to the GPU run: its bytes at `efficiency`
+    of the copy `ceiling` (bytes/s), the dropout mask's integer work at `mask_rate` added (``fit_gpu_run`` prices
+    the run's own GPU with its own ceiling and fitted values)."""
+    return max(k.flops / PEAK_FLOPS, k.fma_flops / PEAK_FMA_FLOPS, k.bytes / (ceiling * efficiency)) \
+        + k.int_ops / mask_rate
 
 
 def gpu_seconds(tr: Trace, cal: Calibration) -> float:
@@ -1323,7 +1329,7 @@ def fit_gpu_run(run_dir: Path) -> dict:
         if k.gemm:
             return (k.flops + k.fma_flops) / base_gemm_rate * 1e6
         if k.source == "fastpeft":
-            return k.bytes / (copy * eff) * 1e6 + k.int_ops / rate * 1e6
+            return skinny_seconds(k, copy, eff, rate) * 1e6
         return k.bytes / copy * 1e6
 
     cases = []
