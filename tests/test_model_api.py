@@ -513,3 +513,41 @@ def test_default_target_modules_are_peft_tables():
     f = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(r=2))
     assert sorted(f.base_model.targeted_module_names) == sorted(p.base_model.targeted_module_names)
     assert any(n.endswith("q_proj") for n in f.base_model.targeted_module_names)
+
+
+def test_fused_base_operands_hands_over_the_weight_or_says_why_not():
+    """The one check the adapter layers make per call (``fastpeft.utils.fused.fused_base_operands``): the base's
+    weight as (out, in) - a transposed view for Conv1D - and bias when the fused op can stand in for the base layer's
+    forward; otherwise the reason, the same one ``base_layer_reason`` / ``input_reason`` give."""
+    from transformers.pytorch_utils import Conv1D
+
+    from fastpeft.utils.fused import base_layer_reason, fused_base_operands, input_reason
+    lin = nn.Linear(6, 4)
+    x = torch.randn(3, 6)
+    w, b = fused_base_operands(lin, x, (), {"adapter_names": None})
+    assert w is lin.weight and b is lin.bias
+    conv = Conv1D(4, 6)   # weight (in, out) = (6, 4)
+    w, b = fused_base_operands(conv, x, (), {})
+    assert w.shape == (4, 6) and w.data_ptr() == conv.weight.data_ptr() and b is conv.bias
+
+    class Sub(nn.Linear):
+        pass
+    hooked = nn.Linear(6, 4)
+    handle = hooked.register_forward_pre_hook(lambda m, a: None)
+    cases = [(Sub(6, 4), x, (), {}, "is not a plain nn.Linear"),
+             (hooked, x, (), {}, "forward hooks"),
+             (nn.Linear(6, 4, device="meta"), x.to("meta"), (), {}, "meta device"),
+             (lin, x, (1,), {}, "extra positional"),
+             (lin, x, (), {"adapter_names": ["a"]}, "extra forward keyword arguments ['adapter_names']"),
+             (lin, x.long(), (), {}, "not a floating-point tensor"),
+             (lin, x.double(), (), {}, "input dtype torch.float64 differs"),
+             (lin, torch.randn(3, 5), (), {}, "input has 5 features, the layer expects 6")]
+    for base, xi, args, kwargs, why in cases:
+        got = fused_base_operands(base, xi, args, kwargs)
+        assert isinstance(got, str) and why in got, (why, got)
+        assert got == (base_layer_reason(base) or input_reason(base, xi, args, kwargs))
+    handle.remove()
+    assert not isinstance(fused_base_operands(hooked, x, (), {}), str)
+    # under autocast a 16-bit input may meet an fp32 base (autocast casts both operands of the fused op)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not isinstance(fused_base_operands(lin, x.bfloat16(), (), {}), str)

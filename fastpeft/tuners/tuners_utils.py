@@ -59,7 +59,7 @@ import torch.nn as nn
 from ..config import PeftConfig, PeftType
 from ..recompute import install as recompute_install
 from ..recompute import register_adapter_layer_type
-from ..utils.fused import base_layer_reason, input_reason
+from ..utils.fused import base_layer_reason, fused_base_operands
 from ..utils.other import (ModulesToSaveWrapper, active_list, get_submodules, is_conv1d, is_linear_like,
                            strip_base_layer)
 from ._state_dict import AdapterStateDictMixin
@@ -125,11 +125,17 @@ class BaseTunerLayer(nn.Module):
         return self._fused_capable and base_layer_reason(self.base_layer) is None
 
     def _fused_reason(self, x: Any, args: tuple, kwargs: dict) -> Optional[str]:
-        """Why this call cannot go through the fused op (None when it can).  Evaluated in every forward, so hooks
-        added to the base layer after injection (accelerate offloading) and DTensor weights are seen."""
+        """Why this call cannot go through the fused op (None when it can)."""
+        ops = self._fused_base(x, args, kwargs)
+        return ops if isinstance(ops, str) else None
+
+    def _fused_base(self, x: Any, args: tuple, kwargs: dict) -> Union[tuple, str]:
+        """``(weight (N, K), bias)`` for the fused op when this call can go through it, else why not (a str).
+        Evaluated in every forward, so hooks added to the base layer after injection (accelerate offloading) and
+        DTensor weights are seen."""
         if not self._fused_capable:
             return f"{type(self).__name__} has no fused path"
-        return base_layer_reason(self.base_layer) or input_reason(self.base_layer, x, args, kwargs)
+        return fused_base_operands(self.base_layer, x, args, kwargs)
 
     # -- base layer passthroughs ---------------------------------------------------------------------------------
     def get_base_layer(self) -> nn.Module:

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ...functional import adalora_linear
 from ...utils.adapter_init import init_adalora_triplet
 from ...utils.adapter_math import adalora_delta, add_delta
-from ...utils.other import in_out_features, is_conv1d, linear_weight_oi, transpose
+from ...utils.other import in_out_features, is_conv1d, transpose
 from ..tuners_utils import BaseTunerLayer
 from .config import AdaLoraConfig
 
@@ -124,14 +124,13 @@ class SVDLinear(AdaLoraLayer):
         active = [a for a in self._present_active() if self.r.get(a, 0) > 0]
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if len(active) == 1 and self._fused_reason(x, args, kwargs) is None:
+        base = self._fused_base(x, args, kwargs) if len(active) == 1 else None
+        if base is not None and not isinstance(base, str):
             a = active[0]
             drop = self.lora_dropout[a]
             p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-            base = self.base_layer
-            return adalora_linear(x, linear_weight_oi(base), base.bias, self.lora_A[a], self.lora_E[a],
-                                     self.lora_B[a], self.scaling[a], self._ranknum_value[a], p, None,
-                                     backend=None)
+            return adalora_linear(x, base[0], base[1], self.lora_A[a], self.lora_E[a], self.lora_B[a],
+                                  self.scaling[a], self._ranknum_value[a], p, None, backend=None)
         result = self.base_layer(x, *args, **kwargs)
         for a in active:
             A, E, B = self.lora_A[a], self.lora_E[a], self.lora_B[a]

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ...functional import ia3_linear
 from ...utils.adapter_math import IA3_UNMERGE_EPS, ia3_scale, merge_dtype
-from ...utils.other import in_out_features, is_conv1d, linear_weight_oi
+from ...utils.other import in_out_features, is_conv1d
 from ..tuners_utils import BaseTunerLayer
 from .config import IA3Config
 
@@ -110,10 +110,10 @@ class Linear(IA3Layer):
         active = self._present_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        if len(active) == 1 and self._fused_reason(x, args, kwargs) is None:
-            base = self.base_layer
-            return ia3_linear(x, linear_weight_oi(base), base.bias, self.ia3_l[active[0]],
-                                 self.is_feedforward, backend=None)
+        if len(active) == 1:
+            base = self._fused_base(x, args, kwargs)
+            if not isinstance(base, str):
+                return ia3_linear(x, base[0], base[1], self.ia3_l[active[0]], self.is_feedforward, backend=None)
         scale = 1
         dtype = x.dtype
         for a in active:

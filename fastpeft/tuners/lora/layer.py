@@ -17,7 +17,7 @@ import torch.nn as nn
 from ...functional import lora_linear
 from ...utils.adapter_math import add_delta, lora_delta
 from ...utils.fused import is_sharded
-from ...utils.other import in_out_features, is_conv1d, linear_weight_oi, transpose
+from ...utils.other import in_out_features, is_conv1d, transpose
 from ..tuners_utils import BaseTunerLayer
 from .config import LoraConfig
 from .dora import (dora_forward, dora_fused_forward, dora_init, dora_merged_weight, dora_unmerged_weight,
@@ -162,22 +162,21 @@ class Linear(LoraLayer):
         active = self._present_active()
         if not active:
             return self.base_layer(x, *args, **kwargs)
-        a = self._fused_adapter(active, x, args, kwargs)
-        if a is not None and a in self.lora_magnitude_vector:
-            # DoRA without active dropout is one LoRA call plus a column scale; with dropout it needs W·drop(x) too
-            # (PEFT's extra matmul), which the loop below does
-            if self._dropout_p(a) == 0.0:
-                return dora_fused_forward(self, a, x)
-            a = None
-        if a is not None:
-            p = self._dropout_p(a)
-            if p == 0.0:
-                # q/k/v, gate/up: siblings called with this same x share one shrink (``siblings.py``)
-                y = shared_forward(self, x, _shared_spec)
-                if y is not None:
-                    return y
-            weight, bias, A, B, scaling = self._op_operands(a)
-            return lora_linear(x, weight, bias, A, B, scaling, p, None, backend=None)
+        ops = self._fused_operands(active, x, args, kwargs)
+        if ops is not None:
+            a, weight, bias, A, B, scaling, p = ops
+            if a in self.lora_magnitude_vector:
+                # DoRA without active dropout is one LoRA call plus a column scale; with dropout it needs W·drop(x)
+                # too (PEFT's extra matmul), which the loop below does
+                if p == 0.0:
+                    return dora_fused_forward(self, a, x)
+            else:
+                if p == 0.0:
+                    # q/k/v, gate/up: siblings called with this same x share one shrink (``siblings.py``)
+                    y = shared_forward(self, x, _shared_spec)
+                    if y is not None:
+                        return y
+                return lora_linear(x, weight, bias, A, B, scaling, p, None, backend=None)
         # several adapters: PEFT's loop (outputs summed)
         result = self.base_layer(x, *args, **kwargs)
         out_dtype = result.dtype
@@ -190,34 +189,35 @@ class Linear(LoraLayer):
                 result = result + self.lora_B[a](A(self.lora_dropout[a](xa))) * self.scaling[a]
         return result.to(out_dtype)
 
-    def _fused_adapter(self, active: list[str], x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[str]:
-        """The one active adapter when this call can take the fused op (or DoRA's fused path), else None."""
+    def _fused_operands(self, active: list[str], x: torch.Tensor, args: tuple, kwargs: dict) -> Optional[tuple]:
+        """``(adapter, weight (N, K), bias, lora_A (r, K), lora_B (N, r), scaling, dropout p)`` when this call can
+        take the fused op (or DoRA's fused path) - one active adapter without ``lora_bias``, a base the op can stand
+        in for - else None.  Each module attribute is fetched once (this runs in every forward; host time decides
+        small layers)."""
+        if len(active) != 1:
+            return None
+        a = active[0]
+        A = self.lora_A[a].weight
         # A DTensor lora_A: FSDP2 sharded the lora_A/lora_B leaves on their own (HF PEFT's fsdp_auto_wrap_policy), so
         # their weights are gathered only when those modules are called - PEFT's loop calls them.
-        if (len(active) == 1 and not self.lora_bias[active[0]] and not is_sharded(self.lora_A[active[0]].weight)
-                and self._fused_reason(x, args, kwargs) is None):
-            return active[0]
-        return None
-
-    def _dropout_p(self, a: str) -> float:
-        """Adapter `a`'s active dropout probability (0 in eval mode or without dropout)."""
+        if self.lora_bias[a] or is_sharded(A):
+            return None
+        base = self._fused_base(x, args, kwargs)
+        if isinstance(base, str):
+            return None
         drop = self.lora_dropout[a]
-        return drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-
-    def _op_operands(self, a: str) -> tuple:
-        """(weight (N, K), bias, lora_A (r, K), lora_B (N, r), scaling) of adapter `a`, as the LoRA op takes them."""
-        base = self.base_layer
-        return linear_weight_oi(base), base.bias, self.lora_A[a].weight, self.lora_B[a].weight, self.scaling[a]
+        p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        return a, base[0], base[1], A, self.lora_B[a].weight, self.scaling[a], p
 
     def _shared_spec(self, x: torch.Tensor) -> Optional[tuple]:
-        """``_op_operands`` when this layer can join a sibling group for input x (one plain LoRA adapter, no active
-        dropout, fused-capable), else None."""
+        """``(weight (N, K), bias, lora_A (r, K), lora_B (N, r), scaling)`` when this layer can join a sibling group
+        for input x (one plain LoRA adapter, no active dropout, fused-capable), else None."""
         if self._base_only() or self._batch_adapter_names is not None:
             return None
-        a = self._fused_adapter(self._present_active(), x, (), {})
-        if a is None or a in self.lora_magnitude_vector or self._dropout_p(a) > 0.0:
+        ops = self._fused_operands(self._present_active(), x, (), {})
+        if ops is None or ops[0] in self.lora_magnitude_vector or ops[-1] > 0.0:
             return None
-        return self._op_operands(a)
+        return ops[1:6]
 
     def _mixed_batch_forward(self, x: torch.Tensor, names: list[str], *args, **kwargs) -> torch.Tensor:
         """Row i uses adapter names[i] ("__base__" or an adapter this layer lacks: base only); PEFT's math."""
