@@ -586,7 +586,8 @@ def _dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, S: torch.Tensor, lora_E: Op
     pl = _dy_plan(m, n, r, n_chunks, dy.dtype, lora_B.dtype, has_bias, lora_E is not None,
                   u.dtype if has_u else None, tgt)
     db_part = torch.empty((m_chunks, n, r), device=dev, dtype=torch.float32)
-    dbias_part = torch.empty((m_chunks, n) if has_bias else (1,), device=dev, dtype=torch.float32)
+    # without a bias the kernel never touches its dbias pointer: db_part stands in (no allocation)
+    dbias_part = torch.empty((m_chunks, n), device=dev, dtype=torch.float32) if has_bias else db_part
     du_part = torch.empty((m_chunks, n), device=dev, dtype=torch.float32) if has_u else None
     if launch_ok("lora_dy", dy, **pl.report):
         _lora_dy_kernel[(m_chunks, n_chunks)](

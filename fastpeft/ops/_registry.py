@@ -114,10 +114,16 @@ def supports(op: str, backend: str, x: torch.Tensor, args: tuple = ()) -> Option
 
 
 def needs_autograd(*tensors) -> bool:
-    """Whether an op on these inputs must build a backward: grad mode is on and one of them requires grad.  Without
-    it (inference, ``torch.no_grad``) the ops call their implementation directly - the autograd Function's own
-    Python (its saving, its functorch checks) is a tenth of a small layer's eager forward on the host."""
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    """Whether an op on these inputs (tensors or None) must build a backward: grad mode is on and one of them
+    requires grad.  Without it (inference, ``torch.no_grad``) the ops call their implementation directly - the
+    autograd Function's own Python (its saving, its functorch checks) is a tenth of a small layer's eager forward on
+    the host."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=None)
