@@ -10,7 +10,7 @@ import os
 import tempfile
 from typing import Any, Optional
 
-__all__ = ["resolve_adapter_dir", "write_model_card", "push_adapter_to_hub", "split_hub_kwargs"]
+__all__ = ["resolve_adapter_dir", "optional_adapter_file", "write_model_card", "push_adapter_to_hub", "split_hub_kwargs"]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -93,6 +93,26 @@ def resolve_adapter_dir(model_id: str, subfolder: Optional[str] = None, allow_bi
         raise ValueError(f"cannot load the adapter {where}: it is not a local directory and the Hub lookup failed "
                          f"({type(e).__name__}: {e})") from e
     return os.path.dirname(cfg_path)
+
+
+def optional_adapter_file(model_id: str, filename: str, subfolder: Optional[str] = None,
+                          **hub_kwargs) -> Optional[str]:
+    """The local path of `filename` next to the adapter `model_id` (a local directory or a Hub repository id, as in
+    ``resolve_adapter_dir``), or None when the directory / repository has no such file or it cannot be had (offline
+    and not cached, no network).  For files an adapter may carry besides its own two, e.g. its tokenizer's."""
+    local = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+    if os.path.isdir(local):
+        path = os.path.join(local, filename)
+        return path if os.path.isfile(path) else None
+    try:
+        import huggingface_hub as hf
+    except ImportError:
+        return None
+    kw = {k: v for k, v in hub_kwargs.items() if k != "subfolder"}
+    try:
+        return hf.hf_hub_download(str(model_id), filename, subfolder=subfolder or None, **kw)
+    except Exception:  # EntryNotFoundError, LocalEntryNotFoundError (offline), network errors: no such file to use
+        return None
 
 
 def write_model_card(peft_model, output_dir: str) -> None:

@@ -12,11 +12,13 @@ import torch
 
 from ._peft_compat import register_state_dict_functions
 from .tuners.lora.embedding import optional_embedding_keys
+from .hub import resolve_adapter_dir, split_hub_kwargs
 from .tuners.tuners_utils import BaseTuner
 from .utils.adapter_files import (  # noqa: F401  (public names of fastpeft.save_load)
     SAFETENSORS_WEIGHTS_NAME, SAVE_RECORD_NAME, WEIGHTS_NAME, AdapterFileError, AdapterSaveError,
-    InterruptedSaveError, atomic_write_bytes, config_fingerprint, load_peft_weights, make_adapter_dir,
-    read_json_object, save_adapter_files, save_peft_weights)
+    InterruptedSaveError, atomic_write_bytes, config_fingerprint, make_adapter_dir, read_json_object,
+    save_adapter_files, save_peft_weights)
+from .utils.adapter_files import load_peft_weights as _read_adapter_weights
 from .utils.constants import CONFIG_NAME  # noqa: F401
 
 __all__ = [
@@ -27,6 +29,35 @@ __all__ = [
 ]
 
 _LoadResult = namedtuple("_LoadResult", ["missing_keys", "unexpected_keys"])
+
+
+def load_peft_weights(model_id: str, device: Optional[str] = None, key_mapping: Optional[dict] = None,
+                      **kwargs) -> dict[str, torch.Tensor]:
+    """The tensors of a saved adapter, keyed as in its file (HF PEFT's ``load_peft_weights``).
+
+    Args:
+        model_id: a local adapter directory or a Hub repository id (through huggingface_hub's cache, as in
+            ``PeftModel.from_pretrained``).
+        device: where to put the tensors (default "cpu"; HF PEFT's default is the available accelerator - the
+            values are the same, and ``set_peft_model_state_dict`` copies them to the model's devices either way).
+        key_mapping: HF PEFT's key renaming hook; not supported (must be None).
+        kwargs: ``subfolder``, ``allow_bin`` (opt in to a pickled adapter_model.bin, read with
+            ``weights_only=True``), and huggingface_hub's download arguments (``revision``, ``cache_dir``, ``token``,
+            ``local_files_only``, ...).
+    Returns:
+        {key: tensor} with the file's keys (``base_model.model....lora_A.weight``).
+    Raises:
+        ValueError naming ``model_id`` when it cannot be found or read; TypeError for an unknown keyword.
+    """
+    if key_mapping is not None:
+        raise ValueError("load_peft_weights: key_mapping is not supported by fastpeft (pass None)")
+    subfolder = kwargs.pop("subfolder", None)
+    allow_bin = bool(kwargs.pop("allow_bin", False))
+    hub_kwargs, unknown = split_hub_kwargs(kwargs)
+    if unknown:
+        raise TypeError(f"load_peft_weights got unexpected keyword arguments {sorted(unknown)}")
+    path = resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
+    return _read_adapter_weights(path, device=device, allow_bin=allow_bin)
 
 
 def _tuner(model):
