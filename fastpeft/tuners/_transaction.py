@@ -119,4 +119,4 @@ def all_or_nothing(fn):
 
 # BaseTuner methods (and their overrides in subclasses, wrapped by BaseTuner.__init_subclass__) that change the model
 ALL_OR_NOTHING_METHODS = ("inject_adapter", "add_adapter", "delete_adapter", "set_adapter", "merge_adapter",
-                           "unmerge_adapter", "merge_and_unload", "unload")
+                           "unmerge_adapter", "merge_and_unload", "unload", "add_weighted_adapter")

@@ -170,6 +170,11 @@ class AdaLoraModel(BaseTuner):
             raise ValueError(f"AdaLoraModel supports only one trainable adapter (adapter {trainable[0]!r} is "
                              "trainable); set inference_mode=True for the others")
 
+    def add_weighted_adapter(self, *args, **kwargs) -> None:
+        """Not for AdaLoRA (its adapters' ranks differ per layer and change in training), as in HF PEFT."""
+        raise TypeError(f"{type(self).__name__} does not support add_weighted_adapter (AdaLoRA does not support this "
+                        "method, as in HF PEFT)")
+
     def _finish_injection(self, adapter_name: str) -> None:
         cfg = self.peft_config[adapter_name]
         if not cfg.inference_mode and getattr(self, "rankallocator", None) is None:

@@ -7,6 +7,8 @@ parameters (``ParamWrapper``: mixture-of-experts weights).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.nn as nn
 
 from ...config import PeftType
@@ -20,6 +22,7 @@ from .embedding import (Embedding, adapter_key_map, apply_optional_keys, mark_to
 from .init import check_init_for_target
 from .layer import Linear, LoraLayer
 from .param import ParamWrapper, param_target_problem
+from .weighted import add_weighted_adapter
 
 __all__ = ["LoraModel", "LORA_TARGET_MODULE_DEFAULTS"]
 
@@ -61,6 +64,30 @@ class LoraModel(BaseTuner):
 
     def _finish_injection(self, adapter_name: str) -> None:
         inject_trainable_tokens(self, adapter_name, self.peft_config[adapter_name])
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: Optional[int] = None,
+                             svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                             svd_driver: Optional[str] = None, density: Optional[float] = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add adapter ``adapter_name`` combining ``adapters`` with ``weights`` (HF PEFT's method; not activated:
+        ``set_adapter(adapter_name)`` to use it).
+
+        Args:
+            adapters: names of existing LoRA adapters.  weights: one number per adapter (negative subtracts).
+            combination_type: ``"svd"`` (default), ``"cat"`` (exact, rank Σ r), ``"linear"``, ``"ties"``,
+                ``"dare_linear"``, ``"dare_ties"``, ``"magnitude_prune"`` (the factors combined: same rank needed),
+                or ``"ties_svd"`` / ``"dare_linear_svd"`` / ``"dare_ties_svd"`` / ``"magnitude_prune_svd"`` (the ΔW's
+                combined by that rule, then SVD).  ``fastpeft/tuners/lora/weighted.py`` gives the math.
+            svd_rank: the SVD rules' rank (default: the largest of the adapters').  svd_clamp: quantile to clamp the
+                SVD factors to.  svd_full_matrices, svd_driver: passed to ``torch.linalg.svd``.
+            density: fraction of values kept by the ties / dare / magnitude_prune rules (required there).
+            majority_sign_method: ``"total"`` or ``"frequency"`` (ties rules).
+        Raises ValueError naming the argument; the model is then unchanged.  An existing ``adapter_name`` is left
+        as it is (a warning says so).
+        """
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, svd_driver, density, majority_sign_method)
 
     def _check_new_adapter_config(self, config) -> None:
         super()._check_new_adapter_config(config)

@@ -1,0 +1,211 @@
+"""``LoraModel.add_weighted_adapter``: a new LoRA adapter that combines existing ones (HF PEFT's method, names and
+results).
+
+The new adapter gets the first adapter's config with ``r`` = the combined rank, ``lora_alpha = r`` (scaling 1: the
+combined factors carry each adapter's scaling) and the union of the adapters' ``target_modules``; it is injected
+like any adapter (not activated, frozen), then in every layer that holds it its factors are set from the layers'
+adapters that the list names:
+
+* ``cat``: A = [w_1 s_1 A_1; w_2 s_2 A_2; ...], B = [B_1, B_2, ...] - exactly Σ w_i s_i B_i A_i, rank Σ r_i.
+* ``linear``, ``ties``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``: the A's and the B's are combined
+  separately (``fastpeft.utils.merge_utils``) with weights √|w_i s_i| (the sign on A's side) - an approximation of
+  the weighted sum of the ΔW's; all adapters must have one rank.
+* ``svd``, ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd``, ``magnitude_prune_svd``: the ΔW_i = s_i B_i A_i are
+  combined, then the best rank-``svd_rank`` approximation (torch.linalg.svd) is split into B = U S, A = Vᴴ
+  (``svd_clamp``: clamp both to that quantile of their values' magnitudes).
+
+Same sequence of tensor operations (and RNG draws for the ``dare`` rules) as HF PEFT 0.21.2, so the factors agree
+with PEFT's under the same RNG state (tested).  Differences: a ``weights`` list of another length than
+``adapters``, a missing ``density`` or an unknown option raise a ValueError naming it (PEFT truncates or fails
+later); DoRA adapters are refused (PEFT would leave the new magnitude vector stale); SVD on Conv1d / Conv3d layers
+flattens their kernels as it does Conv2d's; an ``adapter_name`` that exists already is left alone with a warning
+(PEFT returns silently).  All or nothing: an error leaves the model and its configs as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import operator
+import warnings
+from typing import Optional
+
+import torch
+
+from ...utils import merge_utils
+from ...utils.other import ModulesToSaveWrapper
+from .conv import _ConvNd
+from .embedding import Embedding
+from .layer import LoraLayer
+
+__all__ = ["add_weighted_adapter", "COMBINATION_TYPES"]
+
+_FACTOR_RULES = {"linear": "task_arithmetic", "ties": "ties", "dare_linear": "dare_linear", "dare_ties": "dare_ties",
+                 "magnitude_prune": "magnitude_prune"}
+_SVD_RULES = {"svd": "task_arithmetic", "ties_svd": "ties", "dare_linear_svd": "dare_linear",
+              "dare_ties_svd": "dare_ties", "magnitude_prune_svd": "magnitude_prune"}
+COMBINATION_TYPES = ("cat",) + tuple(_FACTOR_RULES) + tuple(_SVD_RULES)
+_NEEDS_DENSITY = {"ties", "dare_linear", "dare_ties", "magnitude_prune"}
+
+
+def _rule_call(rule: str, tensors: list, weights: torch.Tensor, density, sign_method: str) -> torch.Tensor:
+    fn = getattr(merge_utils, rule)
+    if rule == "task_arithmetic":
+        return fn(tensors, weights)
+    if rule in ("ties", "dare_ties"):
+        return fn(tensors, weights, density, sign_method)
+    return fn(tensors, weights, density)
+
+
+def _check(tuner, adapters: list, weights: list, combination_type: str, svd_rank, density,
+           majority_sign_method: str) -> tuple[str, int, object]:
+    """Validate the arguments against the model; returns (combination_type, new rank, new target_modules)."""
+    if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+        raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+    for a in adapters:
+        if a not in tuner.peft_config:
+            raise ValueError(f"Adapter {a} does not exist (adapters: {sorted(tuner.peft_config)})")
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
+        raise ValueError(f"weights must be a list with one number per adapter ({len(adapters)}), got {weights!r}")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"weights must be finite numbers, got {weights!r}")
+    configs = [tuner.peft_config[a] for a in adapters]
+    for a, c in zip(adapters, configs):
+        if getattr(c, "target_parameters", None):
+            raise ValueError(f"add_weighted_adapter does not support targeting nn.Parameter (problematic adapter "
+                             f"'{a}')")
+        if getattr(c, "use_dora", False):
+            raise ValueError(f"add_weighted_adapter does not support DoRA adapters (adapter {a!r} has "
+                             "use_dora=True): the combined adapter's magnitude vector would not match its factors")
+    shared = [w for w in tuner.model.modules() if isinstance(w, ModulesToSaveWrapper)
+              and sum(a in w.modules_to_save for a in adapters) > 1]
+    if shared:
+        raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+                         f"{len(shared)} such instance(s).")
+    if combination_type not in COMBINATION_TYPES:
+        raise ValueError(f"Invalid combination_type: {combination_type!r} (one of {COMBINATION_TYPES})")
+    if len(adapters) == 1:   # one adapter: only the linear rule makes sense (PEFT's rule)
+        combination_type = "linear"
+    if majority_sign_method not in merge_utils.SIGN_METHODS:
+        raise ValueError(f"majority_sign_method must be one of {merge_utils.SIGN_METHODS}, got "
+                         f"{majority_sign_method!r}")
+    rule = _FACTOR_RULES.get(combination_type) or _SVD_RULES.get(combination_type)
+    if (combination_type in _NEEDS_DENSITY or rule in _NEEDS_DENSITY) and density is None:
+        raise ValueError(f"combination_type {combination_type!r} needs density (the fraction of values kept, in "
+                         "[0, 1])")
+    ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
+    if combination_type in _FACTOR_RULES:
+        if len(set(ranks)) != 1:
+            raise ValueError("All adapters must have the same r value when using combination_type linear, ties, "
+                             f"dare_ties, dare_linear or magnitude_prune (ranks: {dict(zip(adapters, ranks))})")
+        new_rank = ranks[0]
+    elif combination_type == "cat":
+        new_rank = sum(ranks)
+    else:
+        if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+            raise ValueError(f"svd_rank must be a positive int or None, got {svd_rank!r}")
+        new_rank = svd_rank or max(ranks)
+    kinds = {type(c.target_modules) for c in configs}
+    if len(kinds) > 1:
+        raise ValueError("all adapter configs should follow the same target modules type. Combining adapters with "
+                         "`target_modules` type being a mix of list/set and string is not supported.")
+    kind = kinds.pop()
+    if kind is str:
+        targets = "|".join(f"({c.target_modules})" for c in configs)
+    elif kind in (set, frozenset):
+        targets = functools.reduce(operator.or_, (set(c.target_modules) for c in configs))
+    else:
+        raise TypeError(f"Invalid type {kind} found in target_modules")
+    return combination_type, new_rank, targets
+
+
+def _factors(layer, name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) parameters of adapter `name` in `layer`, or None."""
+    if name in layer.lora_A:
+        return layer.lora_A[name].weight, layer.lora_B[name].weight
+    if isinstance(layer, Embedding) and name in layer.lora_embedding_A:
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    return None
+
+
+def add_weighted_adapter(tuner, adapters: list, weights: list, adapter_name: str, combination_type: str = "svd",
+                         svd_rank: Optional[int] = None, svd_clamp: Optional[float] = None,
+                         svd_full_matrices: bool = True, svd_driver: Optional[str] = None,
+                         density: Optional[float] = None, majority_sign_method: str = "total") -> None:
+    """``LoraModel.add_weighted_adapter`` (see the module docstring and that method)."""
+    if adapter_name in tuner.peft_config:
+        warnings.warn(f"add_weighted_adapter: adapter {adapter_name!r} exists already; nothing was done",
+                      UserWarning, stacklevel=3)
+        return
+    combination_type, new_rank, targets = _check(tuner, adapters, weights, combination_type, svd_rank, density,
+                                                 majority_sign_method)
+    config = dataclasses.replace(tuner.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank,
+                                 target_modules=targets, alpha_pattern={}, rank_pattern={})
+    tuner.inject_adapter(adapter_name, config)
+    # frozen, like PEFT's (which freezes every parameter whose name merely contains the adapter's name)
+    for n, p in tuner.model.named_parameters():
+        if f".{adapter_name}." in f".{n}.":
+            p.requires_grad_(False)
+    for key, layer in list(tuner.model.named_modules()):
+        if "lora_" in key or not isinstance(layer, LoraLayer):
+            continue
+        new = _factors(layer, adapter_name)
+        if new is None:
+            continue
+        A, B = new
+        A.data = A.data * 0.0
+        B.data = B.data * 0.0
+        present = [(a, w) for a, w in zip(adapters, weights) if _factors(layer, a) is not None]
+        if not present:
+            raise ValueError(f"layer {key!r} holds the new adapter but none of {list(adapters)}")
+        if combination_type == "cat":
+            As = torch.cat([_factors(layer, a)[0].data * w * layer.scaling[a] for a, w in present], dim=0)
+            Bs = torch.cat([_factors(layer, a)[1].data for a, _ in present], dim=1)
+            A.data[:As.shape[0], :] = As
+            B.data[:, :Bs.shape[1]] = Bs
+        elif combination_type in _SVD_RULES:
+            A.data, B.data = _svd_factors(layer, present, _SVD_RULES[combination_type], new_rank, A, B, density,
+                                          majority_sign_method, svd_clamp, svd_full_matrices, svd_driver)
+        else:
+            A.data, B.data = _combined_factors(layer, present, _FACTOR_RULES[combination_type], density,
+                                               majority_sign_method)
+
+
+def _combined_factors(layer, present: list, rule: str, density, sign_method: str) -> tuple:
+    """The A's and the B's combined separately, with weights √|w s| (the sign on A's side)."""
+    wa, wb, As, Bs = [], [], [], []
+    for a, w in present:
+        ws = w * layer.scaling[a]
+        wa.append(math.sqrt(abs(ws)) * (1 if ws >= 0 else -1))
+        wb.append(math.sqrt(abs(ws)))
+        fa, fb = _factors(layer, a)
+        As.append(fa.data)
+        Bs.append(fb.data)
+    dtype = As[0].dtype
+    out = [_rule_call(rule, ts, torch.tensor(ws).to(ts[0].device), density, sign_method)
+           for ts, ws in ((As, wa), (Bs, wb))]
+    return out[0].to(dtype), out[1].to(dtype)
+
+
+def _svd_factors(layer, present: list, rule: str, new_rank: int, A, B, density, sign_method: str, clamp,
+                 full_matrices: bool, driver) -> tuple:
+    """(A, B) = (Vᴴ, U S) of the best rank-`new_rank` approximation of the combined ΔW."""
+    deltas = [layer.get_delta_weight(a) for a, _ in present]   # scaling applied there
+    delta = _rule_call(rule, deltas, torch.tensor([w for _, w in present]).to(deltas[0].device), density,
+                       sign_method)
+    conv = isinstance(layer, _ConvNd)
+    if conv:
+        delta = delta.flatten(start_dim=1)   # (out, in · kernel); a 1x1 kernel gives (out, in)
+    if getattr(layer, "fan_in_fan_out", False) or isinstance(layer, Embedding):
+        delta = delta.T
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=full_matrices, driver=driver)
+    U = U[:, :new_rank] @ torch.diag(S[:new_rank])
+    Vh = Vh[:new_rank, :]
+    if clamp is not None:
+        hi = torch.quantile(torch.cat([U.flatten(), Vh.flatten()]), clamp)
+        U, Vh = U.clamp(-hi, hi), Vh.clamp(-hi, hi)
+    if conv:
+        U, Vh = U.reshape(B.data.shape), Vh.reshape(A.data.shape)
+    return Vh, U
