@@ -92,6 +92,8 @@ _EXPORTS = {
     "get_peft_model_state_dict": "fastpeft.mapping",
     "set_peft_model_state_dict": "fastpeft.mapping",
     "load_peft_weights": "fastpeft.mapping",
+    "get_layer_status": "fastpeft.peft_model",
+    "get_model_status": "fastpeft.peft_model",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING": "fastpeft.mapping",
     "PEFT_TYPE_TO_CONFIG_MAPPING": "fastpeft.mapping",
     "PEFT_TYPE_TO_TUNER_MAPPING": "fastpeft.mapping",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import Any, Literal, Optional, Sequence, Union
@@ -29,7 +30,7 @@ from .utils.constants import SEQ_CLS_HEAD_NAMES
 __all__ = [
     "PeftModel", "PeftModelForCausalLM", "PeftModelForSequenceClassification", "PeftModelForSeq2SeqLM",
     "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction",
-    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "TunerLayerStatus", "TunerModelStatus",
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "TunerLayerStatus", "TunerModelStatus", "get_layer_status", "get_model_status",
 ]
 
 
@@ -539,70 +540,13 @@ class PeftModel(*MODEL_BASES):
 
     def get_layer_status(self) -> list[TunerLayerStatus]:
         """One ``TunerLayerStatus`` per adapter layer and modules_to_save wrapper, in module order (PEFT's fields and
-        values).  ValueError for prompt-learning models, which have no adapter layers."""
-        out = []
-        for key, mod in self.base_model.model.named_modules():
-            if isinstance(mod, BaseTunerLayer):
-                containers = {a: getattr(mod, a) for a in mod.adapter_layer_names}
-                dev_containers = {a: getattr(mod, a, None) for a in mod.adapter_layer_names + mod.other_param_names}
-                module_type = f"{_method_of(type(mod))}.{type(mod).__name__}"
-                enabled, active, merged = not mod.disable_adapters, list(mod.active_adapters), \
-                    list(mod.merged_adapters)
-                available = sorted(mod.adapter_names())
-            elif isinstance(mod, ModulesToSaveWrapper):
-                containers = dev_containers = {"modules_to_save": mod.modules_to_save}
-                module_type = type(mod).__name__
-                enabled, active, merged = not mod.disable_adapters, list(mod._active_adapter), []
-                available = sorted(mod.modules_to_save.keys())
-            else:
-                continue
-            grads: dict[str, list[bool]] = {}
-            for c in containers.values():
-                for name, item in c.items():
-                    ps = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
-                    grads.setdefault(name, []).extend(p.requires_grad for p in ps)
-            devices: dict[str, set] = {}
-            for c in dev_containers.values():
-                if isinstance(c, (nn.ModuleDict, nn.ParameterDict)):
-                    for name, item in c.items():
-                        ps = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
-                        devices.setdefault(name, set()).update(p.device.type for p in ps)
-            qb = getattr(mod, "quantization_backend", None)
-            out.append(TunerLayerStatus(
-                name=f"model.{key}", module_type=module_type, enabled=enabled, active_adapters=active,
-                merged_adapters=merged,
-                requires_grad={k: True if all(v) else (False if not any(v) else "irregular")
-                               for k, v in grads.items()},
-                available_adapters=available, devices={k: sorted(v) for k, v in devices.items()},
-                quantization_backend=getattr(qb, "backend_name", qb)))
-        if not out:
-            raise ValueError("No adapter layers found in the model (prompt-learning methods have none)")
-        return out
+        values; ``get_layer_status``).  ValueError for prompt-learning models, which have no adapter layers."""
+        return get_layer_status(self)
 
     def get_model_status(self) -> TunerModelStatus:
-        """The model-wide summary (``TunerModelStatus``); a value that differs between layers is "irregular"."""
-        layers = self.get_layer_status()
-        trainable, total = self.get_nb_trainable_parameters()
-        grads: dict[str, Any] = {}
-        devices: dict[str, list[str]] = {}
-        for st in layers:
-            for k, v in st.requires_grad.items():
-                grads[k] = v if k not in grads or grads[k] == v else "irregular"
-            for k, v in st.devices.items():
-                devices.setdefault(k, [])
-                devices[k] += [d for d in v if d not in devices[k]]
-        available = sorted({a for st in layers for a in st.available_adapters}) or sorted(self.peft_config)
-        return TunerModelStatus(
-            base_model_type=type(self.get_base_model()).__name__, adapter_model_type=type(self.base_model).__name__,
-            peft_types={k: str(c.peft_type) for k, c in self.peft_config.items()},
-            trainable_params=trainable, total_params=total, num_adapter_layers=len(layers),
-            enabled=_irregular([st.enabled for st in layers]) if layers else not self._adapters_disabled,
-            active_adapters=_irregular([sorted(st.active_adapters) for st in layers]) if layers
-            else list(self.active_adapters),
-            merged_adapters=_irregular([sorted(st.merged_adapters) for st in layers]) if layers else [],
-            requires_grad=grads, available_adapters=available, devices=devices,
-            quantization_backend=_irregular([st.quantization_backend for st in layers]) if layers else None)
-
+        """The model-wide summary (``TunerModelStatus``; ``get_model_status``); a value that differs between layers
+        is "irregular"."""
+        return get_model_status(self)
 
 def _named_forward(self, named: dict, kwargs: dict):
     """Call ``PeftModel.forward`` with the named arguments that were given (None means not given)."""
@@ -729,3 +673,87 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[Any, type] = {
 
 # PEFT's get/set_peft_model_state_dict called on a fastpeft model (accelerate, TRL) use fastpeft's (_peft_compat).
 register_state_dict_functions(PeftModel, get_peft_model_state_dict, set_peft_model_state_dict)
+
+
+def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
+    """One ``TunerLayerStatus`` per adapter layer and modules_to_save wrapper of `model` - a ``PeftModel`` (names
+    start with "model.", as PEFT's) or a model with adapter layers put in by ``inject_adapter_in_model`` - in module
+    order, with HF PEFT's fields and values.  ValueError when it has none (prompt-learning models)."""
+    if isinstance(model, PeftModel):
+        if model.active_peft_config.is_prompt_learning or model.active_peft_config.is_adaption_prompt:
+            raise TypeError("get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption prompt "
+                            "are not supported.")
+        root, prefix = model.base_model.model, "model."
+    else:
+        root, prefix = model, ""
+    out = []
+    for key, mod in root.named_modules():
+        if isinstance(mod, BaseTunerLayer):
+            containers = {a: getattr(mod, a) for a in mod.adapter_layer_names}
+            dev_containers = {a: getattr(mod, a, None) for a in mod.adapter_layer_names + mod.other_param_names}
+            module_type = f"{_method_of(type(mod))}.{type(mod).__name__}"
+            enabled, active, merged = not mod.disable_adapters, list(mod.active_adapters), list(mod.merged_adapters)
+            available = sorted(mod.adapter_names())
+        elif isinstance(mod, ModulesToSaveWrapper):
+            containers = dev_containers = {"modules_to_save": mod.modules_to_save}
+            module_type = type(mod).__name__
+            enabled, active, merged = not mod.disable_adapters, list(mod._active_adapter), []
+            available = sorted(mod.modules_to_save.keys())
+        else:
+            continue
+        grads: dict[str, list[bool]] = {}
+        for c in containers.values():
+            for name, item in c.items():
+                ps = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                grads.setdefault(name, []).extend(p.requires_grad for p in ps)
+        devices: dict[str, set] = {}
+        for c in dev_containers.values():
+            if isinstance(c, (nn.ModuleDict, nn.ParameterDict)):
+                for name, item in c.items():
+                    ps = [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                    devices.setdefault(name, set()).update(p.device.type for p in ps)
+        qb = getattr(mod, "quantization_backend", None)
+        out.append(TunerLayerStatus(
+            name=f"{prefix}{key}", module_type=module_type, enabled=enabled, active_adapters=active,
+            merged_adapters=merged,
+            requires_grad={k: True if all(v) else (False if not any(v) else "irregular") for k, v in grads.items()},
+            available_adapters=available, devices={k: sorted(v) for k, v in devices.items()},
+            quantization_backend=getattr(qb, "backend_name", qb)))
+    if not out:
+        raise ValueError("No adapter layers found in the model (prompt-learning methods have none)")
+    return out
+
+
+def get_model_status(model: nn.Module) -> TunerModelStatus:
+    """The model-wide summary of `model`'s adapters (``TunerModelStatus``, HF PEFT's fields): a ``PeftModel`` or a
+    model with injected adapter layers (whose ``base_model_type`` is its class name for a transformers model, "other"
+    else, and ``adapter_model_type`` "None", as in PEFT).  A value that differs between layers is "irregular"."""
+    layers = get_layer_status(model)
+    if isinstance(model, PeftModel):
+        base_type, adapter_type = type(model.get_base_model()).__name__, type(model.base_model).__name__
+        peft_types = {k: str(c.peft_type) for k, c in model.peft_config.items()}
+        disabled, default_active = model._adapters_disabled, list(model.active_adapters)
+        configured = sorted(model.peft_config)
+    else:
+        mu = sys.modules.get("transformers.modeling_utils")
+        pretrained = mu is not None and isinstance(model, mu.PreTrainedModel)
+        base_type, adapter_type = (type(model).__name__ if pretrained else "other"), "None"
+        peft_types, disabled, default_active, configured = {}, False, [], []
+    trainable, total = PeftModel.get_nb_trainable_parameters(model)
+    grads: dict[str, Any] = {}
+    devices: dict[str, list[str]] = {}
+    for st in layers:
+        for k, v in st.requires_grad.items():
+            grads[k] = v if k not in grads or grads[k] == v else "irregular"
+        for k, v in st.devices.items():
+            devices.setdefault(k, [])
+            devices[k] += [d for d in v if d not in devices[k]]
+    available = sorted({a for st in layers for a in st.available_adapters}) or configured
+    return TunerModelStatus(
+        base_model_type=base_type, adapter_model_type=adapter_type, peft_types=peft_types,
+        trainable_params=trainable, total_params=total, num_adapter_layers=len(layers),
+        enabled=_irregular([st.enabled for st in layers]) if layers else not disabled,
+        active_adapters=_irregular([sorted(st.active_adapters) for st in layers]) if layers else default_active,
+        merged_adapters=_irregular([sorted(st.merged_adapters) for st in layers]) if layers else [],
+        requires_grad=grads, available_adapters=available, devices=devices,
+        quantization_backend=_irregular([st.quantization_backend for st in layers]) if layers else None)

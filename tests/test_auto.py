@@ -160,6 +160,28 @@ def test_inject_adapter_in_model_like_peft():
     assert isinstance(ia.model.layers[0].self_attn.k_proj, fastpeft.tuners.ia3.Linear)
 
 
+def test_status_functions_on_peft_models_and_injected_models():
+    """``get_layer_status`` / ``get_model_status`` as functions: on a PeftModel and on a model whose adapter layers
+    ``inject_adapter_in_model`` put in (no wrapper), the same dataclasses as PEFT's."""
+    import dataclasses
+    cfg = dict(KW, init_lora_weights=False)
+    for wrap in (True, False):
+        if wrap:
+            p = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg))
+            f = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(**cfg))
+        else:
+            p = peft.inject_adapter_in_model(peft.LoraConfig(**cfg), tiny_llama())
+            f = fastpeft.inject_adapter_in_model(fastpeft.LoraConfig(**cfg), tiny_llama())
+        got = [dataclasses.asdict(x) for x in fastpeft.get_layer_status(f)]
+        assert got == [dataclasses.asdict(x) for x in peft.get_layer_status(p)]
+        assert dataclasses.asdict(fastpeft.get_model_status(f)) == dataclasses.asdict(peft.get_model_status(p))
+    with pytest.raises(ValueError, match="No adapter layers"):
+        fastpeft.get_layer_status(tiny_llama())
+    pt = fastpeft.get_peft_model(tiny_llama(), fastpeft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    with pytest.raises(TypeError, match="prefix tuning and adaption prompt"):
+        fastpeft.get_model_status(pt)
+
+
 def test_get_peft_config_load_peft_weights_and_registries(saved, tmp_path):
     d = json.loads((saved["causal"] / "adapter_config.json").read_text())
     for lib in (fastpeft, peft):
@@ -194,6 +216,7 @@ PEFT_NAMES = [
     "get_peft_config", "get_peft_model_state_dict", "set_peft_model_state_dict", "load_peft_weights",
     "prepare_model_for_kbit_training", "LoraModel", "AdaLoraModel", "IA3Model", "PromptEmbedding", "PromptEncoder",
     "PrefixEncoder", "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING",
+    "get_layer_status", "get_model_status",
 ]
 
 
