@@ -22,8 +22,8 @@ import warnings
 
 import torch.nn as nn
 
-__all__ = ["peft", "MODEL_BASES", "CONFIG_BASES", "interop_enabled", "peft_layer_classes",
-           "register_state_dict_functions"]
+__all__ = ["peft", "MODEL_BASES", "CONFIG_BASES", "PROMPT_CONFIG_BASES", "interop_enabled", "peft_layer_classes",
+           "register_state_dict_functions", "register_tuner_layer_class"]
 
 
 def _load_peft():
@@ -47,11 +47,31 @@ peft = _load_peft()
 # Bases of fastpeft.PeftModel and fastpeft.PeftConfig.
 MODEL_BASES: tuple = (peft.PeftModel,) if peft is not None else (nn.Module,)
 CONFIG_BASES: tuple = (peft.PeftConfig,) if peft is not None else ()
+# Extra base of fastpeft.PromptLearningConfig (the same six fields, none of PEFT's methods reached before fastpeft's):
+# TRL's distillation trainer refuses prompt learning, whose virtual tokens its loss bypasses, by
+# isinstance(cfg, peft.PromptLearningConfig).
+PROMPT_CONFIG_BASES: tuple = (peft.PromptLearningConfig,) \
+    if peft is not None and hasattr(peft, "PromptLearningConfig") else ()
 
 
 def interop_enabled() -> bool:
     """True when fastpeft models/configs are also ``peft.PeftModel`` / ``peft.PeftConfig`` instances."""
     return peft is not None
+
+
+def register_tuner_layer_class(cls: type) -> None:
+    """Make ``isinstance(layer, peft.tuners.tuners_utils.BaseTunerLayer)`` true for fastpeft's adapter layers (PEFT's
+    class is an ABC: a virtual subclass gets none of its code).  TRL asks exactly that to refuse an adapter on
+    ``lm_head`` where its losses read ``lm_head.weight`` directly (SFT, GRPO, RLOO, KTO, distillation: the adapter
+    would silently never train), and transformers when it freezes loaded adapters.  Does nothing without peft."""
+    if peft is None:
+        return
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return
+    if hasattr(BaseTunerLayer, "register"):
+        BaseTunerLayer.register(cls)
 
 
 def adopt_field_metadata(ours: type, peft_name: str) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .hub import resolve_adapter_dir, split_hub_kwargs
-from ._peft_compat import CONFIG_BASES
+from ._peft_compat import CONFIG_BASES, PROMPT_CONFIG_BASES
 from .utils.adapter_files import atomic_write_bytes, jsonable, make_adapter_dir, read_json_object
 from .utils.constants import CONFIG_NAME, PEFT_FORMAT_VERSION
 
@@ -423,7 +423,7 @@ def _check_opt_pos_int(name: str, v, required: bool = False) -> None:
 
 
 @dataclass
-class PromptLearningConfig(PeftConfig):
+class PromptLearningConfig(PeftConfig, *PROMPT_CONFIG_BASES):
     """Fields shared by prompt tuning, P-tuning and prefix tuning (HF PEFT's ``PromptLearningConfig``).
 
     Args:

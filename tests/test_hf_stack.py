@@ -177,6 +177,29 @@ def test_trainer_bf16_autocast(tmp_path, mode):
 
 
 
+def test_trl_refuses_an_lm_head_adapter_on_fastpeft_models_as_on_peft_models(tmp_path):
+    """TRL's trainers refuse an adapter on lm_head where their loss reads lm_head.weight directly (it would never
+    train); they ask isinstance(layer, peft's BaseTunerLayer), which fastpeft's layers answer (a virtual subclass:
+    no PEFT code in them)."""
+    trl = pytest.importorskip("trl")
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    kw = dict(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
+    fm = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(**kw))
+    head = fm.get_output_embeddings()
+    assert isinstance(head, BaseTunerLayer)
+    assert not any(c.__module__.startswith("peft.") for c in type(head).__mro__)
+    # prompt-learning configs answer PEFT's PromptLearningConfig check too (TRL's distillation trainer refuses them:
+    # its loss bypasses the virtual tokens); the other methods' configs do not
+    for c in (fastpeft.PromptTuningConfig(num_virtual_tokens=2), fastpeft.PrefixTuningConfig(num_virtual_tokens=2),
+              fastpeft.PromptEncoderConfig(num_virtual_tokens=2)):
+        assert isinstance(c, peft.PromptLearningConfig)
+    assert not isinstance(fastpeft.LoraConfig(), peft.PromptLearningConfig)
+    cfg = trl.SFTConfig(str(tmp_path), max_steps=1, report_to=[], use_cpu=True, bf16=False)
+    for model in (fm, peft.get_peft_model(tiny_llama(), peft.LoraConfig(**kw))):
+        with pytest.raises(ValueError, match="adapter to `lm_head` is not supported"):
+            trl.SFTTrainer(model=model, args=cfg, train_dataset=text_dataset(), processing_class=tiny_tokenizer())
+
+
 def test_sft_trainer(tmp_path):
     """SFTTrainer(peft_config=fastpeft.LoraConfig(...)) and SFTTrainer(model=<fastpeft model>) train like
     SFTTrainer(peft_config=peft.LoraConfig(...)): same losses, same checkpoint files, loadable by both."""

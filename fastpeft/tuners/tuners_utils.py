@@ -56,6 +56,7 @@ from typing import Any, Iterable, Optional, Union
 import torch
 import torch.nn as nn
 
+from .._peft_compat import register_tuner_layer_class
 from ..config import PeftConfig, PeftType
 from ..recompute import install as recompute_install
 from ..recompute import register_adapter_layer_type
@@ -283,6 +284,9 @@ class BaseTunerLayer(nn.Module):
 
 
 register_adapter_layer_type(BaseTunerLayer)  # fastpeft.recompute hooks every tuner layer's forward
+
+
+register_tuner_layer_class(BaseTunerLayer)   # TRL's and transformers' isinstance checks (``_peft_compat``)
 
 
 # ---------------------------------------------------------------------------------------------------------------
