@@ -292,9 +292,8 @@ class PeftConfig(*CONFIG_BASES):
             hub_kwargs, kwargs = split_hub_kwargs(kwargs)
             path = resolve_adapter_dir(str(pretrained_model_name_or_path), subfolder=subfolder,
                                            need_weights=False, **hub_kwargs)
-        else:
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("revision", "cache_dir", "token", "force_download",
-                                                                    "local_files_only", "proxies")}
+        else:   # a local directory: the Hub's download arguments do not apply
+            _, kwargs = split_hub_kwargs(kwargs)
         file = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(file):
             raise ValueError(f"cannot find {CONFIG_NAME!r} in {path!r} (fastpeft loads adapters from local "

@@ -190,6 +190,11 @@ def test_get_peft_config_load_peft_weights_and_registries(saved, tmp_path):
                                                                                       "TaskType.CAUSAL_LM")
     with pytest.raises(ValueError, match="peft_type"):
         fastpeft.get_peft_config({"r": 4})
+    import warnings
+    with warnings.catch_warnings():   # Hub download arguments are not config fields for a local directory
+        warnings.simplefilter("error")
+        c = fastpeft.PeftConfig.from_pretrained(str(saved["causal"]), user_agent="x", etag_timeout=3, revision="v")
+    assert c.r == 4
     mine, theirs = fastpeft.load_peft_weights(str(saved["causal"])), peft.load_peft_weights(str(saved["causal"]),
                                                                                            device="cpu")
     assert sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
