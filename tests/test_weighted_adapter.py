@@ -220,3 +220,15 @@ def test_merge_rules_by_their_definitions():
     torch.testing.assert_close(d[nz], ts[0][nz] / 0.25)
     with pytest.raises(ValueError, match="density"):
         M.ties(ts, w, None)
+
+
+def test_a_pissa_first_adapter_leaves_the_base_weights_alone():
+    """PiSSA rewrote the base weights when its adapter was made; combining adapters must not run it again (HF PEFT's
+    copy of the first config does, changing W of every targeted layer)."""
+    f = fastpeft.get_peft_model(tiny_llama(), fastpeft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                  init_lora_weights="pissa"), adapter_name="t1")
+    f.add_adapter("t2", fastpeft.LoraConfig(r=2, target_modules=["q_proj"]))
+    w = f.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.detach().clone()
+    f.add_weighted_adapter(["t1", "t2"], [1.0, 1.0], "mix", combination_type="cat")
+    assert torch.equal(f.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight, w)
+    assert f.peft_config["mix"].init_lora_weights is True

@@ -17,7 +17,9 @@ adapters that the list names:
 Same sequence of tensor operations (and RNG draws for the ``dare`` rules) as HF PEFT 0.21.2, so the factors agree
 with PEFT's under the same RNG state (tested).  Differences: a ``weights`` list of another length than
 ``adapters``, a missing ``density`` or an unknown option raise a ValueError naming it (PEFT truncates or fails
-later); DoRA adapters are refused (PEFT would leave the new magnitude vector stale); SVD on Conv1d / Conv3d layers
+later); DoRA adapters are refused (PEFT would leave the new magnitude vector stale); a first adapter initialised
+with PiSSA / OLoRA does not pass that init on (PEFT's copy of the config re-runs it, rewriting the base weights of
+every targeted layer); SVD on Conv1d / Conv3d layers
 flattens their kernels as it does Conv2d's; an ``adapter_name`` that exists already is left alone with a warning
 (PEFT returns silently).  All or nothing: an error leaves the model and its configs as they were.
 """
@@ -141,8 +143,14 @@ def add_weighted_adapter(tuner, adapters: list, weights: list, adapter_name: str
         return
     combination_type, new_rank, targets = _check(tuner, adapters, weights, combination_type, svd_rank, density,
                                                  majority_sign_method)
-    config = dataclasses.replace(tuner.peft_config[adapters[0]], r=new_rank, lora_alpha=new_rank,
-                                 target_modules=targets, alpha_pattern={}, rank_pattern={})
+    first = tuner.peft_config[adapters[0]]
+    init = first.init_lora_weights
+    # PiSSA / OLoRA initialisation rewrites the base weights (W - BA); the combined adapter's factors are overwritten
+    # below, so such an init would only corrupt the base model (HF PEFT copies it): the default init instead
+    if isinstance(init, str) and (init.startswith("pissa") or init.lower() == "olora"):
+        init = True
+    config = dataclasses.replace(first, r=new_rank, lora_alpha=new_rank, target_modules=targets, alpha_pattern={},
+                                 rank_pattern={}, init_lora_weights=init)
     tuner.inject_adapter(adapter_name, config)
     # frozen, like PEFT's (which freezes every parameter whose name merely contains the adapter's name)
     for n, p in tuner.model.named_parameters():
