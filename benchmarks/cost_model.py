@@ -86,6 +86,13 @@ PEAK_INT_OPS = 64 * 132 * 1.98e9
 # and the mask at PEAK_INT_OPS overlapped with the bytes (max of the two): 10-25% optimistic at M = 8192.
 SKINNY_EFFICIENCY = 0.58
 MASK_INT_RATE = 8.3e12
+# The dropout mask's SASS counts per masked element (``kernels._mask``: the forward's shrink-expand, the backward's
+# pass over x and dX) of the code a committed GPU run executed, by run folder: the fit's integer rate is relative to
+# the kernels that ran, so ``fit_gpu_run`` prices a traced kernel's mask at these counts, not today's.  The H100 run
+# executed git ef3ca28 (19 / 30); today's, with the wide-multiply Philox rounds (``kernels._philox.
+# philox4x32_10``), count 17.5 / 28.  A run not
+# listed here ran the current kernels.
+MASK_COUNTS_AT_RUN = {"h100-2026-12-06": (19, 30)}
 SOURCE = "one H200, torch 2.11.0+cu130, 2026-11-28; the times are MEASURED_MS in benchmarks/cost_model.py"
 # A persistent TMA Triton GEMM measured 1.15-1.75x cuBLAS's time on these shapes (same H200): fastpeft's own
 # GEMM kernels are predicted at the best of that range.
@@ -1263,6 +1270,25 @@ def _read_csv(path: Path) -> list:
         return list(csv.DictReader(f))
 
 
+def _mask_counts_at_run(run_dir: Path) -> Optional[tuple[float, float]]:
+    """(forward, backward x-and-dX) mask counts per element of the code `run_dir`'s run executed, or None when it
+    ran the current kernels (``MASK_COUNTS_AT_RUN``)."""
+    return MASK_COUNTS_AT_RUN.get(Path(run_dir).name)
+
+
+def _at_run_counts(tr: "Trace", at_run: Optional[tuple[float, float]]) -> "Trace":
+    """`tr` with each masking kernel's integer work scaled from today's SASS counts to the run's (``at_run``)."""
+    if at_run is None:
+        return tr
+    from fastpeft.kernels._mask import MASK_INT_OPS_PER_ELEMENT, MASK_INT_OPS_X_AND_DX
+    fwd, bwd = at_run
+    for k in tr.kernels:
+        if k.int_ops:
+            ratio = bwd / MASK_INT_OPS_X_AND_DX if k.name == "lora_da_dx" else fwd / MASK_INT_OPS_PER_ELEMENT
+            k.int_ops = int(round(k.int_ops * ratio))
+    return tr
+
+
 def fit_gpu_run(run_dir: Path) -> dict:
     """Fit the two constants the first GPU run showed the model wrong about, from its per-kernel profile.
 
@@ -1295,9 +1321,10 @@ def fit_gpu_run(run_dir: Path) -> dict:
         if r["provider"] == "default" and r["kernel"] != "TOTAL" and r["device_us"]:
             key = (r["layer"], int(r["M"]), r["method"])
             measured.setdefault(key, {})[_profile_base(r["kernel"])] = float(r["device_us"]) / int(r["calls"] or 1)
+    at_run = _mask_counts_at_run(run_dir)
     kernels = []
     for (layer, m, method), times in sorted(measured.items()):
-        tr = trace_case("default", layer, m, method, "fwd+bwd")
+        tr = _at_run_counts(trace_case("default", layer, m, method, "fwd+bwd"), at_run)
         for k in tr.kernels:
             if k.source != "fastpeft":
                 continue
@@ -1341,8 +1368,8 @@ def fit_gpu_run(run_dir: Path) -> dict:
             continue
         layer, m, method = r["layer"], int(r["M"]), r["method"]
         b_ms = base_ms.get((layer, r["M"], method))
-        tr, base = trace_case("default", layer, m, method, "fwd+bwd"), trace_case("base", layer, m, "base",
-                                                                                   "fwd+bwd")
+        tr = _at_run_counts(trace_case("default", layer, m, method, "fwd+bwd"), at_run)
+        base = trace_case("base", layer, m, "base", "fwd+bwd")
         if b_ms is None or not tr.modelled:
             continue
         base_flops = sum((k.flops + k.fma_flops) * k.launches for k in base.kernels if k.gemm)

@@ -12,15 +12,18 @@ from .._numerics import dropout_threshold, tiny_scale  # noqa: F401  (re-exporte
 # builds for the LoRA kernels (``.ci/dropout_sass.py``: a kernel's instruction count with dropout minus the same
 # kernel and configuration without, per element a thread masks; results in
 # benchmarks/results/triton-compile-sm90/dropout_sass.csv).  One Philox-4x32-10 call - ten rounds of two
-# 32x32->64-bit multiplies and two three-way XORs - serves 8 elements; each element adds its 16-bit extraction,
-# compare, select and scale.
-#   MASK_INT_OPS_PER_ELEMENT: a pass that masks one operand - the forward's shrink-expand, 16.5-25 over the H200's
-#     tiles and adapter dtypes (19.0 at M = 8448 with bf16 adapters); the dA pass alone measured 15.4-17.9.
-#   MASK_INT_OPS_X_AND_DX: the backward's one pass over x and dX, which masks x and dX's rank-r term: 28.2-32.2
-#     (the same pass without dX's term: 15.8-16.5 at its tiles) - against 15.4 + 21.5 for the two passes it
-#     replaced.
-MASK_INT_OPS_PER_ELEMENT = 19
-MASK_INT_OPS_X_AND_DX = 30
+# 32x32->64-bit multiplies (one IMAD.WIDE.U32 each, ``_philox.philox4x32_10``) and two three-way XORs - serves 8
+# elements; each element adds its 16-bit extraction, compare, select and scale.
+#   MASK_INT_OPS_PER_ELEMENT: a pass that masks one operand - the forward's shrink-expand, 14.5-23 over the H200's
+#     tiles and adapter dtypes (17.5 at M = 8448 with bf16 adapters; 16.5-25, 19.0 there, with tl.philox's
+#     separate high and low products).
+#   MASK_INT_OPS_X_AND_DX: the backward's one pass over x and dX, which masks x and dX's rank-r term: 26.5-30.2
+#     (28.2-32.2 with tl.philox; the same pass without dX's term: 15.8-16.5 at its tiles with tl.philox) - against
+#     15.4 + 21.5 for the two passes it replaced.  Most of it is not Philox: the mask is formed in x's register
+#     layout and used again in dX's (the product's), and the SASS moves it between them (IMAD.MOV, PRMT, shared
+#     memory).
+MASK_INT_OPS_PER_ELEMENT = 17.5
+MASK_INT_OPS_X_AND_DX = 28
 
 
 def mask_int_ops(elements: int, tile: tuple[int, int, int] | None = None,
@@ -34,4 +37,4 @@ def mask_int_ops(elements: int, tile: tuple[int, int, int] | None = None,
     if tile is not None:
         rows, cols, warps = tile
         replication = max(1, (32 * warps * 8) // max(1, rows * cols))
-    return int(elements) * per_element * replication
+    return int(round(int(elements) * per_element * replication))

@@ -27,6 +27,24 @@ def load_seed(seed):
 
 
 @triton.jit
+def philox4x32_10(k0, k1, c0, c1, c2, c3):
+    """Philox-4x32-10 of counter (c0, c1, c2, c3) under key (k0, k1) (uint32 tensors / scalars): the values of
+    ``tl.philox`` (Random123's constants and round), with each round's two 32 x 32 -> 64-bit products formed as one
+    64-bit multiply - one wide multiply-add each on the GPU (sm_90 SASS: ``IMAD.WIDE.U32``) where ``tl.philox``'s
+    ``umulhi`` and low product cost two."""
+    for _ in tl.static_range(10):
+        p0 = c0.to(tl.uint64) * 0xD2511F53
+        p2 = c2.to(tl.uint64) * 0xCD9E8D57
+        c0 = (p2 >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (p0 >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = p2.to(tl.uint32)
+        c3 = p0.to(tl.uint32)
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+@triton.jit
 def dropout_keep(seed, offs_m, k_start, p16, BLOCK_K: tl.constexpr):
     """Keep-mask of the shared dropout stream (``fastpeft.ops.dropout``) for rows ``offs_m`` (BM,) and the BLOCK_K
     columns ``k_start .. k_start + BLOCK_K`` (k_start a multiple of 8): one ``tl.philox`` call per 8 columns of a row,
@@ -41,7 +59,9 @@ def dropout_keep(seed, offs_m, k_start, p16, BLOCK_K: tl.constexpr):
     c0 = zero + (g & 0xFFFFFFFF).to(tl.uint32)[None, :]
     c1 = zero + (m64 & 0xFFFFFFFF).to(tl.uint32)[:, None]
     c2 = zero + (m64 >> 32).to(tl.uint32)[:, None]
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, zero)
+    s64 = seed.to(tl.uint64)
+    r0, r1, r2, r3 = philox4x32_10((s64 & 0xFFFFFFFF).to(tl.uint32), ((s64 >> 32) & 0xFFFFFFFF).to(tl.uint32),
+                                   c0, c1, c2, zero)
     # The 8 16-bit lanes e0 .. e7 (e_j = half j & 1 of word j >> 1) back in k order.  tl.join(a, b) stacks on a NEW
     # LAST axis, so three nested joins give (BM, G, b0, b1, b2) with b0 from the innermost join and b2 from the
     # outermost, and the row-major reshape puts it at j = 4*b0 + 2*b1 + b2: the innermost joins must pair (e_j,

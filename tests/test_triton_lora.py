@@ -856,3 +856,39 @@ def test_tma_allocator_is_installed_unless_the_user_set_one():
 
     assert run(fresh) is KG._torch_alloc
     assert run(user)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the dropout stream's Philox: fastpeft's wide-multiply rounds give tl.philox's values
+# ---------------------------------------------------------------------------------------------------------------
+
+from fastpeft.kernels._philox import philox4x32_10  # noqa: E402
+
+
+@triton.jit
+def _both_philox(c_ptr, out_ptr, k0, k1, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    c0 = tl.load(c_ptr + offs).to(tl.uint32)
+    c1 = tl.load(c_ptr + N + offs).to(tl.uint32)
+    c2 = tl.load(c_ptr + 2 * N + offs).to(tl.uint32)
+    c3 = tl.load(c_ptr + 3 * N + offs).to(tl.uint32)
+    mine = philox4x32_10(k0.to(tl.uint32), k1.to(tl.uint32), c0, c1, c2, c3)
+    theirs = tl.philox((k1.to(tl.uint64) << 32) | k0.to(tl.uint64), c0, c1, c2, c3)
+    for j in tl.static_range(4):
+        tl.store(out_ptr + j * N + offs, mine[j].to(tl.int64))
+        tl.store(out_ptr + (4 + j) * N + offs, theirs[j].to(tl.int64))
+
+
+@pytest.mark.interpreter
+def test_wide_multiply_philox_gives_tl_philox_values():
+    """``kernels._philox.philox4x32_10`` (each round's two products as 64-bit multiplies: one IMAD.WIDE.U32 each
+    in the sm_90 SASS) returns ``tl.philox``'s four words for random counters and keys, top bits set included."""
+    n = 256
+    g = torch.Generator().manual_seed(3)
+    c = torch.randint(0, 2 ** 32, (4 * n,), generator=g, dtype=torch.int64)
+    c[:4] = torch.tensor([0, 2 ** 32 - 1, 2 ** 31, 1])
+    out = torch.empty(8 * n, dtype=torch.int64)
+    for k0, k1 in ((0, 0), (2 ** 32 - 1, 2 ** 32 - 1), (123456789, 987654321), (2 ** 31 + 7, 5)):
+        _both_philox[(1,)](c, out, k0, k1, N=n)
+        assert torch.equal(out[:4 * n], out[4 * n:]), (k0, k1)
+        assert out.min() >= 0 and out.max() < 2 ** 32 and len(out[:4 * n].unique()) > 4 * n - 4
