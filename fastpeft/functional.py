@@ -310,7 +310,7 @@ def dora_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                                                           chosen))
             kvec = magnitude / norm.to(raw_a.dtype)
             # (k * z + b).to(z.dtype) bit for bit, its fp32 copies of the 16-bit M x N z formed in chunks
-            return _ia3._ScaleByVector.apply(z, kvec, z.dtype, bias)
+            return _ia3.scale_by_vector(z, kvec, z.dtype, bias)
         def mark(u):   # u (M x N), kept for dm: the opt-in GEMM recompute may rebuild it from x
             _rebuild_with(u, lambda xx: _dora.dora_fwd(
                 xx.reshape(-1, k).contiguous(), weight, bias, lora_A, lora_B, magnitude, weight_sq, scaling,

@@ -408,7 +408,7 @@ def test_torch_path_double_backward():
 def test_torch_backend_inference_forward_is_the_training_forward(x_dtype, a_dtype, m):
     """Without a gradient to build the torch backend computes its forward without its autograd Functions (their
     Python costs the host ~15 µs a call): the same values, bit for bit, as with autograd - chunked casts (700 rows:
-    several row chunks) and AdaLoRA's e included."""
+    several row chunks), AdaLoRA's e, IA3 in both modes and DoRA's scaling included."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, m, 48, generator=g).to(x_dtype)
     w = (torch.randn(40, 48, generator=g) * 0.1).to(x_dtype)
@@ -416,8 +416,14 @@ def test_torch_backend_inference_forward_is_the_training_forward(x_dtype, a_dtyp
     a = torch.randn(6, 48, generator=g).to(a_dtype)
     bb = torch.randn(40, 6, generator=g).to(a_dtype)
     e = torch.randn(6, 1, generator=g).to(a_dtype)
+    ll = torch.randn(48, generator=g).to(a_dtype)
+    lo = torch.randn(40, generator=g).to(a_dtype)
+    mag = (torch.rand(40, generator=g) + 0.5).to(a_dtype)
     for call in (lambda xx, aa: FP.lora_linear(xx, w, b, aa, bb, 0.5, backend="torch"),
-                 lambda xx, aa: FP.adalora_linear(xx, w, b, aa, e, bb, 2.0, 6.0, backend="torch")):
+                 lambda xx, aa: FP.adalora_linear(xx, w, b, aa, e, bb, 2.0, 6.0, backend="torch"),
+                 lambda xx, aa: FP.ia3_linear(xx, w, b, ll * aa[0, 0], True, backend="torch"),   # input scaling
+                 lambda xx, aa: FP.ia3_linear(xx, w, b, lo * aa[0, 0], False, backend="torch"),  # output scaling
+                 lambda xx, aa: FP.dora_linear(xx, w, b, aa, bb, mag, 0.5, backend="torch")):
         with torch.no_grad():
             y0 = call(x, a)
         y1 = call(x.clone().requires_grad_(True), a.clone().requires_grad_(True))

@@ -47,6 +47,11 @@ class _ScaleByVector(torch.autograd.Function):
     def forward(ctx, t, l, out_dtype, bias=None):
         ctx.save_for_backward(t, l)
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        return _ScaleByVector.compute(t, l, out_dtype, bias)
+
+    @staticmethod
+    def compute(t, l, out_dtype, bias=None):
+        """The forward's values (also what the torch path calls when no gradient is needed: ``scale_by_vector``)."""
         y = torch.empty(t.shape, dtype=out_dtype, device=t.device)
         ct = torch.promote_types(t.dtype, l.dtype)
         if bias is not None:
@@ -122,11 +127,21 @@ def ia3_fwd_ref(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     if feedforward:
         # PEFT's x.to(l.dtype) * l: the cast is exact (and left to the product) unless l is the narrower dtype
         t = x if torch.promote_types(x.dtype, ia3_l.dtype) == ia3_l.dtype else x.to(ia3_l.dtype)
-        xs = _ScaleByVector.apply(t, ia3_l, x.dtype)
+        xs = scale_by_vector(t, ia3_l, x.dtype)
         return F.linear(xs, weight, bias), x.new_empty(0)
     z = F.linear(x, weight, bias)
-    y = _ScaleByVector.apply(z, ia3_l, x.dtype)
+    y = scale_by_vector(z, ia3_l, x.dtype)
     return y, z
+
+
+def scale_by_vector(t: torch.Tensor, l: torch.Tensor, out_dtype: torch.dtype,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(t * l + bias).to(out_dtype)`` (``_ScaleByVector``; t: (..., D), l and bias: (D,)): through the autograd
+    Function when a gradient is to be built, else its compute directly - the same values without the Function's own
+    Python on the host."""
+    if needs_autograd(t, l, bias):
+        return _ScaleByVector.apply(t, l, out_dtype, bias)
+    return _ScaleByVector.compute(t, l, out_dtype, bias)
 
 
 def ia3_bwd_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ia3_l: torch.Tensor, saved: torch.Tensor,
