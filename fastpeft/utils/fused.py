@@ -89,6 +89,7 @@ def _base_operands(base: nn.Module) -> Union[tuple, str]:
 
 
 def _input_reason(in_features: int, weight: torch.Tensor, x: Any, args: tuple, kwargs: dict) -> Optional[str]:
+    """``input_reason`` for a base whose weight and input width are already known."""
     if args:
         return "extra positional forward arguments"
     if kwargs:
