@@ -21,7 +21,7 @@ import os
 from typing import Optional
 
 from .config import PeftConfig
-from .hub import optional_adapter_file, split_hub_kwargs
+from .hub import local_adapter_dir, optional_adapter_file, split_hub_kwargs
 from .peft_model import (MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel, PeftModelForCausalLM,
                          PeftModelForFeatureExtraction, PeftModelForQuestionAnswering, PeftModelForSeq2SeqLM,
                          PeftModelForSequenceClassification, PeftModelForTokenClassification)
@@ -151,7 +151,7 @@ def _grow_embeddings_to_tokenizer(base, model_id: str, subfolder: Optional[str],
     if found is None:
         return
     from transformers import AutoTokenizer
-    local = os.path.isdir(os.path.join(model_id, subfolder) if subfolder else model_id)
+    local = local_adapter_dir(model_id, subfolder) is not None
     src, kw = (os.path.dirname(found), {}) if local else (model_id, dict(hub_kwargs, subfolder=subfolder))
     tokenizer = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code,
                                               **{k: v for k, v in kw.items() if v is not None})

@@ -10,7 +10,7 @@ import os
 import tempfile
 from typing import Any, Optional
 
-__all__ = ["resolve_adapter_dir", "optional_adapter_file", "write_model_card", "push_adapter_to_hub", "split_hub_kwargs"]
+__all__ = ["resolve_adapter_dir", "local_adapter_dir", "optional_adapter_file", "write_model_card", "push_adapter_to_hub", "split_hub_kwargs"]
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -30,6 +30,13 @@ def split_hub_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, 
     return hub, rest
 
 
+def local_adapter_dir(model_id: str, subfolder: Optional[str] = None) -> Optional[str]:
+    """``model_id`` (joined with `subfolder`) when it is a local directory, else None (then it names a Hub
+    repository)."""
+    local = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
+    return local if os.path.isdir(local) else None
+
+
 def resolve_adapter_dir(model_id: str, subfolder: Optional[str] = None, allow_bin: bool = False,
                         need_weights: bool = True, **hub_kwargs) -> str:
     """The local directory holding ``adapter_config.json`` (and the weights) of ``model_id``.
@@ -46,9 +53,10 @@ def resolve_adapter_dir(model_id: str, subfolder: Optional[str] = None, allow_bi
         ValueError naming ``model_id`` when it is neither a local adapter directory nor obtainable from the Hub
         (offline and not cached, missing repository or file).
     """
-    local = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
-    if os.path.isdir(local):
+    local = local_adapter_dir(model_id, subfolder)
+    if local is not None:
         return local
+    local = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
     try:
         import huggingface_hub as hf
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -100,8 +108,8 @@ def optional_adapter_file(model_id: str, filename: str, subfolder: Optional[str]
     """The local path of `filename` next to the adapter `model_id` (a local directory or a Hub repository id, as in
     ``resolve_adapter_dir``), or None when the directory / repository has no such file or it cannot be had (offline
     and not cached, no network).  For files an adapter may carry besides its own two, e.g. its tokenizer's."""
-    local = os.path.join(str(model_id), subfolder) if subfolder else str(model_id)
-    if os.path.isdir(local):
+    local = local_adapter_dir(model_id, subfolder)
+    if local is not None:
         path = os.path.join(local, filename)
         return path if os.path.isfile(path) else None
     try:

@@ -21,8 +21,9 @@ import torch.nn as nn
 from .hub import push_adapter_to_hub, resolve_adapter_dir, split_hub_kwargs, write_model_card
 from ._peft_compat import MODEL_BASES, register_state_dict_functions
 from .config import PeftConfig, TaskType
-from .save_load import (get_peft_model_state_dict, load_peft_weights, make_adapter_dir, normalise_keys,
-                        save_adapter_files, set_peft_model_state_dict, split_embedding_weights)
+from .save_load import (get_peft_model_state_dict, make_adapter_dir, normalise_keys,
+                        read_adapter_weights, save_adapter_files, set_peft_model_state_dict,
+                        split_embedding_weights)
 from .tuners import BaseTunerLayer, ModulesToSaveWrapper, get_tuner_class
 from .tuners.lora.init import convert_for_save
 from .utils.constants import SEQ_CLS_HEAD_NAMES
@@ -391,7 +392,7 @@ class PeftModel(*MODEL_BASES):
         elif not isinstance(config, PeftConfig):
             raise TypeError(f"config must be a PeftConfig, got {type(config).__name__}")
         config.inference_mode = not is_trainable
-        weights = load_peft_weights(path, device=torch_device, allow_bin=allow_bin)
+        weights = read_adapter_weights(path, device=torch_device, allow_bin=allow_bin)
         snapshot = [(p, p.requires_grad) for p in model.parameters()]
         klass = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, PeftModel) if cls is PeftModel else cls
         peft_model = klass(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -426,7 +427,7 @@ class PeftModel(*MODEL_BASES):
             hub_kwargs["revision"] = revision
         path = resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
         if adapter_name in self.peft_config:
-            weights = load_peft_weights(path, device=torch_device, allow_bin=allow_bin)
+            weights = read_adapter_weights(path, device=torch_device, allow_bin=allow_bin)
             tuner = self.base_model
             adapter_sd, apply_emb = split_embedding_weights(self, adapter_name,
                                                             normalise_keys(tuner, adapter_name, weights))
@@ -437,7 +438,7 @@ class PeftModel(*MODEL_BASES):
             return None
         config = PeftConfig.from_pretrained(path)
         config.inference_mode = not is_trainable
-        weights = load_peft_weights(path, device=torch_device, allow_bin=allow_bin)
+        weights = read_adapter_weights(path, device=torch_device, allow_bin=allow_bin)
         snapshot = [(p, p.requires_grad) for p in self.parameters()]
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:

@@ -16,9 +16,8 @@ from .hub import resolve_adapter_dir, split_hub_kwargs
 from .tuners.tuners_utils import BaseTuner
 from .utils.adapter_files import (  # noqa: F401  (public names of fastpeft.save_load)
     SAFETENSORS_WEIGHTS_NAME, SAVE_RECORD_NAME, WEIGHTS_NAME, AdapterFileError, AdapterSaveError,
-    InterruptedSaveError, atomic_write_bytes, config_fingerprint, make_adapter_dir, read_json_object,
-    save_adapter_files, save_peft_weights)
-from .utils.adapter_files import load_peft_weights as _read_adapter_weights
+    InterruptedSaveError, atomic_write_bytes, config_fingerprint, make_adapter_dir, read_adapter_weights,
+    read_json_object, save_adapter_files, save_peft_weights)
 from .utils.constants import CONFIG_NAME  # noqa: F401
 
 __all__ = [
@@ -57,7 +56,7 @@ def load_peft_weights(model_id: str, device: Optional[str] = None, key_mapping: 
     if unknown:
         raise TypeError(f"load_peft_weights got unexpected keyword arguments {sorted(unknown)}")
     path = resolve_adapter_dir(str(model_id), subfolder=subfolder, allow_bin=allow_bin, **hub_kwargs)
-    return _read_adapter_weights(path, device=device, allow_bin=allow_bin)
+    return read_adapter_weights(path, device=device, allow_bin=allow_bin)
 
 
 def _tuner(model):

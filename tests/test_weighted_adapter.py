@@ -21,21 +21,22 @@ TYPES = ["svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear",
          "magnitude_prune", "magnitude_prune_svd"]
 
 
-def _pair(make_base, configs: dict, lib_cfg_kwargs=None):
-    """The same adapters (random values, set identically) in a PEFT and a fastpeft model."""
+def _pair(make_base, configs: dict, config: str = "LoraConfig", prefix: str = "lora_", seed: int = 11):
+    """The same adapters (`config` classes of each library built from `configs`: name -> keyword arguments; random
+    values, set identically) in a PEFT and a fastpeft model."""
     models = []
     for lib in (peft, fastpeft):
         names = list(configs)
-        m = lib.get_peft_model(make_base(), lib.LoraConfig(**configs[names[0]]), adapter_name=names[0])
+        m = lib.get_peft_model(make_base(), getattr(lib, config)(**configs[names[0]]), adapter_name=names[0])
         for n in names[1:]:
-            m.add_adapter(n, lib.LoraConfig(**configs[n]))
+            m.add_adapter(n, getattr(lib, config)(**configs[n]))
         models.append(m)
     p, f = models
-    g = torch.Generator().manual_seed(11)
+    g = torch.Generator().manual_seed(seed)
     fsd = dict(f.named_parameters())
     with torch.no_grad():
         for n, q in p.named_parameters():
-            if "lora_" in n:
+            if prefix in n:
                 q.copy_(torch.randn(q.shape, generator=g))
                 fsd[n].copy_(q)
     return p, f
@@ -124,20 +125,9 @@ def test_conv2d_layers_match_peft(ctype):
 
 
 def test_ia3_weighted_adapter_matches_peft():
-    models = []
-    for lib in (peft, fastpeft):
-        m = lib.get_peft_model(tiny_llama(), lib.IA3Config(target_modules=["k_proj", "down_proj"],
-                                                           feedforward_modules=["down_proj"]), adapter_name="t1")
-        m.add_adapter("t2", lib.IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"]))
-        models.append(m)
-    p, f = models
-    g = torch.Generator().manual_seed(1)
-    fsd = dict(f.named_parameters())
-    with torch.no_grad():
-        for n, q in p.named_parameters():
-            if "ia3_l" in n:
-                q.copy_(torch.randn(q.shape, generator=g))
-                fsd[n].copy_(q)
+    p, f = _pair(tiny_llama, {"t1": dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+                              "t2": dict(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"])},
+                 config="IA3Config", prefix="ia3_l", seed=1)
     for m in (p, f):
         m.add_weighted_adapter(["t1", "t2"], [0.25, 2.0], "mix")
     ps, fs = _adapter_tensors(p, "mix"), _adapter_tensors(f, "mix")

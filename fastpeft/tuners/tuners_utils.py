@@ -49,6 +49,7 @@ method):
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Optional, Union
@@ -69,7 +70,7 @@ from ._transaction import ALL_OR_NOTHING_METHODS, all_or_nothing, current_transa
 
 __all__ = [
     "BaseTuner", "BaseTunerLayer", "ModulesToSaveWrapper", "register_tuner", "TUNER_CLASSES",
-    "check_target_module_exists",
+    "check_target_module_exists", "union_module_specs",
 ]
 
 # peft_type value -> BaseTuner subclass.  Filled by @register_tuner.
@@ -93,6 +94,20 @@ def register_tuner(peft_type: Union[str, PeftType]):
 # ---------------------------------------------------------------------------------------------------------------
 # layers
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def union_module_specs(specs: list, field: str):
+    """The union of several adapters' module specs (``target_modules``, ``feedforward_modules``): sets -> their union,
+    regex strings -> ``"(a)|(b)"`` (HF PEFT's rule for combined adapters).  A mix of the two raises ValueError."""
+    kinds = {type(v) for v in specs}
+    if len(kinds) > 1:
+        raise ValueError(f"all adapter configs should follow the same {field} type. Combining adapters with {field} "
+                         "of type list/set and string is not supported.")
+    if isinstance(specs[0], str):
+        return "|".join(f"({v})" for v in specs)
+    if not isinstance(specs[0], (set, frozenset, list, tuple)):
+        raise TypeError(f"Invalid type {type(specs[0])} found in {field}")
+    return set().union(*(set(v) for v in specs))
 
 
 class BaseTunerLayer(nn.Module):
@@ -681,6 +696,39 @@ class BaseTuner(AdapterStateDictMixin, nn.Module):
             self.enable_adapter_layers()
             for p, rg in flags:
                 p.requires_grad_(rg)
+
+    # -- add_weighted_adapter's shared parts (LoRA: lora/weighted.py; IA3: ia3/model.py) ------------------------------
+    def _weighted_adapter_args(self, adapters, weights, adapter_name: str) -> bool:
+        """Check the arguments every ``add_weighted_adapter`` takes (ValueError naming them): existing adapter names,
+        one finite number per adapter, no module that two of them save in full (``modules_to_save``).  Returns False,
+        with a warning, when ``adapter_name`` exists already (nothing is to be done; HF PEFT returns silently)."""
+        if adapter_name in self.peft_config:
+            warnings.warn(f"add_weighted_adapter: adapter {adapter_name!r} exists already; nothing was done",
+                          UserWarning, stacklevel=3)
+            return False
+        if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
+            raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
+        for a in adapters:
+            if a not in self.peft_config:
+                raise ValueError(f"Adapter {a} does not exist (adapters: {sorted(self.peft_config)})")
+        if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
+            raise ValueError(f"weights must be a list with one number per adapter ({len(adapters)} adapters, one per "
+                             f"adapter name), got {weights!r}")
+        if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) for w in weights):
+            raise ValueError(f"weights must be finite numbers, got {weights!r}")
+        shared = [w for w in self.model.modules() if isinstance(w, ModulesToSaveWrapper)
+                  and sum(a in w.modules_to_save for a in adapters) > 1]
+        if shared:
+            raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save, but "
+                             f"found {len(shared)} such instance(s).")
+        return True
+
+    def _freeze_adapter(self, adapter_name: str) -> None:
+        """requires_grad False for every parameter of adapter ``adapter_name`` (a whole component of its name; HF
+        PEFT's ``_freeze_adapter`` matches any substring)."""
+        for n, p in self.model.named_parameters():
+            if f".{adapter_name}." in f".{n}.":
+                p.requires_grad_(False)
 
     @all_or_nothing
     def delete_adapter(self, adapter_name: str) -> None:

@@ -6,7 +6,7 @@ weights_only=True)``.
 
 Saving is crash-safe (``save_adapter_files``): both files are serialised in memory first, each file is written to a
 temporary name in the same directory, flushed and renamed over the old one (``os.replace``), and a small save record
-(``fastpeft_save.json``: sha256 of the weights file, fingerprint of the config) lets ``load_peft_weights`` detect
+(``fastpeft_save.json``: sha256 of the weights file, fingerprint of the config) lets ``read_adapter_weights`` detect
 a directory left with the new weights and the old config (``InterruptedSaveError``).  Whatever fails, the directory
 loads as exactly the old adapter or exactly the new one, or refuses to load saying the save was interrupted.  The two
 adapter files stay byte-for-byte what HF PEFT writes; PEFT ignores the record.
@@ -32,7 +32,7 @@ import torch
 from .constants import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, SAVE_RECORD_NAME, WEIGHTS_NAME
 
 __all__ = [
-    "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "SAVE_RECORD_NAME", "load_peft_weights", "save_peft_weights",
+    "SAFETENSORS_WEIGHTS_NAME", "WEIGHTS_NAME", "SAVE_RECORD_NAME", "read_adapter_weights", "save_peft_weights",
     "save_adapter_files", "atomic_write_bytes", "make_adapter_dir", "read_json_object", "jsonable",
     "AdapterFileError", "InterruptedSaveError", "AdapterSaveError", "config_fingerprint",
 ]
@@ -192,8 +192,8 @@ def _check_save_record(weights_path: str) -> None:
             "the old nor the new adapter; save the adapter again, or restore both files from the same backup")
 
 
-def load_peft_weights(model_dir: str, device: Optional[str] = None, allow_bin: bool = False,
-                      subfolder: Optional[str] = None) -> dict[str, torch.Tensor]:
+def read_adapter_weights(model_dir: str, device: Optional[str] = None, allow_bin: bool = False,
+                         subfolder: Optional[str] = None) -> dict[str, torch.Tensor]:
     """Read the adapter tensors of a local adapter directory.
 
     Args:

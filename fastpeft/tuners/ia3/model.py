@@ -4,15 +4,12 @@ variant) and ``ia3.Conv2d`` / ``Conv3d``, feed-forward modules scaling their inp
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import warnings
 
 import torch.nn as nn
 
 from ...config import PeftType
-from ...utils.other import ModulesToSaveWrapper
-from ..tuners_utils import BaseTuner, register_tuner
+from ..tuners_utils import BaseTuner, register_tuner, union_module_specs
 from .bnb import make_ia3_layer
 from .config import IA3Config
 from .layer import CONV_TYPES, IA3Layer, Linear
@@ -59,34 +56,13 @@ class IA3Model(BaseTuner):
         modules; not activated, frozen.  ValueError naming the argument for unknown adapters, a ``weights`` list of
         another length, mixed module-spec types or adapters sharing a modules_to_save module; the model is then
         unchanged.  An existing ``adapter_name`` is left as it is (a warning says so; PEFT returns silently)."""
-        if adapter_name in self.peft_config:
-            warnings.warn(f"add_weighted_adapter: adapter {adapter_name!r} exists already; nothing was done",
-                          UserWarning, stacklevel=2)
+        if not self._weighted_adapter_args(adapters, weights, adapter_name):
             return
-        if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
-            raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
-        for a in adapters:
-            if a not in self.peft_config:
-                raise ValueError(f"Adapter {a} does not exist (adapters: {sorted(self.peft_config)})")
-        if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters) or any(
-                isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) for w in weights):
-            raise ValueError(f"weights must be a list of finite numbers, one per adapter ({len(adapters)}), got "
-                             f"{weights!r}")
-        if any(sum(a in w.modules_to_save for a in adapters) > 1
-               for w in self.model.modules() if isinstance(w, ModulesToSaveWrapper)):
-            raise ValueError("Cannot add weighted adapters targeting the same module with modules_to_save.")
         configs = [self.peft_config[a] for a in adapters]
-        spec = {}
-        for field in ("target_modules", "feedforward_modules"):
-            values = [getattr(c, field) for c in configs]
-            if len({type(v) for v in values}) > 1:
-                raise ValueError("All adapter configs should have the same type for target and feedforward modules.")
-            spec[field] = ("|".join(f"({v})" for v in values) if isinstance(values[0], str)
-                           else set().union(*(set(v) for v in values)))
+        spec = {f: union_module_specs([getattr(c, f) for c in configs], f)
+                for f in ("target_modules", "feedforward_modules")}
         self.inject_adapter(adapter_name, dataclasses.replace(configs[0], **spec))
-        for n, p in self.model.named_parameters():   # frozen, as PEFT's
-            if f".{adapter_name}." in f".{n}.":
-                p.requires_grad_(False)
+        self._freeze_adapter(adapter_name)
         for _, layer in self.tuner_layers():
             if adapter_name not in layer.ia3_l:
                 continue

@@ -26,7 +26,7 @@ import re
 import torch
 import torch.nn as nn
 
-from ...utils.adapter_files import load_peft_weights
+from ...utils.adapter_files import read_adapter_weights
 from ...utils.adapter_init import init_lora_pair
 from ...utils.other import is_conv1d, transpose
 
@@ -216,7 +216,7 @@ def convert_mutated_init_state_dict(config, state_dict: dict, path_initial: str,
     if getattr(config, "use_dora", False):
         raise ValueError("path_initial_model_for_weight_conversion cannot convert a DoRA adapter (the magnitude "
                          "vector has no plain-LoRA equivalent)")
-    initial = load_peft_weights(path_initial, allow_bin=allow_bin)
+    initial = read_adapter_weights(path_initial, allow_bin=allow_bin)
 
     def _init_key(k: str) -> str:
         if k in initial:

@@ -27,16 +27,13 @@ flattens their kernels as it does Conv2d's; an ``adapter_name`` that exists alre
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import operator
-import warnings
 from typing import Optional
 
 import torch
 
 from ...utils import merge_utils
-from ...utils.other import ModulesToSaveWrapper
+from ..tuners_utils import union_module_specs
 from .conv import _ConvNd
 from .embedding import Embedding
 from .layer import LoraLayer
@@ -60,19 +57,10 @@ def _rule_call(rule: str, tensors: list, weights: torch.Tensor, density, sign_me
     return fn(tensors, weights, density)
 
 
-def _check(tuner, adapters: list, weights: list, combination_type: str, svd_rank, density,
+def _check(tuner, adapters: list, combination_type: str, svd_rank, density,
            majority_sign_method: str) -> tuple[str, int, object]:
-    """Validate the arguments against the model; returns (combination_type, new rank, new target_modules)."""
-    if isinstance(adapters, str) or not isinstance(adapters, (list, tuple)) or not adapters:
-        raise ValueError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
-    for a in adapters:
-        if a not in tuner.peft_config:
-            raise ValueError(f"Adapter {a} does not exist (adapters: {sorted(tuner.peft_config)})")
-    if not isinstance(weights, (list, tuple)) or len(weights) != len(adapters):
-        raise ValueError(f"weights must be a list with one number per adapter ({len(adapters)}), got {weights!r}")
-    for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"weights must be finite numbers, got {weights!r}")
+    """Validate the LoRA-specific arguments against the model (the shared ones: ``BaseTuner._weighted_adapter_args``);
+    returns (combination_type, new rank, new target_modules)."""
     configs = [tuner.peft_config[a] for a in adapters]
     for a, c in zip(adapters, configs):
         if getattr(c, "target_parameters", None):
@@ -81,11 +69,6 @@ def _check(tuner, adapters: list, weights: list, combination_type: str, svd_rank
         if getattr(c, "use_dora", False):
             raise ValueError(f"add_weighted_adapter does not support DoRA adapters (adapter {a!r} has "
                              "use_dora=True): the combined adapter's magnitude vector would not match its factors")
-    shared = [w for w in tuner.model.modules() if isinstance(w, ModulesToSaveWrapper)
-              and sum(a in w.modules_to_save for a in adapters) > 1]
-    if shared:
-        raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save, but found "
-                         f"{len(shared)} such instance(s).")
     if combination_type not in COMBINATION_TYPES:
         raise ValueError(f"Invalid combination_type: {combination_type!r} (one of {COMBINATION_TYPES})")
     if len(adapters) == 1:   # one adapter: only the linear rule makes sense (PEFT's rule)
@@ -94,7 +77,7 @@ def _check(tuner, adapters: list, weights: list, combination_type: str, svd_rank
         raise ValueError(f"majority_sign_method must be one of {merge_utils.SIGN_METHODS}, got "
                          f"{majority_sign_method!r}")
     rule = _FACTOR_RULES.get(combination_type) or _SVD_RULES.get(combination_type)
-    if (combination_type in _NEEDS_DENSITY or rule in _NEEDS_DENSITY) and density is None:
+    if rule in _NEEDS_DENSITY and density is None:
         raise ValueError(f"combination_type {combination_type!r} needs density (the fraction of values kept, in "
                          "[0, 1])")
     ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]
@@ -109,18 +92,7 @@ def _check(tuner, adapters: list, weights: list, combination_type: str, svd_rank
         if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
             raise ValueError(f"svd_rank must be a positive int or None, got {svd_rank!r}")
         new_rank = svd_rank or max(ranks)
-    kinds = {type(c.target_modules) for c in configs}
-    if len(kinds) > 1:
-        raise ValueError("all adapter configs should follow the same target modules type. Combining adapters with "
-                         "`target_modules` type being a mix of list/set and string is not supported.")
-    kind = kinds.pop()
-    if kind is str:
-        targets = "|".join(f"({c.target_modules})" for c in configs)
-    elif kind in (set, frozenset):
-        targets = functools.reduce(operator.or_, (set(c.target_modules) for c in configs))
-    else:
-        raise TypeError(f"Invalid type {kind} found in target_modules")
-    return combination_type, new_rank, targets
+    return combination_type, new_rank, union_module_specs([c.target_modules for c in configs], "target_modules")
 
 
 def _factors(layer, name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -137,11 +109,9 @@ def add_weighted_adapter(tuner, adapters: list, weights: list, adapter_name: str
                          svd_full_matrices: bool = True, svd_driver: Optional[str] = None,
                          density: Optional[float] = None, majority_sign_method: str = "total") -> None:
     """``LoraModel.add_weighted_adapter`` (see the module docstring and that method)."""
-    if adapter_name in tuner.peft_config:
-        warnings.warn(f"add_weighted_adapter: adapter {adapter_name!r} exists already; nothing was done",
-                      UserWarning, stacklevel=3)
+    if not tuner._weighted_adapter_args(adapters, weights, adapter_name):
         return
-    combination_type, new_rank, targets = _check(tuner, adapters, weights, combination_type, svd_rank, density,
+    combination_type, new_rank, targets = _check(tuner, adapters, combination_type, svd_rank, density,
                                                  majority_sign_method)
     first = tuner.peft_config[adapters[0]]
     init = first.init_lora_weights
@@ -152,10 +122,7 @@ def add_weighted_adapter(tuner, adapters: list, weights: list, adapter_name: str
     config = dataclasses.replace(first, r=new_rank, lora_alpha=new_rank, target_modules=targets, alpha_pattern={},
                                  rank_pattern={}, init_lora_weights=init)
     tuner.inject_adapter(adapter_name, config)
-    # frozen, like PEFT's (which freezes every parameter whose name merely contains the adapter's name)
-    for n, p in tuner.model.named_parameters():
-        if f".{adapter_name}." in f".{n}.":
-            p.requires_grad_(False)
+    tuner._freeze_adapter(adapter_name)
     for key, layer in list(tuner.model.named_modules()):
         if "lora_" in key or not isinstance(layer, LoraLayer):
             continue
